@@ -1,0 +1,255 @@
+//! The epoll backend (through mio): one `Poll` per shard, edge-triggered sockets, reads
+//! straight into each connection's buffer and one vectored write per dirty socket per
+//! loop turn.
+
+use std::io::{self, IoSlice, Read, Write};
+use std::net::Shutdown;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use mio::net::{TcpListener, TcpStream};
+use mio::{Events, Interest, Poll, Token};
+
+use crate::shard::{Inbox, Post, Shard, Wake};
+
+const LISTENER: Token = Token(usize::MAX - 1);
+/// The token the shard's `mio::Waker` is registered with.
+pub const WAKER: Token = Token(usize::MAX - 2);
+
+/// Frames handed to one `writev`: enough to drain a burst of small broadcasts in one call,
+/// well under `IOV_MAX` (1024).
+const MAX_IOVECS: usize = 64;
+/// The smallest read attempted; a connection's buffer grows past it only for big messages.
+const READ_CHUNK: usize = 16 * 1024;
+/// The largest single read, so one huge message does not zero megabytes at a time.
+const MAX_READ: usize = 256 * 1024;
+
+impl Wake for mio::Waker {
+    fn wake(&self) {
+        if let Err(e) = Self::wake(self) {
+            tracing::error!("cannot wake shard: {e}");
+        }
+    }
+}
+
+/// What a shard thread owns while it runs.
+pub struct Reactor {
+    pub shard: Shard,
+    pub inbox: Inbox,
+    pub post: Arc<Post>,
+    pub poll: Poll,
+    pub listener: std::net::TcpListener,
+    pub stop: Arc<AtomicBool>,
+    pub drain: Duration,
+}
+
+/// Runs the shard until it is stopped and drained (or the drain time runs out).
+pub fn run(reactor: Reactor) -> io::Result<()> {
+    let Reactor {
+        mut shard,
+        inbox,
+        post,
+        mut poll,
+        listener,
+        stop,
+        drain,
+    } = reactor;
+    let mut listener = Some(TcpListener::from_std(listener));
+    if let Some(l) = listener.as_mut() {
+        poll.registry().register(l, LISTENER, Interest::READABLE)?;
+    }
+    let mut sockets: Vec<Option<TcpStream>> = Vec::new();
+    let mut events = Events::with_capacity(1024);
+    let mut drain_deadline: Option<Instant> = None;
+
+    loop {
+        let timeout = [shard.poll_timeout(), drain_deadline]
+            .into_iter()
+            .flatten()
+            .min()
+            .map(|t| t.saturating_duration_since(Instant::now()));
+        let timeout = if shard.has_local_work() {
+            Some(Duration::ZERO)
+        } else {
+            timeout
+        };
+        if let Err(e) = poll.poll(&mut events, timeout)
+            && e.kind() != io::ErrorKind::Interrupted
+        {
+            return Err(e);
+        }
+        let now = Instant::now();
+        for event in events.iter() {
+            match event.token() {
+                LISTENER => {
+                    if let Some(l) = listener.as_ref() {
+                        accept_all(l, &mut shard, &poll, &mut sockets, now)?;
+                    }
+                }
+                WAKER => {}
+                Token(key) => {
+                    if sockets.get(key).is_none_or(Option::is_none) {
+                        continue;
+                    }
+                    if event.is_writable() {
+                        shard.handle_writable(key);
+                    }
+                    if event.is_readable() || event.is_read_closed() || event.is_error() {
+                        read(&mut shard, key, &mut sockets, now);
+                    }
+                }
+            }
+        }
+
+        if drain_deadline.is_none() && stop.load(Ordering::Acquire) {
+            if let Some(mut l) = listener.take() {
+                poll.registry().deregister(&mut l)?;
+            }
+            shard.begin_drain(now);
+            drain_deadline = Some(now + drain);
+        }
+
+        shard.handle_inbox(&inbox, now);
+        shard.handle_timeout(now);
+        while let Some(key) = shard.poll_dirty() {
+            flush(&mut shard, key, &mut sockets, now);
+        }
+        while let Some(key) = shard.poll_dead() {
+            if let Some(mut socket) = sockets[key].take() {
+                let _ = poll.registry().deregister(&mut socket);
+            }
+            shard.remove(key);
+        }
+        post.deliver(shard.id(), shard.take_outgoing());
+
+        if let Some(deadline) = drain_deadline {
+            if shard.is_drained() {
+                return Ok(());
+            }
+            if now >= deadline {
+                tracing::warn!(
+                    shard = shard.id(),
+                    connections = shard.connection_count(),
+                    "drain time over; closing the remaining connections"
+                );
+                return Ok(());
+            }
+        }
+    }
+}
+
+fn accept_all(
+    listener: &TcpListener,
+    shard: &mut Shard,
+    poll: &Poll,
+    sockets: &mut Vec<Option<TcpStream>>,
+    now: Instant,
+) -> io::Result<()> {
+    loop {
+        match listener.accept() {
+            Ok((mut stream, _peer)) => {
+                let Some(key) = shard.accept(now) else {
+                    // Full or draining: closing at once is the clearest answer.
+                    continue;
+                };
+                // Pushed frames must leave at once, not wait for Nagle.
+                let _ = stream.set_nodelay(true);
+                poll.registry().register(
+                    &mut stream,
+                    Token(key),
+                    Interest::READABLE | Interest::WRITABLE,
+                )?;
+                if sockets.len() <= key {
+                    sockets.resize_with(key + 1, || None);
+                }
+                sockets[key] = Some(stream);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                // EMFILE/ENFILE and friends: the connection stays in the backlog; the next
+                // arrival makes the listener readable again.
+                tracing::warn!(shard = shard.id(), "accept failed: {e}");
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Reads until the socket is dry (edge-triggered) or the shard wants no more for now.
+fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<TcpStream>], now: Instant) {
+    let Some(socket) = sockets[key].as_mut() else {
+        return;
+    };
+    while shard.wants_read(key) {
+        let buf = shard.read_buffer(key);
+        let start = buf.len();
+        let spare = buf.capacity() - start;
+        let want = if spare >= READ_CHUNK {
+            spare.min(MAX_READ)
+        } else {
+            READ_CHUNK
+        };
+        buf.resize(start + want, 0);
+        match socket.read(&mut buf[start..]) {
+            Ok(0) => {
+                buf.truncate(start);
+                shard.handle_eof(key);
+                return;
+            }
+            Ok(n) => {
+                buf.truncate(start + n);
+                shard.handle_read(key, now);
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                buf.truncate(start);
+                return;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
+            Err(_) => {
+                buf.truncate(start);
+                shard.handle_eof(key);
+                return;
+            }
+        }
+    }
+}
+
+/// Writes as much of `key`'s outbox as the socket takes, in vectored writes.
+fn flush(shard: &mut Shard, key: usize, sockets: &mut [Option<TcpStream>], now: Instant) {
+    let Some(socket) = sockets[key].as_mut() else {
+        return;
+    };
+    loop {
+        let outbox = shard.outbox(key);
+        if outbox.is_empty() {
+            break;
+        }
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let count = outbox.io_slices(&mut slices);
+        match socket.write_vectored(&slices[..count]) {
+            Ok(0) => {
+                shard.handle_eof(key);
+                return;
+            }
+            Ok(written) => shard.handle_written(key, written),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => {
+                shard.handle_eof(key);
+                return;
+            }
+        }
+    }
+    if shard.poll_flushed(key) && socket.shutdown(Shutdown::Write).is_err() {
+        shard.handle_eof(key);
+        return;
+    }
+    if shard.resume_read(key) {
+        // It stopped reading while its outbox was full; bytes may wait in its buffer and
+        // in the kernel with no new edge to announce them.
+        shard.handle_read(key, now);
+        read(shard, key, sockets, now);
+    }
+}

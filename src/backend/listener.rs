@@ -1,0 +1,61 @@
+//! One `SO_REUSEPORT` listener per shard, all on the same address; the kernel spreads
+//! incoming connections over them by a hash of the connection's addresses.
+
+use std::io;
+use std::net::{SocketAddr, TcpListener};
+
+use socket2::{Domain, Protocol, Socket, Type};
+
+fn bind_one(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuse_port)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(backlog.min(i32::MAX as u32) as i32)?;
+    Ok(socket.into())
+}
+
+/// Binds `count` listeners to `addr`. With port 0 the first picks the port and the rest
+/// join it. A fixed port is first probed without `SO_REUSEPORT`, so a second server (or a
+/// forgotten one) on the same port is an error rather than a silent share of the traffic.
+pub fn bind_all(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<Vec<TcpListener>> {
+    if addr.port() != 0 {
+        drop(bind_one(addr, 1, false).map_err(|e| with_addr(e, addr))?);
+    }
+    let first = bind_one(addr, backlog, true).map_err(|e| with_addr(e, addr))?;
+    let bound = first.local_addr()?;
+    let mut listeners = vec![first];
+    for _ in 1..count {
+        listeners.push(bind_one(bound, backlog, true).map_err(|e| with_addr(e, bound))?);
+    }
+    Ok(listeners)
+}
+
+fn with_addr(e: io::Error, addr: SocketAddr) -> io::Error {
+    io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_zero_gives_every_listener_the_same_port() {
+        let listeners = bind_all("127.0.0.1:0".parse().unwrap(), 3, 16).unwrap();
+        let port = listeners[0].local_addr().unwrap().port();
+        assert!(
+            listeners
+                .iter()
+                .all(|l| l.local_addr().unwrap().port() == port)
+        );
+    }
+
+    #[test]
+    fn a_taken_port_is_an_error() {
+        let listeners = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16).unwrap();
+        let taken = listeners[0].local_addr().unwrap();
+        let err = bind_all(taken, 1, 16).unwrap_err();
+        assert!(err.to_string().contains("cannot listen on"), "{err}");
+    }
+}

@@ -1,0 +1,318 @@
+//! Configuration: one name in three spellings (`--max-message-bytes`, TOML
+//! `max_message_bytes`, `HERALD_MAX_MESSAGE_BYTES`), resolved once into a typed [`Config`].
+//!
+//! Precedence: command line, then environment, then the TOML file, then the default.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// How many shard threads to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Threads {
+    /// One per core this process may run on.
+    Auto,
+    Count(usize),
+}
+
+impl FromStr for Threads {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.eq_ignore_ascii_case("auto") {
+            return Ok(Self::Auto);
+        }
+        match s.parse::<usize>() {
+            Ok(n @ 1..=1024) => Ok(Self::Count(n)),
+            _ => Err(format!(
+                "threads must be \"auto\" or a number from 1 to 1024, not {s:?}"
+            )),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Threads {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Count(u64),
+            Name(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Count(n) => n.to_string().parse(),
+            Raw::Name(s) => s.parse(),
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+/// Which reactor drives the shards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Io {
+    /// epoll through mio.
+    Epoll,
+    /// The best backend this kernel supports (today: epoll).
+    Auto,
+}
+
+/// Every option of `herald serve`, each optional so the sources can be layered.
+#[derive(Debug, Default, Clone, clap::Args, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Options {
+    /// Address to listen on; port 0 picks a free port (printed as `listening on ADDR`).
+    /// [default: 127.0.0.1:8080]
+    #[arg(long, env = "HERALD_LISTEN", value_name = "ADDR")]
+    pub listen: Option<SocketAddr>,
+
+    /// Shard threads, each pinned to its own core with its own listener: a number or `auto`
+    /// (one per available core). [default: auto]
+    #[arg(long, env = "HERALD_THREADS", value_name = "N|auto")]
+    pub threads: Option<Threads>,
+
+    /// IO backend. [default: auto]
+    #[arg(long, env = "HERALD_IO", value_enum)]
+    pub io: Option<Io>,
+
+    /// Most simultaneous connections per process; further connects are closed at accept.
+    /// [default: 1000000]
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS", value_name = "N")]
+    pub max_connections: Option<usize>,
+
+    /// Largest message (after reassembly) on /ws; larger ones close with 1009.
+    /// [default: 65536]
+    #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub max_message_bytes: Option<u64>,
+
+    /// Largest message on the /echo endpoint (conformance testing). [default: 16777216]
+    #[arg(long, env = "HERALD_ECHO_MAX_MESSAGE_BYTES", value_name = "BYTES")]
+    pub echo_max_message_bytes: Option<u64>,
+
+    /// Most channels one connection may subscribe to. [default: 128]
+    #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", value_name = "N")]
+    pub max_subscriptions: Option<usize>,
+
+    /// Most bytes queued for one slow connection before it is closed with 4008.
+    /// [default: 1048576]
+    #[arg(long, env = "HERALD_OUTBOUND_QUEUE_BYTES", value_name = "BYTES")]
+    pub outbound_queue_bytes: Option<usize>,
+
+    /// Time a client has to complete the HTTP upgrade. [default: 10000]
+    #[arg(long, env = "HERALD_HANDSHAKE_TIMEOUT_MS", value_name = "MS")]
+    pub handshake_timeout_ms: Option<u64>,
+
+    /// Interval between server pings on an open WebSocket. [default: 25000]
+    #[arg(long, env = "HERALD_PING_INTERVAL_MS", value_name = "MS")]
+    pub ping_interval_ms: Option<u64>,
+
+    /// A connection silent for this long is closed (any frame counts, pongs included).
+    /// [default: 60000]
+    #[arg(long, env = "HERALD_IDLE_TIMEOUT_MS", value_name = "MS")]
+    pub idle_timeout_ms: Option<u64>,
+
+    /// Time allowed for the close handshake before the socket is closed. [default: 5000]
+    #[arg(long, env = "HERALD_CLOSE_TIMEOUT_MS", value_name = "MS")]
+    pub close_timeout_ms: Option<u64>,
+
+    /// On SIGINT/SIGTERM: time to let clients answer close 1001 before exiting.
+    /// [default: 10000]
+    #[arg(long, env = "HERALD_DRAIN_MS", value_name = "MS")]
+    pub drain_ms: Option<u64>,
+
+    /// Listen backlog of each shard's socket. [default: 4096]
+    #[arg(long, env = "HERALD_BACKLOG", value_name = "N")]
+    pub backlog: Option<u32>,
+}
+
+impl Options {
+    /// Fills every option still unset from `lower`.
+    fn or(self, lower: Self) -> Self {
+        Self {
+            listen: self.listen.or(lower.listen),
+            threads: self.threads.or(lower.threads),
+            io: self.io.or(lower.io),
+            max_connections: self.max_connections.or(lower.max_connections),
+            max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
+            echo_max_message_bytes: self.echo_max_message_bytes.or(lower.echo_max_message_bytes),
+            max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
+            outbound_queue_bytes: self.outbound_queue_bytes.or(lower.outbound_queue_bytes),
+            handshake_timeout_ms: self.handshake_timeout_ms.or(lower.handshake_timeout_ms),
+            ping_interval_ms: self.ping_interval_ms.or(lower.ping_interval_ms),
+            idle_timeout_ms: self.idle_timeout_ms.or(lower.idle_timeout_ms),
+            close_timeout_ms: self.close_timeout_ms.or(lower.close_timeout_ms),
+            drain_ms: self.drain_ms.or(lower.drain_ms),
+            backlog: self.backlog.or(lower.backlog),
+        }
+    }
+}
+
+/// The resolved configuration every part of the server reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub threads: Threads,
+    pub io: Io,
+    pub max_connections: usize,
+    pub max_message_bytes: u64,
+    pub echo_max_message_bytes: u64,
+    pub max_subscriptions: usize,
+    pub outbound_queue_bytes: usize,
+    pub handshake_timeout: Duration,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub close_timeout: Duration,
+    pub drain: Duration,
+    pub backlog: u32,
+    /// Request head limits before the upgrade (DESIGN.md defaults).
+    pub max_head_bytes: usize,
+    pub max_headers: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Options::default()
+            .resolve()
+            .expect("the defaults are valid")
+    }
+}
+
+impl Config {
+    /// Layers the command line (which already includes the environment) over the TOML file.
+    pub fn load(cli: Options, file: Option<&Path>) -> Result<Self, String> {
+        let from_file = match file {
+            Some(path) => read_file(path)?,
+            None => Options::default(),
+        };
+        cli.or(from_file).resolve()
+    }
+}
+
+fn read_file(path: &Path) -> Result<Options, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+    toml::from_str(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+}
+
+impl Options {
+    fn resolve(self) -> Result<Config, String> {
+        let ms = Duration::from_millis;
+        let config = Config {
+            listen: self
+                .listen
+                .unwrap_or(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            threads: self.threads.unwrap_or(Threads::Auto),
+            io: self.io.unwrap_or(Io::Auto),
+            max_connections: self.max_connections.unwrap_or(1_000_000),
+            max_message_bytes: self.max_message_bytes.unwrap_or(64 * 1024),
+            echo_max_message_bytes: self.echo_max_message_bytes.unwrap_or(16 * 1024 * 1024),
+            max_subscriptions: self.max_subscriptions.unwrap_or(128),
+            outbound_queue_bytes: self.outbound_queue_bytes.unwrap_or(1024 * 1024),
+            handshake_timeout: ms(self.handshake_timeout_ms.unwrap_or(10_000)),
+            ping_interval: ms(self.ping_interval_ms.unwrap_or(25_000)),
+            idle_timeout: ms(self.idle_timeout_ms.unwrap_or(60_000)),
+            close_timeout: ms(self.close_timeout_ms.unwrap_or(5_000)),
+            drain: ms(self.drain_ms.unwrap_or(10_000)),
+            backlog: self.backlog.unwrap_or(4096),
+            max_head_bytes: 16 * 1024,
+            max_headers: 100,
+        };
+        config.check()?;
+        Ok(config)
+    }
+}
+
+impl Config {
+    fn check(&self) -> Result<(), String> {
+        let positive = [
+            ("max_connections", self.max_connections as u64),
+            ("max_subscriptions", self.max_subscriptions as u64),
+            (
+                "handshake_timeout_ms",
+                self.handshake_timeout.as_millis() as u64,
+            ),
+            ("ping_interval_ms", self.ping_interval.as_millis() as u64),
+            ("idle_timeout_ms", self.idle_timeout.as_millis() as u64),
+            ("close_timeout_ms", self.close_timeout.as_millis() as u64),
+            ("backlog", u64::from(self.backlog)),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err(format!("{name} must be greater than 0"));
+        }
+        // Below 125 bytes not even a control frame fits; the ceiling keeps one message
+        // from taking the machine's memory.
+        for (name, value) in [
+            ("max_message_bytes", self.max_message_bytes),
+            ("echo_max_message_bytes", self.echo_max_message_bytes),
+        ] {
+            if !(125..=1 << 30).contains(&value) {
+                return Err(format!(
+                    "{name} must be between 125 and 1073741824, not {value}"
+                ));
+            }
+        }
+        if self.outbound_queue_bytes < 4096 {
+            return Err("outbound_queue_bytes must be at least 4096".into());
+        }
+        Ok(())
+    }
+}
+
+/// The command line of `herald serve`.
+#[derive(Debug, clap::Args)]
+pub struct ServeArgs {
+    /// TOML file with any of the options below (same names, snake_case).
+    #[arg(long, env = "HERALD_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub options: Options,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_design() {
+        let c = Config::default();
+        assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
+        assert_eq!(c.max_message_bytes, 65536);
+        assert_eq!(c.max_subscriptions, 128);
+        assert_eq!(c.ping_interval, Duration::from_secs(25));
+        assert_eq!(c.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn command_line_wins_over_file() {
+        let file: Options = toml::from_str("threads = 3\nmax_message_bytes = 1000").unwrap();
+        let cli = Options {
+            threads: Some(Threads::Count(2)),
+            ..Options::default()
+        };
+        let c = cli.or(file).resolve().unwrap();
+        assert_eq!(c.threads, Threads::Count(2));
+        assert_eq!(c.max_message_bytes, 1000);
+    }
+
+    #[test]
+    fn file_accepts_auto_threads_and_rejects_unknown_keys() {
+        let auto: Options = toml::from_str("threads = \"auto\"").unwrap();
+        assert_eq!(auto.threads, Some(Threads::Auto));
+        let err = toml::from_str::<Options>("thread = 2").unwrap_err();
+        assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn rejects_out_of_range_values() {
+        assert!("0".parse::<Threads>().is_err());
+        let tiny = Options {
+            max_message_bytes: Some(10),
+            ..Options::default()
+        };
+        assert!(tiny.resolve().unwrap_err().contains("max_message_bytes"));
+    }
+}

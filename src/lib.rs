@@ -1,0 +1,32 @@
+//! Herald: a WebSocket push server for bare metal.
+//!
+//! ```text
+//!             SO_REUSEPORT listeners, one per core (socket2)
+//!                  |            |            |
+//!              shard 0      shard 1  ...  shard N-1      one pinned thread each
+//!              reactor      reactor       reactor        epoll (mio)
+//!              conns        conns         conns          slab of connections, deadlines
+//!                  \            |            /
+//!                   \   crossbeam queues + wakers       pre-encoded frames (bytes::Bytes)
+//!                    \          |          /            shared by every shard, never copied
+//!                     channel hub: each channel's home shard orders it (seq)
+//! ```
+//!
+//! - [`proto`]: sans-IO protocol core (handshake, frames, UTF-8, close, JSON protocol).
+//! - [`shard`]: one thread's connections, subscriptions and mailbox; no system calls.
+//! - [`hub`]: channel homes, sequence numbers, the broadcast encoded once.
+//! - [`backend`]: sockets, listeners, the epoll reactor and core pinning.
+//! - [`http`]: plain HTTP responses on the same port.
+//! - [`config`]: options from the command line, environment and TOML file.
+//! - [`server`]: wires it together and drains on SIGINT/SIGTERM.
+
+pub mod backend;
+pub mod config;
+pub mod http;
+pub mod hub;
+pub mod proto;
+pub mod server;
+pub mod shard;
+
+pub use config::Config;
+pub use server::serve;

@@ -1,0 +1,488 @@
+//! Message assembly from client frames (RFC 6455 §5.4-§5.6): unmasking in place, fragments,
+//! interleaved control frames, UTF-8 and size limits.
+
+use bytes::{Buf as _, Bytes, BytesMut};
+
+use crate::proto::close::{CloseFrame, parse_close_payload};
+use crate::proto::error::ProtocolError;
+use crate::proto::frame::{FrameHeader, OpCode};
+use crate::proto::mask::apply_mask;
+use crate::proto::utf8::Utf8Validator;
+
+/// Size limits on what a client may send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DecoderLimits {
+    /// Largest payload of a single frame, in bytes.
+    pub max_frame_bytes: u64,
+    /// Largest message (all fragments together), in bytes.
+    pub max_message_bytes: u64,
+}
+
+impl Default for DecoderLimits {
+    /// 1 MiB frames and messages: ample for a push server's client commands.
+    fn default() -> Self {
+        Self {
+            max_frame_bytes: 1 << 20,
+            max_message_bytes: 1 << 20,
+        }
+    }
+}
+
+/// A complete message or control frame from the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Message {
+    /// A text message; the payload is valid UTF-8.
+    Text(Bytes),
+    /// A binary message.
+    Binary(Bytes),
+    /// A ping; the caller owes a pong with the same payload (§5.5.2).
+    Ping(Bytes),
+    /// A pong.
+    Pong(Bytes),
+    /// A close frame, with its code and reason if it had any; the caller owes a close in
+    /// return if it has not sent one (§5.5.1).
+    Close(Option<CloseFrame>),
+}
+
+/// Turns a client's byte stream into [`Message`]s.
+///
+/// Holds the header of the frame being received with how much of its payload is already
+/// unmasked, and the fragmented message being assembled. Unfragmented messages and control
+/// frames are handed out as slices of the read buffer, without a copy; the payload of a
+/// fragmented message is copied once, into its own buffer, so that a message of many small
+/// fragments holds at most `max_message_bytes` and not the read buffers it arrived in.
+///
+/// After an error the stream is unusable (the connection is failed) and the decoder must
+/// be dropped.
+#[derive(Debug)]
+pub struct Decoder {
+    limits: DecoderLimits,
+    /// The frame whose header has been consumed from the buffer but whose payload has not.
+    frame: Option<PartialFrame>,
+    /// The fragmented message in progress, between its first and its final frame.
+    message: Option<PartialMessage>,
+    utf8: Utf8Validator,
+}
+
+#[derive(Debug)]
+struct PartialFrame {
+    header: FrameHeader,
+    /// The payload length as a `usize`, checked against the limits.
+    len: usize,
+    /// The key; every accepted client frame has one.
+    mask: [u8; 4],
+    /// How many payload bytes at the front of the buffer are already unmasked (and, for
+    /// text, validated).
+    unmasked: usize,
+    /// Whether the payload belongs to a text message and must be UTF-8.
+    text: bool,
+}
+
+#[derive(Debug)]
+struct PartialMessage {
+    text: bool,
+    payload: BytesMut,
+}
+
+impl Decoder {
+    /// A decoder at the start of the stream.
+    #[must_use]
+    pub fn new(limits: DecoderLimits) -> Self {
+        Self {
+            limits,
+            frame: None,
+            message: None,
+            utf8: Utf8Validator::new(),
+        }
+    }
+
+    /// Decodes the next message from `buf`, the connection's read buffer.
+    ///
+    /// Consumes frame headers and complete payloads from the front of `buf`, and unmasks an
+    /// incomplete payload in place where it lies (it stays in `buf`, counted as unmasked, so
+    /// the caller must only append to `buf` between calls). Returns `Ok(None)` when `buf`
+    /// holds no further complete message; call again after the next read.
+    ///
+    /// Fails as soon as a rule is broken: a too-large frame on its header, invalid UTF-8 on
+    /// the first byte that cannot be completed.
+    ///
+    /// # Errors
+    /// Any [`ProtocolError`]; the connection must then be failed with its close code.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Message>, ProtocolError> {
+        loop {
+            let frame = match &mut self.frame {
+                Some(frame) => frame,
+                None => {
+                    let Some((header, header_len)) = FrameHeader::parse(buf)? else {
+                        return Ok(None);
+                    };
+                    let frame = self.start_frame(header)?;
+                    buf.advance(header_len);
+                    self.frame.insert(frame)
+                }
+            };
+
+            let available = buf.len().min(frame.len);
+            if available > frame.unmasked {
+                let fresh = &mut buf[frame.unmasked..available];
+                apply_mask(fresh, frame.mask, frame.unmasked);
+                if frame.text {
+                    self.utf8.feed(fresh)?;
+                }
+                frame.unmasked = available;
+            }
+            if available < frame.len {
+                return Ok(None);
+            }
+
+            let (header, len) = (frame.header, frame.len);
+            self.frame = None;
+            if let Some(message) = self.finish_frame(header, len, buf)? {
+                return Ok(Some(message));
+            }
+        }
+    }
+
+    /// Checks a new frame's header against the state and the limits.
+    fn start_frame(&self, header: FrameHeader) -> Result<PartialFrame, ProtocolError> {
+        if header.rsv != 0 {
+            return Err(ProtocolError::ReservedBitsSet);
+        }
+        let mask = header.mask.ok_or(ProtocolError::UnmaskedFrame)?;
+        let text = match (header.opcode, &self.message) {
+            (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
+            (OpCode::Continuation, Some(message)) => message.text,
+            (OpCode::Text | OpCode::Binary, Some(_)) => {
+                return Err(ProtocolError::ExpectedContinuation);
+            }
+            (opcode, _) => opcode == OpCode::Text,
+        };
+        let too_big = |size, max| ProtocolError::MessageTooBig { size, max };
+        if header.payload_len > self.limits.max_frame_bytes {
+            return Err(too_big(header.payload_len, self.limits.max_frame_bytes));
+        }
+        if !header.opcode.is_control() {
+            let so_far = self
+                .message
+                .as_ref()
+                .map_or(0, |message| message.payload.len() as u64);
+            let total = so_far.saturating_add(header.payload_len);
+            if total > self.limits.max_message_bytes {
+                return Err(too_big(total, self.limits.max_message_bytes));
+            }
+        }
+        let len = usize::try_from(header.payload_len)
+            .map_err(|_| too_big(header.payload_len, usize::MAX as u64))?;
+        Ok(PartialFrame {
+            header,
+            len,
+            mask,
+            unmasked: 0,
+            text,
+        })
+    }
+
+    /// Takes the complete, unmasked payload of `header` off `buf` and returns the message it
+    /// completes, if any.
+    fn finish_frame(
+        &mut self,
+        header: FrameHeader,
+        len: usize,
+        buf: &mut BytesMut,
+    ) -> Result<Option<Message>, ProtocolError> {
+        let message = match header.opcode {
+            OpCode::Ping => Message::Ping(buf.split_to(len).freeze()),
+            OpCode::Pong => Message::Pong(buf.split_to(len).freeze()),
+            OpCode::Close => {
+                let payload = buf.split_to(len).freeze();
+                let close = parse_close_payload(&payload)?.map(|(code, _)| CloseFrame {
+                    code,
+                    reason: payload.slice(2..),
+                });
+                Message::Close(close)
+            }
+            OpCode::Text | OpCode::Binary if header.fin => {
+                let payload = buf.split_to(len).freeze();
+                self.complete(header.opcode == OpCode::Text, payload)?
+            }
+            OpCode::Text | OpCode::Binary | OpCode::Continuation => {
+                // A fragment: append it to the message being assembled.
+                let mut message = self.message.take().unwrap_or_else(|| PartialMessage {
+                    text: header.opcode == OpCode::Text,
+                    payload: BytesMut::with_capacity(len),
+                });
+                message.payload.extend_from_slice(&buf[..len]);
+                buf.advance(len);
+                if !header.fin {
+                    self.message = Some(message);
+                    return Ok(None);
+                }
+                self.complete(message.text, message.payload.freeze())?
+            }
+        };
+        Ok(Some(message))
+    }
+
+    /// A whole data message; text must end on a code point boundary.
+    fn complete(&mut self, text: bool, payload: Bytes) -> Result<Message, ProtocolError> {
+        if !text {
+            return Ok(Message::Binary(payload));
+        }
+        self.utf8.finish()?;
+        Ok(Message::Text(payload))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::frame::encode_client_frame;
+
+    const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
+
+    fn frame(opcode: OpCode, fin: bool, payload: &[u8]) -> Vec<u8> {
+        encode_client_frame(opcode, fin, payload, MASK)
+    }
+
+    fn decode_all(bytes: &[u8], limits: DecoderLimits) -> Result<Vec<Message>, ProtocolError> {
+        let mut decoder = Decoder::new(limits);
+        let mut buf = BytesMut::from(bytes);
+        let mut messages = Vec::new();
+        while let Some(message) = decoder.decode(&mut buf)? {
+            messages.push(message);
+        }
+        assert!(buf.is_empty(), "whole frames are consumed");
+        Ok(messages)
+    }
+
+    fn decode_bytewise(bytes: &[u8], limits: DecoderLimits) -> Result<Vec<Message>, ProtocolError> {
+        let mut decoder = Decoder::new(limits);
+        let mut buf = BytesMut::new();
+        let mut messages = Vec::new();
+        for &byte in bytes {
+            buf.extend_from_slice(&[byte]);
+            while let Some(message) = decoder.decode(&mut buf)? {
+                messages.push(message);
+            }
+        }
+        Ok(messages)
+    }
+
+    fn text(payload: &str) -> Message {
+        Message::Text(Bytes::copy_from_slice(payload.as_bytes()))
+    }
+
+    #[test]
+    fn decodes_rfc_masked_hello() {
+        let bytes = [
+            0x81, 0x85, 0x37, 0xfa, 0x21, 0x3d, 0x7f, 0x9f, 0x4d, 0x51, 0x58,
+        ];
+        let messages = decode_all(&bytes, DecoderLimits::default()).unwrap();
+        assert_eq!(messages, [text("Hello")]);
+    }
+
+    #[test]
+    fn unfragmented_payload_is_a_slice_of_the_read_buffer() {
+        let mut buf = BytesMut::from(&frame(OpCode::Binary, true, &[9; 100])[..]);
+        let start = buf.as_ptr() as usize;
+        let Some(Message::Binary(payload)) = Decoder::new(DecoderLimits::default())
+            .decode(&mut buf)
+            .unwrap()
+        else {
+            panic!("expected a binary message");
+        };
+        assert_eq!(payload.as_ptr() as usize, start + 6);
+        assert_eq!(&payload[..], &[9; 100]);
+    }
+
+    #[test]
+    fn assembles_fragments_with_interleaved_control_frames() {
+        let mut bytes = frame(OpCode::Text, false, b"Hel");
+        bytes.extend(frame(OpCode::Ping, true, b"p"));
+        bytes.extend(frame(OpCode::Continuation, false, b""));
+        bytes.extend(frame(OpCode::Pong, true, b""));
+        bytes.extend(frame(OpCode::Continuation, true, b"lo"));
+        let expected = [
+            Message::Ping(Bytes::from_static(b"p")),
+            Message::Pong(Bytes::new()),
+            text("Hello"),
+        ];
+        assert_eq!(
+            decode_all(&bytes, DecoderLimits::default()).unwrap(),
+            expected
+        );
+        assert_eq!(
+            decode_bytewise(&bytes, DecoderLimits::default()).unwrap(),
+            expected
+        );
+    }
+
+    #[test]
+    fn accepts_many_fragments() {
+        let mut bytes = frame(OpCode::Binary, false, b"a");
+        for _ in 0..65_534 {
+            bytes.extend(frame(OpCode::Continuation, false, b"a"));
+        }
+        bytes.extend(frame(OpCode::Continuation, true, b"a"));
+        let messages = decode_all(&bytes, DecoderLimits::default()).unwrap();
+        assert_eq!(messages, [Message::Binary(Bytes::from(vec![b'a'; 65_536]))]);
+    }
+
+    #[test]
+    fn validates_utf8_across_fragment_boundaries() {
+        let euro = "\u{20ac}".as_bytes();
+        let mut bytes = frame(OpCode::Text, false, &euro[..1]);
+        bytes.extend(frame(OpCode::Continuation, false, &euro[1..2]));
+        bytes.extend(frame(OpCode::Continuation, true, &euro[2..]));
+        assert_eq!(
+            decode_all(&bytes, DecoderLimits::default()).unwrap(),
+            [text("\u{20ac}")]
+        );
+
+        let mut bytes = frame(OpCode::Text, false, &euro[..2]);
+        bytes.extend(frame(OpCode::Continuation, true, b""));
+        assert_eq!(
+            decode_all(&bytes, DecoderLimits::default()),
+            Err(ProtocolError::InvalidUtf8)
+        );
+    }
+
+    #[test]
+    fn does_not_validate_binary_as_utf8() {
+        let bytes = frame(OpCode::Binary, true, b"\xff\xfe");
+        assert!(decode_all(&bytes, DecoderLimits::default()).is_ok());
+    }
+
+    #[test]
+    fn fails_fast_on_invalid_utf8_before_the_frame_is_complete() {
+        let mut payload = "\u{3ba}\u{1f79}\u{3c3}\u{3bc}\u{3b5}".as_bytes().to_vec();
+        payload.extend_from_slice(b"\xf4\x90\x80\x80");
+        payload.extend_from_slice(&[b'a'; 50]);
+        let bytes = frame(OpCode::Text, true, &payload);
+        let invalid_at = 6 + 11 + 1; // header, 11 valid bytes, the F4 lead byte
+        let mut decoder = Decoder::new(DecoderLimits::default());
+        let mut buf = BytesMut::from(&bytes[..invalid_at]);
+        assert_eq!(decoder.decode(&mut buf), Ok(None));
+        buf.extend_from_slice(&bytes[invalid_at..=invalid_at]);
+        assert_eq!(decoder.decode(&mut buf), Err(ProtocolError::InvalidUtf8));
+    }
+
+    #[test]
+    fn rejects_unmasked_client_frame() {
+        assert_eq!(
+            decode_all(
+                &[0x81, 0x05, 0x48, 0x65, 0x6c, 0x6c, 0x6f],
+                DecoderLimits::default()
+            ),
+            Err(ProtocolError::UnmaskedFrame)
+        );
+    }
+
+    #[test]
+    fn rejects_reserved_bits() {
+        let mut bytes = frame(OpCode::Text, true, b"x");
+        bytes[0] |= 0x40;
+        assert_eq!(
+            decode_all(&bytes, DecoderLimits::default()),
+            Err(ProtocolError::ReservedBitsSet)
+        );
+    }
+
+    #[test]
+    fn rejects_continuation_without_a_message() {
+        let bytes = frame(OpCode::Continuation, true, b"x");
+        assert_eq!(
+            decode_all(&bytes, DecoderLimits::default()),
+            Err(ProtocolError::UnexpectedContinuation)
+        );
+    }
+
+    #[test]
+    fn rejects_new_message_inside_a_fragmented_one() {
+        let mut bytes = frame(OpCode::Binary, false, b"x");
+        bytes.extend(frame(OpCode::Text, true, b"y"));
+        assert_eq!(
+            decode_all(&bytes, DecoderLimits::default()),
+            Err(ProtocolError::ExpectedContinuation)
+        );
+    }
+
+    #[test]
+    fn rejects_too_big_frame_on_its_header() {
+        let limits = DecoderLimits {
+            max_frame_bytes: 100,
+            max_message_bytes: 1000,
+        };
+        let bytes = frame(OpCode::Binary, true, &[0; 101]);
+        let mut decoder = Decoder::new(limits);
+        let mut buf = BytesMut::from(&bytes[..8]);
+        assert_eq!(
+            decoder.decode(&mut buf),
+            Err(ProtocolError::MessageTooBig {
+                size: 101,
+                max: 100
+            })
+        );
+    }
+
+    #[test]
+    fn rejects_too_big_message_on_the_fragment_that_crosses_the_limit() {
+        let limits = DecoderLimits {
+            max_frame_bytes: 100,
+            max_message_bytes: 150,
+        };
+        let mut bytes = frame(OpCode::Binary, false, &[0; 100]);
+        bytes.extend(frame(OpCode::Continuation, true, &[0; 51]));
+        assert_eq!(
+            decode_all(&bytes, limits),
+            Err(ProtocolError::MessageTooBig {
+                size: 151,
+                max: 150
+            })
+        );
+    }
+
+    #[test]
+    fn decodes_close_with_and_without_code() {
+        let mut bytes = frame(OpCode::Close, true, b"\x03\xe8bye");
+        bytes.extend(frame(OpCode::Close, true, b""));
+        let messages = decode_all(&bytes, DecoderLimits::default()).unwrap();
+        assert_eq!(
+            messages,
+            [
+                Message::Close(Some(CloseFrame {
+                    code: 1000,
+                    reason: Bytes::from_static(b"bye")
+                })),
+                Message::Close(None),
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_invalid_close_payloads() {
+        for (payload, error) in [
+            (&b"\x03"[..], ProtocolError::InvalidClosePayload),
+            (b"\x03\xed", ProtocolError::InvalidCloseCode(1005)),
+            (b"\x03\xe8\xff", ProtocolError::InvalidUtf8),
+        ] {
+            let bytes = frame(OpCode::Close, true, payload);
+            assert_eq!(decode_all(&bytes, DecoderLimits::default()), Err(error));
+        }
+    }
+
+    #[test]
+    fn bytewise_and_whole_delivery_agree() {
+        let mut bytes = frame(OpCode::Text, true, "caf\u{e9}".as_bytes());
+        bytes.extend(frame(OpCode::Binary, true, &[1; 300]));
+        bytes.extend(frame(OpCode::Binary, false, &[2; 70_000]));
+        bytes.extend(frame(OpCode::Ping, true, b"ping"));
+        bytes.extend(frame(OpCode::Continuation, true, &[3; 10]));
+        let whole = decode_all(&bytes, DecoderLimits::default()).unwrap();
+        assert_eq!(whole.len(), 4);
+        assert_eq!(
+            decode_bytewise(&bytes, DecoderLimits::default()).unwrap(),
+            whole
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! The only path between shards: one crossbeam queue per shard plus a wake-up, used at
+//! most once per sending shard per loop turn.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use bytes::Bytes;
+use crossbeam_channel::{Receiver, Sender, TryRecvError};
+
+use super::ConnRef;
+use crate::hub::{Broadcast, ChannelName};
+
+/// A message from one shard to another (or to itself).
+#[derive(Debug)]
+pub enum Envelope {
+    /// To the channel's home: count a subscription from shard `from`.
+    Subscribe {
+        channel: ChannelName,
+        from: usize,
+        conn: ConnRef,
+        since: Option<u64>,
+        epoch_matches: bool,
+        id: Option<u64>,
+    },
+    /// To the channel's home: release one subscription of shard `from`.
+    Unsubscribe { channel: ChannelName, from: usize },
+    /// To the channel's home: order and fan out `data`, then ack to `from`/`conn`.
+    Publish {
+        channel: ChannelName,
+        data: Bytes,
+        from: usize,
+        conn: ConnRef,
+        id: Option<u64>,
+    },
+    /// From the home: the subscription is live after `seq`.
+    Subscribed {
+        channel: ChannelName,
+        conn: ConnRef,
+        seq: u64,
+        id: Option<u64>,
+    },
+    /// From the home: `since` cannot be served.
+    HistoryGap {
+        channel: ChannelName,
+        conn: ConnRef,
+        oldest: u64,
+        id: Option<u64>,
+    },
+    /// From the home: the publish was ordered as `seq`.
+    Ack {
+        conn: ConnRef,
+        seq: u64,
+        id: Option<u64>,
+    },
+    /// From the home: deliver to this shard's subscribers of the channel.
+    Broadcast(Broadcast),
+}
+
+/// Wakes a sleeping shard. Implemented by the backend (a `mio::Waker`, an eventfd).
+pub trait Wake: Send + Sync {
+    fn wake(&self);
+}
+
+/// The sending side of one shard's queue.
+struct Slot {
+    queue: Sender<Envelope>,
+    /// Set by the first sender since the receiver last looked; later senders skip the
+    /// wake-up system call.
+    notified: AtomicBool,
+    waker: Arc<dyn Wake>,
+}
+
+/// Every shard's queue; each shard holds an `Arc` of it.
+pub struct Post {
+    slots: Vec<Slot>,
+}
+
+/// One shard's receiving side.
+pub struct Inbox {
+    shard: usize,
+    queue: Receiver<Envelope>,
+    post: Arc<Post>,
+}
+
+impl Post {
+    /// Creates the queues; `wakers[i]` wakes shard `i`.
+    pub fn new(wakers: Vec<Arc<dyn Wake>>) -> (Arc<Self>, Vec<Receiver<Envelope>>) {
+        let mut slots = Vec::with_capacity(wakers.len());
+        let mut receivers = Vec::with_capacity(wakers.len());
+        for waker in wakers {
+            let (tx, rx) = crossbeam_channel::unbounded();
+            slots.push(Slot {
+                queue: tx,
+                notified: AtomicBool::new(false),
+                waker,
+            });
+            receivers.push(rx);
+        }
+        (Arc::new(Self { slots }), receivers)
+    }
+
+    pub fn shards(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Sends each batch to its shard, waking each receiving shard at most once. The
+    /// sender's own batch (`from`) stays where it is.
+    pub fn deliver(&self, from: usize, batches: &mut [Vec<Envelope>]) {
+        for (shard, (slot, batch)) in self.slots.iter().zip(batches.iter_mut()).enumerate() {
+            if shard == from || batch.is_empty() {
+                continue;
+            }
+            for envelope in batch.drain(..) {
+                // The receiver lives as long as the process runs its shards; after it is
+                // gone nobody is left to deliver to.
+                let _ = slot.queue.send(envelope);
+            }
+            if !slot.notified.swap(true, Ordering::AcqRel) {
+                slot.waker.wake();
+            }
+        }
+    }
+
+    /// Wakes every shard (shutdown).
+    pub fn wake_all(&self) {
+        for slot in &self.slots {
+            slot.waker.wake();
+        }
+    }
+}
+
+impl Inbox {
+    pub fn new(shard: usize, queue: Receiver<Envelope>, post: Arc<Post>) -> Self {
+        Self { shard, queue, post }
+    }
+
+    /// Takes the next envelope. Clears the wake flag before reporting empty, so a sender
+    /// racing with us either lands in this drain or wakes us again.
+    pub fn poll(&self) -> Option<Envelope> {
+        match self.queue.try_recv() {
+            Ok(envelope) => Some(envelope),
+            Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
+                self.post.slots[self.shard]
+                    .notified
+                    .store(false, Ordering::Release);
+                self.queue.try_recv().ok()
+            }
+        }
+    }
+}

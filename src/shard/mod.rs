@@ -1,0 +1,912 @@
+//! One pinned thread's state: its connections, their outboxes and deadlines, its share of
+//! the channels, and its mailbox traffic. No system calls: a backend (`crate::backend`)
+//! owns the sockets and drives a [`Shard`] through the calls below.
+//!
+//! # Calling contract
+//! Per loop turn, a backend:
+//! 1. calls [`Shard::accept`] for each new socket (it gets the connection's key, and
+//!    stores the socket under that key);
+//! 2. for each readable socket, appends what it reads to [`Shard::read_buffer`] and calls
+//!    [`Shard::handle_read`] (or [`Shard::handle_eof`] on end of stream or error),
+//!    reading again only while [`Shard::wants_read`];
+//! 3. calls [`Shard::handle_inbox`] and [`Shard::handle_timeout`];
+//! 4. writes each key from [`Shard::poll_dirty`] out of [`Shard::outbox`], and shuts
+//!    down the socket's write side when [`Shard::poll_flushed`] says so;
+//! 5. drops the socket of each key from [`Shard::poll_dead`], then calls
+//!    [`Shard::remove`];
+//! 6. hands [`Shard::take_outgoing`] to the [`Post`], and sleeps until
+//!    [`Shard::poll_timeout`], a socket event or a wake-up.
+
+mod mailbox;
+mod outbox;
+mod timer;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Buf, Bytes, BytesMut};
+use slab::Slab;
+
+pub use mailbox::{Envelope, Inbox, Post, Wake};
+pub use outbox::Outbox;
+use timer::Deadlines;
+
+use crate::config::Config;
+use crate::http;
+use crate::hub::{self, Broadcast, ChannelName, Channels, SubscribeOutcome, Subscriptions};
+use crate::proto::decoder::DecoderLimits;
+use crate::proto::frame::{OpCode, encode_frame};
+use crate::proto::handshake::{self, HandshakeLimits, Request};
+use crate::proto::pubsub::{self, Command, CommandParser};
+use crate::proto::{Connection, Event};
+
+/// A connection as other shards name it: its slab key plus a generation, so a reply for
+/// a connection that has gone never reaches a newer one in the same slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnRef {
+    pub key: u32,
+    pub generation: u32,
+}
+
+/// Which WebSocket service a connection upgraded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Endpoint {
+    PubSub,
+    Echo,
+}
+
+enum Phase {
+    /// Reading the HTTP request head.
+    Handshake,
+    /// A plain HTTP response is queued; the connection ends once it is written.
+    Http,
+    WebSocket {
+        ws: Box<Connection>,
+        endpoint: Endpoint,
+    },
+}
+
+/// One subscription of a connection. A subscription is pending until its home answers;
+/// the home counts it from the moment it sees the `Subscribe`, so exactly one
+/// `Unsubscribe` goes back for each `Subscribe` sent, whatever happens in between.
+struct Sub {
+    channel: ChannelName,
+    state: SubState,
+}
+
+enum SubState {
+    /// Sent to the home, not yet confirmed. `unsubscribe` holds the id of an unsubscribe
+    /// that arrived meanwhile (outer `Some`), carried out once confirmed.
+    Pending { unsubscribe: Option<Option<u64>> },
+    /// Receiving messages; `slot` is its place in [`Subscriptions`].
+    Active { slot: usize },
+}
+
+struct Conn {
+    generation: u32,
+    phase: Phase,
+    read_buf: BytesMut,
+    outbox: Outbox,
+    subs: Vec<Sub>,
+    last_activity: Instant,
+    /// In the dirty list already.
+    dirty: bool,
+    /// Flush what is queued, shut down writing, then wait (bounded) for the peer's end of
+    /// stream so our last bytes are not lost to a reset.
+    finishing: bool,
+    /// The write side is shut down; only the end of stream is awaited.
+    write_shut: bool,
+    dead: bool,
+    /// A close frame is queued: no data frame may follow it.
+    closing: bool,
+    /// Reading stopped while the outbox was over budget; resume once it drains.
+    read_paused: bool,
+}
+
+/// Shard-wide counters, read by the metrics endpoint.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Stats {
+    pub connections: usize,
+    pub accepted_total: u64,
+    pub messages_in_total: u64,
+    pub deliveries_total: u64,
+    pub slow_consumer_closes_total: u64,
+}
+
+/// One shard: see the module documentation for the calling contract.
+pub struct Shard {
+    id: usize,
+    shards: usize,
+    config: Arc<Config>,
+    epoch: Arc<str>,
+    conns: Slab<Conn>,
+    next_generation: u32,
+    subscriptions: Subscriptions,
+    channels: Channels,
+    parser: CommandParser,
+    handshake_limits: HandshakeLimits,
+    handshake_deadlines: Deadlines,
+    heartbeat_deadlines: Deadlines,
+    close_deadlines: Deadlines,
+    dirty: Vec<usize>,
+    dead: Vec<usize>,
+    /// Envelopes for other shards, per destination, sent once per turn.
+    outgoing: Vec<Vec<Envelope>>,
+    draining: bool,
+    /// The time of the current loop turn, as the backend passed it in.
+    now: Instant,
+    stats: Stats,
+}
+
+impl Shard {
+    pub fn new(id: usize, shards: usize, config: Arc<Config>, epoch: Arc<str>) -> Self {
+        Self {
+            id,
+            shards,
+            handshake_limits: HandshakeLimits {
+                max_head_bytes: config.max_head_bytes,
+                max_headers: config.max_headers,
+            },
+            handshake_deadlines: Deadlines::new(config.handshake_timeout),
+            heartbeat_deadlines: Deadlines::new(config.ping_interval),
+            close_deadlines: Deadlines::new(config.close_timeout),
+            config,
+            epoch,
+            conns: Slab::new(),
+            next_generation: 0,
+            subscriptions: Subscriptions::default(),
+            channels: Channels::new(shards),
+            parser: CommandParser::default(),
+            dirty: Vec::new(),
+            dead: Vec::new(),
+            outgoing: (0..shards).map(|_| Vec::new()).collect(),
+            draining: false,
+            now: Instant::now(),
+            stats: Stats::default(),
+        }
+    }
+
+    pub fn id(&self) -> usize {
+        self.id
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            connections: self.conns.len(),
+            ..self.stats
+        }
+    }
+
+    /// Registers a new socket; `None` when the shard is full or draining (the backend
+    /// closes the socket at once).
+    pub fn accept(&mut self, now: Instant) -> Option<usize> {
+        if self.draining || self.conns.len() >= self.config.max_connections {
+            return None;
+        }
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let key = self.conns.insert(Conn {
+            generation: self.next_generation,
+            phase: Phase::Handshake,
+            read_buf: BytesMut::new(),
+            outbox: Outbox::default(),
+            subs: Vec::new(),
+            last_activity: now,
+            dirty: false,
+            finishing: false,
+            write_shut: false,
+            dead: false,
+            closing: false,
+            read_paused: false,
+        });
+        self.handshake_deadlines.arm(now, self.conn_ref(key));
+        self.stats.accepted_total += 1;
+        Some(key)
+    }
+
+    fn conn_ref(&self, key: usize) -> ConnRef {
+        ConnRef {
+            key: key as u32,
+            generation: self.conns[key].generation,
+        }
+    }
+
+    /// The key behind `conn` if it is still the same live connection.
+    fn resolve(&self, conn: ConnRef) -> Option<usize> {
+        let key = conn.key as usize;
+        match self.conns.get(key) {
+            Some(c) if c.generation == conn.generation && !c.dead => Some(key),
+            _ => None,
+        }
+    }
+
+    /// Where the backend appends bytes read from `key`'s socket.
+    pub fn read_buffer(&mut self, key: usize) -> &mut BytesMut {
+        &mut self.conns[key].read_buf
+    }
+
+    /// Whether reading more from `key` is useful now: not when it is gone, and not while
+    /// its outbox is over budget (a client that sends without reading waits for us).
+    pub fn wants_read(&self, key: usize) -> bool {
+        let conn = &self.conns[key];
+        !conn.dead && conn.outbox.len_bytes() < self.config.outbound_queue_bytes
+    }
+
+    /// Processes what the backend appended to `key`'s read buffer.
+    pub fn handle_read(&mut self, key: usize, now: Instant) {
+        self.now = now;
+        let conn = &mut self.conns[key];
+        if conn.dead {
+            return;
+        }
+        conn.last_activity = now;
+        if conn.finishing {
+            // Only the peer's end of stream matters now.
+            conn.read_buf.clear();
+            return;
+        }
+        if matches!(conn.phase, Phase::Handshake) {
+            self.read_handshake(key, now);
+        }
+        if matches!(self.conns[key].phase, Phase::WebSocket { .. }) {
+            self.read_frames(key);
+        }
+        let conn = &mut self.conns[key];
+        if conn.read_buf.is_empty() && conn.read_buf.capacity() > 0 {
+            // Idle connections keep no read buffer.
+            conn.read_buf = BytesMut::new();
+        }
+    }
+
+    fn read_handshake(&mut self, key: usize, now: Instant) {
+        let conn = &mut self.conns[key];
+        let parsed = handshake::parse_request(&conn.read_buf, &self.handshake_limits);
+        let (request, consumed) = match parsed {
+            Ok(None) => return,
+            Ok(Some(parsed)) => parsed,
+            Err(e) => {
+                let response = http::error_response(e.status(), &e.to_string(), e.extra_headers());
+                self.respond_and_finish(key, response);
+                return;
+            }
+        };
+        conn.read_buf.advance(consumed);
+        let endpoint = match request.path.as_str() {
+            "/ws" => Some(Endpoint::PubSub),
+            "/echo" => Some(Endpoint::Echo),
+            _ => None,
+        };
+        match endpoint {
+            Some(endpoint) => self.upgrade(key, &request, endpoint, now),
+            None => {
+                let response = http::route(&request);
+                self.respond_and_finish(key, response);
+            }
+        }
+    }
+
+    fn upgrade(&mut self, key: usize, request: &Request, endpoint: Endpoint, now: Instant) {
+        let accept = match request.websocket_accept() {
+            Ok(accept) => accept,
+            Err(e) => {
+                let response = http::error_response(e.status(), &e.to_string(), e.extra_headers());
+                self.respond_and_finish(key, response);
+                return;
+            }
+        };
+        let max_message_bytes = match endpoint {
+            Endpoint::PubSub => self.config.max_message_bytes,
+            Endpoint::Echo => self.config.echo_max_message_bytes,
+        };
+        let limits = DecoderLimits {
+            max_frame_bytes: max_message_bytes,
+            max_message_bytes,
+        };
+        let conn = &mut self.conns[key];
+        conn.phase = Phase::WebSocket {
+            ws: Box::new(Connection::new(limits)),
+            endpoint,
+        };
+        conn.outbox
+            .push(Bytes::from(handshake::upgrade_response(&accept, None)));
+        self.mark_dirty(key);
+        let conn_ref = self.conn_ref(key);
+        self.heartbeat_deadlines.arm(now, conn_ref);
+    }
+
+    fn respond_and_finish(&mut self, key: usize, response: Bytes) {
+        let conn = &mut self.conns[key];
+        conn.phase = Phase::Http;
+        conn.read_buf.clear();
+        conn.outbox.push(response);
+        self.finish(key);
+    }
+
+    /// Decodes frames until the buffer runs dry or the connection stops reading.
+    fn read_frames(&mut self, key: usize) {
+        loop {
+            let conn = &mut self.conns[key];
+            let Phase::WebSocket { ws, endpoint } = &mut conn.phase else {
+                return;
+            };
+            let endpoint = *endpoint;
+            let event = ws.poll_event(&mut conn.read_buf);
+            while let Some(frame) = ws.poll_transmit() {
+                conn.outbox.push(frame);
+            }
+            let closed = ws.is_closed();
+            match event {
+                None => {
+                    if closed {
+                        self.finish(key);
+                    } else {
+                        self.mark_dirty(key);
+                    }
+                    return;
+                }
+                Some(Event::Message { text, payload }) => {
+                    self.stats.messages_in_total += 1;
+                    match endpoint {
+                        Endpoint::Echo => self.echo(key, text, payload),
+                        Endpoint::PubSub if text => self.handle_command(key, &payload),
+                        Endpoint::PubSub => {
+                            self.close_with(key, 1003, "binary messages are not accepted here")
+                        }
+                    }
+                }
+                Some(Event::Closed { .. } | Event::Failed(_)) => {
+                    self.finish(key);
+                    return;
+                }
+            }
+            if !self.wants_read(key) {
+                self.conns[key].read_paused = true;
+                self.mark_dirty(key);
+                return;
+            }
+        }
+    }
+
+    fn echo(&mut self, key: usize, text: bool, payload: Bytes) {
+        let opcode = if text { OpCode::Text } else { OpCode::Binary };
+        let conn = &mut self.conns[key];
+        // Header and payload go out as two slices of one vectored write: the payload is
+        // the received buffer itself, never copied.
+        conn.outbox.push(echo_header(opcode, payload.len()));
+        conn.outbox.push(payload);
+        self.mark_dirty(key);
+    }
+
+    /// Starts a server-side close handshake with `code`; the peer has the close timeout
+    /// to answer. Subscriptions end now: nothing may follow the close frame.
+    fn close_with(&mut self, key: usize, code: u16, reason: &str) {
+        let conn_ref = self.conn_ref(key);
+        let conn = &mut self.conns[key];
+        if conn.closing {
+            return;
+        }
+        conn.closing = true;
+        if let Phase::WebSocket { ws, .. } = &mut conn.phase {
+            ws.send_close(code, reason);
+            while let Some(frame) = ws.poll_transmit() {
+                conn.outbox.push(frame);
+            }
+        }
+        self.leave_all(key);
+        self.mark_dirty(key);
+        self.close_deadlines.arm(self.now, conn_ref);
+    }
+
+    fn handle_command(&mut self, key: usize, payload: &Bytes) {
+        let command = match self.parser.parse(payload) {
+            Ok(command) => command,
+            Err(e) => {
+                self.reply(key, pubsub::encode_error(e.code, &e.message, e.id));
+                return;
+            }
+        };
+        match command {
+            Command::Subscribe {
+                channel,
+                since,
+                epoch,
+                id,
+            } => self.subscribe(key, &channel, since, epoch.as_deref(), id),
+            Command::Unsubscribe { channel, id } => self.unsubscribe(key, &channel, id),
+            Command::Publish { channel, data, id } => {
+                let channel: ChannelName = channel.into();
+                let home = hub::home_of(&channel, self.shards);
+                let conn = self.conn_ref(key);
+                self.send(
+                    home,
+                    Envelope::Publish {
+                        channel,
+                        data,
+                        from: self.id,
+                        conn,
+                        id,
+                    },
+                );
+            }
+            Command::Ping { id } => self.reply(key, pubsub::encode_pong(id)),
+        }
+    }
+
+    fn subscribe(
+        &mut self,
+        key: usize,
+        channel: &str,
+        since: Option<u64>,
+        epoch: Option<&str>,
+        id: Option<u64>,
+    ) {
+        let conn = &self.conns[key];
+        if conn.subs.iter().any(|s| &*s.channel == channel) {
+            let message = format!("already subscribed to {channel:?}");
+            self.reply(
+                key,
+                pubsub::encode_error("already_subscribed", &message, id),
+            );
+            return;
+        }
+        if conn.subs.len() >= self.config.max_subscriptions {
+            let message = format!(
+                "a connection may hold at most {} subscriptions",
+                self.config.max_subscriptions
+            );
+            self.reply(
+                key,
+                pubsub::encode_error("too_many_subscriptions", &message, id),
+            );
+            return;
+        }
+        let channel: ChannelName = channel.into();
+        let epoch_matches = epoch.is_none_or(|e| e == &*self.epoch);
+        let conn_ref = self.conn_ref(key);
+        self.conns[key].subs.push(Sub {
+            channel: channel.clone(),
+            state: SubState::Pending { unsubscribe: None },
+        });
+        let home = hub::home_of(&channel, self.shards);
+        self.send(
+            home,
+            Envelope::Subscribe {
+                channel,
+                from: self.id,
+                conn: conn_ref,
+                since,
+                epoch_matches,
+                id,
+            },
+        );
+    }
+
+    fn unsubscribe(&mut self, key: usize, channel: &str, id: Option<u64>) {
+        let conn = &mut self.conns[key];
+        let Some(index) = conn.subs.iter().position(|s| &*s.channel == channel) else {
+            let message = format!("not subscribed to {channel:?}");
+            self.reply(key, pubsub::encode_error("not_subscribed", &message, id));
+            return;
+        };
+        match &mut conn.subs[index].state {
+            SubState::Pending { unsubscribe } => {
+                *unsubscribe = Some(id);
+            }
+            SubState::Active { .. } => {
+                self.release(key, index);
+                self.reply(key, pubsub::encode_unsubscribed(channel, id));
+            }
+        }
+    }
+
+    /// Ends subscription `index` of `key`: leaves the local table and tells the home.
+    fn release(&mut self, key: usize, index: usize) {
+        let sub = self.conns[key].subs.swap_remove(index);
+        if let SubState::Active { slot } = sub.state {
+            self.subscriptions.remove(&sub.channel, slot);
+        }
+        let home = hub::home_of(&sub.channel, self.shards);
+        self.send(
+            home,
+            Envelope::Unsubscribe {
+                channel: sub.channel,
+                from: self.id,
+            },
+        );
+    }
+
+    fn reply(&mut self, key: usize, frame: Bytes) {
+        let conn = &mut self.conns[key];
+        if conn.closing {
+            return;
+        }
+        conn.outbox.push(frame);
+        self.mark_dirty(key);
+    }
+
+    fn send(&mut self, shard: usize, envelope: Envelope) {
+        self.outgoing[shard].push(envelope);
+    }
+
+    fn mark_dirty(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        if !conn.dirty && !conn.dead {
+            conn.dirty = true;
+            self.dirty.push(key);
+        }
+    }
+
+    /// After the queued bytes are written: shut down writing, then wait for the peer.
+    fn finish(&mut self, key: usize) {
+        let conn_ref = self.conn_ref(key);
+        let conn = &mut self.conns[key];
+        if !conn.finishing {
+            conn.finishing = true;
+            conn.closing = true;
+            conn.read_buf = BytesMut::new();
+            self.close_deadlines.arm(self.now, conn_ref);
+            self.leave_all(key);
+        }
+        self.mark_dirty(key);
+    }
+
+    fn leave_all(&mut self, key: usize) {
+        while !self.conns[key].subs.is_empty() {
+            self.release(key, self.conns[key].subs.len() - 1);
+        }
+    }
+
+    /// The peer closed its end, or the socket failed.
+    pub fn handle_eof(&mut self, key: usize) {
+        self.kill(key);
+    }
+
+    /// The backend will drop `key`'s socket: release everything it held.
+    fn kill(&mut self, key: usize) {
+        if self.conns[key].dead {
+            return;
+        }
+        self.leave_all(key);
+        let conn = &mut self.conns[key];
+        conn.dead = true;
+        conn.outbox = Outbox::default();
+        conn.read_buf = BytesMut::new();
+        self.dead.push(key);
+    }
+
+    /// Connections whose sockets the backend must drop (then call [`Shard::remove`]).
+    pub fn poll_dead(&mut self) -> Option<usize> {
+        self.dead.pop()
+    }
+
+    /// Forgets a dead connection once its socket is gone.
+    pub fn remove(&mut self, key: usize) {
+        debug_assert!(self.conns[key].dead);
+        self.conns.remove(key);
+    }
+
+    /// Connections with bytes to write or a state change to act on.
+    pub fn poll_dirty(&mut self) -> Option<usize> {
+        while let Some(key) = self.dirty.pop() {
+            if let Some(conn) = self.conns.get_mut(key) {
+                conn.dirty = false;
+                if !conn.dead {
+                    return Some(key);
+                }
+            }
+        }
+        None
+    }
+
+    /// The socket of `key` can take more bytes again.
+    pub fn handle_writable(&mut self, key: usize) {
+        if !self.conns[key].outbox.is_empty() {
+            self.mark_dirty(key);
+        }
+    }
+
+    pub fn outbox(&mut self, key: usize) -> &mut Outbox {
+        &mut self.conns[key].outbox
+    }
+
+    /// The backend wrote `written` bytes of `key`'s outbox.
+    pub fn handle_written(&mut self, key: usize, written: usize) {
+        self.conns[key].outbox.advance(written);
+    }
+
+    /// Whether the backend should process `key`'s read buffer and socket again: reading
+    /// had paused on a full outbox that has since drained below budget.
+    pub fn resume_read(&mut self, key: usize) -> bool {
+        if self.conns[key].read_paused && self.wants_read(key) {
+            self.conns[key].read_paused = false;
+            return true;
+        }
+        false
+    }
+
+    /// After a write attempt: whether the backend should now shut down `key`'s write side
+    /// (everything queued went out and the connection is finishing). The shard then waits
+    /// for the peer's end of stream, bounded by the close timeout.
+    pub fn poll_flushed(&mut self, key: usize) -> bool {
+        let conn = &mut self.conns[key];
+        if conn.finishing && !conn.write_shut && conn.outbox.is_empty() {
+            conn.write_shut = true;
+            return true;
+        }
+        false
+    }
+
+    /// Processes the envelopes other shards (and this one) sent.
+    pub fn handle_inbox(&mut self, inbox: &Inbox, now: Instant) {
+        self.now = now;
+        loop {
+            // Envelopes to ourselves skip the queue but keep their order.
+            let local = std::mem::take(&mut self.outgoing[self.id]);
+            let had_local = !local.is_empty();
+            for envelope in local {
+                self.handle_envelope(envelope);
+            }
+            let mut had_remote = false;
+            while let Some(envelope) = inbox.poll() {
+                had_remote = true;
+                self.handle_envelope(envelope);
+                if !self.outgoing[self.id].is_empty() {
+                    break;
+                }
+            }
+            if !had_local && !had_remote {
+                return;
+            }
+        }
+    }
+
+    fn handle_envelope(&mut self, envelope: Envelope) {
+        match envelope {
+            Envelope::Subscribe {
+                channel,
+                from,
+                conn,
+                since,
+                epoch_matches,
+                id,
+            } => {
+                let reply = match self
+                    .channels
+                    .subscribe(&channel, from, since, epoch_matches)
+                {
+                    SubscribeOutcome::Subscribed { seq } => Envelope::Subscribed {
+                        channel,
+                        conn,
+                        seq,
+                        id,
+                    },
+                    SubscribeOutcome::HistoryGap { oldest, .. } => Envelope::HistoryGap {
+                        channel,
+                        conn,
+                        oldest,
+                        id,
+                    },
+                };
+                self.send(from, reply);
+            }
+            Envelope::Unsubscribe { channel, from } => self.channels.unsubscribe(&channel, from),
+            Envelope::Publish {
+                channel,
+                data,
+                from,
+                conn,
+                id,
+            } => {
+                let (broadcast, shards) = self.channels.publish(&channel, &data);
+                let seq = broadcast.seq;
+                let targets: Vec<usize> = (0..shards.len()).filter(|&s| shards[s] > 0).collect();
+                for shard in targets {
+                    self.send(shard, Envelope::Broadcast(broadcast.clone()));
+                }
+                self.send(from, Envelope::Ack { conn, seq, id });
+            }
+            Envelope::Subscribed {
+                channel,
+                conn,
+                seq,
+                id,
+            } => self.confirm_subscription(&channel, conn, seq, id),
+            Envelope::HistoryGap {
+                channel,
+                conn,
+                oldest,
+                id,
+            } => {
+                let Some(key) = self.resolve(conn) else {
+                    return;
+                };
+                if let Some(index) = self.pending_index(key, &channel) {
+                    self.release(key, index);
+                    let message = format!(
+                        "history of {channel:?} does not reach back that far; oldest available is {oldest}"
+                    );
+                    self.reply(key, pubsub::encode_error("history_gap", &message, id));
+                }
+            }
+            Envelope::Ack { conn, seq, id } => {
+                if let Some(key) = self.resolve(conn) {
+                    self.reply(key, pubsub::encode_ack(id, seq));
+                }
+            }
+            Envelope::Broadcast(broadcast) => self.deliver(&broadcast),
+        }
+    }
+
+    fn pending_index(&self, key: usize, channel: &str) -> Option<usize> {
+        self.conns[key]
+            .subs
+            .iter()
+            .position(|s| &*s.channel == channel && matches!(s.state, SubState::Pending { .. }))
+    }
+
+    fn confirm_subscription(
+        &mut self,
+        channel: &ChannelName,
+        conn: ConnRef,
+        seq: u64,
+        id: Option<u64>,
+    ) {
+        let Some(key) = self.resolve(conn) else {
+            return;
+        };
+        let Some(index) = self.pending_index(key, channel) else {
+            return;
+        };
+        let slot = self.subscriptions.insert(channel, key);
+        let sub = &mut self.conns[key].subs[index];
+        let SubState::Pending { unsubscribe } =
+            std::mem::replace(&mut sub.state, SubState::Active { slot })
+        else {
+            unreachable!("pending_index returned a pending subscription");
+        };
+        self.reply(
+            key,
+            pubsub::encode_subscribed(channel, seq, &self.epoch, id),
+        );
+        if let Some(unsubscribe_id) = unsubscribe {
+            self.release(key, index);
+            self.reply(key, pubsub::encode_unsubscribed(channel, unsubscribe_id));
+        }
+    }
+
+    /// Queues the shared frame on every local subscriber. Subscribers whose outbox is over
+    /// budget are slow consumers: they are closed with 4008 and recover with `since`.
+    fn deliver(&mut self, broadcast: &Broadcast) {
+        let budget = self.config.outbound_queue_bytes;
+        let mut slow = Vec::new();
+        for key in self.subscriptions.subscribers(&broadcast.channel) {
+            self.stats.deliveries_total += 1;
+            let conn = &mut self.conns[key];
+            conn.outbox.push(broadcast.frame.clone());
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(key);
+            }
+            if conn.outbox.len_bytes() > budget {
+                slow.push(key);
+            }
+        }
+        for key in slow {
+            self.stats.slow_consumer_closes_total += 1;
+            self.conns[key].outbox.discard_unstarted();
+            self.close_with(key, 4008, "slow consumer: reconnect and recover with since");
+            self.finish(key);
+        }
+    }
+
+    /// Acts on every deadline that has passed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
+        while let Some(conn) = self.handshake_deadlines.poll_expired(now) {
+            if let Some(key) = self.resolve(conn)
+                && matches!(self.conns[key].phase, Phase::Handshake)
+                && !self.conns[key].finishing
+            {
+                let response = http::error_response(408, "handshake not completed in time", &[]);
+                self.respond_and_finish(key, response);
+            }
+        }
+        while let Some(conn) = self.close_deadlines.poll_expired(now) {
+            if let Some(key) = self.resolve(conn) {
+                self.kill(key);
+            }
+        }
+        while let Some(conn) = self.heartbeat_deadlines.poll_expired(now) {
+            if let Some(key) = self.resolve(conn) {
+                self.heartbeat(key, now);
+            }
+        }
+    }
+
+    /// Pings a quiet connection, and closes one silent past the idle timeout.
+    fn heartbeat(&mut self, key: usize, now: Instant) {
+        let conn = &mut self.conns[key];
+        if conn.closing || !matches!(conn.phase, Phase::WebSocket { .. }) {
+            return;
+        }
+        let silent = now.saturating_duration_since(conn.last_activity);
+        if silent >= self.config.idle_timeout {
+            self.close_with(key, 1001, "idle timeout");
+            return;
+        }
+        if silent >= self.config.ping_interval / 2 {
+            conn.outbox.push(encode_frame(OpCode::Ping, b""));
+            self.mark_dirty(key);
+        }
+        let conn_ref = self.conn_ref(key);
+        self.heartbeat_deadlines.arm(now, conn_ref);
+    }
+
+    /// The earliest deadline the backend must wake up for.
+    #[must_use]
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        [
+            self.handshake_deadlines.next(),
+            self.heartbeat_deadlines.next(),
+            self.close_deadlines.next(),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// Envelopes for other shards, one batch per destination. This shard's own batch is
+    /// left for the next [`Shard::handle_inbox`].
+    pub fn take_outgoing(&mut self) -> &mut [Vec<Envelope>] {
+        &mut self.outgoing
+    }
+
+    /// Envelopes to itself are waiting: the backend must not sleep.
+    pub fn has_local_work(&self) -> bool {
+        !self.outgoing[self.id].is_empty()
+    }
+
+    /// Stops taking connections and closes every client with 1001.
+    pub fn begin_drain(&mut self, now: Instant) {
+        self.now = now;
+        self.draining = true;
+        let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
+        for key in keys {
+            let conn = &self.conns[key];
+            if conn.dead || conn.finishing {
+                continue;
+            }
+            if matches!(conn.phase, Phase::WebSocket { .. }) {
+                self.close_with(key, 1001, "server shutting down");
+            } else {
+                self.finish(key);
+            }
+        }
+    }
+
+    /// True once draining and every connection is gone.
+    pub fn is_drained(&self) -> bool {
+        self.draining && self.conns.is_empty()
+    }
+
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn channel_count(&self) -> usize {
+        self.subscriptions.channel_count()
+    }
+}
+
+/// The header of an unmasked, final frame of `len` payload bytes.
+fn echo_header(opcode: OpCode, len: usize) -> Bytes {
+    let mut header = BytesMut::with_capacity(10);
+    crate::proto::frame::FrameHeader {
+        fin: true,
+        rsv: 0,
+        opcode,
+        mask: None,
+        payload_len: len as u64,
+    }
+    .encode(&mut header);
+    header.freeze()
+}
