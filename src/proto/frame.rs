@@ -164,8 +164,9 @@ impl FrameHeader {
     }
 
     /// Appends the header to `dst`, with the length in its minimal encoding.
-    pub fn encode(&self, dst: &mut BytesMut) {
-        dst.reserve(self.encoded_len());
+    /// Writes the header; `dst` must have room for [`FrameHeader::encoded_len`] bytes
+    /// (a `BytesMut` grows as needed).
+    pub fn encode(&self, dst: &mut impl BufMut) {
         let fin = if self.fin { 0x80 } else { 0 };
         dst.put_u8(fin | ((self.rsv & 0x07) << 4) | u8::from(self.opcode));
         let masked = if self.mask.is_some() { 0x80 } else { 0 };

@@ -10,7 +10,7 @@
 
 use std::borrow::Cow;
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
@@ -244,126 +244,154 @@ fn skip_value(json: &[u8], start: usize) -> Option<usize> {
     }
 }
 
-/// Builds a text frame whose payload is the concatenation of `parts`, in one allocation of
-/// exactly the frame's size.
-fn text_frame(parts: &[&[u8]]) -> Bytes {
-    let len: usize = parts.iter().map(|p| p.len()).sum();
-    let header = FrameHeader {
-        fin: true,
-        rsv: 0,
-        opcode: OpCode::Text,
-        mask: None,
-        payload_len: len as u64,
-    };
-    let mut frame = BytesMut::with_capacity(len + 10);
-    header.encode(&mut frame);
-    for part in parts {
-        frame.put_slice(part);
-    }
-    frame.freeze()
+/// A text frame whose JSON payload is written straight into the frame's one buffer: room
+/// for the longest header is left in front and the header is filled in at the end, once
+/// the payload's length is known.
+struct TextFrame {
+    buf: BytesMut,
 }
 
-/// Appends `s` as a JSON string literal (with quotes).
-fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f => {
-                out.extend_from_slice(b"\\u00");
-                out.push(HEX[(b >> 4) as usize]);
-                out.push(HEX[(b & 0xf) as usize]);
+/// The longest server frame header: 2 bytes plus a 64-bit length.
+const MAX_HEADER: usize = 10;
+
+impl TextFrame {
+    fn with_capacity(payload: usize) -> Self {
+        let mut buf = BytesMut::with_capacity(MAX_HEADER + payload);
+        buf.put_bytes(0, MAX_HEADER);
+        Self { buf }
+    }
+
+    fn put(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Appends `s` as a JSON string literal (with quotes).
+    fn put_str(&mut self, s: &str) {
+        self.buf.put_u8(b'"');
+        for &b in s.as_bytes() {
+            match b {
+                b'"' => self.put(b"\\\""),
+                b'\\' => self.put(b"\\\\"),
+                b'\n' => self.put(b"\\n"),
+                b'\r' => self.put(b"\\r"),
+                b'\t' => self.put(b"\\t"),
+                0..=0x1f => {
+                    self.put(b"\\u00");
+                    self.buf.put_u8(HEX[(b >> 4) as usize]);
+                    self.buf.put_u8(HEX[(b & 0xf) as usize]);
+                }
+                _ => self.buf.put_u8(b),
             }
-            _ => out.push(b),
+        }
+        self.buf.put_u8(b'"');
+    }
+
+    fn put_u64(&mut self, n: u64) {
+        use std::fmt::Write as _;
+        write!(self, "{n}").expect("writing to memory cannot fail");
+    }
+
+    /// `,"id":N` when there is an id.
+    fn put_id(&mut self, id: Option<u64>) {
+        if let Some(id) = id {
+            self.put(b",\"id\":");
+            self.put_u64(id);
         }
     }
-    out.push(b'"');
+
+    fn finish(mut self) -> Bytes {
+        let len = self.buf.len() - MAX_HEADER;
+        let header = FrameHeader {
+            fin: true,
+            rsv: 0,
+            opcode: OpCode::Text,
+            mask: None,
+            payload_len: len as u64,
+        };
+        let start = MAX_HEADER - header.encoded_len();
+        header.encode(&mut &mut self.buf[start..MAX_HEADER]);
+        self.buf.advance(start);
+        self.buf.freeze()
+    }
+}
+
+impl std::fmt::Write for TextFrame {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        self.put(s.as_bytes());
+        Ok(())
+    }
 }
 
 const HEX: &[u8; 16] = b"0123456789abcdef";
 
-fn push_id(out: &mut Vec<u8>, id: Option<u64>) {
-    if let Some(id) = id {
-        out.extend_from_slice(b",\"id\":");
-        push_u64(out, id);
-    }
-}
-
-fn push_u64(out: &mut Vec<u8>, n: u64) {
-    use std::io::Write as _;
-    write!(out, "{n}").expect("writing to a Vec cannot fail");
-}
-
 /// The broadcast frame `{"type":"message","channel":C,"seq":N,"data":D}`, built once per
 /// publish and shared by every subscriber.
 pub fn encode_message(channel: &str, seq: u64, data: &[u8]) -> Bytes {
-    let mut head = Vec::with_capacity(64 + channel.len());
-    head.extend_from_slice(b"{\"type\":\"message\",\"channel\":");
-    push_json_str(&mut head, channel);
-    head.extend_from_slice(b",\"seq\":");
-    push_u64(&mut head, seq);
-    head.extend_from_slice(b",\"data\":");
-    text_frame(&[&head, data, b"}"])
+    let mut frame = TextFrame::with_capacity(64 + channel.len() + data.len());
+    frame.put(b"{\"type\":\"message\",\"channel\":");
+    frame.put_str(channel);
+    frame.put(b",\"seq\":");
+    frame.put_u64(seq);
+    frame.put(b",\"data\":");
+    frame.put(data);
+    frame.put(b"}");
+    frame.finish()
 }
 
 /// `{"type":"subscribed","channel":C,"seq":N,"epoch":E,"id":I}`
 pub fn encode_subscribed(channel: &str, seq: u64, epoch: &str, id: Option<u64>) -> Bytes {
-    let mut json = Vec::with_capacity(96 + channel.len());
-    json.extend_from_slice(b"{\"type\":\"subscribed\",\"channel\":");
-    push_json_str(&mut json, channel);
-    json.extend_from_slice(b",\"seq\":");
-    push_u64(&mut json, seq);
-    json.extend_from_slice(b",\"epoch\":");
-    push_json_str(&mut json, epoch);
-    push_id(&mut json, id);
-    json.push(b'}');
-    text_frame(&[&json])
+    let mut frame = TextFrame::with_capacity(96 + channel.len());
+    frame.put(b"{\"type\":\"subscribed\",\"channel\":");
+    frame.put_str(channel);
+    frame.put(b",\"seq\":");
+    frame.put_u64(seq);
+    frame.put(b",\"epoch\":");
+    frame.put_str(epoch);
+    frame.put_id(id);
+    frame.put(b"}");
+    frame.finish()
 }
 
 /// `{"type":"unsubscribed","channel":C,"id":I}`
 pub fn encode_unsubscribed(channel: &str, id: Option<u64>) -> Bytes {
-    let mut json = Vec::with_capacity(64 + channel.len());
-    json.extend_from_slice(b"{\"type\":\"unsubscribed\",\"channel\":");
-    push_json_str(&mut json, channel);
-    push_id(&mut json, id);
-    json.push(b'}');
-    text_frame(&[&json])
+    let mut frame = TextFrame::with_capacity(64 + channel.len());
+    frame.put(b"{\"type\":\"unsubscribed\",\"channel\":");
+    frame.put_str(channel);
+    frame.put_id(id);
+    frame.put(b"}");
+    frame.finish()
 }
 
 /// `{"type":"ack","id":I,"seq":N}` (the id is left out when the publish had none).
 pub fn encode_ack(id: Option<u64>, seq: u64) -> Bytes {
-    let mut json = Vec::with_capacity(48);
-    json.extend_from_slice(b"{\"type\":\"ack\"");
-    push_id(&mut json, id);
-    json.extend_from_slice(b",\"seq\":");
-    push_u64(&mut json, seq);
-    json.push(b'}');
-    text_frame(&[&json])
+    let mut frame = TextFrame::with_capacity(64);
+    frame.put(b"{\"type\":\"ack\"");
+    frame.put_id(id);
+    frame.put(b",\"seq\":");
+    frame.put_u64(seq);
+    frame.put(b"}");
+    frame.finish()
 }
 
 /// `{"type":"pong","id":I}`
 pub fn encode_pong(id: Option<u64>) -> Bytes {
-    let mut json = Vec::with_capacity(32);
-    json.extend_from_slice(b"{\"type\":\"pong\"");
-    push_id(&mut json, id);
-    json.push(b'}');
-    text_frame(&[&json])
+    let mut frame = TextFrame::with_capacity(48);
+    frame.put(b"{\"type\":\"pong\"");
+    frame.put_id(id);
+    frame.put(b"}");
+    frame.finish()
 }
 
 /// `{"type":"error","code":C,"message":M,"id":I}`
 pub fn encode_error(code: &str, message: &str, id: Option<u64>) -> Bytes {
-    let mut json = Vec::with_capacity(48 + message.len());
-    json.extend_from_slice(b"{\"type\":\"error\",\"code\":");
-    push_json_str(&mut json, code);
-    json.extend_from_slice(b",\"message\":");
-    push_json_str(&mut json, message);
-    push_id(&mut json, id);
-    json.push(b'}');
-    text_frame(&[&json])
+    let mut frame = TextFrame::with_capacity(64 + code.len() + message.len());
+    frame.put(b"{\"type\":\"error\",\"code\":");
+    frame.put_str(code);
+    frame.put(b",\"message\":");
+    frame.put_str(message);
+    frame.put_id(id);
+    frame.put(b"}");
+    frame.finish()
 }
 
 #[cfg(test)]

@@ -910,3 +910,386 @@ fn echo_header(opcode: OpCode, len: usize) -> Bytes {
     .encode(&mut header);
     header.freeze()
 }
+
+/// Shards driven in memory, as a backend would, with clients that are byte buffers.
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::proto::frame::{FrameHeader, encode_client_frame};
+
+    struct NoWake;
+
+    impl Wake for NoWake {
+        fn wake(&self) {}
+    }
+
+    struct Cluster {
+        shards: Vec<Shard>,
+        inboxes: Vec<Inbox>,
+        post: Arc<Post>,
+        now: Instant,
+    }
+
+    #[derive(Clone, Copy)]
+    struct Client {
+        shard: usize,
+        key: usize,
+    }
+
+    /// A frame the server sent: opcode and payload.
+    type Frame = (OpCode, Vec<u8>);
+
+    impl Cluster {
+        fn new(shards: usize, config: Config) -> Self {
+            let config = Arc::new(config);
+            let wakers = (0..shards)
+                .map(|_| Arc::new(NoWake) as Arc<dyn Wake>)
+                .collect();
+            let (post, receivers) = Post::new(wakers);
+            Self {
+                shards: (0..shards)
+                    .map(|id| Shard::new(id, shards, config.clone(), "e1".into()))
+                    .collect(),
+                inboxes: receivers
+                    .into_iter()
+                    .enumerate()
+                    .map(|(id, rx)| Inbox::new(id, rx, post.clone()))
+                    .collect(),
+                post,
+                now: Instant::now(),
+            }
+        }
+
+        fn write(&mut self, client: Client, bytes: &[u8]) {
+            let shard = &mut self.shards[client.shard];
+            shard.read_buffer(client.key).extend_from_slice(bytes);
+            shard.handle_read(client.key, self.now);
+        }
+
+        fn connect(&mut self, shard: usize, path: &str) -> Client {
+            let key = self.shards[shard].accept(self.now).unwrap();
+            let client = Client { shard, key };
+            let head = format!(
+                "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            );
+            self.write(client, head.as_bytes());
+            let response = self.take_output(client);
+            assert!(response.starts_with(b"HTTP/1.1 101"), "{response:?}");
+            client
+        }
+
+        fn send(&mut self, client: Client, json: &str) {
+            let frame = encode_client_frame(OpCode::Text, true, json.as_bytes(), [1, 2, 3, 4]);
+            self.write(client, &frame);
+        }
+
+        /// Moves envelopes between shards until every mailbox is quiet.
+        fn settle(&mut self) {
+            for _ in 0..10 {
+                for (shard, inbox) in self.shards.iter_mut().zip(&self.inboxes) {
+                    shard.handle_inbox(inbox, self.now);
+                    self.post.deliver(shard.id(), shard.take_outgoing());
+                }
+            }
+        }
+
+        /// Everything queued for `client`, as if the socket wrote it all.
+        fn take_output(&mut self, client: Client) -> Vec<u8> {
+            let outbox = self.shards[client.shard].outbox(client.key);
+            let mut out = Vec::new();
+            while !outbox.is_empty() {
+                let mut slices = [std::io::IoSlice::new(&[]); 64];
+                let n = outbox.io_slices(&mut slices);
+                slices[..n].iter().for_each(|s| out.extend_from_slice(s));
+                let len: usize = slices[..n].iter().map(|s| s.len()).sum();
+                outbox.advance(len);
+            }
+            out
+        }
+
+        fn frames(&mut self, client: Client) -> Vec<Frame> {
+            let bytes = self.take_output(client);
+            let mut frames = Vec::new();
+            let mut rest = &bytes[..];
+            while !rest.is_empty() {
+                let (header, n) = FrameHeader::parse(rest).unwrap().unwrap();
+                let end = n + header.payload_len as usize;
+                frames.push((header.opcode, rest[n..end].to_vec()));
+                rest = &rest[end..];
+            }
+            frames
+        }
+
+        fn texts(&mut self, client: Client) -> Vec<String> {
+            self.frames(client)
+                .into_iter()
+                .map(|(op, p)| {
+                    assert_eq!(op, OpCode::Text);
+                    String::from_utf8(p).unwrap()
+                })
+                .collect()
+        }
+
+        /// Subscribers of `channel` its home counts on each shard (one publish: counts it).
+        fn home_counts(&mut self, channel: &str) -> Vec<u32> {
+            let home = hub::home_of(channel, self.shards.len());
+            let name: ChannelName = channel.into();
+            let (_, counts) = self.shards[home].channels.publish(&name, b"0");
+            counts.to_vec()
+        }
+    }
+
+    /// A channel name whose home is `shard` of `shards`.
+    fn homed_on(shard: usize, shards: usize) -> String {
+        (0..)
+            .map(|i| format!("chan{i}"))
+            .find(|c| hub::home_of(c, shards) == shard)
+            .unwrap()
+    }
+
+    #[test]
+    fn publish_reaches_subscribers_on_every_shard_in_order_once() {
+        let mut cluster = Cluster::new(3, Config::default());
+        let channel = homed_on(2, 3);
+        let subscribers: Vec<Client> = (0..6).map(|i| cluster.connect(i % 3, "/ws")).collect();
+        for &s in &subscribers {
+            cluster.send(
+                s,
+                &format!(r#"{{"type":"subscribe","channel":"{channel}","id":1}}"#),
+            );
+        }
+        cluster.settle();
+        for &s in &subscribers {
+            let texts = cluster.texts(s);
+            assert_eq!(
+                texts,
+                [format!(
+                    r#"{{"type":"subscribed","channel":"{channel}","seq":0,"epoch":"e1","id":1}}"#
+                )]
+            );
+        }
+        let publisher = cluster.connect(0, "/ws");
+        for n in 0..5 {
+            let json =
+                format!(r#"{{"type":"publish","channel":"{channel}","data":[{n}, "x"],"id":{n}}}"#);
+            cluster.send(publisher, &json);
+        }
+        cluster.settle();
+        let acks = cluster.texts(publisher);
+        let expected: Vec<String> = (0..5)
+            .map(|n| format!(r#"{{"type":"ack","id":{n},"seq":{}}}"#, n + 1))
+            .collect();
+        assert_eq!(acks, expected);
+        for &s in &subscribers {
+            let expected: Vec<String> = (0..5)
+                .map(|n| {
+                    format!(
+                        r#"{{"type":"message","channel":"{channel}","seq":{},"data":[{n}, "x"]}}"#,
+                        n + 1
+                    )
+                })
+                .collect();
+            assert_eq!(cluster.texts(s), expected);
+        }
+    }
+
+    #[test]
+    fn every_subscriber_shares_one_frame_allocation() {
+        let mut cluster = Cluster::new(2, Config::default());
+        let a = cluster.connect(0, "/ws");
+        let b = cluster.connect(1, "/ws");
+        for c in [a, b] {
+            cluster.send(c, r#"{"type":"subscribe","channel":"news"}"#);
+        }
+        cluster.settle();
+        cluster.take_output(a);
+        cluster.take_output(b);
+        cluster.send(a, r#"{"type":"publish","channel":"news","data":1}"#);
+        cluster.settle();
+        let front = |cluster: &mut Cluster, c: Client| {
+            let outbox = cluster.shards[c.shard].outbox(c.key);
+            let mut slices = [std::io::IoSlice::new(&[]); 1];
+            outbox.io_slices(&mut slices);
+            slices[0].as_ptr()
+        };
+        assert_eq!(front(&mut cluster, a), front(&mut cluster, b));
+    }
+
+    #[test]
+    fn unsubscribe_while_pending_is_carried_out_after_confirmation() {
+        let mut cluster = Cluster::new(2, Config::default());
+        let channel = homed_on(1, 2);
+        let c = cluster.connect(0, "/ws");
+        cluster.send(
+            c,
+            &format!(r#"{{"type":"subscribe","channel":"{channel}","id":1}}"#),
+        );
+        cluster.send(
+            c,
+            &format!(r#"{{"type":"unsubscribe","channel":"{channel}","id":2}}"#),
+        );
+        cluster.settle();
+        let texts = cluster.texts(c);
+        assert!(texts[0].starts_with(r#"{"type":"subscribed""#), "{texts:?}");
+        assert_eq!(
+            texts[1],
+            format!(r#"{{"type":"unsubscribed","channel":"{channel}","id":2}}"#)
+        );
+        assert_eq!(cluster.home_counts(&channel), [0, 0]);
+    }
+
+    #[test]
+    fn a_closed_connection_releases_its_subscriptions() {
+        let mut cluster = Cluster::new(2, Config::default());
+        let channel = homed_on(0, 2);
+        let c = cluster.connect(1, "/ws");
+        cluster.send(
+            c,
+            &format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#),
+        );
+        cluster.settle();
+        assert_eq!(cluster.home_counts(&channel), [0, 1]);
+        cluster.shards[1].handle_eof(c.key);
+        assert_eq!(cluster.shards[1].poll_dead(), Some(c.key));
+        cluster.shards[1].remove(c.key);
+        cluster.settle();
+        assert_eq!(cluster.home_counts(&channel), [0, 0]);
+    }
+
+    #[test]
+    fn refuses_duplicate_and_unknown_subscriptions_and_too_many() {
+        let config = Config {
+            max_subscriptions: 1,
+            ..Config::default()
+        };
+        let mut cluster = Cluster::new(1, config);
+        let c = cluster.connect(0, "/ws");
+        cluster.send(c, r#"{"type":"subscribe","channel":"a"}"#);
+        cluster.send(c, r#"{"type":"subscribe","channel":"a","id":2}"#);
+        cluster.send(c, r#"{"type":"subscribe","channel":"b","id":3}"#);
+        cluster.send(c, r#"{"type":"unsubscribe","channel":"zz","id":4}"#);
+        cluster.settle();
+        let codes: Vec<String> = cluster
+            .texts(c)
+            .into_iter()
+            .filter(|t| t.contains("error"))
+            .collect();
+        assert!(
+            codes[0].contains(r#""code":"already_subscribed""#),
+            "{codes:?}"
+        );
+        assert!(
+            codes[1].contains(r#""code":"too_many_subscriptions""#),
+            "{codes:?}"
+        );
+        assert!(codes[2].contains(r#""code":"not_subscribed""#), "{codes:?}");
+    }
+
+    #[test]
+    fn since_that_history_cannot_serve_is_a_history_gap() {
+        let mut cluster = Cluster::new(2, Config::default());
+        let p = cluster.connect(0, "/ws");
+        cluster.send(p, r#"{"type":"publish","channel":"c","data":1}"#);
+        cluster.send(p, r#"{"type":"publish","channel":"c","data":2}"#);
+        cluster.settle();
+        let c = cluster.connect(1, "/ws");
+        cluster.send(c, r#"{"type":"subscribe","channel":"c","since":1,"id":9}"#);
+        cluster.send(
+            c,
+            r#"{"type":"subscribe","channel":"d","since":0,"epoch":"old","id":10}"#,
+        );
+        // A second subscribe to "c" on `c` would be refused while the first is pending.
+        let current = cluster.connect(1, "/ws");
+        cluster.send(
+            current,
+            r#"{"type":"subscribe","channel":"c","since":2,"epoch":"e1","id":11}"#,
+        );
+        cluster.settle();
+        let mut texts = cluster.texts(c);
+        texts.extend(cluster.texts(current));
+        // Replies from different homes may come in either order: find each by its id.
+        let reply = |id: &str| texts.iter().find(|t| t.contains(id)).unwrap().clone();
+        assert!(reply(r#""id":9"#).contains(r#""code":"history_gap""#));
+        assert!(reply(r#""id":10"#).contains(r#""code":"history_gap""#));
+        assert!(reply(r#""id":11"#).starts_with(r#"{"type":"subscribed","channel":"c","seq":2"#));
+        assert_eq!(cluster.home_counts("c"), [0, 1]);
+    }
+
+    #[test]
+    fn slow_consumer_is_closed_with_4008_after_what_it_was_sent() {
+        let config = Config {
+            outbound_queue_bytes: 4096,
+            ..Config::default()
+        };
+        let mut cluster = Cluster::new(1, config);
+        let slow = cluster.connect(0, "/ws");
+        cluster.send(slow, r#"{"type":"subscribe","channel":"c"}"#);
+        cluster.settle();
+        cluster.take_output(slow);
+        let p = cluster.connect(0, "/ws");
+        let data = "x".repeat(100);
+        for _ in 0..100 {
+            cluster.send(
+                p,
+                &format!(r#"{{"type":"publish","channel":"c","data":"{data}"}}"#),
+            );
+        }
+        cluster.settle();
+        let frames = cluster.frames(slow);
+        let (last_op, last) = frames.last().unwrap();
+        assert_eq!(*last_op, OpCode::Close);
+        assert_eq!(u16::from_be_bytes([last[0], last[1]]), 4008);
+        assert!(frames.len() < 100);
+        assert_eq!(cluster.shards[0].stats().slow_consumer_closes_total, 1);
+    }
+
+    #[test]
+    fn drain_closes_every_websocket_with_1001_and_refuses_new_ones() {
+        let mut cluster = Cluster::new(1, Config::default());
+        let a = cluster.connect(0, "/ws");
+        let b = cluster.connect(0, "/echo");
+        cluster.shards[0].begin_drain(cluster.now);
+        for c in [a, b] {
+            let frames = cluster.frames(c);
+            assert_eq!(frames.len(), 1);
+            assert_eq!(frames[0].0, OpCode::Close);
+            assert_eq!(&frames[0].1[..2], &1001u16.to_be_bytes());
+        }
+        assert_eq!(cluster.shards[0].accept(cluster.now), None);
+        // The client answers the close: the connection finishes.
+        let reply = encode_client_frame(OpCode::Close, true, &1001u16.to_be_bytes(), [9; 4]);
+        cluster.write(a, &reply);
+        cluster.take_output(a);
+        assert!(cluster.shards[0].poll_flushed(a.key));
+    }
+
+    #[test]
+    fn incomplete_handshake_times_out_with_408() {
+        let mut cluster = Cluster::new(1, Config::default());
+        let key = cluster.shards[0].accept(cluster.now).unwrap();
+        let c = Client { shard: 0, key };
+        cluster.write(c, b"GET /ws HTTP/1.1\r\nHost:");
+        let later = cluster.now + Duration::from_secs(11);
+        cluster.shards[0].handle_timeout(later);
+        let out = cluster.take_output(c);
+        assert!(out.starts_with(b"HTTP/1.1 408 "), "{out:?}");
+        assert!(cluster.shards[0].poll_flushed(key));
+    }
+
+    #[test]
+    fn idle_connection_is_pinged_then_closed() {
+        let mut cluster = Cluster::new(1, Config::default());
+        let c = cluster.connect(0, "/ws");
+        let ping_at = cluster.now + Duration::from_secs(25);
+        cluster.shards[0].handle_timeout(ping_at);
+        assert_eq!(cluster.frames(c), [(OpCode::Ping, vec![])]);
+        let close_at = ping_at + Duration::from_secs(50);
+        cluster.shards[0].handle_timeout(close_at);
+        let frames = cluster.frames(c);
+        assert_eq!(frames[0].0, OpCode::Close);
+        assert_eq!(&frames[0].1[..2], &1001u16.to_be_bytes());
+    }
+}
