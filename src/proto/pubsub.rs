@@ -454,6 +454,18 @@ mod tests {
         }
     }
 
+    /// Integers of any length pass (simd-json's `big-int-as-float`); like serde_json,
+    /// simd-json refuses a number whose magnitude overflows an f64 (`1e400`).
+    #[test]
+    fn numbers_of_any_size_pass_through() {
+        let data = "[123456789012345678901234567890,-98765432109876543210,1.000000000000000000001,-0.0e-999]";
+        let raw = format!(r#"{{"type":"publish","channel":"c","data":{data}}}"#);
+        match parse(&raw).unwrap() {
+            Command::Publish { data: got, .. } => assert_eq!(&got[..], data.as_bytes()),
+            other => panic!("{other:?}"),
+        }
+    }
+
     #[test]
     fn rejects_malformed_json() {
         let err = parse(r#"{"type":"publish","#).unwrap_err();

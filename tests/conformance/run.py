@@ -1,0 +1,290 @@
+#!/usr/bin/env python3
+"""Autobahn conformance of Herald's /echo endpoint, driven by kosoku.
+
+Starts `herald serve --listen 127.0.0.1:0 --threads 2`, runs
+`kosoku -m fuzzingclient -o OUTDIR ws://127.0.0.1:PORT/echo` and judges the report
+(index.json) itself instead of trusting kosoku's exit code:
+
+* suite "core" (groups 1-10, 301 cases; 12.* and 13.* excluded): every case must be
+  OK, NON-STRICT or INFORMATIONAL. FAILED, UNIMPLEMENTED or missing fails the run.
+* suite "compression" (groups 12 and 13, 216 cases): while Herald has no
+  permessage-deflate every case must be UNIMPLEMENTED (kosoku's verdict when the
+  server declines the extension); a passing verdict is accepted too, FAILED or missing
+  is not. Note that kosoku itself exits 1 on UNIMPLEMENTED, so its exit code is
+  ignored here.
+* tests/conformance/expected.json (case -> behaviour, written by --update-expected
+  from an all-green run) is compared case by case: any case that got worse fails.
+
+The last line printed is `N passed, M failed` (cases).
+Only the standard library is used; run it with the venv's python so `kosoku` is found
+next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+EXPECTED_FILE = Path(__file__).resolve().parent / "expected.json"
+
+# kosoku 0.1.0 case counts (research/reliability.md §2.1).
+SUITES = {
+    "core": {"args": ["-x", "12.*", "-x", "13.*"], "count": 301, "parallel": 1, "timeout": 900},
+    "compression": {"args": ["-i", "12.*", "-i", "13.*"], "count": 216, "parallel": 2, "timeout": 1200},
+}
+PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
+# Lower is better. INFORMATIONAL cases are informational by definition: rank like OK.
+RANK = {"OK": 0, "INFORMATIONAL": 0, "NON-STRICT": 1, "UNIMPLEMENTED": 2, "FAILED": 3, "MISSING": 4}
+
+
+def log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+def case_key(case: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in case.split(".") if p.isdigit())
+
+
+class Server:
+    """`herald serve` on a free port; stderr goes to a log file."""
+
+    def __init__(self, binary: Path, extra: list[str], logfile: Path) -> None:
+        self.logfile = logfile
+        self.log_fh = open(logfile, "wb")
+        cmd = [str(binary), "serve", "--listen", "127.0.0.1:0", "--threads", "2", *extra]
+        log(f"+ {' '.join(cmd)}")
+        self.proc = subprocess.Popen(
+            cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=self.log_fh
+        )
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def pump() -> None:
+            assert self.proc.stdout is not None
+            for raw in self.proc.stdout:
+                lines.put(raw.decode(errors="replace").rstrip("\n"))
+            lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+        try:
+            line = lines.get(timeout=20)
+        except queue.Empty:
+            line = None
+        m = re.fullmatch(r"listening on (127\.0\.0\.1:(\d+))", line or "")
+        if not m:
+            self.kill()
+            raise SystemExit(
+                f"herald did not print `listening on 127.0.0.1:PORT` (got {line!r})\n"
+                f"--- stderr ---\n{self.stderr()}"
+            )
+        self.addr = m.group(1)
+
+    def stderr(self) -> str:
+        self.log_fh.flush()
+        return self.logfile.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int | None:
+        if self.alive():
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log_fh.close()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def find_kosoku(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    beside = Path(sys.executable).parent / "kosoku"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("kosoku")
+    if not found:
+        raise SystemExit("kosoku not found: pip install kosoku (tests/run.sh does this in .venv)")
+    return found
+
+
+def run_suite(name: str, binary: Path, kosoku: str, outroot: Path, extra: list[str]) -> tuple[dict, list[str]]:
+    """Runs one suite; returns ({case: entry}, [problems not tied to a case])."""
+    spec = SUITES[name]
+    outdir = outroot / name
+    shutil.rmtree(outdir, ignore_errors=True)
+    outdir.mkdir(parents=True)
+    problems: list[str] = []
+    server = Server(binary, extra, outroot / f"herald-{name}.log")
+    url = f"ws://{server.addr}/echo"
+    cmd = [kosoku, "-m", "fuzzingclient", "-p", str(spec["parallel"]), *spec["args"], "-o", str(outdir), url]
+    log(f"+ {' '.join(cmd)}")
+    started = time.monotonic()
+    kosoku_log = outroot / f"kosoku-{name}.log"
+    try:
+        with open(kosoku_log, "wb") as fh:
+            res = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=spec["timeout"])
+        log(f"kosoku exited {res.returncode} after {time.monotonic() - started:.1f} s (log: {kosoku_log})")
+    except subprocess.TimeoutExpired:
+        problems.append(f"kosoku did not finish within {spec['timeout']} s")
+    if not server.alive():
+        problems.append(f"herald died during the {name} suite (exit {server.proc.returncode})")
+    err = server.stderr()
+    if "panicked at" in err:
+        problems.append(f"herald panicked during the {name} suite (see {server.logfile})")
+    code = server.stop()
+    if code not in (0, None) and not problems:
+        problems.append(f"herald exited {code} on SIGTERM after the {name} suite")
+    index = outdir / "index.json"
+    if not index.exists():
+        problems.append(f"no report at {index}")
+        tail = kosoku_log.read_text(errors="replace")[-3000:] if kosoku_log.exists() else ""
+        log(f"--- kosoku output (tail) ---\n{tail}")
+        return {}, problems
+    data = json.loads(index.read_text())
+    cases: dict = {}
+    for agent_cases in data.values():
+        cases.update(agent_cases)
+    for case, entry in cases.items():
+        rf = entry.get("reportfile")
+        if entry.get("behavior") != "OK" and rf and (outdir / rf).exists():
+            detail = json.loads((outdir / rf).read_text())
+            entry["result"] = detail.get("result")
+            entry["description"] = detail.get("description")
+    return cases, problems
+
+
+def judge(name: str, cases: dict, expected: dict | None) -> tuple[int, int, list[str]]:
+    """Returns (passed, failed, lines to print)."""
+    out: list[str] = []
+    acceptable = PASSING | ({"UNIMPLEMENTED"} if name == "compression" else set())
+    all_ids = set(cases)
+    if expected:
+        all_ids |= set(expected)
+    passed = failed = 0
+    bad: list[str] = []
+    improved: list[str] = []
+    behaviours: Counter = Counter()
+    per_group: dict[str, Counter] = defaultdict(Counter)
+    for case in sorted(all_ids, key=case_key):
+        entry = cases.get(case)
+        got = entry["behavior"] if entry else "MISSING"
+        behaviours[got] += 1
+        per_group[case.split(".")[0]][got] += 1
+        want = (expected or {}).get(case)
+        why = None
+        if got not in acceptable:
+            why = "not acceptable"
+        elif want is not None and RANK.get(got, 9) > RANK.get(want, 9):
+            why = f"worse than expected {want}"
+        elif want is None and expected is not None:
+            why = "not in the expected-results file"
+        if want is not None and RANK.get(got, 9) < RANK.get(want, 9):
+            improved.append(f"{case}: {want} -> {got}")
+        if why:
+            failed += 1
+            e = entry or {}
+            bad.append(
+                f"  {case}: {got} ({why}); close={e.get('behaviorClose')} "
+                f"remoteCloseCode={e.get('remoteCloseCode')} — {e.get('result') or ''} "
+                f"[{(e.get('description') or '')[:100]}]"
+            )
+        else:
+            passed += 1
+    if expected is None and len(cases) != SUITES[name]["count"]:
+        failed += 1
+        bad.append(f"  {len(cases)} cases reported, expected {SUITES[name]['count']} (some are missing)")
+    out.append(f"== {name}: {len(cases)} cases reported ==")
+    out.append("  by behaviour: " + ", ".join(f"{b} {n}" for b, n in sorted(behaviours.items())))
+    for g in sorted(per_group, key=int):
+        out.append(f"  group {g:>2}: " + ", ".join(f"{b} {n}" for b, n in sorted(per_group[g].items())))
+    non_ok = [
+        f"{c}={cases[c]['behavior']}"
+        for c in sorted(cases, key=case_key)
+        if cases[c]["behavior"] not in ("OK", "UNIMPLEMENTED")
+    ]
+    if non_ok:
+        out.append("  not OK: " + " ".join(non_ok))
+    if improved:
+        out.append("  improved (update the expected file with --update-expected): " + ", ".join(improved))
+    if bad:
+        out.append("  FAILING:")
+        out.extend(bad)
+    return passed, failed, out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bin", type=Path, default=ROOT / "target" / "release" / "herald")
+    ap.add_argument("--suite", choices=["core", "compression", "all"], default="all")
+    ap.add_argument("--outdir", type=Path, default=ROOT / "target" / "conformance")
+    ap.add_argument("--kosoku", default=None, help="kosoku executable (default: next to this python)")
+    ap.add_argument("--expected", type=Path, default=EXPECTED_FILE)
+    ap.add_argument("--update-expected", action="store_true", help="write the expected file from an all-green run")
+    ap.add_argument("--server-arg", action="append", default=[], help="extra argument for herald serve")
+    args = ap.parse_args()
+
+    if not args.bin.exists():
+        log(f"{args.bin} missing: cargo build --release")
+        subprocess.run(["cargo", "build", "--release", "--bin", "herald"], cwd=ROOT, check=True)
+    kosoku = find_kosoku(args.kosoku)
+    args.outdir.mkdir(parents=True, exist_ok=True)
+
+    expected_all: dict = {}
+    if args.expected.exists() and not args.update_expected:
+        expected_all = json.loads(args.expected.read_text())
+    elif not args.update_expected:
+        log(f"note: {args.expected} does not exist; only the absolute verdicts are checked")
+
+    suites = ["core", "compression"] if args.suite == "all" else [args.suite]
+    total_pass = total_fail = 0
+    results: dict[str, dict] = {}
+    reports: list[str] = []
+    for name in suites:
+        cases, problems = run_suite(name, args.bin, kosoku, args.outdir, args.server_arg)
+        results[name] = {c: e["behavior"] for c, e in cases.items()}
+        expected = expected_all.get(name) if expected_all else None
+        p, f, lines = judge(name, cases, expected)
+        for prob in problems:
+            lines.append(f"  PROBLEM: {prob}")
+            f += 1
+        total_pass += p
+        total_fail += f
+        reports.extend(lines)
+        for line in lines:
+            log(line)
+
+    if args.update_expected:
+        if total_fail:
+            log("not writing the expected file: the run is not all green")
+        else:
+            merged = json.loads(args.expected.read_text()) if args.expected.exists() else {}
+            for name, cases in results.items():
+                merged[name] = dict(sorted(cases.items(), key=lambda kv: case_key(kv[0])))
+            args.expected.write_text(json.dumps(merged, indent=1) + "\n")
+            log(f"wrote {args.expected}")
+
+    log(f"reports: {args.outdir}")
+    log(f"{total_pass} passed, {total_fail} failed")
+    return 1 if total_fail else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# Herald's one test command: lint, build, Rust tests, Autobahn conformance (kosoku) and
+# the Python client tests. Needs only Rust (cargo, rustfmt, clippy) and python3; the
+# Python tools go into .venv at the repository root.
+#
+#   bash tests/run.sh            # everything
+#   SKIP_COMPRESSION=1 bash tests/run.sh   # conformance without groups 12/13
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+VENV=$ROOT/.venv
+START=$(date +%s)
+
+banner() {
+    printf '\n========== %s (t+%ss) ==========\n' "$1" "$(( $(date +%s) - START ))"
+}
+
+# run LIMIT_SECONDS CMD...: fails the script at once if CMD fails or overruns.
+run() {
+    local limit=$1
+    shift
+    echo "+ $*"
+    timeout --kill-after=30 "$limit" "$@"
+}
+
+# check NAME LIMIT_SECONDS CMD...: like run, but a failing test section is remembered
+# and the later sections still run; the script fails at the end.
+FAILED_SECTIONS=()
+check() {
+    local name=$1
+    shift
+    local rc=0
+    run "$@" || rc=$?
+    if [ "$rc" != 0 ]; then
+        [ "$rc" = 124 ] && echo "!! $name timed out after $1 s"
+        echo "!! $name failed (exit $rc)"
+        FAILED_SECTIONS+=("$name")
+    fi
+}
+
+# The fan-out test holds ~1,000 client sockets in one process.
+if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 4096 ]; then
+    ulimit -n 4096 2>/dev/null || echo "warning: open-file limit is $(ulimit -n); the 1,000-subscriber test needs ~1,100"
+fi
+
+banner "python venv (.venv)"
+if [ ! -x "$VENV/bin/python" ]; then
+    if ! python3 -m venv "$VENV"; then
+        # Debian ships ensurepip separately (python3-venv).
+        rm -rf "$VENV"
+        if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+            pyver=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+            apt-get update -q
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv "python${pyver}-venv" ||
+                DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
+            python3 -m venv "$VENV"
+        else
+            echo "python3 -m venv failed; install python3-venv" >&2
+            exit 1
+        fi
+    fi
+fi
+REQS=$ROOT/tests/requirements.txt
+STAMP=$VENV/.requirements.installed
+if ! cmp -s "$REQS" "$STAMP"; then
+    run 600 "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$REQS"
+    cp "$REQS" "$STAMP"
+fi
+"$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(kosoku|websockets|pytest) '
+
+banner "cargo fmt --check"
+run 120 cargo fmt --all --check
+
+banner "cargo clippy --workspace --all-targets -- -D warnings"
+run 1500 cargo clippy --workspace --all-targets -- -D warnings
+
+banner "cargo build --release"
+run 1500 cargo build --release
+
+banner "cargo test"
+check "cargo test" 900 cargo test --workspace --no-fail-fast
+
+banner "Autobahn conformance (kosoku on /echo)"
+suite=all
+if [ "${SKIP_COMPRESSION:-}" = 1 ]; then suite=core; fi
+check conformance 2400 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" --suite "$suite"
+
+banner "pytest tests/python (websockets client)"
+export HERALD_BIN=$ROOT/target/release/herald
+PYTHONDONTWRITEBYTECODE=1 check pytest 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
+
+if [ "${#FAILED_SECTIONS[@]}" != 0 ]; then
+    banner "FAILED sections: ${FAILED_SECTIONS[*]}"
+    exit 1
+fi
+banner "done: every section passed"

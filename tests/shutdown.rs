@@ -1,0 +1,128 @@
+//! Graceful shutdown: SIGTERM → every WebSocket client gets close 1001, then the process
+//! exits with status 0 within `--drain-ms`.
+
+mod support;
+
+use std::io::Write;
+use std::time::{Duration, Instant};
+
+use support::*;
+
+const DRAIN_MS: u64 = 2000;
+/// Scheduling slack on a loaded 2-core CI box.
+const SLACK: Duration = Duration::from_millis(1500);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_sends_1001_to_every_client_and_exits_zero() {
+    let drain = DRAIN_MS.to_string();
+    let mut server = Server::start(&["--threads", "2", "--drain-ms", &drain]);
+    let addr = server.addr();
+
+    // 24 clients over two SO_REUSEPORT shards: both shards get some in practice.
+    let mut clients = Vec::new();
+    for i in 0..20u64 {
+        let mut ws = connect_ws(addr).await;
+        subscribe(&mut ws, &format!("c{}", i % 3), i).await;
+        clients.push(ws);
+    }
+    for _ in 0..4 {
+        let mut ws = connect(addr, "/echo").await;
+        send_text(&mut ws, "hi").await;
+        assert_eq!(recv_text(&mut ws).await, "hi");
+        clients.push(ws);
+    }
+
+    let sent = Instant::now();
+    server.signal("TERM");
+    let handles: Vec<_> = clients
+        .into_iter()
+        .enumerate()
+        .map(|(i, mut ws)| {
+            tokio::spawn(async move {
+                let code = recv_close_code(&mut ws, Duration::from_millis(DRAIN_MS) + SLACK).await;
+                assert_eq!(code, 1001, "client {i}: expected close 1001 on shutdown");
+            })
+        })
+        .collect();
+    for h in handles {
+        h.await.expect("client task");
+    }
+    let limit = Duration::from_millis(DRAIN_MS) + SLACK;
+    let left = limit.saturating_sub(sent.elapsed());
+    // Every client task is done, so blocking this worker thread is harmless.
+    let status = server.wait_exit(left).unwrap_or_else(|| {
+        panic!(
+            "herald still running {limit:?} after SIGTERM\n{}",
+            server.stderr()
+        )
+    });
+    assert!(
+        status.success(),
+        "herald exited with {status} after SIGTERM\n{}",
+        server.stderr()
+    );
+    assert!(
+        !server.stderr().contains("panicked at"),
+        "panic during shutdown\n{}",
+        server.stderr()
+    );
+}
+
+#[test]
+fn sigterm_with_no_clients_exits_zero_promptly() {
+    let drain = DRAIN_MS.to_string();
+    let mut server = Server::start(&["--threads", "2", "--drain-ms", &drain]);
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_millis(DRAIN_MS) + SLACK)
+        .unwrap_or_else(|| {
+            panic!(
+                "herald still running after SIGTERM with no clients\n{}",
+                server.stderr()
+            )
+        });
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        server.stderr()
+    );
+}
+
+#[test]
+fn sigterm_exits_within_drain_time_even_if_a_client_never_answers_the_close() {
+    let drain = DRAIN_MS.to_string();
+    let mut server = Server::start(&["--threads", "2", "--drain-ms", &drain]);
+    // Raw clients that complete the handshake and then never read or reply.
+    let mut deaf: Vec<_> = (0..4).map(|_| raw_ws(server.addr()).0).collect();
+    for s in &mut deaf {
+        s.write_all(&client_text(r#"{"type":"subscribe","channel":"d","id":1}"#))
+            .unwrap();
+    }
+    // Give the subscribes time to arrive.
+    std::thread::sleep(Duration::from_millis(100));
+    let sent = Instant::now();
+    server.signal("TERM");
+    let status = server
+        .wait_exit(Duration::from_millis(DRAIN_MS) + SLACK)
+        .unwrap_or_else(|| {
+            panic!(
+                "herald ignored --drain-ms {DRAIN_MS} with deaf clients\n{}",
+                server.stderr()
+            )
+        });
+    assert!(
+        status.success(),
+        "exit status {status}\n{}",
+        server.stderr()
+    );
+    eprintln!("exited {:?} after SIGTERM", sent.elapsed());
+    // Each deaf client was at least sent the 1001 close (read what is buffered).
+    for (i, s) in deaf.iter_mut().enumerate() {
+        let mut buf = Vec::new();
+        assert_eq!(
+            raw_expect_close(s, &mut buf, Duration::from_secs(1)),
+            1001,
+            "deaf client {i}"
+        );
+    }
+}

@@ -1,0 +1,728 @@
+//! Shared helpers for Herald's integration tests: start the real `herald` binary on a
+//! free port, talk to it as a tokio-tungstenite client, and speak raw HTTP/WebSocket
+//! bytes over a blocking `TcpStream` for the handshake and framing cases.
+//!
+//! Each test binary uses only part of this module.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream as StdTcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+/// How long the server may take to print its `listening on` line.
+pub(crate) const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+/// Default wait for one expected message.
+pub(crate) const RECV_TIMEOUT: Duration = Duration::from_secs(5);
+
+// ---------------------------------------------------------------------------------------
+// The server process
+// ---------------------------------------------------------------------------------------
+
+/// A running `herald serve` process. Killed with SIGKILL on drop unless it already exited.
+pub(crate) struct Server {
+    child: Child,
+    addr: SocketAddr,
+    stderr: Arc<Mutex<Vec<u8>>>,
+    exited: Option<ExitStatus>,
+}
+
+impl Server {
+    /// `herald serve --listen 127.0.0.1:0 --threads 2` plus `extra` arguments (which may
+    /// name another `--threads`).
+    pub(crate) fn start(extra: &[&str]) -> Self {
+        let mut args = Vec::new();
+        if !extra.contains(&"--threads") {
+            args.extend_from_slice(&["--threads", "2"]);
+        }
+        args.extend_from_slice(extra);
+        Self::start_raw(&args)
+    }
+
+    /// `herald serve --listen 127.0.0.1:0` plus exactly `extra` (no default `--threads`).
+    pub(crate) fn start_raw(extra: &[&str]) -> Self {
+        let bin = env!("CARGO_BIN_EXE_herald");
+        let mut child = Command::new(bin)
+            .arg("serve")
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("RUST_BACKTRACE", "1")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin}: {e}"));
+
+        // Drain stderr for the whole life of the process so it never blocks on a full pipe.
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let mut err_pipe = child.stderr.take().expect("stderr piped");
+        let sink = Arc::clone(&stderr);
+        let err_thread = thread::spawn(move || {
+            let mut buf = [0u8; 8192];
+            loop {
+                match err_pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => sink.lock().unwrap().extend_from_slice(&buf[..n]),
+                }
+            }
+        });
+
+        // Read stdout lines on a thread; the first one must be `listening on ADDR`.
+        let out_pipe = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = mpsc::channel::<String>();
+        thread::spawn(move || {
+            let mut reader = BufReader::new(out_pipe);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {
+                        // Later lines are drained and dropped.
+                        let _ = tx.send(line.trim_end().to_owned());
+                    }
+                }
+            }
+        });
+
+        let started = Instant::now();
+        // Once the process has exited its stderr pipe reaches EOF: wait for all of it.
+        let mut err_thread = Some(err_thread);
+        let mut full_stderr = move || {
+            if let Some(t) = err_thread.take() {
+                let _ = t.join();
+            }
+        };
+        let line = loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) => break line,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        full_stderr();
+                        let err = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+                        panic!(
+                            "herald exited ({status}) before printing `listening on`; args {extra:?}\n--- stderr ---\n{err}"
+                        );
+                    }
+                    if started.elapsed() > STARTUP_TIMEOUT {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        let err = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+                        panic!(
+                            "herald printed no `listening on` line within {STARTUP_TIMEOUT:?}; args {extra:?}\n--- stderr ---\n{err}"
+                        );
+                    }
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => {
+                    let status = child.wait().ok();
+                    full_stderr();
+                    let err = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+                    panic!(
+                        "herald closed stdout without a `listening on` line (exit {status:?}); args {extra:?}\n--- stderr ---\n{err}"
+                    );
+                }
+            }
+        };
+        let addr: SocketAddr = line
+            .strip_prefix("listening on ")
+            .and_then(|a| a.trim().parse().ok())
+            .unwrap_or_else(|| {
+                let _ = child.kill();
+                panic!("first stdout line should be `listening on 127.0.0.1:PORT`, got {line:?}")
+            });
+        assert_ne!(addr.port(), 0, "server reported port 0: {line:?}");
+        Self {
+            child,
+            addr,
+            stderr,
+            exited: None,
+        }
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub(crate) fn url(&self, path: &str) -> String {
+        format!("ws://{}{}", self.addr, path)
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub(crate) fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
+    }
+
+    /// Sends a signal with the `kill` command (`TERM`, `INT`, ...).
+    pub(crate) fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{name}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub(crate) fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        if self.exited.is_some() {
+            return self.exited;
+        }
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                self.exited = Some(status);
+                return Some(status);
+            }
+            if start.elapsed() >= limit {
+                return None;
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// True while the process runs.
+    pub(crate) fn is_running(&mut self) -> bool {
+        self.exited.is_none() && matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// nginx-tests style implicit check: still running and no panic in the log.
+    pub(crate) fn assert_healthy(&mut self) {
+        assert!(
+            self.is_running(),
+            "herald is no longer running\n--- stderr ---\n{}",
+            self.stderr()
+        );
+        let err = self.stderr();
+        assert!(
+            !err.contains("panicked at"),
+            "herald panicked\n--- stderr ---\n{err}"
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.exited.is_none() && matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill(); // SIGKILL
+            let _ = self.child.wait();
+        }
+        if thread::panicking() {
+            let err = self.stderr();
+            let tail: String = {
+                let lines: Vec<&str> = err.lines().collect();
+                lines[lines.len().saturating_sub(60)..].join("\n")
+            };
+            eprintln!("--- herald stderr (last 60 lines) ---\n{tail}\n--- end ---");
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// tokio-tungstenite client
+// ---------------------------------------------------------------------------------------
+
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+
+/// Opens a WebSocket to `path` on the server (5 s limit).
+pub(crate) async fn connect(addr: SocketAddr, path: &str) -> Ws {
+    let url = format!("ws://{addr}{path}");
+    match tokio::time::timeout(RECV_TIMEOUT, tokio_tungstenite::connect_async(url.as_str())).await {
+        Ok(Ok((ws, _resp))) => ws,
+        Ok(Err(e)) => panic!("connect {url}: {e}"),
+        Err(_) => panic!("connect {url}: timed out after {RECV_TIMEOUT:?}"),
+    }
+}
+
+/// Opens a WebSocket to `/ws`.
+pub(crate) async fn connect_ws(addr: SocketAddr) -> Ws {
+    connect(addr, "/ws").await
+}
+
+pub(crate) async fn send_text(ws: &mut Ws, text: &str) {
+    ws.send(Message::text(text.to_owned()))
+        .await
+        .unwrap_or_else(|e| panic!("send {text}: {e}"));
+}
+
+pub(crate) async fn send_json(ws: &mut Ws, v: &Value) {
+    send_text(ws, &v.to_string()).await;
+}
+
+/// What arrived instead of / besides a data message.
+#[derive(Debug)]
+pub(crate) enum Event {
+    Text(String),
+    Binary(Vec<u8>),
+    Close(Option<(u16, String)>),
+    /// The stream ended (TCP closed) without a close frame, or errored.
+    Ended(String),
+}
+
+/// Next data message or close (WebSocket pings/pongs are skipped), or `None` on timeout.
+pub(crate) async fn next_event(ws: &mut Ws, limit: Duration) -> Option<Event> {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let Ok(item) = tokio::time::timeout_at(deadline, ws.next()).await else {
+            return None;
+        };
+        return Some(match item {
+            None => Event::Ended("stream ended".into()),
+            Some(Err(e)) => Event::Ended(e.to_string()),
+            Some(Ok(Message::Text(t))) => Event::Text(t.as_str().to_owned()),
+            Some(Ok(Message::Binary(b))) => Event::Binary(b.to_vec()),
+            Some(Ok(Message::Close(cf))) => Event::Close(cf.map(close_parts)),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => continue,
+        });
+    }
+}
+
+fn close_parts(cf: CloseFrame) -> (u16, String) {
+    (u16::from(cf.code), cf.reason.as_str().to_owned())
+}
+
+/// The raw text of the next text message (panics on anything else or on timeout).
+pub(crate) async fn recv_text(ws: &mut Ws) -> String {
+    recv_text_within(ws, RECV_TIMEOUT).await
+}
+
+pub(crate) async fn recv_text_within(ws: &mut Ws, limit: Duration) -> String {
+    match next_event(ws, limit).await {
+        Some(Event::Text(t)) => t,
+        None => panic!("no text message within {limit:?}"),
+        Some(other) => panic!("expected a text message, got {other:?}"),
+    }
+}
+
+/// The next text message parsed as JSON.
+pub(crate) async fn recv_json(ws: &mut Ws) -> Value {
+    let text = recv_text(ws).await;
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("server sent invalid JSON {text:?}: {e}"))
+}
+
+/// Waits for the close frame and returns its code (panics if none arrives).
+pub(crate) async fn recv_close_code(ws: &mut Ws, limit: Duration) -> u16 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match next_event(ws, left).await {
+            Some(Event::Close(Some((code, _)))) => return code,
+            Some(Event::Close(None)) => panic!("close frame without a status code"),
+            Some(Event::Ended(why)) => panic!("connection ended without a close frame: {why}"),
+            // Data still in flight before the close is fine.
+            Some(Event::Text(_) | Event::Binary(_)) => continue,
+            None => panic!("no close frame within {limit:?}"),
+        }
+    }
+}
+
+/// Asserts that no data message arrives within `quiet`.
+pub(crate) async fn expect_silence(ws: &mut Ws, quiet: Duration) {
+    if let Some(ev) = next_event(ws, quiet).await {
+        panic!("expected no message for {quiet:?}, got {ev:?}");
+    }
+}
+
+/// `ping` → `pong`: the next text message after the ping must be the pong.
+pub(crate) async fn ping_pong(ws: &mut Ws) {
+    send_text(ws, r#"{"type":"ping"}"#).await;
+    let v = recv_json(ws).await;
+    assert_eq!(v["type"], "pong", "expected pong, got {v}");
+}
+
+/// Subscribes and returns the `subscribed` reply (checked for channel and id).
+pub(crate) async fn subscribe(ws: &mut Ws, channel: &str, id: u64) -> Value {
+    send_json(
+        ws,
+        &serde_json::json!({"type":"subscribe","channel":channel,"id":id}),
+    )
+    .await;
+    let v = recv_json(ws).await;
+    assert_eq!(v["type"], "subscribed", "subscribe {channel}: got {v}");
+    assert_eq!(
+        v["channel"], channel,
+        "subscribed reply names another channel: {v}"
+    );
+    assert_eq!(v["id"], id, "subscribed reply does not echo id: {v}");
+    assert!(
+        v["seq"].is_u64(),
+        "subscribed.seq missing or not an integer: {v}"
+    );
+    v
+}
+
+/// Publishes `data_raw` (raw JSON text, inserted verbatim) and returns the acked seq.
+pub(crate) async fn publish_raw(ws: &mut Ws, channel: &str, data_raw: &str, id: u64) -> u64 {
+    let chan = Value::String(channel.to_owned()).to_string();
+    let text = format!(r#"{{"type":"publish","channel":{chan},"data":{data_raw},"id":{id}}}"#);
+    send_text(ws, &text).await;
+    let v = recv_json(ws).await;
+    assert_eq!(
+        v["type"], "ack",
+        "publish to {channel}: expected ack, got {v}"
+    );
+    assert_eq!(v["id"], id, "ack does not echo id: {v}");
+    v["seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("ack without integer seq: {v}"))
+}
+
+/// Receives the next `message` frame and checks its channel; returns (seq, data, raw text).
+pub(crate) async fn recv_message(ws: &mut Ws, channel: &str) -> (u64, Value, String) {
+    let raw = recv_text(ws).await;
+    let v: Value = serde_json::from_str(&raw).unwrap_or_else(|e| panic!("bad JSON {raw:?}: {e}"));
+    assert_eq!(v["type"], "message", "expected a message frame, got {raw}");
+    assert_eq!(v["channel"], channel, "message for another channel: {raw}");
+    let seq = v["seq"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("message without integer seq: {raw}"));
+    (seq, v["data"].clone(), raw)
+}
+
+// ---------------------------------------------------------------------------------------
+// Raw TCP: HTTP heads and WebSocket frames by hand
+// ---------------------------------------------------------------------------------------
+
+/// The RFC 6455 §1.3 sample key and its accept value.
+pub(crate) const SAMPLE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+pub(crate) const SAMPLE_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
+
+/// A valid upgrade request for `path` with the sample key.
+pub(crate) fn upgrade_request(path: &str) -> String {
+    format!(
+        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: {SAMPLE_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+}
+
+pub(crate) fn raw_connect(addr: SocketAddr) -> StdTcpStream {
+    let s = StdTcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_nodelay(true).unwrap();
+    s
+}
+
+/// A parsed HTTP response head plus any bytes that followed it in the same reads.
+#[derive(Debug)]
+pub(crate) struct Head {
+    pub(crate) status: u16,
+    pub(crate) status_line: String,
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) rest: Vec<u8>,
+}
+
+impl Head {
+    /// First value of header `name` (case-insensitive).
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Reads one HTTP response head (5 s limit; panics on EOF/reset/timeout before it ends).
+pub(crate) fn read_head(s: &mut StdTcpStream) -> Head {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let end = loop {
+        if let Some(pos) = find(&buf, b"\r\n\r\n") {
+            break pos;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no complete HTTP response head within 5 s; got {:?}",
+            lossy(&buf)
+        );
+        match s.read(&mut chunk) {
+            Ok(0) => panic!(
+                "connection closed before a complete HTTP response head; got {:?}",
+                lossy(&buf)
+            ),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if is_timeout(&e) => {
+                panic!(
+                    "no complete HTTP response head within 5 s (hang); got {:?}",
+                    lossy(&buf)
+                )
+            }
+            Err(e) => panic!(
+                "read error before a complete HTTP response head: {e}; got {:?}",
+                lossy(&buf)
+            ),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).into_owned();
+    let rest = buf[end + 4..].to_vec();
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or_default().to_owned();
+    let status = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {status_line:?}"));
+    assert!(
+        status_line.starts_with("HTTP/1.1 "),
+        "status line not HTTP/1.1: {status_line:?}"
+    );
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect();
+    Head {
+        status,
+        status_line,
+        headers,
+        rest,
+    }
+}
+
+/// Sends `request` on a fresh connection and reads the response head.
+pub(crate) fn request_head(addr: SocketAddr, request: &[u8]) -> (StdTcpStream, Head) {
+    let mut s = raw_connect(addr);
+    s.write_all(request).expect("write request");
+    let head = read_head(&mut s);
+    (s, head)
+}
+
+/// Asserts that the peer closes the connection within `limit` (EOF or reset), discarding
+/// whatever it sends first (for example a response body). Returns those bytes.
+pub(crate) fn assert_closed_within(s: &mut StdTcpStream, limit: Duration) -> Vec<u8> {
+    let deadline = Instant::now() + limit;
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "server did not close the connection within {limit:?}"
+        );
+        s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match s.read(&mut chunk) {
+            Ok(0) => return got,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if is_timeout(&e) => {
+                panic!("server did not close the connection within {limit:?}")
+            }
+            Err(_) => return got, // reset counts as closed
+        }
+    }
+}
+
+pub(crate) fn is_timeout(e: &std::io::Error) -> bool {
+    matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut)
+}
+
+pub(crate) fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+pub(crate) fn lossy(b: &[u8]) -> String {
+    let shown = &b[..b.len().min(512)];
+    String::from_utf8_lossy(shown).into_owned()
+}
+
+/// Deterministic pseudo-random bytes (xorshift64*), so failures reproduce.
+pub(crate) fn pseudo_random_bytes(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x >> 12;
+            x ^= x << 25;
+            x ^= x >> 27;
+            (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 56) as u8
+        })
+        .collect()
+}
+
+pub(crate) const OP_CONT: u8 = 0x0;
+pub(crate) const OP_TEXT: u8 = 0x1;
+pub(crate) const OP_BINARY: u8 = 0x2;
+pub(crate) const OP_CLOSE: u8 = 0x8;
+pub(crate) const OP_PING: u8 = 0x9;
+pub(crate) const OP_PONG: u8 = 0xA;
+
+/// Encodes one final frame; `mask` = `Some(key)` for a client frame.
+pub(crate) fn encode_frame(opcode: u8, payload: &[u8], mask: Option<[u8; 4]>) -> Vec<u8> {
+    let mut out = vec![0x80 | opcode];
+    let mask_bit = if mask.is_some() { 0x80 } else { 0 };
+    let len = payload.len();
+    if len < 126 {
+        out.push(mask_bit | len as u8);
+    } else if len <= 0xFFFF {
+        out.push(mask_bit | 126);
+        out.extend_from_slice(&(len as u16).to_be_bytes());
+    } else {
+        out.push(mask_bit | 127);
+        out.extend_from_slice(&(len as u64).to_be_bytes());
+    }
+    match mask {
+        Some(key) => {
+            out.extend_from_slice(&key);
+            out.extend(payload.iter().enumerate().map(|(i, b)| b ^ key[i % 4]));
+        }
+        None => out.extend_from_slice(payload),
+    }
+    out
+}
+
+/// A masked client text frame.
+pub(crate) fn client_text(text: &str) -> Vec<u8> {
+    encode_frame(OP_TEXT, text.as_bytes(), Some([0x37, 0xfa, 0x21, 0x3d]))
+}
+
+/// One frame read from the server.
+#[derive(Debug)]
+pub(crate) struct RawFrame {
+    pub(crate) fin: bool,
+    pub(crate) opcode: u8,
+    pub(crate) masked: bool,
+    pub(crate) payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// The status code of a close frame, if it has one.
+    pub(crate) fn close_code(&self) -> Option<u16> {
+        (self.opcode == OP_CLOSE && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+}
+
+/// Reads one frame, using and refilling `buf` (bytes already read). `None` on EOF/reset
+/// before a whole frame; panics on timeout.
+pub(crate) fn read_frame(
+    s: &mut StdTcpStream,
+    buf: &mut Vec<u8>,
+    limit: Duration,
+) -> Option<RawFrame> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some((frame, used)) = parse_frame(buf) {
+            buf.drain(..used);
+            return Some(frame);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no complete frame within {limit:?}; have {} bytes",
+            buf.len()
+        );
+        s.set_read_timeout(Some(left)).unwrap();
+        let mut chunk = [0u8; 8192];
+        match s.read(&mut chunk) {
+            Ok(0) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) if is_timeout(&e) => panic!(
+                "no complete frame within {limit:?}; have {} bytes",
+                buf.len()
+            ),
+            Err(_) => return None,
+        }
+    }
+}
+
+fn parse_frame(b: &[u8]) -> Option<(RawFrame, usize)> {
+    if b.len() < 2 {
+        return None;
+    }
+    let fin = b[0] & 0x80 != 0;
+    let opcode = b[0] & 0x0F;
+    let masked = b[1] & 0x80 != 0;
+    let mut pos = 2;
+    let len = match b[1] & 0x7F {
+        126 => {
+            if b.len() < 4 {
+                return None;
+            }
+            pos = 4;
+            u16::from_be_bytes([b[2], b[3]]) as usize
+        }
+        127 => {
+            if b.len() < 10 {
+                return None;
+            }
+            pos = 10;
+            u64::from_be_bytes(b[2..10].try_into().unwrap()) as usize
+        }
+        n => n as usize,
+    };
+    let key = if masked {
+        if b.len() < pos + 4 {
+            return None;
+        }
+        let k = [b[pos], b[pos + 1], b[pos + 2], b[pos + 3]];
+        pos += 4;
+        Some(k)
+    } else {
+        None
+    };
+    if b.len() < pos + len {
+        return None;
+    }
+    let mut payload = b[pos..pos + len].to_vec();
+    if let Some(k) = key {
+        payload
+            .iter_mut()
+            .enumerate()
+            .for_each(|(i, x)| *x ^= k[i % 4]);
+    }
+    Some((
+        RawFrame {
+            fin,
+            opcode,
+            masked,
+            payload,
+        },
+        pos + len,
+    ))
+}
+
+/// Completes a raw handshake on `/ws`; returns the stream and any bytes after the head.
+pub(crate) fn raw_ws(addr: SocketAddr) -> (StdTcpStream, Vec<u8>) {
+    let (s, head) = request_head(addr, upgrade_request("/ws").as_bytes());
+    assert_eq!(head.status, 101, "upgrade failed: {head:?}");
+    (s, head.rest)
+}
+
+/// Reads frames until a close frame arrives and returns its code; panics if the
+/// connection ends first or nothing arrives in `limit`. Skips data and ping/pong frames.
+pub(crate) fn raw_expect_close(s: &mut StdTcpStream, buf: &mut Vec<u8>, limit: Duration) -> u16 {
+    let deadline = Instant::now() + limit;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match read_frame(s, buf, left) {
+            None => panic!("connection ended without a close frame"),
+            Some(f) if f.opcode == OP_CLOSE => {
+                assert!(!f.masked, "server frames must not be masked");
+                return f
+                    .close_code()
+                    .unwrap_or_else(|| panic!("close frame without code: {f:?}"));
+            }
+            Some(_) => continue,
+        }
+    }
+}
+
+/// Runs a blocking closure without stalling the async runtime's workers.
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    tokio::task::spawn_blocking(f)
+        .await
+        .expect("blocking task panicked")
+}
