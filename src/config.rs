@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::hub::HistoryLimits;
+
 /// How many shard threads to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Threads {
@@ -126,6 +128,29 @@ pub struct Options {
     /// Listen backlog of each shard's socket. [default: 4096]
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N")]
     pub backlog: Option<u32>,
+
+    /// Messages each channel keeps for recovery (`since`, Last-Event-ID, long-poll);
+    /// 0 keeps none. [default: 100]
+    #[arg(long, env = "HERALD_HISTORY_SIZE", value_name = "N")]
+    pub history_size: Option<usize>,
+
+    /// Oldest message a channel's history keeps. [default: 300000]
+    #[arg(long, env = "HERALD_HISTORY_TTL_MS", value_name = "MS")]
+    pub history_ttl_ms: Option<u64>,
+
+    /// Secret that `POST /api/publish` needs as `Authorization: Bearer KEY`. Without it,
+    /// HTTP publishing is refused (403).
+    #[arg(
+        long,
+        env = "HERALD_API_KEY",
+        value_name = "KEY",
+        hide_env_values = true
+    )]
+    pub api_key: Option<String>,
+
+    /// Largest HTTP request body (`POST /api/publish`); larger gets 413. [default: 1048576]
+    #[arg(long, env = "HERALD_MAX_BODY_BYTES", value_name = "BYTES")]
+    pub max_body_bytes: Option<usize>,
 }
 
 impl Options {
@@ -146,6 +171,10 @@ impl Options {
             close_timeout_ms: self.close_timeout_ms.or(lower.close_timeout_ms),
             drain_ms: self.drain_ms.or(lower.drain_ms),
             backlog: self.backlog.or(lower.backlog),
+            history_size: self.history_size.or(lower.history_size),
+            history_ttl_ms: self.history_ttl_ms.or(lower.history_ttl_ms),
+            api_key: self.api_key.or(lower.api_key),
+            max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
         }
     }
 }
@@ -170,6 +199,9 @@ pub struct Config {
     /// Request head limits before the upgrade (DESIGN.md defaults).
     pub max_head_bytes: usize,
     pub max_headers: usize,
+    pub history: HistoryLimits,
+    pub api_key: Option<String>,
+    pub max_body_bytes: usize,
 }
 
 impl Default for Config {
@@ -219,6 +251,12 @@ impl Options {
             backlog: self.backlog.unwrap_or(4096),
             max_head_bytes: 16 * 1024,
             max_headers: 100,
+            history: HistoryLimits {
+                size: self.history_size.unwrap_or(100),
+                ttl: ms(self.history_ttl_ms.unwrap_or(300_000)),
+            },
+            api_key: self.api_key.filter(|k| !k.is_empty()),
+            max_body_bytes: self.max_body_bytes.unwrap_or(1024 * 1024),
         };
         config.check()?;
         Ok(config)
@@ -253,6 +291,9 @@ impl Config {
                     "{name} must be between 125 and 1073741824, not {value}"
                 ));
             }
+        }
+        if self.history.size > 100_000 {
+            return Err("history_size must be at most 100000".into());
         }
         if self.outbound_queue_bytes < 4096 {
             return Err("outbound_queue_bytes must be at least 4096".into());

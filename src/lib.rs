@@ -16,7 +16,8 @@
 //! - [`shard`]: one thread's connections, subscriptions and mailbox; no system calls.
 //! - [`hub`]: channel homes, sequence numbers, the broadcast encoded once.
 //! - [`backend`]: sockets, listeners, the epoll reactor and core pinning.
-//! - [`http`]: plain HTTP responses on the same port.
+//! - [`http`]: the HTTP side of the same port: publish API, long-poll, SSE, metrics, assets.
+//! - [`metrics`]: per-shard counters, merged when scraped.
 //! - [`config`]: options from the command line, environment and TOML file.
 //! - [`server`]: wires it together and drains on SIGINT/SIGTERM.
 
@@ -24,6 +25,7 @@ pub mod backend;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod metrics;
 pub mod proto;
 pub mod server;
 pub mod shard;

@@ -11,6 +11,7 @@ use signal_hook::iterator::Signals;
 use crate::backend::{affinity, epoll, listener};
 use crate::config::Config;
 use crate::hub;
+use crate::metrics::Registry;
 use crate::shard::{Inbox, Post, Shard, Wake};
 
 /// Runs the server until a signal asks it to stop and every shard has drained.
@@ -31,12 +32,13 @@ pub fn serve(config: Config) -> io::Result<()> {
     let (post, receivers) = Post::new(wakers);
     let stop = Arc::new(AtomicBool::new(false));
     let epoch: Arc<str> = hub::new_epoch().into();
+    let registry = Arc::new(Registry::new(shards));
 
     let mut threads = Vec::with_capacity(shards);
     let parts = polls.into_iter().zip(listeners).zip(receivers).zip(cores);
     for (id, (((poll, listener), receiver), core)) in parts.enumerate() {
         let reactor = epoll::Reactor {
-            shard: Shard::new(id, shards, config.clone(), epoch.clone()),
+            shard: Shard::new(id, shards, config.clone(), epoch.clone(), registry.clone()),
             inbox: Inbox::new(id, receiver, post.clone()),
             post: post.clone(),
             poll,

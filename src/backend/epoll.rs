@@ -80,6 +80,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
             return Err(e);
         }
         let now = Instant::now();
+        let turn_started = now;
         for event in events.iter() {
             match event.token() {
                 LISTENER => {
@@ -121,6 +122,8 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
             }
             shard.remove(key);
         }
+        let flushed = Instant::now();
+        shard.end_turn(flushed.saturating_duration_since(turn_started), flushed);
         post.deliver(shard.id(), shard.take_outgoing());
 
         if let Some(deadline) = drain_deadline {

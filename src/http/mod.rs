@@ -1,33 +1,81 @@
-//! Plain HTTP on the WebSocket port: the responses a request gets when it is not (or not
-//! correctly) a WebSocket upgrade. Request in, response bytes out; no sockets here.
+//! The HTTP side of the one port: routing, and every response's bytes. Request in,
+//! response bytes out; the shard holds the state of requests that wait (publish acks,
+//! long-polls, event streams).
+
+mod assets;
+pub mod longpoll;
+pub mod metrics;
+pub mod publish;
+pub mod sse;
 
 use bytes::Bytes;
 
 use crate::proto::handshake::Request;
 
-/// The response to a plain HTTP request (anything but `/ws` and `/echo`).
-pub fn route(request: &Request) -> Bytes {
-    match (request.method.as_str(), request.path.as_str()) {
-        ("GET" | "HEAD", "/healthz") => response(
-            200,
-            "application/json",
-            &[],
-            br#"{"status":"ok"}"#,
-            request.method == "HEAD",
-        ),
-        (_, "/healthz") => json_error(
-            405,
-            "method_not_allowed",
-            "use GET",
-            &[("Allow", "GET, HEAD")],
-        ),
-        _ if request.is_upgrade() => json_error(
-            404,
-            "not_found",
-            "WebSocket endpoints are /ws and /echo",
-            &[],
-        ),
-        _ => json_error(404, "not_found", "no such path", &[]),
+/// What a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// `GET /ws`: the pub/sub protocol.
+    PubSub,
+    /// `GET /echo`: WebSocket echo.
+    Echo,
+    /// `POST /api/publish`.
+    Publish,
+    /// `GET /poll?channel=C&since=N&timeout=S`.
+    Poll,
+    /// `GET /sse?channel=C`.
+    Sse,
+    Metrics,
+    Stats,
+    Health,
+    /// A static file compiled into the binary.
+    Asset {
+        body: &'static [u8],
+        content_type: &'static str,
+    },
+    MethodNotAllowed {
+        allow: &'static str,
+    },
+    NotFound,
+}
+
+pub fn route(request: &Request) -> Route {
+    let method = request.method.as_str();
+    let (route, allow) = match request.path.as_str() {
+        "/ws" => (Route::PubSub, "GET"),
+        "/echo" => (Route::Echo, "GET"),
+        "/api/publish" => (Route::Publish, "POST"),
+        "/poll" => (Route::Poll, "GET"),
+        "/sse" => (Route::Sse, "GET"),
+        "/metrics" => (Route::Metrics, "GET, HEAD"),
+        "/api/stats" => (Route::Stats, "GET, HEAD"),
+        "/healthz" => (Route::Health, "GET, HEAD"),
+        path => match assets::find(path) {
+            Some((body, content_type)) => (Route::Asset { body, content_type }, "GET, HEAD"),
+            None => return Route::NotFound,
+        },
+    };
+    let allowed = allow.split(", ").any(|m| m == method);
+    // A non-GET WebSocket upgrade is the handshake's business (it answers 405 itself).
+    if allowed || matches!(route, Route::PubSub | Route::Echo) {
+        route
+    } else {
+        Route::MethodNotAllowed { allow }
+    }
+}
+
+/// Whether the client wants the connection kept after this request (RFC 9112 §9.3).
+pub fn keep_alive(request: &Request) -> bool {
+    let has = |token: &str| {
+        request
+            .connection
+            .as_deref()
+            .is_some_and(|c| c.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    };
+    if request.version_minor >= 1 {
+        !has("close")
+    } else {
+        has("keep-alive")
     }
 }
 
@@ -44,30 +92,62 @@ pub fn error_response(status: u16, reason: &str, extra_headers: &[(&str, &str)])
     )
 }
 
-fn json_error(status: u16, code: &str, message: &str, extra_headers: &[(&str, &str)]) -> Bytes {
-    let body = format!(r#"{{"code":"{code}","message":"{message}"}}"#);
-    response(
-        status,
-        "application/json",
-        extra_headers,
-        body.as_bytes(),
-        false,
-    )
+/// An API error: JSON `{"code":..,"message":..}`.
+pub fn json_error(
+    status: u16,
+    code: &str,
+    message: &str,
+    extra_headers: &[(&str, &str)],
+    keep_alive: bool,
+) -> Bytes {
+    let mut body = Vec::with_capacity(32 + message.len());
+    body.extend_from_slice(b"{\"code\":");
+    push_json_str(&mut body, code);
+    body.extend_from_slice(b",\"message\":");
+    push_json_str(&mut body, message);
+    body.push(b'}');
+    response(status, "application/json", extra_headers, &body, keep_alive)
 }
 
-/// A complete HTTP/1.1 response that ends the connection (`Connection: close`).
-fn response(
+/// A complete HTTP/1.1 response with a `Content-Length` body.
+pub fn response(
     status: u16,
     content_type: &str,
     extra_headers: &[(&str, &str)],
     body: &[u8],
-    head_only: bool,
+    keep_alive: bool,
 ) -> Bytes {
-    let mut out = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n",
-        reason_phrase(status),
-        body.len()
+    let mut out = head(
+        status,
+        content_type,
+        extra_headers,
+        keep_alive,
+        Some(body.len()),
     );
+    out.extend_from_slice(body);
+    Bytes::from(out)
+}
+
+/// A response head; `content_length: None` leaves the body open (event streams).
+pub fn head(
+    status: u16,
+    content_type: &str,
+    extra_headers: &[(&str, &str)],
+    keep_alive: bool,
+    content_length: Option<usize>,
+) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: {content_type}\r\nCache-Control: no-store\r\n",
+        reason_phrase(status),
+    );
+    if let Some(len) = content_length {
+        out.push_str(&format!("Content-Length: {len}\r\n"));
+    }
+    out.push_str(if keep_alive {
+        "Connection: keep-alive\r\n"
+    } else {
+        "Connection: close\r\n"
+    });
     for (name, value) in extra_headers {
         out.push_str(name);
         out.push_str(": ");
@@ -75,11 +155,7 @@ fn response(
         out.push_str("\r\n");
     }
     out.push_str("\r\n");
-    let mut out = out.into_bytes();
-    if !head_only {
-        out.extend_from_slice(body);
-    }
-    Bytes::from(out)
+    out.into_bytes()
 }
 
 fn reason_phrase(status: u16) -> &'static str {
@@ -91,6 +167,7 @@ fn reason_phrase(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         408 => "Request Timeout",
+        411 => "Length Required",
         413 => "Content Too Large",
         414 => "URI Too Long",
         426 => "Upgrade Required",
@@ -101,9 +178,68 @@ fn reason_phrase(status: u16) -> &'static str {
     }
 }
 
+/// Appends `s` as a JSON string literal (with quotes).
+pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
+    out.push(b'"');
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.extend_from_slice(b"\\\""),
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            0..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
+            _ => out.push(b),
+        }
+    }
+    out.push(b'"');
+}
+
+/// Decodes `%XX` escapes (and `+` as space) in a query value; `None` if the result is not
+/// UTF-8 or an escape is malformed.
+pub fn percent_decode(value: &str) -> Option<String> {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' => {
+                let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 3;
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// Compares secrets in time that does not depend on where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::handshake::{HandshakeLimits, parse_request};
+
+    fn request(head: &str) -> Request {
+        parse_request(head.as_bytes(), &HandshakeLimits::default())
+            .unwrap()
+            .unwrap()
+            .0
+    }
 
     #[test]
     fn error_response_carries_status_reason_and_headers() {
@@ -117,5 +253,49 @@ mod tests {
         assert!(text.contains("\r\nSec-WebSocket-Version: 13\r\n"));
         assert!(text.contains("Content-Length: 20\r\n"));
         assert!(text.ends_with("\r\n\r\nunsupported version\n"));
+    }
+
+    #[test]
+    fn routes_by_path_and_method() {
+        let get = |path: &str| route(&request(&format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")));
+        assert_eq!(get("/healthz"), Route::Health);
+        assert_eq!(get("/poll?channel=a"), Route::Poll);
+        assert_eq!(get("/nope"), Route::NotFound);
+        assert!(matches!(get("/"), Route::Asset { .. }));
+        assert_eq!(
+            get("/api/publish"),
+            Route::MethodNotAllowed { allow: "POST" }
+        );
+        let post = request("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(route(&post), Route::MethodNotAllowed { allow: "GET, HEAD" });
+    }
+
+    #[test]
+    fn keep_alive_follows_version_and_connection_header() {
+        assert!(keep_alive(&request("GET / HTTP/1.1\r\nHost: x\r\n\r\n")));
+        assert!(!keep_alive(&request(
+            "GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )));
+        assert!(!keep_alive(&request("GET / HTTP/1.0\r\nHost: x\r\n\r\n")));
+        assert!(keep_alive(&request(
+            "GET / HTTP/1.0\r\nHost: x\r\nConnection: Keep-Alive\r\n\r\n"
+        )));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(
+            percent_decode("chat%2Eroom+1").as_deref(),
+            Some("chat.room 1")
+        );
+        assert_eq!(percent_decode("%zz"), None);
+        assert_eq!(percent_decode("%ff"), None);
+    }
+
+    #[test]
+    fn secrets_compare_by_content() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }

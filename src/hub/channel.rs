@@ -1,7 +1,10 @@
-//! The home shard's side of each channel: next sequence number and which shards hold
-//! subscribers of it.
+//! The home shard's side of each channel: next sequence number, which shards hold
+//! subscribers of it, and its bounded history.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
 
 use super::{Broadcast, ChannelName};
 use crate::proto::pubsub;
@@ -17,34 +20,84 @@ pub fn home_of(channel: &str, shards: usize) -> usize {
     (hash % shards as u64) as usize
 }
 
+/// How much history each channel keeps: at most `size` messages, none older than `ttl`.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryLimits {
+    pub size: usize,
+    pub ttl: Duration,
+}
+
+/// One stored message: the same frame subscribers were sent.
+struct Stored {
+    seq: u64,
+    at: Instant,
+    frame: Bytes,
+}
+
 struct Channel {
-    /// The sequence number of the latest message; 0 before the first.
+    /// The sequence number of the latest message; 0 before the first. Kept for the life of
+    /// the process (the epoch) even when the history is empty, so numbers never repeat.
     seq: u64,
     /// Subscriptions per shard (pending or active), so a publish visits only the shards
     /// that have someone to deliver to.
     subscribers: Box<[u32]>,
+    /// Oldest first; sequence numbers are consecutive.
+    history: VecDeque<Stored>,
+}
+
+impl Channel {
+    fn trim(&mut self, limits: HistoryLimits, now: Instant) {
+        while self.history.len() > limits.size {
+            self.history.pop_front();
+        }
+        while self
+            .history
+            .front()
+            .is_some_and(|m| now.saturating_duration_since(m.at) > limits.ttl)
+        {
+            self.history.pop_front();
+        }
+    }
+
+    /// The oldest sequence number a `since` can still be served from.
+    fn oldest(&self) -> u64 {
+        self.history.front().map_or(self.seq + 1, |m| m.seq)
+    }
 }
 
 /// The channels homed on one shard.
 pub struct Channels {
     shards: usize,
+    limits: HistoryLimits,
     map: HashMap<ChannelName, Channel>,
 }
 
 /// What the home answers a subscribe with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubscribeOutcome {
-    /// Subscribed; live messages follow from `seq + 1`.
-    Subscribed { seq: u64 },
-    /// `since` cannot be served: messages from `oldest` on are all that is available.
-    /// The subscription is counted all the same; the subscriber's shard releases it.
+    /// Subscribed; `replay` holds the frames after `since` (up to `seq`), and live
+    /// messages follow from `seq + 1`.
+    Subscribed { seq: u64, replay: Vec<Bytes> },
+    /// `since` cannot be served: history holds `oldest..=seq` only (or it came from
+    /// another epoch). The subscription is counted all the same; the subscriber's shard
+    /// releases it.
     HistoryGap { seq: u64, oldest: u64 },
 }
 
+/// What a publish produced.
+pub struct Published<'a> {
+    pub broadcast: Broadcast,
+    /// Subscriptions per shard: deliver where non-zero.
+    pub shards: &'a [u32],
+    /// Subscriptions in all (the HTTP publish receipt).
+    pub subscribers: u32,
+}
+
 impl Channels {
-    pub fn new(shards: usize) -> Self {
+    pub fn new(shards: usize, limits: HistoryLimits) -> Self {
         Self {
             shards,
+            limits,
             map: HashMap::new(),
         }
     }
@@ -54,28 +107,43 @@ impl Channels {
         self.map.entry(name.clone()).or_insert_with(|| Channel {
             seq: 0,
             subscribers: vec![0; shards].into_boxed_slice(),
+            history: VecDeque::new(),
         })
     }
 
-    /// Counts a subscription from `shard`. Without history, a `since` is only satisfied
-    /// when nothing was missed; an `epoch` other than ours is a gap.
+    /// Counts a subscription from `shard`, replaying what came after `since` when the
+    /// history still holds it. A `since` from another epoch, or ahead of the channel,
+    /// cannot be trusted and is a gap.
     pub fn subscribe(
         &mut self,
         name: &ChannelName,
         shard: usize,
         since: Option<u64>,
         epoch_matches: bool,
+        now: Instant,
     ) -> SubscribeOutcome {
+        let limits = self.limits;
         let channel = self.entry(name);
         channel.subscribers[shard] += 1;
+        channel.trim(limits, now);
         let seq = channel.seq;
-        match since {
-            Some(since) if since != seq || !epoch_matches => SubscribeOutcome::HistoryGap {
+        let Some(since) = since else {
+            return SubscribeOutcome::Subscribed {
                 seq,
-                oldest: seq + 1,
-            },
-            _ => SubscribeOutcome::Subscribed { seq },
+                replay: Vec::new(),
+            };
+        };
+        let oldest = channel.oldest();
+        if !epoch_matches || since > seq || since + 1 < oldest {
+            return SubscribeOutcome::HistoryGap { seq, oldest };
         }
+        let replay = channel
+            .history
+            .iter()
+            .filter(|m| m.seq > since)
+            .map(|m| m.frame.clone())
+            .collect();
+        SubscribeOutcome::Subscribed { seq, replay }
     }
 
     /// Releases one subscription counted by [`Channels::subscribe`].
@@ -86,17 +154,40 @@ impl Channels {
         }
     }
 
-    /// Orders one message: assigns its sequence number and encodes the frame once.
-    /// Returns the broadcast and the per-shard subscriber counts (deliver where non-zero).
-    pub fn publish(&mut self, name: &ChannelName, data: &[u8]) -> (Broadcast, &[u32]) {
+    /// Orders one message: assigns its sequence number, encodes the frame once and
+    /// stores it in the history (before anyone is told: an ack means recoverable).
+    pub fn publish(&mut self, name: &ChannelName, data: &[u8], now: Instant) -> Published<'_> {
+        let limits = self.limits;
         let channel = self.entry(name);
         channel.seq += 1;
-        let broadcast = Broadcast {
-            channel: name.clone(),
-            seq: channel.seq,
-            frame: pubsub::encode_message(name, channel.seq, data),
-        };
-        (broadcast, &channel.subscribers)
+        let frame = pubsub::encode_message(name, channel.seq, data);
+        if limits.size > 0 {
+            channel.history.push_back(Stored {
+                seq: channel.seq,
+                at: now,
+                frame: frame.clone(),
+            });
+        }
+        channel.trim(limits, now);
+        Published {
+            broadcast: Broadcast {
+                channel: name.clone(),
+                seq: channel.seq,
+                frame,
+                published_at: now,
+            },
+            subscribers: channel.subscribers.iter().sum(),
+            shards: &channel.subscribers,
+        }
+    }
+
+    /// Channels homed here (with or without subscribers).
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
     }
 }
 
@@ -106,6 +197,24 @@ mod tests {
 
     fn name(s: &str) -> ChannelName {
         s.into()
+    }
+
+    fn limits(size: usize) -> HistoryLimits {
+        HistoryLimits {
+            size,
+            ttl: Duration::from_secs(60),
+        }
+    }
+
+    fn seqs_of(replay: &[Bytes]) -> Vec<u64> {
+        replay
+            .iter()
+            .map(|f| {
+                let text = std::str::from_utf8(&f[2..]).unwrap();
+                let rest = &text[text.find("\"seq\":").unwrap() + 6..];
+                rest[..rest.find(',').unwrap()].parse().unwrap()
+            })
+            .collect()
     }
 
     #[test]
@@ -121,46 +230,90 @@ mod tests {
 
     #[test]
     fn sequence_increases_by_one_per_publish() {
-        let mut channels = Channels::new(2);
+        let now = Instant::now();
+        let mut channels = Channels::new(2, limits(10));
         let news = name("news");
+        let outcome = channels.subscribe(&news, 1, None, true, now);
         assert_eq!(
-            channels.subscribe(&news, 1, None, true),
-            SubscribeOutcome::Subscribed { seq: 0 }
+            outcome,
+            SubscribeOutcome::Subscribed {
+                seq: 0,
+                replay: vec![]
+            }
         );
         for expect in 1..=3 {
-            let (b, shards) = channels.publish(&news, b"1");
-            assert_eq!(b.seq, expect);
-            assert_eq!(shards, &[0, 1]);
+            let published = channels.publish(&news, b"1", now);
+            assert_eq!(published.broadcast.seq, expect);
+            assert_eq!(published.shards, &[0, 1]);
+            assert_eq!(published.subscribers, 1);
         }
-        assert_eq!(
-            channels.subscribe(&news, 0, Some(3), true),
-            SubscribeOutcome::Subscribed { seq: 3 }
-        );
     }
 
     #[test]
-    fn since_behind_without_history_or_other_epoch_is_a_gap() {
-        let mut channels = Channels::new(1);
+    fn since_replays_what_was_missed() {
+        let now = Instant::now();
+        let mut channels = Channels::new(1, limits(10));
         let c = name("c");
-        channels.publish(&c, b"1");
-        channels.publish(&c, b"2");
+        for _ in 0..5 {
+            channels.publish(&c, b"1", now);
+        }
+        match channels.subscribe(&c, 0, Some(2), true, now) {
+            SubscribeOutcome::Subscribed { seq, replay } => {
+                assert_eq!(seq, 5);
+                assert_eq!(seqs_of(&replay), [3, 4, 5]);
+            }
+            other => panic!("{other:?}"),
+        }
+        match channels.subscribe(&c, 0, Some(5), true, now) {
+            SubscribeOutcome::Subscribed { replay, .. } => assert!(replay.is_empty()),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn since_beyond_history_other_epoch_or_future_is_a_gap() {
+        let now = Instant::now();
+        let mut channels = Channels::new(1, limits(3));
+        let c = name("c");
+        for _ in 0..5 {
+            channels.publish(&c, b"1", now);
+        }
+        let gap = SubscribeOutcome::HistoryGap { seq: 5, oldest: 3 };
+        assert_eq!(channels.subscribe(&c, 0, Some(1), true, now), gap);
+        assert_eq!(channels.subscribe(&c, 0, Some(4), false, now), gap);
+        assert_eq!(channels.subscribe(&c, 0, Some(9), true, now), gap);
+        assert!(matches!(
+            channels.subscribe(&c, 0, Some(2), true, now),
+            SubscribeOutcome::Subscribed { .. }
+        ));
+    }
+
+    #[test]
+    fn history_expires_by_age() {
+        let start = Instant::now();
+        let mut channels = Channels::new(1, limits(100));
+        let c = name("c");
+        channels.publish(&c, b"1", start);
+        channels.publish(&c, b"2", start + Duration::from_secs(50));
+        let later = start + Duration::from_secs(70);
         assert_eq!(
-            channels.subscribe(&c, 0, Some(1), true),
-            SubscribeOutcome::HistoryGap { seq: 2, oldest: 3 }
+            channels.subscribe(&c, 0, Some(0), true, later),
+            SubscribeOutcome::HistoryGap { seq: 2, oldest: 2 }
         );
+        let much_later = start + Duration::from_secs(200);
         assert_eq!(
-            channels.subscribe(&c, 0, Some(2), false),
+            channels.subscribe(&c, 0, Some(0), true, much_later),
             SubscribeOutcome::HistoryGap { seq: 2, oldest: 3 }
         );
     }
 
     #[test]
     fn unsubscribe_stops_counting_the_shard() {
-        let mut channels = Channels::new(2);
+        let now = Instant::now();
+        let mut channels = Channels::new(2, limits(0));
         let c = name("c");
-        channels.subscribe(&c, 0, None, true);
+        channels.subscribe(&c, 0, None, true, now);
         channels.unsubscribe(&c, 0);
-        let (_, shards) = channels.publish(&c, b"1");
-        assert_eq!(shards, &[0, 0]);
+        assert_eq!(channels.publish(&c, b"1", now).shards, &[0, 0]);
     }
 }

@@ -11,10 +11,11 @@ mod channel;
 mod subscriptions;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 
-pub use channel::{Channels, SubscribeOutcome, home_of};
+pub use channel::{Channels, HistoryLimits, Published, SubscribeOutcome, home_of};
 pub use subscriptions::Subscriptions;
 
 /// A channel name shared between shards without copying.
@@ -27,6 +28,8 @@ pub struct Broadcast {
     pub channel: ChannelName,
     pub seq: u64,
     pub frame: Bytes,
+    /// When the home ordered it: the start of publish→flush latency.
+    pub published_at: Instant,
 }
 
 /// Names this run of the node: a `since` from another epoch cannot be trusted, because

@@ -163,9 +163,8 @@ impl FrameHeader {
         2 + len_bytes + if self.mask.is_some() { 4 } else { 0 }
     }
 
-    /// Appends the header to `dst`, with the length in its minimal encoding.
-    /// Writes the header; `dst` must have room for [`FrameHeader::encoded_len`] bytes
-    /// (a `BytesMut` grows as needed).
+    /// Writes the header, with the length in its minimal encoding; `dst` must have room
+    /// for [`FrameHeader::encoded_len`] bytes (a `BytesMut` grows as needed).
     pub fn encode(&self, dst: &mut impl BufMut) {
         let fin = if self.fin { 0x80 } else { 0 };
         dst.put_u8(fin | ((self.rsv & 0x07) << 4) | u8::from(self.opcode));

@@ -157,7 +157,7 @@ pub fn validate_channel(name: &str) -> Result<(), &'static str> {
 ///
 /// `json` must already be valid JSON (this scanner trusts that and only skips). Keys are
 /// compared as raw bytes, so an escaped spelling of `key` does not match.
-fn member_span(json: &[u8], key: &[u8]) -> Option<std::ops::Range<usize>> {
+pub fn member_span(json: &[u8], key: &[u8]) -> Option<std::ops::Range<usize>> {
     let mut i = skip_ws(json, 0);
     if json.get(i) != Some(&b'{') {
         return None;
@@ -185,6 +185,28 @@ fn member_span(json: &[u8], key: &[u8]) -> Option<std::ops::Range<usize>> {
             _ => return None,
         }
     }
+}
+
+/// The byte ranges of the elements of the JSON array `json` (valid JSON, as above).
+pub fn array_element_spans(json: &[u8]) -> Vec<std::ops::Range<usize>> {
+    let mut spans = Vec::new();
+    let mut i = skip_ws(json, 0);
+    if json.get(i) != Some(&b'[') {
+        return spans;
+    }
+    i = skip_ws(json, i + 1);
+    if json.get(i) == Some(&b']') {
+        return spans;
+    }
+    while let Some(end) = skip_value(json, i) {
+        spans.push(i..end);
+        i = skip_ws(json, end);
+        if json.get(i) != Some(&b',') {
+            break;
+        }
+        i = skip_ws(json, i + 1);
+    }
+    spans
 }
 
 fn skip_ws(json: &[u8], mut i: usize) -> usize {
@@ -377,6 +399,29 @@ pub fn encode_ack(id: Option<u64>, seq: u64) -> Bytes {
 pub fn encode_pong(id: Option<u64>) -> Bytes {
     let mut frame = TextFrame::with_capacity(48);
     frame.put(b"{\"type\":\"pong\"");
+    frame.put_id(id);
+    frame.put(b"}");
+    frame.finish()
+}
+
+/// `{"type":"error","code":"history_gap","channel":C,"seq":S,"oldest":O,"message":M,"id":I}`:
+/// history holds `oldest..=seq` only; the client resubscribes from `oldest - 1` or live.
+pub fn encode_history_gap(
+    channel: &str,
+    seq: u64,
+    oldest: u64,
+    message: &str,
+    id: Option<u64>,
+) -> Bytes {
+    let mut frame = TextFrame::with_capacity(128 + channel.len() + message.len());
+    frame.put(b"{\"type\":\"error\",\"code\":\"history_gap\",\"channel\":");
+    frame.put_str(channel);
+    frame.put(b",\"seq\":");
+    frame.put_u64(seq);
+    frame.put(b",\"oldest\":");
+    frame.put_u64(oldest);
+    frame.put(b",\"message\":");
+    frame.put_str(message);
     frame.put_id(id);
     frame.put(b"}");
     frame.finish()

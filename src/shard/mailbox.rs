@@ -32,24 +32,29 @@ pub enum Envelope {
         conn: ConnRef,
         id: Option<u64>,
     },
-    /// From the home: the subscription is live after `seq`.
+    /// From the home: the subscription is live after `seq`; `replay` holds the frames
+    /// after the requested `since`.
     Subscribed {
         channel: ChannelName,
         conn: ConnRef,
         seq: u64,
+        replay: Vec<Bytes>,
         id: Option<u64>,
     },
-    /// From the home: `since` cannot be served.
+    /// From the home: `since` cannot be served; history holds `oldest..=seq`.
     HistoryGap {
         channel: ChannelName,
         conn: ConnRef,
+        seq: u64,
         oldest: u64,
         id: Option<u64>,
     },
-    /// From the home: the publish was ordered as `seq`.
+    /// From the home: the publish was stored and ordered as `seq`, and queued to
+    /// `subscribers` subscriptions. For an HTTP publish `id` is the message's index.
     Ack {
         conn: ConnRef,
         seq: u64,
+        subscribers: u32,
         id: Option<u64>,
     },
     /// From the home: deliver to this shard's subscribers of the channel.

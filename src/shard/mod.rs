@@ -10,19 +10,29 @@
 //!    [`Shard::handle_read`] (or [`Shard::handle_eof`] on end of stream or error),
 //!    reading again only while [`Shard::wants_read`];
 //! 3. calls [`Shard::handle_inbox`] and [`Shard::handle_timeout`];
-//! 4. writes each key from [`Shard::poll_dirty`] out of [`Shard::outbox`], and shuts
-//!    down the socket's write side when [`Shard::poll_flushed`] says so;
+//! 4. writes each key from [`Shard::poll_dirty`] out of [`Shard::outbox`], reports it
+//!    with [`Shard::handle_written`], shuts down the socket's write side when
+//!    [`Shard::poll_flushed`] says so, and reads again when [`Shard::resume_read`] does;
 //! 5. drops the socket of each key from [`Shard::poll_dead`], then calls
 //!    [`Shard::remove`];
-//! 6. hands [`Shard::take_outgoing`] to the [`Post`], and sleeps until
-//!    [`Shard::poll_timeout`], a socket event or a wake-up.
+//! 6. calls [`Shard::end_turn`], hands [`Shard::take_outgoing`] to the [`Post`], and
+//!    sleeps until [`Shard::poll_timeout`], a socket event or a wake-up.
+//!
+//! # Connections
+//! A connection starts by reading an HTTP request. It then becomes a WebSocket (`/ws`,
+//! `/echo`), an event stream (`/sse`), a parked long-poll (`/poll`), a publish waiting for
+//! its acks (`POST /api/publish`), or gets a response and either reads its next request
+//! (keep-alive) or finishes. All of them subscribe the same way, so history, ordering and
+//! fan-out are one mechanism whatever the transport.
 
 mod mailbox;
 mod outbox;
 mod timer;
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes, BytesMut};
 use slab::Slab;
@@ -32,17 +42,18 @@ pub use outbox::Outbox;
 use timer::Deadlines;
 
 use crate::config::Config;
-use crate::http;
+use crate::http::{self, Route, longpoll, publish, sse};
 use crate::hub::{self, Broadcast, ChannelName, Channels, SubscribeOutcome, Subscriptions};
+use crate::metrics::{Counters, Registry, Transport};
 use crate::proto::decoder::DecoderLimits;
-use crate::proto::frame::{OpCode, encode_frame};
+use crate::proto::frame::{FrameHeader, OpCode, encode_frame};
 use crate::proto::handshake::{self, HandshakeLimits, Request};
 use crate::proto::pubsub::{self, Command, CommandParser};
 use crate::proto::{Connection, Event};
 
 /// A connection as other shards name it: its slab key plus a generation, so a reply for
 /// a connection that has gone never reaches a newer one in the same slot.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ConnRef {
     pub key: u32,
     pub generation: u32,
@@ -56,14 +67,41 @@ enum Endpoint {
 }
 
 enum Phase {
-    /// Reading the HTTP request head.
-    Handshake,
-    /// A plain HTTP response is queued; the connection ends once it is written.
-    Http,
+    /// Reading an HTTP request; `pending` holds a parsed head whose body is still coming.
+    Request {
+        pending: Option<Box<(Request, usize)>>,
+    },
+    /// `POST /api/publish` waiting for the homes to order its messages.
+    Publishing {
+        results: Vec<Option<(u64, u32)>>,
+        remaining: usize,
+        batch: bool,
+        keep_alive: bool,
+    },
+    /// `GET /poll` parked until a message or its deadline; `seq` is where the client
+    /// stands (its `since`, then the channel's latest once subscribed).
+    Polling {
+        deadline: Instant,
+        seq: u64,
+        keep_alive: bool,
+    },
+    /// `GET /sse`: an open event stream.
+    EventStream,
     WebSocket {
         ws: Box<Connection>,
         endpoint: Endpoint,
     },
+}
+
+impl Phase {
+    fn transport(&self) -> Transport {
+        match self {
+            Self::Request { .. } | Self::Publishing { .. } => Transport::Http,
+            Self::Polling { .. } => Transport::Poll,
+            Self::EventStream => Transport::Sse,
+            Self::WebSocket { .. } => Transport::WebSocket,
+        }
+    }
 }
 
 /// One subscription of a connection. A subscription is pending until its home answers;
@@ -89,6 +127,8 @@ struct Conn {
     outbox: Outbox,
     subs: Vec<Sub>,
     last_activity: Instant,
+    /// When the request being read must be complete (handshake and keep-alive idle).
+    request_deadline: Instant,
     /// In the dirty list already.
     dirty: bool,
     /// Flush what is queued, shut down writing, then wait (bounded) for the peer's end of
@@ -97,20 +137,10 @@ struct Conn {
     /// The write side is shut down; only the end of stream is awaited.
     write_shut: bool,
     dead: bool,
-    /// A close frame is queued: no data frame may follow it.
+    /// A close frame (or a final response) is queued: nothing may follow it.
     closing: bool,
     /// Reading stopped while the outbox was over budget; resume once it drains.
     read_paused: bool,
-}
-
-/// Shard-wide counters, read by the metrics endpoint.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Stats {
-    pub connections: usize,
-    pub accepted_total: u64,
-    pub messages_in_total: u64,
-    pub deliveries_total: u64,
-    pub slow_consumer_closes_total: u64,
 }
 
 /// One shard: see the module documentation for the calling contract.
@@ -125,21 +155,32 @@ pub struct Shard {
     channels: Channels,
     parser: CommandParser,
     handshake_limits: HandshakeLimits,
-    handshake_deadlines: Deadlines,
+    request_deadlines: Deadlines,
     heartbeat_deadlines: Deadlines,
     close_deadlines: Deadlines,
+    /// Long-poll deadlines vary per request, so they need an ordered heap.
+    poll_deadlines: BinaryHeap<Reverse<(Instant, ConnRef)>>,
     dirty: Vec<usize>,
     dead: Vec<usize>,
     /// Envelopes for other shards, per destination, sent once per turn.
     outgoing: Vec<Vec<Envelope>>,
+    /// When the broadcasts delivered this turn were published (publish→flush latency).
+    delivered_this_turn: Vec<Instant>,
     draining: bool,
     /// The time of the current loop turn, as the backend passed it in.
     now: Instant,
-    stats: Stats,
+    counters: Counters,
+    registry: Arc<Registry>,
 }
 
 impl Shard {
-    pub fn new(id: usize, shards: usize, config: Arc<Config>, epoch: Arc<str>) -> Self {
+    pub fn new(
+        id: usize,
+        shards: usize,
+        config: Arc<Config>,
+        epoch: Arc<str>,
+        registry: Arc<Registry>,
+    ) -> Self {
         Self {
             id,
             shards,
@@ -147,22 +188,25 @@ impl Shard {
                 max_head_bytes: config.max_head_bytes,
                 max_headers: config.max_headers,
             },
-            handshake_deadlines: Deadlines::new(config.handshake_timeout),
+            request_deadlines: Deadlines::new(config.handshake_timeout),
             heartbeat_deadlines: Deadlines::new(config.ping_interval),
             close_deadlines: Deadlines::new(config.close_timeout),
+            poll_deadlines: BinaryHeap::new(),
+            channels: Channels::new(shards, config.history),
             config,
             epoch,
             conns: Slab::new(),
             next_generation: 0,
             subscriptions: Subscriptions::default(),
-            channels: Channels::new(shards),
             parser: CommandParser::default(),
             dirty: Vec::new(),
             dead: Vec::new(),
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
+            delivered_this_turn: Vec::new(),
             draining: false,
             now: Instant::now(),
-            stats: Stats::default(),
+            counters: Counters::default(),
+            registry,
         }
     }
 
@@ -170,27 +214,27 @@ impl Shard {
         self.id
     }
 
-    pub fn stats(&self) -> Stats {
-        Stats {
-            connections: self.conns.len(),
-            ..self.stats
-        }
+    /// This shard's counters as of now.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
     }
 
     /// Registers a new socket; `None` when the shard is full or draining (the backend
     /// closes the socket at once).
     pub fn accept(&mut self, now: Instant) -> Option<usize> {
+        self.now = now;
         if self.draining || self.conns.len() >= self.config.max_connections {
             return None;
         }
         self.next_generation = self.next_generation.wrapping_add(1);
         let key = self.conns.insert(Conn {
             generation: self.next_generation,
-            phase: Phase::Handshake,
+            phase: Phase::Request { pending: None },
             read_buf: BytesMut::new(),
             outbox: Outbox::default(),
             subs: Vec::new(),
             last_activity: now,
+            request_deadline: now + self.config.handshake_timeout,
             dirty: false,
             finishing: false,
             write_shut: false,
@@ -198,8 +242,9 @@ impl Shard {
             closing: false,
             read_paused: false,
         });
-        self.handshake_deadlines.arm(now, self.conn_ref(key));
-        self.stats.accepted_total += 1;
+        self.request_deadlines.arm(now, self.conn_ref(key));
+        self.counters.accepted_total += 1;
+        self.counters.connections[Transport::Http as usize] += 1;
         Some(key)
     }
 
@@ -217,6 +262,13 @@ impl Shard {
             Some(c) if c.generation == conn.generation && !c.dead => Some(key),
             _ => None,
         }
+    }
+
+    fn set_phase(&mut self, key: usize, phase: Phase) {
+        let conn = &mut self.conns[key];
+        self.counters.connections[conn.phase.transport() as usize] -= 1;
+        self.counters.connections[phase.transport() as usize] += 1;
+        conn.phase = phase;
     }
 
     /// Where the backend appends bytes read from `key`'s socket.
@@ -244,11 +296,24 @@ impl Shard {
             conn.read_buf.clear();
             return;
         }
-        if matches!(conn.phase, Phase::Handshake) {
-            self.read_handshake(key, now);
-        }
-        if matches!(self.conns[key].phase, Phase::WebSocket { .. }) {
-            self.read_frames(key);
+        loop {
+            match self.conns[key].phase {
+                Phase::Request { .. } => {
+                    if !self.read_request(key) {
+                        break;
+                    }
+                }
+                Phase::WebSocket { .. } => {
+                    self.read_frames(key);
+                    break;
+                }
+                // Waiting for an answer: a pipelined request stays buffered until then.
+                Phase::Publishing { .. } | Phase::Polling { .. } => break,
+                Phase::EventStream => {
+                    self.conns[key].read_buf.clear();
+                    break;
+                }
+            }
         }
         let conn = &mut self.conns[key];
         if conn.read_buf.is_empty() && conn.read_buf.capacity() > 0 {
@@ -257,39 +322,181 @@ impl Shard {
         }
     }
 
-    fn read_handshake(&mut self, key: usize, now: Instant) {
+    /// Reads one HTTP request if it is complete and acts on it. Returns whether the
+    /// connection moved on (so the caller looks at the buffer again).
+    fn read_request(&mut self, key: usize) -> bool {
         let conn = &mut self.conns[key];
-        let parsed = handshake::parse_request(&conn.read_buf, &self.handshake_limits);
-        let (request, consumed) = match parsed {
-            Ok(None) => return,
-            Ok(Some(parsed)) => parsed,
-            Err(e) => {
-                let response = http::error_response(e.status(), &e.to_string(), e.extra_headers());
-                self.respond_and_finish(key, response);
-                return;
+        let Phase::Request { pending } = &mut conn.phase else {
+            return false;
+        };
+        let (request, body_len) = match pending.take() {
+            Some(parsed) => *parsed,
+            None => {
+                let parsed = handshake::parse_request(&conn.read_buf, &self.handshake_limits);
+                let (request, consumed) = match parsed {
+                    Ok(None) => return false,
+                    Ok(Some(parsed)) => parsed,
+                    Err(e) => {
+                        self.refuse(key, e.status(), &e.to_string(), e.extra_headers());
+                        return false;
+                    }
+                };
+                conn.read_buf.advance(consumed);
+                let body_len = request.content_length.unwrap_or(0);
+                if body_len > self.config.max_body_bytes as u64 {
+                    let reason = format!(
+                        "request body is larger than {} bytes",
+                        self.config.max_body_bytes
+                    );
+                    self.refuse_json(key, 413, "too_large", &reason, &[]);
+                    return false;
+                }
+                if request.transfer_encoding.is_some() {
+                    let reason = "chunked request bodies are not supported; send Content-Length";
+                    self.refuse_json(key, 411, "length_required", reason, &[]);
+                    return false;
+                }
+                (request, body_len as usize)
             }
         };
-        conn.read_buf.advance(consumed);
-        let endpoint = match request.path.as_str() {
-            "/ws" => Some(Endpoint::PubSub),
-            "/echo" => Some(Endpoint::Echo),
-            _ => None,
-        };
-        match endpoint {
-            Some(endpoint) => self.upgrade(key, &request, endpoint, now),
-            None => {
-                let response = http::route(&request);
-                self.respond_and_finish(key, response);
+        let conn = &mut self.conns[key];
+        if conn.read_buf.len() < body_len {
+            conn.phase = Phase::Request {
+                pending: Some(Box::new((request, body_len))),
+            };
+            return false;
+        }
+        let body = conn.read_buf.split_to(body_len).freeze();
+        self.handle_request(key, &request, body);
+        !self.conns[key].finishing
+    }
+
+    fn handle_request(&mut self, key: usize, request: &Request, body: Bytes) {
+        let keep_alive = http::keep_alive(request) && !self.draining;
+        let head_only = request.method == "HEAD";
+        match http::route(request) {
+            Route::PubSub => self.upgrade(key, request, Endpoint::PubSub),
+            Route::Echo => self.upgrade(key, request, Endpoint::Echo),
+            Route::Publish => self.publish_http(key, request, &body, keep_alive),
+            Route::Poll => self.poll(key, request, keep_alive),
+            Route::Sse => self.open_event_stream(key, request),
+            Route::Metrics => {
+                let text = http::metrics::prometheus(&self.registry.snapshot(self.now));
+                let ctype = "text/plain; version=0.0.4; charset=utf-8";
+                self.respond(key, 200, ctype, text.as_bytes(), head_only, keep_alive);
+            }
+            Route::Stats => {
+                let json = http::metrics::stats_json(&self.registry.snapshot(self.now));
+                self.respond(
+                    key,
+                    200,
+                    "application/json",
+                    json.as_bytes(),
+                    head_only,
+                    keep_alive,
+                );
+            }
+            Route::Health => {
+                let (status, body): (u16, &[u8]) = if self.draining {
+                    (503, br#"{"status":"draining"}"#)
+                } else {
+                    (200, br#"{"status":"ok"}"#)
+                };
+                self.respond(key, status, "application/json", body, head_only, keep_alive);
+            }
+            Route::Asset { body, content_type } => {
+                self.respond(key, 200, content_type, body, head_only, keep_alive);
+            }
+            Route::MethodNotAllowed { allow } => {
+                let message = format!("use {allow}");
+                self.refuse_json(
+                    key,
+                    405,
+                    "method_not_allowed",
+                    &message,
+                    &[("Allow", allow)],
+                );
+            }
+            Route::NotFound => {
+                let message = if request.is_upgrade() {
+                    "WebSocket endpoints are /ws and /echo"
+                } else {
+                    "no such path"
+                };
+                self.refuse_json(key, 404, "not_found", message, &[]);
             }
         }
     }
 
-    fn upgrade(&mut self, key: usize, request: &Request, endpoint: Endpoint, now: Instant) {
+    /// Queues a complete response; then reads the next request or finishes.
+    fn respond(
+        &mut self,
+        key: usize,
+        status: u16,
+        content_type: &str,
+        body: &[u8],
+        head_only: bool,
+        keep_alive: bool,
+    ) {
+        let response = if head_only {
+            Bytes::from(http::head(
+                status,
+                content_type,
+                &[],
+                keep_alive,
+                Some(body.len()),
+            ))
+        } else {
+            http::response(status, content_type, &[], body, keep_alive)
+        };
+        self.send_response(key, response, keep_alive);
+    }
+
+    fn send_response(&mut self, key: usize, response: Bytes, keep_alive: bool) {
+        self.conns[key].outbox.push(response);
+        self.mark_dirty(key);
+        if keep_alive {
+            self.await_request(key);
+        } else {
+            self.finish(key);
+        }
+    }
+
+    /// Back to reading a request, with a fresh deadline for it.
+    fn await_request(&mut self, key: usize) {
+        self.set_phase(key, Phase::Request { pending: None });
+        self.conns[key].request_deadline = self.now + self.config.handshake_timeout;
+        let conn_ref = self.conn_ref(key);
+        self.request_deadlines.arm(self.now, conn_ref);
+    }
+
+    /// A plain-text refusal before an upgrade; the connection ends.
+    fn refuse(&mut self, key: usize, status: u16, reason: &str, headers: &[(&str, &str)]) {
+        self.counters.count_rejected(status);
+        let response = http::error_response(status, reason, headers);
+        self.send_response(key, response, false);
+    }
+
+    /// A JSON refusal on the HTTP API; the connection ends (the request may not have
+    /// been read to its end).
+    fn refuse_json(
+        &mut self,
+        key: usize,
+        status: u16,
+        code: &str,
+        message: &str,
+        headers: &[(&str, &str)],
+    ) {
+        self.counters.count_rejected(status);
+        let response = http::json_error(status, code, message, headers, false);
+        self.send_response(key, response, false);
+    }
+
+    fn upgrade(&mut self, key: usize, request: &Request, endpoint: Endpoint) {
         let accept = match request.websocket_accept() {
             Ok(accept) => accept,
             Err(e) => {
-                let response = http::error_response(e.status(), &e.to_string(), e.extra_headers());
-                self.respond_and_finish(key, response);
+                self.refuse(key, e.status(), &e.to_string(), e.extra_headers());
                 return;
             }
         };
@@ -301,24 +508,124 @@ impl Shard {
             max_frame_bytes: max_message_bytes,
             max_message_bytes,
         };
-        let conn = &mut self.conns[key];
-        conn.phase = Phase::WebSocket {
-            ws: Box::new(Connection::new(limits)),
-            endpoint,
-        };
-        conn.outbox
-            .push(Bytes::from(handshake::upgrade_response(&accept, None)));
+        self.set_phase(
+            key,
+            Phase::WebSocket {
+                ws: Box::new(Connection::new(limits)),
+                endpoint,
+            },
+        );
+        let response = Bytes::from(handshake::upgrade_response(&accept, None));
+        self.conns[key].outbox.push(response);
         self.mark_dirty(key);
         let conn_ref = self.conn_ref(key);
-        self.heartbeat_deadlines.arm(now, conn_ref);
+        self.heartbeat_deadlines.arm(self.now, conn_ref);
     }
 
-    fn respond_and_finish(&mut self, key: usize, response: Bytes) {
-        let conn = &mut self.conns[key];
-        conn.phase = Phase::Http;
-        conn.read_buf.clear();
-        conn.outbox.push(response);
-        self.finish(key);
+    fn publish_http(&mut self, key: usize, request: &Request, body: &Bytes, keep_alive: bool) {
+        let Some(api_key) = self.config.api_key.as_deref() else {
+            let message = "HTTP publishing is off: start the server with --api-key";
+            self.refuse_json(key, 403, "publish_disabled", message, &[]);
+            return;
+        };
+        let presented = request
+            .authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !http::constant_time_eq(presented.trim().as_bytes(), api_key.as_bytes()) {
+            let message = "a valid API key is needed as Authorization: Bearer KEY";
+            self.refuse_json(
+                key,
+                401,
+                "unauthorized",
+                message,
+                &[("WWW-Authenticate", "Bearer")],
+            );
+            return;
+        }
+        let parsed = match publish::parse(body) {
+            Ok(parsed) => parsed,
+            Err((code, message)) => {
+                self.counters.count_rejected(400);
+                let response = http::json_error(400, code, &message, &[], keep_alive);
+                self.send_response(key, response, keep_alive);
+                return;
+            }
+        };
+        let conn = self.conn_ref(key);
+        let count = parsed.messages.len();
+        self.set_phase(
+            key,
+            Phase::Publishing {
+                results: vec![None; count],
+                remaining: count,
+                batch: parsed.batch,
+                keep_alive,
+            },
+        );
+        for (index, message) in parsed.messages.into_iter().enumerate() {
+            let channel: ChannelName = message.channel.into();
+            let home = hub::home_of(&channel, self.shards);
+            self.send(
+                home,
+                Envelope::Publish {
+                    channel,
+                    data: message.data,
+                    from: self.id,
+                    conn,
+                    id: Some(index as u64),
+                },
+            );
+        }
+    }
+
+    fn poll(&mut self, key: usize, request: &Request, keep_alive: bool) {
+        let poll = match longpoll::parse(request) {
+            Ok(poll) => poll,
+            Err(message) => {
+                self.counters.count_rejected(400);
+                let response = http::json_error(400, "bad_request", &message, &[], keep_alive);
+                self.send_response(key, response, keep_alive);
+                return;
+            }
+        };
+        let deadline = self.now + poll.timeout;
+        let seq = poll.since.unwrap_or(0);
+        self.set_phase(
+            key,
+            Phase::Polling {
+                deadline,
+                seq,
+                keep_alive,
+            },
+        );
+        let conn_ref = self.conn_ref(key);
+        self.poll_deadlines.push(Reverse((deadline, conn_ref)));
+        self.request_subscription(
+            key,
+            poll.channel.into(),
+            poll.since,
+            poll.epoch.as_deref(),
+            None,
+        );
+    }
+
+    fn open_event_stream(&mut self, key: usize, request: &Request) {
+        let parsed = sse::channel_param(request).and_then(|c| Ok((c, sse::since(request)?)));
+        let (channel, since) = match parsed {
+            Ok(parsed) => parsed,
+            Err(message) => {
+                self.refuse_json(key, 400, "bad_request", &message, &[]);
+                return;
+            }
+        };
+        self.set_phase(key, Phase::EventStream);
+        self.conns[key].outbox.push(sse::head());
+        self.mark_dirty(key);
+        let conn_ref = self.conn_ref(key);
+        self.heartbeat_deadlines.arm(self.now, conn_ref);
+        self.request_subscription(key, channel.into(), since, None, None);
     }
 
     /// Decodes frames until the buffer runs dry or the connection stops reading.
@@ -344,7 +651,7 @@ impl Shard {
                     return;
                 }
                 Some(Event::Message { text, payload }) => {
-                    self.stats.messages_in_total += 1;
+                    self.counters.messages_in_total += 1;
                     match endpoint {
                         Endpoint::Echo => self.echo(key, text, payload),
                         Endpoint::PubSub if text => self.handle_command(key, &payload),
@@ -371,8 +678,9 @@ impl Shard {
         let conn = &mut self.conns[key];
         // Header and payload go out as two slices of one vectored write: the payload is
         // the received buffer itself, never copied.
-        conn.outbox.push(echo_header(opcode, payload.len()));
+        conn.outbox.push(frame_header(opcode, payload.len()));
         conn.outbox.push(payload);
+        self.counters.messages_out_total += 1;
         self.mark_dirty(key);
     }
 
@@ -459,7 +767,18 @@ impl Shard {
             );
             return;
         }
-        let channel: ChannelName = channel.into();
+        self.request_subscription(key, channel.into(), since, epoch, id);
+    }
+
+    /// Records a pending subscription and asks the channel's home for it.
+    fn request_subscription(
+        &mut self,
+        key: usize,
+        channel: ChannelName,
+        since: Option<u64>,
+        epoch: Option<&str>,
+        id: Option<u64>,
+    ) {
         let epoch_matches = epoch.is_none_or(|e| e == &*self.epoch);
         let conn_ref = self.conn_ref(key);
         self.conns[key].subs.push(Sub {
@@ -503,6 +822,7 @@ impl Shard {
         let sub = self.conns[key].subs.swap_remove(index);
         if let SubState::Active { slot } = sub.state {
             self.subscriptions.remove(&sub.channel, slot);
+            self.counters.subscriptions -= 1;
         }
         let home = hub::home_of(&sub.channel, self.shards);
         self.send(
@@ -520,6 +840,7 @@ impl Shard {
             return;
         }
         conn.outbox.push(frame);
+        self.counters.messages_out_total += 1;
         self.mark_dirty(key);
     }
 
@@ -570,6 +891,7 @@ impl Shard {
         conn.dead = true;
         conn.outbox = Outbox::default();
         conn.read_buf = BytesMut::new();
+        self.counters.connections[conn.phase.transport() as usize] -= 1;
         self.dead.push(key);
     }
 
@@ -611,6 +933,7 @@ impl Shard {
     /// The backend wrote `written` bytes of `key`'s outbox.
     pub fn handle_written(&mut self, key: usize, written: usize) {
         self.conns[key].outbox.advance(written);
+        self.counters.bytes_out_total += written as u64;
     }
 
     /// Whether the backend should process `key`'s read buffer and socket again: reading
@@ -669,19 +992,22 @@ impl Shard {
                 epoch_matches,
                 id,
             } => {
-                let reply = match self
-                    .channels
-                    .subscribe(&channel, from, since, epoch_matches)
-                {
-                    SubscribeOutcome::Subscribed { seq } => Envelope::Subscribed {
+                let outcome =
+                    self.channels
+                        .subscribe(&channel, from, since, epoch_matches, self.now);
+                self.counters.channels_homed = self.channels.len() as u64;
+                let reply = match outcome {
+                    SubscribeOutcome::Subscribed { seq, replay } => Envelope::Subscribed {
                         channel,
                         conn,
                         seq,
+                        replay,
                         id,
                     },
-                    SubscribeOutcome::HistoryGap { oldest, .. } => Envelope::HistoryGap {
+                    SubscribeOutcome::HistoryGap { seq, oldest } => Envelope::HistoryGap {
                         channel,
                         conn,
+                        seq,
                         oldest,
                         id,
                     },
@@ -696,43 +1022,75 @@ impl Shard {
                 conn,
                 id,
             } => {
-                let (broadcast, shards) = self.channels.publish(&channel, &data);
+                let published = self.channels.publish(&channel, &data, self.now);
+                let (broadcast, subscribers) = (published.broadcast, published.subscribers);
+                let targets: Vec<usize> = (0..published.shards.len())
+                    .filter(|&s| published.shards[s] > 0)
+                    .collect();
+                self.counters.publishes_total += 1;
+                self.counters.channels_homed = self.channels.len() as u64;
                 let seq = broadcast.seq;
-                let targets: Vec<usize> = (0..shards.len()).filter(|&s| shards[s] > 0).collect();
                 for shard in targets {
                     self.send(shard, Envelope::Broadcast(broadcast.clone()));
                 }
-                self.send(from, Envelope::Ack { conn, seq, id });
+                self.send(
+                    from,
+                    Envelope::Ack {
+                        conn,
+                        seq,
+                        subscribers,
+                        id,
+                    },
+                );
             }
             Envelope::Subscribed {
                 channel,
                 conn,
                 seq,
+                replay,
                 id,
-            } => self.confirm_subscription(&channel, conn, seq, id),
+            } => self.confirm_subscription(&channel, conn, seq, replay, id),
             Envelope::HistoryGap {
                 channel,
                 conn,
+                seq,
                 oldest,
                 id,
-            } => {
-                let Some(key) = self.resolve(conn) else {
-                    return;
-                };
-                if let Some(index) = self.pending_index(key, &channel) {
-                    self.release(key, index);
-                    let message = format!(
-                        "history of {channel:?} does not reach back that far; oldest available is {oldest}"
-                    );
-                    self.reply(key, pubsub::encode_error("history_gap", &message, id));
-                }
-            }
-            Envelope::Ack { conn, seq, id } => {
-                if let Some(key) = self.resolve(conn) {
-                    self.reply(key, pubsub::encode_ack(id, seq));
-                }
-            }
+            } => self.refuse_subscription(&channel, conn, seq, oldest, id),
+            Envelope::Ack {
+                conn,
+                seq,
+                subscribers,
+                id,
+            } => self.acknowledge(conn, seq, subscribers, id),
             Envelope::Broadcast(broadcast) => self.deliver(&broadcast),
+        }
+    }
+
+    fn acknowledge(&mut self, conn: ConnRef, seq: u64, subscribers: u32, id: Option<u64>) {
+        let Some(key) = self.resolve(conn) else {
+            return;
+        };
+        match &mut self.conns[key].phase {
+            Phase::WebSocket { .. } => self.reply(key, pubsub::encode_ack(id, seq)),
+            Phase::Publishing {
+                results,
+                remaining,
+                batch,
+                keep_alive,
+            } => {
+                let index = id.expect("HTTP publishes carry their index") as usize;
+                results[index] = Some((seq, subscribers));
+                *remaining -= 1;
+                if *remaining == 0 {
+                    let (batch, keep_alive) = (*batch, *keep_alive);
+                    let results: Vec<(u64, u32)> =
+                        results.iter().map(|r| r.expect("all acked")).collect();
+                    let body = publish::receipt(&results, batch);
+                    self.respond(key, 200, "application/json", &body, false, keep_alive);
+                }
+            }
+            _ => {}
         }
     }
 
@@ -748,6 +1106,7 @@ impl Shard {
         channel: &ChannelName,
         conn: ConnRef,
         seq: u64,
+        replay: Vec<Bytes>,
         id: Option<u64>,
     ) {
         let Some(key) = self.resolve(conn) else {
@@ -756,32 +1115,128 @@ impl Shard {
         let Some(index) = self.pending_index(key, channel) else {
             return;
         };
+        if let Phase::Polling { keep_alive, .. } = self.conns[key].phase
+            && !replay.is_empty()
+        {
+            // History had what the poll asked for: answer now.
+            self.release(key, index);
+            let response = longpoll::response(channel, &self.epoch, seq, &replay, keep_alive);
+            self.send_response(key, response, keep_alive);
+            return;
+        }
         let slot = self.subscriptions.insert(channel, key);
-        let sub = &mut self.conns[key].subs[index];
+        self.counters.subscriptions += 1;
+        let conn = &mut self.conns[key];
+        if let Phase::Polling { seq: at, .. } = &mut conn.phase {
+            *at = seq;
+        }
         let SubState::Pending { unsubscribe } =
-            std::mem::replace(&mut sub.state, SubState::Active { slot })
+            std::mem::replace(&mut conn.subs[index].state, SubState::Active { slot })
         else {
             unreachable!("pending_index returned a pending subscription");
         };
-        self.reply(
-            key,
-            pubsub::encode_subscribed(channel, seq, &self.epoch, id),
-        );
-        if let Some(unsubscribe_id) = unsubscribe {
-            self.release(key, index);
-            self.reply(key, pubsub::encode_unsubscribed(channel, unsubscribe_id));
+        match conn.phase {
+            Phase::WebSocket { .. } => {
+                for frame in replay {
+                    conn.outbox.push(frame);
+                }
+                self.reply(
+                    key,
+                    pubsub::encode_subscribed(channel, seq, &self.epoch, id),
+                );
+                if let Some(unsubscribe_id) = unsubscribe {
+                    self.release(key, index);
+                    self.reply(key, pubsub::encode_unsubscribed(channel, unsubscribe_id));
+                }
+            }
+            Phase::EventStream => {
+                let json = format!(
+                    r#"{{"channel":{},"seq":{seq},"epoch":{}}}"#,
+                    json_string(channel),
+                    json_string(&self.epoch)
+                );
+                conn.outbox.push(sse::control_event("subscribed", &json));
+                for frame in &replay {
+                    conn.outbox.push(sse::event(frame_seq(frame), frame));
+                }
+                self.mark_dirty(key);
+            }
+            _ => {}
         }
     }
 
-    /// Queues the shared frame on every local subscriber. Subscribers whose outbox is over
-    /// budget are slow consumers: they are closed with 4008 and recover with `since`.
+    fn refuse_subscription(
+        &mut self,
+        channel: &ChannelName,
+        conn: ConnRef,
+        seq: u64,
+        oldest: u64,
+        id: Option<u64>,
+    ) {
+        let Some(key) = self.resolve(conn) else {
+            return;
+        };
+        let Some(index) = self.pending_index(key, channel) else {
+            return;
+        };
+        self.release(key, index);
+        match self.conns[key].phase {
+            Phase::WebSocket { .. } => {
+                let message = format!(
+                    "history of {channel:?} does not reach back that far; oldest available is {oldest}"
+                );
+                self.reply(
+                    key,
+                    pubsub::encode_history_gap(channel, seq, oldest, &message, id),
+                );
+            }
+            Phase::Polling { keep_alive, .. } => {
+                let response =
+                    longpoll::gap_response(channel, &self.epoch, seq, oldest, keep_alive);
+                self.send_response(key, response, keep_alive);
+            }
+            Phase::EventStream => {
+                // Say what was missed, then carry on live.
+                let json = format!(
+                    r#"{{"channel":{},"seq":{seq},"oldest":{oldest}}}"#,
+                    json_string(channel)
+                );
+                self.conns[key]
+                    .outbox
+                    .push(sse::control_event("gap", &json));
+                self.mark_dirty(key);
+                self.request_subscription(key, channel.clone(), None, None, None);
+            }
+            _ => {}
+        }
+    }
+
+    /// Queues the broadcast on every local subscriber: the shared frame for WebSockets,
+    /// one event built here once for all event streams, an answer for parked polls.
+    /// Subscribers whose outbox is over budget are slow consumers: they are closed with
+    /// 4008 and recover with `since`.
     fn deliver(&mut self, broadcast: &Broadcast) {
         let budget = self.config.outbound_queue_bytes;
         let mut slow = Vec::new();
+        let mut polls = Vec::new();
+        let mut event: Option<Bytes> = None;
         for key in self.subscriptions.subscribers(&broadcast.channel) {
-            self.stats.deliveries_total += 1;
             let conn = &mut self.conns[key];
-            conn.outbox.push(broadcast.frame.clone());
+            match conn.phase {
+                Phase::WebSocket { .. } => conn.outbox.push(broadcast.frame.clone()),
+                Phase::EventStream => {
+                    let event =
+                        event.get_or_insert_with(|| sse::event(broadcast.seq, &broadcast.frame));
+                    conn.outbox.push(event.clone());
+                }
+                Phase::Polling { .. } => {
+                    polls.push(key);
+                    continue;
+                }
+                _ => continue,
+            }
+            self.counters.deliveries_total += 1;
+            self.counters.messages_out_total += 1;
             if !conn.dirty {
                 conn.dirty = true;
                 self.dirty.push(key);
@@ -790,8 +1245,24 @@ impl Shard {
                 slow.push(key);
             }
         }
+        self.delivered_this_turn.push(broadcast.published_at);
+        for key in polls {
+            let Phase::Polling { keep_alive, .. } = self.conns[key].phase else {
+                continue;
+            };
+            self.counters.deliveries_total += 1;
+            self.leave_all(key);
+            let response = longpoll::response(
+                &broadcast.channel,
+                &self.epoch,
+                broadcast.seq,
+                std::slice::from_ref(&broadcast.frame),
+                keep_alive,
+            );
+            self.send_response(key, response, keep_alive);
+        }
         for key in slow {
-            self.stats.slow_consumer_closes_total += 1;
+            self.counters.slow_consumer_closes_total += 1;
             self.conns[key].outbox.discard_unstarted();
             self.close_with(key, 4008, "slow consumer: reconnect and recover with since");
             self.finish(key);
@@ -801,13 +1272,32 @@ impl Shard {
     /// Acts on every deadline that has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
-        while let Some(conn) = self.handshake_deadlines.poll_expired(now) {
+        while let Some(conn) = self.request_deadlines.poll_expired(now) {
+            if let Some(key) = self.resolve(conn) {
+                let conn = &self.conns[key];
+                // Stale unless this is still the request the deadline was armed for.
+                if matches!(conn.phase, Phase::Request { .. })
+                    && !conn.finishing
+                    && conn.request_deadline <= now
+                {
+                    self.refuse(key, 408, "request not completed in time", &[]);
+                }
+            }
+        }
+        while let Some(Reverse((deadline, conn))) = self.poll_deadlines.peek().copied() {
+            if deadline > now {
+                break;
+            }
+            self.poll_deadlines.pop();
             if let Some(key) = self.resolve(conn)
-                && matches!(self.conns[key].phase, Phase::Handshake)
-                && !self.conns[key].finishing
+                && let Phase::Polling {
+                    deadline: current,
+                    keep_alive,
+                    ..
+                } = self.conns[key].phase
+                && current == deadline
             {
-                let response = http::error_response(408, "handshake not completed in time", &[]);
-                self.respond_and_finish(key, response);
+                self.end_poll_empty(key, keep_alive);
             }
         }
         while let Some(conn) = self.close_deadlines.poll_expired(now) {
@@ -822,20 +1312,43 @@ impl Shard {
         }
     }
 
-    /// Pings a quiet connection, and closes one silent past the idle timeout.
+    /// Answers a parked poll with no messages (its time ran out, or the server drains).
+    fn end_poll_empty(&mut self, key: usize, keep_alive: bool) {
+        let conn = &self.conns[key];
+        let Phase::Polling { seq, .. } = conn.phase else {
+            return;
+        };
+        let channel = conn.subs.first().map(|s| s.channel.clone());
+        self.leave_all(key);
+        let channel = channel.as_deref().unwrap_or("");
+        let response = longpoll::response(channel, &self.epoch, seq, &[], keep_alive);
+        self.send_response(key, response, keep_alive);
+    }
+
+    /// Pings a quiet WebSocket and closes one silent past the idle timeout; keeps an event
+    /// stream's proxies awake with a comment.
     fn heartbeat(&mut self, key: usize, now: Instant) {
         let conn = &mut self.conns[key];
-        if conn.closing || !matches!(conn.phase, Phase::WebSocket { .. }) {
+        if conn.closing {
             return;
         }
-        let silent = now.saturating_duration_since(conn.last_activity);
-        if silent >= self.config.idle_timeout {
-            self.close_with(key, 1001, "idle timeout");
-            return;
-        }
-        if silent >= self.config.ping_interval / 2 {
-            conn.outbox.push(encode_frame(OpCode::Ping, b""));
-            self.mark_dirty(key);
+        match conn.phase {
+            Phase::WebSocket { .. } => {
+                let silent = now.saturating_duration_since(conn.last_activity);
+                if silent >= self.config.idle_timeout {
+                    self.close_with(key, 1001, "idle timeout");
+                    return;
+                }
+                if silent >= self.config.ping_interval / 2 {
+                    conn.outbox.push(encode_frame(OpCode::Ping, b""));
+                    self.mark_dirty(key);
+                }
+            }
+            Phase::EventStream => {
+                conn.outbox.push(Bytes::from_static(sse::HEARTBEAT));
+                self.mark_dirty(key);
+            }
+            _ => return,
         }
         let conn_ref = self.conn_ref(key);
         self.heartbeat_deadlines.arm(now, conn_ref);
@@ -845,13 +1358,26 @@ impl Shard {
     #[must_use]
     pub fn poll_timeout(&self) -> Option<Instant> {
         [
-            self.handshake_deadlines.next(),
+            self.request_deadlines.next(),
             self.heartbeat_deadlines.next(),
             self.close_deadlines.next(),
+            self.poll_deadlines.peek().map(|Reverse((t, _))| *t),
         ]
         .into_iter()
         .flatten()
         .min()
+    }
+
+    /// Closes the turn after the flush: records publish→flush latency for what this turn
+    /// delivered, the time the turn worked, and publishes the counters for scrapes.
+    pub fn end_turn(&mut self, busy: Duration, now: Instant) {
+        for published_at in self.delivered_this_turn.drain(..) {
+            self.counters
+                .observe_publish_flush(now.saturating_duration_since(published_at));
+        }
+        self.counters.busy_ns_total += busy.as_nanos() as u64;
+        self.counters.loop_turns_total += 1;
+        self.registry.shard(self.id).store(&self.counters);
     }
 
     /// Envelopes for other shards, one batch per destination. This shard's own batch is
@@ -865,7 +1391,8 @@ impl Shard {
         !self.outgoing[self.id].is_empty()
     }
 
-    /// Stops taking connections and closes every client with 1001.
+    /// Stops taking connections and closes every client: WebSockets with 1001, event
+    /// streams and idle keep-alive connections at once, parked polls with their answer.
     pub fn begin_drain(&mut self, now: Instant) {
         self.now = now;
         self.draining = true;
@@ -875,10 +1402,12 @@ impl Shard {
             if conn.dead || conn.finishing {
                 continue;
             }
-            if matches!(conn.phase, Phase::WebSocket { .. }) {
-                self.close_with(key, 1001, "server shutting down");
-            } else {
-                self.finish(key);
+            match conn.phase {
+                Phase::WebSocket { .. } => self.close_with(key, 1001, "server shutting down"),
+                Phase::Polling { .. } => self.end_poll_empty(key, false),
+                // A publish in flight gets its receipt first (it is not cut off).
+                Phase::Publishing { .. } => {}
+                Phase::Request { .. } | Phase::EventStream => self.finish(key),
             }
         }
     }
@@ -891,16 +1420,12 @@ impl Shard {
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
-
-    pub fn channel_count(&self) -> usize {
-        self.subscriptions.channel_count()
-    }
 }
 
 /// The header of an unmasked, final frame of `len` payload bytes.
-fn echo_header(opcode: OpCode, len: usize) -> Bytes {
+fn frame_header(opcode: OpCode, len: usize) -> Bytes {
     let mut header = BytesMut::with_capacity(10);
-    crate::proto::frame::FrameHeader {
+    FrameHeader {
         fin: true,
         rsv: 0,
         opcode,
@@ -911,6 +1436,21 @@ fn echo_header(opcode: OpCode, len: usize) -> Bytes {
     header.freeze()
 }
 
+/// The sequence number inside a broadcast frame (replays carry only frames).
+fn frame_seq(frame: &Bytes) -> u64 {
+    let payload = longpoll::frame_payload(frame);
+    let text = std::str::from_utf8(&payload).unwrap_or("");
+    text.split_once("\"seq\":")
+        .and_then(|(_, rest)| rest.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+fn json_string(s: &str) -> String {
+    let mut out = Vec::with_capacity(s.len() + 2);
+    http::push_json_str(&mut out, s);
+    String::from_utf8(out).expect("escaped UTF-8 stays UTF-8")
+}
 /// Shards driven in memory, as a backend would, with clients that are byte buffers.
 #[cfg(test)]
 mod tests {
@@ -948,9 +1488,10 @@ mod tests {
                 .map(|_| Arc::new(NoWake) as Arc<dyn Wake>)
                 .collect();
             let (post, receivers) = Post::new(wakers);
+            let registry = Arc::new(Registry::new(shards));
             Self {
                 shards: (0..shards)
-                    .map(|id| Shard::new(id, shards, config.clone(), "e1".into()))
+                    .map(|id| Shard::new(id, shards, config.clone(), "e1".into(), registry.clone()))
                     .collect(),
                 inboxes: receivers
                     .into_iter()
@@ -1037,8 +1578,12 @@ mod tests {
         fn home_counts(&mut self, channel: &str) -> Vec<u32> {
             let home = hub::home_of(channel, self.shards.len());
             let name: ChannelName = channel.into();
-            let (_, counts) = self.shards[home].channels.publish(&name, b"0");
-            counts.to_vec()
+            let now = self.now;
+            self.shards[home]
+                .channels
+                .publish(&name, b"0", now)
+                .shards
+                .to_vec()
         }
     }
 
@@ -1190,10 +1735,21 @@ mod tests {
 
     #[test]
     fn since_that_history_cannot_serve_is_a_history_gap() {
-        let mut cluster = Cluster::new(2, Config::default());
+        let config = Config {
+            history: hub::HistoryLimits {
+                size: 1,
+                ttl: Duration::from_secs(60),
+            },
+            ..Config::default()
+        };
+        let mut cluster = Cluster::new(2, config);
         let p = cluster.connect(0, "/ws");
-        cluster.send(p, r#"{"type":"publish","channel":"c","data":1}"#);
-        cluster.send(p, r#"{"type":"publish","channel":"c","data":2}"#);
+        for n in 1..=3 {
+            cluster.send(
+                p,
+                &format!(r#"{{"type":"publish","channel":"c","data":{n}}}"#),
+            );
+        }
         cluster.settle();
         let c = cluster.connect(1, "/ws");
         cluster.send(c, r#"{"type":"subscribe","channel":"c","since":1,"id":9}"#);
@@ -1212,10 +1768,215 @@ mod tests {
         texts.extend(cluster.texts(current));
         // Replies from different homes may come in either order: find each by its id.
         let reply = |id: &str| texts.iter().find(|t| t.contains(id)).unwrap().clone();
-        assert!(reply(r#""id":9"#).contains(r#""code":"history_gap""#));
+        assert!(
+            reply(r#""id":9"#).starts_with(
+                r#"{"type":"error","code":"history_gap","channel":"c","seq":3,"oldest":3,"#
+            ),
+            "{texts:?}"
+        );
         assert!(reply(r#""id":10"#).contains(r#""code":"history_gap""#));
-        assert!(reply(r#""id":11"#).starts_with(r#"{"type":"subscribed","channel":"c","seq":2"#));
+        assert!(reply(r#""id":11"#).starts_with(r#"{"type":"subscribed","channel":"c","seq":3"#));
+        assert!(texts.iter().any(|t| t.contains(r#""seq":3,"data":3"#)));
         assert_eq!(cluster.home_counts("c"), [0, 1]);
+    }
+
+    #[test]
+    fn since_replays_then_continues_live_without_gap_or_duplicate() {
+        let mut cluster = Cluster::new(2, Config::default());
+        let channel = homed_on(0, 2);
+        let p = cluster.connect(0, "/ws");
+        let publish = |cluster: &mut Cluster, n: u32| {
+            cluster.send(
+                p,
+                &format!(r#"{{"type":"publish","channel":"{channel}","data":{n}}}"#),
+            );
+        };
+        for n in 1..=5 {
+            publish(&mut cluster, n);
+        }
+        cluster.settle();
+        let c = cluster.connect(1, "/ws");
+        cluster.send(
+            c,
+            &format!(r#"{{"type":"subscribe","channel":"{channel}","since":2}}"#),
+        );
+        // Published while the subscribe travels to the home: must come after the replay.
+        publish(&mut cluster, 6);
+        cluster.settle();
+        publish(&mut cluster, 7);
+        cluster.settle();
+        let texts = cluster.texts(c);
+        let seqs: Vec<&str> = texts
+            .iter()
+            .map(|t| {
+                let rest = &t[t.find("\"seq\":").unwrap() + 6..];
+                &rest[..rest.find(',').unwrap()]
+            })
+            .collect();
+        assert_eq!(seqs, ["3", "4", "5", "6", "6", "7"], "{texts:?}");
+        assert!(texts[4].starts_with(r#"{"type":"subscribed""#), "{texts:?}");
+    }
+
+    fn http(cluster: &mut Cluster, shard: usize, request: &str) -> (Client, String) {
+        let key = cluster.shards[shard].accept(cluster.now).unwrap();
+        let client = Client { shard, key };
+        cluster.write(client, request.as_bytes());
+        cluster.settle();
+        let out = cluster.take_output(client);
+        (client, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn http_publish_needs_the_api_key_and_returns_a_receipt() {
+        let config = Config {
+            api_key: Some("k3y".into()),
+            ..Config::default()
+        };
+        let mut cluster = Cluster::new(2, config);
+        let sub = cluster.connect(1, "/ws");
+        cluster.send(sub, r#"{"type":"subscribe","channel":"news"}"#);
+        cluster.settle();
+        cluster.take_output(sub);
+        let body = r#"{"channel":"news","data":{"a": 1}}"#;
+        let request = |key: &str| {
+            format!(
+                "POST /api/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+        };
+        let (_, denied) = http(&mut cluster, 0, &request("wrong"));
+        assert!(denied.starts_with("HTTP/1.1 401 "), "{denied}");
+        assert!(denied.contains("WWW-Authenticate: Bearer\r\n"));
+        let (_, ok) = http(&mut cluster, 0, &request("k3y"));
+        assert!(ok.starts_with("HTTP/1.1 200 "), "{ok}");
+        assert!(ok.ends_with(r#"{"seq":1,"subscribers":1}"#), "{ok}");
+        assert_eq!(
+            cluster.texts(sub),
+            [r#"{"type":"message","channel":"news","seq":1,"data":{"a": 1}}"#]
+        );
+    }
+
+    #[test]
+    fn http_publish_is_off_without_an_api_key() {
+        let mut cluster = Cluster::new(1, Config::default());
+        let (_, out) = http(
+            &mut cluster,
+            0,
+            "POST /api/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}",
+        );
+        assert!(out.starts_with("HTTP/1.1 403 "), "{out}");
+    }
+
+    #[test]
+    fn long_poll_answers_from_history_then_waits_for_the_next_message() {
+        let config = Config {
+            api_key: Some("k".into()),
+            ..Config::default()
+        };
+        let mut cluster = Cluster::new(2, config);
+        let p = cluster.connect(0, "/ws");
+        cluster.send(p, r#"{"type":"publish","channel":"c","data":"a"}"#);
+        cluster.settle();
+        let (_, at_once) = http(
+            &mut cluster,
+            1,
+            "GET /poll?channel=c&since=0 HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        assert!(at_once.starts_with("HTTP/1.1 200 "), "{at_once}");
+        assert!(
+            at_once.ends_with(
+                r#""seq":1,"messages":[{"type":"message","channel":"c","seq":1,"data":"a"}]}"#
+            ),
+            "{at_once}"
+        );
+        let (waiting, nothing_yet) = http(
+            &mut cluster,
+            1,
+            "GET /poll?channel=c&since=1&timeout=5 HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        assert_eq!(nothing_yet, "");
+        cluster.send(p, r#"{"type":"publish","channel":"c","data":"b"}"#);
+        cluster.settle();
+        let answer = String::from_utf8(cluster.take_output(waiting)).unwrap();
+        assert!(
+            answer.ends_with(
+                r#""seq":2,"messages":[{"type":"message","channel":"c","seq":2,"data":"b"}]}"#
+            ),
+            "{answer}"
+        );
+        // Keep-alive: the same connection polls again and times out empty.
+        cluster.write(
+            waiting,
+            b"GET /poll?channel=c&since=2&timeout=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        cluster.settle();
+        assert!(cluster.take_output(waiting).is_empty());
+        let later = cluster.now + Duration::from_secs(2);
+        cluster.shards[1].handle_timeout(later);
+        let empty = String::from_utf8(cluster.take_output(waiting)).unwrap();
+        assert!(empty.ends_with(r#""seq":2,"messages":[]}"#), "{empty}");
+        cluster.settle();
+        assert_eq!(cluster.home_counts("c"), [0, 0]);
+    }
+
+    #[test]
+    fn event_stream_resumes_from_last_event_id() {
+        let mut cluster = Cluster::new(2, Config::default());
+        let p = cluster.connect(0, "/ws");
+        for n in 1..=3 {
+            cluster.send(
+                p,
+                &format!(r#"{{"type":"publish","channel":"c","data":{n}}}"#),
+            );
+        }
+        cluster.settle();
+        let (stream, head) = http(
+            &mut cluster,
+            1,
+            "GET /sse?channel=c HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 2\r\n\r\n",
+        );
+        assert!(head.starts_with("HTTP/1.1 200 "), "{head}");
+        assert!(head.contains("Content-Type: text/event-stream\r\n"));
+        assert!(head.contains("event: subscribed\ndata: {\"channel\":\"c\",\"seq\":3,"));
+        assert!(head.ends_with("id: 3\nevent: message\ndata: {\"type\":\"message\",\"channel\":\"c\",\"seq\":3,\"data\":3}\n\n"), "{head}");
+        cluster.send(p, r#"{"type":"publish","channel":"c","data":4}"#);
+        cluster.settle();
+        let live = String::from_utf8(cluster.take_output(stream)).unwrap();
+        assert!(live.starts_with("id: 4\n"), "{live}");
+    }
+
+    #[test]
+    fn metrics_and_stats_count_connections_and_deliveries() {
+        let mut cluster = Cluster::new(1, Config::default());
+        let a = cluster.connect(0, "/ws");
+        cluster.send(a, r#"{"type":"subscribe","channel":"c"}"#);
+        cluster.send(a, r#"{"type":"publish","channel":"c","data":1}"#);
+        cluster.settle();
+        cluster.shards[0].end_turn(Duration::from_micros(10), cluster.now);
+        let (_, stats) = http(
+            &mut cluster,
+            0,
+            "GET /api/stats HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        // Figures are as of each shard's last finished turn: the scrape's own connection
+        // is not in them yet.
+        assert!(
+            stats.contains(
+                r#""connections_by_transport":{"http":0,"websocket":1,"sse":0,"poll":0}"#
+            ),
+            "{stats}"
+        );
+        assert!(stats.contains(r#""deliveries_total":1,"#), "{stats}");
+        let (_, metrics) = http(&mut cluster, 0, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+        assert!(
+            metrics.contains("herald_connections{transport=\"websocket\"} 1\n"),
+            "{metrics}"
+        );
+        assert!(
+            metrics.contains("herald_publish_flush_seconds_count 1\n"),
+            "{metrics}"
+        );
     }
 
     #[test]
@@ -1243,7 +2004,7 @@ mod tests {
         assert_eq!(*last_op, OpCode::Close);
         assert_eq!(u16::from_be_bytes([last[0], last[1]]), 4008);
         assert!(frames.len() < 100);
-        assert_eq!(cluster.shards[0].stats().slow_consumer_closes_total, 1);
+        assert_eq!(cluster.shards[0].counters().slow_consumer_closes_total, 1);
     }
 
     #[test]

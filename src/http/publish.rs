@@ -1,0 +1,182 @@
+//! `POST /api/publish`: the request body, validated whole before anything is published.
+//!
+//! `{"channel":"news","data":{..}}` or `{"messages":[{"channel":..,"data":..},..]}`. As on
+//! `/ws`, each `data` is handed on as the publisher's bytes (a slice of the body).
+
+use bytes::Bytes;
+use serde::Deserialize;
+use serde::de::IgnoredAny;
+
+use crate::proto::pubsub::{array_element_spans, member_span, validate_channel};
+
+/// One message to publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Message {
+    pub channel: Box<str>,
+    pub data: Bytes,
+}
+
+/// A parsed request body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Body {
+    pub messages: Vec<Message>,
+    /// Sent as `{"messages":[..]}`: the receipt is a list too.
+    pub batch: bool,
+}
+
+/// Most messages in one batch.
+pub const MAX_BATCH: usize = 1000;
+
+#[derive(Deserialize)]
+struct WireMessage<'a> {
+    #[serde(borrow)]
+    channel: Option<std::borrow::Cow<'a, str>>,
+    #[allow(dead_code)]
+    data: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct WireBody<'a> {
+    #[serde(borrow)]
+    channel: Option<std::borrow::Cow<'a, str>>,
+    #[allow(dead_code)]
+    data: Option<IgnoredAny>,
+    #[serde(borrow)]
+    messages: Option<Vec<WireMessage<'a>>>,
+}
+
+/// Parses and validates a publish body; the error is `(code, message)` for a 400.
+pub fn parse(body: &Bytes) -> Result<Body, (&'static str, String)> {
+    let mut scratch = body.to_vec();
+    let wire: WireBody<'_> = simd_json::serde::from_slice(&mut scratch)
+        .map_err(|e| ("bad_request", format!("invalid JSON: {e}")))?;
+    let check =
+        |channel: Option<std::borrow::Cow<'_, str>>| -> Result<Box<str>, (&'static str, String)> {
+            let channel = channel.ok_or(("bad_request", "missing \"channel\"".to_string()))?;
+            validate_channel(&channel).map_err(|m| ("bad_channel", m.to_string()))?;
+            Ok(channel.into())
+        };
+    let data_of = |object: std::ops::Range<usize>| -> Result<Bytes, (&'static str, String)> {
+        let span = member_span(&body[object.clone()], b"data")
+            .ok_or(("bad_request", "missing \"data\"".to_string()))?;
+        Ok(body.slice(object.start + span.start..object.start + span.end))
+    };
+    match wire.messages {
+        None => Ok(Body {
+            messages: vec![Message {
+                channel: check(wire.channel)?,
+                data: data_of(0..body.len())?,
+            }],
+            batch: false,
+        }),
+        Some(list) => {
+            if list.is_empty() || list.len() > MAX_BATCH {
+                return Err((
+                    "bad_request",
+                    format!("\"messages\" must hold 1 to {MAX_BATCH} messages"),
+                ));
+            }
+            let array = member_span(body, b"messages").ok_or((
+                "bad_request",
+                "\"messages\" must be written plainly as a key".to_string(),
+            ))?;
+            let elements = array_element_spans(&body[array.clone()]);
+            let mut messages = Vec::with_capacity(list.len());
+            for (wire, element) in list.into_iter().zip(elements) {
+                let element = array.start + element.start..array.start + element.end;
+                messages.push(Message {
+                    channel: check(wire.channel)?,
+                    data: data_of(element)?,
+                });
+            }
+            Ok(Body {
+                messages,
+                batch: true,
+            })
+        }
+    }
+}
+
+/// The receipt: `{"seq":N,"subscribers":M}`, or `{"results":[..]}` for a batch.
+pub fn receipt(results: &[(u64, u32)], batch: bool) -> Vec<u8> {
+    let one =
+        |(seq, subscribers): &(u64, u32)| format!(r#"{{"seq":{seq},"subscribers":{subscribers}}}"#);
+    if batch {
+        let items: Vec<String> = results.iter().map(one).collect();
+        format!(r#"{{"results":[{}]}}"#, items.join(",")).into_bytes()
+    } else {
+        one(&results[0]).into_bytes()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<Body, (&'static str, String)> {
+        parse(&Bytes::copy_from_slice(s.as_bytes()))
+    }
+
+    #[test]
+    fn single_message_keeps_data_bytes() {
+        let body = parse_str(r#"{"data": {"a" : [1, 2]}, "channel":"news"}"#).unwrap();
+        assert!(!body.batch);
+        assert_eq!(&*body.messages[0].channel, "news");
+        assert_eq!(&body.messages[0].data[..], br#"{"a" : [1, 2]}"#);
+    }
+
+    #[test]
+    fn batch_keeps_each_data() {
+        let body = parse_str(
+            r#"{"messages":[{"channel":"a","data":1},{"data":"x,]}","channel":"b"}, {"channel":"c","data":[{}]}]}"#,
+        )
+        .unwrap();
+        assert!(body.batch);
+        let got: Vec<(&str, &[u8])> = body
+            .messages
+            .iter()
+            .map(|m| (&*m.channel, &m.data[..]))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a", &b"1"[..]),
+                ("b", &br#""x,]}""#[..]),
+                ("c", &b"[{}]"[..])
+            ]
+        );
+    }
+
+    #[test]
+    fn rejects_bad_bodies() {
+        assert_eq!(parse_str("{").unwrap_err().0, "bad_request");
+        assert_eq!(
+            parse_str(r#"{"channel":"a"}"#).unwrap_err().0,
+            "bad_request"
+        );
+        assert_eq!(parse_str(r#"{"data":1}"#).unwrap_err().0, "bad_request");
+        assert_eq!(
+            parse_str(r#"{"channel":"a b","data":1}"#).unwrap_err().0,
+            "bad_channel"
+        );
+        assert_eq!(
+            parse_str(r#"{"messages":[]}"#).unwrap_err().0,
+            "bad_request"
+        );
+        assert_eq!(
+            parse_str(r#"{"messages":[{"channel":"a","data":1},{"channel":"b"}]}"#)
+                .unwrap_err()
+                .0,
+            "bad_request"
+        );
+    }
+
+    #[test]
+    fn receipts() {
+        assert_eq!(receipt(&[(3, 2)], false), br#"{"seq":3,"subscribers":2}"#);
+        assert_eq!(
+            receipt(&[(1, 0), (2, 5)], true),
+            br#"{"results":[{"seq":1,"subscribers":0},{"seq":2,"subscribers":5}]}"#
+        );
+    }
+}
