@@ -20,8 +20,10 @@
 //! - [`metrics`]: per-shard counters, merged when scraped.
 //! - [`config`]: options from the command line, environment and TOML file.
 //! - [`server`]: wires it together and drains on SIGINT/SIGTERM.
+//! - [`client`]: `herald client`, the interactive terminal client.
 
 pub mod backend;
+pub mod client;
 pub mod config;
 pub mod http;
 pub mod hub;

@@ -26,6 +26,15 @@ enum Command {
     /// Serve WebSocket pub/sub on one port (default 127.0.0.1:8080, in-memory hub).
     /// Logging: HERALD_LOG=info|debug|... (tracing filter syntax).
     Serve(ServeArgs),
+    /// Interactive client: prints what arrives, sends what you type (JSON, or /sub CHANNEL
+    /// [SINCE], /unsub CHANNEL, /pub CHANNEL JSON, /ping, /quit).
+    Client {
+        /// e.g. ws://127.0.0.1:8080/ws
+        url: String,
+        /// Token sent as `Authorization: Bearer`.
+        #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -40,6 +49,15 @@ fn main() -> ExitCode {
 
     let args = match cli.command {
         Some(Command::Serve(args)) => args,
+        Some(Command::Client { url, token }) => {
+            return match herald::client::run(&url, token.as_deref()) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("herald client: {e}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
         None => cli.serve,
     };
     let config = match Config::load(args.options, args.config.as_deref()) {
