@@ -25,7 +25,7 @@ struct Cli {
 enum Command {
     /// Serve WebSocket pub/sub on one port (default 127.0.0.1:8080, in-memory hub).
     /// Logging: HERALD_LOG=info|debug|... (tracing filter syntax).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Interactive client: prints what arrives, sends what you type (JSON, or /sub CHANNEL
     /// [SINCE], /unsub CHANNEL, /pub CHANNEL JSON, /ping, /quit).
     Client {
@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         .init();
 
     let args = match cli.command {
-        Some(Command::Serve(args)) => args,
+        Some(Command::Serve(args)) => *args,
         Some(Command::Client { url, token }) => {
             return match herald::client::run(&url, token.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
