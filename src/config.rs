@@ -3,13 +3,14 @@
 //!
 //! Precedence: command line, then environment, then the TOML file, then the default.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::auth::{AuthMode, AuthSettings};
 use crate::hub::HistoryLimits;
 
 /// How many shard threads to run.
@@ -151,6 +152,88 @@ pub struct Options {
     /// Largest HTTP request body (`POST /api/publish`); larger gets 413. [default: 1048576]
     #[arg(long, env = "HERALD_MAX_BODY_BYTES", value_name = "BYTES")]
     pub max_body_bytes: Option<usize>,
+
+    /// Tokens on /ws, /sse and /poll: off, optional, or required. [default: required when
+    /// a JWT key is configured, off otherwise]
+    #[arg(long, env = "HERALD_AUTH", value_enum)]
+    pub auth: Option<AuthMode>,
+
+    /// The one JWT algorithm accepted (HS256/384/512 with --jwt-secret; RS*, PS*, ES256,
+    /// ES384, EdDSA with --jwt-public-key). [default: HS256 or RS256]
+    #[arg(long, env = "HERALD_JWT_ALG", value_name = "ALG")]
+    pub jwt_alg: Option<String>,
+
+    /// Shared secret for HS* tokens (at least 32 bytes).
+    #[arg(
+        long,
+        env = "HERALD_JWT_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key file for RS*/PS*/ES*/EdDSA tokens.
+    #[arg(long, env = "HERALD_JWT_PUBLIC_KEY", value_name = "FILE")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Clock skew allowed on exp and nbf. [default: 5000]
+    #[arg(long, env = "HERALD_JWT_LEEWAY_MS", value_name = "MS")]
+    pub jwt_leeway_ms: Option<u64>,
+
+    /// Channels anonymous clients may subscribe to (patterns: name, prefix.*, *).
+    /// [default: * when auth is off or optional, none when required]
+    #[arg(
+        long,
+        env = "HERALD_ANONYMOUS_SUBSCRIBE",
+        value_delimiter = ',',
+        value_name = "PATTERNS"
+    )]
+    pub anonymous_subscribe: Option<Vec<String>>,
+
+    /// Channels anonymous clients may publish to. [default: * when auth is off, none
+    /// otherwise]
+    #[arg(
+        long,
+        env = "HERALD_ANONYMOUS_PUBLISH",
+        value_delimiter = ',',
+        value_name = "PATTERNS"
+    )]
+    pub anonymous_publish: Option<Vec<String>>,
+
+    /// Origins browsers may connect from (e.g. https://app.example); others get 403.
+    /// Empty: any origin. [default: empty]
+    #[arg(
+        long,
+        env = "HERALD_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_name = "ORIGINS"
+    )]
+    pub allowed_origins: Option<Vec<String>>,
+
+    /// Proxies whose X-Forwarded-For names the client (for per-IP limits). [default: none]
+    #[arg(
+        long,
+        env = "HERALD_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_name = "IPS"
+    )]
+    pub trusted_proxies: Option<Vec<IpAddr>>,
+
+    /// Most connections one client address may hold (429 beyond); 0: no limit.
+    /// [default: 10000]
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
+    pub max_connections_per_ip: Option<usize>,
+
+    /// Messages a second one /ws connection may send (burst: twice that); beyond gets
+    /// `rate_limited`, and persisting closes with 1008. [default: 100]
+    #[arg(long, env = "HERALD_MAX_MESSAGES_PER_SECOND", value_name = "N")]
+    pub max_messages_per_second: Option<u64>,
+
+    /// New connections a second each shard takes (burst: the same); beyond gets 503 with
+    /// a spread Retry-After, so a reconnect storm cannot starve connected clients.
+    /// [default: 20000]
+    #[arg(long, env = "HERALD_ACCEPT_RATE", value_name = "N")]
+    pub accept_rate: Option<u64>,
 }
 
 impl Options {
@@ -175,6 +258,20 @@ impl Options {
             history_ttl_ms: self.history_ttl_ms.or(lower.history_ttl_ms),
             api_key: self.api_key.or(lower.api_key),
             max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
+            auth: self.auth.or(lower.auth),
+            jwt_alg: self.jwt_alg.or(lower.jwt_alg),
+            jwt_secret: self.jwt_secret.or(lower.jwt_secret),
+            jwt_public_key: self.jwt_public_key.or(lower.jwt_public_key),
+            jwt_leeway_ms: self.jwt_leeway_ms.or(lower.jwt_leeway_ms),
+            anonymous_subscribe: self.anonymous_subscribe.or(lower.anonymous_subscribe),
+            anonymous_publish: self.anonymous_publish.or(lower.anonymous_publish),
+            allowed_origins: self.allowed_origins.or(lower.allowed_origins),
+            trusted_proxies: self.trusted_proxies.or(lower.trusted_proxies),
+            max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
+            max_messages_per_second: self
+                .max_messages_per_second
+                .or(lower.max_messages_per_second),
+            accept_rate: self.accept_rate.or(lower.accept_rate),
         }
     }
 }
@@ -202,6 +299,11 @@ pub struct Config {
     pub history: HistoryLimits,
     pub api_key: Option<String>,
     pub max_body_bytes: usize,
+    pub auth: AuthSettings,
+    pub trusted_proxies: Vec<IpAddr>,
+    pub max_connections_per_ip: usize,
+    pub max_messages_per_second: u64,
+    pub accept_rate: u64,
 }
 
 impl Default for Config {
@@ -257,6 +359,20 @@ impl Options {
             },
             api_key: self.api_key.filter(|k| !k.is_empty()),
             max_body_bytes: self.max_body_bytes.unwrap_or(1024 * 1024),
+            auth: AuthSettings {
+                mode: self.auth,
+                algorithm: self.jwt_alg,
+                secret: self.jwt_secret.filter(|s| !s.is_empty()),
+                public_key_file: self.jwt_public_key,
+                leeway: ms(self.jwt_leeway_ms.unwrap_or(5_000)),
+                anonymous_subscribe: self.anonymous_subscribe,
+                anonymous_publish: self.anonymous_publish,
+                allowed_origins: self.allowed_origins.unwrap_or_default(),
+            },
+            trusted_proxies: self.trusted_proxies.unwrap_or_default(),
+            max_connections_per_ip: self.max_connections_per_ip.unwrap_or(10_000),
+            max_messages_per_second: self.max_messages_per_second.unwrap_or(100),
+            accept_rate: self.accept_rate.unwrap_or(20_000),
         };
         config.check()?;
         Ok(config)
@@ -276,6 +392,8 @@ impl Config {
             ("idle_timeout_ms", self.idle_timeout.as_millis() as u64),
             ("close_timeout_ms", self.close_timeout.as_millis() as u64),
             ("backlog", u64::from(self.backlog)),
+            ("max_messages_per_second", self.max_messages_per_second),
+            ("accept_rate", self.accept_rate),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
             return Err(format!("{name} must be greater than 0"));

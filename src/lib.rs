@@ -18,15 +18,19 @@
 //! - [`backend`]: sockets, listeners, the epoll reactor and core pinning.
 //! - [`http`]: the HTTP side of the same port: publish API, long-poll, SSE, metrics, assets.
 //! - [`metrics`]: per-shard counters, merged when scraped.
+//! - [`auth`]: JWT, channel permissions, the Origin allow-list.
+//! - [`limits`]: token buckets and connection limits.
 //! - [`config`]: options from the command line, environment and TOML file.
 //! - [`server`]: wires it together and drains on SIGINT/SIGTERM.
 //! - [`client`]: `herald client`, the interactive terminal client.
 
+pub mod auth;
 pub mod backend;
 pub mod client;
 pub mod config;
 pub mod http;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod proto;
 pub mod server;

@@ -10,15 +10,14 @@ use signal_hook::iterator::Signals;
 
 use crate::backend::{affinity, epoll, listener};
 use crate::config::Config;
-use crate::hub;
-use crate::metrics::Registry;
-use crate::shard::{Inbox, Post, Shard, Wake};
+use crate::shard::{Context, Inbox, Post, Shard, Wake};
 
 /// Runs the server until a signal asks it to stop and every shard has drained.
 pub fn serve(config: Config) -> io::Result<()> {
-    let config = Arc::new(config);
     let cores = affinity::placement(config.threads);
     let shards = cores.len();
+    let ctx = Arc::new(Context::new(config, shards).map_err(io::Error::other)?);
+    let config = &ctx.config;
     let listeners = listener::bind_all(config.listen, shards, config.backlog)?;
     let bound = listeners[0].local_addr()?;
 
@@ -31,14 +30,12 @@ pub fn serve(config: Config) -> io::Result<()> {
     }
     let (post, receivers) = Post::new(wakers);
     let stop = Arc::new(AtomicBool::new(false));
-    let epoch: Arc<str> = hub::new_epoch().into();
-    let registry = Arc::new(Registry::new(shards));
 
     let mut threads = Vec::with_capacity(shards);
     let parts = polls.into_iter().zip(listeners).zip(receivers).zip(cores);
     for (id, (((poll, listener), receiver), core)) in parts.enumerate() {
         let reactor = epoll::Reactor {
-            shard: Shard::new(id, shards, config.clone(), epoch.clone(), registry.clone()),
+            shard: Shard::new(id, shards, ctx.clone()),
             inbox: Inbox::new(id, receiver, post.clone()),
             post: post.clone(),
             poll,
@@ -64,7 +61,14 @@ pub fn serve(config: Config) -> io::Result<()> {
     }
 
     spawn_signal_thread(stop, post)?;
-    tracing::info!(%bound, shards, epoch = %epoch, io = "epoll", "herald serving");
+    tracing::info!(
+        %bound,
+        shards,
+        epoch = %ctx.epoch,
+        io = "epoll",
+        auth = ?ctx.auth.mode(),
+        "herald serving"
+    );
     {
         // The one line scripts and tests wait for.
         let mut stdout = io::stdout().lock();

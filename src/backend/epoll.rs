@@ -24,6 +24,9 @@ const MAX_IOVECS: usize = 64;
 const READ_CHUNK: usize = 16 * 1024;
 /// The largest single read, so one huge message does not zero megabytes at a time.
 const MAX_READ: usize = 256 * 1024;
+/// How long accepting pauses when the process is out of file descriptors: connected
+/// clients keep being served, and the loop does not spin on a listener it cannot drain.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
 impl Wake for mio::Waker {
     fn wake(&self) {
@@ -62,9 +65,10 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
     let mut sockets: Vec<Option<TcpStream>> = Vec::new();
     let mut events = Events::with_capacity(1024);
     let mut drain_deadline: Option<Instant> = None;
+    let mut accept_paused_until: Option<Instant> = None;
 
     loop {
-        let timeout = [shard.poll_timeout(), drain_deadline]
+        let timeout = [shard.poll_timeout(), drain_deadline, accept_paused_until]
             .into_iter()
             .flatten()
             .min()
@@ -84,8 +88,10 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         for event in events.iter() {
             match event.token() {
                 LISTENER => {
-                    if let Some(l) = listener.as_ref() {
-                        accept_all(l, &mut shard, &poll, &mut sockets, now)?;
+                    if let Some(l) = listener.as_ref()
+                        && accept_paused_until.is_none()
+                    {
+                        accept_paused_until = accept_all(l, &mut shard, &poll, &mut sockets, now)?;
                     }
                 }
                 WAKER => {}
@@ -101,6 +107,16 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
                     }
                 }
             }
+        }
+
+        if let Some(until) = accept_paused_until
+            && now >= until
+        {
+            // No new edge may come for connections already waiting: try again now.
+            accept_paused_until = match listener.as_ref() {
+                Some(l) => accept_all(l, &mut shard, &poll, &mut sockets, now)?,
+                None => None,
+            };
         }
 
         if drain_deadline.is_none() && stop.load(Ordering::Acquire) {
@@ -142,17 +158,19 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
     }
 }
 
+/// Accepts until the backlog is empty. Returns when to try again if the process ran out
+/// of file descriptors (`EMFILE`/`ENFILE`).
 fn accept_all(
     listener: &TcpListener,
     shard: &mut Shard,
     poll: &Poll,
     sockets: &mut Vec<Option<TcpStream>>,
     now: Instant,
-) -> io::Result<()> {
+) -> io::Result<Option<Instant>> {
     loop {
         match listener.accept() {
-            Ok((mut stream, _peer)) => {
-                let Some(key) = shard.accept(now) else {
+            Ok((mut stream, peer)) => {
+                let Some(key) = shard.accept(now, peer.ip()) else {
                     // Full or draining: closing at once is the clearest answer.
                     continue;
                 };
@@ -168,13 +186,22 @@ fn accept_all(
                 }
                 sockets[key] = Some(stream);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE)) => {
+                // The waiting connections stay in the backlog until descriptors free up.
+                tracing::warn!(
+                    shard = shard.id(),
+                    connections = shard.connection_count(),
+                    "out of file descriptors; pausing accept for {ACCEPT_BACKOFF:?}"
+                );
+                return Ok(Some(now + ACCEPT_BACKOFF));
+            }
+            // The client gave up before we took it: concerns that connection only.
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {}
             Err(e) => {
-                // EMFILE/ENFILE and friends: the connection stays in the backlog; the next
-                // arrival makes the listener readable again.
-                tracing::warn!(shard = shard.id(), "accept failed: {e}");
-                return Ok(());
+                tracing::warn!(shard = shard.id(), "accept failed: {e}; pausing accept");
+                return Ok(Some(now + ACCEPT_BACKOFF));
             }
         }
     }

@@ -64,6 +64,8 @@ pub struct Request {
     pub sec_websocket_extensions: Option<String>,
     /// `Last-Event-ID`, sent by EventSource clients on reconnect.
     pub last_event_id: Option<String>,
+    /// `X-Forwarded-For` (repeats joined with ", "), read only behind a trusted proxy.
+    pub x_forwarded_for: Option<String>,
     /// `Content-Length`, parsed.
     pub content_length: Option<u64>,
     /// `Transfer-Encoding`.
@@ -208,6 +210,7 @@ impl Request {
             Known::Protocol => &mut self.sec_websocket_protocol,
             Known::Extensions => &mut self.sec_websocket_extensions,
             Known::LastEventId => &mut self.last_event_id,
+            Known::ForwardedFor => &mut self.x_forwarded_for,
             Known::TransferEncoding => &mut self.transfer_encoding,
             Known::ContentLength => return self.add_content_length(value),
         };
@@ -253,6 +256,7 @@ enum Known {
     Protocol,
     Extensions,
     LastEventId,
+    ForwardedFor,
     ContentLength,
     TransferEncoding,
 }
@@ -267,6 +271,7 @@ impl Known {
                 | Self::Protocol
                 | Self::Extensions
                 | Self::TransferEncoding
+                | Self::ForwardedFor
         )
     }
 }
@@ -282,6 +287,7 @@ const KNOWN_HEADERS: &[(&str, Known)] = &[
     ("sec-websocket-protocol", Known::Protocol),
     ("sec-websocket-extensions", Known::Extensions),
     ("last-event-id", Known::LastEventId),
+    ("x-forwarded-for", Known::ForwardedFor),
     ("content-length", Known::ContentLength),
     ("transfer-encoding", Known::TransferEncoding),
 ];

@@ -31,8 +31,9 @@ mod timer;
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
+use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 use slab::Slab;
@@ -41,9 +42,11 @@ pub use mailbox::{Envelope, Inbox, Post, Wake};
 pub use outbox::Outbox;
 use timer::Deadlines;
 
+use crate::auth::{AuthMode, Authenticator, Identity, token_of};
 use crate::config::Config;
 use crate::http::{self, Route, longpoll, publish, sse};
 use crate::hub::{self, Broadcast, ChannelName, Channels, SubscribeOutcome, Subscriptions};
+use crate::limits::{ConnectionLimits, TokenBucket, client_ip, retry_after};
 use crate::metrics::{Counters, Registry, Transport};
 use crate::proto::decoder::DecoderLimits;
 use crate::proto::frame::{FrameHeader, OpCode, encode_frame};
@@ -90,8 +93,20 @@ enum Phase {
     WebSocket {
         ws: Box<Connection>,
         endpoint: Endpoint,
+        /// Inbound messages allowed (pub/sub only).
+        rate: Option<Box<RateLimit>>,
     },
 }
+
+/// A connection's inbound message budget and how often it ran past it in a row.
+struct RateLimit {
+    bucket: TokenBucket,
+    strikes: u32,
+}
+
+/// Messages refused in a row before a connection that keeps sending over its rate is
+/// closed with 1008.
+const MAX_STRIKES: u32 = 50;
 
 impl Phase {
     fn transport(&self) -> Transport {
@@ -141,14 +156,29 @@ struct Conn {
     closing: bool,
     /// Reading stopped while the outbox was over budget; resume once it drains.
     read_paused: bool,
+    /// The TCP peer's address.
+    peer: IpAddr,
+    /// The client address counted against the per-address limit, once admitted to hold
+    /// a connection (WebSocket, event stream, long-poll).
+    admitted: Option<IpAddr>,
+    /// What this client may do; set when it is admitted.
+    identity: Option<Arc<Identity>>,
+}
+
+/// Deadlines that differ per connection, kept in one ordered heap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Timed {
+    /// A parked long-poll runs out.
+    Poll,
+    /// The connection's token expires: close with 4001.
+    TokenExpiry,
 }
 
 /// One shard: see the module documentation for the calling contract.
 pub struct Shard {
     id: usize,
     shards: usize,
-    config: Arc<Config>,
-    epoch: Arc<str>,
+    ctx: Arc<Context>,
     conns: Slab<Conn>,
     next_generation: u32,
     subscriptions: Subscriptions,
@@ -158,8 +188,8 @@ pub struct Shard {
     request_deadlines: Deadlines,
     heartbeat_deadlines: Deadlines,
     close_deadlines: Deadlines,
-    /// Long-poll deadlines vary per request, so they need an ordered heap.
-    poll_deadlines: BinaryHeap<Reverse<(Instant, ConnRef)>>,
+    /// Long-poll and token-expiry deadlines vary per connection: an ordered heap.
+    timed: BinaryHeap<Reverse<(Instant, ConnRef, Timed)>>,
     dirty: Vec<usize>,
     dead: Vec<usize>,
     /// Envelopes for other shards, per destination, sent once per turn.
@@ -170,20 +200,44 @@ pub struct Shard {
     /// The time of the current loop turn, as the backend passed it in.
     now: Instant,
     counters: Counters,
-    registry: Arc<Registry>,
+    /// New connections this shard admits per second (reconnect storms).
+    accept_bucket: TokenBucket,
+    /// Seeds the jitter of `Retry-After`.
+    jitter: u64,
+}
+
+/// What every shard shares, read-only apart from the atomics inside: built once at start.
+pub struct Context {
+    pub config: Config,
+    /// This run's epoch: sequence numbers restart with it.
+    pub epoch: Box<str>,
+    pub registry: Registry,
+    pub auth: Authenticator,
+    pub limits: ConnectionLimits,
+}
+
+impl Context {
+    /// Checks what needs checking (keys, files) once; errors are for the operator.
+    pub fn new(config: Config, shards: usize) -> Result<Self, String> {
+        Ok(Self {
+            auth: Authenticator::new(&config.auth)?,
+            limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
+            registry: Registry::new(shards),
+            epoch: hub::new_epoch().into(),
+            config,
+        })
+    }
 }
 
 impl Shard {
-    pub fn new(
-        id: usize,
-        shards: usize,
-        config: Arc<Config>,
-        epoch: Arc<str>,
-        registry: Arc<Registry>,
-    ) -> Self {
+    pub fn new(id: usize, shards: usize, ctx: Arc<Context>) -> Self {
+        let now = Instant::now();
+        let config = &ctx.config;
         Self {
             id,
             shards,
+            accept_bucket: TokenBucket::new(config.accept_rate, config.accept_rate, now),
+            jitter: 0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d),
             handshake_limits: HandshakeLimits {
                 max_head_bytes: config.max_head_bytes,
                 max_headers: config.max_headers,
@@ -191,10 +245,8 @@ impl Shard {
             request_deadlines: Deadlines::new(config.handshake_timeout),
             heartbeat_deadlines: Deadlines::new(config.ping_interval),
             close_deadlines: Deadlines::new(config.close_timeout),
-            poll_deadlines: BinaryHeap::new(),
+            timed: BinaryHeap::new(),
             channels: Channels::new(shards, config.history),
-            config,
-            epoch,
             conns: Slab::new(),
             next_generation: 0,
             subscriptions: Subscriptions::default(),
@@ -204,9 +256,9 @@ impl Shard {
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
             delivered_this_turn: Vec::new(),
             draining: false,
-            now: Instant::now(),
+            now,
             counters: Counters::default(),
-            registry,
+            ctx,
         }
     }
 
@@ -219,11 +271,12 @@ impl Shard {
         &self.counters
     }
 
-    /// Registers a new socket; `None` when the shard is full or draining (the backend
-    /// closes the socket at once).
-    pub fn accept(&mut self, now: Instant) -> Option<usize> {
+    /// Registers a new socket from `peer`; `None` when draining or far over the
+    /// connection limit (the backend closes the socket at once). Above the shard's accept
+    /// rate the connection gets a 503 with a spread `Retry-After` and ends.
+    pub fn accept(&mut self, now: Instant, peer: IpAddr) -> Option<usize> {
         self.now = now;
-        if self.draining || self.conns.len() >= self.config.max_connections {
+        if self.draining || !self.ctx.limits.accept() {
             return None;
         }
         self.next_generation = self.next_generation.wrapping_add(1);
@@ -234,18 +287,111 @@ impl Shard {
             outbox: Outbox::default(),
             subs: Vec::new(),
             last_activity: now,
-            request_deadline: now + self.config.handshake_timeout,
+            request_deadline: now + self.ctx.config.handshake_timeout,
             dirty: false,
             finishing: false,
             write_shut: false,
             dead: false,
             closing: false,
             read_paused: false,
+            peer,
+            admitted: None,
+            identity: None,
         });
         self.request_deadlines.arm(now, self.conn_ref(key));
         self.counters.accepted_total += 1;
         self.counters.connections[Transport::Http as usize] += 1;
+        if !self.accept_bucket.try_take(now) {
+            self.refuse_busy(key, 503, "too many new connections; retry later");
+        }
         Some(key)
+    }
+
+    /// Refuses with `status` and a `Retry-After` spread over a few seconds.
+    fn refuse_busy(&mut self, key: usize, status: u16, reason: &str) {
+        let seconds = retry_after(
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+            &mut self.jitter,
+        );
+        let seconds = seconds.to_string();
+        self.refuse_json(
+            key,
+            status,
+            "retry_later",
+            reason,
+            &[("Retry-After", &seconds)],
+        );
+    }
+
+    /// Lets a request hold a connection (WebSocket, stream, poll): the `Origin` must be
+    /// allowed (403), the token valid (401), and the connection limits not reached (503
+    /// in all, 429 per address). On refusal the response is queued and false returned.
+    fn admit(&mut self, key: usize, request: &Request) -> bool {
+        if self.conns[key].admitted.is_some() {
+            return true;
+        }
+        let auth = &self.ctx.auth;
+        if let Err(reason) = auth.check_origin(request.origin.as_deref()) {
+            self.refuse_json(key, 403, "forbidden_origin", &reason, &[]);
+            return false;
+        }
+        let token = token_of(
+            request.authorization.as_deref(),
+            request.query_param("token"),
+        );
+        let identity = match auth.authenticate(token) {
+            Ok(identity) => identity,
+            Err(e) => {
+                self.refuse_json(
+                    key,
+                    401,
+                    "unauthorized",
+                    &e.to_string(),
+                    &[("WWW-Authenticate", "Bearer")],
+                );
+                return false;
+            }
+        };
+        let peer = self.conns[key].peer;
+        let ip = client_ip(
+            peer,
+            request.x_forwarded_for.as_deref(),
+            &self.ctx.config.trusted_proxies,
+        );
+        if let Err(refusal) = self.ctx.limits.admit(ip) {
+            self.refuse_busy(key, refusal.status(), refusal.reason());
+            return false;
+        }
+        if auth.mode() != AuthMode::Off
+            && let Some(remaining) = identity.remaining(SystemTime::now())
+        {
+            let conn_ref = self.conn_ref(key);
+            self.timed.push(Reverse((
+                self.now + remaining,
+                conn_ref,
+                Timed::TokenExpiry,
+            )));
+        }
+        let conn = &mut self.conns[key];
+        conn.admitted = Some(ip);
+        conn.identity = Some(identity);
+        true
+    }
+
+    /// Whether `key` may subscribe to `channel` (always, before admission settles it).
+    fn may_subscribe(&self, key: usize, channel: &str) -> bool {
+        self.conns[key]
+            .identity
+            .as_ref()
+            .is_none_or(|id| id.subscribe.allows(channel))
+    }
+
+    fn may_publish(&self, key: usize, channel: &str) -> bool {
+        self.conns[key]
+            .identity
+            .as_ref()
+            .is_none_or(|id| id.publish.allows(channel))
     }
 
     fn conn_ref(&self, key: usize) -> ConnRef {
@@ -280,7 +426,7 @@ impl Shard {
     /// its outbox is over budget (a client that sends without reading waits for us).
     pub fn wants_read(&self, key: usize) -> bool {
         let conn = &self.conns[key];
-        !conn.dead && conn.outbox.len_bytes() < self.config.outbound_queue_bytes
+        !conn.dead && conn.outbox.len_bytes() < self.ctx.config.outbound_queue_bytes
     }
 
     /// Processes what the backend appended to `key`'s read buffer.
@@ -343,10 +489,10 @@ impl Shard {
                 };
                 conn.read_buf.advance(consumed);
                 let body_len = request.content_length.unwrap_or(0);
-                if body_len > self.config.max_body_bytes as u64 {
+                if body_len > self.ctx.config.max_body_bytes as u64 {
                     let reason = format!(
                         "request body is larger than {} bytes",
-                        self.config.max_body_bytes
+                        self.ctx.config.max_body_bytes
                     );
                     self.refuse_json(key, 413, "too_large", &reason, &[]);
                     return false;
@@ -375,18 +521,20 @@ impl Shard {
         let keep_alive = http::keep_alive(request) && !self.draining;
         let head_only = request.method == "HEAD";
         match http::route(request) {
+            Route::PubSub | Route::Echo | Route::Poll | Route::Sse if !self.admit(key, request) => {
+            }
             Route::PubSub => self.upgrade(key, request, Endpoint::PubSub),
             Route::Echo => self.upgrade(key, request, Endpoint::Echo),
             Route::Publish => self.publish_http(key, request, &body, keep_alive),
             Route::Poll => self.poll(key, request, keep_alive),
             Route::Sse => self.open_event_stream(key, request),
             Route::Metrics => {
-                let text = http::metrics::prometheus(&self.registry.snapshot(self.now));
+                let text = http::metrics::prometheus(&self.ctx.registry.snapshot(self.now));
                 let ctype = "text/plain; version=0.0.4; charset=utf-8";
                 self.respond(key, 200, ctype, text.as_bytes(), head_only, keep_alive);
             }
             Route::Stats => {
-                let json = http::metrics::stats_json(&self.registry.snapshot(self.now));
+                let json = http::metrics::stats_json(&self.ctx.registry.snapshot(self.now));
                 self.respond(
                     key,
                     200,
@@ -465,7 +613,7 @@ impl Shard {
     /// Back to reading a request, with a fresh deadline for it.
     fn await_request(&mut self, key: usize) {
         self.set_phase(key, Phase::Request { pending: None });
-        self.conns[key].request_deadline = self.now + self.config.handshake_timeout;
+        self.conns[key].request_deadline = self.now + self.ctx.config.handshake_timeout;
         let conn_ref = self.conn_ref(key);
         self.request_deadlines.arm(self.now, conn_ref);
     }
@@ -501,18 +649,26 @@ impl Shard {
             }
         };
         let max_message_bytes = match endpoint {
-            Endpoint::PubSub => self.config.max_message_bytes,
-            Endpoint::Echo => self.config.echo_max_message_bytes,
+            Endpoint::PubSub => self.ctx.config.max_message_bytes,
+            Endpoint::Echo => self.ctx.config.echo_max_message_bytes,
         };
         let limits = DecoderLimits {
             max_frame_bytes: max_message_bytes,
             max_message_bytes,
         };
+        let rate = (endpoint == Endpoint::PubSub).then(|| {
+            let per_second = self.ctx.config.max_messages_per_second;
+            Box::new(RateLimit {
+                bucket: TokenBucket::new(per_second, per_second * 2, self.now),
+                strikes: 0,
+            })
+        });
         self.set_phase(
             key,
             Phase::WebSocket {
                 ws: Box::new(Connection::new(limits)),
                 endpoint,
+                rate,
             },
         );
         let response = Bytes::from(handshake::upgrade_response(&accept, None));
@@ -523,7 +679,7 @@ impl Shard {
     }
 
     fn publish_http(&mut self, key: usize, request: &Request, body: &Bytes, keep_alive: bool) {
-        let Some(api_key) = self.config.api_key.as_deref() else {
+        let Some(api_key) = self.ctx.config.api_key.as_deref() else {
             let message = "HTTP publishing is off: start the server with --api-key";
             self.refuse_json(key, 403, "publish_disabled", message, &[]);
             return;
@@ -590,6 +746,11 @@ impl Shard {
                 return;
             }
         };
+        if !self.may_subscribe(key, &poll.channel) {
+            let message = format!("not allowed to read {:?}", poll.channel);
+            self.refuse_json(key, 403, "forbidden", &message, &[]);
+            return;
+        }
         let deadline = self.now + poll.timeout;
         let seq = poll.since.unwrap_or(0);
         self.set_phase(
@@ -601,7 +762,7 @@ impl Shard {
             },
         );
         let conn_ref = self.conn_ref(key);
-        self.poll_deadlines.push(Reverse((deadline, conn_ref)));
+        self.timed.push(Reverse((deadline, conn_ref, Timed::Poll)));
         self.request_subscription(
             key,
             poll.channel.into(),
@@ -620,6 +781,11 @@ impl Shard {
                 return;
             }
         };
+        if !self.may_subscribe(key, &channel) {
+            let message = format!("not allowed to read {channel:?}");
+            self.refuse_json(key, 403, "forbidden", &message, &[]);
+            return;
+        }
         self.set_phase(key, Phase::EventStream);
         self.conns[key].outbox.push(sse::head());
         self.mark_dirty(key);
@@ -632,13 +798,13 @@ impl Shard {
     fn read_frames(&mut self, key: usize) {
         loop {
             let conn = &mut self.conns[key];
-            let Phase::WebSocket { ws, endpoint } = &mut conn.phase else {
+            let Phase::WebSocket { ws, endpoint, .. } = &mut conn.phase else {
                 return;
             };
             let endpoint = *endpoint;
             let event = ws.poll_event(&mut conn.read_buf);
             while let Some(frame) = ws.poll_transmit() {
-                conn.outbox.push(frame);
+                queue_transmit(&mut conn.outbox, frame);
             }
             let closed = ws.is_closed();
             match event {
@@ -654,7 +820,11 @@ impl Shard {
                     self.counters.messages_in_total += 1;
                     match endpoint {
                         Endpoint::Echo => self.echo(key, text, payload),
-                        Endpoint::PubSub if text => self.handle_command(key, &payload),
+                        Endpoint::PubSub if text => {
+                            if self.within_rate(key) {
+                                self.handle_command(key, &payload);
+                            }
+                        }
                         Endpoint::PubSub => {
                             self.close_with(key, 1003, "binary messages are not accepted here")
                         }
@@ -696,12 +866,39 @@ impl Shard {
         if let Phase::WebSocket { ws, .. } = &mut conn.phase {
             ws.send_close(code, reason);
             while let Some(frame) = ws.poll_transmit() {
-                conn.outbox.push(frame);
+                queue_transmit(&mut conn.outbox, frame);
             }
         }
         self.leave_all(key);
         self.mark_dirty(key);
         self.close_deadlines.arm(self.now, conn_ref);
+    }
+
+    /// Spends one of the connection's inbound tokens. Over the rate the message is
+    /// refused with `rate_limited`; a client that keeps sending anyway is closed with 1008.
+    fn within_rate(&mut self, key: usize) -> bool {
+        let now = self.now;
+        let Phase::WebSocket {
+            rate: Some(rate), ..
+        } = &mut self.conns[key].phase
+        else {
+            return true;
+        };
+        if rate.bucket.try_take(now) {
+            rate.strikes = 0;
+            return true;
+        }
+        rate.strikes += 1;
+        if rate.strikes > MAX_STRIKES {
+            self.close_with(key, 1008, "message rate limit exceeded repeatedly");
+        } else {
+            let message = format!(
+                "more than {} messages a second; this one was dropped",
+                self.ctx.config.max_messages_per_second
+            );
+            self.reply(key, pubsub::encode_error("rate_limited", &message, None));
+        }
+        false
     }
 
     fn handle_command(&mut self, key: usize, payload: &Bytes) {
@@ -712,6 +909,19 @@ impl Shard {
                 return;
             }
         };
+        let denied = match &command {
+            Command::Subscribe { channel, id, .. } if !self.may_subscribe(key, channel) => {
+                Some(format!("not allowed to subscribe to {channel:?}")).zip(Some(*id))
+            }
+            Command::Publish { channel, id, .. } if !self.may_publish(key, channel) => {
+                Some(format!("not allowed to publish to {channel:?}")).zip(Some(*id))
+            }
+            _ => None,
+        };
+        if let Some((message, id)) = denied {
+            self.reply(key, pubsub::encode_error("forbidden", &message, id));
+            return;
+        }
         match command {
             Command::Subscribe {
                 channel,
@@ -756,10 +966,10 @@ impl Shard {
             );
             return;
         }
-        if conn.subs.len() >= self.config.max_subscriptions {
+        if conn.subs.len() >= self.ctx.config.max_subscriptions {
             let message = format!(
                 "a connection may hold at most {} subscriptions",
-                self.config.max_subscriptions
+                self.ctx.config.max_subscriptions
             );
             self.reply(
                 key,
@@ -779,7 +989,7 @@ impl Shard {
         epoch: Option<&str>,
         id: Option<u64>,
     ) {
-        let epoch_matches = epoch.is_none_or(|e| e == &*self.epoch);
+        let epoch_matches = epoch.is_none_or(|e| e == &*self.ctx.epoch);
         let conn_ref = self.conn_ref(key);
         self.conns[key].subs.push(Sub {
             channel: channel.clone(),
@@ -892,6 +1102,10 @@ impl Shard {
         conn.outbox = Outbox::default();
         conn.read_buf = BytesMut::new();
         self.counters.connections[conn.phase.transport() as usize] -= 1;
+        if let Some(ip) = conn.admitted.take() {
+            self.ctx.limits.release(ip);
+        }
+        self.ctx.limits.close();
         self.dead.push(key);
     }
 
@@ -1120,7 +1334,7 @@ impl Shard {
         {
             // History had what the poll asked for: answer now.
             self.release(key, index);
-            let response = longpoll::response(channel, &self.epoch, seq, &replay, keep_alive);
+            let response = longpoll::response(channel, &self.ctx.epoch, seq, &replay, keep_alive);
             self.send_response(key, response, keep_alive);
             return;
         }
@@ -1142,7 +1356,7 @@ impl Shard {
                 }
                 self.reply(
                     key,
-                    pubsub::encode_subscribed(channel, seq, &self.epoch, id),
+                    pubsub::encode_subscribed(channel, seq, &self.ctx.epoch, id),
                 );
                 if let Some(unsubscribe_id) = unsubscribe {
                     self.release(key, index);
@@ -1153,7 +1367,7 @@ impl Shard {
                 let json = format!(
                     r#"{{"channel":{},"seq":{seq},"epoch":{}}}"#,
                     json_string(channel),
-                    json_string(&self.epoch)
+                    json_string(&self.ctx.epoch)
                 );
                 conn.outbox.push(sse::control_event("subscribed", &json));
                 for frame in &replay {
@@ -1192,7 +1406,7 @@ impl Shard {
             }
             Phase::Polling { keep_alive, .. } => {
                 let response =
-                    longpoll::gap_response(channel, &self.epoch, seq, oldest, keep_alive);
+                    longpoll::gap_response(channel, &self.ctx.epoch, seq, oldest, keep_alive);
                 self.send_response(key, response, keep_alive);
             }
             Phase::EventStream => {
@@ -1216,7 +1430,7 @@ impl Shard {
     /// Subscribers whose outbox is over budget are slow consumers: they are closed with
     /// 4008 and recover with `since`.
     fn deliver(&mut self, broadcast: &Broadcast) {
-        let budget = self.config.outbound_queue_bytes;
+        let budget = self.ctx.config.outbound_queue_bytes;
         let mut slow = Vec::new();
         let mut polls = Vec::new();
         let mut event: Option<Bytes> = None;
@@ -1254,7 +1468,7 @@ impl Shard {
             self.leave_all(key);
             let response = longpoll::response(
                 &broadcast.channel,
-                &self.epoch,
+                &self.ctx.epoch,
                 broadcast.seq,
                 std::slice::from_ref(&broadcast.frame),
                 keep_alive,
@@ -1284,20 +1498,28 @@ impl Shard {
                 }
             }
         }
-        while let Some(Reverse((deadline, conn))) = self.poll_deadlines.peek().copied() {
+        while let Some(Reverse((deadline, conn, what))) = self.timed.peek().copied() {
             if deadline > now {
                 break;
             }
-            self.poll_deadlines.pop();
-            if let Some(key) = self.resolve(conn)
-                && let Phase::Polling {
-                    deadline: current,
-                    keep_alive,
-                    ..
-                } = self.conns[key].phase
-                && current == deadline
-            {
-                self.end_poll_empty(key, keep_alive);
+            self.timed.pop();
+            let Some(key) = self.resolve(conn) else {
+                continue;
+            };
+            match (what, &self.conns[key].phase) {
+                (
+                    Timed::Poll,
+                    &Phase::Polling {
+                        deadline: current,
+                        keep_alive,
+                        ..
+                    },
+                ) if current == deadline => self.end_poll_empty(key, keep_alive),
+                (Timed::Poll, _) => {}
+                (Timed::TokenExpiry, Phase::WebSocket { .. }) => {
+                    self.close_with(key, 4001, "token expired: reconnect with a fresh token");
+                }
+                (Timed::TokenExpiry, _) => self.finish(key),
             }
         }
         while let Some(conn) = self.close_deadlines.poll_expired(now) {
@@ -1321,7 +1543,7 @@ impl Shard {
         let channel = conn.subs.first().map(|s| s.channel.clone());
         self.leave_all(key);
         let channel = channel.as_deref().unwrap_or("");
-        let response = longpoll::response(channel, &self.epoch, seq, &[], keep_alive);
+        let response = longpoll::response(channel, &self.ctx.epoch, seq, &[], keep_alive);
         self.send_response(key, response, keep_alive);
     }
 
@@ -1335,12 +1557,12 @@ impl Shard {
         match conn.phase {
             Phase::WebSocket { .. } => {
                 let silent = now.saturating_duration_since(conn.last_activity);
-                if silent >= self.config.idle_timeout {
+                if silent >= self.ctx.config.idle_timeout {
                     self.close_with(key, 1001, "idle timeout");
                     return;
                 }
-                if silent >= self.config.ping_interval / 2 {
-                    conn.outbox.push(encode_frame(OpCode::Ping, b""));
+                if silent >= self.ctx.config.ping_interval / 2 {
+                    conn.outbox.push_control(encode_frame(OpCode::Ping, b""));
                     self.mark_dirty(key);
                 }
             }
@@ -1361,7 +1583,7 @@ impl Shard {
             self.request_deadlines.next(),
             self.heartbeat_deadlines.next(),
             self.close_deadlines.next(),
-            self.poll_deadlines.peek().map(|Reverse((t, _))| *t),
+            self.timed.peek().map(|Reverse((t, _, _))| *t),
         ]
         .into_iter()
         .flatten()
@@ -1377,7 +1599,7 @@ impl Shard {
         }
         self.counters.busy_ns_total += busy.as_nanos() as u64;
         self.counters.loop_turns_total += 1;
-        self.registry.shard(self.id).store(&self.counters);
+        self.ctx.registry.shard(self.id).store(&self.counters);
     }
 
     /// Envelopes for other shards, one batch per destination. This shard's own batch is
@@ -1422,6 +1644,18 @@ impl Shard {
     }
 }
 
+/// Queues a frame the protocol core produced: pings and pongs in the control lane (they
+/// overtake queued data), a close behind the data queued before it.
+fn queue_transmit(outbox: &mut Outbox, frame: Bytes) {
+    let opcode = frame.first().map_or(0, |b| b & 0x0f);
+    if opcode == u8::from(OpCode::Ping) || opcode == u8::from(OpCode::Pong) {
+        // A full control lane means a ping flood; dropping the pong is allowed.
+        outbox.push_control(frame);
+    } else {
+        outbox.push(frame);
+    }
+}
+
 /// The header of an unmasked, final frame of `len` payload bytes.
 fn frame_header(opcode: OpCode, len: usize) -> Bytes {
     let mut header = BytesMut::with_capacity(10);
@@ -1459,6 +1693,8 @@ mod tests {
     use super::*;
     use crate::proto::frame::{FrameHeader, encode_client_frame};
 
+    const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
     struct NoWake;
 
     impl Wake for NoWake {
@@ -1488,10 +1724,12 @@ mod tests {
                 .map(|_| Arc::new(NoWake) as Arc<dyn Wake>)
                 .collect();
             let (post, receivers) = Post::new(wakers);
-            let registry = Arc::new(Registry::new(shards));
+            let mut ctx = Context::new(Arc::unwrap_or_clone(config), shards).unwrap();
+            ctx.epoch = "e1".into();
+            let ctx = Arc::new(ctx);
             Self {
                 shards: (0..shards)
-                    .map(|id| Shard::new(id, shards, config.clone(), "e1".into(), registry.clone()))
+                    .map(|id| Shard::new(id, shards, ctx.clone()))
                     .collect(),
                 inboxes: receivers
                     .into_iter()
@@ -1510,7 +1748,7 @@ mod tests {
         }
 
         fn connect(&mut self, shard: usize, path: &str) -> Client {
-            let key = self.shards[shard].accept(self.now).unwrap();
+            let key = self.shards[shard].accept(self.now, LOCALHOST).unwrap();
             let client = Client { shard, key };
             let head = format!(
                 "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
@@ -1818,7 +2056,9 @@ mod tests {
     }
 
     fn http(cluster: &mut Cluster, shard: usize, request: &str) -> (Client, String) {
-        let key = cluster.shards[shard].accept(cluster.now).unwrap();
+        let key = cluster.shards[shard]
+            .accept(cluster.now, LOCALHOST)
+            .unwrap();
         let client = Client { shard, key };
         cluster.write(client, request.as_bytes());
         cluster.settle();
@@ -2019,7 +2259,7 @@ mod tests {
             assert_eq!(frames[0].0, OpCode::Close);
             assert_eq!(&frames[0].1[..2], &1001u16.to_be_bytes());
         }
-        assert_eq!(cluster.shards[0].accept(cluster.now), None);
+        assert_eq!(cluster.shards[0].accept(cluster.now, LOCALHOST), None);
         // The client answers the close: the connection finishes.
         let reply = encode_client_frame(OpCode::Close, true, &1001u16.to_be_bytes(), [9; 4]);
         cluster.write(a, &reply);
@@ -2030,7 +2270,7 @@ mod tests {
     #[test]
     fn incomplete_handshake_times_out_with_408() {
         let mut cluster = Cluster::new(1, Config::default());
-        let key = cluster.shards[0].accept(cluster.now).unwrap();
+        let key = cluster.shards[0].accept(cluster.now, LOCALHOST).unwrap();
         let c = Client { shard: 0, key };
         cluster.write(c, b"GET /ws HTTP/1.1\r\nHost:");
         let later = cluster.now + Duration::from_secs(11);

@@ -94,7 +94,12 @@
       if (self.reconnectTimer) self._connectNow();
     };
     if (root.addEventListener) root.addEventListener("online", this._onOnline);
-    this._connect();
+    // Connect once the caller has had a chance to add listeners and subscriptions.
+    this.state = STATES.CONNECTING;
+    Promise.resolve().then(function () {
+      self.state = STATES.CLOSED;
+      self._connect();
+    });
   }
 
   /** h.on(event, fn) -> function that removes the listener.
@@ -527,8 +532,11 @@
     if (this.closed) return;
     // The old position means nothing now: resume where the app asked, or live. Only
     // seqs above it are delivered, and those are all newer than what the app has seen.
+    var resume = choice && choice.since != null ? Number(choice.since) : null;
+    // Within one epoch, never go back behind what the app already has.
+    if (!newEpoch && resume != null && last != null && resume < last) resume = last;
     this.epoch = null;
-    this.lastSeq = choice && choice.since != null ? Number(choice.since) : null;
+    this.lastSeq = resume;
     this.client._sendSubscribe(this);
   };
 

@@ -1,0 +1,445 @@
+//! Who a client is and what it may do: JWT checks (Bearer header or `?token=`), channel
+//! permissions from the claims, anonymous defaults, and the `Origin` allow-list.
+//!
+//! The algorithm is pinned by configuration: a token whose header names any other (HS256
+//! against an RSA key, `none`) is refused before its signature is looked at.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::errors::ErrorKind;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+/// Whether clients must, may, or need not present a token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    /// No tokens: everyone may subscribe and publish everywhere.
+    Off,
+    /// A token, when given, must be valid; clients without one get the anonymous
+    /// permissions.
+    Optional,
+    /// Every WebSocket, stream and poll needs a valid token (401 otherwise).
+    Required,
+}
+
+/// Channel name patterns: `*` (everything), `prefix.*` (names starting with `prefix.`),
+/// or an exact name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Patterns(Vec<Box<str>>);
+
+impl Patterns {
+    pub fn new<S: AsRef<str>>(patterns: &[S]) -> Self {
+        Self(patterns.iter().map(|p| p.as_ref().trim().into()).collect())
+    }
+
+    pub fn everything() -> Self {
+        Self(vec!["*".into()])
+    }
+
+    pub fn allows(&self, channel: &str) -> bool {
+        self.0
+            .iter()
+            .any(|pattern| match pattern.strip_suffix('*') {
+                Some(prefix) => channel.starts_with(prefix),
+                None => **pattern == *channel,
+            })
+    }
+}
+
+/// What one connection may do, decided at its handshake.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The token's `sub`; `None` for anonymous clients.
+    pub user: Option<Box<str>>,
+    pub subscribe: Patterns,
+    pub publish: Patterns,
+    /// The token's `exp` (seconds since the Unix epoch): the connection closes with 4001
+    /// then.
+    pub expires_at: Option<u64>,
+}
+
+impl Identity {
+    /// How long until the token expires, from `now_unix` (seconds).
+    pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
+        let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+        self.expires_at
+            .map(|exp| Duration::from_secs(exp).saturating_sub(now))
+    }
+}
+
+/// Why a token was refused: a 401 before the upgrade, with this as the reason line.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("a token is required (Authorization: Bearer TOKEN, or ?token=TOKEN)")]
+    Missing,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet (nbf)")]
+    NotYetValid,
+    #[error("the token's algorithm is not the one this server accepts")]
+    WrongAlgorithm,
+    #[error("the token's signature does not verify")]
+    BadSignature,
+    #[error("the token is malformed: {0}")]
+    Malformed(String),
+}
+
+#[derive(Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    exp: Option<u64>,
+    #[serde(default)]
+    channels: Vec<String>,
+    #[serde(default)]
+    publish: Vec<String>,
+}
+
+/// Checks tokens and origins for every shard (shared, read-only).
+pub struct Authenticator {
+    mode: AuthMode,
+    verifier: Option<(DecodingKey, Validation)>,
+    anonymous: Arc<Identity>,
+    allowed_origins: Vec<Box<str>>,
+}
+
+/// The authentication settings, as configured.
+#[derive(Debug, Clone, Default)]
+pub struct AuthSettings {
+    pub mode: Option<AuthMode>,
+    pub algorithm: Option<String>,
+    pub secret: Option<String>,
+    pub public_key_file: Option<std::path::PathBuf>,
+    pub leeway: Duration,
+    pub anonymous_subscribe: Option<Vec<String>>,
+    pub anonymous_publish: Option<Vec<String>>,
+    pub allowed_origins: Vec<String>,
+}
+
+impl Authenticator {
+    /// Builds the checker; errors are configuration mistakes, said plainly.
+    pub fn new(settings: &AuthSettings) -> Result<Self, String> {
+        let key = match (&settings.secret, &settings.public_key_file) {
+            (Some(_), Some(_)) => {
+                return Err("give either jwt_secret or jwt_public_key, not both".into());
+            }
+            (Some(secret), None) => Some((KeyKind::Secret, secret.as_bytes().to_vec())),
+            (None, Some(path)) => {
+                let pem = std::fs::read(path)
+                    .map_err(|e| format!("cannot read jwt_public_key {}: {e}", path.display()))?;
+                Some((KeyKind::Public, pem))
+            }
+            (None, None) => None,
+        };
+        let mode = settings.mode.unwrap_or(if key.is_some() {
+            AuthMode::Required
+        } else {
+            AuthMode::Off
+        });
+        let verifier = match key {
+            None if mode != AuthMode::Off => {
+                return Err(format!(
+                    "auth = {mode:?} needs jwt_secret (HS*) or jwt_public_key (RS*, ES*, EdDSA)"
+                ));
+            }
+            None => None,
+            Some((kind, material)) => Some(verifier(kind, &material, settings)?),
+        };
+        let anonymous_default = |list: &Option<Vec<String>>, default: Patterns| {
+            list.as_ref().map_or(default, |l| Patterns::new(l))
+        };
+        let (subscribe_default, publish_default) = match mode {
+            AuthMode::Off => (Patterns::everything(), Patterns::everything()),
+            AuthMode::Optional => (Patterns::everything(), Patterns::default()),
+            AuthMode::Required => (Patterns::default(), Patterns::default()),
+        };
+        Ok(Self {
+            mode,
+            verifier,
+            anonymous: Arc::new(Identity {
+                user: None,
+                subscribe: anonymous_default(&settings.anonymous_subscribe, subscribe_default),
+                publish: anonymous_default(&settings.anonymous_publish, publish_default),
+                expires_at: None,
+            }),
+            allowed_origins: settings
+                .allowed_origins
+                .iter()
+                .map(|o| o.trim().trim_end_matches('/').into())
+                .collect(),
+        })
+    }
+
+    pub fn mode(&self) -> AuthMode {
+        self.mode
+    }
+
+    /// Browsers send `Origin`; a page from a site not on the list must not ride on a
+    /// user's connection (cross-site WebSocket hijacking). An empty list allows any
+    /// origin; requests without `Origin` (non-browser clients) are not affected.
+    pub fn check_origin(&self, origin: Option<&str>) -> Result<(), String> {
+        match origin {
+            Some(origin) if !self.allowed_origins.is_empty() => {
+                let origin = origin.trim_end_matches('/');
+                if self.allowed_origins.iter().any(|o| **o == *origin) {
+                    Ok(())
+                } else {
+                    Err(format!("origin {origin:?} is not allowed"))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The identity of a client presenting `token` (from the header or the query).
+    pub fn authenticate(&self, token: Option<&str>) -> Result<Arc<Identity>, AuthError> {
+        let token = token.map(str::trim).filter(|t| !t.is_empty());
+        match (self.mode, token) {
+            (AuthMode::Off, _) | (AuthMode::Optional, None) => Ok(self.anonymous.clone()),
+            (AuthMode::Required, None) => Err(AuthError::Missing),
+            (_, Some(token)) => self.verify(token).map(Arc::new),
+        }
+    }
+
+    fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let (key, validation) = self
+            .verifier
+            .as_ref()
+            .expect("a verifier exists whenever auth is not off");
+        let data =
+            jsonwebtoken::decode::<Claims>(token, key, validation).map_err(|e| match e.kind() {
+                ErrorKind::ExpiredSignature => AuthError::Expired,
+                ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                    AuthError::WrongAlgorithm
+                }
+                ErrorKind::InvalidSignature => AuthError::BadSignature,
+                _ => AuthError::Malformed(e.to_string()),
+            })?;
+        let claims = data.claims;
+        Ok(Identity {
+            user: claims.sub.map(Into::into),
+            subscribe: Patterns::new(&claims.channels),
+            publish: Patterns::new(&claims.publish),
+            expires_at: claims.exp,
+        })
+    }
+}
+
+enum KeyKind {
+    Secret,
+    Public,
+}
+
+fn verifier(
+    kind: KeyKind,
+    material: &[u8],
+    settings: &AuthSettings,
+) -> Result<(DecodingKey, Validation), String> {
+    let default_alg = match kind {
+        KeyKind::Secret => "HS256",
+        KeyKind::Public => "RS256",
+    };
+    let name = settings.algorithm.as_deref().unwrap_or(default_alg);
+    let algorithm: Algorithm = name
+        .parse()
+        .map_err(|_| format!("unknown jwt_alg {name:?}"))?;
+    let bad_key =
+        |e: jsonwebtoken::errors::Error| format!("jwt_public_key is not a {name} public key: {e}");
+    let key = match (kind, algorithm) {
+        (KeyKind::Secret, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) => {
+            if material.len() < 32 {
+                return Err("jwt_secret must be at least 32 bytes".into());
+            }
+            DecodingKey::from_secret(material)
+        }
+        (KeyKind::Public, Algorithm::RS256 | Algorithm::RS384 | Algorithm::RS512)
+        | (KeyKind::Public, Algorithm::PS256 | Algorithm::PS384 | Algorithm::PS512) => {
+            DecodingKey::from_rsa_pem(material).map_err(bad_key)?
+        }
+        (KeyKind::Public, Algorithm::ES256 | Algorithm::ES384) => {
+            DecodingKey::from_ec_pem(material).map_err(bad_key)?
+        }
+        (KeyKind::Public, Algorithm::EdDSA) => {
+            DecodingKey::from_ed_pem(material).map_err(bad_key)?
+        }
+        (KeyKind::Secret, _) => {
+            return Err(format!(
+                "jwt_alg {name} needs jwt_public_key, not jwt_secret"
+            ));
+        }
+        (KeyKind::Public, _) => {
+            return Err(format!(
+                "jwt_alg {name} needs jwt_secret, not jwt_public_key"
+            ));
+        }
+    };
+    let mut validation = Validation::new(algorithm);
+    validation.leeway = settings.leeway.as_secs();
+    validation.validate_nbf = true;
+    Ok((key, validation))
+}
+
+/// The token a request carries: `Authorization: Bearer`, else `?token=`.
+pub fn token_of<'a>(
+    authorization: Option<&'a str>,
+    query_token: Option<&'a str>,
+) -> Option<&'a str> {
+    authorization
+        .and_then(|a| {
+            a.strip_prefix("Bearer ")
+                .or_else(|| a.strip_prefix("bearer "))
+        })
+        .or(query_token)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jsonwebtoken::{EncodingKey, Header, encode};
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn settings() -> AuthSettings {
+        AuthSettings {
+            secret: Some(SECRET.into()),
+            leeway: Duration::from_secs(5),
+            ..AuthSettings::default()
+        }
+    }
+
+    fn now() -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+    }
+
+    fn token(alg: Algorithm, secret: &str, claims: serde_json::Value) -> String {
+        encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn patterns_match_exact_prefix_and_all() {
+        let p = Patterns::new(&["news", "chat.*"]);
+        assert!(p.allows("news"));
+        assert!(p.allows("chat.room1"));
+        assert!(!p.allows("chat"));
+        assert!(!p.allows("newsroom"));
+        assert!(Patterns::everything().allows("anything"));
+        assert!(!Patterns::default().allows("x"));
+    }
+
+    #[test]
+    fn valid_token_gives_its_permissions() {
+        let auth = Authenticator::new(&settings()).unwrap();
+        assert_eq!(auth.mode(), AuthMode::Required);
+        let t = token(
+            Algorithm::HS256,
+            SECRET,
+            serde_json::json!({"sub":"u1","exp":now()+60,"channels":["news","chat.*"],"publish":["chat.*"]}),
+        );
+        let id = auth.authenticate(Some(&t)).unwrap();
+        assert_eq!(id.user.as_deref(), Some("u1"));
+        assert!(id.subscribe.allows("chat.x") && !id.publish.allows("news"));
+        assert!(id.remaining(SystemTime::now()).unwrap() > Duration::from_secs(50));
+    }
+
+    #[test]
+    fn refuses_bad_tokens_with_the_reason() {
+        let auth = Authenticator::new(&settings()).unwrap();
+        let claims = |exp: u64| serde_json::json!({"sub":"u","exp":exp});
+        assert_eq!(auth.authenticate(None).unwrap_err(), AuthError::Missing);
+        let expired = token(Algorithm::HS256, SECRET, claims(now() - 60));
+        assert_eq!(
+            auth.authenticate(Some(&expired)).unwrap_err(),
+            AuthError::Expired
+        );
+        let forged = token(
+            Algorithm::HS256,
+            "another-secret-another-secret-xx",
+            claims(now() + 60),
+        );
+        assert_eq!(
+            auth.authenticate(Some(&forged)).unwrap_err(),
+            AuthError::BadSignature
+        );
+        let other_alg = token(Algorithm::HS512, SECRET, claims(now() + 60));
+        assert_eq!(
+            auth.authenticate(Some(&other_alg)).unwrap_err(),
+            AuthError::WrongAlgorithm
+        );
+        let early = token(
+            Algorithm::HS256,
+            SECRET,
+            serde_json::json!({"sub":"u","exp":now()+600,"nbf":now()+300}),
+        );
+        assert_eq!(
+            auth.authenticate(Some(&early)).unwrap_err(),
+            AuthError::NotYetValid
+        );
+        // alg "none": header {"alg":"none"}, claims, empty signature.
+        let none = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJ1IiwiZXhwIjo5OTk5OTk5OTk5fQ.";
+        assert!(matches!(
+            auth.authenticate(Some(none)).unwrap_err(),
+            AuthError::WrongAlgorithm | AuthError::Malformed(_)
+        ));
+        assert!(matches!(
+            auth.authenticate(Some("x.y")).unwrap_err(),
+            AuthError::Malformed(_)
+        ));
+    }
+
+    #[test]
+    fn modes_and_anonymous_permissions() {
+        let off = Authenticator::new(&AuthSettings::default()).unwrap();
+        assert_eq!(off.mode(), AuthMode::Off);
+        assert!(off.authenticate(None).unwrap().publish.allows("x"));
+        let optional = Authenticator::new(&AuthSettings {
+            mode: Some(AuthMode::Optional),
+            anonymous_subscribe: Some(vec!["public.*".into()]),
+            ..settings()
+        })
+        .unwrap();
+        let anon = optional.authenticate(None).unwrap();
+        assert!(anon.subscribe.allows("public.a") && !anon.subscribe.allows("private"));
+        assert!(!anon.publish.allows("public.a"));
+        let err = Authenticator::new(&AuthSettings {
+            mode: Some(AuthMode::Required),
+            ..AuthSettings::default()
+        });
+        assert!(err.err().unwrap().contains("needs jwt_secret"));
+        let short = Authenticator::new(&AuthSettings {
+            secret: Some("short".into()),
+            ..AuthSettings::default()
+        });
+        assert!(short.err().unwrap().contains("at least 32 bytes"));
+    }
+
+    #[test]
+    fn origin_allow_list() {
+        let auth = Authenticator::new(&AuthSettings {
+            allowed_origins: vec!["https://app.example".into()],
+            ..AuthSettings::default()
+        })
+        .unwrap();
+        assert!(auth.check_origin(Some("https://app.example")).is_ok());
+        assert!(auth.check_origin(Some("https://evil.example")).is_err());
+        assert!(auth.check_origin(None).is_ok());
+        let open = Authenticator::new(&AuthSettings::default()).unwrap();
+        assert!(open.check_origin(Some("https://evil.example")).is_ok());
+    }
+
+    #[test]
+    fn token_from_header_or_query() {
+        assert_eq!(token_of(Some("Bearer abc"), Some("q")), Some("abc"));
+        assert_eq!(token_of(None, Some("q")), Some("q"));
+        assert_eq!(token_of(Some("Basic x"), None), None);
+    }
+}

@@ -1,0 +1,219 @@
+//! Rate and connection limits, and the answer each gives when it is hit.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// A token bucket: `rate` tokens a second, holding at most `burst`.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    /// Tokens, in millionths, so refills are exact integers.
+    micro_tokens: u64,
+    rate_per_sec: u64,
+    burst: u64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate_per_sec: u64, burst: u64, now: Instant) -> Self {
+        Self {
+            micro_tokens: burst * 1_000_000,
+            rate_per_sec,
+            burst: burst.max(1),
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one.
+    pub fn try_take(&mut self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last);
+        self.last = now;
+        let refill = (elapsed.as_micros() as u64).saturating_mul(self.rate_per_sec);
+        self.micro_tokens = (self.micro_tokens.saturating_add(refill)).min(self.burst * 1_000_000);
+        if self.micro_tokens >= 1_000_000 {
+            self.micro_tokens -= 1_000_000;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// The server holds `--max-connections` already: 503.
+    Full,
+    /// This address holds `--max-connections-per-ip` already: 429.
+    PerIp,
+}
+
+impl Refusal {
+    pub fn status(self) -> u16 {
+        match self {
+            Self::Full => 503,
+            Self::PerIp => 429,
+        }
+    }
+
+    pub fn reason(self) -> &'static str {
+        match self {
+            Self::Full => "the server is at its connection limit; retry later",
+            Self::PerIp => "too many connections from this address; retry later",
+        }
+    }
+}
+
+/// Connections in all and per client address, shared by every shard. Touched when a
+/// connection starts and ends, never per message.
+pub struct ConnectionLimits {
+    max_total: usize,
+    max_per_ip: usize,
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl ConnectionLimits {
+    /// `max_per_ip == 0` means no per-address limit.
+    pub fn new(max_total: usize, max_per_ip: usize) -> Self {
+        Self {
+            max_total,
+            max_per_ip,
+            total: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts an accepted socket. Beyond a small margin over the limit the socket is not
+    /// worth a response (it is closed at once, keeping descriptors for the others).
+    pub fn accept(&self) -> bool {
+        let before = self.total.fetch_add(1, Ordering::Relaxed);
+        if before >= self.max_total + self.max_total / 10 + 64 {
+            self.total.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// Uncounts an accepted socket.
+    pub fn close(&self) {
+        self.total.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Admits a request from `ip` to hold a connection (WebSocket, stream, poll); on
+    /// success the caller must [`ConnectionLimits::release`] it when the connection ends.
+    pub fn admit(&self, ip: IpAddr) -> Result<(), Refusal> {
+        if self.total.load(Ordering::Relaxed) > self.max_total {
+            return Err(Refusal::Full);
+        }
+        let mut per_ip = self.per_ip.lock().expect("limits lock");
+        let count = per_ip.entry(ip).or_insert(0);
+        if self.max_per_ip > 0 && *count as usize >= self.max_per_ip {
+            if *count == 0 {
+                per_ip.remove(&ip);
+            }
+            return Err(Refusal::PerIp);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    pub fn release(&self, ip: IpAddr) {
+        let mut per_ip = self.per_ip.lock().expect("limits lock");
+        if let Some(count) = per_ip.get_mut(&ip) {
+            *count -= 1;
+            if *count == 0 {
+                per_ip.remove(&ip);
+            }
+        }
+    }
+}
+
+/// The client's address: the peer, or, behind a trusted proxy, the last address the
+/// proxy chain added to `X-Forwarded-For` that is not itself a trusted proxy.
+pub fn client_ip(peer: IpAddr, forwarded_for: Option<&str>, trusted: &[IpAddr]) -> IpAddr {
+    if !trusted.contains(&peer) {
+        return peer;
+    }
+    let Some(list) = forwarded_for else {
+        return peer;
+    };
+    list.rsplit(',')
+        .filter_map(|hop| hop.trim().parse::<IpAddr>().ok())
+        .find(|ip| !trusted.contains(ip))
+        .unwrap_or(peer)
+}
+
+/// A `Retry-After` in whole seconds, spread over `base..base + spread` so a crowd that
+/// was refused together does not come back together.
+pub fn retry_after(base: Duration, spread: Duration, seed: &mut u64) -> u64 {
+    // xorshift64: cheap, and enough to de-synchronise clients.
+    *seed ^= *seed << 13;
+    *seed ^= *seed >> 7;
+    *seed ^= *seed << 17;
+    let spread = spread.as_secs().max(1);
+    base.as_secs().max(1) + *seed % spread
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bucket_allows_burst_then_rate() {
+        let start = Instant::now();
+        let mut bucket = TokenBucket::new(10, 5, start);
+        assert_eq!((0..10).filter(|_| bucket.try_take(start)).count(), 5);
+        let later = start + Duration::from_millis(300);
+        assert_eq!((0..10).filter(|_| bucket.try_take(later)).count(), 3);
+        let much_later = later + Duration::from_secs(60);
+        assert_eq!((0..10).filter(|_| bucket.try_take(much_later)).count(), 5);
+    }
+
+    #[test]
+    fn per_ip_and_total_limits() {
+        let limits = ConnectionLimits::new(3, 2);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        for _ in 0..3 {
+            assert!(limits.accept());
+        }
+        assert_eq!(limits.admit(a), Ok(()));
+        assert_eq!(limits.admit(a), Ok(()));
+        assert_eq!(limits.admit(a), Err(Refusal::PerIp));
+        limits.release(a);
+        assert_eq!(limits.admit(a), Ok(()));
+        assert!(limits.accept());
+        assert_eq!(limits.admit(b), Err(Refusal::Full));
+        limits.close();
+        assert_eq!(limits.admit(b), Ok(()));
+    }
+
+    #[test]
+    fn forwarded_for_only_from_trusted_proxies() {
+        let proxy: IpAddr = "127.0.0.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.9".parse().unwrap();
+        let trusted = [proxy];
+        let xff = Some("198.51.100.7, 203.0.113.5");
+        assert_eq!(client_ip(other, xff, &trusted), other);
+        assert_eq!(
+            client_ip(proxy, xff, &trusted),
+            "203.0.113.5".parse::<IpAddr>().unwrap()
+        );
+        assert_eq!(client_ip(proxy, Some("garbage"), &trusted), proxy);
+        assert_eq!(client_ip(proxy, None, &trusted), proxy);
+    }
+
+    #[test]
+    fn retry_after_is_spread() {
+        let mut seed = 0x9e37_79b9_7f4a_7c15;
+        let values: std::collections::HashSet<u64> = (0..50)
+            .map(|_| retry_after(Duration::from_secs(1), Duration::from_secs(5), &mut seed))
+            .collect();
+        assert!(values.iter().all(|v| (1..6).contains(v)));
+        assert!(values.len() > 2);
+    }
+}
