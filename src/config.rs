@@ -12,6 +12,7 @@ use serde::Deserialize;
 
 use crate::auth::{AuthMode, AuthSettings};
 use crate::hub::HistoryLimits;
+use crate::limits::{PrefixPolicy, SlowConsumerPolicies, SlowConsumerPolicy};
 
 /// How many shard threads to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -234,6 +235,17 @@ pub struct Options {
     /// [default: 20000]
     #[arg(long, env = "HERALD_ACCEPT_RATE", value_name = "N")]
     pub accept_rate: Option<u64>,
+
+    /// What a subscriber whose outbound queue is full gets: disconnect (close 4008),
+    /// drop-oldest or conflate (both with a `gap` notice). Per channel prefix in the
+    /// config file: [[slow_consumer]] prefix = "prices." policy = "conflate".
+    /// [default: disconnect]
+    #[arg(long, env = "HERALD_SLOW_CONSUMER_POLICY", value_enum)]
+    pub slow_consumer_policy: Option<SlowConsumerPolicy>,
+
+    /// Per-prefix slow-consumer policies (config file only).
+    #[arg(skip)]
+    pub slow_consumer: Option<Vec<PrefixPolicy>>,
 }
 
 impl Options {
@@ -272,6 +284,8 @@ impl Options {
                 .max_messages_per_second
                 .or(lower.max_messages_per_second),
             accept_rate: self.accept_rate.or(lower.accept_rate),
+            slow_consumer_policy: self.slow_consumer_policy.or(lower.slow_consumer_policy),
+            slow_consumer: self.slow_consumer.or(lower.slow_consumer),
         }
     }
 }
@@ -304,6 +318,7 @@ pub struct Config {
     pub max_connections_per_ip: usize,
     pub max_messages_per_second: u64,
     pub accept_rate: u64,
+    pub slow_consumers: SlowConsumerPolicies,
 }
 
 impl Default for Config {
@@ -373,6 +388,12 @@ impl Options {
             max_connections_per_ip: self.max_connections_per_ip.unwrap_or(10_000),
             max_messages_per_second: self.max_messages_per_second.unwrap_or(100),
             accept_rate: self.accept_rate.unwrap_or(20_000),
+            slow_consumers: SlowConsumerPolicies {
+                default: self
+                    .slow_consumer_policy
+                    .unwrap_or(SlowConsumerPolicy::Disconnect),
+                by_prefix: self.slow_consumer.unwrap_or_default(),
+            },
         };
         config.check()?;
         Ok(config)
@@ -463,6 +484,23 @@ mod tests {
         assert_eq!(auto.threads, Some(Threads::Auto));
         let err = toml::from_str::<Options>("thread = 2").unwrap_err();
         assert!(err.to_string().contains("unknown field"), "{err}");
+    }
+
+    #[test]
+    fn file_sets_slow_consumer_policies_per_prefix() {
+        let file: Options = toml::from_str(
+            "slow_consumer_policy = \"drop-oldest\"\n[[slow_consumer]]\nprefix = \"prices.\"\npolicy = \"conflate\"\n",
+        )
+        .unwrap();
+        let c = file.resolve().unwrap();
+        assert_eq!(
+            c.slow_consumers.policy_for("a"),
+            SlowConsumerPolicy::DropOldest
+        );
+        assert_eq!(
+            c.slow_consumers.policy_for("prices.x"),
+            SlowConsumerPolicy::Conflate
+        );
     }
 
     #[test]

@@ -42,6 +42,46 @@ impl TokenBucket {
     }
 }
 
+/// What happens when a subscriber's outbound queue passes its bound.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum SlowConsumerPolicy {
+    /// Close with 4008; the client reconnects and recovers with `since`.
+    Disconnect,
+    /// Shed the oldest queued messages and send a `gap` notice (from, to) so the client
+    /// can recover them with `since`.
+    DropOldest,
+    /// Keep only the newest queued message of the channel (prices, dashboards), with a
+    /// `gap` notice for what was skipped.
+    Conflate,
+}
+
+/// A policy for channels whose name starts with `prefix` (config file only).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixPolicy {
+    pub prefix: String,
+    pub policy: SlowConsumerPolicy,
+}
+
+/// The slow-consumer policy of every channel: the longest matching prefix, else the
+/// default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlowConsumerPolicies {
+    pub default: SlowConsumerPolicy,
+    pub by_prefix: Vec<PrefixPolicy>,
+}
+
+impl SlowConsumerPolicies {
+    pub fn policy_for(&self, channel: &str) -> SlowConsumerPolicy {
+        self.by_prefix
+            .iter()
+            .filter(|p| channel.starts_with(&p.prefix))
+            .max_by_key(|p| p.prefix.len())
+            .map_or(self.default, |p| p.policy)
+    }
+}
+
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
@@ -205,6 +245,32 @@ mod tests {
         );
         assert_eq!(client_ip(proxy, Some("garbage"), &trusted), proxy);
         assert_eq!(client_ip(proxy, None, &trusted), proxy);
+    }
+
+    #[test]
+    fn longest_prefix_picks_the_policy() {
+        let policies = SlowConsumerPolicies {
+            default: SlowConsumerPolicy::Disconnect,
+            by_prefix: vec![
+                PrefixPolicy {
+                    prefix: "prices.".into(),
+                    policy: SlowConsumerPolicy::Conflate,
+                },
+                PrefixPolicy {
+                    prefix: "prices.fx.".into(),
+                    policy: SlowConsumerPolicy::DropOldest,
+                },
+            ],
+        };
+        assert_eq!(policies.policy_for("news"), SlowConsumerPolicy::Disconnect);
+        assert_eq!(
+            policies.policy_for("prices.btc"),
+            SlowConsumerPolicy::Conflate
+        );
+        assert_eq!(
+            policies.policy_for("prices.fx.eur"),
+            SlowConsumerPolicy::DropOldest
+        );
     }
 
     #[test]

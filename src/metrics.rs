@@ -46,6 +46,8 @@ pub struct Counters {
     pub bytes_out_total: u64,
     pub deliveries_total: u64,
     pub slow_consumer_closes_total: u64,
+    /// Messages a slow consumer's policy shed (announced with a gap notice).
+    pub messages_shed_total: u64,
     pub rejected_total: [u64; REJECT_STATUSES.len()],
     pub busy_ns_total: u64,
     pub loop_turns_total: u64,
@@ -84,6 +86,7 @@ impl Counters {
                 self.bytes_out_total,
                 self.deliveries_total,
                 self.slow_consumer_closes_total,
+                self.messages_shed_total,
                 self.busy_ns_total,
                 self.loop_turns_total,
                 self.publish_flush_sum_us,
@@ -105,6 +108,7 @@ impl Counters {
                 &mut self.bytes_out_total,
                 &mut self.deliveries_total,
                 &mut self.slow_consumer_closes_total,
+                &mut self.messages_shed_total,
                 &mut self.busy_ns_total,
                 &mut self.loop_turns_total,
                 &mut self.publish_flush_sum_us,
@@ -114,7 +118,7 @@ impl Counters {
     }
 }
 
-const FIELDS: usize = 4 + 12 + REJECT_STATUSES.len() + LATENCY_BUCKETS_US.len() + 1;
+const FIELDS: usize = 4 + 13 + REJECT_STATUSES.len() + LATENCY_BUCKETS_US.len() + 1;
 
 /// One shard's published copy of its [`Counters`], on cache lines of its own.
 #[repr(align(128))]

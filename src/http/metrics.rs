@@ -79,6 +79,12 @@ pub fn prometheus(s: &Snapshot) -> String {
         &one(t.slow_consumer_closes_total),
     );
     metric(
+        "herald_messages_shed_total",
+        "counter",
+        "Messages shed from slow consumers by a drop-oldest or conflate policy (each announced by a gap notice).",
+        &one(t.messages_shed_total),
+    );
+    metric(
         "herald_rejected_requests_total",
         "counter",
         "Requests refused before an upgrade or on the API, by status.",

@@ -6,36 +6,65 @@ use std::collections::HashMap;
 use slab::Slab;
 
 use super::ChannelName;
+use crate::limits::SlowConsumerPolicy;
+
+/// One channel's subscribers on this shard.
+pub struct ChannelSubscribers {
+    /// Names the channel inside this shard's outboxes (never reused while the shard runs).
+    pub tag: u32,
+    /// What its slow subscribers get.
+    pub policy: SlowConsumerPolicy,
+    conns: Slab<usize>,
+}
+
+impl ChannelSubscribers {
+    /// The connection keys subscribed.
+    pub fn conns(&self) -> impl Iterator<Item = usize> + '_ {
+        self.conns.iter().map(|(_, &conn)| conn)
+    }
+}
 
 /// Channel → the shard's connection keys subscribed to it. Each subscriber sits in a
 /// slot of its channel's slab; the connection remembers the slot, so leaving is O(1)
 /// even on a channel with a million subscribers.
 #[derive(Default)]
 pub struct Subscriptions {
-    map: HashMap<ChannelName, Slab<usize>>,
+    map: HashMap<ChannelName, ChannelSubscribers>,
+    next_tag: u32,
 }
 
 impl Subscriptions {
-    /// Adds connection `conn`; returns the slot to give back to [`Subscriptions::remove`].
-    pub fn insert(&mut self, channel: &ChannelName, conn: usize) -> usize {
-        self.map.entry(channel.clone()).or_default().insert(conn)
+    /// Adds connection `conn`; returns the slot to give back to [`Subscriptions::remove`]
+    /// and the channel's tag. `policy` is asked only when the channel is new here.
+    pub fn insert(
+        &mut self,
+        channel: &ChannelName,
+        conn: usize,
+        policy: impl FnOnce() -> SlowConsumerPolicy,
+    ) -> (usize, u32) {
+        let next_tag = &mut self.next_tag;
+        let entry = self.map.entry(channel.clone()).or_insert_with(|| {
+            *next_tag = next_tag.wrapping_add(1);
+            ChannelSubscribers {
+                tag: *next_tag,
+                policy: policy(),
+                conns: Slab::new(),
+            }
+        });
+        (entry.conns.insert(conn), entry.tag)
     }
 
     pub fn remove(&mut self, channel: &str, slot: usize) {
         if let Some(subscribers) = self.map.get_mut(channel) {
-            subscribers.try_remove(slot);
-            if subscribers.is_empty() {
+            subscribers.conns.try_remove(slot);
+            if subscribers.conns.is_empty() {
                 self.map.remove(channel);
             }
         }
     }
 
-    /// The connection keys subscribed to `channel` on this shard.
-    pub fn subscribers(&self, channel: &str) -> impl Iterator<Item = usize> + '_ {
-        self.map
-            .get(channel)
-            .into_iter()
-            .flat_map(|s| s.iter().map(|(_, &conn)| conn))
+    pub fn get(&self, channel: &str) -> Option<&ChannelSubscribers> {
+        self.map.get(channel)
     }
 
     /// Channels with at least one subscriber on this shard.
@@ -52,15 +81,19 @@ mod tests {
     fn insert_iterate_remove() {
         let mut subs = Subscriptions::default();
         let c: ChannelName = "c".into();
-        let a = subs.insert(&c, 10);
-        let b = subs.insert(&c, 11);
-        let mut got: Vec<_> = subs.subscribers("c").collect();
+        let policy = || SlowConsumerPolicy::Disconnect;
+        let (a, tag) = subs.insert(&c, 10, policy);
+        let (b, same_tag) = subs.insert(&c, 11, policy);
+        assert_eq!(tag, same_tag);
+        let mut got: Vec<_> = subs.get("c").unwrap().conns().collect();
         got.sort();
         assert_eq!(got, [10, 11]);
         subs.remove("c", a);
-        assert_eq!(subs.subscribers("c").collect::<Vec<_>>(), [11]);
+        assert_eq!(subs.get("c").unwrap().conns().collect::<Vec<_>>(), [11]);
         subs.remove("c", b);
         assert_eq!(subs.channel_count(), 0);
-        assert_eq!(subs.subscribers("nope").count(), 0);
+        assert!(subs.get("nope").is_none());
+        let (_, new_tag) = subs.insert(&c, 12, policy);
+        assert_ne!(new_tag, tag, "a tag is never reused");
     }
 }

@@ -427,6 +427,20 @@ pub fn encode_history_gap(
     frame.finish()
 }
 
+/// `{"type":"gap","channel":C,"from":A,"to":B}`: messages A..=B of the channel were shed
+/// from this slow connection; recover them with `since: A - 1`.
+pub fn encode_gap(channel: &str, from: u64, to: u64) -> Bytes {
+    let mut frame = TextFrame::with_capacity(64 + channel.len());
+    frame.put(b"{\"type\":\"gap\",\"channel\":");
+    frame.put_str(channel);
+    frame.put(b",\"from\":");
+    frame.put_u64(from);
+    frame.put(b",\"to\":");
+    frame.put_u64(to);
+    frame.put(b"}");
+    frame.finish()
+}
+
 /// `{"type":"error","code":C,"message":M,"id":I}`
 pub fn encode_error(code: &str, message: &str, id: Option<u64>) -> Bytes {
     let mut frame = TextFrame::with_capacity(64 + code.len() + message.len());

@@ -46,7 +46,7 @@ use crate::auth::{AuthMode, Authenticator, Identity, token_of};
 use crate::config::Config;
 use crate::http::{self, Route, longpoll, publish, sse};
 use crate::hub::{self, Broadcast, ChannelName, Channels, SubscribeOutcome, Subscriptions};
-use crate::limits::{ConnectionLimits, TokenBucket, client_ip, retry_after};
+use crate::limits::{ConnectionLimits, SlowConsumerPolicy, TokenBucket, client_ip, retry_after};
 use crate::metrics::{Counters, Registry, Transport};
 use crate::proto::decoder::DecoderLimits;
 use crate::proto::frame::{FrameHeader, OpCode, encode_frame};
@@ -131,8 +131,9 @@ enum SubState {
     /// Sent to the home, not yet confirmed. `unsubscribe` holds the id of an unsubscribe
     /// that arrived meanwhile (outer `Some`), carried out once confirmed.
     Pending { unsubscribe: Option<Option<u64>> },
-    /// Receiving messages; `slot` is its place in [`Subscriptions`].
-    Active { slot: usize },
+    /// Receiving messages; `slot` is its place in [`Subscriptions`], `tag` the channel's
+    /// name in this shard's outboxes.
+    Active { slot: usize, tag: u32 },
 }
 
 struct Conn {
@@ -1030,7 +1031,7 @@ impl Shard {
     /// Ends subscription `index` of `key`: leaves the local table and tells the home.
     fn release(&mut self, key: usize, index: usize) {
         let sub = self.conns[key].subs.swap_remove(index);
-        if let SubState::Active { slot } = sub.state {
+        if let SubState::Active { slot, .. } = sub.state {
             self.subscriptions.remove(&sub.channel, slot);
             self.counters.subscriptions -= 1;
         }
@@ -1338,14 +1339,17 @@ impl Shard {
             self.send_response(key, response, keep_alive);
             return;
         }
-        let slot = self.subscriptions.insert(channel, key);
+        let policies = &self.ctx.config.slow_consumers;
+        let (slot, tag) = self
+            .subscriptions
+            .insert(channel, key, || policies.policy_for(channel));
         self.counters.subscriptions += 1;
         let conn = &mut self.conns[key];
         if let Phase::Polling { seq: at, .. } = &mut conn.phase {
             *at = seq;
         }
         let SubState::Pending { unsubscribe } =
-            std::mem::replace(&mut conn.subs[index].state, SubState::Active { slot })
+            std::mem::replace(&mut conn.subs[index].state, SubState::Active { slot, tag })
         else {
             unreachable!("pending_index returned a pending subscription");
         };
@@ -1431,17 +1435,22 @@ impl Shard {
     /// 4008 and recover with `since`.
     fn deliver(&mut self, broadcast: &Broadcast) {
         let budget = self.ctx.config.outbound_queue_bytes;
+        let Some(subscribers) = self.subscriptions.get(&broadcast.channel) else {
+            return;
+        };
+        let (tag, policy, seq) = (subscribers.tag, subscribers.policy, broadcast.seq);
         let mut slow = Vec::new();
         let mut polls = Vec::new();
         let mut event: Option<Bytes> = None;
-        for key in self.subscriptions.subscribers(&broadcast.channel) {
+        for key in subscribers.conns() {
             let conn = &mut self.conns[key];
             match conn.phase {
-                Phase::WebSocket { .. } => conn.outbox.push(broadcast.frame.clone()),
+                Phase::WebSocket { .. } => {
+                    conn.outbox.push_message(broadcast.frame.clone(), tag, seq)
+                }
                 Phase::EventStream => {
-                    let event =
-                        event.get_or_insert_with(|| sse::event(broadcast.seq, &broadcast.frame));
-                    conn.outbox.push(event.clone());
+                    let event = event.get_or_insert_with(|| sse::event(seq, &broadcast.frame));
+                    conn.outbox.push_message(event.clone(), tag, seq);
                 }
                 Phase::Polling { .. } => {
                     polls.push(key);
@@ -1476,6 +1485,45 @@ impl Shard {
             self.send_response(key, response, keep_alive);
         }
         for key in slow {
+            self.shed(key, tag, policy);
+        }
+    }
+
+    /// Brings a slow subscriber's queue back within budget as its channel's policy says,
+    /// announcing what was shed; disconnects it when shedding is not enough.
+    fn shed(&mut self, key: usize, tag: u32, policy: SlowConsumerPolicy) {
+        let budget = self.ctx.config.outbound_queue_bytes;
+        let outbox = &mut self.conns[key].outbox;
+        let shed = match policy {
+            SlowConsumerPolicy::Disconnect => Vec::new(),
+            // Down to half the budget, so the next messages do not shed again at once.
+            SlowConsumerPolicy::DropOldest => outbox.drop_oldest(budget / 2),
+            SlowConsumerPolicy::Conflate => outbox.conflate(tag).into_iter().collect(),
+        };
+        for range in shed {
+            self.counters.messages_shed_total += range.to - range.from + 1;
+            let conn = &mut self.conns[key];
+            let Some(channel) = conn.subs.iter().find_map(|s| match s.state {
+                SubState::Active { tag, .. } if tag == range.tag => Some(s.channel.clone()),
+                _ => None,
+            }) else {
+                // It left that channel meanwhile: nothing to announce.
+                continue;
+            };
+            let stream = matches!(conn.phase, Phase::EventStream);
+            conn.outbox.announce(range, |from, to| {
+                if stream {
+                    let json = format!(
+                        r#"{{"channel":{},"from":{from},"to":{to}}}"#,
+                        json_string(&channel)
+                    );
+                    sse::control_event("gap", &json)
+                } else {
+                    pubsub::encode_gap(&channel, from, to)
+                }
+            });
+        }
+        if self.conns[key].outbox.len_bytes() > budget {
             self.counters.slow_consumer_closes_total += 1;
             self.conns[key].outbox.discard_unstarted();
             self.close_with(key, 4008, "slow consumer: reconnect and recover with since");
@@ -2245,6 +2293,80 @@ mod tests {
         assert_eq!(u16::from_be_bytes([last[0], last[1]]), 4008);
         assert!(frames.len() < 100);
         assert_eq!(cluster.shards[0].counters().slow_consumer_closes_total, 1);
+    }
+
+    /// A subscriber that reads nothing while 100 messages of 100 bytes arrive on a 4 KiB
+    /// budget, under `policy`: returns the texts it would then read.
+    fn slow_subscriber_under(policy: SlowConsumerPolicy) -> Vec<String> {
+        let config = Config {
+            outbound_queue_bytes: 4096,
+            slow_consumers: crate::limits::SlowConsumerPolicies {
+                default: SlowConsumerPolicy::Disconnect,
+                by_prefix: vec![crate::limits::PrefixPolicy {
+                    prefix: "feed.".into(),
+                    policy,
+                }],
+            },
+            ..Config::default()
+        };
+        let mut cluster = Cluster::new(1, config);
+        let slow = cluster.connect(0, "/ws");
+        cluster.send(slow, r#"{"type":"subscribe","channel":"feed.a"}"#);
+        cluster.settle();
+        cluster.take_output(slow);
+        let p = cluster.connect(0, "/ws");
+        let data = "x".repeat(100);
+        for _ in 0..100 {
+            cluster.send(
+                p,
+                &format!(r#"{{"type":"publish","channel":"feed.a","data":"{data}"}}"#),
+            );
+        }
+        cluster.settle();
+        assert_eq!(cluster.shards[0].counters().slow_consumer_closes_total, 0);
+        cluster.texts(slow)
+    }
+
+    fn seq_of(text: &str) -> u64 {
+        let rest = &text[text.find("\"seq\":").unwrap() + 6..];
+        rest[..rest.find(',').unwrap()].parse().unwrap()
+    }
+
+    /// Every sequence number 1..=100 is delivered or inside a gap notice, in order;
+    /// returns how many gap notices there were.
+    fn assert_nothing_lost_silently(texts: &[String]) -> usize {
+        let number = |text: &str, key: &str| -> u64 {
+            let rest = &text[text.find(key).unwrap() + key.len()..];
+            rest.split([',', '}']).next().unwrap().parse().unwrap()
+        };
+        let mut next = 1;
+        let mut gaps = 0;
+        for text in texts {
+            if text.starts_with(r#"{"type":"gap","channel":"feed.a""#) {
+                assert_eq!(number(text, "\"from\":"), next, "{texts:?}");
+                next = number(text, "\"to\":") + 1;
+                gaps += 1;
+            } else {
+                assert_eq!(seq_of(text), next, "{texts:?}");
+                next += 1;
+            }
+        }
+        assert_eq!(next, 101, "{texts:?}");
+        gaps
+    }
+
+    #[test]
+    fn drop_oldest_sheds_with_gap_notices_and_loses_nothing_silently() {
+        let texts = slow_subscriber_under(SlowConsumerPolicy::DropOldest);
+        assert!(assert_nothing_lost_silently(&texts) >= 1);
+    }
+
+    #[test]
+    fn conflate_keeps_the_newest_message_with_a_gap_notice() {
+        let texts = slow_subscriber_under(SlowConsumerPolicy::Conflate);
+        // Conflation squeezed the queue to one message at a time: one widened notice.
+        assert_eq!(assert_nothing_lost_silently(&texts), 1);
+        assert_eq!(seq_of(texts.last().unwrap()), 100);
     }
 
     #[test]

@@ -6,6 +6,12 @@
 //! never taken for dead; they do not count toward the data budget (which decides slow
 //! consumers). Everything else, close frames included, keeps its order in the data lane:
 //! nothing may follow a close, so a close waits for the data queued before it.
+//!
+//! Published messages in the data lane carry their channel (a shard-local tag) and
+//! sequence number, so a slow consumer's queue can shed them by policy: the oldest first
+//! (`drop_oldest`) or all but the newest of a channel (`conflate`). What is shed is
+//! announced by one gap notice per channel, placed before that channel's next message and
+//! widened, not repeated, when more is shed.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -17,11 +23,37 @@ use bytes::{Buf, Bytes};
 /// latest).
 const MAX_CONTROL_BYTES: usize = 16 * 1024;
 
+/// What a data chunk is, for shedding.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// Replies, responses, close frames: never shed.
+    Plain,
+    /// A published message of channel `tag`.
+    Message { tag: u32, seq: u64 },
+    /// The gap notice of channel `tag`, covering `from..=to`.
+    Notice { tag: u32, from: u64, to: u64 },
+}
+
+#[derive(Debug)]
+struct Chunk {
+    bytes: Bytes,
+    kind: Kind,
+}
+
+/// Messages shed from one channel: sequence numbers `from..=to` (with holes where
+/// messages of it were kept, as under conflation).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shed {
+    pub tag: u32,
+    pub from: u64,
+    pub to: u64,
+}
+
 /// Outgoing frames of one connection.
 #[derive(Debug, Default)]
 pub struct Outbox {
     control: VecDeque<Bytes>,
-    data: VecDeque<Bytes>,
+    data: VecDeque<Chunk>,
     control_bytes: usize,
     data_bytes: usize,
     /// The data front is partly written: it must be finished before anything else.
@@ -37,11 +69,104 @@ enum Lane {
 impl Outbox {
     /// Queues a data frame (or any bytes that keep their order: responses, close frames).
     pub fn push(&mut self, chunk: Bytes) {
-        if chunk.is_empty() {
+        self.push_kind(chunk, Kind::Plain);
+    }
+
+    /// Queues a published message of channel `tag`.
+    pub fn push_message(&mut self, frame: Bytes, tag: u32, seq: u64) {
+        self.push_kind(frame, Kind::Message { tag, seq });
+    }
+
+    fn push_kind(&mut self, bytes: Bytes, kind: Kind) {
+        if bytes.is_empty() {
             return;
         }
-        self.data_bytes += chunk.len();
-        self.data.push_back(chunk);
+        self.data_bytes += bytes.len();
+        self.data.push_back(Chunk { bytes, kind });
+    }
+
+    /// Index of the first data chunk that may be removed or inserted before.
+    fn first_unstarted(&self) -> usize {
+        usize::from(self.data_started)
+    }
+
+    /// Sheds published messages from the front (oldest first) until at most `target`
+    /// data bytes remain or none is left to shed; returns what was shed per channel.
+    pub fn drop_oldest(&mut self, target: usize) -> Vec<Shed> {
+        let mut shed: Vec<Shed> = Vec::new();
+        let mut i = self.first_unstarted();
+        while self.data_bytes > target && i < self.data.len() {
+            let Kind::Message { tag, seq } = self.data[i].kind else {
+                i += 1;
+                continue;
+            };
+            let chunk = self.data.remove(i).expect("index in range");
+            self.data_bytes -= chunk.bytes.len();
+            record(&mut shed, tag, seq);
+        }
+        shed
+    }
+
+    /// Sheds every queued message of channel `tag` but the newest; returns the range.
+    pub fn conflate(&mut self, tag: u32) -> Option<Shed> {
+        let newest = self
+            .data
+            .iter()
+            .rposition(|c| matches!(c.kind, Kind::Message { tag: t, .. } if t == tag))?;
+        let mut shed = Vec::new();
+        let mut removed = 0;
+        let mut i = self.first_unstarted();
+        while i < newest - removed {
+            match self.data[i].kind {
+                Kind::Message { tag: t, seq } if t == tag => {
+                    let chunk = self.data.remove(i).expect("index in range");
+                    self.data_bytes -= chunk.bytes.len();
+                    removed += 1;
+                    record(&mut shed, tag, seq);
+                }
+                _ => i += 1,
+            }
+        }
+        shed.pop()
+    }
+
+    /// Announces `shed` with a notice placed before the channel's first queued message
+    /// (or at the end when none is queued). An unstarted notice of the same channel is
+    /// widened instead, so each channel has at most one. `encode` builds the notice
+    /// for a range.
+    pub fn announce(&mut self, shed: Shed, encode: impl Fn(u64, u64) -> Bytes) {
+        let start = self.first_unstarted();
+        let existing = (start..self.data.len())
+            .find(|&i| matches!(self.data[i].kind, Kind::Notice { tag, .. } if tag == shed.tag));
+        let (from, to, at) = match existing {
+            Some(i) => {
+                let Kind::Notice { from, to, .. } = self.data[i].kind else {
+                    unreachable!("found a notice");
+                };
+                let old = self.data.remove(i).expect("index in range");
+                self.data_bytes -= old.bytes.len();
+                (from.min(shed.from), to.max(shed.to), i)
+            }
+            None => {
+                let first_message = (start..self.data.len()).find(
+                    |&i| matches!(self.data[i].kind, Kind::Message { tag, .. } if tag == shed.tag),
+                );
+                (shed.from, shed.to, first_message.unwrap_or(self.data.len()))
+            }
+        };
+        let bytes = encode(from, to);
+        self.data_bytes += bytes.len();
+        self.data.insert(
+            at,
+            Chunk {
+                bytes,
+                kind: Kind::Notice {
+                    tag: shed.tag,
+                    from,
+                    to,
+                },
+            },
+        );
     }
 
     /// Queues a ping or pong ahead of unstarted data. Returns false (and drops it) when
@@ -80,7 +205,11 @@ impl Outbox {
             self.data.front().filter(|_| self.data_started),
             self.data.iter().skip(started),
         );
-        let order = first.into_iter().chain(&self.control).chain(rest_of_data);
+        let order = first
+            .map(|c| &c.bytes)
+            .into_iter()
+            .chain(&self.control)
+            .chain(rest_of_data.map(|c| &c.bytes));
         let mut n = 0;
         for (slot, chunk) in slices.iter_mut().zip(order) {
             *slot = IoSlice::new(chunk);
@@ -93,13 +222,14 @@ impl Outbox {
     pub fn advance(&mut self, mut written: usize) {
         while written > 0 {
             let lane = self.current();
-            let (queue, bytes) = match lane {
-                Lane::Control => (&mut self.control, &mut self.control_bytes),
-                Lane::Data => (&mut self.data, &mut self.data_bytes),
+            let (front, bytes) = match lane {
+                Lane::Control => (self.control.front_mut(), &mut self.control_bytes),
+                Lane::Data => (
+                    self.data.front_mut().map(|c| &mut c.bytes),
+                    &mut self.data_bytes,
+                ),
             };
-            let front = queue
-                .front_mut()
-                .expect("advance past the end of the outbox");
+            let front = front.expect("advance past the end of the outbox");
             if written < front.len() {
                 front.advance(written);
                 *bytes -= written;
@@ -112,9 +242,14 @@ impl Outbox {
             }
             written -= front.len();
             *bytes -= front.len();
-            queue.pop_front();
-            if let Lane::Data = lane {
-                self.data_started = false;
+            match lane {
+                Lane::Control => {
+                    self.control.pop_front();
+                }
+                Lane::Data => {
+                    self.data.pop_front();
+                    self.data_started = false;
+                }
             }
         }
     }
@@ -125,9 +260,24 @@ impl Outbox {
         let keep = usize::from(self.data_started);
         while self.data.len() > keep {
             let chunk = self.data.pop_back().expect("len > keep");
-            self.data_bytes -= chunk.len();
+            self.data_bytes -= chunk.bytes.len();
         }
         self.data_bytes
+    }
+}
+
+/// Adds `seq` of `tag` to the shed ranges.
+fn record(shed: &mut Vec<Shed>, tag: u32, seq: u64) {
+    match shed.iter_mut().find(|s| s.tag == tag) {
+        Some(range) => {
+            range.from = range.from.min(seq);
+            range.to = range.to.max(seq);
+        }
+        None => shed.push(Shed {
+            tag,
+            from: seq,
+            to: seq,
+        }),
     }
 }
 
@@ -184,6 +334,82 @@ mod tests {
             .count();
         assert_eq!(queued, MAX_CONTROL_BYTES / 127);
         assert_eq!(outbox.len_bytes(), 0);
+    }
+
+    fn frame(s: &str) -> Bytes {
+        Bytes::copy_from_slice(s.as_bytes())
+    }
+
+    fn notice(tag: u32) -> impl Fn(u64, u64) -> Bytes {
+        move |from, to| Bytes::from(format!("<gap{tag}:{from}-{to}>"))
+    }
+
+    #[test]
+    fn drop_oldest_sheds_messages_from_the_front_and_announces_once_per_channel() {
+        let mut outbox = Outbox::default();
+        outbox.push_message(frame("a1"), 1, 1);
+        outbox.advance(1);
+        outbox.push(frame("ack"));
+        for seq in 2..=5 {
+            outbox.push_message(frame(&format!("a{seq}")), 1, seq);
+            outbox.push_message(frame(&format!("b{seq}")), 2, seq);
+        }
+        let shed = outbox.drop_oldest(8);
+        assert_eq!(
+            shed,
+            [
+                Shed {
+                    tag: 1,
+                    from: 2,
+                    to: 4
+                },
+                Shed {
+                    tag: 2,
+                    from: 2,
+                    to: 4
+                }
+            ]
+        );
+        for s in shed {
+            outbox.announce(s, notice(s.tag));
+        }
+        // The started frame finishes, replies stay, each channel's notice comes first.
+        assert_eq!(written_order(&outbox), b"1ack<gap1:2-4>a5<gap2:2-4>b5");
+        // Shedding more widens the notice instead of adding one.
+        outbox.push_message(frame("a6"), 1, 6);
+        let shed = outbox.drop_oldest(0);
+        assert_eq!(
+            shed[0],
+            Shed {
+                tag: 1,
+                from: 5,
+                to: 6
+            }
+        );
+        outbox.announce(shed[0], notice(1));
+        assert!(written_order(&outbox).starts_with(b"1ack<gap1:2-6>"));
+    }
+
+    #[test]
+    fn conflate_keeps_the_newest_message_of_a_channel() {
+        let mut outbox = Outbox::default();
+        for seq in 1..=4 {
+            outbox.push_message(frame(&format!("p{seq}")), 7, seq);
+            outbox.push_message(frame(&format!("q{seq}")), 8, seq);
+        }
+        let shed = outbox.conflate(7).unwrap();
+        assert_eq!(
+            shed,
+            Shed {
+                tag: 7,
+                from: 1,
+                to: 3
+            }
+        );
+        outbox.announce(shed, notice(7));
+        assert_eq!(written_order(&outbox), b"q1q2q3<gap7:1-3>p4q4");
+        assert_eq!(outbox.len_bytes(), written_order(&outbox).len());
+        assert_eq!(outbox.conflate(9), None);
     }
 
     #[test]
