@@ -55,13 +55,13 @@ pub struct Identity {
     pub user: Option<Box<str>>,
     pub subscribe: Patterns,
     pub publish: Patterns,
-    /// The token's `exp` (seconds since the Unix epoch): the connection closes with 4001
-    /// then.
+    /// The token's `exp` plus the leeway (seconds since the Unix epoch): the connection
+    /// closes with 4001 then.
     pub expires_at: Option<u64>,
 }
 
 impl Identity {
-    /// How long until the token expires, from `now_unix` (seconds).
+    /// How long until the token expires, from `now`.
     pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
         let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
         self.expires_at
@@ -218,11 +218,22 @@ impl Authenticator {
                 _ => AuthError::Malformed(e.to_string()),
             })?;
         let claims = data.claims;
+        // The connection lives as long as the token was accepted for (exp plus the
+        // leeway); from that second on the handshake refuses it too, so a client cannot
+        // loop through accept-then-4001 with the same token.
+        let expires_at = claims.exp.map(|exp| exp.saturating_add(validation.leeway));
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        if expires_at.is_some_and(|exp| exp <= now) {
+            return Err(AuthError::Expired);
+        }
         Ok(Identity {
             user: claims.sub.map(Into::into),
             subscribe: Patterns::new(&claims.channels),
             publish: Patterns::new(&claims.publish),
-            expires_at: claims.exp,
+            expires_at,
         })
     }
 }

@@ -36,6 +36,32 @@ impl Wake for mio::Waker {
     }
 }
 
+/// A connection's socket and whether it is registered for writability. Sockets are
+/// registered for reading only; writability is asked for only while a write has hit
+/// `EAGAIN`, because an edge-triggered writable interest would wake the loop once per
+/// ACKed write on every socket of a broadcast.
+struct Socket {
+    stream: TcpStream,
+    awaiting_writable: bool,
+}
+
+impl Socket {
+    /// Registers or drops writable interest.
+    fn await_writable(&mut self, poll: &Poll, key: usize, on: bool) -> io::Result<()> {
+        if self.awaiting_writable == on {
+            return Ok(());
+        }
+        self.awaiting_writable = on;
+        let interest = if on {
+            Interest::READABLE | Interest::WRITABLE
+        } else {
+            Interest::READABLE
+        };
+        poll.registry()
+            .reregister(&mut self.stream, Token(key), interest)
+    }
+}
+
 /// What a shard thread owns while it runs.
 pub struct Reactor {
     pub shard: Shard,
@@ -62,7 +88,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
     if let Some(l) = listener.as_mut() {
         poll.registry().register(l, LISTENER, Interest::READABLE)?;
     }
-    let mut sockets: Vec<Option<TcpStream>> = Vec::new();
+    let mut sockets: Vec<Option<Socket>> = Vec::new();
     let mut events = Events::with_capacity(1024);
     let mut drain_deadline: Option<Instant> = None;
     let mut accept_paused_until: Option<Instant> = None;
@@ -130,11 +156,11 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         shard.handle_inbox(&inbox, now);
         shard.handle_timeout(now);
         while let Some(key) = shard.poll_dirty() {
-            flush(&mut shard, key, &mut sockets, now);
+            flush(&mut shard, key, &mut sockets, &poll, now);
         }
         while let Some(key) = shard.poll_dead() {
             if let Some(mut socket) = sockets[key].take() {
-                let _ = poll.registry().deregister(&mut socket);
+                let _ = poll.registry().deregister(&mut socket.stream);
             }
             shard.remove(key);
         }
@@ -164,7 +190,7 @@ fn accept_all(
     listener: &TcpListener,
     shard: &mut Shard,
     poll: &Poll,
-    sockets: &mut Vec<Option<TcpStream>>,
+    sockets: &mut Vec<Option<Socket>>,
     now: Instant,
 ) -> io::Result<Option<Instant>> {
     loop {
@@ -176,15 +202,15 @@ fn accept_all(
                 };
                 // Pushed frames must leave at once, not wait for Nagle.
                 let _ = stream.set_nodelay(true);
-                poll.registry().register(
-                    &mut stream,
-                    Token(key),
-                    Interest::READABLE | Interest::WRITABLE,
-                )?;
+                poll.registry()
+                    .register(&mut stream, Token(key), Interest::READABLE)?;
                 if sockets.len() <= key {
                     sockets.resize_with(key + 1, || None);
                 }
-                sockets[key] = Some(stream);
+                sockets[key] = Some(Socket {
+                    stream,
+                    awaiting_writable: false,
+                });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -208,10 +234,11 @@ fn accept_all(
 }
 
 /// Reads until the socket is dry (edge-triggered) or the shard wants no more for now.
-fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<TcpStream>], now: Instant) {
+fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], now: Instant) {
     let Some(socket) = sockets[key].as_mut() else {
         return;
     };
+    let socket = &mut socket.stream;
     while shard.wants_read(key) {
         let buf = shard.read_buffer(key);
         let start = buf.len();
@@ -234,6 +261,10 @@ fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<TcpStream>], now: I
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 buf.truncate(start);
+                if buf.is_empty() {
+                    // Idle connections hold no read buffer.
+                    *buf = bytes::BytesMut::new();
+                }
                 return;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
@@ -247,32 +278,36 @@ fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<TcpStream>], now: I
 }
 
 /// Writes as much of `key`'s outbox as the socket takes, in vectored writes.
-fn flush(shard: &mut Shard, key: usize, sockets: &mut [Option<TcpStream>], now: Instant) {
+fn flush(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &Poll, now: Instant) {
     let Some(socket) = sockets[key].as_mut() else {
         return;
     };
-    loop {
+    let blocked = loop {
         let outbox = shard.outbox(key);
         if outbox.is_empty() {
-            break;
+            break false;
         }
         let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
         let count = outbox.io_slices(&mut slices);
-        match socket.write_vectored(&slices[..count]) {
+        match socket.stream.write_vectored(&slices[..count]) {
             Ok(0) => {
                 shard.handle_eof(key);
                 return;
             }
             Ok(written) => shard.handle_written(key, written),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break true,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => {
                 shard.handle_eof(key);
                 return;
             }
         }
+    };
+    if socket.await_writable(poll, key, blocked).is_err() {
+        shard.handle_eof(key);
+        return;
     }
-    if shard.poll_flushed(key) && socket.shutdown(Shutdown::Write).is_err() {
+    if shard.poll_flushed(key) && socket.stream.shutdown(Shutdown::Write).is_err() {
         shard.handle_eof(key);
         return;
     }

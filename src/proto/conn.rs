@@ -369,6 +369,7 @@ mod tests {
         let limits = DecoderLimits {
             max_frame_bytes: 64,
             max_message_bytes: 64,
+            max_fragments: 1024,
         };
         let mut conn = Connection::new(limits);
         let bytes = frame(OpCode::Binary, true, &[0; 65]);

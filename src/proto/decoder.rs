@@ -16,6 +16,9 @@ pub struct DecoderLimits {
     pub max_frame_bytes: u64,
     /// Largest message (all fragments together), in bytes.
     pub max_message_bytes: u64,
+    /// Most frames one message may arrive in (a flood of empty fragments costs the
+    /// server work without growing the message).
+    pub max_fragments: u32,
 }
 
 impl Default for DecoderLimits {
@@ -24,6 +27,7 @@ impl Default for DecoderLimits {
         Self {
             max_frame_bytes: 1 << 20,
             max_message_bytes: 1 << 20,
+            max_fragments: 1024,
         }
     }
 }
@@ -82,6 +86,8 @@ struct PartialFrame {
 struct PartialMessage {
     text: bool,
     payload: BytesMut,
+    /// Frames received so far.
+    fragments: u32,
 }
 
 impl Decoder {
@@ -161,6 +167,14 @@ impl Decoder {
         if header.payload_len > self.limits.max_frame_bytes {
             return Err(too_big(header.payload_len, self.limits.max_frame_bytes));
         }
+        if let Some(message) = &self.message
+            && header.opcode == OpCode::Continuation
+            && message.fragments >= self.limits.max_fragments
+        {
+            return Err(ProtocolError::TooManyFragments {
+                max: self.limits.max_fragments,
+            });
+        }
         if !header.opcode.is_control() {
             let so_far = self
                 .message
@@ -210,7 +224,9 @@ impl Decoder {
                 let mut message = self.message.take().unwrap_or_else(|| PartialMessage {
                     text: header.opcode == OpCode::Text,
                     payload: BytesMut::with_capacity(len),
+                    fragments: 0,
                 });
+                message.fragments += 1;
                 message.payload.extend_from_slice(&buf[..len]);
                 buf.advance(len);
                 if !header.fin {
@@ -318,13 +334,40 @@ mod tests {
     }
 
     #[test]
-    fn accepts_many_fragments() {
+    fn refuses_more_fragments_than_the_limit_with_1009() {
+        let mut decoder = Decoder::new(DecoderLimits {
+            max_fragments: 3,
+            ..DecoderLimits::default()
+        });
+        let mut bytes = frame(OpCode::Text, false, b"a");
+        bytes.extend(frame(OpCode::Continuation, false, b""));
+        bytes.extend(frame(OpCode::Continuation, false, b""));
+        bytes.extend(frame(OpCode::Continuation, true, b""));
+        let mut buf = BytesMut::from(&bytes[..]);
+        let err = loop {
+            match decoder.decode(&mut buf) {
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the fourth frame must be refused"),
+                Err(e) => break e,
+            }
+        };
+        assert_eq!(err, ProtocolError::TooManyFragments { max: 3 });
+        assert_eq!(err.close_code(), 1009);
+    }
+
+    /// Autobahn 9.3.1 sends one message in 65,536 frames; a raised limit allows it.
+    #[test]
+    fn accepts_many_fragments_up_to_the_limit() {
         let mut bytes = frame(OpCode::Binary, false, b"a");
         for _ in 0..65_534 {
             bytes.extend(frame(OpCode::Continuation, false, b"a"));
         }
         bytes.extend(frame(OpCode::Continuation, true, b"a"));
-        let messages = decode_all(&bytes, DecoderLimits::default()).unwrap();
+        let limits = DecoderLimits {
+            max_fragments: 65_536,
+            ..DecoderLimits::default()
+        };
+        let messages = decode_all(&bytes, limits).unwrap();
         assert_eq!(messages, [Message::Binary(Bytes::from(vec![b'a'; 65_536]))]);
     }
 
@@ -412,6 +455,7 @@ mod tests {
         let limits = DecoderLimits {
             max_frame_bytes: 100,
             max_message_bytes: 1000,
+            max_fragments: 1024,
         };
         let bytes = frame(OpCode::Binary, true, &[0; 101]);
         let mut decoder = Decoder::new(limits);
@@ -430,6 +474,7 @@ mod tests {
         let limits = DecoderLimits {
             max_frame_bytes: 100,
             max_message_bytes: 150,
+            max_fragments: 1024,
         };
         let mut bytes = frame(OpCode::Binary, false, &[0; 100]);
         bytes.extend(frame(OpCode::Continuation, true, &[0; 51]));

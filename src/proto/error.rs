@@ -50,6 +50,12 @@ pub enum ProtocolError {
         /// Configured limit, in bytes.
         max: u64,
     },
+    /// §7.4.1 (code 1009): a message arrives in more frames than this server accepts.
+    #[error("message arrives in more than {max} frames")]
+    TooManyFragments {
+        /// Configured limit of frames per message.
+        max: u32,
+    },
 }
 
 impl ProtocolError {
@@ -58,7 +64,7 @@ impl ProtocolError {
     pub fn close_code(&self) -> u16 {
         match self {
             Self::InvalidUtf8 => 1007,
-            Self::MessageTooBig { .. } => 1009,
+            Self::MessageTooBig { .. } | Self::TooManyFragments { .. } => 1009,
             _ => 1002,
         }
     }

@@ -18,6 +18,8 @@ pub enum Envelope {
         channel: ChannelName,
         from: usize,
         conn: ConnRef,
+        /// Names this request, so a late answer never completes a newer one.
+        ticket: u32,
         since: Option<u64>,
         epoch_matches: bool,
         id: Option<u64>,
@@ -37,6 +39,7 @@ pub enum Envelope {
     Subscribed {
         channel: ChannelName,
         conn: ConnRef,
+        ticket: u32,
         seq: u64,
         replay: Vec<Bytes>,
         id: Option<u64>,
@@ -45,6 +48,7 @@ pub enum Envelope {
     HistoryGap {
         channel: ChannelName,
         conn: ConnRef,
+        ticket: u32,
         seq: u64,
         oldest: u64,
         id: Option<u64>,

@@ -87,6 +87,8 @@ enum Phase {
         deadline: Instant,
         seq: u64,
         keep_alive: bool,
+        /// The deadline passed before the home answered: answer as soon as it does.
+        expired: bool,
     },
     /// `GET /sse`: an open event stream.
     EventStream,
@@ -103,6 +105,10 @@ struct RateLimit {
     bucket: TokenBucket,
     strikes: u32,
 }
+
+/// Publishes one connection may have waiting for their acks; past it the shard stops
+/// reading from it, so a client pipelining publishes cannot queue without bound.
+const MAX_INFLIGHT_PUBLISHES: u32 = 64;
 
 /// Messages refused in a row before a connection that keeps sending over its rate is
 /// closed with 1008.
@@ -128,9 +134,13 @@ struct Sub {
 }
 
 enum SubState {
-    /// Sent to the home, not yet confirmed. `unsubscribe` holds the id of an unsubscribe
-    /// that arrived meanwhile (outer `Some`), carried out once confirmed.
-    Pending { unsubscribe: Option<Option<u64>> },
+    /// Sent to the home as request `ticket`, not yet confirmed. `unsubscribe` holds the
+    /// id of an unsubscribe that arrived meanwhile (outer `Some`), carried out once
+    /// confirmed.
+    Pending {
+        ticket: u32,
+        unsubscribe: Option<Option<u64>>,
+    },
     /// Receiving messages; `slot` is its place in [`Subscriptions`], `tag` the channel's
     /// name in this shard's outboxes.
     Active { slot: usize, tag: u32 },
@@ -155,8 +165,11 @@ struct Conn {
     dead: bool,
     /// A close frame (or a final response) is queued: nothing may follow it.
     closing: bool,
-    /// Reading stopped while the outbox was over budget; resume once it drains.
+    /// Reading stopped while the outbox was over budget or too many publishes awaited
+    /// their acks; resume once that clears.
     read_paused: bool,
+    /// Publishes sent to their homes and not yet acknowledged.
+    inflight_publishes: u32,
     /// The TCP peer's address.
     peer: IpAddr,
     /// The client address counted against the per-address limit, once admitted to hold
@@ -205,6 +218,11 @@ pub struct Shard {
     accept_bucket: TokenBucket,
     /// Seeds the jitter of `Retry-After`.
     jitter: u64,
+    /// Numbers subscription requests.
+    next_ticket: u32,
+    /// Keep-alive connections that went back to reading with bytes already buffered (a
+    /// request pipelined behind one answered later): processed at the end of the step.
+    reread: Vec<usize>,
 }
 
 /// What every shard shares, read-only apart from the atomics inside: built once at start.
@@ -238,7 +256,9 @@ impl Shard {
             id,
             shards,
             accept_bucket: TokenBucket::new(config.accept_rate, config.accept_rate, now),
-            jitter: 0x9e37_79b9_7f4a_7c15 ^ (id as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d),
+            jitter: jitter_seed(id),
+            next_ticket: 0,
+            reread: Vec::new(),
             handshake_limits: HandshakeLimits {
                 max_head_bytes: config.max_head_bytes,
                 max_headers: config.max_headers,
@@ -295,6 +315,7 @@ impl Shard {
             dead: false,
             closing: false,
             read_paused: false,
+            inflight_publishes: 0,
             peer,
             admitted: None,
             identity: None,
@@ -427,7 +448,9 @@ impl Shard {
     /// its outbox is over budget (a client that sends without reading waits for us).
     pub fn wants_read(&self, key: usize) -> bool {
         let conn = &self.conns[key];
-        !conn.dead && conn.outbox.len_bytes() < self.ctx.config.outbound_queue_bytes
+        !conn.dead
+            && conn.outbox.len_bytes() < self.ctx.config.outbound_queue_bytes
+            && conn.inflight_publishes < MAX_INFLIGHT_PUBLISHES
     }
 
     /// Processes what the backend appended to `key`'s read buffer.
@@ -617,6 +640,19 @@ impl Shard {
         self.conns[key].request_deadline = self.now + self.ctx.config.handshake_timeout;
         let conn_ref = self.conn_ref(key);
         self.request_deadlines.arm(self.now, conn_ref);
+        if !self.conns[key].read_buf.is_empty() {
+            self.reread.push(key);
+        }
+    }
+
+    /// Reads the requests that waited behind an answer given outside `handle_read`.
+    fn reread_pipelined(&mut self) {
+        while let Some(key) = self.reread.pop() {
+            if self.conns.get(key).is_some_and(|c| !c.dead) {
+                let now = self.now;
+                self.handle_read(key, now);
+            }
+        }
     }
 
     /// A plain-text refusal before an upgrade; the connection ends.
@@ -649,13 +685,16 @@ impl Shard {
                 return;
             }
         };
-        let max_message_bytes = match endpoint {
-            Endpoint::PubSub => self.ctx.config.max_message_bytes,
-            Endpoint::Echo => self.ctx.config.echo_max_message_bytes,
+        // The echo endpoint serves conformance testing, whose cases send a message in up
+        // to 65,536 frames; the pub/sub endpoint holds clients to 1024.
+        let (max_message_bytes, max_fragments) = match endpoint {
+            Endpoint::PubSub => (self.ctx.config.max_message_bytes, 1024),
+            Endpoint::Echo => (self.ctx.config.echo_max_message_bytes, u32::MAX),
         };
         let limits = DecoderLimits {
             max_frame_bytes: max_message_bytes,
             max_message_bytes,
+            max_fragments,
         };
         let rate = (endpoint == Endpoint::PubSub).then(|| {
             let per_second = self.ctx.config.max_messages_per_second;
@@ -760,6 +799,7 @@ impl Shard {
                 deadline,
                 seq,
                 keep_alive,
+                expired: false,
             },
         );
         let conn_ref = self.conn_ref(key);
@@ -935,6 +975,7 @@ impl Shard {
                 let channel: ChannelName = channel.into();
                 let home = hub::home_of(&channel, self.shards);
                 let conn = self.conn_ref(key);
+                self.conns[key].inflight_publishes += 1;
                 self.send(
                     home,
                     Envelope::Publish {
@@ -992,9 +1033,17 @@ impl Shard {
     ) {
         let epoch_matches = epoch.is_none_or(|e| e == &*self.ctx.epoch);
         let conn_ref = self.conn_ref(key);
-        self.conns[key].subs.push(Sub {
+        self.next_ticket = self.next_ticket.wrapping_add(1);
+        let ticket = self.next_ticket;
+        let subs = &mut self.conns[key].subs;
+        // Most connections hold one or two channels: grow one at a time.
+        subs.reserve_exact(1);
+        subs.push(Sub {
             channel: channel.clone(),
-            state: SubState::Pending { unsubscribe: None },
+            state: SubState::Pending {
+                ticket,
+                unsubscribe: None,
+            },
         });
         let home = hub::home_of(&channel, self.shards);
         self.send(
@@ -1003,6 +1052,7 @@ impl Shard {
                 channel,
                 from: self.id,
                 conn: conn_ref,
+                ticket,
                 since,
                 epoch_matches,
                 id,
@@ -1018,7 +1068,7 @@ impl Shard {
             return;
         };
         match &mut conn.subs[index].state {
-            SubState::Pending { unsubscribe } => {
+            SubState::Pending { unsubscribe, .. } => {
                 *unsubscribe = Some(id);
             }
             SubState::Active { .. } => {
@@ -1192,6 +1242,7 @@ impl Shard {
                 }
             }
             if !had_local && !had_remote {
+                self.reread_pipelined();
                 return;
             }
         }
@@ -1203,6 +1254,7 @@ impl Shard {
                 channel,
                 from,
                 conn,
+                ticket,
                 since,
                 epoch_matches,
                 id,
@@ -1215,6 +1267,7 @@ impl Shard {
                     SubscribeOutcome::Subscribed { seq, replay } => Envelope::Subscribed {
                         channel,
                         conn,
+                        ticket,
                         seq,
                         replay,
                         id,
@@ -1222,6 +1275,7 @@ impl Shard {
                     SubscribeOutcome::HistoryGap { seq, oldest } => Envelope::HistoryGap {
                         channel,
                         conn,
+                        ticket,
                         seq,
                         oldest,
                         id,
@@ -1261,17 +1315,19 @@ impl Shard {
             Envelope::Subscribed {
                 channel,
                 conn,
+                ticket,
                 seq,
                 replay,
                 id,
-            } => self.confirm_subscription(&channel, conn, seq, replay, id),
+            } => self.confirm_subscription(&channel, conn, ticket, seq, replay, id),
             Envelope::HistoryGap {
                 channel,
                 conn,
+                ticket,
                 seq,
                 oldest,
                 id,
-            } => self.refuse_subscription(&channel, conn, seq, oldest, id),
+            } => self.refuse_subscription(&channel, conn, ticket, seq, oldest, id),
             Envelope::Ack {
                 conn,
                 seq,
@@ -1286,8 +1342,12 @@ impl Shard {
         let Some(key) = self.resolve(conn) else {
             return;
         };
-        match &mut self.conns[key].phase {
-            Phase::WebSocket { .. } => self.reply(key, pubsub::encode_ack(id, seq)),
+        let conn = &mut self.conns[key];
+        match &mut conn.phase {
+            Phase::WebSocket { .. } => {
+                conn.inflight_publishes -= 1;
+                self.reply(key, pubsub::encode_ack(id, seq));
+            }
             Phase::Publishing {
                 results,
                 remaining,
@@ -1309,17 +1369,19 @@ impl Shard {
         }
     }
 
-    fn pending_index(&self, key: usize, channel: &str) -> Option<usize> {
+    /// The pending subscription that request `ticket` made, if it is still waiting.
+    fn pending_index(&self, key: usize, ticket: u32) -> Option<usize> {
         self.conns[key]
             .subs
             .iter()
-            .position(|s| &*s.channel == channel && matches!(s.state, SubState::Pending { .. }))
+            .position(|s| matches!(s.state, SubState::Pending { ticket: t, .. } if t == ticket))
     }
 
     fn confirm_subscription(
         &mut self,
         channel: &ChannelName,
         conn: ConnRef,
+        ticket: u32,
         seq: u64,
         replay: Vec<Bytes>,
         id: Option<u64>,
@@ -1327,13 +1389,18 @@ impl Shard {
         let Some(key) = self.resolve(conn) else {
             return;
         };
-        let Some(index) = self.pending_index(key, channel) else {
+        let Some(index) = self.pending_index(key, ticket) else {
             return;
         };
-        if let Phase::Polling { keep_alive, .. } = self.conns[key].phase
-            && !replay.is_empty()
+        if let Phase::Polling {
+            keep_alive,
+            expired,
+            ..
+        } = self.conns[key].phase
+            && (expired || !replay.is_empty())
         {
-            // History had what the poll asked for: answer now.
+            // History had what the poll asked for, or its time ran out while the home
+            // was answering: answer now, with whatever history had.
             self.release(key, index);
             let response = longpoll::response(channel, &self.ctx.epoch, seq, &replay, keep_alive);
             self.send_response(key, response, keep_alive);
@@ -1348,7 +1415,7 @@ impl Shard {
         if let Phase::Polling { seq: at, .. } = &mut conn.phase {
             *at = seq;
         }
-        let SubState::Pending { unsubscribe } =
+        let SubState::Pending { unsubscribe, .. } =
             std::mem::replace(&mut conn.subs[index].state, SubState::Active { slot, tag })
         else {
             unreachable!("pending_index returned a pending subscription");
@@ -1387,6 +1454,7 @@ impl Shard {
         &mut self,
         channel: &ChannelName,
         conn: ConnRef,
+        ticket: u32,
         seq: u64,
         oldest: u64,
         id: Option<u64>,
@@ -1394,7 +1462,7 @@ impl Shard {
         let Some(key) = self.resolve(conn) else {
             return;
         };
-        let Some(index) = self.pending_index(key, channel) else {
+        let Some(index) = self.pending_index(key, ticket) else {
             return;
         };
         self.release(key, index);
@@ -1562,7 +1630,20 @@ impl Shard {
                         keep_alive,
                         ..
                     },
-                ) if current == deadline => self.end_poll_empty(key, keep_alive),
+                ) if current == deadline => {
+                    let waiting_for_home = self.conns[key]
+                        .subs
+                        .iter()
+                        .any(|s| matches!(s.state, SubState::Pending { .. }));
+                    if waiting_for_home {
+                        // History may hold the answer: let the home's reply decide.
+                        if let Phase::Polling { expired, .. } = &mut self.conns[key].phase {
+                            *expired = true;
+                        }
+                    } else {
+                        self.end_poll_empty(key, keep_alive);
+                    }
+                }
                 (Timed::Poll, _) => {}
                 (Timed::TokenExpiry, Phase::WebSocket { .. }) => {
                     self.close_with(key, 4001, "token expired: reconnect with a fresh token");
@@ -1580,6 +1661,7 @@ impl Shard {
                 self.heartbeat(key, now);
             }
         }
+        self.reread_pipelined();
     }
 
     /// Answers a parked poll with no messages (its time ran out, or the server drains).
@@ -1602,6 +1684,10 @@ impl Shard {
         if conn.closing {
             return;
         }
+        // Once per interval is often enough to give an idle connection's memory back,
+        // and costs the busy ones nothing per message.
+        conn.outbox.release_memory();
+        conn.subs.shrink_to_fit();
         match conn.phase {
             Phase::WebSocket { .. } => {
                 let silent = now.saturating_duration_since(conn.last_activity);
@@ -1690,6 +1776,18 @@ impl Shard {
     pub fn connection_count(&self) -> usize {
         self.conns.len()
     }
+}
+
+/// A seed for `Retry-After` jitter that differs per shard and per run, so nodes
+/// restarted together do not hand out the same sequence.
+fn jitter_seed(shard: usize) -> u64 {
+    let nanos = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as u64);
+    (nanos
+        ^ u64::from(std::process::id()) << 32
+        ^ (shard as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
+        | 1
 }
 
 /// Queues a frame the protocol core produced: pings and pongs in the control lane (they

@@ -254,6 +254,16 @@ impl Outbox {
         }
     }
 
+    /// Gives back the queues' memory when they are empty (idle connections keep none).
+    pub fn release_memory(&mut self) {
+        if self.control.is_empty() {
+            self.control = VecDeque::new();
+        }
+        if self.data.is_empty() {
+            self.data = VecDeque::new();
+        }
+    }
+
     /// Drops every data frame not yet started, keeping a partly written one so the stream
     /// stays well-formed; returns how many data bytes remain.
     pub fn discard_unstarted(&mut self) -> usize {
