@@ -86,6 +86,12 @@ suite=all
 if [ "${SKIP_COMPRESSION:-}" = 1 ]; then suite=core; fi
 check conformance 2400 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" --suite "$suite"
 
+banner "browser tests (Chromium + playwright-core)"
+check browser 900 bash tests/browser/run.sh
+
+banner "fuzz smoke (cargo-fuzz, every target from its seeds)"
+check fuzz 2400 bash tests/fuzz/smoke.sh
+
 banner "pytest tests/python (websockets client)"
 export HERALD_BIN=$ROOT/target/release/herald
 PYTHONDONTWRITEBYTECODE=1 check pytest 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python

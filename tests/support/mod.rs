@@ -52,10 +52,36 @@ impl Server {
     /// `herald serve --listen 127.0.0.1:0` plus exactly `extra` (no default `--threads`).
     pub(crate) fn start_raw(extra: &[&str]) -> Self {
         let bin = env!("CARGO_BIN_EXE_herald");
-        let mut child = Command::new(bin)
-            .arg("serve")
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve")
             .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
+            .args(extra);
+        Self::start_command(cmd, extra)
+    }
+
+    /// Like [`Server::start`], but the server runs with a soft open-file limit of `limit`
+    /// (`sh -c 'ulimit -n LIMIT; exec herald serve ...'`: the process id stays the
+    /// server's, so `/proc/PID` describes it).
+    pub(crate) fn start_with_open_file_limit(limit: u64, extra: &[&str]) -> Self {
+        let bin = env!("CARGO_BIN_EXE_herald");
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(format!(
+                "ulimit -n {limit} && exec \"$0\" serve --listen 127.0.0.1:0 \"$@\""
+            ))
+            .arg(bin);
+        if !extra.contains(&"--threads") {
+            cmd.args(["--threads", "2"]);
+        }
+        cmd.args(extra);
+        Self::start_command(cmd, extra)
+    }
+
+    /// Starts `cmd` (which must run `herald serve` in the end) and waits for its
+    /// `listening on` line.
+    fn start_command(mut cmd: Command, extra: &[&str]) -> Self {
+        let bin = format!("{:?}", cmd.get_program());
+        let mut child = cmd
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

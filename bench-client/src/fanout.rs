@@ -1,0 +1,1054 @@
+//! `fanout`: subscribers over many connections and worker processes, one paced publisher,
+//! publish→receive latency counted from the scheduled send time, and the loss, duplicate and
+//! order checks.
+
+use std::collections::BTreeMap;
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, ValueEnum};
+use herald::proto::frame::{FrameHeader, OpCode, encode_client_frame};
+use herald::proto::handshake::accept_key;
+use serde::{Deserialize, Serialize};
+
+use crate::load::{
+    Command, Fleet, Report, SPARE_FDS, Target, Template, WorkerConfig, find, message_data,
+    parse_source_ips, raise_nofile_limit,
+};
+use crate::stats::{
+    CurvePoint, LatencySummary, ProcSample, Timeline, TimelinePoint, decode_histogram,
+    format_table, human_us, merge, monotonic_ns, new_histogram, percentile_curve, sample_pids,
+    self_cpu_ns,
+};
+
+/// Herald's subscribe request.
+pub(crate) const HERALD_SUBSCRIBE: &str = r#"{"type":"subscribe","channel":"{channel}","id":{id}}"#;
+/// Herald's publish request.
+pub(crate) const HERALD_PUBLISH: &str =
+    r#"{"type":"publish","channel":"{channel}","data":{data},"id":{id}}"#;
+
+/// How connections are opened: shared by `fanout`, `connect` and `sweep`.
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub(crate) struct LoadArgs {
+    /// Worker processes to spread the connections over (each holds at most the open-file
+    /// limit, 20,000 here, minus a few).
+    #[arg(long, default_value_t = 1)]
+    pub(crate) procs: usize,
+    /// Source addresses to bind before connecting, round-robin: `A-B` (inclusive range) or a
+    /// comma-separated list, e.g. 127.0.0.2-127.0.0.250; each gives another ~28k ports.
+    #[arg(long, default_value = "")]
+    pub(crate) source_ips: String,
+    /// New connections per second over all workers (0 = as fast as possible).
+    #[arg(long, default_value_t = 5000.0)]
+    pub(crate) connect_rate: f64,
+    /// Retries per connection after a failed connect, handshake or subscribe; connections
+    /// that still fail are counted and reported.
+    #[arg(long, default_value_t = 3)]
+    pub(crate) connect_retries: u32,
+    /// Give up on a connect + handshake after this long (counts as a failure, then retries).
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) connect_timeout_ms: u64,
+    /// Most connections in progress (connecting, handshaking, subscribing) per worker.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) max_in_flight: usize,
+}
+
+/// Everything about a fan-out run except its size (shared with `sweep`).
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub(crate) struct RunArgs {
+    /// WebSocket URL the subscribers connect to (ws:// only).
+    #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
+    pub(crate) url: String,
+    /// Channels; subscribers are spread round-robin over them and the publisher round-robins.
+    #[arg(long, default_value_t = 1)]
+    pub(crate) channels: usize,
+    /// Channel names are PREFIX-0, PREFIX-1, ...
+    #[arg(long, default_value = "bench")]
+    pub(crate) channel_prefix: String,
+    /// Seconds of publishing.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) duration: f64,
+    /// How messages are published: `ws` (a WebSocket publish frame per message) or `http`
+    /// (`POST /api/publish` with `--api-key`; not yet tested: Herald has no HTTP publish yet).
+    #[arg(long, value_enum, default_value_t = PublishMode::Ws)]
+    pub(crate) publish: PublishMode,
+    /// Where to publish; defaults to `--url` for ws and its host with /api/publish for http.
+    #[arg(long)]
+    pub(crate) publish_url: Option<String>,
+    /// API key sent as `Authorization: Bearer` with `--publish http`.
+    #[arg(long)]
+    pub(crate) api_key: Option<String>,
+    /// Subscribe message; `{channel}` and `{id}` are filled in. An empty string subscribes
+    /// nobody (for servers that broadcast to every connection).
+    #[arg(long, default_value = HERALD_SUBSCRIBE)]
+    pub(crate) subscribe_template: String,
+    /// Text in the server's reply that confirms a subscription (its `"seq":` becomes the base
+    /// of the sequence checks); empty = the server sends no confirmation.
+    #[arg(long, default_value = r#""type":"subscribed""#)]
+    pub(crate) subscribe_reply: String,
+    /// Publish message over ws; `{channel}`, `{data}` (the benchmark's JSON object) and `{id}`
+    /// are filled in.
+    #[arg(long, default_value = HERALD_PUBLISH)]
+    pub(crate) publish_template: String,
+    /// Server process to read CPU time and RSS of, from /proc (repeatable).
+    #[arg(long = "server-pid")]
+    pub(crate) server_pid: Vec<u32>,
+    /// After the last publish, wait at most this many seconds for deliveries to arrive (less
+    /// when everything has arrived, or nothing more arrives for 2 s). Deliveries that have not
+    /// arrived by then count as lost: raise it to tell an overloaded server from a lossy one.
+    #[arg(long, default_value_t = 10.0)]
+    pub(crate) drain_timeout: f64,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) load: LoadArgs,
+}
+
+/// Output options shared by every subcommand.
+#[derive(Debug, Clone, Default, Args)]
+pub(crate) struct OutputArgs {
+    /// Print one JSON object on the last line of stdout instead of the table.
+    #[arg(long)]
+    pub(crate) json: bool,
+    /// Write a self-contained HTML report with plots to this file.
+    #[arg(long)]
+    pub(crate) report: Option<PathBuf>,
+    /// No progress lines on stderr.
+    #[arg(long, short)]
+    pub(crate) quiet: bool,
+}
+
+/// How the publisher publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum PublishMode {
+    Ws,
+    Http,
+}
+
+/// `herald-bench fanout`.
+#[derive(Debug, Clone, Args, Serialize, Deserialize)]
+pub(crate) struct FanoutArgs {
+    /// Subscriber connections.
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) conns: usize,
+    /// Messages per second, over all channels.
+    #[arg(long, default_value_t = 20.0)]
+    pub(crate) rate: f64,
+    /// Size of each message's `data` JSON in bytes (padded; at least ~30).
+    #[arg(long, default_value_t = 64)]
+    pub(crate) size: usize,
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub(crate) run: RunArgs,
+    #[command(flatten)]
+    #[serde(skip)]
+    pub(crate) output: OutputArgs,
+}
+
+/// The connect phase.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ConnectSummary {
+    pub(crate) attempted: u64,
+    pub(crate) ok: u64,
+    pub(crate) failed: u64,
+    pub(crate) seconds: f64,
+    pub(crate) per_second: f64,
+    pub(crate) retries: u64,
+    /// Failed connections by last reason.
+    pub(crate) failures: BTreeMap<String, u64>,
+}
+
+/// Delivery accounting.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct Deliveries {
+    pub(crate) expected: u64,
+    pub(crate) received: u64,
+    pub(crate) lost: u64,
+    pub(crate) duplicated: u64,
+    pub(crate) out_of_order: u64,
+    pub(crate) per_second: f64,
+    /// Subscribed connections that closed during the run, by reason.
+    pub(crate) disconnected: BTreeMap<String, u64>,
+}
+
+/// Server figures from /proc.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ServerFigures {
+    pub(crate) pids: Vec<u32>,
+    /// CPU used from the first publish to the end of the drain.
+    pub(crate) cpu_ns: u64,
+    pub(crate) cpu_ns_per_delivery: f64,
+    /// RSS before connecting, after connecting, and after publishing.
+    pub(crate) rss_bytes_before: u64,
+    pub(crate) rss_bytes_after_connect: u64,
+    pub(crate) rss_bytes_after: u64,
+    /// (RSS after connecting − before) / connections.
+    pub(crate) rss_bytes_per_conn: f64,
+}
+
+/// The benchmark's own cost during the publish phase (all its processes).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct ClientFigures {
+    pub(crate) cpu_ns: u64,
+    pub(crate) cpu_ns_per_delivery: f64,
+    pub(crate) procs: usize,
+    /// Largest worker RSS per connection it holds.
+    pub(crate) rss_bytes_per_conn: f64,
+}
+
+/// The result of one fan-out run; also the `--json` output.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FanoutReport {
+    pub(crate) mode: String,
+    pub(crate) config: serde_json::Value,
+    pub(crate) connect: ConnectSummary,
+    pub(crate) published: u64,
+    pub(crate) acked: u64,
+    /// How far behind its schedule the publisher fell at worst, µs (latency still counts
+    /// from the schedule).
+    pub(crate) publisher_max_behind_us: u64,
+    pub(crate) publish_errors: Vec<String>,
+    pub(crate) latency_us: LatencySummary,
+    pub(crate) deliveries: Deliveries,
+    pub(crate) timeline: Vec<TimelinePoint>,
+    pub(crate) percentile_curve: Vec<CurvePoint>,
+    pub(crate) server: Option<ServerFigures>,
+    pub(crate) client: ClientFigures,
+}
+
+/// Runs `fanout` and prints the result.
+///
+/// # Errors
+/// Bad arguments, or a run that could not start (no server, workers failing).
+pub(crate) fn run(args: &FanoutArgs) -> Result<()> {
+    let report = measure(args)?;
+    if let Some(path) = &args.output.report {
+        crate::report::write_fanout(path, std::slice::from_ref(&report))?;
+    }
+    if args.output.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        print!("{}", format_report(&report));
+    }
+    Ok(())
+}
+
+/// Builds the worker configs for `conns` connections.
+///
+/// # Errors
+/// Bad `--source-ips`, zero procs, or more connections per process than the open-file limit
+/// allows.
+pub(crate) fn worker_configs(
+    url: &str,
+    conns: usize,
+    load: &LoadArgs,
+    channels: &[String],
+    subscribe: Option<(&str, &str)>,
+) -> Result<Vec<WorkerConfig>> {
+    if load.procs == 0 {
+        bail!("--procs must be at least 1");
+    }
+    let source_ips = parse_source_ips(&load.source_ips)?;
+    let limit = raise_nofile_limit();
+    let per_proc = conns.div_ceil(load.procs) as u64;
+    if per_proc + SPARE_FDS > limit {
+        let needed = (conns as u64).div_ceil(limit.saturating_sub(SPARE_FDS).max(1));
+        bail!(
+            "{conns} connections over {} process(es) is {per_proc} per process, above the \
+             open-file limit of {limit}: use --procs {needed} or more",
+            load.procs
+        );
+    }
+    let sources = source_ips.len().max(1);
+    if conns / sources > 28_000 {
+        eprintln!(
+            "warning: {} connections per source address may run out of ephemeral ports; \
+             add --source-ips",
+            conns / sources
+        );
+    }
+    Ok((0..load.procs)
+        .map(|index| WorkerConfig {
+            url: url.to_owned(),
+            index,
+            workers: load.procs,
+            conns,
+            channels: channels.to_vec(),
+            source_ips: source_ips.clone(),
+            connect_rate: load.connect_rate / load.procs as f64,
+            connect_retries: load.connect_retries,
+            connect_timeout_ms: load.connect_timeout_ms,
+            max_in_flight: load.max_in_flight,
+            subscribe_template: subscribe.map(|(template, _)| template.to_owned()),
+            subscribe_reply: subscribe
+                .map(|(_, reply)| reply.to_owned())
+                .unwrap_or_default(),
+        })
+        .collect())
+}
+
+/// Reads the server pids, if any were given.
+fn sample_server(pids: &[u32]) -> Result<Option<ProcSample>> {
+    if pids.is_empty() {
+        Ok(None)
+    } else {
+        sample_pids(pids).map(Some)
+    }
+}
+
+/// Spawns the workers and waits until every connection is resolved (open and subscribed, or
+/// failed for good).
+///
+/// # Errors
+/// A worker that fails or exits.
+pub(crate) fn connect_fleet(
+    configs: &[WorkerConfig],
+    quiet: bool,
+) -> Result<(Fleet, ConnectSummary, Vec<u64>)> {
+    let conns = configs.first().map_or(0, |config| config.conns) as u64;
+    let channels = configs.first().map_or(0, |config| config.channels.len());
+    let started = Instant::now();
+    let fleet = Fleet::spawn(configs)?;
+    let mut summary = ConnectSummary {
+        attempted: conns,
+        ..ConnectSummary::default()
+    };
+    let mut subs_per_channel = vec![0u64; channels];
+    let mut ready = 0;
+    let mut opened = vec![0u64; configs.len()];
+    let mut last_print = Instant::now();
+    while ready < configs.len() {
+        match fleet.recv(Duration::from_millis(500)) {
+            Some((_, Report::Ready(worker))) => {
+                ready += 1;
+                summary.ok += worker.ok;
+                summary.failed += worker.failed;
+                summary.retries += worker.retries;
+                for (reason, count) in worker.failures {
+                    *summary.failures.entry(reason).or_default() += count;
+                }
+                for (total, count) in subs_per_channel.iter_mut().zip(&worker.subs_per_channel) {
+                    *total += count;
+                }
+            }
+            Some((index, Report::Progress { opened: n, .. })) => opened[index] = n,
+            Some((index, Report::Error { message })) => bail!("worker {index}: {message}"),
+            Some((_, Report::Done(_))) | None => {}
+        }
+        if !quiet && last_print.elapsed() >= Duration::from_secs(1) {
+            last_print = Instant::now();
+            eprintln!(
+                "connecting: {} of {conns} open after {:.1} s",
+                opened.iter().sum::<u64>(),
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+    summary.seconds = round3(started.elapsed().as_secs_f64());
+    summary.per_second = round1(summary.ok as f64 / summary.seconds.max(1e-9));
+    Ok((fleet, summary, subs_per_channel))
+}
+
+/// Runs one fan-out measurement.
+///
+/// # Errors
+/// Bad arguments, no server, a worker failing.
+pub(crate) fn measure(args: &FanoutArgs) -> Result<FanoutReport> {
+    let run = &args.run;
+    if args.conns == 0 || run.channels == 0 || args.rate <= 0.0 || run.duration <= 0.0 {
+        bail!("--conns, --channels, --rate and --duration must be positive");
+    }
+    let quiet = args.output.quiet;
+    let channels: Vec<String> = (0..run.channels)
+        .map(|c| format!("{}-{c}", run.channel_prefix))
+        .collect();
+    let publisher = Publisher::new(args, &channels)?;
+    let subscribe = (!run.subscribe_template.is_empty()).then_some((
+        run.subscribe_template.as_str(),
+        run.subscribe_reply.as_str(),
+    ));
+    let configs = worker_configs(&run.url, args.conns, &run.load, &channels, subscribe)?;
+
+    let server_before = sample_server(&run.server_pid)?;
+    let (mut fleet, connect, subs_per_channel) = connect_fleet(&configs, quiet)?;
+    let server_after_connect = sample_server(&run.server_pid)?;
+    if connect.ok == 0 {
+        bail!("no connection succeeded: {:?}", connect.failures);
+    }
+    if !quiet {
+        eprintln!(
+            "connected {} ({} failed) in {:.2} s; publishing {} msg/s for {} s",
+            connect.ok, connect.failed, connect.seconds, args.rate, run.duration
+        );
+    }
+
+    let mut publisher = publisher.connect()?;
+    let t0 = monotonic_ns() + 200_000_000;
+    fleet.send(Command::Measure { t0_ns: t0 })?;
+    let client_cpu_before = self_cpu_ns();
+    let server_cpu_before = sample_server(&run.server_pid)?;
+    let total = (args.rate * run.duration).round().max(1.0) as u64;
+    let interval_ns = 1e9 / args.rate;
+    let publish_thread = std::thread::spawn(move || {
+        let result = publisher.run(t0, total, interval_ns);
+        (publisher, result)
+    });
+
+    let mut received = vec![0u64; configs.len()];
+    let track = |fleet: &Fleet, received: &mut [u64], wait: Duration| -> Result<()> {
+        match fleet.recv(wait) {
+            Some((index, Report::Progress { received: n, .. })) => received[index] = n,
+            Some((index, Report::Error { message })) => bail!("worker {index}: {message}"),
+            _ => {}
+        }
+        Ok(())
+    };
+    while !publish_thread.is_finished() {
+        track(&fleet, &mut received, Duration::from_millis(100))?;
+    }
+    let (publisher, publish_result) = publish_thread.join().expect("publisher thread");
+    let outcome = publish_result?;
+    let expected: u64 = outcome
+        .per_channel
+        .iter()
+        .zip(&subs_per_channel)
+        .map(|(published, subs)| published * subs)
+        .sum();
+    let drain_deadline = Instant::now() + Duration::from_secs_f64(run.drain_timeout);
+    let mut last_total = 0;
+    let mut last_change = Instant::now();
+    while Instant::now() < drain_deadline {
+        track(&fleet, &mut received, Duration::from_millis(100))?;
+        let total: u64 = received.iter().sum();
+        if total >= expected && publisher.acks_done(outcome.published) {
+            break;
+        }
+        if total != last_total {
+            last_total = total;
+            last_change = Instant::now();
+        } else if last_change.elapsed() > Duration::from_secs(2) {
+            break;
+        }
+    }
+    let acked = publisher.acked();
+    drop(publisher);
+    let server_after = sample_server(&run.server_pid)?;
+    let coordinator_cpu = self_cpu_ns().saturating_sub(client_cpu_before);
+
+    fleet.send(Command::Stop)?;
+    let mut dones = Vec::new();
+    while dones.len() < configs.len() {
+        match fleet.recv(Duration::from_secs(30)) {
+            Some((_, Report::Done(done))) => dones.push(*done),
+            Some((index, Report::Error { message })) => bail!("worker {index}: {message}"),
+            Some(_) => {}
+            None => bail!("workers did not report within 30 s"),
+        }
+    }
+    fleet.wait();
+
+    let mut hist = new_histogram();
+    let mut timeline = Timeline::default();
+    let mut deliveries = Deliveries {
+        expected,
+        ..Deliveries::default()
+    };
+    let mut client = ClientFigures {
+        cpu_ns: coordinator_cpu,
+        procs: configs.len(),
+        ..ClientFigures::default()
+    };
+    let mut last_recv_ns = 0;
+    for (done, config) in dones.iter().zip(&configs) {
+        merge(&mut hist, &decode_histogram(&done.histogram)?);
+        timeline.merge(&Timeline::decode(&done.timeline)?);
+        deliveries.received += done.received;
+        deliveries.duplicated += done.duplicated;
+        deliveries.out_of_order += done.out_of_order;
+        for (reason, count) in &done.disconnected {
+            *deliveries.disconnected.entry(reason.clone()).or_default() += count;
+        }
+        last_recv_ns = last_recv_ns.max(done.last_recv_ns);
+        client.cpu_ns += done.cpu_ns;
+        let held = (config.conns / config.workers).max(1) as f64;
+        client.rss_bytes_per_conn = client
+            .rss_bytes_per_conn
+            .max(round1(done.rss_bytes as f64 / held));
+    }
+    deliveries.lost = expected.saturating_sub(deliveries.received);
+    let span_s = last_recv_ns.saturating_sub(t0) as f64 / 1e9;
+    if span_s > 0.0 {
+        deliveries.per_second = round1(deliveries.received as f64 / span_s);
+    }
+    client.cpu_ns_per_delivery = per(client.cpu_ns, deliveries.received);
+
+    let server = match (
+        server_before,
+        server_after_connect,
+        server_cpu_before,
+        server_after,
+    ) {
+        (Some(before), Some(connected), Some(cpu_before), Some(after)) => {
+            let cpu_ns = after.cpu_ns.saturating_sub(cpu_before.cpu_ns);
+            Some(ServerFigures {
+                pids: run.server_pid.clone(),
+                cpu_ns,
+                cpu_ns_per_delivery: per(cpu_ns, deliveries.received),
+                rss_bytes_before: before.rss_bytes,
+                rss_bytes_after_connect: connected.rss_bytes,
+                rss_bytes_after: after.rss_bytes,
+                rss_bytes_per_conn: round1(
+                    (connected.rss_bytes as f64 - before.rss_bytes as f64) / connect.ok as f64,
+                ),
+            })
+        }
+        _ => None,
+    };
+
+    Ok(FanoutReport {
+        mode: "fanout".to_owned(),
+        config: serde_json::to_value(args)?,
+        connect,
+        published: outcome.published,
+        acked,
+        publisher_max_behind_us: outcome.max_behind_ns / 1000,
+        publish_errors: outcome.errors,
+        latency_us: LatencySummary::of(&hist),
+        deliveries,
+        timeline: timeline.points(),
+        percentile_curve: percentile_curve(&hist),
+        server,
+        client,
+    })
+}
+
+/// `a / b` rounded to 0.1, 0 when `b` is 0.
+#[must_use]
+pub(crate) fn per(a: u64, b: u64) -> f64 {
+    if b == 0 {
+        0.0
+    } else {
+        round1(a as f64 / b as f64)
+    }
+}
+
+fn round1(x: f64) -> f64 {
+    (x * 10.0).round() / 10.0
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// The human table.
+#[must_use]
+pub(crate) fn format_report(report: &FanoutReport) -> String {
+    let config = &report.config;
+    let title = format!(
+        "fanout: {} conns, {} channel(s), {} msg/s x {} B for {} s -> {}",
+        config["conns"],
+        config["channels"],
+        config["rate"],
+        config["size"],
+        config["duration"],
+        config["url"].as_str().unwrap_or("?")
+    );
+    let c = &report.connect;
+    let d = &report.deliveries;
+    let l = &report.latency_us;
+    let mut rows = vec![
+        (
+            "connect",
+            format!(
+                "{} ok, {} failed of {} in {:.2} s ({:.0}/s, {} retries){}",
+                c.ok,
+                c.failed,
+                c.attempted,
+                c.seconds,
+                c.per_second,
+                c.retries,
+                if c.failures.is_empty() {
+                    String::new()
+                } else {
+                    format!(" failures: {:?}", c.failures)
+                }
+            ),
+        ),
+        (
+            "published",
+            format!(
+                "{} (acked {}, publisher at most {} behind schedule)",
+                report.published,
+                report.acked,
+                human_us(report.publisher_max_behind_us)
+            ),
+        ),
+        (
+            "deliveries",
+            format!(
+                "{} of {} expected, lost {}, duplicated {}, out of order {}",
+                d.received, d.expected, d.lost, d.duplicated, d.out_of_order
+            ),
+        ),
+        ("deliveries/s", format!("{:.0}", d.per_second)),
+        (
+            "latency",
+            format!(
+                "p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
+                human_us(l.p50),
+                human_us(l.p90),
+                human_us(l.p99),
+                human_us(l.p999),
+                human_us(l.p9999),
+                human_us(l.max)
+            ),
+        ),
+    ];
+    if !d.disconnected.is_empty() {
+        rows.push(("disconnected", format!("{:?}", d.disconnected)));
+    }
+    if !report.publish_errors.is_empty() {
+        rows.push(("publish errors", report.publish_errors.join("; ")));
+    }
+    if let Some(server) = &report.server {
+        rows.push((
+            "server cpu",
+            format!(
+                "{:.0} ns/delivery ({:.3} s)",
+                server.cpu_ns_per_delivery,
+                server.cpu_ns as f64 / 1e9
+            ),
+        ));
+        rows.push((
+            "server rss",
+            format!(
+                "{:.0} B/conn ({:.1} MiB before, {:.1} MiB connected, {:.1} MiB after)",
+                server.rss_bytes_per_conn,
+                server.rss_bytes_before as f64 / 1048576.0,
+                server.rss_bytes_after_connect as f64 / 1048576.0,
+                server.rss_bytes_after as f64 / 1048576.0
+            ),
+        ));
+    }
+    rows.push((
+        "client cpu",
+        format!(
+            "{:.0} ns/delivery ({:.3} s over {} worker(s))",
+            report.client.cpu_ns_per_delivery,
+            report.client.cpu_ns as f64 / 1e9,
+            report.client.procs
+        ),
+    ));
+    format_table(&title, &rows)
+}
+
+/// What the publisher did.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct PublishOutcome {
+    pub(crate) published: u64,
+    pub(crate) per_channel: Vec<u64>,
+    pub(crate) max_behind_ns: u64,
+    pub(crate) errors: Vec<String>,
+}
+
+/// The paced publisher: before [`Publisher::connect`] only validated settings.
+struct Publisher {
+    target: Target,
+    mode: PublishMode,
+    api_key: Option<String>,
+    template: Template,
+    channels: Vec<String>,
+    size: usize,
+    conn: Option<PublishConn>,
+    acked: Arc<AtomicU64>,
+    errors: Arc<Mutex<Vec<String>>>,
+}
+
+enum PublishConn {
+    Ws(Arc<Mutex<TcpStream>>),
+    Http(TcpStream, Vec<u8>),
+}
+
+impl Publisher {
+    fn new(args: &FanoutArgs, channels: &[String]) -> Result<Self> {
+        let run = &args.run;
+        let url = match (&run.publish_url, run.publish) {
+            (Some(url), _) => url.clone(),
+            (None, PublishMode::Ws) => run.url.clone(),
+            (None, PublishMode::Http) => {
+                let target = Target::parse(&run.url)?;
+                format!("http://{}/api/publish", target.host)
+            }
+        };
+        let template = Template::parse(&run.publish_template);
+        if run.publish == PublishMode::Ws && !template.has_data() {
+            bail!("--publish-template must contain {{data}}");
+        }
+        Ok(Self {
+            target: Target::parse(&url)?,
+            mode: run.publish,
+            api_key: run.api_key.clone(),
+            template,
+            channels: channels.to_vec(),
+            size: args.size,
+            conn: None,
+            acked: Arc::new(AtomicU64::new(0)),
+            errors: Arc::new(Mutex::new(Vec::new())),
+        })
+    }
+
+    fn connect(mut self) -> Result<Self> {
+        let mut stream = TcpStream::connect(self.target.addr)
+            .with_context(|| format!("publisher connecting to {}", self.target.addr))?;
+        stream.set_nodelay(true)?;
+        match self.mode {
+            PublishMode::Ws => {
+                let key = "aGVyYWxkLWJlbmNoLXB1Yg==";
+                write!(
+                    stream,
+                    "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                     Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                    self.target.path, self.target.host
+                )?;
+                let (head, rest) = read_head(&mut stream)?;
+                if !head.starts_with(b"HTTP/1.1 101")
+                    || find(&head, accept_key(key).as_bytes()).is_none()
+                {
+                    bail!(
+                        "publisher handshake refused: {}",
+                        String::from_utf8_lossy(
+                            head.split(|b| *b == b'\r').next().unwrap_or_default()
+                        )
+                    );
+                }
+                let reader = stream.try_clone()?;
+                let writer = Arc::new(Mutex::new(stream));
+                let (acked, errors, pong) =
+                    (self.acked.clone(), self.errors.clone(), writer.clone());
+                std::thread::spawn(move || read_acks(reader, rest, &acked, &errors, &pong));
+                self.conn = Some(PublishConn::Ws(writer));
+            }
+            PublishMode::Http => self.conn = Some(PublishConn::Http(stream, Vec::new())),
+        }
+        Ok(self)
+    }
+
+    fn acked(&self) -> u64 {
+        self.acked.load(Ordering::Relaxed)
+    }
+
+    /// Whether every publish has been acknowledged.
+    fn acks_done(&self, published: u64) -> bool {
+        self.acked() >= published
+    }
+
+    /// Publishes `total` messages, message k scheduled at `t0 + k * interval`.
+    fn run(&mut self, t0: u64, total: u64, interval_ns: f64) -> Result<PublishOutcome> {
+        set_timer_slack_ns(1000);
+        let mut outcome = PublishOutcome {
+            per_channel: vec![0; self.channels.len()],
+            ..PublishOutcome::default()
+        };
+        let mut payload = Vec::with_capacity(self.size + 128);
+        for k in 0..total {
+            let scheduled = t0 + (k as f64 * interval_ns) as u64;
+            let now = monotonic_ns();
+            if now < scheduled {
+                sleep_until_ns(scheduled);
+            } else {
+                outcome.max_behind_ns = outcome.max_behind_ns.max(now - scheduled);
+            }
+            let channel_index = (k % self.channels.len() as u64) as usize;
+            let channel = &self.channels[channel_index];
+            let data = message_data(k, scheduled, self.size);
+            payload.clear();
+            let result = match self.conn.as_mut().expect("connected") {
+                PublishConn::Ws(writer) => {
+                    self.template
+                        .render_into(&mut payload, channel, &data, k + 1);
+                    let frame =
+                        encode_client_frame(OpCode::Text, true, &payload, (k as u32).to_le_bytes());
+                    writer
+                        .lock()
+                        .expect("writer lock")
+                        .write_all(&frame)
+                        .context("publisher write")
+                }
+                PublishConn::Http(stream, buf) => {
+                    let body = format!(
+                        "{{\"channel\":{},\"data\":{}}}",
+                        serde_json::to_string(channel)?,
+                        String::from_utf8_lossy(&data)
+                    );
+                    http_publish(stream, buf, &self.target, self.api_key.as_deref(), &body).map(
+                        |ok| {
+                            if ok {
+                                self.acked.fetch_add(1, Ordering::Relaxed);
+                            }
+                        },
+                    )
+                }
+            };
+            if let Err(error) = result {
+                outcome.errors.push(format!("{error:#}"));
+                break;
+            }
+            outcome.published += 1;
+            outcome.per_channel[channel_index] += 1;
+        }
+        outcome
+            .errors
+            .extend(self.errors.lock().expect("errors lock").drain(..));
+        Ok(outcome)
+    }
+}
+
+/// Reads an HTTP response head; returns it and the bytes after it.
+fn read_head(stream: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = find(&buf, b"\r\n\r\n") {
+            let rest = buf.split_off(end + 4);
+            return Ok((buf, rest));
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("connection closed during the HTTP response");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.len() > 64 * 1024 {
+            bail!("HTTP response head too long");
+        }
+    }
+}
+
+/// POSTs one publish on a keep-alive connection; true on a 2xx answer.
+fn http_publish(
+    stream: &mut TcpStream,
+    _buf: &mut Vec<u8>,
+    target: &Target,
+    api_key: Option<&str>,
+    body: &str,
+) -> Result<bool> {
+    let auth = api_key.map_or(String::new(), |key| {
+        format!("Authorization: Bearer {key}\r\n")
+    });
+    write!(
+        stream,
+        "POST {} HTTP/1.1\r\nHost: {}\r\n{auth}Content-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        target.path,
+        target.host,
+        body.len()
+    )?;
+    let (head, mut rest) = read_head(stream)?;
+    let head_text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length: usize = head_text
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length:"))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0);
+    let mut chunk = [0u8; 4096];
+    while rest.len() < length {
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("connection closed during the HTTP response body");
+        }
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    let ok = head_text.starts_with("http/1.1 2");
+    if !ok {
+        bail!(
+            "publish answered {}: {}",
+            head_text.lines().next().unwrap_or_default(),
+            String::from_utf8_lossy(&rest)
+        );
+    }
+    Ok(ok)
+}
+
+/// Counts acks on the publisher's connection and answers pings, until it closes.
+fn read_acks(
+    mut stream: TcpStream,
+    mut buf: Vec<u8>,
+    acked: &AtomicU64,
+    errors: &Mutex<Vec<String>>,
+    writer: &Mutex<TcpStream>,
+) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        let mut consumed = 0;
+        while let Ok(Some((header, header_len))) = FrameHeader::parse(&buf[consumed..]) {
+            let start = consumed + header_len;
+            let end = start + header.payload_len as usize;
+            if end > buf.len() {
+                break;
+            }
+            let payload = &buf[start..end];
+            match header.opcode {
+                OpCode::Ping => {
+                    let pong = encode_client_frame(OpCode::Pong, true, payload, [1, 2, 3, 4]);
+                    let _ = writer.lock().expect("writer lock").write_all(&pong);
+                }
+                OpCode::Close => return,
+                _ if find(payload, br#""type":"ack""#).is_some() => {
+                    acked.fetch_add(1, Ordering::Relaxed);
+                }
+                _ if find(payload, br#""type":"error""#).is_some() => {
+                    let mut errors = errors.lock().expect("errors lock");
+                    if errors.len() < 10 {
+                        errors.push(String::from_utf8_lossy(payload).into_owned());
+                    }
+                }
+                _ => {}
+            }
+            consumed = end;
+        }
+        buf.drain(..consumed);
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Sleeps until CLOCK_MONOTONIC reaches `deadline_ns`.
+fn sleep_until_ns(deadline_ns: u64) {
+    let ts = libc::timespec {
+        tv_sec: (deadline_ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (deadline_ns % 1_000_000_000) as libc::c_long,
+    };
+    loop {
+        // SAFETY: `ts` is a valid timespec; with TIMER_ABSTIME the remainder pointer may be null.
+        let rc = unsafe {
+            libc::clock_nanosleep(
+                libc::CLOCK_MONOTONIC,
+                libc::TIMER_ABSTIME,
+                &ts,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != libc::EINTR {
+            return;
+        }
+    }
+}
+
+/// Lets the kernel wake this thread within `ns` of a timer instead of the default 50 µs.
+fn set_timer_slack_ns(ns: u64) {
+    // SAFETY: PR_SET_TIMERSLACK takes one unsigned long and affects only the calling thread.
+    unsafe {
+        libc::prctl(libc::PR_SET_TIMERSLACK, ns as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser as _;
+
+    #[test]
+    fn json_report_has_the_documented_shape() {
+        let cli = crate::Cli::parse_from([
+            "herald-bench",
+            "fanout",
+            "--conns",
+            "10",
+            "--server-pid",
+            "1",
+        ]);
+        let crate::Subcommand::Fanout(args) = cli.command else {
+            panic!("fanout expected");
+        };
+        let mut hist = new_histogram();
+        hist.record(120).unwrap();
+        let mut timeline = Timeline::default();
+        timeline.record(5, 120);
+        let report = FanoutReport {
+            mode: "fanout".to_owned(),
+            config: serde_json::to_value(&args).unwrap(),
+            connect: ConnectSummary::default(),
+            published: 1,
+            acked: 1,
+            publisher_max_behind_us: 0,
+            publish_errors: Vec::new(),
+            latency_us: LatencySummary::of(&hist),
+            deliveries: Deliveries::default(),
+            timeline: timeline.points(),
+            percentile_curve: percentile_curve(&hist),
+            server: Some(ServerFigures::default()),
+            client: ClientFigures::default(),
+        };
+        let value = serde_json::to_value(&report).unwrap();
+        check_fanout_json(&value);
+        assert_eq!(value["config"]["conns"], 10);
+        assert_eq!(value["config"]["server_pid"][0], 1);
+        assert!(value["config"].get("json").is_none());
+        assert!(format_report(&report).contains("p99"));
+        let back: FanoutReport = serde_json::from_value(value).unwrap();
+        assert_eq!(back, report);
+    }
+
+    /// The field names other tools and the README read.
+    pub(crate) fn check_fanout_json(value: &serde_json::Value) {
+        assert_eq!(value["mode"], "fanout");
+        for key in [
+            "conns",
+            "rate",
+            "size",
+            "url",
+            "channels",
+            "duration",
+            "procs",
+            "source_ips",
+        ] {
+            assert!(value["config"].get(key).is_some(), "config.{key}");
+        }
+        for key in ["attempted", "ok", "failed", "seconds", "per_second"] {
+            assert!(value["connect"][key].is_number(), "connect.{key}");
+        }
+        assert!(value["published"].is_u64() && value["acked"].is_u64());
+        for key in ["p50", "p90", "p99", "p999", "p9999", "max", "mean", "count"] {
+            assert!(value["latency_us"][key].is_number(), "latency_us.{key}");
+        }
+        for key in [
+            "expected",
+            "received",
+            "lost",
+            "duplicated",
+            "out_of_order",
+            "per_second",
+        ] {
+            assert!(value["deliveries"][key].is_number(), "deliveries.{key}");
+        }
+        for point in value["timeline"].as_array().unwrap() {
+            for key in ["t", "deliveries", "p50_us", "p99_us"] {
+                assert!(point[key].is_number(), "timeline.{key}");
+            }
+        }
+        for point in value["percentile_curve"].as_array().unwrap() {
+            assert!(point["q"].is_number() && point["us"].is_number());
+        }
+        if !value["server"].is_null() {
+            for key in [
+                "cpu_ns",
+                "cpu_ns_per_delivery",
+                "rss_bytes_before",
+                "rss_bytes_after",
+                "rss_bytes_per_conn",
+            ] {
+                assert!(value["server"][key].is_number(), "server.{key}");
+            }
+            assert!(value["server"]["pids"].is_array());
+        }
+        for key in ["cpu_ns", "cpu_ns_per_delivery"] {
+            assert!(value["client"][key].is_number(), "client.{key}");
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! Runs `herald-bench fanout` against the real `herald` binary and against `floor`, and checks
+//! that nothing is lost, duplicated or reordered and that the JSON has its documented shape.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+
+use serde_json::Value;
+
+const BENCH: &str = env!("CARGO_BIN_EXE_herald-bench");
+
+/// A server process, killed on drop.
+struct Server {
+    child: Child,
+    port: u16,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `program args` and waits for its `listening on HOST:PORT` line.
+fn start(program: &PathBuf, args: &[&str]) -> Server {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|error| panic!("starting {}: {error}", program.display()));
+    let stdout = child.stdout.take().unwrap();
+    let mut lines = BufReader::new(stdout).lines();
+    let port = loop {
+        let line = lines
+            .next()
+            .expect("server exited before listening")
+            .unwrap();
+        if let Some(addr) = line.strip_prefix("listening on ") {
+            break addr.rsplit(':').next().unwrap().parse().unwrap();
+        }
+    };
+    // Keep draining stdout so the server never blocks on it.
+    std::thread::spawn(move || lines.for_each(drop));
+    Server { child, port }
+}
+
+/// The `herald` binary: `HERALD_BIN`, else next to `herald-bench` (built on demand).
+fn herald_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("HERALD_BIN") {
+        return path.into();
+    }
+    let dir = PathBuf::from(BENCH).parent().unwrap().to_owned();
+    let path = dir.join("herald");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+        let mut build = Command::new(cargo);
+        build.args(["build", "-p", "herald", "--bin", "herald"]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("running cargo build -p herald");
+        assert!(status.success(), "cargo build -p herald failed");
+    }
+    path
+}
+
+fn fanout(server: &Server, extra: &[&str]) -> Value {
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let pid = server.child.id().to_string();
+    let output = Command::new(BENCH)
+        .args([
+            "fanout",
+            "--url",
+            &url,
+            "--server-pid",
+            &pid,
+            "--json",
+            "-q",
+        ])
+        .args(extra)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "herald-bench failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap()
+}
+
+fn assert_complete(report: &Value, conns: u64) {
+    assert_eq!(report["mode"], "fanout");
+    assert_eq!(report["connect"]["attempted"], conns);
+    assert_eq!(report["connect"]["ok"], conns, "{}", report["connect"]);
+    assert_eq!(report["connect"]["failed"], 0);
+    let published = report["published"].as_u64().unwrap();
+    assert!(published > 0);
+    assert_eq!(report["acked"], published);
+    let deliveries = &report["deliveries"];
+    assert!(deliveries["expected"].as_u64().unwrap() > 0);
+    assert_eq!(
+        deliveries["received"], deliveries["expected"],
+        "{deliveries}"
+    );
+    assert_eq!(deliveries["lost"], 0);
+    assert_eq!(deliveries["duplicated"], 0);
+    assert_eq!(deliveries["out_of_order"], 0);
+    assert!(deliveries["per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["latency_us"]["count"], deliveries["received"]);
+    for key in ["p50", "p90", "p99", "p999", "p9999", "max", "mean"] {
+        assert!(report["latency_us"][key].is_number(), "latency_us.{key}");
+    }
+    let timeline = report["timeline"].as_array().unwrap();
+    assert!(!timeline.is_empty());
+    let timeline_total: u64 = timeline
+        .iter()
+        .map(|point| point["deliveries"].as_u64().unwrap())
+        .sum();
+    assert_eq!(timeline_total, deliveries["received"].as_u64().unwrap());
+    assert!(timeline[0]["p99_us"].is_number() && timeline[0]["t"].is_number());
+    let curve = report["percentile_curve"].as_array().unwrap();
+    assert_eq!(curve.last().unwrap()["q"], 1.0);
+    let server = &report["server"];
+    for key in [
+        "cpu_ns",
+        "cpu_ns_per_delivery",
+        "rss_bytes_before",
+        "rss_bytes_after",
+        "rss_bytes_per_conn",
+    ] {
+        assert!(server[key].is_number(), "server.{key}");
+    }
+    assert!(server["rss_bytes_before"].as_u64().unwrap() > 0);
+    assert!(report["client"]["cpu_ns_per_delivery"].as_f64().unwrap() > 0.0);
+    assert_eq!(report["config"]["conns"], conns);
+}
+
+#[test]
+fn herald_delivers_every_message_once_in_order_to_every_subscriber() {
+    let server = start(
+        &herald_binary(),
+        &["serve", "--listen", "127.0.0.1:0", "--threads", "2"],
+    );
+    let report = fanout(
+        &server,
+        &[
+            "--conns",
+            "300",
+            "--rate",
+            "40",
+            "--duration",
+            "2",
+            "--channels",
+            "2",
+            "--procs",
+            "2",
+        ],
+    );
+    assert_complete(&report, 300);
+    assert_eq!(report["deliveries"]["expected"], 80 * 150);
+    assert_eq!(report["client"]["procs"], 2);
+}
+
+#[test]
+fn floor_server_runs_fanout_unchanged() {
+    let server = start(&PathBuf::from(BENCH), &["floor", "--listen", "127.0.0.1:0"]);
+    let report = fanout(
+        &server,
+        &[
+            "--conns",
+            "200",
+            "--rate",
+            "50",
+            "--duration",
+            "1",
+            "--size",
+            "200",
+        ],
+    );
+    assert_complete(&report, 200);
+    assert_eq!(report["deliveries"]["expected"], 50 * 200);
+}

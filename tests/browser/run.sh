@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Browser tests: the demo page (GET /) and herald.js in Debian's Chromium, driven by
+# playwright-core, plus herald.js in Node against a scripted server and the real one.
+# Installs what is missing (as root on Debian: the chromium package; npm packages into
+# tests/browser/node_modules). Builds nothing: expects target/release/herald (or
+# $HERALD_BIN). The screenshot lands in target/browser/demo.png.
+#
+#   bash tests/browser/run.sh
+set -euo pipefail
+
+cd "$(dirname "$0")"
+ROOT=$(cd ../.. && pwd)
+export HERALD_BIN=${HERALD_BIN:-$ROOT/target/release/herald}
+CHROMIUM=${CHROMIUM:-/usr/bin/chromium}
+export CHROMIUM
+
+if [ ! -x "$HERALD_BIN" ]; then
+    echo "no herald binary at $HERALD_BIN: run 'cargo build --release' first" >&2
+    exit 1
+fi
+
+if [ ! -x "$CHROMIUM" ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "+ apt-get install chromium"
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+    else
+        echo "$CHROMIUM is missing: install Debian's chromium package (apt-get install chromium)" >&2
+        exit 1
+    fi
+fi
+"$CHROMIUM" --version 2>/dev/null | head -n 1 || true
+
+command -v node >/dev/null || { echo "node is missing (Node 18+ is needed)" >&2; exit 1; }
+# playwright-core never downloads a browser; say so anyway.
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
+if ! cmp -s package-lock.json node_modules/.herald-installed-lock; then
+    echo "+ npm ci"
+    npm ci --no-audit --no-fund --loglevel=error
+    cp package-lock.json node_modules/.herald-installed-lock
+fi
+
+mkdir -p "$ROOT/target/browser"
+echo "+ node --test client.test.js demo.test.js"
+exec node --test --test-concurrency=1 \
+    --test-reporter=spec --test-reporter-destination=stdout \
+    --test-reporter=./summary-reporter.mjs --test-reporter-destination=stdout \
+    client.test.js demo.test.js
