@@ -83,6 +83,7 @@ struct WireCommand<'a> {
 #[derive(Default)]
 pub struct CommandParser {
     scratch: Vec<u8>,
+    buffers: simd_json::Buffers,
 }
 
 impl CommandParser {
@@ -90,8 +91,11 @@ impl CommandParser {
     pub fn parse(&mut self, payload: &Bytes) -> Result<Command, CommandError> {
         self.scratch.clear();
         self.scratch.extend_from_slice(payload);
-        let wire: WireCommand<'_> = simd_json::serde::from_slice(&mut self.scratch)
-            .map_err(|e| CommandError::new("bad_request", format!("invalid JSON: {e}"), None))?;
+        let wire: WireCommand<'_> =
+            simd_json::serde::from_slice_with_buffers(&mut self.scratch, &mut self.buffers)
+                .map_err(|e| {
+                    CommandError::new("bad_request", format!("invalid JSON: {e}"), None)
+                })?;
         let id = wire.id;
         let Some(kind) = wire.kind else {
             return Err(CommandError::new("bad_request", "missing \"type\"", id));
