@@ -127,6 +127,18 @@ pub struct Options {
     #[arg(long, env = "HERALD_DRAIN_MS", value_name = "MS")]
     pub drain_ms: Option<u64>,
 
+    /// Let several herald processes serve the same port (SO_REUSEPORT): each process
+    /// holds its own connections and open-file limit; fan-out across processes needs the
+    /// cluster. Without it a port already in use is an error.
+    #[arg(
+        long,
+        env = "HERALD_SHARED_PORT",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub shared_port: Option<bool>,
+
     /// Listen backlog of each shard's socket. [default: 4096]
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N")]
     pub backlog: Option<u32>,
@@ -266,6 +278,7 @@ impl Options {
             close_timeout_ms: self.close_timeout_ms.or(lower.close_timeout_ms),
             drain_ms: self.drain_ms.or(lower.drain_ms),
             backlog: self.backlog.or(lower.backlog),
+            shared_port: self.shared_port.or(lower.shared_port),
             history_size: self.history_size.or(lower.history_size),
             history_ttl_ms: self.history_ttl_ms.or(lower.history_ttl_ms),
             api_key: self.api_key.or(lower.api_key),
@@ -307,6 +320,7 @@ pub struct Config {
     pub close_timeout: Duration,
     pub drain: Duration,
     pub backlog: u32,
+    pub shared_port: bool,
     /// Request head limits before the upgrade (DESIGN.md defaults).
     pub max_head_bytes: usize,
     pub max_headers: usize,
@@ -366,6 +380,7 @@ impl Options {
             close_timeout: ms(self.close_timeout_ms.unwrap_or(5_000)),
             drain: ms(self.drain_ms.unwrap_or(10_000)),
             backlog: self.backlog.unwrap_or(4096),
+            shared_port: self.shared_port.unwrap_or(false),
             max_head_bytes: 16 * 1024,
             max_headers: 100,
             history: HistoryLimits {

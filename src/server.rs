@@ -18,7 +18,7 @@ pub fn serve(config: Config) -> io::Result<()> {
     let shards = cores.len();
     let ctx = Arc::new(Context::new(config, shards).map_err(io::Error::other)?);
     let config = &ctx.config;
-    let listeners = listener::bind_all(config.listen, shards, config.backlog)?;
+    let listeners = listener::bind_all(config.listen, shards, config.backlog, config.shared_port)?;
     let bound = listeners[0].local_addr()?;
 
     let mut polls = Vec::with_capacity(shards);

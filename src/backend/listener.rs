@@ -17,10 +17,16 @@ fn bind_one(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpL
 }
 
 /// Binds `count` listeners to `addr`. With port 0 the first picks the port and the rest
-/// join it. A fixed port is first probed without `SO_REUSEPORT`, so a second server (or a
-/// forgotten one) on the same port is an error rather than a silent share of the traffic.
-pub fn bind_all(addr: SocketAddr, count: usize, backlog: u32) -> io::Result<Vec<TcpListener>> {
-    if addr.port() != 0 {
+/// join it. Unless `shared` says other processes may serve the same port, a fixed port is
+/// first probed without `SO_REUSEPORT`, so a second server (or a forgotten one) on the
+/// same port is an error rather than a silent share of the traffic.
+pub fn bind_all(
+    addr: SocketAddr,
+    count: usize,
+    backlog: u32,
+    shared: bool,
+) -> io::Result<Vec<TcpListener>> {
+    if addr.port() != 0 && !shared {
         drop(bind_one(addr, 1, false).map_err(|e| with_addr(e, addr))?);
     }
     let first = bind_one(addr, backlog, true).map_err(|e| with_addr(e, addr))?;
@@ -42,7 +48,7 @@ mod tests {
 
     #[test]
     fn port_zero_gives_every_listener_the_same_port() {
-        let listeners = bind_all("127.0.0.1:0".parse().unwrap(), 3, 16).unwrap();
+        let listeners = bind_all("127.0.0.1:0".parse().unwrap(), 3, 16, false).unwrap();
         let port = listeners[0].local_addr().unwrap().port();
         assert!(
             listeners
@@ -53,9 +59,12 @@ mod tests {
 
     #[test]
     fn a_taken_port_is_an_error() {
-        let listeners = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16).unwrap();
+        let listeners = bind_all("127.0.0.1:0".parse().unwrap(), 1, 16, false).unwrap();
         let taken = listeners[0].local_addr().unwrap();
-        let err = bind_all(taken, 1, 16).unwrap_err();
+        let err = bind_all(taken, 1, 16, false).unwrap_err();
         assert!(err.to_string().contains("cannot listen on"), "{err}");
+        // Processes that all say the port is shared may serve it together.
+        let first = bind_all(taken, 1, 16, true);
+        assert!(first.is_ok());
     }
 }
