@@ -69,7 +69,7 @@ PY
 echo "== fan-out, 64 B, one channel; server on core $server_core, client on core $client_core"
 for conns in 1000 10000; do
     procs=1
-    start "herald-t1-$conns" taskset -c "$server_core" "$H" serve --listen 127.0.0.1:0 --threads 1 \
+    start "herald-t1-$conns" taskset -c "$server_core" "$H" serve --listen 127.0.0.1:0 --threads 1 --max-connections-per-ip 0 \
         --max-messages-per-second 1000000
     fanout "herald-t1-$conns-r20" --conns "$conns" --rate 20 --size 64 --procs $procs
     stop
@@ -79,13 +79,14 @@ for conns in 1000 10000; do
 done
 
 echo "== 10,000 subscribers at 5 msg/s, --threads 2 (server and client share the cores)"
-start herald-t2-10000 "$H" serve --listen 127.0.0.1:0 --threads 2 --max-messages-per-second 1000000
+start herald-t2-10000 "$H" serve --listen 127.0.0.1:0 --threads 2 --max-messages-per-second 1000000 \
+    --max-connections-per-ip 0
 fanout "herald-t2-10000-r5" --conns 10000 --rate 5 --size 64
 stop
 
 echo "== 18,000 subscribers at 20 msg/s over 2 client processes and 19 source addresses"
 for threads in 1 2; do
-    start "herald-t$threads-18000" "$H" serve --listen 127.0.0.1:0 --threads "$threads" \
+    start "herald-t$threads-18000" "$H" serve --listen 127.0.0.1:0 --threads "$threads" --max-connections-per-ip 0 \
         --max-messages-per-second 1000000
     fanout "herald-t$threads-18000-r20" --conns 18000 --rate 20 --size 64 --procs 2 \
         --source-ips 127.0.0.2-127.0.0.20 --drain-timeout 20
@@ -93,7 +94,7 @@ for threads in 1 2; do
 done
 
 echo "== idle subscribed connections: server memory per connection (after one ping interval)"
-start herald-idle "$H" serve --listen 127.0.0.1:0 --threads 2 --ping-interval-ms 2000
+start herald-idle "$H" serve --listen 127.0.0.1:0 --threads 2 --ping-interval-ms 2000 --max-connections-per-ip 0
 taskset -c "$client_core" "$B" connect --url "ws://$ADDR/ws" --conns 18000 --subscribe --channels 100 \
     --hold 5 --procs 2 --source-ips 127.0.0.2-127.0.0.20 --server-pid "$PID" | tail -n 4
 stop
@@ -102,8 +103,8 @@ echo "== 60,000 connections over 4 herald processes sharing one port (--shared-p
 port=$((20000 + RANDOM % 20000))
 servers=()
 for i in 1 2 3 4; do
-    start "herald-shared-$i" "$H" serve --listen "127.0.0.1:$port" --threads 1 --shared-port \
-        --max-connections-per-ip 100000
+    start "herald-shared-$i" "$H" serve --listen "127.0.0.1:$port" --threads 1 --shared-port --max-connections-per-ip 0 \
+        --accept-rate 100000
     servers+=(--server-pid "$PID")
 done
 "$B" connect --url "ws://127.0.0.1:$port/ws" --conns 60000 --hold 5 --procs 4 \
