@@ -23,11 +23,13 @@
 //! - [`config`]: options from the command line, environment and TOML file.
 //! - [`server`]: wires it together and drains on SIGINT/SIGTERM.
 //! - [`client`]: `herald client`, the interactive terminal client.
+//! - [`doctor`]: `herald doctor`, checks a machine's limits and sysctls for N connections.
 
 pub mod auth;
 pub mod backend;
 pub mod client;
 pub mod config;
+pub mod doctor;
 pub mod http;
 pub mod hub;
 pub mod limits;

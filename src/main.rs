@@ -35,6 +35,17 @@ enum Command {
         #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
         token: Option<String>,
     },
+    /// Checks this machine's open-file limits, sysctls, cores and memory for N connections
+    /// and prints what would stop them, with the command that fixes each (tuning/README.md).
+    /// Exits 1 when the machine cannot hold N.
+    Doctor {
+        /// Connections to check for.
+        #[arg(long, default_value_t = 100_000)]
+        connections: u64,
+        /// Print one JSON object instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -55,6 +66,16 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!("herald client: {e}");
                     ExitCode::FAILURE
+                }
+            };
+        }
+        Some(Command::Doctor { connections, json }) => {
+            return match herald::doctor::run(connections, json) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("herald doctor: {e}");
+                    ExitCode::from(2)
                 }
             };
         }

@@ -1,0 +1,824 @@
+//! `herald doctor`: can this machine hold N connections?
+//!
+//! Two halves, kept apart so the rules can be tested with made-up machines:
+//! [`Readings::read_machine`] reads rlimits, `/proc/sys` and `/proc/meminfo`; [`check`]
+//! is pure rules over a [`Readings`] and returns a [`Report`] of findings (each with the
+//! current value, the value N connections need, and the exact command that fixes it) and
+//! an estimate of the memory N connections take. `tuning/README.md` explains every knob.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Descriptors Herald needs besides its connections: listeners, epoll, wakers, stdio,
+/// log files, a few per shard.
+pub const FD_MARGIN: u64 = 256;
+/// Herald's own user-space memory per connection, bytes (README "Measured": 1,025 B with
+/// one shard per process, 1,500–2,200 B with two shards).
+pub const HERALD_BYTES_LOW: u64 = 1_100;
+/// See [`HERALD_BYTES_LOW`].
+pub const HERALD_BYTES_HIGH: u64 = 2_200;
+/// Kernel socket structures per idle TCP connection (socket, `tcp_sock`, file, dentry,
+/// inode, epoll item), bytes: outside `tcp_mem`, in slab.
+pub const KERNEL_STRUCT_LOW: u64 = 2_048;
+/// See [`KERNEL_STRUCT_LOW`].
+pub const KERNEL_STRUCT_HIGH: u64 = 4_096;
+
+/// What the rules look at. `None` means the value could not be read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Readings {
+    /// RLIMIT_NOFILE soft limit of this process (`u64::MAX` = unlimited).
+    pub nofile_soft: Option<u64>,
+    /// RLIMIT_NOFILE hard limit of this process.
+    pub nofile_hard: Option<u64>,
+    /// `fs.nr_open`: the ceiling of any process's RLIMIT_NOFILE.
+    pub nr_open: Option<u64>,
+    /// `fs.file-max`: open files over the whole system.
+    pub file_max: Option<u64>,
+    /// First field of `fs.file-nr`: files open over the whole system now.
+    pub file_nr: Option<u64>,
+    /// `net.core.somaxconn`.
+    pub somaxconn: Option<u64>,
+    /// `net.ipv4.tcp_max_syn_backlog`.
+    pub tcp_max_syn_backlog: Option<u64>,
+    /// `net.core.netdev_max_backlog`.
+    pub netdev_max_backlog: Option<u64>,
+    /// `net.ipv4.ip_local_port_range`.
+    pub ip_local_port_range: Option<(u64, u64)>,
+    /// `net.ipv4.tcp_mem` (pages): low, pressure, high.
+    pub tcp_mem: Option<[u64; 3]>,
+    /// `net.ipv4.tcp_rmem` (bytes): min, default, max.
+    pub tcp_rmem: Option<[u64; 3]>,
+    /// `net.ipv4.tcp_wmem` (bytes): min, default, max.
+    pub tcp_wmem: Option<[u64; 3]>,
+    /// `net.netfilter.nf_conntrack_max`, when conntrack is loaded.
+    pub nf_conntrack_max: Option<u64>,
+    /// Cores this process may run on.
+    pub cores: usize,
+    /// `MemTotal`, bytes.
+    pub mem_total: Option<u64>,
+    /// `MemAvailable`, bytes.
+    pub mem_available: Option<u64>,
+    /// Page size, bytes (`tcp_mem` is in pages).
+    pub page_size: u64,
+}
+
+/// How much a finding matters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    /// Enough for N.
+    Ok,
+    /// Worth knowing; does not stop N connections on this host.
+    Info,
+    /// Stops or slows N connections in some situations (bursts, a shell without the
+    /// service's limits, conntrack in the path): fix it before going live.
+    Warn,
+    /// This machine cannot hold N connections until it is fixed.
+    Blocker,
+}
+
+/// One checked setting.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Finding {
+    /// The setting (`fs.nr_open`, `RLIMIT_NOFILE (hard)`, `memory`, ...).
+    pub name: String,
+    /// Its value now.
+    pub current: String,
+    /// The value N connections need.
+    pub needed: String,
+    /// The command or configuration line that fixes it; empty when nothing to do.
+    pub fix: String,
+    /// Why it matters.
+    pub why: String,
+    /// How much it matters.
+    pub severity: Severity,
+}
+
+/// The memory N connections take, bytes.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct MemoryEstimate {
+    /// Herald's user-space memory, low and high.
+    pub herald: (u64, u64),
+    /// Kernel socket structures of idle connections, low and high.
+    pub kernel_structures: (u64, u64),
+    /// Kernel socket buffers when every connection has data queued, at the
+    /// `tcp_rmem`/`tcp_wmem` minimums (what the kernel still grants under pressure).
+    pub kernel_buffers_busy: u64,
+    /// Idle connections, low and high.
+    pub idle: (u64, u64),
+    /// Every connection busy, high.
+    pub busy_high: u64,
+    /// `MemAvailable`.
+    pub available: Option<u64>,
+    /// `MemTotal`.
+    pub total: Option<u64>,
+}
+
+/// What `herald doctor` found.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Report {
+    /// The N checked for.
+    pub connections: u64,
+    /// Cores (the natural `--threads`).
+    pub cores: usize,
+    /// Every checked setting, worst first.
+    pub findings: Vec<Finding>,
+    /// The memory estimate.
+    pub memory: MemoryEstimate,
+    /// True when nothing blocks N connections.
+    pub ok: bool,
+}
+
+fn show(v: Option<u64>) -> String {
+    match v {
+        None => "unreadable".to_owned(),
+        Some(u64::MAX) => "unlimited".to_owned(),
+        Some(v) => v.to_string(),
+    }
+}
+
+fn triple(v: Option<[u64; 3]>) -> String {
+    v.map_or_else(
+        || "unreadable".to_owned(),
+        |[a, b, c]| format!("{a} {b} {c}"),
+    )
+}
+
+/// `v` rounded up to a multiple of 65,536 (limits people can read).
+fn round_limit(v: u64) -> u64 {
+    v.div_ceil(65_536).saturating_mul(65_536)
+}
+
+/// Bytes as MiB/GiB for people.
+pub fn human_bytes(b: u64) -> String {
+    const MIB: f64 = 1024.0 * 1024.0;
+    let f = b as f64;
+    if f >= 1024.0 * MIB {
+        format!("{:.1} GiB", f / (1024.0 * MIB))
+    } else {
+        format!("{:.1} MiB", f / MIB)
+    }
+}
+
+/// A check of `current >= needed`: `Ok` when met, `sev` when not, `Info` when unreadable.
+fn at_least(
+    name: &str,
+    current: Option<u64>,
+    needed: u64,
+    sev: Severity,
+    fix: String,
+    why: &str,
+) -> Finding {
+    let severity = match current {
+        None => Severity::Info,
+        Some(c) if c >= needed => Severity::Ok,
+        Some(_) => sev,
+    };
+    Finding {
+        name: name.to_owned(),
+        current: show(current),
+        needed: format!(">= {needed}"),
+        fix: if severity == Severity::Ok {
+            String::new()
+        } else {
+            fix
+        },
+        why: why.to_owned(),
+        severity,
+    }
+}
+
+/// Backlog (accept queue, SYN queue) worth having when N clients may reconnect at once.
+fn backlog_needed(n: u64) -> u64 {
+    if n >= 50_000 {
+        65_535
+    } else if n >= 5_000 {
+        4_096
+    } else {
+        1_024
+    }
+}
+
+/// The rules: what stops `n` connections on a machine that reads like `r`.
+pub fn check(r: &Readings, n: u64) -> Report {
+    let fds = n.saturating_add(FD_MARGIN);
+    let fd_target = round_limit(fds);
+    let mut f = Vec::new();
+
+    f.push(at_least(
+        "RLIMIT_NOFILE (hard)",
+        r.nofile_hard,
+        fds,
+        Severity::Blocker,
+        format!(
+            "systemd: LimitNOFILE={fd_target} in the unit (tuning/herald.service); otherwise \
+             '* hard nofile {fd_target}' in /etc/security/limits.d/herald.conf and log in again \
+             (root shell: ulimit -Hn {fd_target})"
+        ),
+        "every connection is a file descriptor; the process cannot raise its soft limit above this",
+    ));
+    f.push(at_least(
+        "RLIMIT_NOFILE (soft)",
+        r.nofile_soft,
+        fds,
+        Severity::Warn,
+        format!(
+            "ulimit -n {fd_target} before starting herald (at most the hard limit), or \
+             systemd LimitNOFILE={fd_target}"
+        ),
+        "accept fails with EMFILE ('Too many open files') at this many descriptors; this is \
+         the shell running doctor, a systemd unit sets its own",
+    ));
+    f.push(at_least(
+        "fs.nr_open",
+        r.nr_open,
+        fds,
+        Severity::Blocker,
+        format!("sysctl -w fs.nr_open={fd_target} (persist: tuning/sysctl.d/99-herald.conf)"),
+        "no process can have RLIMIT_NOFILE above fs.nr_open, even root",
+    ));
+    let in_use = r.file_nr.unwrap_or(0);
+    let file_target = round_limit(in_use.saturating_add(fds).saturating_mul(2));
+    f.push(at_least(
+        "fs.file-max",
+        r.file_max.map(|m| m.saturating_sub(in_use)),
+        fds,
+        Severity::Blocker,
+        format!("sysctl -w fs.file-max={file_target}"),
+        "open files over the whole system (current = file-max minus files open now); past it \
+         accept fails with ENFILE",
+    ));
+    let backlog = backlog_needed(n);
+    f.push(at_least(
+        "net.core.somaxconn",
+        r.somaxconn,
+        backlog,
+        Severity::Warn,
+        format!("sysctl -w net.core.somaxconn={backlog} (and herald --backlog {backlog})"),
+        "caps each listener's accept queue; too small and a reconnect storm after a restart \
+         overflows it (netstat -s: 'times the listen queue of a socket overflowed')",
+    ));
+    f.push(at_least(
+        "net.ipv4.tcp_max_syn_backlog",
+        r.tcp_max_syn_backlog,
+        backlog,
+        Severity::Warn,
+        format!("sysctl -w net.ipv4.tcp_max_syn_backlog={backlog}"),
+        "half-open connections waiting for the handshake's last ACK; too small and SYNs are \
+         dropped or answered with cookies during a connect burst",
+    ));
+    let netdev = if n >= 50_000 { 16_384 } else { 1_000 };
+    f.push(at_least(
+        "net.core.netdev_max_backlog",
+        r.netdev_max_backlog,
+        netdev,
+        Severity::Warn,
+        format!("sysctl -w net.core.netdev_max_backlog={netdev}"),
+        "packets queued per CPU between the NIC and the TCP stack; too small and bursts are \
+         dropped (second column of /proc/net/softnet_stat grows)",
+    ));
+
+    // Ports only limit outgoing connections: the proxy in front, or the benchmark client.
+    let ports = r
+        .ip_local_port_range
+        .map(|(lo, hi)| hi.saturating_sub(lo) + 1);
+    let mut port = at_least(
+        "net.ipv4.ip_local_port_range",
+        ports,
+        n.min(64_512),
+        Severity::Info,
+        format!(
+            "on the proxy or benchmark host: sysctl -w net.ipv4.ip_local_port_range=\"1024 65535\", \
+             and for more than ~64k connections give it {} source addresses (or Herald as many \
+             ports/addresses)",
+            n.div_ceil(64_000)
+        ),
+        "does not limit connections Herald accepts; it limits connections one client address \
+         opens to one Herald address:port (a proxy, herald-bench)",
+    );
+    if let Some((lo, hi)) = r.ip_local_port_range {
+        port.current = format!("{lo} {hi} ({} ports)", hi.saturating_sub(lo) + 1);
+    }
+    f.push(port);
+
+    // Kernel memory.
+    let page = r.page_size.max(1);
+    let min_bufs = match (r.tcp_rmem, r.tcp_wmem) {
+        (Some(rm), Some(wm)) => Some(rm[0] + wm[0]),
+        _ => None,
+    };
+    let per_busy = min_bufs.unwrap_or(8_192);
+    let busy_pages = n.saturating_mul(per_busy).div_ceil(page);
+    let tcp_mem_target = r
+        .tcp_mem
+        .map_or([busy_pages / 2, busy_pages, busy_pages * 2], |m| {
+            [
+                m[0].max(busy_pages / 2),
+                m[1].max(busy_pages),
+                m[2].max(busy_pages.saturating_mul(2)),
+            ]
+        });
+    let mut tcp_mem = at_least(
+        "net.ipv4.tcp_mem",
+        r.tcp_mem.map(|m| m[2]),
+        busy_pages,
+        Severity::Warn,
+        format!(
+            "sysctl -w net.ipv4.tcp_mem=\"{} {} {}\" (pages of {page} B)",
+            tcp_mem_target[0], tcp_mem_target[1], tcp_mem_target[2]
+        ),
+        "pages all TCP buffers may take (low, pressure, high); a broadcast leaves data queued \
+         on every socket, and at the third value the kernel stops granting buffer memory \
+         ('TCP: out of memory' in dmesg, stalled sends)",
+    );
+    tcp_mem.current = triple(r.tcp_mem);
+    tcp_mem.needed = format!(
+        "high >= {busy_pages} pages ({} connections x {per_busy} B rmem+wmem min)",
+        n
+    );
+    f.push(tcp_mem);
+    let mut bufs = Finding {
+        name: "net.ipv4.tcp_rmem / tcp_wmem".to_owned(),
+        current: format!("{} / {}", triple(r.tcp_rmem), triple(r.tcp_wmem)),
+        needed: "min 4096 each".to_owned(),
+        fix: String::new(),
+        why: "the min values are what every socket keeps even under memory pressure; \
+              Herald's pushes are small, so large defaults only cost memory"
+            .to_owned(),
+        severity: Severity::Ok,
+    };
+    match min_bufs {
+        None => bufs.severity = Severity::Info,
+        Some(m) if m > 16_384 => {
+            bufs.severity = Severity::Warn;
+            bufs.fix = "sysctl -w net.ipv4.tcp_rmem=\"4096 16384 4194304\" \
+                        net.ipv4.tcp_wmem=\"4096 16384 4194304\""
+                .to_owned();
+        }
+        Some(_) => {}
+    }
+    f.push(bufs);
+
+    if r.nf_conntrack_max.is_some() {
+        let target = round_limit(fds.saturating_mul(2));
+        f.push(at_least(
+            "net.netfilter.nf_conntrack_max",
+            r.nf_conntrack_max,
+            fds,
+            Severity::Warn,
+            format!(
+                "sysctl -w net.netfilter.nf_conntrack_max={target}, or skip tracking Herald's \
+                 port: nft add rule inet raw prerouting tcp dport 8080 notrack"
+            ),
+            "conntrack is loaded: if it tracks Herald's traffic, a full table drops new \
+             connections ('nf_conntrack: table full, dropping packet' in dmesg)",
+        ));
+    }
+
+    // Memory.
+    let herald = (
+        n.saturating_mul(HERALD_BYTES_LOW),
+        n.saturating_mul(HERALD_BYTES_HIGH),
+    );
+    let kernel = (
+        n.saturating_mul(KERNEL_STRUCT_LOW),
+        n.saturating_mul(KERNEL_STRUCT_HIGH),
+    );
+    let buffers = n.saturating_mul(per_busy);
+    let memory = MemoryEstimate {
+        herald,
+        kernel_structures: kernel,
+        kernel_buffers_busy: buffers,
+        idle: (
+            herald.0.saturating_add(kernel.0),
+            herald.1.saturating_add(kernel.1),
+        ),
+        busy_high: herald.1.saturating_add(kernel.1).saturating_add(buffers),
+        available: r.mem_available,
+        total: r.mem_total,
+    };
+    let (severity, fix) = match r.mem_available {
+        None => (Severity::Info, String::new()),
+        Some(a) if memory.idle.1 > a => (
+            Severity::Blocker,
+            format!(
+                "add memory, or spread the load: about {} nodes of this size",
+                memory.busy_high.div_ceil(a.max(1))
+            ),
+        ),
+        Some(a) if memory.busy_high > a => (
+            Severity::Warn,
+            "enough for idle connections but not for a broadcast that leaves data queued on \
+             every socket: add memory or lower tcp_wmem min"
+                .to_owned(),
+        ),
+        Some(_) => (Severity::Ok, String::new()),
+    };
+    f.push(Finding {
+        name: "memory".to_owned(),
+        current: format!(
+            "MemAvailable {}",
+            r.mem_available.map_or("unreadable".to_owned(), human_bytes)
+        ),
+        needed: format!(
+            "{} - {} idle, up to {} with every socket busy",
+            human_bytes(memory.idle.0),
+            human_bytes(memory.idle.1),
+            human_bytes(memory.busy_high)
+        ),
+        fix,
+        why: "Herald 1.1-2.2 KB per connection (measured) + 2-4 KB kernel socket structures, \
+              + tcp_rmem/tcp_wmem min per socket while data is queued"
+            .to_owned(),
+        severity,
+    });
+
+    f.push(Finding {
+        name: "cores".to_owned(),
+        current: r.cores.to_string(),
+        needed: String::new(),
+        fix: format!(
+            "herald --threads {} (one pinned shard per core; on a multi-queue NIC, match the \
+             queues' IRQ cores)",
+            r.cores.max(1)
+        ),
+        why: "one shard per core; fan-out CPU scales with cores".to_owned(),
+        severity: Severity::Info,
+    });
+
+    f.sort_by_key(|x| std::cmp::Reverse(x.severity));
+    let ok = f.iter().all(|x| x.severity != Severity::Blocker);
+    Report {
+        connections: n,
+        cores: r.cores,
+        findings: f,
+        memory,
+        ok,
+    }
+}
+
+fn read_str(path: &str) -> Option<String> {
+    std::fs::read_to_string(path).ok()
+}
+
+fn read_nums(path: &str) -> Option<Vec<u64>> {
+    let s = read_str(path)?;
+    s.split_whitespace().map(|w| w.parse().ok()).collect()
+}
+
+fn read_num(path: &str) -> Option<u64> {
+    read_nums(path)?.first().copied()
+}
+
+fn read_three(path: &str) -> Option<[u64; 3]> {
+    read_nums(path)?.try_into().ok()
+}
+
+/// `MemTotal:  16334316 kB` -> bytes.
+fn meminfo_field(meminfo: &str, key: &str) -> Option<u64> {
+    meminfo.lines().find_map(|line| {
+        let rest = line.strip_prefix(key)?.strip_prefix(':')?;
+        let kb: u64 = rest.split_whitespace().next()?.parse().ok()?;
+        Some(kb * 1024)
+    })
+}
+
+impl Readings {
+    /// Reads this machine (and this process's limits).
+    pub fn read_machine() -> Self {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes one `rlimit` through a valid, exclusive pointer.
+        let got = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } == 0;
+        let conv = |v: libc::rlim_t| {
+            if v == libc::RLIM_INFINITY {
+                u64::MAX
+            } else {
+                v
+            }
+        };
+        let meminfo = read_str("/proc/meminfo").unwrap_or_default();
+        // SAFETY: sysconf has no memory-safety preconditions.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        Self {
+            nofile_soft: got.then(|| conv(lim.rlim_cur)),
+            nofile_hard: got.then(|| conv(lim.rlim_max)),
+            nr_open: read_num("/proc/sys/fs/nr_open"),
+            file_max: read_num("/proc/sys/fs/file-max"),
+            file_nr: read_num("/proc/sys/fs/file-nr"),
+            somaxconn: read_num("/proc/sys/net/core/somaxconn"),
+            tcp_max_syn_backlog: read_num("/proc/sys/net/ipv4/tcp_max_syn_backlog"),
+            netdev_max_backlog: read_num("/proc/sys/net/core/netdev_max_backlog"),
+            ip_local_port_range: read_nums("/proc/sys/net/ipv4/ip_local_port_range")
+                .and_then(|v| Some((*v.first()?, *v.get(1)?))),
+            tcp_mem: read_three("/proc/sys/net/ipv4/tcp_mem"),
+            tcp_rmem: read_three("/proc/sys/net/ipv4/tcp_rmem"),
+            tcp_wmem: read_three("/proc/sys/net/ipv4/tcp_wmem"),
+            nf_conntrack_max: read_num("/proc/sys/net/netfilter/nf_conntrack_max"),
+            cores: std::thread::available_parallelism().map_or(1, |c| c.get()),
+            mem_total: meminfo_field(&meminfo, "MemTotal"),
+            mem_available: meminfo_field(&meminfo, "MemAvailable"),
+            page_size: if page > 0 { page as u64 } else { 4096 },
+        }
+    }
+}
+
+/// The report as text for a terminal.
+pub fn render_text(rep: &Report) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "herald doctor: can this machine hold {} connections? {}",
+        rep.connections,
+        if rep.ok { "yes" } else { "NO" }
+    );
+    let mut shown_ok = false;
+    for f in &rep.findings {
+        let tag = match f.severity {
+            Severity::Blocker => "BLOCKER",
+            Severity::Warn => "warn",
+            Severity::Info => "info",
+            Severity::Ok => "ok",
+        };
+        if f.severity == Severity::Ok {
+            if !shown_ok {
+                let _ = writeln!(out, "\nenough for {} connections:", rep.connections);
+                shown_ok = true;
+            }
+            let _ = writeln!(out, "  ok       {} = {} ({})", f.name, f.current, f.needed);
+            continue;
+        }
+        let _ = writeln!(out, "\n{tag:<8} {} = {}", f.name, f.current);
+        if !f.needed.is_empty() {
+            let _ = writeln!(out, "         needed: {}", f.needed);
+        }
+        let _ = writeln!(out, "         why: {}", f.why);
+        if !f.fix.is_empty() {
+            let _ = writeln!(out, "         fix: {}", f.fix);
+        }
+    }
+    let m = &rep.memory;
+    let _ = writeln!(out, "\nmemory for {} connections:", rep.connections);
+    let _ = writeln!(
+        out,
+        "  herald (user space, 1.1-2.2 KB each, measured)   {} - {}",
+        human_bytes(m.herald.0),
+        human_bytes(m.herald.1)
+    );
+    let _ = writeln!(
+        out,
+        "  kernel socket structures (2-4 KB each)           {} - {}",
+        human_bytes(m.kernel_structures.0),
+        human_bytes(m.kernel_structures.1)
+    );
+    let _ = writeln!(
+        out,
+        "  idle total                                       {} - {}",
+        human_bytes(m.idle.0),
+        human_bytes(m.idle.1)
+    );
+    let _ = writeln!(
+        out,
+        "  + socket buffers, every socket busy (rmem+wmem min) {}  => up to {}",
+        human_bytes(m.kernel_buffers_busy),
+        human_bytes(m.busy_high)
+    );
+    let _ = writeln!(
+        out,
+        "  MemAvailable {}, MemTotal {}",
+        m.available.map_or("unreadable".to_owned(), human_bytes),
+        m.total.map_or("unreadable".to_owned(), human_bytes)
+    );
+    out
+}
+
+/// `herald doctor`: reads this machine, prints the report (text or one JSON object) and
+/// returns whether the machine can hold `connections`.
+pub fn run(connections: u64, json: bool) -> anyhow::Result<bool> {
+    let report = check(&Readings::read_machine(), connections);
+    if json {
+        println!("{}", simd_json::to_string(&report)?);
+    } else {
+        print!("{}", render_text(&report));
+    }
+    Ok(report.ok)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A machine set up per tuning/ for a million connections.
+    fn big() -> Readings {
+        Readings {
+            nofile_soft: Some(2_097_152),
+            nofile_hard: Some(2_097_152),
+            nr_open: Some(2_097_152),
+            file_max: Some(4_194_304),
+            file_nr: Some(2_000),
+            somaxconn: Some(65_535),
+            tcp_max_syn_backlog: Some(65_535),
+            netdev_max_backlog: Some(16_384),
+            ip_local_port_range: Some((1024, 65535)),
+            tcp_mem: Some([2_000_000, 3_000_000, 4_000_000]),
+            tcp_rmem: Some([4096, 16384, 4_194_304]),
+            tcp_wmem: Some([4096, 16384, 4_194_304]),
+            nf_conntrack_max: None,
+            cores: 32,
+            mem_total: Some(64 << 30),
+            mem_available: Some(60 << 30),
+            page_size: 4096,
+        }
+    }
+
+    fn finding<'a>(r: &'a Report, name: &str) -> &'a Finding {
+        r.findings.iter().find(|f| f.name == name).unwrap()
+    }
+
+    #[test]
+    fn tuned_machine_holds_a_million() {
+        let r = check(&big(), 1_000_000);
+        assert!(r.ok, "{r:#?}");
+        for f in &r.findings {
+            assert!(f.severity <= Severity::Info, "{f:#?}");
+        }
+    }
+
+    #[test]
+    fn hard_limit_and_nr_open_block() {
+        let mut m = big();
+        m.nofile_hard = Some(65_536);
+        m.nr_open = Some(524_288);
+        let r = check(&m, 1_000_000);
+        assert!(!r.ok);
+        let hard = finding(&r, "RLIMIT_NOFILE (hard)");
+        assert_eq!(hard.severity, Severity::Blocker);
+        assert!(hard.fix.contains("LimitNOFILE=1048576"), "{}", hard.fix);
+        let nr = finding(&r, "fs.nr_open");
+        assert_eq!(nr.severity, Severity::Blocker);
+        assert_eq!(nr.fix.split_whitespace().nth(2), Some("fs.nr_open=1048576"));
+        // Worst first.
+        assert_eq!(r.findings[0].severity, Severity::Blocker);
+        // 100k is fine on the same machine apart from the hard limit.
+        let r = check(&m, 60_000);
+        assert!(r.ok, "{r:#?}");
+    }
+
+    #[test]
+    fn soft_limit_only_warns() {
+        let mut m = big();
+        m.nofile_soft = Some(1024);
+        let r = check(&m, 100_000);
+        assert!(r.ok);
+        let soft = finding(&r, "RLIMIT_NOFILE (soft)");
+        assert_eq!(soft.severity, Severity::Warn);
+        assert!(soft.fix.starts_with("ulimit -n 131072"), "{}", soft.fix);
+    }
+
+    #[test]
+    fn file_max_counts_files_already_open() {
+        let mut m = big();
+        m.file_max = Some(1_100_000);
+        m.file_nr = Some(200_000);
+        let r = check(&m, 1_000_000);
+        assert_eq!(finding(&r, "fs.file-max").severity, Severity::Blocker);
+        m.file_nr = Some(1_000);
+        assert_eq!(
+            finding(&check(&m, 1_000_000), "fs.file-max").severity,
+            Severity::Ok
+        );
+    }
+
+    #[test]
+    fn backlogs_scale_with_n() {
+        let mut m = big();
+        m.somaxconn = Some(4096);
+        m.tcp_max_syn_backlog = Some(512);
+        m.netdev_max_backlog = Some(1000);
+        let r = check(&m, 100_000);
+        assert!(r.ok);
+        let s = finding(&r, "net.core.somaxconn");
+        assert_eq!(s.severity, Severity::Warn);
+        assert!(s.fix.contains("net.core.somaxconn=65535"));
+        assert_eq!(
+            finding(&r, "net.core.netdev_max_backlog").severity,
+            Severity::Warn
+        );
+        let r = check(&m, 1_000);
+        assert_eq!(finding(&r, "net.core.somaxconn").severity, Severity::Ok);
+        assert_eq!(
+            finding(&r, "net.ipv4.tcp_max_syn_backlog").severity,
+            Severity::Warn
+        );
+    }
+
+    #[test]
+    fn memory_estimate_and_blocker() {
+        let mut m = big();
+        m.mem_available = Some(4 << 30);
+        let r = check(&m, 1_000_000);
+        assert_eq!(r.memory.herald, (1_100_000_000, 2_200_000_000));
+        assert_eq!(r.memory.kernel_structures, (2_048_000_000, 4_096_000_000));
+        assert_eq!(r.memory.kernel_buffers_busy, 8_192_000_000);
+        assert_eq!(r.memory.idle, (3_148_000_000, 6_296_000_000));
+        assert_eq!(r.memory.busy_high, 14_488_000_000);
+        let mem = finding(&r, "memory");
+        assert_eq!(mem.severity, Severity::Blocker);
+        assert!(!r.ok);
+        // Enough for idle, not for busy: a warning.
+        m.mem_available = Some(10 << 30);
+        let r = check(&m, 1_000_000);
+        assert_eq!(finding(&r, "memory").severity, Severity::Warn);
+        assert!(r.ok);
+    }
+
+    #[test]
+    fn tcp_mem_in_pages() {
+        let mut m = big();
+        m.tcp_mem = Some([10_000, 20_000, 30_000]);
+        let r = check(&m, 100_000);
+        let t = finding(&r, "net.ipv4.tcp_mem");
+        // 100,000 x 8,192 B / 4,096 B = 200,000 pages.
+        assert_eq!(t.severity, Severity::Warn);
+        assert!(t.needed.starts_with("high >= 200000 pages"), "{}", t.needed);
+        assert!(
+            t.fix.contains("tcp_mem=\"100000 200000 400000\""),
+            "{}",
+            t.fix
+        );
+        assert_eq!(t.current, "10000 20000 30000");
+    }
+
+    #[test]
+    fn big_buffer_minimums_warn() {
+        let mut m = big();
+        m.tcp_rmem = Some([65_536, 131_072, 6_291_456]);
+        let r = check(&m, 10_000);
+        let b = finding(&r, "net.ipv4.tcp_rmem / tcp_wmem");
+        assert_eq!(b.severity, Severity::Warn);
+        assert!(b.fix.contains("tcp_rmem=\"4096"));
+    }
+
+    #[test]
+    fn conntrack_only_when_loaded() {
+        let mut m = big();
+        let r = check(&m, 100_000);
+        assert!(
+            r.findings
+                .iter()
+                .all(|f| f.name != "net.netfilter.nf_conntrack_max")
+        );
+        m.nf_conntrack_max = Some(65_536);
+        let r = check(&m, 100_000);
+        let c = finding(&r, "net.netfilter.nf_conntrack_max");
+        assert_eq!(c.severity, Severity::Warn);
+        assert!(c.fix.contains("notrack"));
+    }
+
+    #[test]
+    fn unreadable_values_are_info_not_blockers() {
+        let m = Readings {
+            cores: 1,
+            page_size: 4096,
+            ..Readings::default()
+        };
+        let r = check(&m, 100_000);
+        assert!(r.ok);
+        assert!(r.findings.iter().all(|f| f.severity <= Severity::Info));
+        assert_eq!(finding(&r, "fs.nr_open").current, "unreadable");
+    }
+
+    #[test]
+    fn unlimited_shows_as_unlimited() {
+        let mut m = big();
+        m.nofile_hard = Some(u64::MAX);
+        let r = check(&m, 1_000);
+        let h = finding(&r, "RLIMIT_NOFILE (hard)");
+        assert_eq!(h.current, "unlimited");
+        assert_eq!(h.severity, Severity::Ok);
+    }
+
+    #[test]
+    fn meminfo_parsing() {
+        let s = "MemTotal:       16334316 kB\nMemFree:  1 kB\nMemAvailable:   8000000 kB\n";
+        assert_eq!(meminfo_field(s, "MemTotal"), Some(16_334_316 * 1024));
+        assert_eq!(meminfo_field(s, "MemAvailable"), Some(8_000_000 * 1024));
+        assert_eq!(meminfo_field(s, "Mem"), None);
+    }
+
+    #[test]
+    fn text_and_json_render() {
+        let mut m = big();
+        m.nr_open = Some(1_048_576);
+        let r = check(&m, 1_000_000_000);
+        let text = render_text(&r);
+        assert!(text.contains("NO"));
+        assert!(text.contains("BLOCKER  fs.nr_open"), "{text}");
+        let json = simd_json::to_string(&r).unwrap();
+        assert!(json.contains("\"severity\":\"blocker\""), "{json}");
+        assert!(json.contains("\"ok\":false"));
+    }
+}

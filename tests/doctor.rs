@@ -1,0 +1,93 @@
+//! `herald doctor` against the real machine: what it reports is what `/proc/sys` says, a
+//! tiny N passes and an absurd N fails naming the setting that blocks it.
+
+use std::process::{Command, Output};
+
+fn doctor(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("doctor")
+        .args(args)
+        .output()
+        .expect("run herald doctor")
+}
+
+fn proc_sys(path: &str) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/sys/{path}"))
+        .ok()
+        .map(|s| s.split_whitespace().collect::<Vec<_>>().join(" "))
+}
+
+fn findings(json: &serde_json::Value) -> &Vec<serde_json::Value> {
+    json["findings"].as_array().expect("findings array")
+}
+
+fn current<'a>(json: &'a serde_json::Value, name: &str) -> &'a str {
+    findings(json)
+        .iter()
+        .find(|f| f["name"] == name)
+        .unwrap_or_else(|| panic!("no finding {name} in {json}"))["current"]
+        .as_str()
+        .unwrap()
+}
+
+#[test]
+fn json_matches_proc_sys() {
+    let out = doctor(&["--connections", "100", "--json"]);
+    let stdout = String::from_utf8(out.stdout).unwrap();
+    let json: serde_json::Value = serde_json::from_str(stdout.trim()).expect("one JSON object");
+    assert_eq!(json["connections"], 100);
+    for (name, path) in [
+        ("net.core.somaxconn", "net/core/somaxconn"),
+        ("fs.nr_open", "fs/nr_open"),
+        (
+            "net.ipv4.tcp_max_syn_backlog",
+            "net/ipv4/tcp_max_syn_backlog",
+        ),
+        ("net.core.netdev_max_backlog", "net/core/netdev_max_backlog"),
+        ("net.ipv4.tcp_mem", "net/ipv4/tcp_mem"),
+    ] {
+        let want = proc_sys(path).unwrap_or_else(|| "unreadable".to_owned());
+        assert_eq!(current(&json, name), want, "{name}");
+    }
+    let range = proc_sys("net/ipv4/ip_local_port_range").unwrap();
+    assert!(current(&json, "net.ipv4.ip_local_port_range").starts_with(&range));
+    if let Some(ct) = proc_sys("net/netfilter/nf_conntrack_max") {
+        assert_eq!(current(&json, "net.netfilter.nf_conntrack_max"), ct);
+    }
+    for f in findings(&json) {
+        for key in ["name", "current", "needed", "fix", "severity"] {
+            assert!(f.get(key).is_some(), "{key} missing in {f}");
+        }
+    }
+    let avail = json["memory"]["available"].as_u64().unwrap();
+    assert!(avail > 0);
+}
+
+#[test]
+fn tiny_n_passes() {
+    let out = doctor(&["--connections", "10"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(stdout.contains("hold 10 connections? yes"), "{stdout}");
+}
+
+#[test]
+fn absurd_n_fails_naming_the_blocker() {
+    let out = doctor(&["--connections", "1000000000"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    // A billion descriptors is beyond any nr_open, and a billion connections beyond memory.
+    assert!(stdout.contains("BLOCKER  fs.nr_open"), "{stdout}");
+    assert!(stdout.contains("BLOCKER  memory"), "{stdout}");
+    assert!(stdout.contains("sysctl -w fs.nr_open="), "{stdout}");
+
+    let out = doctor(&["--connections", "1000000000", "--json"]);
+    assert_eq!(out.status.code(), Some(1));
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["ok"], false);
+    assert!(
+        findings(&json)
+            .iter()
+            .any(|f| f["name"] == "fs.nr_open" && f["severity"] == "blocker")
+    );
+}
