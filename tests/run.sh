@@ -89,6 +89,9 @@ check conformance 2400 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/
 banner "browser tests (Chromium + playwright-core)"
 check browser 900 bash tests/browser/run.sh
 
+banner "proxy: tuning/nginx.conf in front of herald (nginx from Debian)"
+check proxy 600 bash tests/proxy/run.sh
+
 banner "fuzz smoke (cargo-fuzz, every target from its seeds)"
 check fuzz 2400 bash tests/fuzz/smoke.sh
 
