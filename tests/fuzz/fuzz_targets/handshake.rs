@@ -83,7 +83,9 @@ fn check_one(input: &[u8], parsed: &Parsed, limits: &HandshakeLimits) {
 fn check_upgrade(request: &Request, head: &[u8]) {
     assert_eq!(request.method, "GET");
     assert!(request.version_minor >= 1, "upgrade over HTTP/1.0");
-    assert!(head.starts_with(b"GET "), "accepted upgrade does not start with GET");
+    // RFC 9112 §2.2: empty lines before the request line are ignored (httparse does).
+    let request_line = head.trim_ascii_start();
+    assert!(request_line.starts_with(b"GET "), "accepted upgrade does not start with GET");
     assert!(request.host.is_some(), "upgrade without Host");
     assert!(has_token(request.upgrade.as_deref(), "websocket"));
     assert!(has_token(request.connection.as_deref(), "upgrade"));
