@@ -11,6 +11,7 @@ pub mod sse;
 use bytes::Bytes;
 
 use crate::proto::handshake::Request;
+pub use crate::proto::pubsub::push_json_str;
 
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -176,23 +177,6 @@ fn reason_phrase(status: u16) -> &'static str {
         503 => "Service Unavailable",
         _ => "Error",
     }
-}
-
-/// Appends `s` as a JSON string literal (with quotes).
-pub fn push_json_str(out: &mut Vec<u8>, s: &str) {
-    out.push(b'"');
-    for &b in s.as_bytes() {
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            b'\n' => out.extend_from_slice(b"\\n"),
-            b'\r' => out.extend_from_slice(b"\\r"),
-            b'\t' => out.extend_from_slice(b"\\t"),
-            0..=0x1f => out.extend_from_slice(format!("\\u{b:04x}").as_bytes()),
-            _ => out.push(b),
-        }
-    }
-    out.push(b'"');
 }
 
 /// Decodes `%XX` escapes (and `+` as space) in a query value; `None` if the result is not

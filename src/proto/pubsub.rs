@@ -293,23 +293,7 @@ impl TextFrame {
 
     /// Appends `s` as a JSON string literal (with quotes).
     fn put_str(&mut self, s: &str) {
-        self.buf.put_u8(b'"');
-        for &b in s.as_bytes() {
-            match b {
-                b'"' => self.put(b"\\\""),
-                b'\\' => self.put(b"\\\\"),
-                b'\n' => self.put(b"\\n"),
-                b'\r' => self.put(b"\\r"),
-                b'\t' => self.put(b"\\t"),
-                0..=0x1f => {
-                    self.put(b"\\u00");
-                    self.buf.put_u8(HEX[(b >> 4) as usize]);
-                    self.buf.put_u8(HEX[(b & 0xf) as usize]);
-                }
-                _ => self.buf.put_u8(b),
-            }
-        }
-        self.buf.put_u8(b'"');
+        push_json_str(&mut self.buf, s);
     }
 
     fn put_u64(&mut self, n: u64) {
@@ -348,7 +332,28 @@ impl std::fmt::Write for TextFrame {
     }
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
+/// Appends `s` as a JSON string literal (with quotes): the one escaper behind every
+/// JSON string the server writes (WebSocket replies, HTTP bodies, SSE events).
+pub fn push_json_str(out: &mut impl BufMut, s: &str) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    out.put_u8(b'"');
+    for &b in s.as_bytes() {
+        match b {
+            b'"' => out.put_slice(b"\\\""),
+            b'\\' => out.put_slice(b"\\\\"),
+            b'\n' => out.put_slice(b"\\n"),
+            b'\r' => out.put_slice(b"\\r"),
+            b'\t' => out.put_slice(b"\\t"),
+            0..=0x1f => {
+                out.put_slice(b"\\u00");
+                out.put_u8(HEX[(b >> 4) as usize]);
+                out.put_u8(HEX[(b & 0xf) as usize]);
+            }
+            _ => out.put_u8(b),
+        }
+    }
+    out.put_u8(b'"');
+}
 
 /// The broadcast frame `{"type":"message","channel":C,"seq":N,"data":D}`, built once per
 /// publish and shared by every subscriber.

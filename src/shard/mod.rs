@@ -208,6 +208,8 @@ pub struct Shard {
     dead: Vec<usize>,
     /// Envelopes for other shards, per destination, sent once per turn.
     outgoing: Vec<Vec<Envelope>>,
+    /// The spare batch this shard's own envelopes are swapped into while processed.
+    local_batch: Vec<Envelope>,
     /// When the broadcasts delivered this turn were published (publish→flush latency).
     delivered_this_turn: Vec<Instant>,
     draining: bool,
@@ -275,6 +277,7 @@ impl Shard {
             dirty: Vec::new(),
             dead: Vec::new(),
             outgoing: (0..shards).map(|_| Vec::new()).collect(),
+            local_batch: Vec::new(),
             delivered_this_turn: Vec::new(),
             draining: false,
             now,
@@ -1228,11 +1231,14 @@ impl Shard {
         self.now = now;
         loop {
             // Envelopes to ourselves skip the queue but keep their order.
-            let local = std::mem::take(&mut self.outgoing[self.id]);
+            // Swapped with a spare batch so neither Vec gives up its capacity each turn.
+            let mut local = std::mem::take(&mut self.local_batch);
+            std::mem::swap(&mut local, &mut self.outgoing[self.id]);
             let had_local = !local.is_empty();
-            for envelope in local {
+            for envelope in local.drain(..) {
                 self.handle_envelope(envelope);
             }
+            self.local_batch = local;
             let mut had_remote = false;
             while let Some(envelope) = inbox.poll() {
                 had_remote = true;
