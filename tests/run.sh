@@ -96,6 +96,10 @@ banner "fuzz smoke (cargo-fuzz, every target from its seeds)"
 check fuzz 2400 bash tests/fuzz/smoke.sh
 
 banner "pytest tests/python (websockets client)"
+# test_tls.py makes its test CA with the openssl command line.
+if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl
+fi
 export HERALD_BIN=$ROOT/target/release/herald
 PYTHONDONTWRITEBYTECODE=1 check pytest 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
 
