@@ -86,6 +86,13 @@ suite=all
 if [ "${SKIP_COMPRESSION:-}" = 1 ]; then suite=core; fi
 check conformance 2400 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" --suite "$suite"
 
+banner "Autobahn conformance over TLS (core suite; kosoku -> relay -> herald --tls-cert)"
+# The TLS runs (this one and tests/python/test_tls.py) make their CA with openssl.
+if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl
+fi
+check conformance-tls 900 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" --suite core --tls
+
 banner "browser tests (Chromium + playwright-core)"
 check browser 900 bash tests/browser/run.sh
 
@@ -96,10 +103,6 @@ banner "fuzz smoke (cargo-fuzz, every target from its seeds)"
 check fuzz 2400 bash tests/fuzz/smoke.sh
 
 banner "pytest tests/python (websockets client)"
-# test_tls.py makes its test CA with the openssl command line.
-if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl
-fi
 export HERALD_BIN=$ROOT/target/release/herald
 PYTHONDONTWRITEBYTECODE=1 check pytest 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
 
