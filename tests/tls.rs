@@ -682,3 +682,33 @@ async fn a_wss_subscriber_that_never_reads_is_cut_off_while_another_gets_everyth
     drop(slow);
     server.assert_healthy();
 }
+
+#[tokio::test]
+async fn the_environment_variables_turn_tls_on() {
+    use std::io::BufRead as _;
+    let ca = Ca::new("Herald test CA");
+    let files = Files::new("env");
+    files.install(&ca.leaf(false));
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
+        .env("HERALD_TLS_CERT", files.cert())
+        .env("HERALD_TLS_KEY", files.key())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr: std::net::SocketAddr = line
+        .trim()
+        .strip_prefix("listening on ")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let served = try_wss(addr, default_client(&ca), "localhost", "/echo").await;
+    let _ = child.kill();
+    let _ = child.wait();
+    served.expect("wss with HERALD_TLS_CERT/HERALD_TLS_KEY");
+}
