@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Reproduces the README's TLS figures: server CPU per delivery with and without TLS at
 # 1,000 subscribers, herald --threads 1 on core 0 and herald-bench on core 1, plain and
-# TLS runs alternating in one go (ROUNDS of each; the README gives the medians).
+# TLS runs alternating in one go (ROUNDS of each; the README gives the medians); then
+# memory per idle subscribed connection and CPU per accepted connection, plain and TLS.
 # Loopback only; stops by itself.
 #
 #   bash bench-client/tls-figures.sh
@@ -29,10 +30,10 @@ PID=
 cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null || true; }
 trap cleanup EXIT
 
-# run NAME SCHEME [SERVER-ARGS...]: one server, one fan-out run, one summary line.
-run() {
-    local name=$1 scheme=$2
-    shift 2
+# serve NAME [SERVER-ARGS...]: starts herald on core 0; sets PID and PORT.
+serve() {
+    local name=$1
+    shift
     local log="$OUT/$name.server.log"
     ( exec taskset -c 0 "$H" serve --listen 127.0.0.1:0 --threads 1 --max-connections-per-ip 0 \
         --max-messages-per-second 1000000 "$@" ) >"$log" 2>&1 &
@@ -44,7 +45,15 @@ run() {
         sleep 0.1
     done
     [ -n "$addr" ] || { cat "$log" >&2; exit 1; }
-    taskset -c "$client_core" "$B" fanout --url "$scheme://localhost:${addr##*:}/ws" --insecure \
+    PORT=${addr##*:}
+}
+
+# run NAME SCHEME [SERVER-ARGS...]: one server, one fan-out run, one summary line.
+run() {
+    local name=$1 scheme=$2
+    shift 2
+    serve "$name" "$@"
+    taskset -c "$client_core" "$B" fanout --url "$scheme://localhost:$PORT/ws" --insecure \
         --server-pid "$PID" --conns "$CONNS" --rate "$RATE" --size 64 --duration "$DUR" \
         --json -q | tail -n 1 >"$OUT/$name.json"
     kill "$PID"
@@ -76,3 +85,16 @@ print(f"median server CPU per delivery: plain {plain:.0f} ns, TLS {tls:.0f} ns (
 print(f"median server RSS per connection: plain {median('plain', 'rss_bytes_per_conn'):.0f} B, "
       f"TLS {median('tls', 'rss_bytes_per_conn'):.0f} B")
 PY
+
+echo "== 5,000 idle subscribed connections held 3 s: server memory and accept cost"
+for scheme in ws wss; do
+    tls_args=()
+    [ "$scheme" = wss ] && tls_args=(--tls-cert "$OUT/cert.pem" --tls-key "$OUT/key.pem")
+    serve "idle-$scheme" "${tls_args[@]}"
+    echo "-- $scheme"
+    taskset -c "$client_core" "$B" connect --url "$scheme://localhost:$PORT/ws" --insecure \
+        --conns 5000 --subscribe --hold 3 --server-pid "$PID" | grep -E "server (rss|cpu)"
+    kill "$PID"
+    wait "$PID" 2>/dev/null || true
+    PID=
+done
