@@ -712,3 +712,21 @@ async fn the_environment_variables_turn_tls_on() {
     let _ = child.wait();
     served.expect("wss with HERALD_TLS_CERT/HERALD_TLS_KEY");
 }
+
+#[tokio::test]
+async fn sigterm_closes_wss_clients_with_1001_and_exits() {
+    let (mut server, ca, _leaf, _files) = tls_server("drain", &["--drain-ms", "3000"]);
+    let mut clients = Vec::new();
+    for path in ["/ws", "/echo"] {
+        clients.push(wss(server.addr(), &ca, path).await);
+    }
+    server.signal("TERM");
+    for ws in &mut clients {
+        assert_eq!(recv_close_code(ws, RECV_TIMEOUT).await, 1001);
+    }
+    drop(clients);
+    let status = server
+        .wait_exit(Duration::from_secs(5))
+        .expect("herald still running 5 s after SIGTERM");
+    assert!(status.success(), "{status}");
+}
