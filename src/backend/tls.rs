@@ -261,3 +261,179 @@ impl TlsSession {
         self.conn.is_handshaking()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+    use super::*;
+
+    /// A server session and a client that trusts it, with the files they came from.
+    struct Pair {
+        server: TlsSession,
+        client: ClientConnection,
+        dir: PathBuf,
+    }
+
+    impl Drop for Pair {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+
+    fn files(dir: &std::path::Path) -> TlsFiles {
+        TlsFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        }
+    }
+
+    fn pair(name: &str) -> Pair {
+        let dir =
+            std::env::temp_dir().join(format!("herald-tls-unit-{}-{name}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+        let acceptor = TlsAcceptor::load(&files(&dir)).unwrap();
+        let mut roots = RootCertStore::empty();
+        roots.add(cert.der().clone()).unwrap();
+        let config = ClientConfig::builder_with_provider(Arc::new(ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let client =
+            ClientConnection::new(Arc::new(config), ServerName::try_from("localhost").unwrap())
+                .unwrap();
+        Pair {
+            server: acceptor.accept(),
+            client,
+            dir,
+        }
+    }
+
+    impl Pair {
+        /// Moves records both ways until neither side has any; returns the plaintext the
+        /// server received and what the last server call said.
+        fn drive(&mut self) -> (BytesMut, Inbound) {
+            let mut received = BytesMut::new();
+            let mut inbound = Inbound::Open;
+            for _ in 0..20 {
+                let mut to_server = Vec::new();
+                while self.client.wants_write() {
+                    self.client.write_tls(&mut to_server).unwrap();
+                }
+                if !to_server.is_empty() {
+                    inbound = self
+                        .server
+                        .handle_ciphertext(&to_server, &mut received)
+                        .unwrap();
+                }
+                let mut to_client = Vec::new();
+                while self.server.wants_write() {
+                    self.server.write_ciphertext(&mut to_client).unwrap();
+                }
+                if to_server.is_empty() && to_client.is_empty() {
+                    break;
+                }
+                let mut slice = &to_client[..];
+                while !slice.is_empty() {
+                    self.client.read_tls(&mut slice).unwrap();
+                    self.client.process_new_packets().unwrap();
+                }
+            }
+            (received, inbound)
+        }
+    }
+
+    #[test]
+    fn plaintext_flows_both_ways_and_close_notify_ends_the_stream() {
+        let mut pair = pair("flow");
+        pair.client
+            .writer()
+            .write_all(b"GET /ws HTTP/1.1\r\n")
+            .unwrap();
+        let (received, inbound) = pair.drive();
+        assert!(!pair.server.is_handshaking());
+        assert_eq!(&received[..], b"GET /ws HTTP/1.1\r\n");
+        assert_eq!(inbound, Inbound::Open);
+
+        let frames = [&b"first "[..], b"second"];
+        let slices: Vec<IoSlice<'_>> = frames.iter().map(|f| IoSlice::new(f)).collect();
+        assert_eq!(pair.server.encrypt(&slices), 12);
+        pair.drive();
+        let mut got = vec![0; 12];
+        pair.client.reader().read_exact(&mut got).unwrap();
+        assert_eq!(got, b"first second");
+
+        pair.client.send_close_notify();
+        let (_, inbound) = pair.drive();
+        assert_eq!(inbound, Inbound::PeerClosed);
+    }
+
+    #[test]
+    fn encrypt_takes_no_more_than_the_pending_limit_until_the_wire_drains() {
+        let mut pair = pair("limit");
+        pair.drive();
+        let big = vec![7u8; 4 * PENDING_CIPHERTEXT_LIMIT];
+        let taken = pair.server.encrypt(&[IoSlice::new(&big)]);
+        assert!(
+            taken > 0 && taken <= PENDING_CIPHERTEXT_LIMIT,
+            "took {taken}"
+        );
+        assert_eq!(pair.server.encrypt(&[IoSlice::new(&big[taken..])]), 0);
+        let mut wire = Vec::new();
+        while pair.server.wants_write() {
+            pair.server.write_ciphertext(&mut wire).unwrap();
+        }
+        assert!(pair.server.encrypt(&[IoSlice::new(&big[taken..])]) > 0);
+    }
+
+    #[test]
+    fn bytes_that_are_not_tls_are_refused_and_plain_http_is_recognised() {
+        let mut pair = pair("nottls");
+        let err = pair
+            .server
+            .handle_ciphertext(b"GET / HTTP/1.1\r\n", &mut BytesMut::new())
+            .unwrap_err();
+        assert!(err.is_plain_http(), "{err}");
+        let mut other = TlsAcceptor::load(&files(&pair.dir)).unwrap().accept();
+        let err = other
+            .handle_ciphertext(&[0x00, 0x01], &mut BytesMut::new())
+            .unwrap_err();
+        assert!(!err.is_plain_http());
+    }
+
+    #[test]
+    fn the_refusal_states_its_length_right() {
+        let text = std::str::from_utf8(PLAINTEXT_REFUSAL).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.starts_with("HTTP/1.1 400 "));
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+    }
+
+    #[test]
+    fn bad_files_are_errors_and_a_reload_keeps_the_old_configuration() {
+        let pair = pair("files");
+        let acceptor = TlsAcceptor::load(&files(&pair.dir)).unwrap();
+        std::fs::write(pair.dir.join("cert.pem"), "no PEM here").unwrap();
+        let err = acceptor.reload().unwrap_err();
+        assert!(matches!(err, TlsSetupError::NoCertificate(_)), "{err}");
+        // Sessions still start from the configuration loaded before.
+        drop(acceptor.accept());
+        let missing = TlsFiles {
+            cert: pair.dir.join("absent.pem"),
+            key: pair.dir.join("key.pem"),
+        };
+        let err = TlsAcceptor::load(&missing).err().unwrap();
+        assert!(err.to_string().contains("absent.pem"), "{err}");
+    }
+}
