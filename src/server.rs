@@ -9,6 +9,7 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::backend::{affinity, epoll, listener};
+use crate::cluster::Bridge;
 use crate::config::Config;
 use crate::shard::{Context, Inbox, Post, Shard, Wake};
 
@@ -16,7 +17,16 @@ use crate::shard::{Context, Inbox, Post, Shard, Wake};
 pub fn serve(config: Config) -> io::Result<()> {
     let cores = affinity::placement(config.threads);
     let shards = cores.len();
-    let ctx = Arc::new(Context::new(config, shards).map_err(io::Error::other)?);
+    let mut ctx = Context::new(config, shards).map_err(io::Error::other)?;
+    let cluster = match &ctx.config.redis {
+        Some(url) => {
+            let (bridge, idle) = Bridge::new(url, ctx.config.history).map_err(io::Error::other)?;
+            ctx.cluster = Some(bridge);
+            Some(idle)
+        }
+        None => None,
+    };
+    let ctx = Arc::new(ctx);
     let config = &ctx.config;
     let listeners = listener::bind_all(config.listen, shards, config.backlog, config.shared_port)?;
     let bound = listeners[0].local_addr()?;
@@ -30,6 +40,9 @@ pub fn serve(config: Config) -> io::Result<()> {
     }
     let (post, receivers) = Post::new(wakers);
     let stop = Arc::new(AtomicBool::new(false));
+    if let Some(idle) = cluster {
+        idle.spawn(post.clone())?;
+    }
 
     let mut threads = Vec::with_capacity(shards);
     let parts = polls.into_iter().zip(listeners).zip(receivers).zip(cores);
@@ -67,6 +80,7 @@ pub fn serve(config: Config) -> io::Result<()> {
         epoch = %ctx.epoch,
         io = "epoll",
         auth = ?ctx.auth.mode(),
+        cluster = ctx.cluster.is_some(),
         "herald serving"
     );
     {
