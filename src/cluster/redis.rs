@@ -440,7 +440,7 @@ impl Node {
 
     async fn probe(&mut self) -> Result<(), Lost> {
         let (mut conn, mut sink) = self.connections()?;
-        bounded(sink.ping::<String>()).await?;
+        bounded(sink.ping::<Value>()).await?;
         bounded(::redis::cmd("PING").query_async::<String>(&mut conn)).await?;
         Ok(())
     }
