@@ -61,7 +61,9 @@ pub(crate) struct LoadArgs {
 /// Everything about a fan-out run except its size (shared with `sweep`).
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub(crate) struct RunArgs {
-    /// WebSocket URL the subscribers connect to (ws:// only).
+    /// WebSocket URL the subscribers connect to (ws:// only). A comma-separated list
+    /// spreads the worker processes over several servers (a cluster), round-robin; the
+    /// publisher uses the first.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     pub(crate) url: String,
     /// Channels; subscribers are spread round-robin over them and the publisher round-robins.
@@ -264,6 +266,7 @@ pub(crate) fn worker_configs(
             load.procs
         );
     }
+    let urls: Vec<&str> = url.split(',').map(str::trim).collect();
     let sources = source_ips.len().max(1);
     if conns / sources > 28_000 {
         eprintln!(
@@ -274,7 +277,7 @@ pub(crate) fn worker_configs(
     }
     Ok((0..load.procs)
         .map(|index| WorkerConfig {
-            url: url.to_owned(),
+            url: urls[index % urls.len()].to_owned(),
             index,
             workers: load.procs,
             conns,
@@ -290,6 +293,11 @@ pub(crate) fn worker_configs(
                 .unwrap_or_default(),
         })
         .collect())
+}
+
+/// The first of a comma-separated `--url` list: where the publisher connects.
+fn first_url(urls: &str) -> &str {
+    urls.split(',').next().unwrap_or(urls).trim()
 }
 
 /// Reads the server pids, if any were given.
@@ -679,9 +687,9 @@ impl Publisher {
         let run = &args.run;
         let url = match (&run.publish_url, run.publish) {
             (Some(url), _) => url.clone(),
-            (None, PublishMode::Ws) => run.url.clone(),
+            (None, PublishMode::Ws) => first_url(&run.url).to_owned(),
             (None, PublishMode::Http) => {
-                let target = Target::parse(&run.url)?;
+                let target = Target::parse(first_url(&run.url))?;
                 format!("http://{}/api/publish", target.host)
             }
         };
@@ -993,6 +1001,34 @@ mod tests {
         assert!(format_report(&report).contains("p99"));
         let back: FanoutReport = serde_json::from_value(value).unwrap();
         assert_eq!(back, report);
+    }
+
+    #[test]
+    fn a_url_list_spreads_workers_over_servers_and_publishes_to_the_first() {
+        let cli = crate::Cli::parse_from([
+            "herald-bench",
+            "fanout",
+            "--conns",
+            "30",
+            "--procs",
+            "3",
+            "--url",
+            "ws://127.0.0.1:8001/ws, ws://127.0.0.1:8002/ws",
+        ]);
+        let crate::Subcommand::Fanout(args) = cli.command else {
+            panic!("fanout expected");
+        };
+        let configs = worker_configs(&args.run.url, 30, &args.run.load, &[], None).unwrap();
+        let urls: Vec<&str> = configs.iter().map(|c| c.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "ws://127.0.0.1:8001/ws",
+                "ws://127.0.0.1:8002/ws",
+                "ws://127.0.0.1:8001/ws"
+            ]
+        );
+        assert_eq!(first_url(&args.run.url), "ws://127.0.0.1:8001/ws");
     }
 
     /// The field names other tools and the README read.
