@@ -131,6 +131,28 @@ impl Redis {
             && s.read(&mut buf).is_ok_and(|n| &buf[..n] == b"+PONG\r\n")
     }
 
+    /// Runs one command over RESP and returns the raw reply.
+    fn command(&self, args: &[&str]) -> String {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request.push_str(&format!("${}\r\n{arg}\r\n", arg.len()));
+        }
+        s.write_all(request.as_bytes()).expect("send to redis");
+        let mut buf = [0u8; 4096];
+        let n = s.read(&mut buf).expect("redis reply");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+
+    /// How many nodes are subscribed in Redis to `channel`.
+    fn nodes_subscribed(&self, channel: &str) -> u32 {
+        let reply = self.command(&["PUBSUB", "NUMSUB", &format!("herald:{{{channel}}}")]);
+        let count = reply.lines().last().expect("NUMSUB reply");
+        count.trim_start_matches(':').parse().expect("NUMSUB count")
+    }
+
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
@@ -534,5 +556,87 @@ async fn since_is_served_on_any_node_and_beyond_history_is_a_gap() {
         let v = recv_json(&mut ws).await;
         assert_eq!(v["type"], "error", "since {since} epoch {epoch}: {v}");
         assert_eq!(v["code"], "history_gap", "{v}");
+    }
+}
+
+/// Publishes `count` messages, retrying each one the cluster refuses as `unavailable`
+/// (what a client is told to do); returns the acknowledged `(seq, data)`.
+async fn publish_retrying(
+    addr: SocketAddr,
+    channel: &str,
+    count: u64,
+) -> (Vec<(u64, String)>, u32) {
+    let mut ws = connect_ws(addr).await;
+    let (mut acked, mut refused) = (Vec::new(), 0);
+    let mut id = 0;
+    for i in 0..count {
+        let data = json!({"i": i}).to_string();
+        loop {
+            id += 1;
+            send_text(
+                &mut ws,
+                &format!(r#"{{"type":"publish","channel":"{channel}","data":{data},"id":{id}}}"#),
+            )
+            .await;
+            let v = recv_json(&mut ws).await;
+            if v["type"] == "ack" {
+                acked.push((v["seq"].as_u64().expect("seq"), data));
+                break;
+            }
+            assert_eq!(v["code"], "unavailable", "{v}");
+            refused += 1;
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    (acked, refused)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_pubsub_connection_is_resubscribed_and_last_leaver_unsubscribes() {
+    let Some(binary) = require_redis() else {
+        return;
+    };
+    let redis = Redis::start(&binary);
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    assert_eq!(redis.nodes_subscribed("m"), 0);
+    let mut sub = connect_ws(a.addr()).await;
+    subscribe(&mut sub, "m", 1).await;
+    let mut second = connect_ws(a.addr()).await;
+    subscribe(&mut second, "m", 1).await;
+    assert_eq!(redis.nodes_subscribed("m"), 1, "one SUBSCRIBE per node");
+
+    let publishing = tokio::spawn(publish_retrying(b.addr(), "m", 200));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let killed = redis.command(&["CLIENT", "KILL", "TYPE", "pubsub"]);
+    // Only node A's connection is in pub/sub mode (B holds no channel).
+    assert!(
+        killed.starts_with(":1"),
+        "node A's pub/sub connection: {killed}"
+    );
+    let (acked, _) = publishing.await.expect("publisher");
+    let got = collect(&mut sub, "m", acked.len(), Duration::from_secs(10)).await;
+    assert_consecutive_from_one(&got, 200, "subscriber");
+    assert_eq!(got, acked);
+    assert_eq!(
+        redis.nodes_subscribed("m"),
+        1,
+        "resubscribed after the kill"
+    );
+
+    // The node leaves the Redis channel when its last local subscriber does.
+    drop(sub);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        redis.nodes_subscribed("m"),
+        1,
+        "one local subscriber is left"
+    );
+    drop(second);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while redis.nodes_subscribed("m") != 0 {
+        assert!(Instant::now() < deadline, "still subscribed in redis");
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -19,7 +19,7 @@ use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use ::redis::{AsyncConnectionConfig, Msg, RedisError, RedisResult, Value};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{Notify, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::{Idle, Link, Request};
@@ -121,11 +121,11 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         link,
     } = idle;
     let (conn_tx, conn_rx) = watch::channel(None);
-    let broken = Arc::new(Notify::new());
+    let (broken, broken_rx) = mpsc::unbounded_channel();
     let shards = post.shards();
     let publisher = Publisher {
         conn: conn_rx,
-        broken: broken.clone(),
+        broken,
         shards: Shards { post: post.clone() },
         history,
         link: link.clone(),
@@ -140,7 +140,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         history,
         link,
         conn_tx,
-        broken,
+        generation: 0,
         live: None,
         channels: HashMap::new(),
         backoff: FIRST_BACKOFF,
@@ -148,13 +148,18 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         connected_before: false,
         meta_script: ::redis::Script::new(META_SCRIPT).get_hash().to_string(),
     };
-    node.run(requests).await;
+    node.run(requests, broken_rx).await;
 }
+
+/// The command connection of one link, numbered so that a report about a link that has
+/// already been replaced is recognised as stale.
+type Command = Option<(u64, MultiplexedConnection)>;
 
 /// The publisher task: orders publishes in Redis, pipelined, in arrival order.
 struct Publisher {
-    conn: watch::Receiver<Option<MultiplexedConnection>>,
-    broken: Arc<Notify>,
+    conn: watch::Receiver<Command>,
+    /// Tells the node task which link failed a publish.
+    broken: mpsc::UnboundedSender<u64>,
     shards: Shards,
     history: HistoryLimits,
     link: Arc<Link>,
@@ -174,7 +179,7 @@ impl Publisher {
 
     async fn publish(&mut self, batch: &mut Vec<Request>) {
         let conn = self.conn.borrow().clone();
-        let Some(mut conn) = conn else {
+        let Some((generation, mut conn)) = conn else {
             self.refuse(
                 batch,
                 "the cluster's Redis is unreachable; not stored, retry",
@@ -205,7 +210,7 @@ impl Publisher {
             match timeout(REPLY_TIMEOUT, pipe.query_async(&mut conn)).await {
                 Ok(result) => result,
                 Err(_) => {
-                    self.broken.notify_one();
+                    let _ = self.broken.send(generation);
                     self.refuse(batch, "the cluster's Redis did not answer in time; retry");
                     return;
                 }
@@ -239,7 +244,7 @@ impl Publisher {
             Err(e) => {
                 tracing::warn!(error = %e, "redis refused a publish batch");
                 if link_is_broken(&e) {
-                    self.broken.notify_one();
+                    let _ = self.broken.send(generation);
                 }
                 self.refuse(batch, "the cluster's Redis could not store it; retry");
             }
@@ -320,8 +325,9 @@ struct Node {
     shard_count: usize,
     history: HistoryLimits,
     link: Arc<Link>,
-    conn_tx: watch::Sender<Option<MultiplexedConnection>>,
-    broken: Arc<Notify>,
+    conn_tx: watch::Sender<Command>,
+    /// Counts links established, naming the current one.
+    generation: u64,
     live: Option<Live>,
     channels: HashMap<ChannelName, Channel>,
     backoff: Duration,
@@ -331,7 +337,11 @@ struct Node {
 }
 
 impl Node {
-    async fn run(&mut self, mut requests: mpsc::UnboundedReceiver<Request>) {
+    async fn run(
+        &mut self,
+        mut requests: mpsc::UnboundedReceiver<Request>,
+        mut broken: mpsc::UnboundedReceiver<u64>,
+    ) {
         let mut probe = tokio::time::interval(PROBE_EVERY);
         loop {
             let up = self.live.is_some();
@@ -345,7 +355,9 @@ impl Node {
                     None => Err(Lost),
                 },
                 () = sleep_until(self.retry_at), if !up => self.connect().await,
-                () = self.broken.notified(), if up => Err(Lost),
+                Some(generation) = broken.recv() => {
+                    if up && generation == self.generation { Err(Lost) } else { Ok(()) }
+                }
                 _ = probe.tick(), if up => self.probe().await,
             };
             if step.is_err() {
@@ -385,7 +397,11 @@ impl Node {
             Link::count(&self.link.reconnects);
         }
         self.connected_before = true;
-        let conn = self.live.as_ref().map(|l| l.conn.clone());
+        self.generation += 1;
+        let conn = self
+            .live
+            .as_ref()
+            .map(|l| (self.generation, l.conn.clone()));
         self.conn_tx.send_replace(conn);
         tracing::info!(
             channels = self.channels.len(),
