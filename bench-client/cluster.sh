@@ -6,11 +6,12 @@
 #
 #   bash bench-client/cluster.sh                       # 60,000 subscribers over 4 nodes
 #   NODES=4 CONNS=60000 RATE=2 DURATION=10 bash bench-client/cluster.sh
+#   NO_BUILD=1 ...                                     # use the binaries already in target/release
 #
 # Prints one summary line per run and leaves each run's JSON in target/figures/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p herald -p herald-bench
+[ -n "${NO_BUILD:-}" ] || cargo build --release -q -p herald -p herald-bench
 H=$PWD/target/release/herald
 B=$PWD/target/release/herald-bench
 OUT=$PWD/target/figures

@@ -510,6 +510,19 @@ mod tests {
     }
 
     #[test]
+    fn redis_comes_from_the_file_and_must_be_a_redis_url() {
+        let file: Options = toml::from_str("redis = \"redis://10.0.0.5:6379\"").unwrap();
+        let config = file.resolve().unwrap();
+        assert_eq!(config.redis.as_deref(), Some("redis://10.0.0.5:6379"));
+        assert!(Config::default().redis.is_none());
+        let wrong = Options {
+            redis: Some("10.0.0.5:6379".into()),
+            ..Options::default()
+        };
+        assert!(wrong.resolve().unwrap_err().contains("redis://"));
+    }
+
+    #[test]
     fn file_accepts_auto_threads_and_rejects_unknown_keys() {
         let auto: Options = toml::from_str("threads = \"auto\"").unwrap();
         assert_eq!(auto.threads, Some(Threads::Auto));
