@@ -640,3 +640,39 @@ async fn killed_pubsub_connection_is_resubscribed_and_last_leaver_unsubscribes()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_poll_and_event_stream_work_across_nodes_with_the_channel_epoch() {
+    let Some(binary) = require_redis() else {
+        return;
+    };
+    let redis = Redis::start(&binary);
+    let a = node(&redis, &[]);
+    let b = node(&redis, &[]);
+    let acked = publish_series(a.addr(), "lp", "a", 2, Duration::ZERO).await;
+    let mut ws = connect_ws(b.addr()).await;
+    let epoch = subscribe(&mut ws, "lp", 1).await["epoch"].clone();
+
+    // Answered at once from the Redis history, on the node that did not publish.
+    let b_addr = b.addr();
+    let from_history = blocking(move || {
+        HttpConn::connect(b_addr).get("/poll?channel=lp&since=1&timeout=5", RECV_TIMEOUT)
+    })
+    .await
+    .json();
+    assert_eq!(from_history["epoch"], epoch, "{from_history}");
+    assert_eq!(from_history["messages"][0]["seq"], 2, "{from_history}");
+
+    // Parked, then answered by a publish on the other node.
+    let parked = tokio::spawn(blocking(move || {
+        HttpConn::connect(b_addr).get("/poll?channel=lp&since=2&timeout=5", RECV_TIMEOUT)
+    }));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut publisher = connect_ws(a.addr()).await;
+    let seq = publish_raw(&mut publisher, "lp", "\"third\"", 9).await;
+    let answer = parked.await.expect("poll").json();
+    assert_eq!(answer["epoch"], epoch, "{answer}");
+    assert_eq!(answer["seq"], seq, "{answer}");
+    assert_eq!(answer["messages"][0]["data"], "third", "{answer}");
+    assert_eq!(acked.len(), 2);
+}

@@ -90,6 +90,8 @@ enum Phase {
         keep_alive: bool,
         /// The deadline passed before the home answered: answer as soon as it does.
         expired: bool,
+        /// The channel's epoch once a cluster answered (`None`: the node's own).
+        epoch: Option<ChannelName>,
     },
     /// `GET /sse`: an open event stream.
     EventStream,
@@ -819,6 +821,7 @@ impl Shard {
                 seq,
                 keep_alive,
                 expired: false,
+                epoch: None,
             },
         );
         let conn_ref = self.conn_ref(key);
@@ -1487,10 +1490,10 @@ impl Shard {
             ticket,
             seq,
             id,
-            epoch,
+            epoch: answer_epoch,
         } = answer;
         let ctx = self.ctx.clone();
-        let epoch = epoch.as_deref().unwrap_or(&ctx.epoch);
+        let epoch = answer_epoch.as_deref().unwrap_or(&ctx.epoch);
         let Some(key) = self.resolve(conn) else {
             return;
         };
@@ -1517,8 +1520,14 @@ impl Shard {
             .insert(channel, key, || policies.policy_for(channel));
         self.counters.subscriptions += 1;
         let conn = &mut self.conns[key];
-        if let Phase::Polling { seq: at, .. } = &mut conn.phase {
+        if let Phase::Polling {
+            seq: at,
+            epoch: poll_epoch,
+            ..
+        } = &mut conn.phase
+        {
             *at = seq;
+            poll_epoch.clone_from(&answer_epoch);
         }
         let SubState::Pending { unsubscribe, .. } =
             std::mem::replace(&mut conn.subs[index].state, SubState::Active { slot, tag })
@@ -1641,14 +1650,20 @@ impl Shard {
         }
         self.delivered_this_turn.push(broadcast.published_at);
         for key in polls {
-            let Phase::Polling { keep_alive, .. } = self.conns[key].phase else {
+            let Phase::Polling {
+                keep_alive,
+                ref epoch,
+                ..
+            } = self.conns[key].phase
+            else {
                 continue;
             };
+            let epoch = epoch.clone().unwrap_or_else(|| (*self.ctx.epoch).into());
             self.counters.deliveries_total += 1;
             self.leave_all(key);
             let response = longpoll::response(
                 &broadcast.channel,
-                &self.ctx.epoch,
+                &epoch,
                 broadcast.seq,
                 std::slice::from_ref(&broadcast.frame),
                 keep_alive,
@@ -1770,13 +1785,14 @@ impl Shard {
     /// Answers a parked poll with no messages (its time ran out, or the server drains).
     fn end_poll_empty(&mut self, key: usize, keep_alive: bool) {
         let conn = &self.conns[key];
-        let Phase::Polling { seq, .. } = conn.phase else {
+        let Phase::Polling { seq, ref epoch, .. } = conn.phase else {
             return;
         };
+        let epoch = epoch.clone().unwrap_or_else(|| (*self.ctx.epoch).into());
         let channel = conn.subs.first().map(|s| s.channel.clone());
         self.leave_all(key);
         let channel = channel.as_deref().unwrap_or("");
-        let response = longpoll::response(channel, &self.ctx.epoch, seq, &[], keep_alive);
+        let response = longpoll::response(channel, &epoch, seq, &[], keep_alive);
         self.send_response(key, response, keep_alive);
     }
 
