@@ -157,6 +157,17 @@ impl Redis {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// Sends `signal` (`STOP`, `CONT`) to the running redis-server.
+    fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis running").id();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(pid.to_string())
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
     /// SIGKILL: the harshest stop; only what the append-only file holds survives.
     fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -675,4 +686,70 @@ async fn long_poll_and_event_stream_work_across_nodes_with_the_channel_epoch() {
     assert_eq!(answer["seq"], seq, "{answer}");
     assert_eq!(answer["messages"][0]["data"], "third", "{answer}");
     assert_eq!(acked.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_redis_refuses_publishes_in_bounded_time_and_recovers() {
+    let Some(binary) = require_redis() else {
+        return;
+    };
+    let redis = Redis::start(&binary);
+    let mut a = node(&redis, &[]);
+    let mut sub = connect_ws(a.addr()).await;
+    subscribe(&mut sub, "h", 1).await;
+    let mut ws = connect_ws(a.addr()).await;
+    assert_eq!(publish_raw(&mut ws, "h", "1", 1).await, 1);
+    assert_eq!(recv_message(&mut sub, "h").await.0, 1);
+
+    redis.signal("STOP");
+    send_text(
+        &mut ws,
+        r#"{"type":"publish","channel":"h","data":2,"id":2}"#,
+    )
+    .await;
+    let started = Instant::now();
+    // The event loop is not blocked on Redis: a ping is answered at once meanwhile.
+    ping_pong(&mut sub).await;
+    assert!(started.elapsed() < Duration::from_millis(500));
+    let v = recv_json(&mut ws).await;
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("unavailable")),
+        "{v}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "refused within the reply timeout"
+    );
+    redis.signal("CONT");
+
+    // Recovers by itself: publishing works again within a few seconds, and the
+    // subscriber receives what is acknowledged after the hang.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut id = 10;
+    let seq = loop {
+        id += 1;
+        send_text(
+            &mut ws,
+            &format!(r#"{{"type":"publish","channel":"h","data":3,"id":{id}}}"#),
+        )
+        .await;
+        let v = recv_json(&mut ws).await;
+        if v["type"] == "ack" {
+            break v["seq"].as_u64().expect("seq");
+        }
+        assert_eq!(v["code"], "unavailable", "{v}");
+        assert!(Instant::now() < deadline, "no recovery after CONT");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut last = 0;
+    while last < seq {
+        let (got, data, _) = recv_message(&mut sub, "h").await;
+        assert!(got > last, "in order, once");
+        last = got;
+        if got == seq {
+            assert_eq!(data, 3);
+        }
+    }
+    a.assert_healthy();
 }
