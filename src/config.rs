@@ -152,6 +152,11 @@ pub struct Options {
     #[arg(long, env = "HERALD_HISTORY_TTL_MS", value_name = "MS")]
     pub history_ttl_ms: Option<u64>,
 
+    /// Redis to share fan-out and history with other nodes (`redis://HOST:PORT[/DB]`).
+    /// Without it the node runs alone with its in-memory hub.
+    #[arg(long, env = "HERALD_REDIS", value_name = "URL")]
+    pub redis: Option<String>,
+
     /// Secret that `POST /api/publish` needs as `Authorization: Bearer KEY`. Without it,
     /// HTTP publishing is refused (403).
     #[arg(
@@ -301,6 +306,7 @@ impl Options {
             history_size: self.history_size.or(lower.history_size),
             history_ttl_ms: self.history_ttl_ms.or(lower.history_ttl_ms),
             api_key: self.api_key.or(lower.api_key),
+            redis: self.redis.or(lower.redis),
             max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
             auth: self.auth.or(lower.auth),
             jwt_alg: self.jwt_alg.or(lower.jwt_alg),
@@ -347,6 +353,8 @@ pub struct Config {
     pub max_headers: usize,
     pub history: HistoryLimits,
     pub api_key: Option<String>,
+    /// The cluster's Redis (`--redis`); `None` runs the node alone.
+    pub redis: Option<String>,
     pub max_body_bytes: usize,
     pub auth: AuthSettings,
     pub trusted_proxies: Vec<IpAddr>,
@@ -418,6 +426,7 @@ impl Options {
                 ttl: ms(self.history_ttl_ms.unwrap_or(300_000)),
             },
             api_key: self.api_key.filter(|k| !k.is_empty()),
+            redis: self.redis.filter(|url| !url.is_empty()),
             max_body_bytes: self.max_body_bytes.unwrap_or(1024 * 1024),
             auth: AuthSettings {
                 mode: self.auth,
@@ -484,6 +493,13 @@ impl Config {
         if self.history.size > 100_000 {
             return Err("history_size must be at most 100000".into());
         }
+        if let Some(url) = &self.redis
+            && !(url.starts_with("redis://") || url.starts_with("unix://"))
+        {
+            return Err(format!(
+                "redis must be a redis://HOST:PORT URL, not {url:?}"
+            ));
+        }
         if self.outbound_queue_bytes < 4096 {
             return Err("outbound_queue_bytes must be at least 4096".into());
         }
@@ -526,6 +542,19 @@ mod tests {
         let c = cli.or(file).resolve().unwrap();
         assert_eq!(c.threads, Threads::Count(2));
         assert_eq!(c.max_message_bytes, 1000);
+    }
+
+    #[test]
+    fn redis_comes_from_the_file_and_must_be_a_redis_url() {
+        let file: Options = toml::from_str("redis = \"redis://10.0.0.5:6379\"").unwrap();
+        let config = file.resolve().unwrap();
+        assert_eq!(config.redis.as_deref(), Some("redis://10.0.0.5:6379"));
+        assert!(Config::default().redis.is_none());
+        let wrong = Options {
+            redis: Some("10.0.0.5:6379".into()),
+            ..Options::default()
+        };
+        assert!(wrong.resolve().unwrap_err().contains("redis://"));
     }
 
     #[test]

@@ -22,12 +22,14 @@
 //! - [`limits`]: token buckets and connection limits.
 //! - [`config`]: options from the command line, environment and TOML file.
 //! - [`server`]: wires it together and drains on SIGINT/SIGTERM.
+//! - [`cluster`]: with `--redis`, publishes, history and fan-out shared through Redis.
 //! - [`client`]: `herald client`, the interactive terminal client.
 //! - [`doctor`]: `herald doctor`, checks a machine's limits and sysctls for N connections.
 
 pub mod auth;
 pub mod backend;
 pub mod client;
+pub mod cluster;
 pub mod config;
 pub mod doctor;
 pub mod http;

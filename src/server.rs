@@ -11,6 +11,7 @@ use signal_hook::iterator::Signals;
 
 use crate::backend::tls::TlsAcceptor;
 use crate::backend::{affinity, epoll, listener};
+use crate::cluster::Bridge;
 use crate::config::Config;
 use crate::shard::{Context, Inbox, Post, Shard, Wake};
 
@@ -18,7 +19,16 @@ use crate::shard::{Context, Inbox, Post, Shard, Wake};
 pub fn serve(config: Config) -> io::Result<()> {
     let cores = affinity::placement(config.threads);
     let shards = cores.len();
-    let ctx = Arc::new(Context::new(config, shards).map_err(io::Error::other)?);
+    let mut ctx = Context::new(config, shards).map_err(io::Error::other)?;
+    let cluster = match &ctx.config.redis {
+        Some(url) => {
+            let (bridge, idle) = Bridge::new(url, ctx.config.history).map_err(io::Error::other)?;
+            ctx.cluster = Some(bridge);
+            Some(idle)
+        }
+        None => None,
+    };
+    let ctx = Arc::new(ctx);
     let config = &ctx.config;
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(
@@ -38,6 +48,9 @@ pub fn serve(config: Config) -> io::Result<()> {
     }
     let (post, receivers) = Post::new(wakers);
     let stop = Arc::new(AtomicBool::new(false));
+    if let Some(idle) = cluster {
+        idle.spawn(post.clone())?;
+    }
 
     let mut threads = Vec::with_capacity(shards);
     let parts = polls.into_iter().zip(listeners).zip(receivers).zip(cores);
@@ -80,6 +93,7 @@ pub fn serve(config: Config) -> io::Result<()> {
         io = "epoll",
         auth = ?ctx.auth.mode(),
         tls = tls.is_some(),
+        cluster = ctx.cluster.is_some(),
         "herald serving"
     );
     {

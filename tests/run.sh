@@ -69,6 +69,22 @@ if ! cmp -s "$REQS" "$STAMP"; then
 fi
 "$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(kosoku|websockets|pytest) '
 
+banner "redis-server (Debian package) for tests/cluster.rs"
+if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -q
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server
+    else
+        echo "redis-server missing and cannot be installed here; install the Debian package redis-server" >&2
+        exit 1
+    fi
+fi
+# The package's own service is not needed: each cluster test starts its own redis-server
+# on a free port. With this set, a missing redis-server fails those tests instead of
+# skipping them.
+export HERALD_REQUIRE_REDIS=1
+redis-server --version
+
 banner "cargo fmt --check"
 run 120 cargo fmt --all --check
 

@@ -69,7 +69,9 @@ pub(crate) struct LoadArgs {
 /// Everything about a fan-out run except its size (shared with `sweep`).
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub(crate) struct RunArgs {
-    /// WebSocket URL the subscribers connect to (ws://, or wss:// for TLS).
+    /// WebSocket URL the subscribers connect to (ws://, or wss:// for TLS). A
+    /// comma-separated list spreads the worker processes over several servers (a
+    /// cluster), round-robin; the publisher uses the first.
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     pub(crate) url: String,
     /// Channels; subscribers are spread round-robin over them and the publisher round-robins.
@@ -272,6 +274,7 @@ pub(crate) fn worker_configs(
             load.procs
         );
     }
+    let urls: Vec<&str> = url.split(',').map(str::trim).collect();
     let sources = source_ips.len().max(1);
     if conns / sources > 28_000 {
         eprintln!(
@@ -282,7 +285,7 @@ pub(crate) fn worker_configs(
     }
     Ok((0..load.procs)
         .map(|index| WorkerConfig {
-            url: url.to_owned(),
+            url: urls[index % urls.len()].to_owned(),
             index,
             workers: load.procs,
             conns,
@@ -299,6 +302,11 @@ pub(crate) fn worker_configs(
             insecure: load.insecure,
         })
         .collect())
+}
+
+/// The first of a comma-separated `--url` list: where the publisher connects.
+fn first_url(urls: &str) -> &str {
+    urls.split(',').next().unwrap_or(urls).trim()
 }
 
 /// Reads the server pids, if any were given.
@@ -690,9 +698,9 @@ impl Publisher {
         let run = &args.run;
         let url = match (&run.publish_url, run.publish) {
             (Some(url), _) => url.clone(),
-            (None, PublishMode::Ws) => run.url.clone(),
+            (None, PublishMode::Ws) => first_url(&run.url).to_owned(),
             (None, PublishMode::Http) => {
-                let target = Target::parse(&run.url)?;
+                let target = Target::parse(first_url(&run.url))?;
                 let scheme = if target.tls { "https" } else { "http" };
                 format!("{scheme}://{}/api/publish", target.host)
             }
@@ -1016,6 +1024,34 @@ mod tests {
         assert!(format_report(&report).contains("p99"));
         let back: FanoutReport = serde_json::from_value(value).unwrap();
         assert_eq!(back, report);
+    }
+
+    #[test]
+    fn a_url_list_spreads_workers_over_servers_and_publishes_to_the_first() {
+        let cli = crate::Cli::parse_from([
+            "herald-bench",
+            "fanout",
+            "--conns",
+            "30",
+            "--procs",
+            "3",
+            "--url",
+            "ws://127.0.0.1:8001/ws, ws://127.0.0.1:8002/ws",
+        ]);
+        let crate::Subcommand::Fanout(args) = cli.command else {
+            panic!("fanout expected");
+        };
+        let configs = worker_configs(&args.run.url, 30, &args.run.load, &[], None).unwrap();
+        let urls: Vec<&str> = configs.iter().map(|c| c.url.as_str()).collect();
+        assert_eq!(
+            urls,
+            [
+                "ws://127.0.0.1:8001/ws",
+                "ws://127.0.0.1:8002/ws",
+                "ws://127.0.0.1:8001/ws"
+            ]
+        );
+        assert_eq!(first_url(&args.run.url), "ws://127.0.0.1:8001/ws");
     }
 
     /// The field names other tools and the README read.

@@ -43,6 +43,8 @@ pub enum Envelope {
         seq: u64,
         replay: Vec<Bytes>,
         id: Option<u64>,
+        /// The channel's epoch when it is not the node's own (a cluster channel).
+        epoch: Option<ChannelName>,
     },
     /// From the home: `since` cannot be served; history holds `oldest..=seq`.
     HistoryGap {
@@ -52,6 +54,8 @@ pub enum Envelope {
         seq: u64,
         oldest: u64,
         id: Option<u64>,
+        /// The channel's epoch when it is not the node's own (a cluster channel).
+        epoch: Option<ChannelName>,
     },
     /// From the home: the publish was stored and ordered as `seq`, and queued to
     /// `subscribers` subscriptions. For an HTTP publish `id` is the message's index.
@@ -60,6 +64,13 @@ pub enum Envelope {
         seq: u64,
         subscribers: u32,
         id: Option<u64>,
+    },
+    /// From the cluster: the publish could not be stored, so it is not acknowledged
+    /// (WebSocket `error` code `unavailable`, HTTP 503).
+    Refused {
+        conn: ConnRef,
+        id: Option<u64>,
+        message: Box<str>,
     },
     /// From the home: deliver to this shard's subscribers of the channel.
     Broadcast(Broadcast),
@@ -127,6 +138,17 @@ impl Post {
             if !slot.notified.swap(true, Ordering::AcqRel) {
                 slot.waker.wake();
             }
+        }
+    }
+
+    /// Sends one envelope to `shard` from outside the shards (the cluster thread),
+    /// waking it unless a wake-up is already on its way.
+    pub fn send(&self, shard: usize, envelope: Envelope) {
+        let slot = &self.slots[shard];
+        // As in `deliver`: a shard that is gone has nobody left to deliver to.
+        let _ = slot.queue.send(envelope);
+        if !slot.notified.swap(true, Ordering::AcqRel) {
+            slot.waker.wake();
         }
     }
 

@@ -43,6 +43,7 @@ pub use outbox::Outbox;
 use timer::Deadlines;
 
 use crate::auth::{AuthMode, Authenticator, Identity, token_of};
+use crate::cluster::{self, Bridge};
 use crate::config::Config;
 use crate::http::{self, Route, longpoll, publish, sse};
 use crate::hub::{self, Broadcast, ChannelName, Channels, SubscribeOutcome, Subscriptions};
@@ -89,6 +90,8 @@ enum Phase {
         keep_alive: bool,
         /// The deadline passed before the home answered: answer as soon as it does.
         expired: bool,
+        /// The channel's epoch once a cluster answered (`None`: the node's own).
+        epoch: Option<ChannelName>,
     },
     /// `GET /sse`: an open event stream.
     EventStream,
@@ -123,6 +126,17 @@ impl Phase {
             Self::WebSocket { .. } => Transport::WebSocket,
         }
     }
+}
+
+/// A channel's answer to a subscription request, as its home or the cluster sent it.
+struct Answer<'a> {
+    channel: &'a ChannelName,
+    conn: ConnRef,
+    ticket: u32,
+    seq: u64,
+    id: Option<u64>,
+    /// The channel's epoch when it is not the node's own (a cluster channel).
+    epoch: Option<ChannelName>,
 }
 
 /// One subscription of a connection. A subscription is pending until its home answers;
@@ -235,6 +249,9 @@ pub struct Context {
     pub registry: Registry,
     pub auth: Authenticator,
     pub limits: ConnectionLimits,
+    /// The cluster link with `--redis`: channels are then ordered and stored in Redis
+    /// instead of by their home shard.
+    pub cluster: Option<Bridge>,
 }
 
 impl Context {
@@ -245,6 +262,7 @@ impl Context {
             limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
             registry: Registry::new(shards),
             epoch: hub::new_epoch().into(),
+            cluster: None,
             config,
         })
     }
@@ -556,7 +574,10 @@ impl Shard {
             Route::Poll => self.poll(key, request, keep_alive),
             Route::Sse => self.open_event_stream(key, request),
             Route::Metrics => {
-                let text = http::metrics::prometheus(&self.ctx.registry.snapshot(self.now));
+                let mut text = http::metrics::prometheus(&self.ctx.registry.snapshot(self.now));
+                if let Some(cluster) = &self.ctx.cluster {
+                    text.push_str(&cluster.link.prometheus());
+                }
                 let ctype = "text/plain; version=0.0.4; charset=utf-8";
                 self.respond(key, 200, ctype, text.as_bytes(), head_only, keep_alive);
             }
@@ -572,10 +593,13 @@ impl Shard {
                 );
             }
             Route::Health => {
-                let (status, body): (u16, &[u8]) = if self.draining {
-                    (503, br#"{"status":"draining"}"#)
-                } else {
-                    (200, br#"{"status":"ok"}"#)
+                let redis_up = self.ctx.cluster.as_ref().map(|c| c.link.is_up());
+                let (status, body): (u16, &[u8]) = match (self.draining, redis_up) {
+                    (true, _) => (503, br#"{"status":"draining"}"#),
+                    // Without Redis this node can neither store nor receive publishes.
+                    (false, Some(false)) => (503, br#"{"status":"degraded","redis":"down"}"#),
+                    (false, Some(true)) => (200, br#"{"status":"ok","redis":"up"}"#),
+                    (false, None) => (200, br#"{"status":"ok"}"#),
                 };
                 self.respond(key, status, "application/json", body, head_only, keep_alive);
             }
@@ -764,17 +788,11 @@ impl Shard {
             },
         );
         for (index, message) in parsed.messages.into_iter().enumerate() {
-            let channel: ChannelName = message.channel.into();
-            let home = hub::home_of(&channel, self.shards);
-            self.send(
-                home,
-                Envelope::Publish {
-                    channel,
-                    data: message.data,
-                    from: self.id,
-                    conn,
-                    id: Some(index as u64),
-                },
+            self.publish(
+                message.channel.into(),
+                message.data,
+                conn,
+                Some(index as u64),
             );
         }
     }
@@ -803,6 +821,7 @@ impl Shard {
                 seq,
                 keep_alive,
                 expired: false,
+                epoch: None,
             },
         );
         let conn_ref = self.conn_ref(key);
@@ -975,23 +994,37 @@ impl Shard {
             } => self.subscribe(key, &channel, since, epoch.as_deref(), id),
             Command::Unsubscribe { channel, id } => self.unsubscribe(key, &channel, id),
             Command::Publish { channel, data, id } => {
-                let channel: ChannelName = channel.into();
-                let home = hub::home_of(&channel, self.shards);
                 let conn = self.conn_ref(key);
                 self.conns[key].inflight_publishes += 1;
-                self.send(
-                    home,
-                    Envelope::Publish {
-                        channel,
-                        data,
-                        from: self.id,
-                        conn,
-                        id,
-                    },
-                );
+                self.publish(channel.into(), data, conn, id);
             }
             Command::Ping { id } => self.reply(key, pubsub::encode_pong(id)),
         }
+    }
+
+    /// Sends a publish to whoever orders the channel: its home shard, or the cluster.
+    fn publish(&mut self, channel: ChannelName, data: Bytes, conn: ConnRef, id: Option<u64>) {
+        if let Some(bridge) = &self.ctx.cluster {
+            bridge.send(cluster::Request::Publish {
+                channel,
+                data,
+                shard: self.id,
+                conn,
+                id,
+            });
+            return;
+        }
+        let home = hub::home_of(&channel, self.shards);
+        self.send(
+            home,
+            Envelope::Publish {
+                channel,
+                data,
+                from: self.id,
+                conn,
+                id,
+            },
+        );
     }
 
     fn subscribe(
@@ -1034,7 +1067,6 @@ impl Shard {
         epoch: Option<&str>,
         id: Option<u64>,
     ) {
-        let epoch_matches = epoch.is_none_or(|e| e == &*self.ctx.epoch);
         let conn_ref = self.conn_ref(key);
         self.next_ticket = self.next_ticket.wrapping_add(1);
         let ticket = self.next_ticket;
@@ -1048,6 +1080,19 @@ impl Shard {
                 unsubscribe: None,
             },
         });
+        if let Some(bridge) = &self.ctx.cluster {
+            bridge.send(cluster::Request::Subscribe {
+                channel,
+                shard: self.id,
+                conn: conn_ref,
+                ticket,
+                since,
+                epoch: epoch.map(Into::into),
+                id,
+            });
+            return;
+        }
+        let epoch_matches = epoch.is_none_or(|e| e == &*self.ctx.epoch);
         let home = hub::home_of(&channel, self.shards);
         self.send(
             home,
@@ -1087,6 +1132,13 @@ impl Shard {
         if let SubState::Active { slot, .. } = sub.state {
             self.subscriptions.remove(&sub.channel, slot);
             self.counters.subscriptions -= 1;
+        }
+        if let Some(bridge) = &self.ctx.cluster {
+            bridge.send(cluster::Request::Unsubscribe {
+                channel: sub.channel,
+                shard: self.id,
+            });
+            return;
         }
         let home = hub::home_of(&sub.channel, self.shards);
         self.send(
@@ -1277,6 +1329,7 @@ impl Shard {
                         seq,
                         replay,
                         id,
+                        epoch: None,
                     },
                     SubscribeOutcome::HistoryGap { seq, oldest } => Envelope::HistoryGap {
                         channel,
@@ -1285,6 +1338,7 @@ impl Shard {
                         seq,
                         oldest,
                         id,
+                        epoch: None,
                     },
                 };
                 self.send(from, reply);
@@ -1325,7 +1379,18 @@ impl Shard {
                 seq,
                 replay,
                 id,
-            } => self.confirm_subscription(&channel, conn, ticket, seq, replay, id),
+                epoch,
+            } => {
+                let answer = Answer {
+                    channel: &channel,
+                    conn,
+                    ticket,
+                    seq,
+                    id,
+                    epoch,
+                };
+                self.confirm_subscription(answer, replay);
+            }
             Envelope::HistoryGap {
                 channel,
                 conn,
@@ -1333,7 +1398,19 @@ impl Shard {
                 seq,
                 oldest,
                 id,
-            } => self.refuse_subscription(&channel, conn, ticket, seq, oldest, id),
+                epoch,
+            } => {
+                let answer = Answer {
+                    channel: &channel,
+                    conn,
+                    ticket,
+                    seq,
+                    id,
+                    epoch,
+                };
+                self.refuse_subscription(answer, oldest);
+            }
+            Envelope::Refused { conn, id, message } => self.refuse_publish(conn, id, &message),
             Envelope::Ack {
                 conn,
                 seq,
@@ -1375,6 +1452,29 @@ impl Shard {
         }
     }
 
+    /// A publish the cluster could not store: refused, never acknowledged.
+    fn refuse_publish(&mut self, conn: ConnRef, id: Option<u64>, message: &str) {
+        let Some(key) = self.resolve(conn) else {
+            return;
+        };
+        let conn = &mut self.conns[key];
+        match conn.phase {
+            Phase::WebSocket { .. } => {
+                conn.inflight_publishes -= 1;
+                self.reply(key, pubsub::encode_error("unavailable", message, id));
+            }
+            Phase::Publishing { .. } => {
+                // Acks of the other messages of the batch may still come: this connection
+                // ends after the answer so none of them can meet a later request.
+                self.counters.count_rejected(503);
+                let response =
+                    http::json_error(503, "unavailable", message, &[("Retry-After", "1")], false);
+                self.send_response(key, response, false);
+            }
+            _ => {}
+        }
+    }
+
     /// The pending subscription that request `ticket` made, if it is still waiting.
     fn pending_index(&self, key: usize, ticket: u32) -> Option<usize> {
         self.conns[key]
@@ -1383,15 +1483,17 @@ impl Shard {
             .position(|s| matches!(s.state, SubState::Pending { ticket: t, .. } if t == ticket))
     }
 
-    fn confirm_subscription(
-        &mut self,
-        channel: &ChannelName,
-        conn: ConnRef,
-        ticket: u32,
-        seq: u64,
-        replay: Vec<Bytes>,
-        id: Option<u64>,
-    ) {
+    fn confirm_subscription(&mut self, answer: Answer<'_>, replay: Vec<Bytes>) {
+        let Answer {
+            channel,
+            conn,
+            ticket,
+            seq,
+            id,
+            epoch: answer_epoch,
+        } = answer;
+        let ctx = self.ctx.clone();
+        let epoch = answer_epoch.as_deref().unwrap_or(&ctx.epoch);
         let Some(key) = self.resolve(conn) else {
             return;
         };
@@ -1408,7 +1510,7 @@ impl Shard {
             // History had what the poll asked for, or its time ran out while the home
             // was answering: answer now, with whatever history had.
             self.release(key, index);
-            let response = longpoll::response(channel, &self.ctx.epoch, seq, &replay, keep_alive);
+            let response = longpoll::response(channel, epoch, seq, &replay, keep_alive);
             self.send_response(key, response, keep_alive);
             return;
         }
@@ -1418,8 +1520,14 @@ impl Shard {
             .insert(channel, key, || policies.policy_for(channel));
         self.counters.subscriptions += 1;
         let conn = &mut self.conns[key];
-        if let Phase::Polling { seq: at, .. } = &mut conn.phase {
+        if let Phase::Polling {
+            seq: at,
+            epoch: poll_epoch,
+            ..
+        } = &mut conn.phase
+        {
             *at = seq;
+            poll_epoch.clone_from(&answer_epoch);
         }
         let SubState::Pending { unsubscribe, .. } =
             std::mem::replace(&mut conn.subs[index].state, SubState::Active { slot, tag })
@@ -1431,10 +1539,7 @@ impl Shard {
                 for frame in replay {
                     conn.outbox.push(frame);
                 }
-                self.reply(
-                    key,
-                    pubsub::encode_subscribed(channel, seq, &self.ctx.epoch, id),
-                );
+                self.reply(key, pubsub::encode_subscribed(channel, seq, epoch, id));
                 if let Some(unsubscribe_id) = unsubscribe {
                     self.release(key, index);
                     self.reply(key, pubsub::encode_unsubscribed(channel, unsubscribe_id));
@@ -1444,7 +1549,7 @@ impl Shard {
                 let json = format!(
                     r#"{{"channel":{},"seq":{seq},"epoch":{}}}"#,
                     json_string(channel),
-                    json_string(&self.ctx.epoch)
+                    json_string(epoch)
                 );
                 conn.outbox.push(sse::control_event("subscribed", &json));
                 for frame in &replay {
@@ -1456,15 +1561,17 @@ impl Shard {
         }
     }
 
-    fn refuse_subscription(
-        &mut self,
-        channel: &ChannelName,
-        conn: ConnRef,
-        ticket: u32,
-        seq: u64,
-        oldest: u64,
-        id: Option<u64>,
-    ) {
+    fn refuse_subscription(&mut self, answer: Answer<'_>, oldest: u64) {
+        let Answer {
+            channel,
+            conn,
+            ticket,
+            seq,
+            id,
+            epoch,
+        } = answer;
+        let ctx = self.ctx.clone();
+        let epoch = epoch.as_deref().unwrap_or(&ctx.epoch);
         let Some(key) = self.resolve(conn) else {
             return;
         };
@@ -1483,8 +1590,7 @@ impl Shard {
                 );
             }
             Phase::Polling { keep_alive, .. } => {
-                let response =
-                    longpoll::gap_response(channel, &self.ctx.epoch, seq, oldest, keep_alive);
+                let response = longpoll::gap_response(channel, epoch, seq, oldest, keep_alive);
                 self.send_response(key, response, keep_alive);
             }
             Phase::EventStream => {
@@ -1544,14 +1650,20 @@ impl Shard {
         }
         self.delivered_this_turn.push(broadcast.published_at);
         for key in polls {
-            let Phase::Polling { keep_alive, .. } = self.conns[key].phase else {
+            let Phase::Polling {
+                keep_alive,
+                ref epoch,
+                ..
+            } = self.conns[key].phase
+            else {
                 continue;
             };
+            let epoch = epoch.clone().unwrap_or_else(|| (*self.ctx.epoch).into());
             self.counters.deliveries_total += 1;
             self.leave_all(key);
             let response = longpoll::response(
                 &broadcast.channel,
-                &self.ctx.epoch,
+                &epoch,
                 broadcast.seq,
                 std::slice::from_ref(&broadcast.frame),
                 keep_alive,
@@ -1673,13 +1785,14 @@ impl Shard {
     /// Answers a parked poll with no messages (its time ran out, or the server drains).
     fn end_poll_empty(&mut self, key: usize, keep_alive: bool) {
         let conn = &self.conns[key];
-        let Phase::Polling { seq, .. } = conn.phase else {
+        let Phase::Polling { seq, ref epoch, .. } = conn.phase else {
             return;
         };
+        let epoch = epoch.clone().unwrap_or_else(|| (*self.ctx.epoch).into());
         let channel = conn.subs.first().map(|s| s.channel.clone());
         self.leave_all(key);
         let channel = channel.as_deref().unwrap_or("");
-        let response = longpoll::response(channel, &self.ctx.epoch, seq, &[], keep_alive);
+        let response = longpoll::response(channel, &epoch, seq, &[], keep_alive);
         self.send_response(key, response, keep_alive);
     }
 
