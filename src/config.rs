@@ -60,6 +60,8 @@ impl<'de> Deserialize<'de> for Threads {
 pub enum Io {
     /// epoll through mio.
     Epoll,
+    /// io_uring, one ring per shard (Linux 5.11 or later; fails where it is unavailable).
+    Uring,
     /// The best backend this kernel supports (today: epoll).
     Auto,
 }

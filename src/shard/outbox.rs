@@ -198,20 +198,22 @@ impl Outbox {
         }
     }
 
-    /// Fills `slices` in write order; returns how many were filled.
-    pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+    /// The queued chunks in the order they must go out: a started data frame first, then
+    /// control frames, then the other data frames. [`Outbox::advance`] drops in this order.
+    pub fn chunks(&self) -> impl Iterator<Item = &Bytes> {
         let started = usize::from(self.data_started);
-        let (first, rest_of_data) = (
-            self.data.front().filter(|_| self.data_started),
-            self.data.iter().skip(started),
-        );
-        let order = first
+        let first = self.data.front().filter(|_| self.data_started);
+        first
             .map(|c| &c.bytes)
             .into_iter()
             .chain(&self.control)
-            .chain(rest_of_data.map(|c| &c.bytes));
+            .chain(self.data.iter().skip(started).map(|c| &c.bytes))
+    }
+
+    /// Fills `slices` in write order; returns how many were filled.
+    pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
         let mut n = 0;
-        for (slot, chunk) in slices.iter_mut().zip(order) {
+        for (slot, chunk) in slices.iter_mut().zip(self.chunks()) {
             *slot = IoSlice::new(chunk);
             n += 1;
         }
