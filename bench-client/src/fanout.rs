@@ -122,6 +122,10 @@ pub(crate) struct OutputArgs {
     pub(crate) quiet: bool,
 }
 
+fn one() -> u64 {
+    1
+}
+
 /// How the publisher publishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -142,6 +146,11 @@ pub(crate) struct FanoutArgs {
     /// Size of each message's `data` JSON in bytes (padded; at least ~30).
     #[arg(long, default_value_t = 64)]
     pub(crate) size: usize,
+    /// Messages published back to back at each scheduled time (`--rate` stays the average
+    /// rate), so several frames are pending per subscriber in one server loop turn.
+    #[arg(long, default_value_t = 1)]
+    #[serde(default = "one")]
+    pub(crate) burst: u64,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) run: RunArgs,
@@ -360,8 +369,13 @@ pub(crate) fn connect_fleet(
 /// Bad arguments, no server, a worker failing.
 pub(crate) fn measure(args: &FanoutArgs) -> Result<FanoutReport> {
     let run = &args.run;
-    if args.conns == 0 || run.channels == 0 || args.rate <= 0.0 || run.duration <= 0.0 {
-        bail!("--conns, --channels, --rate and --duration must be positive");
+    if args.conns == 0
+        || run.channels == 0
+        || args.rate <= 0.0
+        || run.duration <= 0.0
+        || args.burst == 0
+    {
+        bail!("--conns, --channels, --rate, --duration and --burst must be positive");
     }
     let quiet = args.output.quiet;
     let channels: Vec<String> = (0..run.channels)
@@ -664,6 +678,8 @@ struct Publisher {
     template: Template,
     channels: Vec<String>,
     size: usize,
+    /// Messages sharing one scheduled time.
+    burst: u64,
     conn: Option<PublishConn>,
     acked: Arc<AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
@@ -696,6 +712,7 @@ impl Publisher {
             template,
             channels: channels.to_vec(),
             size: args.size,
+            burst: args.burst,
             conn: None,
             acked: Arc::new(AtomicU64::new(0)),
             errors: Arc::new(Mutex::new(Vec::new())),
@@ -756,7 +773,7 @@ impl Publisher {
         };
         let mut payload = Vec::with_capacity(self.size + 128);
         for k in 0..total {
-            let scheduled = t0 + (k as f64 * interval_ns) as u64;
+            let scheduled = t0 + ((k - k % self.burst) as f64 * interval_ns) as u64;
             let now = monotonic_ns();
             if now < scheduled {
                 sleep_until_ns(scheduled);
