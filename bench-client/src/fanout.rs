@@ -126,6 +126,12 @@ fn one() -> u64 {
     1
 }
 
+/// When message `k` is due: messages go in groups of `burst` sharing the first one's slot,
+/// so the average rate stays `1 / interval`.
+fn scheduled_ns(t0: u64, k: u64, interval_ns: f64, burst: u64) -> u64 {
+    t0 + ((k - k % burst) as f64 * interval_ns) as u64
+}
+
 /// How the publisher publishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -773,7 +779,7 @@ impl Publisher {
         };
         let mut payload = Vec::with_capacity(self.size + 128);
         for k in 0..total {
-            let scheduled = t0 + ((k - k % self.burst) as f64 * interval_ns) as u64;
+            let scheduled = scheduled_ns(t0, k, interval_ns, self.burst);
             let now = monotonic_ns();
             if now < scheduled {
                 sleep_until_ns(scheduled);
@@ -969,6 +975,16 @@ fn set_timer_slack_ns(ns: u64) {
 mod tests {
     use super::*;
     use clap::Parser as _;
+
+    #[test]
+    fn a_burst_shares_one_slot_and_keeps_the_average_rate() {
+        let at = |k| scheduled_ns(1000, k, 10.0, 4);
+        assert_eq!([at(0), at(1), at(2), at(3)], [1000; 4]);
+        assert_eq!(at(4), 1040);
+        assert_eq!(at(11), 1080);
+        // Without bursts every message has its own slot.
+        assert_eq!(scheduled_ns(1000, 3, 10.0, 1), 1030);
+    }
 
     #[test]
     fn json_report_has_the_documented_shape() {
