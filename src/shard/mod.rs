@@ -1204,6 +1204,13 @@ impl Shard {
         self.counters.bytes_out_total += written as u64;
     }
 
+    /// Moves up to `max` chunks of `key`'s outbox into `out`, in write order, as written:
+    /// for a backend whose sends complete later and keeps the bytes alive until then.
+    pub fn take_outbox(&mut self, key: usize, out: &mut Vec<Bytes>, max: usize) {
+        let taken = self.conns[key].outbox.take_chunks(out, max);
+        self.counters.bytes_out_total += taken as u64;
+    }
+
     /// Whether the backend should process `key`'s read buffer and socket again: reading
     /// had paused on a full outbox that has since drained below budget.
     pub fn resume_read(&mut self, key: usize) -> bool {
