@@ -56,14 +56,17 @@ measure() {
     "$@" >"$OUT/$name.out" 2>"$OUT/$name.err" &
     local client=$!
     for _ in $(seq 600); do
-        grep -q "$marker" "$OUT/$name.err" && break
+        grep -qs "$marker" "$OUT/$name.err" && break
         sleep 0.1
     done
     # The client starts measuring 0.2 s after its marker.
     sleep 0.5
     perf stat -x, -e raw_syscalls:sys_enter -e syscalls:sys_enter_io_uring_enter -p "$PID" \
         -- sleep "$((DUR - 1))" 2>"$OUT/$name.perf" >/dev/null || true
-    wait "$client"
+    if ! wait "$client"; then
+        echo "$name: client failed: $(grep -m 1 '^Error' "$OUT/$name.err")"
+        return 1
+    fi
     tail -n 1 "$OUT/$name.out" >"$OUT/$name.json"
 }
 
@@ -76,7 +79,8 @@ fanout() {
     start "$OUT/$name.server.log" "${pin_server[@]}" "$H" serve --io "$io" --listen 127.0.0.1:0 \
         --threads "$threads" --max-connections-per-ip 0 --max-messages-per-second 1000000
     measure "$name" "publishing" "${pin_client[@]}" "$B" fanout --url "ws://$ADDR/ws" --server-pid "$PID" \
-        --duration "$DUR" --json --conns "$conns" --rate 20 --size "$size" --burst "$burst" "${load[@]}"
+        --duration "$DUR" --json --conns "$conns" --rate 20 --size "$size" --burst "$burst" "${load[@]}" ||
+        { stop; return 0; }
     stop
     python3 - "$name" "$OUT" 20 <<'PY'
 import json, sys
@@ -101,7 +105,7 @@ echo_run() {
     start "$OUT/$name.server.log" "${pin_server[@]}" "$H" serve --io "$io" --listen 127.0.0.1:0 \
         --threads "$threads" --max-connections-per-ip 0 --max-messages-per-second 1000000
     measure "$name" "measuring" "${pin_client[@]}" "$B" echo --url "ws://$ADDR/echo" --server-pid "$PID" \
-        --duration "$DUR" --json --conns 10000 --rate "$ECHO_RATE" --size 64
+        --duration "$DUR" --json --conns 10000 --rate "$ECHO_RATE" --size 64 || { stop; return 0; }
     stop
     python3 - "$name" "$OUT" <<'PY'
 import json, sys

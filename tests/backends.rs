@@ -11,18 +11,33 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::thread;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use support::{
     OP_BINARY, Server, encode_frame, pseudo_random_bytes, read_frame, request_head, upgrade_request,
 };
 
-const BACKENDS: [&str; 2] = ["epoll", "uring"];
+/// `uring-single-shot` is io_uring without multishot operations and the buffer ring: the
+/// path taken on kernels before 5.19, forced with `HERALD_URING_SINGLE_SHOT=1`.
+const BACKENDS: [&str; 3] = ["epoll", "uring", "uring-single-shot"];
 
-fn start(io: &str, extra: &[&str]) -> Server {
+fn start(backend: &str, extra: &[&str]) -> Server {
+    let (io, single_shot) = match backend {
+        "uring-single-shot" => ("uring", "1"),
+        io => (io, "0"),
+    };
     let mut args = vec!["--io", io];
     args.extend_from_slice(extra);
-    Server::start(&args)
+    let server = Server::start_with_env(&[("HERALD_URING_SINGLE_SHOT", single_shot)], &args);
+    if single_shot == "1" {
+        // Each shard logs it as it starts, which may be just after `listening on`.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !server.stderr().contains("single-shot accept and receive") {
+            assert!(Instant::now() < deadline, "{}", server.stderr());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    server
 }
 
 fn echo_client(server: &Server) -> (TcpStream, Vec<u8>) {
@@ -46,6 +61,9 @@ fn pipelined_frames_to_a_client_that_reads_late_come_back_whole_and_in_order() {
         let (stream, mut buf) = echo_client(&server);
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(20)))
             .unwrap();
         let mut writer = stream.try_clone().unwrap();
         // ~5.7 MB: more than the socket buffers and the 1 MiB outbox budget hold, so the

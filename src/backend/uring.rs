@@ -45,6 +45,10 @@ const FALLBACK_RECV_SIZE: usize = 16 * 1024;
 /// How long accepting pauses when the process is out of file descriptors.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 
+/// Set to `1`, runs the code path of kernels before 5.19 (single-shot accept and receive,
+/// no buffer ring) on any kernel: for the tests, and to compare the two.
+pub const SINGLE_SHOT_ENV: &str = "HERALD_URING_SINGLE_SHOT";
+
 /// What an operation is for; the low byte of its `user_data`, above it the connection key.
 const OP_ACCEPT: u64 = 1;
 const OP_WAKE: u64 = 2;
@@ -59,7 +63,7 @@ fn user_data(op: u64, key: usize) -> u64 {
 /// Whether io_uring can be used here: the ring can be created and has the features this
 /// backend relies on. The error says why not, for `--io uring` to report.
 pub fn probe() -> io::Result<()> {
-    let ring = IoUring::new(8).map_err(|e| {
+    let (ring, _) = new_ring().map_err(|e| {
         let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
             .map(|v| format!("/proc/sys/kernel/io_uring_disabled = {}", v.trim()))
             .unwrap_or_else(|_| "kernel before 5.1 or io_uring not built in".into());
@@ -240,16 +244,24 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
     // io_uring waits on blocking sockets itself; a non-blocking one would answer EAGAIN.
     listener.set_nonblocking(false)?;
     let (ring, deferred_taskrun) = new_ring()?;
-    let bufs = match BufRing::register(
-        &ring.submitter(),
-        RECV_GROUP,
-        RECV_BUFFERS,
-        RECV_BUFFER_SIZE,
-    ) {
-        Ok(bufs) => Some(bufs),
-        Err(e) => {
-            tracing::info!(shard = shard.id(), "no provided buffer ring ({e})");
-            None
+    let bufs = if std::env::var_os(SINGLE_SHOT_ENV).is_some_and(|v| v == "1") {
+        tracing::info!(
+            shard = shard.id(),
+            "{SINGLE_SHOT_ENV}=1: single-shot accept and receive"
+        );
+        None
+    } else {
+        match BufRing::register(
+            &ring.submitter(),
+            RECV_GROUP,
+            RECV_BUFFERS,
+            RECV_BUFFER_SIZE,
+        ) {
+            Ok(bufs) => Some(bufs),
+            Err(e) => {
+                tracing::info!(shard = shard.id(), "no provided buffer ring ({e})");
+                None
+            }
         }
     };
     // Buffer rings and multishot accept came together (5.19); multishot receive (6.0) is
