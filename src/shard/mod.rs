@@ -392,8 +392,12 @@ impl Shard {
             && let Some(remaining) = identity.remaining(SystemTime::now())
         {
             let conn_ref = self.conn_ref(key);
+            // Both clocks read together: `self.now` is from the start of the turn, and a
+            // deadline from it would fall that much before `exp` (a backend that wakes to
+            // the nanosecond, like io_uring, then sends 4001 while the handshake would
+            // still accept the token).
             self.timed.push(Reverse((
-                self.now + remaining,
+                Instant::now() + remaining,
                 conn_ref,
                 Timed::TokenExpiry,
             )));
