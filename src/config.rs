@@ -62,8 +62,8 @@ pub enum Io {
     Epoll,
     /// io_uring, one ring per shard (Linux 5.11 or later; fails where it is unavailable).
     Uring,
-    /// epoll: io_uring costs 10-20% more CPU per delivery on a saturated fan-out, Herald's
-    /// main load (README, "IO backends").
+    /// epoll: io_uring costs about 10% more CPU per delivery on a saturated fan-out,
+    /// Herald's main load (README, "IO backends").
     Auto,
 }
 

@@ -655,8 +655,8 @@ impl Uring {
             unreachable!("receive completion for a closed socket {key}");
         };
         let selected = cqueue::buffer_select(c.flags);
-        let more = selected.is_some() && cqueue::more(c.flags)
-            || c.result == -libc::ENOBUFS && cqueue::more(c.flags);
+        // Only a multishot receive sets `F_MORE`: it stays armed.
+        let more = cqueue::more(c.flags);
         if !more {
             socket.recv_in_flight = false;
         }
