@@ -261,6 +261,25 @@ pub struct Options {
     /// Per-prefix slow-consumer policies (config file only).
     #[arg(skip)]
     pub slow_consumer: Option<Vec<PrefixPolicy>>,
+
+    /// PEM certificate chain (leaf first): with --tls-key, the listener speaks TLS only
+    /// (wss:// and https://). SIGHUP reloads both files. [default: none, plain TCP]
+    #[arg(
+        long,
+        env = "HERALD_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(
+        long,
+        env = "HERALD_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Options {
@@ -302,6 +321,8 @@ impl Options {
             accept_rate: self.accept_rate.or(lower.accept_rate),
             slow_consumer_policy: self.slow_consumer_policy.or(lower.slow_consumer_policy),
             slow_consumer: self.slow_consumer.or(lower.slow_consumer),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
         }
     }
 }
@@ -336,6 +357,15 @@ pub struct Config {
     pub max_messages_per_second: u64,
     pub accept_rate: u64,
     pub slow_consumers: SlowConsumerPolicies,
+    /// Certificate chain and key files when the listener speaks TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// Where the TLS certificate chain and private key are read from (at start and on SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for Config {
@@ -411,6 +441,11 @@ impl Options {
                     .slow_consumer_policy
                     .unwrap_or(SlowConsumerPolicy::Disconnect),
                 by_prefix: self.slow_consumer.unwrap_or_default(),
+            },
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => return Err("tls_cert and tls_key must be given together".into()),
             },
         };
         config.check()?;
@@ -519,6 +554,16 @@ mod tests {
             c.slow_consumers.policy_for("prices.x"),
             SlowConsumerPolicy::Conflate
         );
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let file: Options = toml::from_str("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"").unwrap();
+        let tls = file.resolve().unwrap().tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("c.pem"));
+        assert_eq!(tls.key, PathBuf::from("k.pem"));
+        let half: Options = toml::from_str("tls_cert = \"c.pem\"").unwrap();
+        assert!(half.resolve().unwrap_err().contains("tls_key"));
     }
 
     #[test]

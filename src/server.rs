@@ -1,13 +1,15 @@
 //! Composition root: binds the listeners, spawns and pins one shard thread each, wires
-//! the mailboxes, and turns SIGINT/SIGTERM into a bounded graceful drain.
+//! the mailboxes, and turns SIGINT/SIGTERM into a bounded graceful drain (and SIGHUP into
+//! a TLS certificate reload).
 
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::backend::tls::TlsAcceptor;
 use crate::backend::{affinity, epoll, listener, uring};
 use crate::config::{Config, Io};
 use crate::shard::{Context, Inbox, Post, Shard, Wake};
@@ -18,10 +20,16 @@ pub fn serve(config: Config) -> io::Result<()> {
     let shards = cores.len();
     let ctx = Arc::new(Context::new(config, shards).map_err(io::Error::other)?);
     let config = &ctx.config;
+    let io = backend(config.io, config.tls.is_some())?;
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(
+            TlsAcceptor::load(files).map_err(io::Error::other)?,
+        )),
+        None => None,
+    };
     let listeners = listener::bind_all(config.listen, shards, config.backlog, config.shared_port)?;
     let bound = listeners[0].local_addr()?;
 
-    let io = backend(config.io)?;
     let mut polls = Vec::with_capacity(shards);
     let mut wakers: Vec<Arc<dyn Wake>> = Vec::with_capacity(shards);
     for _ in 0..shards {
@@ -46,7 +54,7 @@ pub fn serve(config: Config) -> io::Result<()> {
     for (id, (((poll, listener), receiver), core)) in parts.enumerate() {
         let shard = Shard::new(id, shards, ctx.clone());
         let inbox = Inbox::new(id, receiver, post.clone());
-        let (post, stop, drain) = (post.clone(), stop.clone(), config.drain);
+        let (post, stop, drain, tls) = (post.clone(), stop.clone(), config.drain, tls.clone());
         let thread = std::thread::Builder::new()
             .name(format!("herald-shard-{id}"))
             .spawn(move || {
@@ -68,6 +76,7 @@ pub fn serve(config: Config) -> io::Result<()> {
                         listener,
                         stop,
                         drain,
+                        tls,
                     }),
                     Poller::Uring(wake) => uring::run(uring::Reactor {
                         shard,
@@ -84,12 +93,16 @@ pub fn serve(config: Config) -> io::Result<()> {
     }
 
     spawn_signal_thread(stop, post)?;
+    if let Some(acceptor) = tls.clone() {
+        spawn_reload_thread(acceptor)?;
+    }
     tracing::info!(
         %bound,
         shards,
         epoch = %ctx.epoch,
         io = ?io,
         auth = ?ctx.auth.mode(),
+        tls = tls.is_some(),
         "herald serving"
     );
     {
@@ -121,8 +134,11 @@ enum Poller {
 /// `auto` takes epoll, which costs less CPU per delivery on a saturated fan-out, where
 /// capacity is decided; io_uring wins on receive-heavy and lightly loaded servers and is
 /// there to be chosen for them (README, "IO backends").
-fn backend(io: Io) -> io::Result<Io> {
+fn backend(io: Io, tls: bool) -> io::Result<Io> {
     match io {
+        Io::Uring if tls => Err(io::Error::other(
+            "--io uring does not serve TLS yet: use --io epoll (or auto) with --tls-cert",
+        )),
         Io::Uring => uring::probe().map(|()| Io::Uring),
         Io::Epoll | Io::Auto => Ok(Io::Epoll),
     }
@@ -141,6 +157,25 @@ fn spawn_signal_thread(stop: Arc<AtomicBool>, post: Arc<Post>) -> io::Result<()>
                 }
                 tracing::info!(signal, "draining: closing every client with 1001");
                 post.wake_all();
+            }
+        })?;
+    Ok(())
+}
+
+/// SIGHUP: new TLS handshakes use the certificate files as they are now; connections
+/// already open keep theirs. A file that does not load is logged and changes nothing.
+fn spawn_reload_thread(acceptor: Arc<TlsAcceptor>) -> io::Result<()> {
+    let mut signals = Signals::new([SIGHUP])?;
+    std::thread::Builder::new()
+        .name("herald-tls-reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                match acceptor.reload() {
+                    Ok(()) => tracing::info!("tls: certificate reloaded"),
+                    Err(e) => {
+                        tracing::error!("tls: reload failed, keeping the old certificate: {e}")
+                    }
+                }
             }
         })?;
     Ok(())

@@ -87,6 +87,13 @@ suite=all
 if [ "${SKIP_COMPRESSION:-}" = 1 ]; then suite=core; fi
 check conformance 2400 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" --suite "$suite"
 
+banner "Autobahn conformance over TLS (core suite; kosoku -> relay -> herald --tls-cert)"
+# The TLS runs (this one and tests/python/test_tls.py) make their CA with openssl.
+if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl
+fi
+check conformance-tls 900 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" --suite core --tls
+
 banner "browser tests (Chromium + playwright-core)"
 check browser 900 bash tests/browser/run.sh
 
@@ -102,15 +109,23 @@ PYTHONDONTWRITEBYTECODE=1 check pytest 300 "$VENV/bin/python" -m pytest -q -p no
 
 # The io_uring backend must pass the same suite: every server the tests start inherits
 # HERALD_IO. SKIP_URING=1 skips it where the kernel or a seccomp filter forbids io_uring
-# (`herald serve --io uring` says so when it is unavailable).
+# (`herald serve --io uring` says so when it is unavailable). TLS is served by epoll only
+# (`--io uring --tls-cert` refuses to start), so the TLS tests are left out of this pass.
 banner "io_uring backend: cargo test, conformance and pytest again with HERALD_IO=uring"
 if [ "${SKIP_URING:-}" = 1 ]; then
     echo "skipped (SKIP_URING=1)"
 else
-    HERALD_IO=uring check "cargo test (io_uring)" 900 cargo test --workspace --tests --no-fail-fast
+    uring_tests=()
+    for f in tests/*.rs; do
+        name=$(basename "$f" .rs)
+        [ "$name" = tls ] || uring_tests+=(--test "$name")
+    done
+    HERALD_IO=uring check "cargo test (io_uring)" 900 cargo test -p herald --lib "${uring_tests[@]}" --no-fail-fast
+    HERALD_IO=uring check "herald-bench tests (io_uring)" 300 cargo test -p herald-bench --no-fail-fast -- --skip wss
     check "conformance (io_uring)" 2400 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" \
         --suite "$suite" --server-arg=--io --server-arg=uring --outdir "$ROOT/target/conformance-uring"
-    HERALD_IO=uring PYTHONDONTWRITEBYTECODE=1 check "pytest (io_uring)" 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
+    HERALD_IO=uring PYTHONDONTWRITEBYTECODE=1 check "pytest (io_uring)" 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+        -k "not tls" tests/python
 fi
 
 if [ "${#FAILED_SECTIONS[@]}" != 0 ]; then

@@ -21,7 +21,7 @@ use crate::stats::{
 /// `herald-bench echo`.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub(crate) struct EchoArgs {
-    /// WebSocket echo URL (ws:// only).
+    /// WebSocket echo URL (ws://, or wss:// for TLS).
     #[arg(long, default_value = "ws://127.0.0.1:8080/echo")]
     pub(crate) url: String,
     /// Connections (all in this process; each has one message in flight when closed-loop).
@@ -44,6 +44,10 @@ pub(crate) struct EchoArgs {
     #[arg(long = "server-pid")]
     #[serde(default)]
     pub(crate) server_pid: Vec<u32>,
+    /// With wss://, accept any server certificate (self-signed test ones).
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) insecure: bool,
     #[command(flatten)]
     #[serde(skip)]
     pub(crate) output: OutputArgs,
@@ -149,7 +153,7 @@ pub(crate) fn run(args: &EchoArgs) -> Result<()> {
         );
     }
     let sources = parse_source_ips(&args.source_ips)?;
-    let mut engine = Engine::new(Target::parse(&args.url)?, args.conns)?;
+    let mut engine = Engine::new(Target::parse(&args.url)?, args.conns, args.insecure)?;
     let mut echo = Echo {
         size: args.size,
         closed_loop: args.rate == 0.0,
