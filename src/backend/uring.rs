@@ -63,7 +63,9 @@ fn user_data(op: u64, key: usize) -> u64 {
 /// Whether io_uring can be used here: the ring can be created and has the features this
 /// backend relies on. The error says why not, for `--io uring` to report.
 pub fn probe() -> io::Result<()> {
-    let (ring, _) = new_ring().map_err(|e| {
+    // A small ring: this asks whether io_uring may be used at all; each shard's own ring
+    // reports its own failure (e.g. memory) when it is created.
+    let ring = IoUring::new(8).map_err(|e| {
         let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
             .map(|v| format!("/proc/sys/kernel/io_uring_disabled = {}", v.trim()))
             .unwrap_or_else(|_| "kernel before 5.1 or io_uring not built in".into());
