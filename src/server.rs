@@ -10,9 +10,9 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
 use crate::backend::tls::TlsAcceptor;
-use crate::backend::{affinity, epoll, listener};
+use crate::backend::{affinity, epoll, listener, uring};
 use crate::cluster::Bridge;
-use crate::config::Config;
+use crate::config::{Config, Io};
 use crate::shard::{Context, Inbox, Post, Shard, Wake};
 
 /// Runs the server until a signal asks it to stop and every shard has drained.
@@ -30,6 +30,7 @@ pub fn serve(config: Config) -> io::Result<()> {
     };
     let ctx = Arc::new(ctx);
     let config = &ctx.config;
+    let io = backend(config.io, config.tls.is_some())?;
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(
             TlsAcceptor::load(files).map_err(io::Error::other)?,
@@ -42,9 +43,18 @@ pub fn serve(config: Config) -> io::Result<()> {
     let mut polls = Vec::with_capacity(shards);
     let mut wakers: Vec<Arc<dyn Wake>> = Vec::with_capacity(shards);
     for _ in 0..shards {
-        let poll = mio::Poll::new()?;
-        wakers.push(Arc::new(mio::Waker::new(poll.registry(), epoll::WAKER)?));
-        polls.push(poll);
+        match io {
+            Io::Uring => {
+                let wake = Arc::new(uring::EventFd::new()?);
+                wakers.push(wake.clone());
+                polls.push(Poller::Uring(wake));
+            }
+            Io::Epoll | Io::Auto => {
+                let poll = mio::Poll::new()?;
+                wakers.push(Arc::new(mio::Waker::new(poll.registry(), epoll::WAKER)?));
+                polls.push(Poller::Epoll(poll));
+            }
+        }
     }
     let (post, receivers) = Post::new(wakers);
     let stop = Arc::new(AtomicBool::new(false));
@@ -55,16 +65,9 @@ pub fn serve(config: Config) -> io::Result<()> {
     let mut threads = Vec::with_capacity(shards);
     let parts = polls.into_iter().zip(listeners).zip(receivers).zip(cores);
     for (id, (((poll, listener), receiver), core)) in parts.enumerate() {
-        let reactor = epoll::Reactor {
-            shard: Shard::new(id, shards, ctx.clone()),
-            inbox: Inbox::new(id, receiver, post.clone()),
-            post: post.clone(),
-            poll,
-            listener,
-            stop: stop.clone(),
-            drain: config.drain,
-            tls: tls.clone(),
-        };
+        let shard = Shard::new(id, shards, ctx.clone());
+        let inbox = Inbox::new(id, receiver, post.clone());
+        let (post, stop, drain, tls) = (post.clone(), stop.clone(), config.drain, tls.clone());
         let thread = std::thread::Builder::new()
             .name(format!("herald-shard-{id}"))
             .spawn(move || {
@@ -77,7 +80,27 @@ pub fn serve(config: Config) -> io::Result<()> {
                         "could not pin shard to its core"
                     );
                 }
-                epoll::run(reactor)
+                match poll {
+                    Poller::Epoll(poll) => epoll::run(epoll::Reactor {
+                        shard,
+                        inbox,
+                        post,
+                        poll,
+                        listener,
+                        stop,
+                        drain,
+                        tls,
+                    }),
+                    Poller::Uring(wake) => uring::run(uring::Reactor {
+                        shard,
+                        inbox,
+                        post,
+                        wake,
+                        listener,
+                        stop,
+                        drain,
+                    }),
+                }
             })?;
         threads.push(thread);
     }
@@ -90,7 +113,7 @@ pub fn serve(config: Config) -> io::Result<()> {
         %bound,
         shards,
         epoch = %ctx.epoch,
-        io = "epoll",
+        io = ?io,
         auth = ?ctx.auth.mode(),
         tls = tls.is_some(),
         cluster = ctx.cluster.is_some(),
@@ -113,6 +136,26 @@ pub fn serve(config: Config) -> io::Result<()> {
     }
     tracing::info!("herald stopped");
     result
+}
+
+/// What a shard waits on: its epoll instance, or the eventfd its ring watches.
+enum Poller {
+    Epoll(mio::Poll),
+    Uring(Arc<uring::EventFd>),
+}
+
+/// The backend `--io` asks for, resolved: `uring` must work here (else a clear error);
+/// `auto` takes epoll, which costs less CPU per delivery on a saturated fan-out, where
+/// capacity is decided; io_uring wins on receive-heavy and lightly loaded servers and is
+/// there to be chosen for them (README, "IO backends").
+fn backend(io: Io, tls: bool) -> io::Result<Io> {
+    match io {
+        Io::Uring if tls => Err(io::Error::other(
+            "--io uring does not serve TLS yet: use --io epoll (or auto) with --tls-cert",
+        )),
+        Io::Uring => uring::probe().map(|()| Io::Uring),
+        Io::Epoll | Io::Auto => Ok(Io::Epoll),
+    }
 }
 
 /// First SIGINT/SIGTERM: drain. A second one: exit at once.

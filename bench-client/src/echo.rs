@@ -39,6 +39,11 @@ pub(crate) struct EchoArgs {
     /// Source addresses to bind before connecting (see `fanout --help`).
     #[arg(long, default_value = "")]
     pub(crate) source_ips: String,
+    /// Server process to read CPU time of, from /proc, over the measured window
+    /// (repeatable).
+    #[arg(long = "server-pid")]
+    #[serde(default)]
+    pub(crate) server_pid: Vec<u32>,
     /// With wss://, accept any server certificate (self-signed test ones).
     #[arg(long)]
     #[serde(default)]
@@ -64,6 +69,16 @@ pub(crate) struct EchoReport {
     pub(crate) timeline: Vec<TimelinePoint>,
     pub(crate) percentile_curve: Vec<CurvePoint>,
     pub(crate) client: ClientFigures,
+    /// Server CPU over the measured window (with `--server-pid`).
+    pub(crate) server: Option<EchoServerFigures>,
+}
+
+/// What the server spent on the measured window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub(crate) struct EchoServerFigures {
+    pub(crate) pids: Vec<u32>,
+    pub(crate) cpu_ns: u64,
+    pub(crate) cpu_ns_per_message: f64,
 }
 
 #[derive(Debug)]
@@ -181,6 +196,13 @@ pub(crate) fn run(args: &EchoArgs) -> Result<()> {
         failures: echo.failures.clone(),
     };
 
+    if !args.output.quiet {
+        eprintln!(
+            "connected {ok} in {connect_seconds:.2} s; measuring for {} s",
+            args.duration
+        );
+    }
+    let server_before = sample_server_cpu(&args.server_pid)?;
     let cpu_before = self_cpu_ns();
     let t0 = monotonic_ns();
     echo.t0_ns = Some(t0);
@@ -226,6 +248,17 @@ pub(crate) fn run(args: &EchoArgs) -> Result<()> {
     }
     let elapsed_s = (monotonic_ns() - t0) as f64 / 1e9;
     let cpu_ns = self_cpu_ns().saturating_sub(cpu_before);
+    let server = match (server_before, sample_server_cpu(&args.server_pid)?) {
+        (Some(before), Some(after)) => {
+            let cpu_ns = after.saturating_sub(before);
+            Some(EchoServerFigures {
+                pids: args.server_pid.clone(),
+                cpu_ns,
+                cpu_ns_per_message: per(cpu_ns, echo.received),
+            })
+        }
+        _ => None,
+    };
     engine.close_all();
 
     let report = EchoReport {
@@ -245,6 +278,7 @@ pub(crate) fn run(args: &EchoArgs) -> Result<()> {
             procs: 1,
             rss_bytes_per_conn: 0.0,
         },
+        server,
     };
     let table = format_echo(&report);
     if let Some(path) = &args.output.report {
@@ -306,6 +340,21 @@ fn format_echo(report: &EchoReport) -> String {
                 "client cpu",
                 format!("{:.0} ns/round trip", report.client.cpu_ns_per_delivery),
             ),
+            (
+                "server cpu",
+                report.server.as_ref().map_or_else(
+                    || "(no --server-pid)".to_owned(),
+                    |s| format!("{:.0} ns/message", s.cpu_ns_per_message),
+                ),
+            ),
         ],
     )
+}
+
+/// The servers' summed CPU time, ns (`None` without `--server-pid`).
+fn sample_server_cpu(pids: &[u32]) -> Result<Option<u64>> {
+    if pids.is_empty() {
+        return Ok(None);
+    }
+    Ok(Some(crate::stats::sample_pids(pids)?.cpu_ns))
 }

@@ -132,6 +132,16 @@ pub(crate) struct OutputArgs {
     pub(crate) quiet: bool,
 }
 
+fn one() -> u64 {
+    1
+}
+
+/// When message `k` is due: messages go in groups of `burst` sharing the first one's slot,
+/// so the average rate stays `1 / interval`.
+fn scheduled_ns(t0: u64, k: u64, interval_ns: f64, burst: u64) -> u64 {
+    t0 + ((k - k % burst) as f64 * interval_ns) as u64
+}
+
 /// How the publisher publishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -152,6 +162,11 @@ pub(crate) struct FanoutArgs {
     /// Size of each message's `data` JSON in bytes (padded; at least ~30).
     #[arg(long, default_value_t = 64)]
     pub(crate) size: usize,
+    /// Messages published back to back at each scheduled time (`--rate` stays the average
+    /// rate), so several frames are pending per subscriber in one server loop turn.
+    #[arg(long, default_value_t = 1)]
+    #[serde(default = "one")]
+    pub(crate) burst: u64,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) run: RunArgs,
@@ -377,8 +392,13 @@ pub(crate) fn connect_fleet(
 /// Bad arguments, no server, a worker failing.
 pub(crate) fn measure(args: &FanoutArgs) -> Result<FanoutReport> {
     let run = &args.run;
-    if args.conns == 0 || run.channels == 0 || args.rate <= 0.0 || run.duration <= 0.0 {
-        bail!("--conns, --channels, --rate and --duration must be positive");
+    if args.conns == 0
+        || run.channels == 0
+        || args.rate <= 0.0
+        || run.duration <= 0.0
+        || args.burst == 0
+    {
+        bail!("--conns, --channels, --rate, --duration and --burst must be positive");
     }
     let quiet = args.output.quiet;
     let channels: Vec<String> = (0..run.channels)
@@ -681,6 +701,8 @@ struct Publisher {
     template: Template,
     channels: Vec<String>,
     size: usize,
+    /// Messages sharing one scheduled time.
+    burst: u64,
     conn: Option<PublishConn>,
     /// Client configuration and server name for a wss:// or https:// target.
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
@@ -726,6 +748,7 @@ impl Publisher {
             template,
             channels: channels.to_vec(),
             size: args.size,
+            burst: args.burst,
             conn: None,
             acked: Arc::new(AtomicU64::new(0)),
             errors: Arc::new(Mutex::new(Vec::new())),
@@ -787,7 +810,7 @@ impl Publisher {
         };
         let mut payload = Vec::with_capacity(self.size + 128);
         for k in 0..total {
-            let scheduled = t0 + (k as f64 * interval_ns) as u64;
+            let scheduled = scheduled_ns(t0, k, interval_ns, self.burst);
             let now = monotonic_ns();
             if now < scheduled {
                 sleep_until_ns(scheduled);
@@ -983,6 +1006,16 @@ fn set_timer_slack_ns(ns: u64) {
 mod tests {
     use super::*;
     use clap::Parser as _;
+
+    #[test]
+    fn a_burst_shares_one_slot_and_keeps_the_average_rate() {
+        let at = |k| scheduled_ns(1000, k, 10.0, 4);
+        assert_eq!([at(0), at(1), at(2), at(3)], [1000; 4]);
+        assert_eq!(at(4), 1040);
+        assert_eq!(at(11), 1080);
+        // Without bursts every message has its own slot.
+        assert_eq!(scheduled_ns(1000, 3, 10.0, 1), 1030);
+    }
 
     #[test]
     fn json_report_has_the_documented_shape() {

@@ -176,6 +176,7 @@ pub(crate) fn run(args: &SweepArgs) -> Result<()> {
             conns,
             rate,
             size,
+            burst: 1,
             run: args.run.clone(),
             output: OutputArgs {
                 quiet: args.output.quiet,

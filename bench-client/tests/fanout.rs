@@ -182,6 +182,48 @@ fn floor_server_runs_fanout_unchanged() {
     assert_eq!(report["deliveries"]["expected"], 50 * 200);
 }
 
+#[test]
+fn echo_reports_the_servers_cpu_per_message() {
+    let server = start(
+        &herald_binary(),
+        &["serve", "--listen", "127.0.0.1:0", "--threads", "1"],
+    );
+    let url = format!("ws://127.0.0.1:{}/echo", server.port);
+    let pid = server.child.id();
+    let output = Command::new(BENCH)
+        .args([
+            "echo",
+            "--url",
+            &url,
+            "--conns",
+            "20",
+            "--duration",
+            "1",
+            "--json",
+            "-q",
+        ])
+        .args(["--server-pid", &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "herald-bench echo failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let report: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap();
+    assert!(report["received"].as_u64().unwrap() > 0, "{report}");
+    let server = &report["server"];
+    assert_eq!(server["pids"], serde_json::json!([pid]));
+    let cpu_ns = server["cpu_ns"].as_f64().unwrap();
+    let per_message = server["cpu_ns_per_message"].as_f64().unwrap();
+    let received = report["received"].as_f64().unwrap();
+    assert!(
+        (per_message * received - cpu_ns).abs() <= received,
+        "cpu_ns_per_message is cpu_ns / received: {server}"
+    );
+}
+
 /// A CA and a leaf for localhost it signed, as PEM files in a fresh directory.
 fn test_pki(name: &str) -> (PathBuf, PathBuf, PathBuf) {
     use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};

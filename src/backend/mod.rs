@@ -5,3 +5,4 @@ pub mod affinity;
 pub mod epoll;
 pub mod listener;
 pub mod tls;
+pub mod uring;

@@ -410,8 +410,12 @@ impl Shard {
             && let Some(remaining) = identity.remaining(SystemTime::now())
         {
             let conn_ref = self.conn_ref(key);
+            // Both clocks read together: `self.now` is from the start of the turn, and a
+            // deadline from it would fall that much before `exp` (a backend that wakes to
+            // the nanosecond, like io_uring, then sends 4001 while the handshake would
+            // still accept the token).
             self.timed.push(Reverse((
-                self.now + remaining,
+                Instant::now() + remaining,
                 conn_ref,
                 Timed::TokenExpiry,
             )));
@@ -1254,6 +1258,13 @@ impl Shard {
     pub fn handle_written(&mut self, key: usize, written: usize) {
         self.conns[key].outbox.advance(written);
         self.counters.bytes_out_total += written as u64;
+    }
+
+    /// Moves up to `max` chunks of `key`'s outbox into `out`, in write order, as written:
+    /// for a backend whose sends complete later and keeps the bytes alive until then.
+    pub fn take_outbox(&mut self, key: usize, out: &mut Vec<Bytes>, max: usize) {
+        let taken = self.conns[key].outbox.take_chunks(out, max);
+        self.counters.bytes_out_total += taken as u64;
     }
 
     /// Whether the backend should process `key`'s read buffer and socket again: reading

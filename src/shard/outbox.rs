@@ -218,6 +218,35 @@ impl Outbox {
         n
     }
 
+    /// Moves up to `max` whole chunks off the front, in write order, into `out`; returns
+    /// their bytes. For a backend whose writes complete later: it keeps the bytes alive
+    /// until then, while what stays queued may be shed or jumped by control frames as usual.
+    pub fn take_chunks(&mut self, out: &mut Vec<Bytes>, max: usize) -> usize {
+        let mut taken = 0;
+        for _ in 0..max {
+            let bytes = match self.current() {
+                Lane::Control => match self.control.pop_front() {
+                    Some(bytes) => {
+                        self.control_bytes -= bytes.len();
+                        bytes
+                    }
+                    None => break,
+                },
+                Lane::Data => match self.data.pop_front() {
+                    Some(chunk) => {
+                        self.data_bytes -= chunk.bytes.len();
+                        self.data_started = false;
+                        chunk.bytes
+                    }
+                    None => break,
+                },
+            };
+            taken += bytes.len();
+            out.push(bytes);
+        }
+        taken
+    }
+
     /// Drops `written` bytes in write order, splitting a partly written frame.
     pub fn advance(&mut self, mut written: usize) {
         while written > 0 {
@@ -333,6 +362,28 @@ mod tests {
         assert_eq!(written_order(&outbox), b"Pdata2");
         outbox.advance(6);
         assert!(outbox.is_empty());
+    }
+
+    #[test]
+    fn taken_chunks_leave_in_write_order_and_free_the_budget() {
+        let mut outbox = Outbox::default();
+        outbox.push(Bytes::from_static(b"data1"));
+        outbox.push_message(Bytes::from_static(b"data2"), 1, 1);
+        outbox.push(Bytes::from_static(b"data3"));
+        outbox.advance(2);
+        outbox.push_control(Bytes::from_static(b"PONG"));
+        let expected = written_order(&outbox);
+        let mut taken = Vec::new();
+        assert_eq!(outbox.take_chunks(&mut taken, 3), 3 + 4 + 5);
+        assert_eq!(outbox.len_bytes(), 5, "only data3 is left in the budget");
+        // A control frame queued now goes before what is left, not before what was taken.
+        outbox.push_control(Bytes::from_static(b"P"));
+        assert_eq!(outbox.take_chunks(&mut taken, 16), 1 + 5);
+        assert!(outbox.is_empty());
+        assert_eq!(outbox.take_chunks(&mut taken, 16), 0);
+        let sent: Vec<u8> = taken.iter().flat_map(|b| b.iter().copied()).collect();
+        assert_eq!(&sent[..12], &expected[..12]);
+        assert_eq!(&sent[12..], b"Pdata3");
     }
 
     #[test]

@@ -49,6 +49,18 @@ impl Server {
         Self::start_raw(&args)
     }
 
+    /// Like [`Server::start`], with `env` set for the server process.
+    pub(crate) fn start_with_env(env: &[(&str, &str)], extra: &[&str]) -> Self {
+        let bin = env!("CARGO_BIN_EXE_herald");
+        let mut cmd = Command::new(bin);
+        cmd.arg("serve").args(["--listen", "127.0.0.1:0"]);
+        if !extra.contains(&"--threads") {
+            cmd.args(["--threads", "2"]);
+        }
+        cmd.args(extra).envs(env.iter().copied());
+        Self::start_command(cmd, extra)
+    }
+
     /// `herald serve --listen 127.0.0.1:0` plus exactly `extra` (no default `--threads`).
     pub(crate) fn start_raw(extra: &[&str]) -> Self {
         let bin = env!("CARGO_BIN_EXE_herald");

@@ -1,0 +1,884 @@
+//! The io_uring backend (`--io uring`): one ring per shard thread, driving the shard
+//! through the same calling contract as the epoll backend.
+//!
+//! It owns each connection's socket and the operations in flight on it. Every loop turn
+//! ends in one `io_uring_enter` that submits the turn's sends and waits for completions.
+//! Accept is multishot; receive is multishot into a provided buffer ring (single-shot into
+//! a per-socket buffer where the kernel lacks either); a socket has at most one send in
+//! flight, whose frames are taken out of the outbox and kept alive here until it
+//! completes, so bytes are never lost or reordered and the outbox may change meanwhile.
+//! A dead connection's operations are cancelled and its socket is closed, and the shard
+//! told, only once the last of them has completed, so no completion can reach a reused key.
+
+mod bufring;
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes};
+use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
+use io_uring::{IoUring, cqueue, opcode, squeue};
+
+use crate::shard::{Inbox, Post, Shard, Wake};
+
+use bufring::BufRing;
+
+/// Submission queue entries per ring: a turn's sends for thousands of sockets fit in a
+/// few submissions; when it is full the queued entries are submitted early.
+const SQ_ENTRIES: u32 = 4096;
+/// Completion queue entries (the kernel's maximum): a broadcast to tens of thousands of
+/// sockets completes in one turn without overflowing, which costs the kernel an
+/// allocation per completion (`IORING_FEAT_NODROP` keeps them until we drain).
+const CQ_ENTRIES: u32 = 64 * 1024;
+/// Frames handed to one send, as in the epoll backend.
+const MAX_IOVECS: usize = 64;
+/// Provided buffers per shard and their size: 4 MiB shared by every connection.
+const RECV_BUFFERS: u16 = 1024;
+const RECV_BUFFER_SIZE: usize = 4096;
+const RECV_GROUP: u16 = 0;
+/// The per-socket receive buffer where provided buffers are not available.
+const FALLBACK_RECV_SIZE: usize = 16 * 1024;
+/// How long accepting pauses when the process is out of file descriptors.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Set to `1`, runs the code path of kernels before 5.19 (single-shot accept and receive,
+/// no buffer ring) on any kernel: for the tests, and to compare the two.
+pub const SINGLE_SHOT_ENV: &str = "HERALD_URING_SINGLE_SHOT";
+
+/// What an operation is for; the low byte of its `user_data`, above it the connection key.
+const OP_ACCEPT: u64 = 1;
+const OP_WAKE: u64 = 2;
+const OP_RECV: u64 = 3;
+const OP_SEND: u64 = 4;
+const OP_CANCEL: u64 = 5;
+
+fn user_data(op: u64, key: usize) -> u64 {
+    (key as u64) << 8 | op
+}
+
+/// Whether io_uring can be used here: the ring can be created and has the features this
+/// backend relies on. The error says why not, for `--io uring` to report.
+pub fn probe() -> io::Result<()> {
+    // A small ring: this asks whether io_uring may be used at all; each shard's own ring
+    // reports its own failure (e.g. memory) when it is created.
+    let ring = IoUring::new(8).map_err(|e| {
+        let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
+            .map(|v| format!("/proc/sys/kernel/io_uring_disabled = {}", v.trim()))
+            .unwrap_or_else(|_| "kernel before 5.1 or io_uring not built in".into());
+        io::Error::new(
+            e.kind(),
+            format!(
+                "io_uring is unavailable: io_uring_setup failed: {e} ({disabled}; a seccomp \
+                 filter, e.g. a container's default profile, also blocks it); use --io epoll"
+            ),
+        )
+    })?;
+    let params = ring.params();
+    if !(params.is_feature_nodrop() && params.is_feature_ext_arg() && params.is_feature_fast_poll())
+    {
+        return Err(io::Error::other(
+            "io_uring is too old here (needs Linux 5.11: NODROP, EXT_ARG, FAST_POLL); use --io epoll",
+        ));
+    }
+    Ok(())
+}
+
+/// Wakes a shard blocked in `io_uring_enter`: the ring keeps a read armed on this eventfd.
+pub struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub fn new() -> io::Result<Self> {
+        // SAFETY: eventfd has no memory arguments; a non-negative result is a new fd we own.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just created and is owned by nobody else.
+        Ok(Self(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+}
+
+impl Wake for EventFd {
+    fn wake(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live u64 to an eventfd we own.
+        let n = unsafe { libc::write(self.0.as_raw_fd(), (&raw const one).cast(), 8) };
+        if n != 8 {
+            tracing::error!("cannot wake shard: {}", io::Error::last_os_error());
+        }
+    }
+}
+
+/// What a shard thread owns while it runs.
+pub struct Reactor {
+    pub shard: Shard,
+    pub inbox: Inbox,
+    pub post: Arc<Post>,
+    pub wake: Arc<EventFd>,
+    pub listener: TcpListener,
+    pub stop: Arc<AtomicBool>,
+    pub drain: Duration,
+}
+
+/// A connection's socket and the operations in flight on it.
+struct Socket {
+    fd: OwnedFd,
+    /// Frames of the send in flight, taken out of the outbox; the first may be partly sent.
+    sending: Vec<Bytes>,
+    /// The vectors and header of the send in flight. Boxed with the socket, so their
+    /// addresses stay put until the kernel is done with them.
+    iovecs: [libc::iovec; MAX_IOVECS],
+    msghdr: libc::msghdr,
+    send_in_flight: bool,
+    /// A receive is armed (multishot: until a completion without `F_MORE`).
+    recv_in_flight: bool,
+    /// A cancel was asked for the armed receive (the shard wants no more bytes for now).
+    recv_cancelled: bool,
+    /// Where single-shot receives land when there is no buffer ring.
+    recv_buf: Vec<u8>,
+    /// The shard is done with it: cancel what is in flight, then close.
+    closing: bool,
+}
+
+impl Socket {
+    fn new(fd: OwnedFd) -> Box<Self> {
+        Box::new(Self {
+            fd,
+            sending: Vec::new(),
+            iovecs: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; MAX_IOVECS],
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            msghdr: unsafe { std::mem::zeroed() },
+            send_in_flight: false,
+            recv_in_flight: false,
+            recv_cancelled: false,
+            recv_buf: Vec::new(),
+            closing: false,
+        })
+    }
+
+    fn in_flight(&self) -> bool {
+        self.send_in_flight || self.recv_in_flight
+    }
+
+    /// Drops the first `sent` bytes of the frames in flight.
+    fn advance(&mut self, mut sent: usize) {
+        let mut done = 0;
+        for chunk in &mut self.sending {
+            if sent < chunk.len() {
+                chunk.advance(sent);
+                break;
+            }
+            sent -= chunk.len();
+            done += 1;
+        }
+        self.sending.drain(..done);
+    }
+}
+
+/// One completion, copied out so the handlers may queue new entries.
+#[derive(Clone, Copy)]
+struct Completion {
+    user_data: u64,
+    result: i32,
+    flags: u32,
+}
+
+/// The ring and everything its operations point into.
+struct Uring {
+    // Field order is drop order: the ring goes first, so the kernel has let go of the
+    // buffers, sockets and wake counter below before they are freed.
+    ring: IoUring,
+    bufs: Option<BufRing>,
+    sockets: Vec<Option<Box<Socket>>>,
+    wake: Arc<EventFd>,
+    wake_count: Box<u64>,
+    listener: Option<TcpListener>,
+    accept_in_flight: bool,
+    accept_paused_until: Option<Instant>,
+    /// Stopped accepting for good (the server is draining).
+    draining: bool,
+    multishot_accept: bool,
+    multishot_recv: bool,
+    /// Completions taken off the queue to make room, not yet handled.
+    backlog: Vec<Completion>,
+    /// Scratch for one batch of completions.
+    batch: Vec<Completion>,
+}
+
+/// Creates the shard's ring: single issuer with task work deferred to our own
+/// `io_uring_enter` where the kernel has it (6.1), so completions are posted in batches
+/// when the loop asks for them rather than by interrupting it.
+fn new_ring() -> io::Result<(IoUring, bool)> {
+    let tuned = IoUring::builder()
+        .setup_cqsize(CQ_ENTRIES)
+        .setup_single_issuer()
+        .setup_defer_taskrun()
+        .build(SQ_ENTRIES);
+    match tuned {
+        Ok(ring) => Ok((ring, true)),
+        Err(_) => Ok((
+            IoUring::builder()
+                .setup_cqsize(CQ_ENTRIES)
+                .build(SQ_ENTRIES)?,
+            false,
+        )),
+    }
+}
+
+/// Runs the shard until it is stopped and drained (or the drain time runs out).
+pub fn run(reactor: Reactor) -> io::Result<()> {
+    let Reactor {
+        mut shard,
+        inbox,
+        post,
+        wake,
+        listener,
+        stop,
+        drain,
+    } = reactor;
+    // io_uring waits on blocking sockets itself; a non-blocking one would answer EAGAIN.
+    listener.set_nonblocking(false)?;
+    let (ring, deferred_taskrun) = new_ring()?;
+    let bufs = if std::env::var_os(SINGLE_SHOT_ENV).is_some_and(|v| v == "1") {
+        tracing::info!(
+            shard = shard.id(),
+            "{SINGLE_SHOT_ENV}=1: single-shot accept and receive"
+        );
+        None
+    } else {
+        match BufRing::register(
+            &ring.submitter(),
+            RECV_GROUP,
+            RECV_BUFFERS,
+            RECV_BUFFER_SIZE,
+        ) {
+            Ok(bufs) => Some(bufs),
+            Err(e) => {
+                tracing::info!(shard = shard.id(), "no provided buffer ring ({e})");
+                None
+            }
+        }
+    };
+    // Buffer rings and multishot accept came together (5.19); multishot receive (6.0) is
+    // found out by its first completion.
+    let found = bufs.is_some();
+    tracing::info!(
+        shard = shard.id(),
+        buffer_ring = found,
+        multishot_accept = found,
+        multishot_recv = found,
+        deferred_taskrun,
+        "io_uring features"
+    );
+    let mut uring = Uring {
+        ring,
+        bufs,
+        sockets: Vec::new(),
+        wake,
+        wake_count: Box::new(0),
+        listener: Some(listener),
+        accept_in_flight: false,
+        accept_paused_until: None,
+        draining: false,
+        multishot_accept: found,
+        multishot_recv: found,
+        backlog: Vec::new(),
+        batch: Vec::new(),
+    };
+    uring.arm_wake()?;
+    uring.arm_accept()?;
+    let mut drain_deadline: Option<Instant> = None;
+
+    let result = loop {
+        let timeout = [
+            shard.poll_timeout(),
+            drain_deadline,
+            uring.accept_paused_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .map(|t| t.saturating_duration_since(Instant::now()));
+        let timeout = if shard.has_local_work() || !uring.backlog.is_empty() {
+            Some(Duration::ZERO)
+        } else {
+            timeout
+        };
+        if let Err(e) = uring.enter(timeout) {
+            break Err(e);
+        }
+        let now = Instant::now();
+        let turn_started = now;
+        if let Err(e) = uring.complete(&mut shard, now) {
+            break Err(e);
+        }
+
+        if let Some(until) = uring.accept_paused_until
+            && now >= until
+        {
+            uring.accept_paused_until = None;
+            if let Err(e) = uring.arm_accept() {
+                break Err(e);
+            }
+        }
+
+        if drain_deadline.is_none() && stop.load(Ordering::Acquire) {
+            if let Err(e) = uring.stop_accepting() {
+                break Err(e);
+            }
+            shard.begin_drain(now);
+            drain_deadline = Some(now + drain);
+        }
+
+        shard.handle_inbox(&inbox, now);
+        shard.handle_timeout(now);
+        let mut failed = None;
+        while let Some(key) = shard.poll_dirty() {
+            if let Err(e) = uring.flush(&mut shard, key, now) {
+                failed = Some(e);
+                break;
+            }
+        }
+        while failed.is_none()
+            && let Some(key) = shard.poll_dead()
+        {
+            if let Err(e) = uring.close(&mut shard, key) {
+                failed = Some(e);
+            }
+        }
+        if let Some(e) = failed {
+            break Err(e);
+        }
+        let flushed = Instant::now();
+        shard.end_turn(flushed.saturating_duration_since(turn_started), flushed);
+        post.deliver(shard.id(), shard.take_outgoing());
+
+        if let Some(deadline) = drain_deadline {
+            if shard.is_drained() {
+                break Ok(());
+            }
+            if now >= deadline {
+                tracing::warn!(
+                    shard = shard.id(),
+                    connections = shard.connection_count(),
+                    "drain time over; closing the remaining connections"
+                );
+                break Ok(());
+            }
+        }
+    };
+    uring.cancel_all();
+    result
+}
+
+impl Uring {
+    /// Queues `entry`, submitting what is queued first when the submission queue is full.
+    ///
+    /// # Safety
+    /// Every buffer `entry` points to must stay valid until its completion is handled.
+    unsafe fn push(&mut self, entry: &squeue::Entry) -> io::Result<()> {
+        loop {
+            // SAFETY: the caller keeps the entry's buffers alive (see above).
+            if unsafe { self.ring.submission().push(entry) }.is_ok() {
+                return Ok(());
+            }
+            match self.ring.submit() {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => self.spill(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Moves the completions waiting in the queue to the backlog (the kernel refused to
+    /// take more work until the completion queue has room).
+    fn spill(&mut self) {
+        let backlog = &mut self.backlog;
+        backlog.extend(self.ring.completion().map(|c| Completion {
+            user_data: c.user_data(),
+            result: c.result(),
+            flags: c.flags(),
+        }));
+    }
+
+    /// The turn's one system call: submits what the turn queued and waits for a
+    /// completion, a wake-up or the timeout.
+    fn enter(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        let result = match timeout {
+            None => self.ring.submit_and_wait(1),
+            Some(timeout) => {
+                let ts = Timespec::new()
+                    .sec(timeout.as_secs())
+                    .nsec(timeout.subsec_nanos());
+                let args = SubmitArgs::new().timespec(&ts);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match result {
+            Ok(_) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ETIME) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                self.spill();
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Handles every completion waiting, including those its handlers cause to be spilled.
+    fn complete(&mut self, shard: &mut Shard, now: Instant) -> io::Result<()> {
+        loop {
+            let mut batch = std::mem::take(&mut self.batch);
+            batch.append(&mut self.backlog);
+            batch.extend(self.ring.completion().map(|c| Completion {
+                user_data: c.user_data(),
+                result: c.result(),
+                flags: c.flags(),
+            }));
+            if batch.is_empty() {
+                self.batch = batch;
+                return Ok(());
+            }
+            for completion in batch.drain(..) {
+                self.handle(shard, completion, now)?;
+            }
+            self.batch = batch;
+        }
+    }
+
+    fn handle(&mut self, shard: &mut Shard, c: Completion, now: Instant) -> io::Result<()> {
+        let key = (c.user_data >> 8) as usize;
+        match c.user_data & 0xff {
+            OP_ACCEPT => self.accepted(shard, c, now),
+            OP_WAKE => {
+                if c.result < 0 && c.result != -libc::EINTR {
+                    return Err(io::Error::from_raw_os_error(-c.result));
+                }
+                self.arm_wake()
+            }
+            OP_RECV => self.received(shard, key, c, now),
+            OP_SEND => self.sent(shard, key, c.result, now),
+            // Whether a cancel found its target shows in the target's own completion.
+            OP_CANCEL => Ok(()),
+            op => unreachable!("completion for unknown operation {op}"),
+        }
+    }
+
+    fn arm_wake(&mut self) -> io::Result<()> {
+        let entry = opcode::Read::new(
+            Fd(self.wake.0.as_raw_fd()),
+            (&raw mut *self.wake_count).cast(),
+            8,
+        )
+        .build()
+        .user_data(user_data(OP_WAKE, 0));
+        // SAFETY: `wake_count` is boxed and lives as long as the ring.
+        unsafe { self.push(&entry) }
+    }
+
+    fn arm_accept(&mut self) -> io::Result<()> {
+        let Some(listener) = self.listener.as_ref() else {
+            return Ok(());
+        };
+        if self.accept_in_flight || self.draining {
+            return Ok(());
+        }
+        let fd = Fd(listener.as_raw_fd());
+        let entry = if self.multishot_accept {
+            opcode::AcceptMulti::new(fd)
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        } else {
+            opcode::Accept::new(fd, std::ptr::null_mut(), std::ptr::null_mut())
+                .flags(libc::SOCK_CLOEXEC)
+                .build()
+        };
+        self.accept_in_flight = true;
+        // SAFETY: accept writes no peer address (null pointers); the listener outlives
+        // the operation (it is dropped only after its last completion).
+        unsafe { self.push(&entry.user_data(user_data(OP_ACCEPT, 0))) }
+    }
+
+    /// Draining: cancels the accept; the listener is closed once that completes.
+    fn stop_accepting(&mut self) -> io::Result<()> {
+        self.draining = true;
+        self.accept_paused_until = None;
+        if !self.accept_in_flight {
+            self.listener = None;
+            return Ok(());
+        }
+        let entry = opcode::AsyncCancel::new(user_data(OP_ACCEPT, 0))
+            .build()
+            .user_data(user_data(OP_CANCEL, 0));
+        // SAFETY: a cancel points to no memory.
+        unsafe { self.push(&entry) }
+    }
+
+    fn accepted(&mut self, shard: &mut Shard, c: Completion, now: Instant) -> io::Result<()> {
+        let more = self.multishot_accept && cqueue::more(c.flags);
+        if !more {
+            self.accept_in_flight = false;
+        }
+        if c.result >= 0 {
+            // SAFETY: a successful accept's result is a new socket nobody else owns.
+            let fd = unsafe { OwnedFd::from_raw_fd(c.result) };
+            self.admit(shard, fd, now)?;
+            if !more {
+                self.arm_accept()?;
+            }
+            return Ok(());
+        }
+        let err = -c.result;
+        match err {
+            libc::EINVAL if self.multishot_accept && self.listener.is_some() => {
+                tracing::info!(
+                    shard = shard.id(),
+                    "no multishot accept; accepting one by one"
+                );
+                self.multishot_accept = false;
+                self.arm_accept()
+            }
+            // We cancelled it: draining (close the listener now that the kernel let go of
+            // it) or pausing (armed again when the pause is over).
+            libc::ECANCELED if !more => {
+                if self.draining {
+                    self.listener = None;
+                    Ok(())
+                } else if self.accept_paused_until.is_none() {
+                    self.arm_accept()
+                } else {
+                    Ok(())
+                }
+            }
+            libc::EMFILE | libc::ENFILE => {
+                tracing::warn!(
+                    shard = shard.id(),
+                    connections = shard.connection_count(),
+                    "out of file descriptors; pausing accept for {ACCEPT_BACKOFF:?}"
+                );
+                self.pause_accept(now, more)
+            }
+            // The client gave up before we took it: concerns that connection only.
+            libc::ECONNABORTED | libc::EINTR | libc::EAGAIN => {
+                if more {
+                    Ok(())
+                } else {
+                    self.arm_accept()
+                }
+            }
+            _ => {
+                tracing::warn!(
+                    shard = shard.id(),
+                    "accept failed: {}; pausing accept",
+                    io::Error::from_raw_os_error(err)
+                );
+                self.pause_accept(now, more)
+            }
+        }
+    }
+
+    fn pause_accept(&mut self, now: Instant, more: bool) -> io::Result<()> {
+        self.accept_paused_until = Some(now + ACCEPT_BACKOFF);
+        if more {
+            // Still armed: stop it; it is armed again when the pause is over.
+            let entry = opcode::AsyncCancel::new(user_data(OP_ACCEPT, 0))
+                .build()
+                .user_data(user_data(OP_CANCEL, 0));
+            // SAFETY: a cancel points to no memory.
+            unsafe { self.push(&entry) }?;
+        }
+        Ok(())
+    }
+
+    fn admit(&mut self, shard: &mut Shard, fd: OwnedFd, now: Instant) -> io::Result<()> {
+        let Some(peer) = peer_ip(fd.as_raw_fd()) else {
+            // Already gone (getpeername fails on a reset socket).
+            return Ok(());
+        };
+        let Some(key) = shard.accept(now, peer) else {
+            // Full or draining: closing at once is the clearest answer.
+            return Ok(());
+        };
+        set_nodelay(fd.as_raw_fd());
+        if self.sockets.len() <= key {
+            self.sockets.resize_with(key + 1, || None);
+        }
+        debug_assert!(
+            self.sockets[key].is_none(),
+            "key {key} reused while in flight"
+        );
+        self.sockets[key] = Some(Socket::new(fd));
+        self.arm_recv(key)
+    }
+
+    fn arm_recv(&mut self, key: usize) -> io::Result<()> {
+        let Some(socket) = self.sockets[key].as_mut() else {
+            return Ok(());
+        };
+        if socket.recv_in_flight || socket.closing {
+            return Ok(());
+        }
+        let fd = Fd(socket.fd.as_raw_fd());
+        let entry = match self.bufs.as_ref().filter(|_| self.multishot_recv) {
+            Some(bufs) => opcode::RecvMulti::new(fd, bufs.group()).build(),
+            None => {
+                if socket.recv_buf.len() < FALLBACK_RECV_SIZE {
+                    socket.recv_buf = vec![0; FALLBACK_RECV_SIZE];
+                }
+                opcode::Recv::new(fd, socket.recv_buf.as_mut_ptr(), FALLBACK_RECV_SIZE as u32)
+                    .build()
+            }
+        };
+        socket.recv_in_flight = true;
+        socket.recv_cancelled = false;
+        // SAFETY: a multishot receive writes into the buffer ring, which outlives the
+        // ring; a single-shot one into `recv_buf`, which is neither resized nor freed while
+        // `recv_in_flight` (the socket is dropped only when nothing is in flight).
+        unsafe { self.push(&entry.user_data(user_data(OP_RECV, key))) }
+    }
+
+    fn received(
+        &mut self,
+        shard: &mut Shard,
+        key: usize,
+        c: Completion,
+        now: Instant,
+    ) -> io::Result<()> {
+        let Some(socket) = self.sockets[key].as_mut() else {
+            unreachable!("receive completion for a closed socket {key}");
+        };
+        let selected = cqueue::buffer_select(c.flags);
+        // Only a multishot receive sets `F_MORE`: it stays armed.
+        let more = cqueue::more(c.flags);
+        if !more {
+            socket.recv_in_flight = false;
+        }
+        if socket.closing {
+            if let (Some(bid), Some(bufs)) = (selected, self.bufs.as_mut()) {
+                bufs.recycle(bid);
+            }
+            return self.finish_close(shard, key);
+        }
+        if c.result > 0 {
+            let len = c.result as usize;
+            let buf = shard.read_buffer(key);
+            match (selected, self.bufs.as_mut()) {
+                (Some(bid), Some(bufs)) => {
+                    buf.extend_from_slice(bufs.filled(bid, len));
+                    bufs.recycle(bid);
+                }
+                _ => buf.extend_from_slice(&socket.recv_buf[..len]),
+            }
+            shard.handle_read(key, now);
+        } else if let (Some(bid), Some(bufs)) = (selected, self.bufs.as_mut()) {
+            bufs.recycle(bid);
+        }
+        let socket = self.sockets[key].as_mut().expect("checked above");
+        match c.result {
+            0 => {
+                shard.handle_eof(key);
+                return Ok(());
+            }
+            r if r > 0 => {}
+            r if -r == libc::EINVAL && self.multishot_recv && !socket.recv_cancelled => {
+                tracing::info!(
+                    shard = shard.id(),
+                    "no multishot receive; receiving one by one"
+                );
+                self.multishot_recv = false;
+            }
+            // Out of provided buffers: they were recycled above, so arm it again.
+            r if -r == libc::ENOBUFS || -r == libc::ECANCELED || -r == libc::EINTR => {}
+            _ => {
+                shard.handle_eof(key);
+                return Ok(());
+            }
+        }
+        if shard.wants_read(key) {
+            if !socket.recv_in_flight {
+                self.arm_recv(key)?;
+            }
+        } else if socket.recv_in_flight && !socket.recv_cancelled {
+            // The shard stopped reading (its outbox is full): leave the bytes in the
+            // kernel, as the epoll backend does, until `resume_read`.
+            socket.recv_cancelled = true;
+            let entry = opcode::AsyncCancel::new(user_data(OP_RECV, key))
+                .build()
+                .user_data(user_data(OP_CANCEL, key));
+            // SAFETY: a cancel points to no memory.
+            unsafe { self.push(&entry) }?;
+        }
+        Ok(())
+    }
+
+    /// Starts a send of `key`'s outbox unless one is in flight (its completion continues).
+    fn flush(&mut self, shard: &mut Shard, key: usize, now: Instant) -> io::Result<()> {
+        let Some(socket) = self.sockets[key].as_mut() else {
+            return Ok(());
+        };
+        if socket.send_in_flight || socket.closing {
+            return Ok(());
+        }
+        if socket.sending.is_empty() {
+            // The outbox forgets them now; `sending` keeps them until they are out.
+            shard.take_outbox(key, &mut socket.sending, MAX_IOVECS);
+        }
+        if socket.sending.is_empty() {
+            if shard.poll_flushed(key) {
+                // SAFETY: shuts down the write side of a socket we own.
+                if unsafe { libc::shutdown(socket.fd.as_raw_fd(), libc::SHUT_WR) } != 0 {
+                    shard.handle_eof(key);
+                    return Ok(());
+                }
+            }
+            return self.resume(shard, key, now);
+        }
+        let fd = Fd(socket.fd.as_raw_fd());
+        let entry = if let [only] = socket.sending.as_slice() {
+            opcode::Send::new(fd, only.as_ptr(), only.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+        } else {
+            for (iovec, chunk) in socket.iovecs.iter_mut().zip(&socket.sending) {
+                *iovec = libc::iovec {
+                    iov_base: chunk.as_ptr().cast_mut().cast(),
+                    iov_len: chunk.len(),
+                };
+            }
+            socket.msghdr.msg_iov = socket.iovecs.as_mut_ptr();
+            socket.msghdr.msg_iovlen = socket.sending.len();
+            opcode::SendMsg::new(fd, &raw const socket.msghdr)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build()
+        };
+        socket.send_in_flight = true;
+        // SAFETY: the bytes are `sending`'s, the vectors and header the boxed socket's;
+        // none is touched or freed before the send completes (`send_in_flight`).
+        unsafe { self.push(&entry.user_data(user_data(OP_SEND, key))) }?;
+        // Taking frames out of the outbox may have brought it below budget.
+        self.resume(shard, key, now)
+    }
+
+    fn sent(&mut self, shard: &mut Shard, key: usize, result: i32, now: Instant) -> io::Result<()> {
+        let Some(socket) = self.sockets[key].as_mut() else {
+            unreachable!("send completion for a closed socket {key}");
+        };
+        socket.send_in_flight = false;
+        if socket.closing {
+            return self.finish_close(shard, key);
+        }
+        match result {
+            n if n > 0 => {
+                // A short send leaves the rest at the front of `sending`: it goes next.
+                socket.advance(n as usize);
+                self.flush(shard, key, now)
+            }
+            n if n == -libc::EINTR => self.flush(shard, key, now),
+            _ => {
+                shard.handle_eof(key);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reading paused on a full outbox that has drained: process what waits and receive.
+    fn resume(&mut self, shard: &mut Shard, key: usize, now: Instant) -> io::Result<()> {
+        if shard.resume_read(key) {
+            shard.handle_read(key, now);
+            if shard.wants_read(key) {
+                return self.arm_recv(key);
+            }
+        }
+        Ok(())
+    }
+
+    /// The shard is done with `key`: cancel what is in flight; close when nothing is.
+    fn close(&mut self, shard: &mut Shard, key: usize) -> io::Result<()> {
+        let Some(socket) = self.sockets[key].as_mut() else {
+            shard.remove(key);
+            return Ok(());
+        };
+        socket.closing = true;
+        if socket.in_flight() {
+            let entry =
+                opcode::AsyncCancel2::new(CancelBuilder::fd(Fd(socket.fd.as_raw_fd())).all())
+                    .build()
+                    .user_data(user_data(OP_CANCEL, key));
+            // SAFETY: a cancel points to no memory.
+            unsafe { self.push(&entry) }?;
+        }
+        self.finish_close(shard, key)
+    }
+
+    fn finish_close(&mut self, shard: &mut Shard, key: usize) -> io::Result<()> {
+        if self.sockets[key].as_ref().is_some_and(|s| !s.in_flight()) {
+            self.sockets[key] = None;
+            shard.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Stopping with operations in flight: cancels them all and waits (bounded) so the
+    /// kernel is done with our buffers before they are freed.
+    fn cancel_all(&mut self) {
+        let _ = self.ring.submit();
+        let timeout = Timespec::new().sec(1);
+        if let Err(e) = self
+            .ring
+            .submitter()
+            .register_sync_cancel(Some(timeout), CancelBuilder::any())
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::warn!("cancelling io_uring operations at exit: {e}");
+        }
+    }
+}
+
+/// The peer's address of an accepted socket (multishot accept does not report it).
+fn peer_ip(fd: RawFd) -> Option<IpAddr> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are live and `len` says how big `addr` is.
+    let rc = unsafe { libc::getpeername(fd, (&raw mut addr).cast(), &raw mut len) };
+    if rc != 0 {
+        return None;
+    }
+    match i32::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says `addr` holds a sockaddr_in.
+            let v4 = unsafe { &*(&raw const addr).cast::<libc::sockaddr_in>() };
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says `addr` holds a sockaddr_in6.
+            let v6 = unsafe { &*(&raw const addr).cast::<libc::sockaddr_in6>() };
+            Some(IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)))
+        }
+        _ => None,
+    }
+}
+
+/// Pushed frames must leave at once, not wait for Nagle.
+fn set_nodelay(fd: RawFd) {
+    let on: libc::c_int = 1;
+    // SAFETY: passes a live c_int of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+}

@@ -1,0 +1,155 @@
+//! Each IO backend (`--io epoll`, `--io uring`) under the conditions where a backend can
+//! lose, reorder or hold on to bytes: pipelined frames bigger than one receive buffer,
+//! a client that does not read (full socket buffers, short sends, reading paused on a
+//! full outbox), and clients that vanish with operations in flight.
+//!
+//! The rest of the integration suite runs on whichever backend `HERALD_IO` names;
+//! tests/run.sh runs it once per backend.
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use support::{
+    OP_BINARY, Server, encode_frame, pseudo_random_bytes, read_frame, request_head, upgrade_request,
+};
+
+/// `uring-single-shot` is io_uring without multishot operations and the buffer ring: the
+/// path taken on kernels before 5.19, forced with `HERALD_URING_SINGLE_SHOT=1`.
+const BACKENDS: [&str; 3] = ["epoll", "uring", "uring-single-shot"];
+
+fn start(backend: &str, extra: &[&str]) -> Server {
+    let (io, single_shot) = match backend {
+        "uring-single-shot" => ("uring", "1"),
+        io => (io, "0"),
+    };
+    let mut args = vec!["--io", io];
+    args.extend_from_slice(extra);
+    let server = Server::start_with_env(&[("HERALD_URING_SINGLE_SHOT", single_shot)], &args);
+    if single_shot == "1" {
+        // Each shard logs it as it starts, which may be just after `listening on`.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !server.stderr().contains("single-shot accept and receive") {
+            assert!(Instant::now() < deadline, "{}", server.stderr());
+            thread::sleep(Duration::from_millis(10));
+        }
+    }
+    server
+}
+
+fn echo_client(server: &Server) -> (TcpStream, Vec<u8>) {
+    let (s, head) = request_head(server.addr(), upgrade_request("/echo").as_bytes());
+    assert_eq!(head.status, 101, "upgrade failed: {head:?}");
+    (s, head.rest)
+}
+
+/// Frame `i` of the pipelined run: 1 byte to ~48 KiB, so most span several receive
+/// buffers and several frames share one.
+fn payload(i: u64) -> Vec<u8> {
+    let len = 1 + (i * 7919 % 48_000) as usize;
+    pseudo_random_bytes(i, len)
+}
+
+#[test]
+fn pipelined_frames_to_a_client_that_reads_late_come_back_whole_and_in_order() {
+    const FRAMES: u64 = 240;
+    for io in BACKENDS {
+        let mut server = start(io, &[]);
+        let (stream, mut buf) = echo_client(&server);
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream
+            .set_write_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut writer = stream.try_clone().unwrap();
+        // ~5.7 MB: more than the socket buffers and the 1 MiB outbox budget hold, so the
+        // server must pause reading and send in pieces while the client is not reading.
+        let sender = thread::spawn(move || {
+            for i in 0..FRAMES {
+                let frame = encode_frame(OP_BINARY, &payload(i), Some([1, 2, 3, (i % 251) as u8]));
+                writer.write_all(&frame).unwrap();
+            }
+        });
+        thread::sleep(Duration::from_millis(300));
+        let mut reader = stream;
+        for i in 0..FRAMES {
+            let frame = read_frame(&mut reader, &mut buf, Duration::from_secs(20))
+                .unwrap_or_else(|| panic!("{io}: connection ended before echo {i}"));
+            assert_eq!(frame.opcode, OP_BINARY, "{io}: echo {i}");
+            assert!(frame.payload == payload(i), "{io}: echo {i} differs");
+        }
+        sender.join().unwrap();
+        server.assert_healthy();
+    }
+}
+
+#[test]
+fn clients_vanishing_with_sends_and_receives_in_flight_leave_the_server_drainable() {
+    for io in BACKENDS {
+        let mut server = start(io, &["--drain-ms", "30000"]);
+        let big = encode_frame(
+            OP_BINARY,
+            &pseudo_random_bytes(9, 400_000),
+            Some([9, 8, 7, 6]),
+        );
+        let clients: Vec<_> = (0..40)
+            .map(|i| {
+                let (mut s, _) = echo_client(&server);
+                // Echoes pile up unread: sends stall on full buffers, then the client goes.
+                s.set_write_timeout(Some(Duration::from_secs(2))).unwrap();
+                for _ in 0..3 {
+                    if s.write_all(&big).is_err() {
+                        break;
+                    }
+                }
+                if i % 2 == 0 {
+                    // A reset (unread bytes at close), not an orderly end.
+                    let _ = s.set_read_timeout(Some(Duration::from_millis(1)));
+                    let _ = s.read(&mut [0; 1]);
+                } else {
+                    let _ = s.shutdown(Shutdown::Write);
+                }
+                s
+            })
+            .collect();
+        drop(clients);
+        // Still serving: a fresh client gets its echo.
+        let (mut s, mut buf) = echo_client(&server);
+        s.write_all(&encode_frame(OP_BINARY, b"still here", Some([1, 1, 1, 1])))
+            .unwrap();
+        let frame = read_frame(&mut s, &mut buf, Duration::from_secs(10)).expect("echo");
+        assert_eq!(frame.payload, b"still here", "{io}");
+        drop(s);
+        server.assert_healthy();
+        // Every connection, including those with operations in flight when they went,
+        // must be released: draining then finishes at once instead of timing out.
+        server.signal("TERM");
+        let status = server.wait_exit(Duration::from_secs(10));
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{io}: did not drain in 10 s ({status:?})\n{}",
+            server.stderr()
+        );
+    }
+}
+
+#[test]
+fn uring_with_tls_refuses_to_start_with_a_clear_error() {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--io", "uring"])
+        .args([
+            "--tls-cert",
+            "/nonexistent/cert.pem",
+            "--tls-key",
+            "/nonexistent/key.pem",
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("--io uring does not serve TLS"), "{err}");
+}
