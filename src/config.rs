@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::{AuthMode, AuthSettings};
+use crate::compression::{CompressionPolicies, CompressionPolicy, CompressionPrefix};
 use crate::hub::HistoryLimits;
 use crate::limits::{PrefixPolicy, SlowConsumerPolicies, SlowConsumerPolicy};
 
@@ -258,6 +259,17 @@ pub struct Options {
     /// Per-prefix slow-consumer policies (config file only).
     #[arg(skip)]
     pub slow_consumer: Option<Vec<PrefixPolicy>>,
+
+    /// permessage-deflate for clients that offer it: off, shared (each message compressed
+    /// once for every subscriber) or per-connection (each subscriber's own compressor).
+    /// Per channel prefix in the config file: [[channel_compression]] prefix = "chat."
+    /// policy = "per-connection". [default: off]
+    #[arg(long, env = "HERALD_COMPRESSION", value_enum)]
+    pub compression: Option<CompressionPolicy>,
+
+    /// Per-prefix compression policies (config file only).
+    #[arg(skip)]
+    pub channel_compression: Option<Vec<CompressionPrefix>>,
 }
 
 impl Options {
@@ -299,6 +311,8 @@ impl Options {
             accept_rate: self.accept_rate.or(lower.accept_rate),
             slow_consumer_policy: self.slow_consumer_policy.or(lower.slow_consumer_policy),
             slow_consumer: self.slow_consumer.or(lower.slow_consumer),
+            compression: self.compression.or(lower.compression),
+            channel_compression: self.channel_compression.or(lower.channel_compression),
         }
     }
 }
@@ -333,6 +347,7 @@ pub struct Config {
     pub max_messages_per_second: u64,
     pub accept_rate: u64,
     pub slow_consumers: SlowConsumerPolicies,
+    pub compression: CompressionPolicies,
 }
 
 impl Default for Config {
@@ -408,6 +423,10 @@ impl Options {
                     .slow_consumer_policy
                     .unwrap_or(SlowConsumerPolicy::Disconnect),
                 by_prefix: self.slow_consumer.unwrap_or_default(),
+            },
+            compression: CompressionPolicies {
+                default: self.compression.unwrap_or(CompressionPolicy::Off),
+                by_prefix: self.channel_compression.unwrap_or_default(),
             },
         };
         config.check()?;
@@ -516,6 +535,26 @@ mod tests {
             c.slow_consumers.policy_for("prices.x"),
             SlowConsumerPolicy::Conflate
         );
+    }
+
+    #[test]
+    fn compression_is_off_by_default_and_set_per_prefix_in_the_file() {
+        assert!(!Config::default().compression.negotiates());
+        let file: Options = toml::from_str(
+            "compression = \"shared\"\n[[channel_compression]]\nprefix = \"chat.\"\npolicy = \"per-connection\"\n",
+        )
+        .unwrap();
+        let cli = Options {
+            compression: Some(CompressionPolicy::Off),
+            ..Options::default()
+        };
+        let c = cli.or(file).resolve().unwrap();
+        assert_eq!(c.compression.policy_for("news"), CompressionPolicy::Off);
+        assert_eq!(
+            c.compression.policy_for("chat.room"),
+            CompressionPolicy::PerConnection
+        );
+        assert!(c.compression.negotiates());
     }
 
     #[test]

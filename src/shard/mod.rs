@@ -43,12 +43,14 @@ pub use outbox::Outbox;
 use timer::Deadlines;
 
 use crate::auth::{AuthMode, Authenticator, Identity, token_of};
+use crate::compression::CompressionPolicy;
 use crate::config::Config;
 use crate::http::{self, Route, longpoll, publish, sse};
 use crate::hub::{self, Broadcast, ChannelName, Channels, SubscribeOutcome, Subscriptions};
 use crate::limits::{ConnectionLimits, SlowConsumerPolicy, TokenBucket, client_ip, retry_after};
 use crate::metrics::{Counters, Registry, Transport};
 use crate::proto::decoder::DecoderLimits;
+use crate::proto::deflate::{self, Compressor, CompressorSettings};
 use crate::proto::frame::{FrameHeader, OpCode, encode_frame};
 use crate::proto::handshake::{self, HandshakeLimits, Request};
 use crate::proto::pubsub::{self, Command, CommandParser};
@@ -225,6 +227,9 @@ pub struct Shard {
     /// Keep-alive connections that went back to reading with bytes already buffered (a
     /// request pipelined behind one answered later): processed at the end of the step.
     reread: Vec<usize>,
+    /// Compresses the broadcasts of `shared` channels homed here, once per publish, each
+    /// from an empty window so any compressing subscriber can take the frame.
+    shared_compressor: Compressor,
 }
 
 /// What every shard shares, read-only apart from the atomics inside: built once at start.
@@ -282,6 +287,7 @@ impl Shard {
             draining: false,
             now,
             counters: Counters::default(),
+            shared_compressor: Compressor::new(CompressorSettings::SHARED, true),
             ctx,
         }
     }
@@ -706,15 +712,37 @@ impl Shard {
                 strikes: 0,
             })
         });
+        let policies = &self.ctx.config.compression;
+        let negotiated = request
+            .sec_websocket_extensions
+            .as_deref()
+            .filter(|_| policies.negotiates())
+            .and_then(deflate::negotiate);
+        let ws = match negotiated {
+            // The echo endpoint's replies are its own: it keeps its window (conformance
+            // checks the negotiated takeover parameters).
+            Some(params) => Connection::with_deflate(
+                limits,
+                params,
+                CompressorSettings::PER_CONNECTION,
+                endpoint == Endpoint::Echo || policies.takes_over_context(),
+            ),
+            None => Connection::new(limits),
+        };
         self.set_phase(
             key,
             Phase::WebSocket {
-                ws: Box::new(Connection::new(limits)),
+                ws: Box::new(ws),
                 endpoint,
                 rate,
             },
         );
-        let response = Bytes::from(handshake::upgrade_response(&accept, None));
+        let extensions = negotiated.map(|params| params.response());
+        let response = Bytes::from(handshake::upgrade_response(
+            &accept,
+            None,
+            extensions.as_deref(),
+        ));
         self.conns[key].outbox.push(response);
         self.mark_dirty(key);
         let conn_ref = self.conn_ref(key);
@@ -846,7 +874,15 @@ impl Shard {
                 return;
             };
             let endpoint = *endpoint;
+            let inflating = ws
+                .compresses()
+                .then(|| (Instant::now(), ws.inflated_messages()));
             let event = ws.poll_event(&mut conn.read_buf);
+            if let Some((start, inflated)) = inflating
+                && ws.inflated_messages() > inflated
+            {
+                self.counters.inflate_ns_total += elapsed_ns(start);
+            }
             while let Some(frame) = ws.poll_transmit() {
                 queue_transmit(&mut conn.outbox, frame);
             }
@@ -890,6 +926,21 @@ impl Shard {
     fn echo(&mut self, key: usize, text: bool, payload: Bytes) {
         let opcode = if text { OpCode::Text } else { OpCode::Binary };
         let conn = &mut self.conns[key];
+        if let Phase::WebSocket { ws, .. } = &mut conn.phase
+            && ws.compresses()
+        {
+            let start = Instant::now();
+            let frame = ws
+                .encode_compressed(text, &payload)
+                .expect("deflate was negotiated");
+            let plain_len = frame_header(opcode, payload.len()).len() + payload.len();
+            self.counters
+                .count_compressed(plain_len, frame.len(), elapsed_ns(start));
+            conn.outbox.push(frame);
+            self.counters.messages_out_total += 1;
+            self.mark_dirty(key);
+            return;
+        }
         // Header and payload go out as two slices of one vectored write: the payload is
         // the received buffer itself, never copied.
         conn.outbox.push(frame_header(opcode, payload.len()));
@@ -1103,6 +1154,22 @@ impl Shard {
         if conn.closing {
             return;
         }
+        // A connection with a compressor of its own (per-connection policy) gets its
+        // replies compressed too; a compressor that starts each message afresh would gain
+        // little on short replies.
+        let frame = match &mut conn.phase {
+            Phase::WebSocket { ws, .. } if ws.takes_over_context() => {
+                let start = Instant::now();
+                let payload = longpoll::frame_payload(&frame);
+                let compressed = ws
+                    .encode_compressed(true, &payload)
+                    .expect("deflate was negotiated");
+                self.counters
+                    .count_compressed(frame.len(), compressed.len(), elapsed_ns(start));
+                compressed
+            }
+            _ => frame,
+        };
         conn.outbox.push(frame);
         self.counters.messages_out_total += 1;
         self.mark_dirty(key);
@@ -1298,12 +1365,21 @@ impl Shard {
                 id,
             } => {
                 let published = self.channels.publish(&channel, &data, self.now);
-                let (broadcast, subscribers) = (published.broadcast, published.subscribers);
+                let (mut broadcast, subscribers) = (published.broadcast, published.subscribers);
                 let targets: Vec<usize> = (0..published.shards.len())
                     .filter(|&s| published.shards[s] > 0)
                     .collect();
                 self.counters.publishes_total += 1;
                 self.counters.channels_homed = self.channels.len() as u64;
+                if self.ctx.config.compression.policy_for(&channel) == CompressionPolicy::Shared {
+                    let start = Instant::now();
+                    let payload = longpoll::frame_payload(&broadcast.frame);
+                    let deflated = self.shared_compressor.encode_frame(OpCode::Text, &payload);
+                    self.counters.deflate_ns_total += elapsed_ns(start);
+                    // Kept only if it saves bytes; tiny messages go plain to everyone.
+                    broadcast.deflated =
+                        (deflated.len() < broadcast.frame.len()).then_some(deflated);
+                }
                 let seq = broadcast.seq;
                 for shard in targets {
                     self.send(shard, Envelope::Broadcast(broadcast.clone()));
@@ -1513,14 +1589,43 @@ impl Shard {
             return;
         };
         let (tag, policy, seq) = (subscribers.tag, subscribers.policy, broadcast.seq);
+        let compression = self.ctx.config.compression.policy_for(&broadcast.channel);
+        let mut plain_payload: Option<Bytes> = None;
         let mut slow = Vec::new();
         let mut polls = Vec::new();
         let mut event: Option<Bytes> = None;
         for key in subscribers.conns() {
             let conn = &mut self.conns[key];
-            match conn.phase {
-                Phase::WebSocket { .. } => {
-                    conn.outbox.push_message(broadcast.frame.clone(), tag, seq)
+            match &mut conn.phase {
+                Phase::WebSocket { ws, .. } => {
+                    let shared = broadcast.deflated.as_ref().filter(|_| {
+                        ws.accepts_frames_compressed_with(CompressorSettings::SHARED.window_bits)
+                    });
+                    let frame = if let Some(deflated) = shared {
+                        self.counters
+                            .count_compressed(broadcast.frame.len(), deflated.len(), 0);
+                        deflated.clone()
+                    } else if compression == CompressionPolicy::PerConnection && ws.compresses()
+                        || compression == CompressionPolicy::Shared && ws.takes_over_context()
+                    {
+                        // A compressor that keeps its window must see every compressed
+                        // message this connection gets, shared channels' included.
+                        let start = Instant::now();
+                        let payload = plain_payload
+                            .get_or_insert_with(|| longpoll::frame_payload(&broadcast.frame));
+                        let frame = ws
+                            .encode_compressed(true, payload)
+                            .expect("deflate was negotiated");
+                        self.counters.count_compressed(
+                            broadcast.frame.len(),
+                            frame.len(),
+                            elapsed_ns(start),
+                        );
+                        frame
+                    } else {
+                        broadcast.frame.clone()
+                    };
+                    conn.outbox.push_message(frame, tag, seq);
                 }
                 Phase::EventStream => {
                     let event = event.get_or_insert_with(|| sse::event(seq, &broadcast.frame));
@@ -1567,7 +1672,17 @@ impl Shard {
     /// announcing what was shed; disconnects it when shedding is not enough.
     fn shed(&mut self, key: usize, tag: u32, policy: SlowConsumerPolicy) {
         let budget = self.ctx.config.outbound_queue_bytes;
-        let outbox = &mut self.conns[key].outbox;
+        let conn = &mut self.conns[key];
+        // Frames from a compressor that keeps its window cannot be dropped or replaced:
+        // the client's window would no longer match. Such a subscriber is disconnected
+        // and recovers with `since`.
+        let policy = match &conn.phase {
+            Phase::WebSocket { ws, .. } if ws.takes_over_context() => {
+                SlowConsumerPolicy::Disconnect
+            }
+            _ => policy,
+        };
+        let outbox = &mut conn.outbox;
         let shed = match policy {
             SlowConsumerPolicy::Disconnect => Vec::new(),
             // Down to half the budget, so the next messages do not shed again at once.
@@ -1806,6 +1921,11 @@ fn queue_transmit(outbox: &mut Outbox, frame: Bytes) {
     } else {
         outbox.push(frame);
     }
+}
+
+/// Nanoseconds since `start`, for the compression CPU counters.
+fn elapsed_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
 }
 
 /// The header of an unmasked, final frame of `len` payload bytes.
