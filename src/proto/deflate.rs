@@ -183,9 +183,11 @@ impl CompressorSettings {
         level: 6,
     };
 
-    /// A connection's own compressor. zlib needs about 2^(window+2) + 2^(memLevel+9)
-    /// bytes for it: 256 KiB at zlib's defaults (15, 8), 32 KiB here (12, 5). A 4 KiB
-    /// window still spans several of the small JSON messages a push server sends.
+    /// A connection's own compressor. zlib-rs allocates two windows, a 2-byte chain entry
+    /// per window byte, a fixed 128 KiB hash head and 7 bytes per literal-buffer entry
+    /// (2^(memLevel+6) entries): about 370 KiB at zlib's defaults (15, 8), about 160 KiB
+    /// here (12, 5). A 4 KiB window still spans several of the small JSON messages a push
+    /// server sends.
     pub const PER_CONNECTION: Self = Self {
         window_bits: 12,
         mem_level: 5,

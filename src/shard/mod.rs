@@ -1154,22 +1154,9 @@ impl Shard {
         if conn.closing {
             return;
         }
-        // A connection with a compressor of its own (per-connection policy) gets its
-        // replies compressed too; a compressor that starts each message afresh would gain
-        // little on short replies.
-        let frame = match &mut conn.phase {
-            Phase::WebSocket { ws, .. } if ws.takes_over_context() => {
-                let start = Instant::now();
-                let payload = longpoll::frame_payload(&frame);
-                let compressed = ws
-                    .encode_compressed(true, &payload)
-                    .expect("deflate was negotiated");
-                self.counters
-                    .count_compressed(frame.len(), compressed.len(), elapsed_ns(start));
-                compressed
-            }
-            _ => frame,
-        };
+        // Replies (acks, errors) go plain even on compressing connections: they are short,
+        // and compressing them would allocate a compressor for every connection that ever
+        // subscribed, where only those that receive broadcasts need one.
         conn.outbox.push(frame);
         self.counters.messages_out_total += 1;
         self.mark_dirty(key);
