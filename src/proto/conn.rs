@@ -512,4 +512,49 @@ mod tests {
             assert_eq!(drive(&mut conn, &bytes, chunk), whole, "chunk {chunk}");
         }
     }
+
+    fn deflate_params(offer: &str) -> DeflateParams {
+        crate::proto::deflate::negotiate(offer).expect("an acceptable offer")
+    }
+
+    #[test]
+    fn compressing_connection_inflates_events_and_compresses_on_request() {
+        let params = deflate_params("permessage-deflate");
+        let mut conn = Connection::with_deflate(
+            DecoderLimits::default(),
+            params,
+            CompressorSettings::PER_CONNECTION,
+            true,
+        );
+        assert!(conn.compresses() && conn.takes_over_context());
+        assert!(!conn.accepts_frames_compressed_with(15));
+        let reply = conn.encode_compressed(true, b"hello hello hello").unwrap();
+        let (header, len) = FrameHeader::parse(&reply).unwrap().unwrap();
+        assert_eq!((header.rsv, header.opcode), (0b100, OpCode::Text));
+
+        // The client echoes the compressed payload back, with RSV1.
+        let mut echoed = frame(OpCode::Text, true, &reply[len..]);
+        echoed[0] |= 0x40;
+        let (events, sent) = drive(&mut conn, &echoed, usize::MAX);
+        assert_eq!(events, [message(true, b"hello hello hello")]);
+        assert!(sent.is_empty());
+        assert_eq!(conn.inflated_messages(), 1);
+    }
+
+    #[test]
+    fn context_takeover_follows_the_offer_and_the_policy() {
+        let limits = DecoderLimits::default();
+        let settings = CompressorSettings::PER_CONNECTION;
+        let refused = deflate_params("permessage-deflate; server_no_context_takeover");
+        let conn = Connection::with_deflate(limits, refused, settings, true);
+        assert!(!conn.takes_over_context());
+        assert!(conn.accepts_frames_compressed_with(15));
+        let limited = deflate_params("permessage-deflate; server_max_window_bits=10");
+        let conn = Connection::with_deflate(limits, limited, settings, false);
+        assert!(conn.accepts_frames_compressed_with(10));
+        assert!(!conn.accepts_frames_compressed_with(15));
+        let mut plain = Connection::new(limits);
+        assert!(!plain.compresses() && !plain.takes_over_context());
+        assert_eq!(plain.encode_compressed(true, b"x"), None);
+    }
 }
