@@ -2161,6 +2161,60 @@ mod tests {
     }
 
     #[test]
+    fn compressing_subscribers_share_one_deflated_frame_allocation() {
+        let config = Config {
+            compression: crate::compression::CompressionPolicies {
+                default: CompressionPolicy::Shared,
+                by_prefix: Vec::new(),
+            },
+            ..Config::default()
+        };
+        let mut cluster = Cluster::new(2, config);
+        let deflating = |cluster: &mut Cluster, shard: usize| {
+            let key = cluster.shards[shard]
+                .accept(cluster.now, LOCALHOST)
+                .unwrap();
+            let client = Client { shard, key };
+            let head = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
+            cluster.write(client, head.as_bytes());
+            let response = String::from_utf8(cluster.take_output(client)).unwrap();
+            assert!(response.contains("\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"));
+            client
+        };
+        let a = deflating(&mut cluster, 0);
+        let b = deflating(&mut cluster, 1);
+        let plain = cluster.connect(1, "/ws");
+        for c in [a, b, plain] {
+            cluster.send(c, r#"{"type":"subscribe","channel":"news"}"#);
+        }
+        cluster.settle();
+        for c in [a, b, plain] {
+            cluster.take_output(c);
+        }
+        let data = format!("[{}]", vec!["\"compressible\""; 50].join(","));
+        cluster.send(
+            a,
+            &format!(r#"{{"type":"publish","channel":"news","data":{data}}}"#),
+        );
+        cluster.settle();
+        let front = |cluster: &mut Cluster, c: Client| {
+            let outbox = cluster.shards[c.shard].outbox(c.key);
+            let mut slices = [std::io::IoSlice::new(&[]); 1];
+            outbox.io_slices(&mut slices);
+            (slices[0].as_ptr(), slices[0][0], slices[0].len())
+        };
+        let (shared, first_byte, len) = front(&mut cluster, a);
+        assert_eq!(first_byte, 0xC1, "FIN, RSV1, text");
+        assert_eq!(front(&mut cluster, b).0, shared);
+        let (plain_ptr, plain_first, plain_len) = front(&mut cluster, plain);
+        assert_ne!(plain_ptr, shared);
+        assert_eq!(plain_first, 0x81);
+        assert!(len * 4 < plain_len, "{len} vs {plain_len}");
+    }
+
+    #[test]
     fn unsubscribe_while_pending_is_carried_out_after_confirmation() {
         let mut cluster = Cluster::new(2, Config::default());
         let channel = homed_on(1, 2);
