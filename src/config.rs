@@ -277,6 +277,25 @@ pub struct Options {
     /// Per-prefix compression policies (config file only).
     #[arg(skip)]
     pub channel_compression: Option<Vec<CompressionPrefix>>,
+
+    /// PEM certificate chain (leaf first): with --tls-key, the listener speaks TLS only
+    /// (wss:// and https://). SIGHUP reloads both files. [default: none, plain TCP]
+    #[arg(
+        long,
+        env = "HERALD_TLS_CERT",
+        value_name = "FILE",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of --tls-cert.
+    #[arg(
+        long,
+        env = "HERALD_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
 }
 
 impl Options {
@@ -320,6 +339,8 @@ impl Options {
             slow_consumer: self.slow_consumer.or(lower.slow_consumer),
             compression: self.compression.or(lower.compression),
             channel_compression: self.channel_compression.or(lower.channel_compression),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
         }
     }
 }
@@ -355,6 +376,15 @@ pub struct Config {
     pub accept_rate: u64,
     pub slow_consumers: SlowConsumerPolicies,
     pub compression: CompressionPolicies,
+    /// Certificate chain and key files when the listener speaks TLS.
+    pub tls: Option<TlsFiles>,
+}
+
+/// Where the TLS certificate chain and private key are read from (at start and on SIGHUP).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 impl Default for Config {
@@ -434,6 +464,11 @@ impl Options {
             compression: CompressionPolicies {
                 default: self.compression.unwrap_or(CompressionPolicy::Off),
                 by_prefix: self.channel_compression.unwrap_or_default(),
+            },
+            tls: match (self.tls_cert, self.tls_key) {
+                (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+                (None, None) => None,
+                _ => return Err("tls_cert and tls_key must be given together".into()),
             },
         };
         config.check()?;
@@ -580,6 +615,16 @@ mod tests {
             Some(CompressionPolicy::PerConnection)
         );
         assert!(Cli::try_parse_from(["herald", "--compression", "gzip"]).is_err());
+    }
+
+    #[test]
+    fn tls_needs_both_files() {
+        let file: Options = toml::from_str("tls_cert = \"c.pem\"\ntls_key = \"k.pem\"").unwrap();
+        let tls = file.resolve().unwrap().tls.unwrap();
+        assert_eq!(tls.cert, PathBuf::from("c.pem"));
+        assert_eq!(tls.key, PathBuf::from("k.pem"));
+        let half: Options = toml::from_str("tls_cert = \"c.pem\"").unwrap();
+        assert!(half.resolve().unwrap_err().contains("tls_key"));
     }
 
     #[test]

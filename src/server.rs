@@ -1,13 +1,15 @@
 //! Composition root: binds the listeners, spawns and pins one shard thread each, wires
-//! the mailboxes, and turns SIGINT/SIGTERM into a bounded graceful drain.
+//! the mailboxes, and turns SIGINT/SIGTERM into a bounded graceful drain (and SIGHUP into
+//! a TLS certificate reload).
 
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use signal_hook::consts::{SIGINT, SIGTERM};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
 
+use crate::backend::tls::TlsAcceptor;
 use crate::backend::{affinity, epoll, listener};
 use crate::config::Config;
 use crate::shard::{Context, Inbox, Post, Shard, Wake};
@@ -18,6 +20,12 @@ pub fn serve(config: Config) -> io::Result<()> {
     let shards = cores.len();
     let ctx = Arc::new(Context::new(config, shards).map_err(io::Error::other)?);
     let config = &ctx.config;
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(
+            TlsAcceptor::load(files).map_err(io::Error::other)?,
+        )),
+        None => None,
+    };
     let listeners = listener::bind_all(config.listen, shards, config.backlog, config.shared_port)?;
     let bound = listeners[0].local_addr()?;
 
@@ -42,6 +50,7 @@ pub fn serve(config: Config) -> io::Result<()> {
             listener,
             stop: stop.clone(),
             drain: config.drain,
+            tls: tls.clone(),
         };
         let thread = std::thread::Builder::new()
             .name(format!("herald-shard-{id}"))
@@ -61,12 +70,16 @@ pub fn serve(config: Config) -> io::Result<()> {
     }
 
     spawn_signal_thread(stop, post)?;
+    if let Some(acceptor) = tls.clone() {
+        spawn_reload_thread(acceptor)?;
+    }
     tracing::info!(
         %bound,
         shards,
         epoch = %ctx.epoch,
         io = "epoll",
         auth = ?ctx.auth.mode(),
+        tls = tls.is_some(),
         "herald serving"
     );
     {
@@ -101,6 +114,25 @@ fn spawn_signal_thread(stop: Arc<AtomicBool>, post: Arc<Post>) -> io::Result<()>
                 }
                 tracing::info!(signal, "draining: closing every client with 1001");
                 post.wake_all();
+            }
+        })?;
+    Ok(())
+}
+
+/// SIGHUP: new TLS handshakes use the certificate files as they are now; connections
+/// already open keep theirs. A file that does not load is logged and changes nothing.
+fn spawn_reload_thread(acceptor: Arc<TlsAcceptor>) -> io::Result<()> {
+    let mut signals = Signals::new([SIGHUP])?;
+    std::thread::Builder::new()
+        .name("herald-tls-reload".into())
+        .spawn(move || {
+            for _ in signals.forever() {
+                match acceptor.reload() {
+                    Ok(()) => tracing::info!("tls: certificate reloaded"),
+                    Err(e) => {
+                        tracing::error!("tls: reload failed, keeping the old certificate: {e}")
+                    }
+                }
             }
         })?;
     Ok(())

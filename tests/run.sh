@@ -86,6 +86,13 @@ suite=all
 if [ "${SKIP_COMPRESSION:-}" = 1 ]; then suite=core; fi
 check conformance 2400 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" --suite "$suite"
 
+banner "Autobahn conformance over TLS (core suite; kosoku -> relay -> herald --tls-cert)"
+# The TLS runs (this one and tests/python/test_tls.py) make their CA with openssl.
+if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl
+fi
+check conformance-tls 900 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" --suite core --tls
+
 banner "browser tests (Chromium + playwright-core)"
 check browser 900 bash tests/browser/run.sh
 

@@ -21,7 +21,7 @@ use crate::stats::{
 /// `herald-bench echo`.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub(crate) struct EchoArgs {
-    /// WebSocket echo URL (ws:// only).
+    /// WebSocket echo URL (ws://, or wss:// for TLS).
     #[arg(long, default_value = "ws://127.0.0.1:8080/echo")]
     pub(crate) url: String,
     /// Connections (all in this process; each has one message in flight when closed-loop).
@@ -39,6 +39,10 @@ pub(crate) struct EchoArgs {
     /// Source addresses to bind before connecting (see `fanout --help`).
     #[arg(long, default_value = "")]
     pub(crate) source_ips: String,
+    /// With wss://, accept any server certificate (self-signed test ones).
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) insecure: bool,
     #[command(flatten)]
     #[serde(skip)]
     pub(crate) output: OutputArgs,
@@ -134,7 +138,7 @@ pub(crate) fn run(args: &EchoArgs) -> Result<()> {
         );
     }
     let sources = parse_source_ips(&args.source_ips)?;
-    let mut engine = Engine::new(Target::parse(&args.url)?, args.conns)?;
+    let mut engine = Engine::new(Target::parse(&args.url)?, args.conns, args.insecure)?;
     let mut echo = Echo {
         size: args.size,
         closed_loop: args.rate == 0.0,

@@ -3,7 +3,7 @@
 //! order checks.
 
 use std::collections::BTreeMap;
-use std::io::{Read as _, Write as _};
+use std::io::{Read, Write as _};
 use std::net::TcpStream;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,6 +14,8 @@ use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
 use herald::proto::frame::{FrameHeader, OpCode, encode_client_frame};
 use herald::proto::handshake::accept_key;
+use rustls::ClientConfig;
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 
 use crate::load::{
@@ -25,6 +27,7 @@ use crate::stats::{
     format_table, human_us, merge, monotonic_ns, new_histogram, percentile_curve, sample_pids,
     self_cpu_ns,
 };
+use crate::tls::{self, Wire, WireReader, WireWriter};
 
 /// Herald's subscribe request.
 pub(crate) const HERALD_SUBSCRIBE: &str = r#"{"type":"subscribe","channel":"{channel}","id":{id}}"#;
@@ -61,12 +64,17 @@ pub(crate) struct LoadArgs {
     #[arg(long)]
     #[serde(default)]
     pub(crate) deflate: bool,
+    /// With wss:// and https://, accept any server certificate (self-signed test ones);
+    /// otherwise it is verified against SSL_CERT_FILE or the system's CA bundle.
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) insecure: bool,
 }
 
 /// Everything about a fan-out run except its size (shared with `sweep`).
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub(crate) struct RunArgs {
-    /// WebSocket URL the subscribers connect to (ws:// only).
+    /// WebSocket URL the subscribers connect to (ws://, or wss:// for TLS).
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     pub(crate) url: String,
     /// Channels; subscribers are spread round-robin over them and the publisher round-robins.
@@ -298,6 +306,7 @@ pub(crate) fn worker_configs(
                 .map(|(_, reply)| reply.to_owned())
                 .unwrap_or_default(),
             deflate: load.deflate,
+            insecure: load.insecure,
         })
         .collect())
 }
@@ -685,13 +694,15 @@ struct Publisher {
     channels: Vec<String>,
     size: usize,
     conn: Option<PublishConn>,
+    /// Client configuration and server name for a wss:// or https:// target.
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     acked: Arc<AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
 }
 
 enum PublishConn {
-    Ws(Arc<Mutex<TcpStream>>),
-    Http(TcpStream, Vec<u8>),
+    Ws(Arc<Mutex<WireWriter>>),
+    Http(Wire, Vec<u8>),
 }
 
 impl Publisher {
@@ -702,15 +713,26 @@ impl Publisher {
             (None, PublishMode::Ws) => run.url.clone(),
             (None, PublishMode::Http) => {
                 let target = Target::parse(&run.url)?;
-                format!("http://{}/api/publish", target.host)
+                let scheme = if target.tls { "https" } else { "http" };
+                format!("{scheme}://{}/api/publish", target.host)
             }
         };
         let template = Template::parse(&run.publish_template);
         if run.publish == PublishMode::Ws && !template.has_data() {
             bail!("--publish-template must contain {{data}}");
         }
+        let target = Target::parse(&url)?;
+        let tls = if target.tls {
+            Some((
+                tls::client_config(run.load.insecure)?,
+                tls::server_name(&target.host)?,
+            ))
+        } else {
+            None
+        };
         Ok(Self {
-            target: Target::parse(&url)?,
+            target,
+            tls,
             mode: run.publish,
             api_key: run.api_key.clone(),
             template,
@@ -723,9 +745,10 @@ impl Publisher {
     }
 
     fn connect(mut self) -> Result<Self> {
-        let mut stream = TcpStream::connect(self.target.addr)
+        let stream = TcpStream::connect(self.target.addr)
             .with_context(|| format!("publisher connecting to {}", self.target.addr))?;
         stream.set_nodelay(true)?;
+        let mut stream = Wire::new(stream, self.tls.clone())?;
         match self.mode {
             PublishMode::Ws => {
                 let key = "aGVyYWxkLWJlbmNoLXB1Yg==";
@@ -746,8 +769,8 @@ impl Publisher {
                         )
                     );
                 }
-                let reader = stream.try_clone()?;
-                let writer = Arc::new(Mutex::new(stream));
+                let (reader, writer) = stream.split()?;
+                let writer = Arc::new(Mutex::new(writer));
                 let (acked, errors, pong) =
                     (self.acked.clone(), self.errors.clone(), writer.clone());
                 std::thread::spawn(move || read_acks(reader, rest, &acked, &errors, &pong));
@@ -829,7 +852,7 @@ impl Publisher {
 }
 
 /// Reads an HTTP response head; returns it and the bytes after it.
-fn read_head(stream: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
+fn read_head(stream: &mut impl Read) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
@@ -850,7 +873,7 @@ fn read_head(stream: &mut TcpStream) -> Result<(Vec<u8>, Vec<u8>)> {
 
 /// POSTs one publish on a keep-alive connection; true on a 2xx answer.
 fn http_publish(
-    stream: &mut TcpStream,
+    stream: &mut Wire,
     _buf: &mut Vec<u8>,
     target: &Target,
     api_key: Option<&str>,
@@ -895,11 +918,11 @@ fn http_publish(
 
 /// Counts acks on the publisher's connection and answers pings, until it closes.
 fn read_acks(
-    mut stream: TcpStream,
+    mut stream: WireReader,
     mut buf: Vec<u8>,
     acked: &AtomicU64,
     errors: &Mutex<Vec<String>>,
-    writer: &Mutex<TcpStream>,
+    writer: &Mutex<WireWriter>,
 ) {
     let mut chunk = vec![0u8; 64 * 1024];
     loop {

@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, BufRead as _, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs as _};
 use std::process::{Child, ChildStdin, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
@@ -17,17 +17,24 @@ use herald::proto::frame::{FrameHeader, OpCode, encode_client_frame};
 use herald::proto::handshake::accept_key;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
+use rustls::ClientConfig;
+use rustls::ClientConnection;
+use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::stats::{
     Hist, Timeline, encode_histogram, monotonic_ns, new_histogram, sample_pids, self_cpu_ns,
 };
+use crate::tls;
 
-/// Where to connect: a parsed `ws://host:port/path?query` (or `http://` for the publish URL).
+/// Where to connect: a parsed `ws://host:port/path?query` (or `http://` for the publish URL;
+/// `wss://` and `https://` for TLS).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Target {
     pub(crate) addr: SocketAddr,
+    /// Whether the connection speaks TLS (wss://, https://).
+    pub(crate) tls: bool,
     /// The `Host` header value.
     pub(crate) host: String,
     /// Path and query.
@@ -35,17 +42,24 @@ pub(crate) struct Target {
 }
 
 impl Target {
-    /// Parses and resolves `url` (`ws://` or `http://`; TLS is not supported).
+    /// Parses and resolves `url` (`ws://`, `http://`, `wss://` or `https://`).
     ///
     /// # Errors
     /// Another scheme, a missing host, or a name that does not resolve.
     pub(crate) fn parse(url: &str) -> Result<Self> {
-        let rest = url
+        let (rest, tls) = if let Some(rest) = url
             .strip_prefix("ws://")
             .or_else(|| url.strip_prefix("http://"))
-            .with_context(|| {
-                format!("{url}: only ws:// and http:// URLs are supported (no TLS)")
-            })?;
+        {
+            (rest, false)
+        } else if let Some(rest) = url
+            .strip_prefix("wss://")
+            .or_else(|| url.strip_prefix("https://"))
+        {
+            (rest, true)
+        } else {
+            bail!("{url}: only ws://, wss://, http:// and https:// URLs are supported");
+        };
         let (authority, path) = match rest.find('/') {
             Some(slash) => (&rest[..slash], &rest[slash..]),
             None => (rest, "/"),
@@ -58,6 +72,8 @@ impl Target {
             .is_some_and(|(_, port)| !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()))
         {
             authority.to_owned()
+        } else if tls {
+            format!("{authority}:443")
         } else {
             format!("{authority}:80")
         };
@@ -68,6 +84,7 @@ impl Target {
             .with_context(|| format!("{authority} has no IPv4 address"))?;
         Ok(Self {
             addr,
+            tls,
             host: authority.to_owned(),
             path: path.to_owned(),
         })
@@ -194,6 +211,8 @@ pub(crate) enum ConnState {
 #[derive(Debug)]
 struct Conn {
     stream: Option<TcpStream>,
+    /// The TLS session of a wss:// connection: `inbuf` and `outbuf` hold plaintext.
+    tls: Option<Box<ClientConnection>>,
     state: ConnState,
     /// Received bytes not yet parsed (a partial frame or handshake response).
     inbuf: Vec<u8>,
@@ -209,6 +228,7 @@ impl Conn {
     const fn new() -> Self {
         Self {
             stream: None,
+            tls: None,
             state: ConnState::Idle,
             inbuf: Vec::new(),
             outbuf: Vec::new(),
@@ -237,7 +257,11 @@ pub(crate) struct Engine {
     events: Events,
     conns: Vec<Conn>,
     scratch: Vec<u8>,
+    /// Plaintext decrypted from `scratch` on TLS connections.
+    plain: Vec<u8>,
     target: Target,
+    /// The client configuration and server name when the target speaks TLS.
+    tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     request: Vec<u8>,
     accept: String,
     /// Bytes read from every connection's socket, handshakes included.
@@ -253,11 +277,20 @@ const SCRATCH_BYTES: usize = 64 * 1024;
 const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 impl Engine {
-    /// An engine for `capacity` connections to `target`.
+    /// An engine for `capacity` connections to `target`; `insecure` accepts any TLS
+    /// certificate.
     ///
     /// # Errors
-    /// epoll creation failure.
-    pub(crate) fn new(target: Target, capacity: usize) -> Result<Self> {
+    /// epoll creation failure, or no CA certificates to verify the server with.
+    pub(crate) fn new(target: Target, capacity: usize, insecure: bool) -> Result<Self> {
+        let tls = if target.tls {
+            Some((
+                tls::client_config(insecure)?,
+                tls::server_name(&target.host)?,
+            ))
+        } else {
+            None
+        };
         let nonce = monotonic_ns() ^ (u64::from(std::process::id()) << 32);
         let mut key_bytes = [0u8; 16];
         key_bytes[..8].copy_from_slice(&nonce.to_le_bytes());
@@ -276,7 +309,9 @@ impl Engine {
             events: Events::with_capacity(4096),
             conns: (0..capacity).map(|_| Conn::new()).collect(),
             scratch: vec![0; SCRATCH_BYTES],
+            plain: Vec::new(),
             target,
+            tls,
             request: request.into_bytes(),
             accept: accept_key(&key),
             bytes_read: 0,
@@ -324,6 +359,12 @@ impl Engine {
         )?;
         let conn = &mut self.conns[id];
         conn.stream = Some(stream);
+        conn.tls = match &self.tls {
+            Some((config, name)) => Some(Box::new(
+                ClientConnection::new(config.clone(), name.clone()).map_err(io::Error::other)?,
+            )),
+            None => None,
+        };
         conn.state = ConnState::Connecting;
         conn.inbuf.clear();
         conn.outbuf.clear();
@@ -368,6 +409,7 @@ impl Engine {
     pub(crate) fn close_all(&mut self) {
         for conn in &mut self.conns {
             conn.stream = None;
+            conn.tls = None;
             conn.state = ConnState::Idle;
         }
     }
@@ -417,6 +459,7 @@ impl Engine {
             let _ = self.poll.registry().deregister(&mut stream);
         }
         conn.state = ConnState::Idle;
+        conn.tls = None;
         conn.inbuf = Vec::new();
         conn.outbuf = Vec::new();
         handler.on_close(id, state, reason);
@@ -450,20 +493,10 @@ impl Engine {
         let Some(stream) = conn.stream.as_mut() else {
             return;
         };
-        let mut written = 0;
-        let result = loop {
-            if written == conn.outbuf.len() {
-                break Ok(());
-            }
-            match stream.write(&conn.outbuf[written..]) {
-                Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
-                Ok(n) => written += n,
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break Ok(()),
-                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
-                Err(error) => break Err(error),
-            }
+        let result = match conn.tls.as_deref_mut() {
+            None => write_plain(stream, &mut conn.outbuf),
+            Some(session) => write_tls(stream, session, &mut conn.outbuf),
         };
-        conn.outbuf.drain(..written);
         if let Err(error) = result {
             self.fail(id, io_reason(&error), handler);
         }
@@ -489,24 +522,32 @@ impl Engine {
             };
             let recv_ns = monotonic_ns();
             self.bytes_read += n as u64;
+            let data: &[u8] = match conn.tls.as_deref_mut() {
+                None => &self.scratch[..n],
+                Some(session) => match decrypt(session, &self.scratch[..n], &mut self.plain) {
+                    Ok(true) => &self.plain,
+                    Ok(false) => return self.fail(id, "closed by server".to_owned(), handler),
+                    Err(error) => return self.fail(id, format!("tls: {error}"), handler),
+                },
+            };
             let mut out = Vec::new();
             let outcome = if conn.inbuf.is_empty() {
                 let outcome = process(
                     conn.state,
                     &mut conn.inflater,
                     &self.accept,
-                    &self.scratch[..n],
+                    data,
                     id,
                     recv_ns,
                     handler,
                     &mut out,
                 );
                 if let Ok((_, consumed)) = outcome {
-                    conn.inbuf.extend_from_slice(&self.scratch[consumed..n]);
+                    conn.inbuf.extend_from_slice(&data[consumed..]);
                 }
                 outcome
             } else {
-                conn.inbuf.extend_from_slice(&self.scratch[..n]);
+                conn.inbuf.extend_from_slice(data);
                 let inbuf = std::mem::take(&mut conn.inbuf);
                 let outcome = process(
                     conn.state,
@@ -537,7 +578,8 @@ impl Engine {
             if conn.inbuf.len() > MAX_RESPONSE_HEAD && conn.state == ConnState::Handshaking {
                 return self.fail(id, "handshake response too long".to_owned(), handler);
             }
-            if !out.is_empty() {
+            let tls_records = conn.tls.as_ref().is_some_and(|s| s.wants_write());
+            if !out.is_empty() || tls_records {
                 conn.outbuf.extend_from_slice(&out);
                 self.flush(id, handler);
             }
@@ -548,6 +590,77 @@ impl Engine {
             }
         }
     }
+}
+
+/// Writes `outbuf` until it is empty or the socket is full, dropping what was written.
+fn write_plain(stream: &mut TcpStream, outbuf: &mut Vec<u8>) -> io::Result<()> {
+    let mut written = 0;
+    let result = loop {
+        if written == outbuf.len() {
+            break Ok(());
+        }
+        match stream.write(&outbuf[written..]) {
+            Ok(0) => break Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(n) => written += n,
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => break Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => break Err(error),
+        }
+    };
+    outbuf.drain(..written);
+    result
+}
+
+/// Moves `outbuf` into TLS records and writes them until the socket is full.
+fn write_tls(
+    stream: &mut TcpStream,
+    session: &mut ClientConnection,
+    outbuf: &mut Vec<u8>,
+) -> io::Result<()> {
+    loop {
+        if !outbuf.is_empty() {
+            let taken = session.writer().write(outbuf)?;
+            outbuf.drain(..taken);
+        }
+        if !session.wants_write() {
+            return Ok(());
+        }
+        match session.write_tls(stream) {
+            Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+            Ok(_) => {}
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Decrypts `ciphertext` into `plain` (replacing its contents). `Ok(false)`: the server
+/// sent `close_notify`.
+fn decrypt(
+    session: &mut ClientConnection,
+    mut ciphertext: &[u8],
+    plain: &mut Vec<u8>,
+) -> Result<bool, rustls::Error> {
+    plain.clear();
+    let mut open = true;
+    while !ciphertext.is_empty() {
+        session
+            .read_tls(&mut ciphertext)
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
+        let state = session.process_new_packets()?;
+        let ready = state.plaintext_bytes_to_read();
+        if ready > 0 {
+            let start = plain.len();
+            plain.resize(start + ready, 0);
+            session
+                .reader()
+                .read_exact(&mut plain[start..])
+                .map_err(|e| rustls::Error::General(e.to_string()))?;
+        }
+        open &= !state.peer_has_closed();
+    }
+    Ok(open)
 }
 
 /// Handles received bytes: the handshake response, then frames (inflating compressed ones
@@ -843,6 +956,9 @@ pub(crate) struct WorkerConfig {
     /// Offer permessage-deflate and inflate what arrives compressed.
     #[serde(default)]
     pub(crate) deflate: bool,
+    /// Accept any TLS certificate (wss:// to a server with a self-signed one).
+    #[serde(default)]
+    pub(crate) insecure: bool,
 }
 
 /// Coordinator -> worker, one JSON line each.
@@ -1087,7 +1203,7 @@ fn worker_main() -> Result<()> {
         );
     }
     let target = Target::parse(&config.url)?;
-    let mut engine = Engine::new(target, local_conns)?;
+    let mut engine = Engine::new(target, local_conns, config.insecure)?;
     if config.deflate {
         engine.offer_deflate();
     }
@@ -1331,7 +1447,16 @@ mod tests {
         assert_eq!(target.host, "127.0.0.1:8080");
         assert_eq!(target.path, "/ws?token=x");
         assert_eq!(Target::parse("ws://127.0.0.1").unwrap().path, "/");
-        assert!(Target::parse("wss://127.0.0.1/ws").is_err());
+        let secure = Target::parse("wss://127.0.0.1/ws").unwrap();
+        assert!(secure.tls);
+        assert_eq!(secure.addr.port(), 443);
+        assert!(!Target::parse("ws://127.0.0.1/ws").unwrap().tls);
+        assert!(
+            Target::parse("https://127.0.0.1:8443/api/publish")
+                .unwrap()
+                .tls
+        );
+        assert!(Target::parse("ftp://127.0.0.1/ws").is_err());
 
         let ips = parse_source_ips("127.0.0.2-127.0.0.4, 10.0.0.1").unwrap();
         assert_eq!(ips.len(), 4);

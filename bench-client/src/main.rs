@@ -10,6 +10,7 @@ mod load;
 mod report;
 mod stats;
 mod sweep;
+mod tls;
 
 use clap::Parser;
 

@@ -68,17 +68,15 @@ fn herald_binary() -> PathBuf {
 
 fn fanout(server: &Server, extra: &[&str]) -> Value {
     let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    fanout_to(server, &url, &[], extra)
+}
+
+/// `fanout` against `url` with extra environment variables.
+fn fanout_to(server: &Server, url: &str, env: &[(&str, &str)], extra: &[&str]) -> Value {
     let pid = server.child.id().to_string();
     let output = Command::new(BENCH)
-        .args([
-            "fanout",
-            "--url",
-            &url,
-            "--server-pid",
-            &pid,
-            "--json",
-            "-q",
-        ])
+        .envs(env.iter().copied())
+        .args(["fanout", "--url", url, "--server-pid", &pid, "--json", "-q"])
         .args(extra)
         .output()
         .unwrap();
@@ -182,6 +180,78 @@ fn floor_server_runs_fanout_unchanged() {
     );
     assert_complete(&report, 200);
     assert_eq!(report["deliveries"]["expected"], 50 * 200);
+}
+
+/// A CA and a leaf for localhost it signed, as PEM files in a fresh directory.
+fn test_pki(name: &str) -> (PathBuf, PathBuf, PathBuf) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let dir = std::env::temp_dir().join(format!("herald-bench-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    let paths = (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    );
+    std::fs::write(&paths.0, ca.pem()).unwrap();
+    std::fs::write(&paths.1, leaf.pem()).unwrap();
+    std::fs::write(&paths.2, key.serialize_pem()).unwrap();
+    paths
+}
+
+#[test]
+fn fanout_over_wss_verifies_the_certificate_or_skips_it_with_insecure() {
+    let (ca, cert, key) = test_pki("wss");
+    let server = start(
+        &herald_binary(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+    );
+    let url = format!("wss://localhost:{}/ws", server.port);
+    let run = ["--conns", "100", "--rate", "40", "--duration", "1"];
+    let verified = fanout_to(
+        &server,
+        &url,
+        &[("SSL_CERT_FILE", ca.to_str().unwrap())],
+        &run,
+    );
+    assert_complete(&verified, 100);
+    assert_eq!(verified["deliveries"]["expected"], 40 * 100);
+    let mut insecure_run = run.to_vec();
+    insecure_run.push("--insecure");
+    let insecure = fanout_to(&server, &url, &[], &insecure_run);
+    assert_complete(&insecure, 100);
+    // Without --insecure a certificate from an unknown CA is refused.
+    let refused = Command::new(BENCH)
+        .env("SSL_CERT_FILE", cert.to_str().unwrap())
+        .args([
+            "echo",
+            "--url",
+            &format!("wss://localhost:{}/echo", server.port),
+        ])
+        .args(["--duration", "0.5", "--conns", "2", "-q"])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("invalid peer certificate"), "{err}");
+    let _ = std::fs::remove_dir_all(ca.parent().unwrap());
 }
 
 #[test]

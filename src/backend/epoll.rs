@@ -1,6 +1,7 @@
 //! The epoll backend (through mio): one `Poll` per shard, edge-triggered sockets, reads
 //! straight into each connection's buffer and one vectored write per dirty socket per
-//! loop turn.
+//! loop turn. On a TLS listener each socket carries a [`TlsSession`] between the socket and
+//! the shard, which sees plaintext only.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
@@ -11,6 +12,7 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
+use crate::backend::tls::{self, Inbound, TlsAcceptor, TlsSession};
 use crate::shard::{Inbox, Post, Shard, Wake};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -24,6 +26,8 @@ const MAX_IOVECS: usize = 64;
 const READ_CHUNK: usize = 16 * 1024;
 /// The largest single read, so one huge message does not zero megabytes at a time.
 const MAX_READ: usize = 256 * 1024;
+/// Ciphertext read at a time on a TLS socket: one full record and its overhead.
+const TLS_READ_CHUNK: usize = 17 * 1024;
 /// How long accepting pauses when the process is out of file descriptors: connected
 /// clients keep being served, and the loop does not spin on a listener it cannot drain.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -43,23 +47,37 @@ impl Wake for mio::Waker {
 struct Socket {
     stream: TcpStream,
     awaiting_writable: bool,
+    /// On a TLS listener: the session the bytes on the wire belong to.
+    tls: Option<Box<TlsSession>>,
+    /// `close_notify` is queued: shut down the write side once the records are out.
+    shutdown_after_ciphertext: bool,
 }
 
 impl Socket {
     /// Registers or drops writable interest.
     fn await_writable(&mut self, poll: &Poll, key: usize, on: bool) -> io::Result<()> {
-        if self.awaiting_writable == on {
-            return Ok(());
-        }
-        self.awaiting_writable = on;
-        let interest = if on {
-            Interest::READABLE | Interest::WRITABLE
-        } else {
-            Interest::READABLE
-        };
-        poll.registry()
-            .reregister(&mut self.stream, Token(key), interest)
+        await_writable(&mut self.stream, &mut self.awaiting_writable, poll, key, on)
     }
+}
+
+/// [`Socket::await_writable`] for when the socket's session is borrowed too.
+fn await_writable(
+    stream: &mut TcpStream,
+    awaiting_writable: &mut bool,
+    poll: &Poll,
+    key: usize,
+    on: bool,
+) -> io::Result<()> {
+    if *awaiting_writable == on {
+        return Ok(());
+    }
+    *awaiting_writable = on;
+    let interest = if on {
+        Interest::READABLE | Interest::WRITABLE
+    } else {
+        Interest::READABLE
+    };
+    poll.registry().reregister(stream, Token(key), interest)
 }
 
 /// What a shard thread owns while it runs.
@@ -71,6 +89,8 @@ pub struct Reactor {
     pub listener: std::net::TcpListener,
     pub stop: Arc<AtomicBool>,
     pub drain: Duration,
+    /// Present when the listener speaks TLS.
+    pub tls: Option<Arc<TlsAcceptor>>,
 }
 
 /// Runs the shard until it is stopped and drained (or the drain time runs out).
@@ -83,6 +103,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         listener,
         stop,
         drain,
+        tls,
     } = reactor;
     let mut listener = Some(TcpListener::from_std(listener));
     if let Some(l) = listener.as_mut() {
@@ -117,7 +138,8 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
                     if let Some(l) = listener.as_ref()
                         && accept_paused_until.is_none()
                     {
-                        accept_paused_until = accept_all(l, &mut shard, &poll, &mut sockets, now)?;
+                        accept_paused_until =
+                            accept_all(l, &mut shard, &poll, &mut sockets, tls.as_deref(), now)?;
                     }
                 }
                 WAKER => {}
@@ -126,10 +148,15 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
                         continue;
                     }
                     if event.is_writable() {
-                        shard.handle_writable(key);
+                        if sockets[key].as_ref().is_some_and(|s| s.tls.is_some()) {
+                            // Records may wait with the outbox empty (handshake, close_notify).
+                            flush(&mut shard, key, &mut sockets, &poll, now);
+                        } else {
+                            shard.handle_writable(key);
+                        }
                     }
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
-                        read(&mut shard, key, &mut sockets, now);
+                        read(&mut shard, key, &mut sockets, &poll, now);
                     }
                 }
             }
@@ -140,7 +167,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         {
             // No new edge may come for connections already waiting: try again now.
             accept_paused_until = match listener.as_ref() {
-                Some(l) => accept_all(l, &mut shard, &poll, &mut sockets, now)?,
+                Some(l) => accept_all(l, &mut shard, &poll, &mut sockets, tls.as_deref(), now)?,
                 None => None,
             };
         }
@@ -191,6 +218,7 @@ fn accept_all(
     shard: &mut Shard,
     poll: &Poll,
     sockets: &mut Vec<Option<Socket>>,
+    tls: Option<&TlsAcceptor>,
     now: Instant,
 ) -> io::Result<Option<Instant>> {
     loop {
@@ -210,6 +238,8 @@ fn accept_all(
                 sockets[key] = Some(Socket {
                     stream,
                     awaiting_writable: false,
+                    tls: tls.map(|acceptor| Box::new(acceptor.accept())),
+                    shutdown_after_ciphertext: false,
                 });
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(None),
@@ -234,10 +264,14 @@ fn accept_all(
 }
 
 /// Reads until the socket is dry (edge-triggered) or the shard wants no more for now.
-fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], now: Instant) {
+fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &Poll, now: Instant) {
     let Some(socket) = sockets[key].as_mut() else {
         return;
     };
+    if socket.tls.is_some() {
+        read_tls(shard, key, socket, poll, now);
+        return;
+    }
     let socket = &mut socket.stream;
     while shard.wants_read(key) {
         let buf = shard.read_buffer(key);
@@ -282,6 +316,14 @@ fn flush(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &P
     let Some(socket) = sockets[key].as_mut() else {
         return;
     };
+    if socket.tls.is_some() {
+        flush_tls(shard, key, socket, poll);
+        if shard.resume_read(key) {
+            shard.handle_read(key, now);
+            read(shard, key, sockets, poll, now);
+        }
+        return;
+    }
     let blocked = loop {
         let outbox = shard.outbox(key);
         if outbox.is_empty() {
@@ -322,6 +364,171 @@ fn flush(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &P
         // It stopped reading while its outbox was full; bytes may wait in its buffer and
         // in the kernel with no new edge to announce them.
         shard.handle_read(key, now);
-        read(shard, key, sockets, now);
+        read(shard, key, sockets, poll, now);
+    }
+}
+
+/// Reads ciphertext until the socket is dry or the shard wants no more for now, and hands
+/// the shard the plaintext. Handshake records and alerts go out at once; the outbox waits
+/// for this turn's flush.
+fn read_tls(shard: &mut Shard, key: usize, socket: &mut Socket, poll: &Poll, now: Instant) {
+    let Socket {
+        stream,
+        awaiting_writable,
+        tls: Some(session),
+        ..
+    } = socket
+    else {
+        return;
+    };
+    let mut ciphertext = [0u8; TLS_READ_CHUNK];
+    while shard.wants_read(key) {
+        let n = match stream.read(&mut ciphertext) {
+            Ok(0) => {
+                shard.handle_eof(key);
+                return;
+            }
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                let buf = shard.read_buffer(key);
+                if buf.is_empty() {
+                    *buf = bytes::BytesMut::new();
+                }
+                return;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(_) => {
+                shard.handle_eof(key);
+                return;
+            }
+        };
+        let buf = shard.read_buffer(key);
+        let before = buf.len();
+        let inbound = session.handle_ciphertext(&ciphertext[..n], buf);
+        if shard.read_buffer(key).len() > before {
+            shard.handle_read(key, now);
+        }
+        match inbound {
+            Ok(Inbound::Open) => {}
+            Ok(Inbound::PeerClosed) => {
+                shard.handle_eof(key);
+                return;
+            }
+            Err(e) => {
+                tracing::debug!(shard = shard.id(), key, "closing: {e}");
+                if e.is_plain_http() {
+                    // One best-effort write: a client that cannot take 150 bytes at once
+                    // is not one to wait for.
+                    let _ = stream.write(tls::PLAINTEXT_REFUSAL);
+                } else {
+                    // The alert, if the session has one for the peer.
+                    let _ = session.write_ciphertext(stream);
+                }
+                shard.handle_eof(key);
+                return;
+            }
+        }
+        if session.wants_write() {
+            if let Err(()) = write_ciphertext(session, stream) {
+                shard.handle_eof(key);
+                return;
+            }
+            let blocked = session.wants_write();
+            if await_writable(stream, awaiting_writable, poll, key, blocked).is_err() {
+                shard.handle_eof(key);
+                return;
+            }
+        }
+        if !shard.outbox(key).is_empty() {
+            // Plaintext held back during the handshake can leave now.
+            shard.handle_writable(key);
+        }
+    }
+}
+
+/// Writes queued records until none are left or the socket is full. `Err` means the
+/// connection is gone.
+fn write_ciphertext(session: &mut TlsSession, stream: &mut TcpStream) -> Result<(), ()> {
+    while session.wants_write() {
+        match session.write_ciphertext(stream) {
+            Ok(0) => return Err(()),
+            Ok(_) => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(_) => return Err(()),
+        }
+    }
+    Ok(())
+}
+
+/// The TLS flush: moves plaintext from the outbox into records no faster than the socket
+/// takes them, so the shard's outbound budget still counts all but
+/// [`tls::PENDING_CIPHERTEXT_LIMIT`] of what is not on the wire. Then closes the session
+/// when the shard is done with the connection.
+fn flush_tls(shard: &mut Shard, key: usize, socket: &mut Socket, poll: &Poll) {
+    let Socket {
+        stream,
+        awaiting_writable,
+        tls: Some(session),
+        shutdown_after_ciphertext,
+    } = socket
+    else {
+        return;
+    };
+    loop {
+        if write_ciphertext(session, stream).is_err() {
+            shard.handle_eof(key);
+            return;
+        }
+        if session.wants_write() {
+            break;
+        }
+        let outbox = shard.outbox(key);
+        if outbox.is_empty() {
+            break;
+        }
+        let mut slices = [IoSlice::new(&[]); MAX_IOVECS];
+        let count = outbox.io_slices(&mut slices);
+        let taken = session.encrypt(&slices[..count]);
+        if taken == 0 {
+            // Still in the handshake with the session's buffer full: the rest waits in
+            // the outbox until the handshake ends (see `read_tls`).
+            break;
+        }
+        shard.handle_written(key, taken);
+    }
+    let blocked = session.wants_write();
+    if !blocked && *shutdown_after_ciphertext {
+        *shutdown_after_ciphertext = false;
+        if stream.shutdown(Shutdown::Write).is_err() {
+            shard.handle_eof(key);
+            return;
+        }
+    }
+    if await_writable(stream, awaiting_writable, poll, key, blocked).is_err() {
+        shard.handle_eof(key);
+        return;
+    }
+    if blocked || !shard.poll_flushed(key) {
+        return;
+    }
+    if session.is_handshaking() {
+        // Nothing can reach a peer that never finished the handshake (a stalled one is
+        // what the request deadline just ended).
+        shard.handle_eof(key);
+        return;
+    }
+    session.send_close_notify();
+    if write_ciphertext(session, stream).is_err() {
+        shard.handle_eof(key);
+        return;
+    }
+    if session.wants_write() {
+        *shutdown_after_ciphertext = true;
+        if await_writable(stream, awaiting_writable, poll, key, true).is_err() {
+            shard.handle_eof(key);
+        }
+    } else if stream.shutdown(Shutdown::Write).is_err() {
+        shard.handle_eof(key);
     }
 }

@@ -4,3 +4,4 @@
 pub mod affinity;
 pub mod epoll;
 pub mod listener;
+pub mod tls;

@@ -14,6 +14,13 @@ Starts `herald serve --listen 127.0.0.1:0 --threads 2`, runs
 * tests/conformance/expected.json (case -> behaviour, written by --update-expected
   from an all-green run) is compared case by case: any case that got worse fails.
 
+With --tls the server speaks TLS only (a CA and a leaf made here with the openssl
+command line) and kosoku, which has no wss:// support (its tungstenite is built without
+TLS and it refuses the scheme), reaches it through a relay in this script: plain
+WebSocket bytes from kosoku in, a verified TLS connection to Herald out, end of stream
+passed on in both directions. Every byte Herald reads and writes then goes through its
+TLS layer, and the verdicts must match the plain run's.
+
 The last line printed is `N passed, M failed` (cases).
 Only the standard library is used; run it with the venv's python so `kosoku` is found
 next to it.
@@ -22,13 +29,16 @@ next to it.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import queue
 import re
 import shutil
 import signal
+import ssl
 import subprocess
+import tempfile
 import sys
 import threading
 import time
@@ -118,6 +128,68 @@ class Server:
             self.proc.wait()
 
 
+def make_certificate(dir: Path) -> tuple[Path, Path, Path]:
+    """A CA and a leaf for localhost it signed: (ca.pem, cert.pem, key.pem)."""
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=dir, check=True, capture_output=True)
+
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+    openssl("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+            "-subj", "/CN=Herald conformance CA")
+    openssl("req", "-new", *ec, "-keyout", "key.pem", "-out", "leaf.csr", "-subj", "/CN=localhost")
+    (dir / "leaf.ext").write_text("subjectAltName=DNS:localhost\nbasicConstraints=CA:FALSE\n")
+    openssl("x509", "-req", "-in", "leaf.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-days", "2", "-extfile", "leaf.ext", "-out", "cert.pem")
+    return dir / "ca.pem", dir / "cert.pem", dir / "key.pem"
+
+
+class TlsRelay:
+    """Plain TCP on 127.0.0.1:PORT in, TLS (verified against `ca`) to `upstream` out."""
+
+    def __init__(self, upstream: str, ca: Path) -> None:
+        self.upstream_host, port = upstream.rsplit(":", 1)
+        self.upstream_port = int(port)
+        self.context = ssl.create_default_context(cafile=str(ca))
+        self.loop = asyncio.new_event_loop()
+        ready: queue.Queue[int] = queue.Queue()
+        threading.Thread(target=self._run, args=(ready,), daemon=True).start()
+        self.port = ready.get(timeout=10)
+
+    def _run(self, ready: "queue.Queue[int]") -> None:
+        asyncio.set_event_loop(self.loop)
+        server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", 0))
+        ready.put(server.sockets[0].getsockname()[1])
+        self.loop.run_forever()
+
+    async def _serve(self, client_r: asyncio.StreamReader, client_w: asyncio.StreamWriter) -> None:
+        try:
+            herald_r, herald_w = await asyncio.open_connection(
+                self.upstream_host, self.upstream_port, ssl=self.context, server_hostname="localhost"
+            )
+        except OSError as e:
+            log(f"relay: cannot reach herald over TLS: {e}")
+            client_w.close()
+            return
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, half_close: bool) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+                # TLS has no half-close here: the end towards Herald closes the session.
+                if half_close and dst.can_write_eof():
+                    dst.write_eof()
+                else:
+                    dst.close()
+            except (OSError, ssl.SSLError):
+                dst.close()
+
+        await asyncio.gather(pipe(client_r, herald_w, False), pipe(herald_r, client_w, True))
+        client_w.close()
+        herald_w.close()
+
+
 def find_kosoku(explicit: str | None) -> str:
     if explicit:
         return explicit
@@ -130,15 +202,24 @@ def find_kosoku(explicit: str | None) -> str:
     return found
 
 
-def run_suite(name: str, binary: Path, kosoku: str, outroot: Path, extra: list[str]) -> tuple[dict, list[str]]:
+def run_suite(
+    name: str, binary: Path, kosoku: str, outroot: Path, extra: list[str], tls: bool = False
+) -> tuple[dict, list[str]]:
     """Runs one suite; returns ({case: entry}, [problems not tied to a case])."""
     spec = SUITES[name]
     outdir = outroot / name
     shutil.rmtree(outdir, ignore_errors=True)
     outdir.mkdir(parents=True)
     problems: list[str] = []
+    if tls:
+        ca, cert, key = make_certificate(Path(tempfile.mkdtemp(prefix="herald-conformance-")))
+        extra = [*extra, "--tls-cert", str(cert), "--tls-key", str(key)]
     server = Server(binary, [*spec["server_args"], *extra], outroot / f"herald-{name}.log")
     url = f"ws://{server.addr}/echo"
+    if tls:
+        relay = TlsRelay(server.addr, ca)
+        url = f"ws://127.0.0.1:{relay.port}/echo"
+        log(f"kosoku -> relay 127.0.0.1:{relay.port} -> TLS -> herald {server.addr}")
     cmd = [kosoku, "-m", "fuzzingclient", "-p", str(spec["parallel"]), *spec["args"], "-o", str(outdir), url]
     log(f"+ {' '.join(cmd)}")
     started = time.monotonic()
@@ -244,12 +325,15 @@ def main() -> int:
     ap.add_argument("--expected", type=Path, default=EXPECTED_FILE)
     ap.add_argument("--update-expected", action="store_true", help="write the expected file from an all-green run")
     ap.add_argument("--server-arg", action="append", default=[], help="extra argument for herald serve")
+    ap.add_argument("--tls", action="store_true", help="herald serves TLS; kosoku goes through a TLS relay")
     args = ap.parse_args()
 
     if not args.bin.exists():
         log(f"{args.bin} missing: cargo build --release")
         subprocess.run(["cargo", "build", "--release", "--bin", "herald"], cwd=ROOT, check=True)
     kosoku = find_kosoku(args.kosoku)
+    if args.tls:
+        args.outdir = args.outdir / "tls"
     args.outdir.mkdir(parents=True, exist_ok=True)
 
     expected_all: dict = {}
@@ -263,7 +347,7 @@ def main() -> int:
     results: dict[str, dict] = {}
     reports: list[str] = []
     for name in suites:
-        cases, problems = run_suite(name, args.bin, kosoku, args.outdir, args.server_arg)
+        cases, problems = run_suite(name, args.bin, kosoku, args.outdir, args.server_arg, args.tls)
         results[name] = {c: e["behavior"] for c, e in cases.items()}
         expected = expected_all.get(name) if expected_all else None
         p, f, lines = judge(name, cases, expected)
