@@ -109,3 +109,6 @@ for i in 1 2 3 4; do
 done
 "$B" connect --url "ws://127.0.0.1:$port/ws" --conns 60000 --hold 5 --procs 4 \
     --source-ips 127.0.0.2-127.0.0.60 --connect-rate 8000 "${servers[@]}" | tail -n 4
+
+echo "== permessage-deflate: 1 KiB JSON to 1,000 subscribers, plain vs shared vs per-connection"
+bash bench-client/compression-figures.sh

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::{AuthMode, AuthSettings};
+use crate::compression::{CompressionPolicies, CompressionPolicy, CompressionPrefix};
 use crate::hub::HistoryLimits;
 use crate::limits::{PrefixPolicy, SlowConsumerPolicies, SlowConsumerPolicy};
 
@@ -267,6 +268,24 @@ pub struct Options {
     #[arg(skip)]
     pub slow_consumer: Option<Vec<PrefixPolicy>>,
 
+    /// permessage-deflate for clients that offer it: off, shared (each message compressed
+    /// once for every subscriber) or per-connection (each subscriber's own compressor; about
+    /// 11x the server CPU of shared per delivery, see the README). `--compression` alone
+    /// means shared. Per channel prefix in the config file: [[channel_compression]]
+    /// prefix = "chat." policy = "per-connection". [default: off]
+    #[arg(
+        long,
+        env = "HERALD_COMPRESSION",
+        value_enum,
+        num_args = 0..=1,
+        default_missing_value = "shared"
+    )]
+    pub compression: Option<CompressionPolicy>,
+
+    /// Per-prefix compression policies (config file only).
+    #[arg(skip)]
+    pub channel_compression: Option<Vec<CompressionPrefix>>,
+
     /// PEM certificate chain (leaf first): with --tls-key, the listener speaks TLS only
     /// (wss:// and https://). SIGHUP reloads both files. [default: none, plain TCP]
     #[arg(
@@ -327,6 +346,8 @@ impl Options {
             accept_rate: self.accept_rate.or(lower.accept_rate),
             slow_consumer_policy: self.slow_consumer_policy.or(lower.slow_consumer_policy),
             slow_consumer: self.slow_consumer.or(lower.slow_consumer),
+            compression: self.compression.or(lower.compression),
+            channel_compression: self.channel_compression.or(lower.channel_compression),
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
         }
@@ -365,6 +386,7 @@ pub struct Config {
     pub max_messages_per_second: u64,
     pub accept_rate: u64,
     pub slow_consumers: SlowConsumerPolicies,
+    pub compression: CompressionPolicies,
     /// Certificate chain and key files when the listener speaks TLS.
     pub tls: Option<TlsFiles>,
 }
@@ -450,6 +472,10 @@ impl Options {
                     .slow_consumer_policy
                     .unwrap_or(SlowConsumerPolicy::Disconnect),
                 by_prefix: self.slow_consumer.unwrap_or_default(),
+            },
+            compression: CompressionPolicies {
+                default: self.compression.unwrap_or(CompressionPolicy::Off),
+                by_prefix: self.channel_compression.unwrap_or_default(),
             },
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
@@ -583,6 +609,44 @@ mod tests {
             c.slow_consumers.policy_for("prices.x"),
             SlowConsumerPolicy::Conflate
         );
+    }
+
+    #[test]
+    fn compression_is_off_by_default_and_set_per_prefix_in_the_file() {
+        assert!(!Config::default().compression.negotiates());
+        let file: Options = toml::from_str(
+            "compression = \"shared\"\n[[channel_compression]]\nprefix = \"chat.\"\npolicy = \"per-connection\"\n",
+        )
+        .unwrap();
+        let cli = Options {
+            compression: Some(CompressionPolicy::Off),
+            ..Options::default()
+        };
+        let c = cli.or(file).resolve().unwrap();
+        assert_eq!(c.compression.policy_for("news"), CompressionPolicy::Off);
+        assert_eq!(
+            c.compression.policy_for("chat.room"),
+            CompressionPolicy::PerConnection
+        );
+        assert!(c.compression.negotiates());
+    }
+
+    #[test]
+    fn compression_flag_alone_means_shared() {
+        use clap::Parser as _;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            options: Options,
+        }
+        let alone = Cli::try_parse_from(["herald", "--compression"]).unwrap();
+        assert_eq!(alone.options.compression, Some(CompressionPolicy::Shared));
+        let named = Cli::try_parse_from(["herald", "--compression", "per-connection"]).unwrap();
+        assert_eq!(
+            named.options.compression,
+            Some(CompressionPolicy::PerConnection)
+        );
+        assert!(Cli::try_parse_from(["herald", "--compression", "gzip"]).is_err());
     }
 
     #[test]

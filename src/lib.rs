@@ -20,6 +20,7 @@
 //! - [`metrics`]: per-shard counters, merged when scraped.
 //! - [`auth`]: JWT, channel permissions, the Origin allow-list.
 //! - [`limits`]: token buckets and connection limits.
+//! - [`compression`]: which channels go out compressed, shared or per connection.
 //! - [`config`]: options from the command line, environment and TOML file.
 //! - [`server`]: wires it together and drains on SIGINT/SIGTERM.
 //! - [`cluster`]: with `--redis`, publishes, history and fan-out shared through Redis.
@@ -30,6 +31,7 @@ pub mod auth;
 pub mod backend;
 pub mod client;
 pub mod cluster;
+pub mod compression;
 pub mod config;
 pub mod doctor;
 pub mod http;

@@ -53,6 +53,14 @@ pub struct Counters {
     pub loop_turns_total: u64,
     pub publish_flush_buckets: [u64; LATENCY_BUCKETS_US.len() + 1],
     pub publish_flush_sum_us: u64,
+    /// Frames sent compressed (a shared frame counts once per subscriber it went to).
+    pub compressed_frames_total: u64,
+    /// Plain frame bytes minus compressed frame bytes over those frames.
+    pub compression_saved_bytes_total: u64,
+    /// Time spent compressing (shared frames once, per-connection frames each).
+    pub deflate_ns_total: u64,
+    /// Time spent decoding client messages that were compressed, inflating included.
+    pub inflate_ns_total: u64,
 }
 
 impl Counters {
@@ -60,6 +68,13 @@ impl Counters {
         if let Some(i) = REJECT_STATUSES.iter().position(|&s| s == status) {
             self.rejected_total[i] += 1;
         }
+    }
+
+    /// One frame sent compressed instead of plain, and the time compressing it took here.
+    pub fn count_compressed(&mut self, plain_len: usize, compressed_len: usize, ns: u64) {
+        self.compressed_frames_total += 1;
+        self.compression_saved_bytes_total += plain_len.saturating_sub(compressed_len) as u64;
+        self.deflate_ns_total += ns;
     }
 
     pub fn observe_publish_flush(&mut self, latency: Duration) {
@@ -90,6 +105,10 @@ impl Counters {
                 self.busy_ns_total,
                 self.loop_turns_total,
                 self.publish_flush_sum_us,
+                self.compressed_frames_total,
+                self.compression_saved_bytes_total,
+                self.deflate_ns_total,
+                self.inflate_ns_total,
             ])
             .chain(self.rejected_total.iter().copied())
             .chain(self.publish_flush_buckets.iter().copied())
@@ -112,13 +131,17 @@ impl Counters {
                 &mut self.busy_ns_total,
                 &mut self.loop_turns_total,
                 &mut self.publish_flush_sum_us,
+                &mut self.compressed_frames_total,
+                &mut self.compression_saved_bytes_total,
+                &mut self.deflate_ns_total,
+                &mut self.inflate_ns_total,
             ])
             .chain(self.rejected_total.iter_mut())
             .chain(self.publish_flush_buckets.iter_mut())
     }
 }
 
-const FIELDS: usize = 4 + 13 + REJECT_STATUSES.len() + LATENCY_BUCKETS_US.len() + 1;
+const FIELDS: usize = 4 + 17 + REJECT_STATUSES.len() + LATENCY_BUCKETS_US.len() + 1;
 
 /// One shard's published copy of its [`Counters`], on cache lines of its own.
 #[repr(align(128))]

@@ -22,7 +22,9 @@ pub fn serve(config: Config) -> io::Result<()> {
     let mut ctx = Context::new(config, shards).map_err(io::Error::other)?;
     let cluster = match &ctx.config.redis {
         Some(url) => {
-            let (bridge, idle) = Bridge::new(url, ctx.config.history).map_err(io::Error::other)?;
+            let (bridge, idle) =
+                Bridge::new(url, ctx.config.history, ctx.config.compression.clone())
+                    .map_err(io::Error::other)?;
             ctx.cluster = Some(bridge);
             Some(idle)
         }

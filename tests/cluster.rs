@@ -9,6 +9,7 @@
 //! in CI; run alone without the package they skip with a message.
 
 mod support;
+mod support_deflate;
 mod support_http;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -790,4 +791,48 @@ async fn hung_redis_refuses_publishes_in_bounded_time_and_recovers() {
         }
     }
     a.assert_healthy();
+}
+
+/// With `--compression shared` a node compresses each message from Redis once: every
+/// compressing subscriber on it gets the same deflated bytes, the others the plain frame.
+#[test]
+fn a_node_compresses_messages_from_redis_once_for_its_subscribers() {
+    use support_deflate::Client;
+    let Some(binary) = require_redis() else {
+        return;
+    };
+    let redis = Redis::start(&binary);
+    let publishing = node(&redis, &["--compression", "shared"]);
+    let receiving = node(&redis, &["--compression", "shared"]);
+    let mut compressing: Vec<Client> = (0..2)
+        .map(|_| Client::connect(receiving.addr(), "/ws", Some("permessage-deflate")))
+        .collect();
+    let mut plain = Client::connect(receiving.addr(), "/ws", None);
+    for client in compressing.iter_mut().chain([&mut plain]) {
+        client.subscribe("quotes");
+    }
+    let data = json!({"quotes": vec!["bid 100.25 ask 100.50"; 40]}).to_string();
+    let mut publisher = Client::connect(publishing.addr(), "/ws", None);
+    publisher.send_text(&format!(
+        r#"{{"type":"publish","channel":"quotes","data":{data},"id":7}}"#
+    ));
+    let (ack, _) = publisher.recv_message();
+    assert!(ack.contains(r#""type":"ack""#), "{ack}");
+
+    let (text, first) = compressing[0].recv_message();
+    assert!(
+        first.compressed(),
+        "a shared channel's message goes out deflated"
+    );
+    assert!(text.ends_with(&format!(r#""data":{data}}}"#)), "{text}");
+    let (other_text, other) = compressing[1].recv_message();
+    assert_eq!(other_text, text);
+    assert_eq!(
+        other.bytes, first.bytes,
+        "one deflated frame for every subscriber"
+    );
+    let (plain_text, plain_frame) = plain.recv_message();
+    assert!(!plain_frame.compressed());
+    assert_eq!(plain_text, text);
+    assert!(plain_frame.bytes.len() > 2 * first.bytes.len());
 }

@@ -277,6 +277,7 @@ pub(crate) fn run(args: &EchoArgs) -> Result<()> {
             cpu_ns_per_delivery: per(cpu_ns, echo.received),
             procs: 1,
             rss_bytes_per_conn: 0.0,
+            wire_bytes_per_delivery: 0.0,
         },
         server,
     };

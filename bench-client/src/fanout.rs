@@ -59,6 +59,11 @@ pub(crate) struct LoadArgs {
     /// Most connections in progress (connecting, handshaking, subscribing) per worker.
     #[arg(long, default_value_t = 1000)]
     pub(crate) max_in_flight: usize,
+    /// Offer permessage-deflate on every connection and inflate compressed messages (the
+    /// server must run with --compression shared or per-connection to accept it).
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) deflate: bool,
     /// With wss:// and https://, accept any server certificate (self-signed test ones);
     /// otherwise it is verified against SSL_CERT_FILE or the system's CA bundle.
     #[arg(long)]
@@ -224,6 +229,10 @@ pub(crate) struct ClientFigures {
     pub(crate) procs: usize,
     /// Largest worker RSS per connection it holds.
     pub(crate) rss_bytes_per_conn: f64,
+    /// Bytes the subscribers read from their sockets per delivery, frame headers and
+    /// everything else on the connections included.
+    #[serde(default)]
+    pub(crate) wire_bytes_per_delivery: f64,
 }
 
 /// The result of one fan-out run; also the `--json` output.
@@ -314,6 +323,7 @@ pub(crate) fn worker_configs(
             subscribe_reply: subscribe
                 .map(|(_, reply)| reply.to_owned())
                 .unwrap_or_default(),
+            deflate: load.deflate,
             insecure: load.insecure,
         })
         .collect())
@@ -501,6 +511,7 @@ pub(crate) fn measure(args: &FanoutArgs) -> Result<FanoutReport> {
         ..ClientFigures::default()
     };
     let mut last_recv_ns = 0;
+    let mut bytes_read = 0;
     for (done, config) in dones.iter().zip(&configs) {
         merge(&mut hist, &decode_histogram(&done.histogram)?);
         timeline.merge(&Timeline::decode(&done.timeline)?);
@@ -512,6 +523,7 @@ pub(crate) fn measure(args: &FanoutArgs) -> Result<FanoutReport> {
         }
         last_recv_ns = last_recv_ns.max(done.last_recv_ns);
         client.cpu_ns += done.cpu_ns;
+        bytes_read += done.bytes_read;
         let held = (config.conns / config.workers).max(1) as f64;
         client.rss_bytes_per_conn = client
             .rss_bytes_per_conn
@@ -523,6 +535,7 @@ pub(crate) fn measure(args: &FanoutArgs) -> Result<FanoutReport> {
         deliveries.per_second = round1(deliveries.received as f64 / span_s);
     }
     client.cpu_ns_per_delivery = per(client.cpu_ns, deliveries.received);
+    client.wire_bytes_per_delivery = per(bytes_read, deliveries.received);
 
     let server = match (
         server_before,
@@ -672,6 +685,13 @@ pub(crate) fn format_report(report: &FanoutReport) -> String {
             ),
         ));
     }
+    rows.push((
+        "wire bytes",
+        format!(
+            "{:.1} B/delivery read by the subscribers",
+            report.client.wire_bytes_per_delivery
+        ),
+    ));
     rows.push((
         "client cpu",
         format!(

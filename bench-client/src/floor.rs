@@ -205,7 +205,7 @@ impl Floor {
                     Ok(accept) => {
                         client.upgraded = true;
                         consumed = len;
-                        self.write(id, &upgrade_response(&accept, None));
+                        self.write(id, &upgrade_response(&accept, None, None));
                     }
                     Err(error) => {
                         let status = error.status();

@@ -12,6 +12,7 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use herald::proto::deflate::Inflater;
 use herald::proto::frame::{FrameHeader, OpCode, encode_client_frame};
 use herald::proto::handshake::accept_key;
 use mio::net::TcpStream;
@@ -219,6 +220,8 @@ struct Conn {
     outbuf: Vec<u8>,
     /// When the connection started its current attempt (for the connect/handshake timeout).
     started_ns: u64,
+    /// Present once the server accepted permessage-deflate.
+    inflater: Option<Inflater>,
 }
 
 impl Conn {
@@ -230,6 +233,7 @@ impl Conn {
             inbuf: Vec::new(),
             outbuf: Vec::new(),
             started_ns: 0,
+            inflater: None,
         }
     }
 }
@@ -260,7 +264,12 @@ pub(crate) struct Engine {
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     request: Vec<u8>,
     accept: String,
+    /// Bytes read from every connection's socket, handshakes included.
+    pub(crate) bytes_read: u64,
 }
+
+/// Largest message a benchmark connection inflates.
+const MAX_INFLATED_BYTES: u64 = 64 << 20;
 
 /// Size of the shared read buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
@@ -305,7 +314,18 @@ impl Engine {
             tls,
             request: request.into_bytes(),
             accept: accept_key(&key),
+            bytes_read: 0,
         })
+    }
+
+    /// Offers permessage-deflate (no parameters, as a browser does) in every handshake;
+    /// compressed messages are inflated before the handler sees them.
+    pub(crate) fn offer_deflate(&mut self) {
+        let end = self.request.len() - 2;
+        self.request.splice(
+            end..end,
+            *b"Sec-WebSocket-Extensions: permessage-deflate\r\n",
+        );
     }
 
     /// Starts a non-blocking connect for `id` from `source` (port chosen by the kernel).
@@ -348,6 +368,7 @@ impl Engine {
         conn.state = ConnState::Connecting;
         conn.inbuf.clear();
         conn.outbuf.clear();
+        conn.inflater = None;
         conn.started_ns = monotonic_ns();
         Ok(())
     }
@@ -500,6 +521,7 @@ impl Engine {
                 Err(error) => return self.fail(id, io_reason(&error), handler),
             };
             let recv_ns = monotonic_ns();
+            self.bytes_read += n as u64;
             let data: &[u8] = match conn.tls.as_deref_mut() {
                 None => &self.scratch[..n],
                 Some(session) => match decrypt(session, &self.scratch[..n], &mut self.plain) {
@@ -512,6 +534,7 @@ impl Engine {
             let outcome = if conn.inbuf.is_empty() {
                 let outcome = process(
                     conn.state,
+                    &mut conn.inflater,
                     &self.accept,
                     data,
                     id,
@@ -528,6 +551,7 @@ impl Engine {
                 let inbuf = std::mem::take(&mut conn.inbuf);
                 let outcome = process(
                     conn.state,
+                    &mut conn.inflater,
                     &self.accept,
                     &inbuf,
                     id,
@@ -639,10 +663,13 @@ fn decrypt(
     Ok(open)
 }
 
-/// Handles received bytes: the handshake response, then frames. Returns the new state and
-/// how many bytes were consumed, or why the connection must close.
+/// Handles received bytes: the handshake response, then frames (inflating compressed ones
+/// once permessage-deflate was accepted). Returns the new state and how many bytes were
+/// consumed, or why the connection must close.
+#[expect(clippy::too_many_arguments, reason = "one call site per buffer source")]
 fn process(
     mut state: ConnState,
+    inflater: &mut Option<Inflater>,
     accept: &str,
     mut data: &[u8],
     id: usize,
@@ -663,6 +690,9 @@ fn process(
         if find(head, accept.as_bytes()).is_none() {
             return Err("bad Sec-WebSocket-Accept".to_owned());
         }
+        if find(head, b"permessage-deflate").is_some() {
+            *inflater = Some(Inflater::default());
+        }
         data = &data[end + 4..];
         state = ConnState::Open;
         handler.on_open(id, out);
@@ -680,6 +710,15 @@ fn process(
             break;
         };
         match header.opcode {
+            OpCode::Text | OpCode::Binary if header.rsv == 0b100 => {
+                let Some(inflater) = inflater.as_mut() else {
+                    return Err("compressed frame without permessage-deflate".to_owned());
+                };
+                let inflated = inflater
+                    .inflate(payload, MAX_INFLATED_BYTES)
+                    .map_err(|error| format!("inflate: {error}"))?;
+                handler.on_message(id, &inflated, recv_ns, out);
+            }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 handler.on_message(id, payload, recv_ns, out);
             }
@@ -796,13 +835,39 @@ pub(crate) fn message_data(k: u64, scheduled_ns: u64, size: usize) -> Vec<u8> {
     let padded = data.len() + ",\"p\":\"\"}".len();
     if size > padded {
         data.extend_from_slice(b",\"p\":\"");
-        data.resize(data.len() + size - padded, b'x');
+        push_quote_text(&mut data, k, size - padded);
         data.extend_from_slice(b"\"}");
     } else {
         data.push(b'}');
         debug_assert_eq!(data.len(), bare);
     }
     data
+}
+
+/// `len` bytes of text like a price feed's (`SYM07 bid 101.23 ask 101.25 x 3400; ...`),
+/// different for every `k`: padding that compresses like real JSON values do, where a run
+/// of one letter would flatter permessage-deflate.
+fn push_quote_text(out: &mut Vec<u8>, k: u64, len: usize) {
+    let end = out.len() + len;
+    let mut x = k.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move |bound: u64| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x % bound
+    };
+    while out.len() < end {
+        let price = 100 + next(900);
+        let quote = format!(
+            "SYM{:02} bid {price}.{:02} ask {price}.{:02} x {}; ",
+            next(40),
+            next(100),
+            next(100),
+            100 * (1 + next(99))
+        );
+        out.extend_from_slice(quote.as_bytes());
+    }
+    out.truncate(end);
 }
 
 /// `(k, scheduled_ns)` from a payload carrying [`message_data`], and where the data starts.
@@ -888,6 +953,9 @@ pub(crate) struct WorkerConfig {
     pub(crate) subscribe_template: Option<String>,
     /// Text that marks the reply confirming a subscription; empty = don't wait for one.
     pub(crate) subscribe_reply: String,
+    /// Offer permessage-deflate and inflate what arrives compressed.
+    #[serde(default)]
+    pub(crate) deflate: bool,
     /// Accept any TLS certificate (wss:// to a server with a self-signed one).
     #[serde(default)]
     pub(crate) insecure: bool,
@@ -930,6 +998,9 @@ pub(crate) struct Done {
     pub(crate) cpu_ns: u64,
     /// Peak RSS of the worker, bytes.
     pub(crate) rss_bytes: u64,
+    /// Bytes read from the sockets between `Measure` and `Stop` (what crossed the wire).
+    #[serde(default)]
+    pub(crate) bytes_read: u64,
     pub(crate) histogram: String,
     pub(crate) timeline: Vec<String>,
 }
@@ -1133,6 +1204,9 @@ fn worker_main() -> Result<()> {
     }
     let target = Target::parse(&config.url)?;
     let mut engine = Engine::new(target, local_conns, config.insecure)?;
+    if config.deflate {
+        engine.offer_deflate();
+    }
     let waker = engine.waker()?;
     let (commands_tx, commands) = mpsc::channel();
     std::thread::spawn(move || {
@@ -1183,6 +1257,7 @@ fn worker_main() -> Result<()> {
     let mut last_progress = started_ns;
     let mut last_expire = started_ns;
     let mut measure_cpu = 0;
+    let mut measure_bytes = 0;
     loop {
         let now = monotonic_ns();
         // The ramp: retries that are due first, then new connections, at the bounded rate.
@@ -1239,10 +1314,12 @@ fn worker_main() -> Result<()> {
                 Command::Measure { t0_ns } => {
                     sub.t0_ns = Some(t0_ns);
                     measure_cpu = self_cpu_ns();
+                    measure_bytes = engine.bytes_read;
                 }
                 Command::Stop => {
                     let mut done = std::mem::take(&mut sub.done);
                     done.cpu_ns = self_cpu_ns().saturating_sub(measure_cpu);
+                    done.bytes_read = engine.bytes_read - measure_bytes;
                     done.rss_bytes = sample_pids(&[std::process::id()])
                         .map(|sample| sample.rss_bytes)
                         .unwrap_or(0);
@@ -1414,6 +1491,62 @@ mod tests {
             let envelope = [br#"{"type":"message","seq":5,"data":"#, &data[..], b"}"].concat();
             assert_eq!(parse_message_data(&envelope), Some((12, 3_000_000_123)));
         }
+    }
+
+    /// Records the messages a connection receives.
+    #[derive(Default)]
+    struct Recorder(Vec<Vec<u8>>);
+
+    impl Handler for Recorder {
+        fn on_open(&mut self, _id: usize, _out: &mut Vec<u8>) {}
+        fn on_message(&mut self, _id: usize, payload: &[u8], _recv_ns: u64, _out: &mut Vec<u8>) {
+            self.0.push(payload.to_vec());
+        }
+        fn on_close(&mut self, _id: usize, _state: ConnState, _reason: String) {}
+    }
+
+    #[test]
+    fn inflates_compressed_frames_once_deflate_was_accepted() {
+        use herald::proto::deflate::{Compressor, CompressorSettings};
+        let data = message_data(3, 99, 1024);
+        let mut compressor = Compressor::new(CompressorSettings::SHARED, true);
+        let compressed = compressor.encode_frame(OpCode::Text, &data);
+        assert!(
+            compressed.len() < data.len() * 2 / 3,
+            "padding compresses like JSON"
+        );
+        let head = "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: A\r\n\
+                    Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
+        let mut bytes = head.as_bytes().to_vec();
+        bytes.extend_from_slice(&compressed);
+        bytes.extend_from_slice(&herald::proto::encode_frame(OpCode::Text, b"plain"));
+        let (mut inflater, mut recorder, mut out) = (None, Recorder::default(), Vec::new());
+        let (state, used) = process(
+            ConnState::Handshaking,
+            &mut inflater,
+            "A",
+            &bytes,
+            0,
+            0,
+            &mut recorder,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!((state, used), (ConnState::Open, bytes.len()));
+        assert_eq!(recorder.0, [data, b"plain".to_vec()]);
+
+        let mut refused = None;
+        let result = process(
+            ConnState::Open,
+            &mut refused,
+            "A",
+            &compressed,
+            0,
+            0,
+            &mut recorder,
+            &mut out,
+        );
+        assert!(result.is_err(), "RSV1 without negotiation is an error");
     }
 
     #[test]

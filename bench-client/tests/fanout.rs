@@ -295,3 +295,46 @@ fn fanout_over_wss_verifies_the_certificate_or_skips_it_with_insecure() {
     assert!(err.contains("invalid peer certificate"), "{err}");
     let _ = std::fs::remove_dir_all(ca.parent().unwrap());
 }
+
+#[test]
+fn deflate_inflates_every_message_and_reads_fewer_bytes_per_delivery() {
+    let server = start(
+        &herald_binary(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "2",
+            "--compression",
+            "shared",
+        ],
+    );
+    let args = [
+        "--conns",
+        "100",
+        "--rate",
+        "20",
+        "--duration",
+        "1",
+        "--size",
+        "1024",
+    ];
+    let plain = fanout(&server, &args);
+    let deflated = fanout(&server, &[&args[..], &["--deflate"]].concat());
+    for report in [&plain, &deflated] {
+        assert_complete(report, 100);
+    }
+    let wire = |report: &Value| {
+        report["client"]["wire_bytes_per_delivery"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(wire(&plain) > 1024.0, "{}", wire(&plain));
+    assert!(
+        wire(&deflated) < wire(&plain) * 0.7,
+        "{} vs {}",
+        wire(&deflated),
+        wire(&plain)
+    );
+}

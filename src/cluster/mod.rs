@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
+use crate::compression::CompressionPolicies;
 use crate::hub::{ChannelName, HistoryLimits};
 use crate::shard::{ConnRef, Post};
 
@@ -140,12 +141,17 @@ pub struct Idle {
     requests: mpsc::UnboundedReceiver<Request>,
     publishes: mpsc::UnboundedReceiver<Request>,
     history: HistoryLimits,
+    compression: CompressionPolicies,
     link: Arc<Link>,
 }
 
 impl Bridge {
     /// Checks the URL; nothing connects until [`Idle::spawn`].
-    pub fn new(url: &str, history: HistoryLimits) -> Result<(Self, Idle), String> {
+    pub fn new(
+        url: &str,
+        history: HistoryLimits,
+        compression: CompressionPolicies,
+    ) -> Result<(Self, Idle), String> {
         let client = ::redis::Client::open(url).map_err(|e| format!("redis URL {url:?}: {e}"))?;
         let (requests_tx, requests) = mpsc::unbounded_channel();
         let (publishes_tx, publishes) = mpsc::unbounded_channel();
@@ -161,6 +167,7 @@ impl Bridge {
                 requests,
                 publishes,
                 history,
+                compression,
                 link,
             },
         ))

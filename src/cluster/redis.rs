@@ -23,8 +23,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::{Idle, Link, Request};
+use crate::compression::{CompressionPolicies, CompressionPolicy};
+use crate::http::longpoll;
 use crate::hub::{self, Broadcast, ChannelName, HistoryLimits};
-use crate::proto::pubsub;
+use crate::proto::deflate::{Compressor, CompressorSettings};
+use crate::proto::{OpCode, pubsub};
 use crate::shard::{ConnRef, Envelope, Post};
 
 /// Longest wait for one Redis reply: past it the link counts as lost (a hung Redis must
@@ -118,6 +121,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         requests,
         publishes,
         history,
+        compression,
         link,
     } = idle;
     let (conn_tx, conn_rx) = watch::channel(None);
@@ -138,6 +142,8 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         shards: Shards { post },
         shard_count: shards,
         history,
+        compression,
+        shared_compressor: Compressor::new(CompressorSettings::SHARED, true),
         link,
         conn_tx,
         generation: 0,
@@ -324,6 +330,9 @@ struct Node {
     shards: Shards,
     shard_count: usize,
     history: HistoryLimits,
+    /// Shared-policy channels are compressed once per node, as a home shard does alone.
+    compression: CompressionPolicies,
+    shared_compressor: Compressor,
     link: Arc<Link>,
     conn_tx: watch::Sender<Command>,
     /// Counts links established, naming the current one.
@@ -705,7 +714,18 @@ impl Node {
         self.broadcast(name, seq, frame);
     }
 
-    fn broadcast(&self, name: &ChannelName, seq: u64, frame: Bytes) {
+    fn broadcast(&mut self, name: &ChannelName, seq: u64, frame: Bytes) {
+        if !self.channels.contains_key(name) {
+            return;
+        }
+        let deflated = if self.compression.policy_for(name) == CompressionPolicy::Shared {
+            let payload = longpoll::frame_payload(&frame);
+            let deflated = self.shared_compressor.encode_frame(OpCode::Text, &payload);
+            // Kept only if it saves bytes, as at a home shard.
+            (deflated.len() < frame.len()).then_some(deflated)
+        } else {
+            None
+        };
         let Some(channel) = self.channels.get(name) else {
             return;
         };
@@ -713,6 +733,7 @@ impl Node {
             channel: name.clone(),
             seq,
             frame,
+            deflated,
             published_at: std::time::Instant::now(),
         };
         for (shard, &count) in channel.counts.iter().enumerate() {

@@ -85,6 +85,30 @@ pub fn prometheus(s: &Snapshot) -> String {
         &one(t.messages_shed_total),
     );
     metric(
+        "herald_compressed_frames_total",
+        "counter",
+        "Frames sent compressed with permessage-deflate (a shared frame once per subscriber).",
+        &one(t.compressed_frames_total),
+    );
+    metric(
+        "herald_compression_saved_bytes_total",
+        "counter",
+        "Bytes compression kept off the wire: plain frame size minus compressed frame size.",
+        &one(t.compression_saved_bytes_total),
+    );
+    metric(
+        "herald_deflate_nanoseconds_total",
+        "counter",
+        "CPU time spent compressing outgoing messages (a shared frame once per publish).",
+        &one(t.deflate_ns_total),
+    );
+    metric(
+        "herald_inflate_nanoseconds_total",
+        "counter",
+        "CPU time spent decoding compressed client messages, inflating included.",
+        &one(t.inflate_ns_total),
+    );
+    metric(
         "herald_rejected_requests_total",
         "counter",
         "Requests refused before an upgrade or on the API, by status.",

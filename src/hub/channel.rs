@@ -174,6 +174,7 @@ impl Channels {
                 channel: name.clone(),
                 seq: channel.seq,
                 frame,
+                deflated: None,
                 published_at: now,
             },
             subscribers: channel.subscribers.iter().sum(),

@@ -22,12 +22,15 @@ pub use subscriptions::Subscriptions;
 pub type ChannelName = Arc<str>;
 
 /// One published message, encoded once: `frame` is the complete server frame every
-/// subscriber on every shard receives.
+/// subscriber on every shard receives, and `deflated`, where the channel's compression
+/// policy is `shared`, the same message compressed once (RSV1, from an empty window) for
+/// every subscriber that negotiated permessage-deflate.
 #[derive(Debug, Clone)]
 pub struct Broadcast {
     pub channel: ChannelName,
     pub seq: u64,
     pub frame: Bytes,
+    pub deflated: Option<Bytes>,
     /// When the home ordered it: the start of publish→flush latency.
     pub published_at: Instant,
 }

@@ -1,11 +1,13 @@
 //! One socket's WebSocket protocol after the upgrade: messages out of the read buffer, pongs
-//! and the close handshake (RFC 6455 §5.5, §7) into a queue of frames to send.
+//! and the close handshake (RFC 6455 §5.5, §7) into a queue of frames to send, and the
+//! connection's permessage-deflate compressor when it negotiated one.
 
 use std::collections::VecDeque;
 
 use bytes::{Bytes, BytesMut};
 
 use crate::proto::decoder::{Decoder, DecoderLimits, Message};
+use crate::proto::deflate::{Compressor, CompressorSettings, DeflateParams, Inflater};
 use crate::proto::error::ProtocolError;
 use crate::proto::frame::{OpCode, encode_close, encode_frame};
 
@@ -60,7 +62,10 @@ enum State {
 ///    is the caller's). Send no data frames after it.
 /// 4. Heartbeat: [`take_pong_received`](Self::take_pong_received) tells whether a pong
 ///    arrived since the last call.
-/// 5. Once [`is_closed`](Self::is_closed) is true, flush the outbox and close the TCP
+/// 5. Compression: on a connection built with [`with_deflate`](Self::with_deflate),
+///    [`encode_compressed`](Self::encode_compressed) turns a data message into a compressed
+///    frame; queue those in the order they were made. Events carry inflated payloads.
+/// 6. Once [`is_closed`](Self::is_closed) is true, flush the outbox and close the TCP
 ///    connection; the connection reads nothing more.
 ///
 /// # State machine
@@ -79,6 +84,8 @@ pub struct Connection {
     state: State,
     transmit: VecDeque<Bytes>,
     pong_received: bool,
+    /// The negotiated permessage-deflate parameters and this side's compressor.
+    deflate: Option<(DeflateParams, Compressor)>,
 }
 
 impl Connection {
@@ -90,7 +97,69 @@ impl Connection {
             state: State::Open,
             transmit: VecDeque::new(),
             pong_received: false,
+            deflate: None,
         }
+    }
+
+    /// A connection that negotiated permessage-deflate with `params`. Its compressor uses
+    /// `settings` within the negotiated window, and keeps its window between messages only
+    /// if `take_over_context` and the client allowed it.
+    #[must_use]
+    pub fn with_deflate(
+        limits: DecoderLimits,
+        params: DeflateParams,
+        settings: CompressorSettings,
+        take_over_context: bool,
+    ) -> Self {
+        let reset_each_message = params.server_no_context_takeover || !take_over_context;
+        let compressor = Compressor::new(
+            settings.within(params.server_max_window_bits),
+            reset_each_message,
+        );
+        Self {
+            decoder: Decoder::with_inflater(limits, Inflater::default()),
+            deflate: Some((params, compressor)),
+            ..Self::new(limits)
+        }
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    #[must_use]
+    pub fn compresses(&self) -> bool {
+        self.deflate.is_some()
+    }
+
+    /// Whether the compressor keeps its window between messages: every compressed frame it
+    /// makes must then reach the client, in order, and no other compressed frame may go in
+    /// between (the client's window would hold data this compressor never saw).
+    #[must_use]
+    pub fn takes_over_context(&self) -> bool {
+        self.deflate
+            .as_ref()
+            .is_some_and(|(_, compressor)| compressor.takes_over_context())
+    }
+
+    /// Whether a frame compressed elsewhere from an empty window of `window_bits` (a shared
+    /// broadcast frame) may be sent on this connection.
+    #[must_use]
+    pub fn accepts_frames_compressed_with(&self, window_bits: u8) -> bool {
+        self.deflate.as_ref().is_some_and(|(params, compressor)| {
+            !compressor.takes_over_context() && window_bits <= params.server_max_window_bits
+        })
+    }
+
+    /// A data message as one compressed frame, or `None` if deflate was not negotiated.
+    #[must_use]
+    pub fn encode_compressed(&mut self, text: bool, payload: &[u8]) -> Option<Bytes> {
+        let (_, compressor) = self.deflate.as_mut()?;
+        let opcode = if text { OpCode::Text } else { OpCode::Binary };
+        Some(compressor.encode_frame(opcode, payload))
+    }
+
+    /// How many compressed messages from the client were inflated so far.
+    #[must_use]
+    pub fn inflated_messages(&self) -> u64 {
+        self.decoder.inflated_messages()
     }
 
     /// Decodes `buf` up to the next event for the caller, answering pings and closes on the
@@ -442,5 +511,50 @@ mod tests {
             let mut conn = Connection::new(DecoderLimits::default());
             assert_eq!(drive(&mut conn, &bytes, chunk), whole, "chunk {chunk}");
         }
+    }
+
+    fn deflate_params(offer: &str) -> DeflateParams {
+        crate::proto::deflate::negotiate(offer).expect("an acceptable offer")
+    }
+
+    #[test]
+    fn compressing_connection_inflates_events_and_compresses_on_request() {
+        let params = deflate_params("permessage-deflate");
+        let mut conn = Connection::with_deflate(
+            DecoderLimits::default(),
+            params,
+            CompressorSettings::PER_CONNECTION,
+            true,
+        );
+        assert!(conn.compresses() && conn.takes_over_context());
+        assert!(!conn.accepts_frames_compressed_with(15));
+        let reply = conn.encode_compressed(true, b"hello hello hello").unwrap();
+        let (header, len) = FrameHeader::parse(&reply).unwrap().unwrap();
+        assert_eq!((header.rsv, header.opcode), (0b100, OpCode::Text));
+
+        // The client echoes the compressed payload back, with RSV1.
+        let mut echoed = frame(OpCode::Text, true, &reply[len..]);
+        echoed[0] |= 0x40;
+        let (events, sent) = drive(&mut conn, &echoed, usize::MAX);
+        assert_eq!(events, [message(true, b"hello hello hello")]);
+        assert!(sent.is_empty());
+        assert_eq!(conn.inflated_messages(), 1);
+    }
+
+    #[test]
+    fn context_takeover_follows_the_offer_and_the_policy() {
+        let limits = DecoderLimits::default();
+        let settings = CompressorSettings::PER_CONNECTION;
+        let refused = deflate_params("permessage-deflate; server_no_context_takeover");
+        let conn = Connection::with_deflate(limits, refused, settings, true);
+        assert!(!conn.takes_over_context());
+        assert!(conn.accepts_frames_compressed_with(15));
+        let limited = deflate_params("permessage-deflate; server_max_window_bits=10");
+        let conn = Connection::with_deflate(limits, limited, settings, false);
+        assert!(conn.accepts_frames_compressed_with(10));
+        assert!(!conn.accepts_frames_compressed_with(15));
+        let mut plain = Connection::new(limits);
+        assert!(!plain.compresses() && !plain.takes_over_context());
+        assert_eq!(plain.encode_compressed(true, b"x"), None);
     }
 }

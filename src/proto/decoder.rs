@@ -1,9 +1,11 @@
 //! Message assembly from client frames (RFC 6455 §5.4-§5.6): unmasking in place, fragments,
-//! interleaved control frames, UTF-8 and size limits.
+//! interleaved control frames, UTF-8 and size limits, and inflating permessage-deflate
+//! messages (RFC 7692) when it was negotiated.
 
 use bytes::{Buf as _, Bytes, BytesMut};
 
 use crate::proto::close::{CloseFrame, parse_close_payload};
+use crate::proto::deflate::Inflater;
 use crate::proto::error::ProtocolError;
 use crate::proto::frame::{FrameHeader, OpCode};
 use crate::proto::mask::apply_mask;
@@ -56,6 +58,10 @@ pub enum Message {
 /// fragmented message is copied once, into its own buffer, so that a message of many small
 /// fragments holds at most `max_message_bytes` and not the read buffers it arrived in.
 ///
+/// With permessage-deflate negotiated ([`Decoder::with_inflater`]), a message whose first
+/// frame has RSV1 set is assembled compressed and inflated once complete; the inflated size
+/// counts against `max_message_bytes` while inflating, and text is UTF-8-checked after it.
+///
 /// After an error the stream is unusable (the connection is failed) and the decoder must
 /// be dropped.
 #[derive(Debug)]
@@ -66,6 +72,10 @@ pub struct Decoder {
     /// The fragmented message in progress, between its first and its final frame.
     message: Option<PartialMessage>,
     utf8: Utf8Validator,
+    /// Present when permessage-deflate was negotiated: RSV1 is then allowed.
+    inflater: Option<Inflater>,
+    /// Compressed messages inflated so far.
+    inflated_messages: u64,
 }
 
 #[derive(Debug)]
@@ -80,11 +90,14 @@ struct PartialFrame {
     unmasked: usize,
     /// Whether the payload belongs to a text message and must be UTF-8.
     text: bool,
+    /// Whether it belongs to a compressed message (checked for UTF-8 once inflated).
+    compressed: bool,
 }
 
 #[derive(Debug)]
 struct PartialMessage {
     text: bool,
+    compressed: bool,
     payload: BytesMut,
     /// Frames received so far.
     fragments: u32,
@@ -99,7 +112,24 @@ impl Decoder {
             frame: None,
             message: None,
             utf8: Utf8Validator::new(),
+            inflater: None,
+            inflated_messages: 0,
         }
+    }
+
+    /// A decoder for a connection that negotiated permessage-deflate.
+    #[must_use]
+    pub fn with_inflater(limits: DecoderLimits, inflater: Inflater) -> Self {
+        Self {
+            inflater: Some(inflater),
+            ..Self::new(limits)
+        }
+    }
+
+    /// How many compressed messages this decoder has inflated.
+    #[must_use]
+    pub fn inflated_messages(&self) -> u64 {
+        self.inflated_messages
     }
 
     /// Decodes the next message from `buf`, the connection's read buffer.
@@ -132,7 +162,7 @@ impl Decoder {
             if available > frame.unmasked {
                 let fresh = &mut buf[frame.unmasked..available];
                 apply_mask(fresh, frame.mask, frame.unmasked);
-                if frame.text {
+                if frame.text && !frame.compressed {
                     self.utf8.feed(fresh)?;
                 }
                 frame.unmasked = available;
@@ -151,17 +181,21 @@ impl Decoder {
 
     /// Checks a new frame's header against the state and the limits.
     fn start_frame(&self, header: FrameHeader) -> Result<PartialFrame, ProtocolError> {
-        if header.rsv != 0 {
+        // RSV1 marks a compressed message, on its first frame only (RFC 7692 §6.1).
+        let rsv1 = header.rsv == 0b100
+            && self.inflater.is_some()
+            && matches!(header.opcode, OpCode::Text | OpCode::Binary);
+        if header.rsv != 0 && !rsv1 {
             return Err(ProtocolError::ReservedBitsSet);
         }
         let mask = header.mask.ok_or(ProtocolError::UnmaskedFrame)?;
-        let text = match (header.opcode, &self.message) {
+        let (text, compressed) = match (header.opcode, &self.message) {
             (OpCode::Continuation, None) => return Err(ProtocolError::UnexpectedContinuation),
-            (OpCode::Continuation, Some(message)) => message.text,
+            (OpCode::Continuation, Some(message)) => (message.text, message.compressed),
             (OpCode::Text | OpCode::Binary, Some(_)) => {
                 return Err(ProtocolError::ExpectedContinuation);
             }
-            (opcode, _) => opcode == OpCode::Text,
+            (opcode, _) => (opcode == OpCode::Text, rsv1),
         };
         let too_big = |size, max| ProtocolError::MessageTooBig { size, max };
         if header.payload_len > self.limits.max_frame_bytes {
@@ -193,6 +227,7 @@ impl Decoder {
             mask,
             unmasked: 0,
             text,
+            compressed,
         })
     }
 
@@ -217,12 +252,14 @@ impl Decoder {
             }
             OpCode::Text | OpCode::Binary if header.fin => {
                 let payload = buf.split_to(len).freeze();
-                self.complete(header.opcode == OpCode::Text, payload)?
+                let compressed = header.rsv != 0;
+                self.complete(header.opcode == OpCode::Text, compressed, payload)?
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 // A fragment: append it to the message being assembled.
                 let mut message = self.message.take().unwrap_or_else(|| PartialMessage {
                     text: header.opcode == OpCode::Text,
+                    compressed: header.rsv != 0,
                     payload: BytesMut::with_capacity(len),
                     fragments: 0,
                 });
@@ -233,14 +270,31 @@ impl Decoder {
                     self.message = Some(message);
                     return Ok(None);
                 }
-                self.complete(message.text, message.payload.freeze())?
+                self.complete(message.text, message.compressed, message.payload.freeze())?
             }
         };
         Ok(Some(message))
     }
 
-    /// A whole data message; text must end on a code point boundary.
-    fn complete(&mut self, text: bool, payload: Bytes) -> Result<Message, ProtocolError> {
+    /// A whole data message, inflated if it was compressed; text must be valid UTF-8 and end
+    /// on a code point boundary.
+    fn complete(
+        &mut self,
+        text: bool,
+        compressed: bool,
+        payload: Bytes,
+    ) -> Result<Message, ProtocolError> {
+        let payload = match &mut self.inflater {
+            Some(inflater) if compressed => {
+                let inflated = inflater.inflate(&payload, self.limits.max_message_bytes)?;
+                self.inflated_messages += 1;
+                if text {
+                    self.utf8.feed(&inflated)?;
+                }
+                inflated
+            }
+            _ => payload,
+        };
         if !text {
             return Ok(Message::Binary(payload));
         }
@@ -528,6 +582,129 @@ mod tests {
         assert_eq!(
             decode_bytewise(&bytes, DecoderLimits::default()).unwrap(),
             whole
+        );
+    }
+
+    /// A masked client frame with `rsv` set.
+    fn frame_rsv(opcode: OpCode, fin: bool, rsv: u8, payload: &[u8]) -> Vec<u8> {
+        let mut bytes = frame(opcode, fin, payload);
+        bytes[0] |= rsv << 4;
+        bytes
+    }
+
+    /// `message` deflated as a client sends it: raw, sync-flushed, tail removed.
+    fn deflated(message: &[u8]) -> Vec<u8> {
+        use crate::proto::deflate::{Compressor, CompressorSettings};
+        let frame =
+            Compressor::new(CompressorSettings::SHARED, true).encode_frame(OpCode::Binary, message);
+        let (_, len) = FrameHeader::parse(&frame).unwrap().unwrap();
+        frame[len..].to_vec()
+    }
+
+    fn decode_compressed(
+        bytes: &[u8],
+        limits: DecoderLimits,
+    ) -> Result<Vec<Message>, ProtocolError> {
+        let mut decoder = Decoder::with_inflater(limits, Inflater::default());
+        let mut buf = BytesMut::from(bytes);
+        let mut messages = Vec::new();
+        while let Some(message) = decoder.decode(&mut buf)? {
+            messages.push(message);
+        }
+        Ok(messages)
+    }
+
+    #[test]
+    fn refuses_rsv1_unless_deflate_was_negotiated() {
+        let bytes = frame_rsv(OpCode::Text, true, 0b100, &deflated(b"hello"));
+        assert_eq!(
+            decode_all(&bytes, DecoderLimits::default()),
+            Err(ProtocolError::ReservedBitsSet)
+        );
+        assert_eq!(
+            decode_compressed(&bytes, DecoderLimits::default()).unwrap(),
+            [text("hello")]
+        );
+    }
+
+    #[test]
+    fn refuses_rsv1_on_continuations_and_control_frames_and_rsv2_rsv3_always() {
+        let mut continued = frame_rsv(OpCode::Text, false, 0b100, b"");
+        continued.extend(frame_rsv(OpCode::Continuation, true, 0b100, b""));
+        let cases = [
+            continued,
+            frame_rsv(OpCode::Ping, true, 0b100, b""),
+            frame_rsv(OpCode::Close, true, 0b100, b""),
+            frame_rsv(OpCode::Text, true, 0b010, b"a"),
+            frame_rsv(OpCode::Text, true, 0b110, b"a"),
+            frame_rsv(OpCode::Binary, true, 0b001, b"a"),
+        ];
+        for bytes in cases {
+            assert_eq!(
+                decode_compressed(&bytes, DecoderLimits::default()),
+                Err(ProtocolError::ReservedBitsSet),
+                "{bytes:02x?}"
+            );
+        }
+    }
+
+    #[test]
+    fn inflates_a_fragmented_compressed_message_around_control_frames() {
+        let message = "{\"type\":\"publish\",\"data\":\"\u{e9}t\u{e9}\"}".repeat(40);
+        let compressed = deflated(message.as_bytes());
+        let (first, rest) = compressed.split_at(compressed.len() / 3);
+        let mut bytes = frame_rsv(OpCode::Text, false, 0b100, first);
+        bytes.extend(frame(OpCode::Ping, true, b"p"));
+        bytes.extend(frame(OpCode::Continuation, true, rest));
+        bytes.extend(frame(OpCode::Text, true, b"plain"));
+        let messages = decode_compressed(&bytes, DecoderLimits::default()).unwrap();
+        assert_eq!(
+            messages,
+            [
+                Message::Ping(Bytes::from_static(b"p")),
+                text(&message),
+                text("plain")
+            ]
+        );
+    }
+
+    #[test]
+    fn refuses_a_compressed_message_over_the_limit_once_inflated_with_1009() {
+        let bomb = deflated(&vec![b'a'; 1 << 20]);
+        let limits = DecoderLimits {
+            max_message_bytes: 4096,
+            max_frame_bytes: 4096,
+            max_fragments: 16,
+        };
+        assert!(bomb.len() < 4096);
+        let error =
+            decode_compressed(&frame_rsv(OpCode::Text, true, 0b100, &bomb), limits).unwrap_err();
+        assert_eq!(
+            error,
+            ProtocolError::MessageTooBig {
+                size: 4097,
+                max: 4096
+            }
+        );
+        assert_eq!(error.close_code(), 1009);
+    }
+
+    #[test]
+    fn checks_utf8_and_deflate_data_of_compressed_text() {
+        let invalid_utf8 = frame_rsv(OpCode::Text, true, 0b100, &deflated(b"ok \xff"));
+        assert_eq!(
+            decode_compressed(&invalid_utf8, DecoderLimits::default()),
+            Err(ProtocolError::InvalidUtf8)
+        );
+        let binary = frame_rsv(OpCode::Binary, true, 0b100, &deflated(b"ok \xff"));
+        assert_eq!(
+            decode_compressed(&binary, DecoderLimits::default()).unwrap(),
+            [Message::Binary(Bytes::from_static(b"ok \xff"))]
+        );
+        let garbage = frame_rsv(OpCode::Text, true, 0b100, &[0xff; 32]);
+        assert_eq!(
+            decode_compressed(&garbage, DecoderLimits::default()),
+            Err(ProtocolError::InvalidCompressedData)
         );
     }
 }

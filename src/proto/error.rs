@@ -9,7 +9,8 @@ pub enum ProtocolError {
     /// §5.1: a server MUST close the connection on a frame from the client that is not masked.
     #[error("client frame is not masked")]
     UnmaskedFrame,
-    /// §5.2: RSV1-3 MUST be 0 unless an extension that defines them was negotiated.
+    /// §5.2: RSV1-3 MUST be 0 unless an extension that defines them was negotiated; with
+    /// permessage-deflate, RSV1 only on the first frame of a data message (RFC 7692 §6.1).
     #[error("reserved bits set without a negotiated extension")]
     ReservedBitsSet,
     /// §5.2: opcodes 0x3-0x7 and 0xB-0xF are reserved; receiving one MUST fail the connection.
@@ -42,6 +43,10 @@ pub enum ProtocolError {
     /// §5.4: a new text or binary frame arrived while a fragmented message was unfinished.
     #[error("new message started before the fragmented one finished")]
     ExpectedContinuation,
+    /// RFC 7692 §7.2.2: a compressed message is not a valid DEFLATE stream; failed with
+    /// 1007, the code for data inconsistent with the message's type.
+    #[error("compressed message is not valid deflate data")]
+    InvalidCompressedData,
     /// §7.4.1 (code 1009): a frame or message is larger than this server accepts.
     #[error("message of {size} bytes exceeds the limit of {max} bytes")]
     MessageTooBig {
@@ -63,7 +68,7 @@ impl ProtocolError {
     #[must_use]
     pub fn close_code(&self) -> u16 {
         match self {
-            Self::InvalidUtf8 => 1007,
+            Self::InvalidUtf8 | Self::InvalidCompressedData => 1007,
             Self::MessageTooBig { .. } | Self::TooManyFragments { .. } => 1009,
             _ => 1002,
         }
@@ -171,6 +176,7 @@ mod tests {
             ProtocolError::MessageTooBig { size: 2, max: 1 }.close_code(),
             1009
         );
+        assert_eq!(ProtocolError::InvalidCompressedData.close_code(), 1007);
         assert_eq!(ProtocolError::UnmaskedFrame.close_code(), 1002);
         assert_eq!(ProtocolError::InvalidCloseCode(1005).close_code(), 1002);
     }

@@ -315,9 +315,10 @@ pub fn accept_key(key: &str) -> String {
     BASE64.encode(sha1.finalize())
 }
 
-/// The complete `101 Switching Protocols` response head, with the chosen subprotocol if any.
+/// The complete `101 Switching Protocols` response head, with the chosen subprotocol and
+/// the accepted extensions (a `Sec-WebSocket-Extensions` value) if any.
 #[must_use]
-pub fn upgrade_response(accept: &str, protocol: Option<&str>) -> Vec<u8> {
+pub fn upgrade_response(accept: &str, protocol: Option<&str>, extensions: Option<&str>) -> Vec<u8> {
     let mut response = String::with_capacity(160);
     response.push_str(
         "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
@@ -328,6 +329,11 @@ pub fn upgrade_response(accept: &str, protocol: Option<&str>) -> Vec<u8> {
     if let Some(protocol) = protocol {
         response.push_str("Sec-WebSocket-Protocol: ");
         response.push_str(protocol);
+        response.push_str("\r\n");
+    }
+    if let Some(extensions) = extensions {
+        response.push_str("Sec-WebSocket-Extensions: ");
+        response.push_str(extensions);
         response.push_str("\r\n");
     }
     response.push_str("\r\n");
@@ -615,11 +621,14 @@ mod tests {
     fn builds_upgrade_response() {
         let accept = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
         assert_eq!(
-            upgrade_response(accept, None),
+            upgrade_response(accept, None, None),
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\
               Connection: Upgrade\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n"
         );
-        let response = String::from_utf8(upgrade_response(accept, Some("chat"))).unwrap();
+        let response = String::from_utf8(upgrade_response(accept, Some("chat"), None)).unwrap();
         assert!(response.ends_with("\r\nSec-WebSocket-Protocol: chat\r\n\r\n"));
+        let response =
+            String::from_utf8(upgrade_response(accept, None, Some("permessage-deflate"))).unwrap();
+        assert!(response.ends_with("=\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"));
     }
 }

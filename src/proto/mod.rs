@@ -2,8 +2,8 @@
 //!
 //! Owns the HTTP/1.1 upgrade request ([`handshake`]), the RFC 6455 frame codec ([`frame`],
 //! [`mask`]), UTF-8 validation of text ([`utf8`]), message assembly ([`decoder`]), one
-//! connection's close handshake ([`conn`], [`close`]) and the `/ws` JSON commands
-//! ([`pubsub`]). Never touches sockets, never reads the clock, never spawns or blocks
+//! connection's close handshake ([`conn`], [`close`]), permessage-deflate ([`deflate`]) and
+//! the `/ws` JSON commands ([`pubsub`]). Never touches sockets, never reads the clock, never spawns or blocks
 //! threads: the shard feeds it bytes it has read and writes the bytes it hands back, so the
 //! same code runs under both backends and in-memory tests.
 #![deny(unsafe_code)]
@@ -11,6 +11,7 @@
 pub mod close;
 pub mod conn;
 pub mod decoder;
+pub mod deflate;
 pub mod error;
 pub mod frame;
 pub mod handshake;

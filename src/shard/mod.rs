@@ -44,12 +44,14 @@ use timer::Deadlines;
 
 use crate::auth::{AuthMode, Authenticator, Identity, token_of};
 use crate::cluster::{self, Bridge};
+use crate::compression::CompressionPolicy;
 use crate::config::Config;
 use crate::http::{self, Route, longpoll, publish, sse};
 use crate::hub::{self, Broadcast, ChannelName, Channels, SubscribeOutcome, Subscriptions};
 use crate::limits::{ConnectionLimits, SlowConsumerPolicy, TokenBucket, client_ip, retry_after};
 use crate::metrics::{Counters, Registry, Transport};
 use crate::proto::decoder::DecoderLimits;
+use crate::proto::deflate::{self, Compressor, CompressorSettings};
 use crate::proto::frame::{FrameHeader, OpCode, encode_frame};
 use crate::proto::handshake::{self, HandshakeLimits, Request};
 use crate::proto::pubsub::{self, Command, CommandParser};
@@ -239,6 +241,9 @@ pub struct Shard {
     /// Keep-alive connections that went back to reading with bytes already buffered (a
     /// request pipelined behind one answered later): processed at the end of the step.
     reread: Vec<usize>,
+    /// Compresses the broadcasts of `shared` channels homed here, once per publish, each
+    /// from an empty window so any compressing subscriber can take the frame.
+    shared_compressor: Compressor,
 }
 
 /// What every shard shares, read-only apart from the atomics inside: built once at start.
@@ -300,6 +305,7 @@ impl Shard {
             draining: false,
             now,
             counters: Counters::default(),
+            shared_compressor: Compressor::new(CompressorSettings::SHARED, true),
             ctx,
         }
     }
@@ -734,15 +740,37 @@ impl Shard {
                 strikes: 0,
             })
         });
+        let policies = &self.ctx.config.compression;
+        let negotiated = request
+            .sec_websocket_extensions
+            .as_deref()
+            .filter(|_| policies.negotiates())
+            .and_then(deflate::negotiate);
+        let ws = match negotiated {
+            // The echo endpoint's replies are its own: it keeps its window (conformance
+            // checks the negotiated takeover parameters).
+            Some(params) => Connection::with_deflate(
+                limits,
+                params,
+                CompressorSettings::PER_CONNECTION,
+                endpoint == Endpoint::Echo || policies.takes_over_context(),
+            ),
+            None => Connection::new(limits),
+        };
         self.set_phase(
             key,
             Phase::WebSocket {
-                ws: Box::new(Connection::new(limits)),
+                ws: Box::new(ws),
                 endpoint,
                 rate,
             },
         );
-        let response = Bytes::from(handshake::upgrade_response(&accept, None));
+        let extensions = negotiated.map(|params| params.response());
+        let response = Bytes::from(handshake::upgrade_response(
+            &accept,
+            None,
+            extensions.as_deref(),
+        ));
         self.conns[key].outbox.push(response);
         self.mark_dirty(key);
         let conn_ref = self.conn_ref(key);
@@ -869,7 +897,15 @@ impl Shard {
                 return;
             };
             let endpoint = *endpoint;
+            let inflating = ws
+                .compresses()
+                .then(|| (Instant::now(), ws.inflated_messages()));
             let event = ws.poll_event(&mut conn.read_buf);
+            if let Some((start, inflated)) = inflating
+                && ws.inflated_messages() > inflated
+            {
+                self.counters.inflate_ns_total += elapsed_ns(start);
+            }
             while let Some(frame) = ws.poll_transmit() {
                 queue_transmit(&mut conn.outbox, frame);
             }
@@ -913,6 +949,21 @@ impl Shard {
     fn echo(&mut self, key: usize, text: bool, payload: Bytes) {
         let opcode = if text { OpCode::Text } else { OpCode::Binary };
         let conn = &mut self.conns[key];
+        if let Phase::WebSocket { ws, .. } = &mut conn.phase
+            && ws.compresses()
+        {
+            let start = Instant::now();
+            let frame = ws
+                .encode_compressed(text, &payload)
+                .expect("deflate was negotiated");
+            let plain_len = frame_header(opcode, payload.len()).len() + payload.len();
+            self.counters
+                .count_compressed(plain_len, frame.len(), elapsed_ns(start));
+            conn.outbox.push(frame);
+            self.counters.messages_out_total += 1;
+            self.mark_dirty(key);
+            return;
+        }
         // Header and payload go out as two slices of one vectored write: the payload is
         // the received buffer itself, never copied.
         conn.outbox.push(frame_header(opcode, payload.len()));
@@ -1159,6 +1210,9 @@ impl Shard {
         if conn.closing {
             return;
         }
+        // Replies (acks, errors) go plain even on compressing connections: they are short,
+        // and compressing them would allocate a compressor for every connection that ever
+        // subscribed, where only those that receive broadcasts need one.
         conn.outbox.push(frame);
         self.counters.messages_out_total += 1;
         self.mark_dirty(key);
@@ -1363,12 +1417,21 @@ impl Shard {
                 id,
             } => {
                 let published = self.channels.publish(&channel, &data, self.now);
-                let (broadcast, subscribers) = (published.broadcast, published.subscribers);
+                let (mut broadcast, subscribers) = (published.broadcast, published.subscribers);
                 let targets: Vec<usize> = (0..published.shards.len())
                     .filter(|&s| published.shards[s] > 0)
                     .collect();
                 self.counters.publishes_total += 1;
                 self.counters.channels_homed = self.channels.len() as u64;
+                if self.ctx.config.compression.policy_for(&channel) == CompressionPolicy::Shared {
+                    let start = Instant::now();
+                    let payload = longpoll::frame_payload(&broadcast.frame);
+                    let deflated = self.shared_compressor.encode_frame(OpCode::Text, &payload);
+                    self.counters.deflate_ns_total += elapsed_ns(start);
+                    // Kept only if it saves bytes; tiny messages go plain to everyone.
+                    broadcast.deflated =
+                        (deflated.len() < broadcast.frame.len()).then_some(deflated);
+                }
                 let seq = broadcast.seq;
                 for shard in targets {
                     self.send(shard, Envelope::Broadcast(broadcast.clone()));
@@ -1630,14 +1693,43 @@ impl Shard {
             return;
         };
         let (tag, policy, seq) = (subscribers.tag, subscribers.policy, broadcast.seq);
+        let compression = self.ctx.config.compression.policy_for(&broadcast.channel);
+        let mut plain_payload: Option<Bytes> = None;
         let mut slow = Vec::new();
         let mut polls = Vec::new();
         let mut event: Option<Bytes> = None;
         for key in subscribers.conns() {
             let conn = &mut self.conns[key];
-            match conn.phase {
-                Phase::WebSocket { .. } => {
-                    conn.outbox.push_message(broadcast.frame.clone(), tag, seq)
+            match &mut conn.phase {
+                Phase::WebSocket { ws, .. } => {
+                    let shared = broadcast.deflated.as_ref().filter(|_| {
+                        ws.accepts_frames_compressed_with(CompressorSettings::SHARED.window_bits)
+                    });
+                    let frame = if let Some(deflated) = shared {
+                        self.counters
+                            .count_compressed(broadcast.frame.len(), deflated.len(), 0);
+                        deflated.clone()
+                    } else if compression == CompressionPolicy::PerConnection && ws.compresses()
+                        || compression == CompressionPolicy::Shared && ws.takes_over_context()
+                    {
+                        // A compressor that keeps its window must see every compressed
+                        // message this connection gets, shared channels' included.
+                        let start = Instant::now();
+                        let payload = plain_payload
+                            .get_or_insert_with(|| longpoll::frame_payload(&broadcast.frame));
+                        let frame = ws
+                            .encode_compressed(true, payload)
+                            .expect("deflate was negotiated");
+                        self.counters.count_compressed(
+                            broadcast.frame.len(),
+                            frame.len(),
+                            elapsed_ns(start),
+                        );
+                        frame
+                    } else {
+                        broadcast.frame.clone()
+                    };
+                    conn.outbox.push_message(frame, tag, seq);
                 }
                 Phase::EventStream => {
                     let event = event.get_or_insert_with(|| sse::event(seq, &broadcast.frame));
@@ -1690,7 +1782,17 @@ impl Shard {
     /// announcing what was shed; disconnects it when shedding is not enough.
     fn shed(&mut self, key: usize, tag: u32, policy: SlowConsumerPolicy) {
         let budget = self.ctx.config.outbound_queue_bytes;
-        let outbox = &mut self.conns[key].outbox;
+        let conn = &mut self.conns[key];
+        // Frames from a compressor that keeps its window cannot be dropped or replaced:
+        // the client's window would no longer match. Such a subscriber is disconnected
+        // and recovers with `since`.
+        let policy = match &conn.phase {
+            Phase::WebSocket { ws, .. } if ws.takes_over_context() => {
+                SlowConsumerPolicy::Disconnect
+            }
+            _ => policy,
+        };
+        let outbox = &mut conn.outbox;
         let shed = match policy {
             SlowConsumerPolicy::Disconnect => Vec::new(),
             // Down to half the budget, so the next messages do not shed again at once.
@@ -1930,6 +2032,11 @@ fn queue_transmit(outbox: &mut Outbox, frame: Bytes) {
     } else {
         outbox.push(frame);
     }
+}
+
+/// Nanoseconds since `start`, for the compression CPU counters.
+fn elapsed_ns(start: Instant) -> u64 {
+    start.elapsed().as_nanos() as u64
 }
 
 /// The header of an unmasked, final frame of `len` payload bytes.
@@ -2175,6 +2282,60 @@ mod tests {
             slices[0].as_ptr()
         };
         assert_eq!(front(&mut cluster, a), front(&mut cluster, b));
+    }
+
+    #[test]
+    fn compressing_subscribers_share_one_deflated_frame_allocation() {
+        let config = Config {
+            compression: crate::compression::CompressionPolicies {
+                default: CompressionPolicy::Shared,
+                by_prefix: Vec::new(),
+            },
+            ..Config::default()
+        };
+        let mut cluster = Cluster::new(2, config);
+        let deflating = |cluster: &mut Cluster, shard: usize| {
+            let key = cluster.shards[shard]
+                .accept(cluster.now, LOCALHOST)
+                .unwrap();
+            let client = Client { shard, key };
+            let head = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                 Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
+            cluster.write(client, head.as_bytes());
+            let response = String::from_utf8(cluster.take_output(client)).unwrap();
+            assert!(response.contains("\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"));
+            client
+        };
+        let a = deflating(&mut cluster, 0);
+        let b = deflating(&mut cluster, 1);
+        let plain = cluster.connect(1, "/ws");
+        for c in [a, b, plain] {
+            cluster.send(c, r#"{"type":"subscribe","channel":"news"}"#);
+        }
+        cluster.settle();
+        for c in [a, b, plain] {
+            cluster.take_output(c);
+        }
+        let data = format!("[{}]", vec!["\"compressible\""; 50].join(","));
+        cluster.send(
+            a,
+            &format!(r#"{{"type":"publish","channel":"news","data":{data}}}"#),
+        );
+        cluster.settle();
+        let front = |cluster: &mut Cluster, c: Client| {
+            let outbox = cluster.shards[c.shard].outbox(c.key);
+            let mut slices = [std::io::IoSlice::new(&[]); 1];
+            outbox.io_slices(&mut slices);
+            (slices[0].as_ptr(), slices[0][0], slices[0].len())
+        };
+        let (shared, first_byte, len) = front(&mut cluster, a);
+        assert_eq!(first_byte, 0xC1, "FIN, RSV1, text");
+        assert_eq!(front(&mut cluster, b).0, shared);
+        let (plain_ptr, plain_first, plain_len) = front(&mut cluster, plain);
+        assert_ne!(plain_ptr, shared);
+        assert_eq!(plain_first, 0x81);
+        assert!(len * 4 < plain_len, "{len} vs {plain_len}");
     }
 
     #[test]

@@ -7,11 +7,10 @@ Starts `herald serve --listen 127.0.0.1:0 --threads 2`, runs
 
 * suite "core" (groups 1-10, 301 cases; 12.* and 13.* excluded): every case must be
   OK, NON-STRICT or INFORMATIONAL. FAILED, UNIMPLEMENTED or missing fails the run.
-* suite "compression" (groups 12 and 13, 216 cases): while Herald has no
-  permessage-deflate every case must be UNIMPLEMENTED (kosoku's verdict when the
-  server declines the extension); a passing verdict is accepted too, FAILED or missing
-  is not. Note that kosoku itself exits 1 on UNIMPLEMENTED, so its exit code is
-  ignored here.
+* suite "compression" (groups 12 and 13, 216 cases): the server runs with
+  `--compression shared` (permessage-deflate is off by default; /echo then compresses
+  its replies with its own context, honouring the negotiated takeover and window
+  parameters). Every case must be OK, NON-STRICT or INFORMATIONAL, like the core suite.
 * tests/conformance/expected.json (case -> behaviour, written by --update-expected
   from an all-green run) is compared case by case: any case that got worse fails.
 
@@ -51,8 +50,14 @@ EXPECTED_FILE = Path(__file__).resolve().parent / "expected.json"
 
 # kosoku 0.1.0 case counts (research/reliability.md §2.1).
 SUITES = {
-    "core": {"args": ["-x", "12.*", "-x", "13.*"], "count": 301, "parallel": 1, "timeout": 900},
-    "compression": {"args": ["-i", "12.*", "-i", "13.*"], "count": 216, "parallel": 2, "timeout": 1200},
+    "core": {"args": ["-x", "12.*", "-x", "13.*"], "count": 301, "parallel": 1, "timeout": 900, "server_args": []},
+    "compression": {
+        "args": ["-i", "12.*", "-i", "13.*"],
+        "count": 216,
+        "parallel": 2,
+        "timeout": 1200,
+        "server_args": ["--compression", "shared"],
+    },
 }
 PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
 # Lower is better. INFORMATIONAL cases are informational by definition: rank like OK.
@@ -209,7 +214,7 @@ def run_suite(
     if tls:
         ca, cert, key = make_certificate(Path(tempfile.mkdtemp(prefix="herald-conformance-")))
         extra = [*extra, "--tls-cert", str(cert), "--tls-key", str(key)]
-    server = Server(binary, extra, outroot / f"herald-{name}.log")
+    server = Server(binary, [*spec["server_args"], *extra], outroot / f"herald-{name}.log")
     url = f"ws://{server.addr}/echo"
     if tls:
         relay = TlsRelay(server.addr, ca)
@@ -255,7 +260,7 @@ def run_suite(
 def judge(name: str, cases: dict, expected: dict | None) -> tuple[int, int, list[str]]:
     """Returns (passed, failed, lines to print)."""
     out: list[str] = []
-    acceptable = PASSING | ({"UNIMPLEMENTED"} if name == "compression" else set())
+    acceptable = PASSING
     all_ids = set(cases)
     if expected:
         all_ids |= set(expected)
