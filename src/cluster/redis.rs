@@ -28,7 +28,7 @@ use crate::http::longpoll;
 use crate::hub::{self, Broadcast, ChannelName, HistoryLimits};
 use crate::proto::deflate::{Compressor, CompressorSettings};
 use crate::proto::{OpCode, pubsub};
-use crate::shard::{ConnRef, Envelope, Post};
+use crate::shard::{Answer, ConnRef, Envelope, Post};
 
 /// Longest wait for one Redis reply: past it the link counts as lost (a hung Redis must
 /// not hold publishes forever).
@@ -294,6 +294,20 @@ struct Waiter {
     since: Option<u64>,
     epoch: Option<Box<str>>,
     id: Option<u64>,
+}
+
+impl Waiter {
+    /// The answer to this waiter's subscription: live (or refused) at `seq` of `epoch`.
+    fn answer(&self, channel: &ChannelName, seq: u64, epoch: &Arc<str>) -> Answer {
+        Answer {
+            channel: channel.clone(),
+            conn: self.conn,
+            ticket: self.ticket,
+            seq,
+            id: self.id,
+            epoch: Some(epoch.clone()),
+        }
+    }
 }
 
 /// The node's view of one channel its clients hold.
@@ -832,18 +846,9 @@ impl Node {
         epoch: &Arc<str>,
         replay: Vec<Bytes>,
     ) {
-        self.shards.send(
-            waiter.shard,
-            Envelope::Subscribed {
-                channel: name.clone(),
-                conn: waiter.conn,
-                ticket: waiter.ticket,
-                seq,
-                replay,
-                id: waiter.id,
-                epoch: Some(epoch.clone()),
-            },
-        );
+        let answer = waiter.answer(name, seq, epoch);
+        self.shards
+            .send(waiter.shard, Envelope::Subscribed { answer, replay });
     }
 
     fn history_gap(
@@ -854,18 +859,9 @@ impl Node {
         oldest: u64,
         epoch: &Arc<str>,
     ) {
-        self.shards.send(
-            waiter.shard,
-            Envelope::HistoryGap {
-                channel: name.clone(),
-                conn: waiter.conn,
-                ticket: waiter.ticket,
-                seq,
-                oldest,
-                id: waiter.id,
-                epoch: Some(epoch.clone()),
-            },
-        );
+        let answer = waiter.answer(name, seq, epoch);
+        self.shards
+            .send(waiter.shard, Envelope::HistoryGap { answer, oldest });
     }
 }
 

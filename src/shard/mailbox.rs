@@ -10,6 +10,19 @@ use crossbeam_channel::{Receiver, Sender, TryRecvError};
 use super::ConnRef;
 use crate::hub::{Broadcast, ChannelName};
 
+/// A channel's answer to a subscription request, as its home or the cluster sent it.
+#[derive(Debug)]
+pub struct Answer {
+    pub channel: ChannelName,
+    pub conn: ConnRef,
+    /// The ticket of the `Subscribe` this answers.
+    pub ticket: u32,
+    pub seq: u64,
+    pub id: Option<u64>,
+    /// The channel's epoch when it is not the node's own (a cluster channel).
+    pub epoch: Option<ChannelName>,
+}
+
 /// A message from one shard to another (or to itself).
 #[derive(Debug)]
 pub enum Envelope {
@@ -36,27 +49,9 @@ pub enum Envelope {
     },
     /// From the home: the subscription is live after `seq`; `replay` holds the frames
     /// after the requested `since`.
-    Subscribed {
-        channel: ChannelName,
-        conn: ConnRef,
-        ticket: u32,
-        seq: u64,
-        replay: Vec<Bytes>,
-        id: Option<u64>,
-        /// The channel's epoch when it is not the node's own (a cluster channel).
-        epoch: Option<ChannelName>,
-    },
+    Subscribed { answer: Answer, replay: Vec<Bytes> },
     /// From the home: `since` cannot be served; history holds `oldest..=seq`.
-    HistoryGap {
-        channel: ChannelName,
-        conn: ConnRef,
-        ticket: u32,
-        seq: u64,
-        oldest: u64,
-        id: Option<u64>,
-        /// The channel's epoch when it is not the node's own (a cluster channel).
-        epoch: Option<ChannelName>,
-    },
+    HistoryGap { answer: Answer, oldest: u64 },
     /// From the home: the publish was stored and ordered as `seq`, and queued to
     /// `subscribers` subscriptions. For an HTTP publish `id` is the message's index.
     Ack {

@@ -38,7 +38,7 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Buf, Bytes, BytesMut};
 use slab::Slab;
 
-pub use mailbox::{Envelope, Inbox, Post, Wake};
+pub use mailbox::{Answer, Envelope, Inbox, Post, Wake};
 pub use outbox::Outbox;
 use timer::Deadlines;
 
@@ -128,17 +128,6 @@ impl Phase {
             Self::WebSocket { .. } => Transport::WebSocket,
         }
     }
-}
-
-/// A channel's answer to a subscription request, as its home or the cluster sent it.
-struct Answer<'a> {
-    channel: &'a ChannelName,
-    conn: ConnRef,
-    ticket: u32,
-    seq: u64,
-    id: Option<u64>,
-    /// The channel's epoch when it is not the node's own (a cluster channel).
-    epoch: Option<ChannelName>,
 }
 
 /// One subscription of a connection. A subscription is pending until its home answers;
@@ -1386,24 +1375,22 @@ impl Shard {
                     self.channels
                         .subscribe(&channel, from, since, epoch_matches, self.now);
                 self.counters.channels_homed = self.channels.len() as u64;
+                let answer = |seq| Answer {
+                    channel,
+                    conn,
+                    ticket,
+                    seq,
+                    id,
+                    epoch: None,
+                };
                 let reply = match outcome {
                     SubscribeOutcome::Subscribed { seq, replay } => Envelope::Subscribed {
-                        channel,
-                        conn,
-                        ticket,
-                        seq,
+                        answer: answer(seq),
                         replay,
-                        id,
-                        epoch: None,
                     },
                     SubscribeOutcome::HistoryGap { seq, oldest } => Envelope::HistoryGap {
-                        channel,
-                        conn,
-                        ticket,
-                        seq,
+                        answer: answer(seq),
                         oldest,
-                        id,
-                        epoch: None,
                     },
                 };
                 self.send(from, reply);
@@ -1446,44 +1433,8 @@ impl Shard {
                     },
                 );
             }
-            Envelope::Subscribed {
-                channel,
-                conn,
-                ticket,
-                seq,
-                replay,
-                id,
-                epoch,
-            } => {
-                let answer = Answer {
-                    channel: &channel,
-                    conn,
-                    ticket,
-                    seq,
-                    id,
-                    epoch,
-                };
-                self.confirm_subscription(answer, replay);
-            }
-            Envelope::HistoryGap {
-                channel,
-                conn,
-                ticket,
-                seq,
-                oldest,
-                id,
-                epoch,
-            } => {
-                let answer = Answer {
-                    channel: &channel,
-                    conn,
-                    ticket,
-                    seq,
-                    id,
-                    epoch,
-                };
-                self.refuse_subscription(answer, oldest);
-            }
+            Envelope::Subscribed { answer, replay } => self.confirm_subscription(answer, replay),
+            Envelope::HistoryGap { answer, oldest } => self.refuse_subscription(answer, oldest),
             Envelope::Refused { conn, id, message } => self.refuse_publish(conn, id, &message),
             Envelope::Ack {
                 conn,
@@ -1557,7 +1508,7 @@ impl Shard {
             .position(|s| matches!(s.state, SubState::Pending { ticket: t, .. } if t == ticket))
     }
 
-    fn confirm_subscription(&mut self, answer: Answer<'_>, replay: Vec<Bytes>) {
+    fn confirm_subscription(&mut self, answer: Answer, replay: Vec<Bytes>) {
         let Answer {
             channel,
             conn,
@@ -1566,6 +1517,7 @@ impl Shard {
             id,
             epoch: answer_epoch,
         } = answer;
+        let channel = &channel;
         let ctx = self.ctx.clone();
         let epoch = answer_epoch.as_deref().unwrap_or(&ctx.epoch);
         let Some(key) = self.resolve(conn) else {
@@ -1635,7 +1587,7 @@ impl Shard {
         }
     }
 
-    fn refuse_subscription(&mut self, answer: Answer<'_>, oldest: u64) {
+    fn refuse_subscription(&mut self, answer: Answer, oldest: u64) {
         let Answer {
             channel,
             conn,
@@ -1644,6 +1596,7 @@ impl Shard {
             id,
             epoch,
         } = answer;
+        let channel = &channel;
         let ctx = self.ctx.clone();
         let epoch = epoch.as_deref().unwrap_or(&ctx.epoch);
         let Some(key) = self.resolve(conn) else {
