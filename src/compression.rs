@@ -3,6 +3,8 @@
 //! (`off`); set globally with `--compression` and per channel prefix in the config file.
 //! The protocol side (negotiation, compressors, inflating) is `proto::deflate`.
 
+use crate::config::{ChannelPolicies, PrefixPolicy};
+
 /// How a channel's messages are compressed for subscribers that negotiated
 /// permessage-deflate; subscribers that did not always get the plain frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -18,13 +20,8 @@ pub enum CompressionPolicy {
     PerConnection,
 }
 
-/// A policy for channels whose name starts with `prefix` (config file only).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct CompressionPrefix {
-    pub prefix: String,
-    pub policy: CompressionPolicy,
-}
+/// A compression policy for channels whose name starts with `prefix`.
+pub type CompressionPrefix = PrefixPolicy<CompressionPolicy>;
 
 /// The compression policy of every channel: the longest matching prefix, else the default.
 ///
@@ -33,21 +30,9 @@ pub struct CompressionPrefix {
 /// its window between messages (and then compresses that connection's copy of `shared`
 /// channels too, since a shared frame would not fit its window); otherwise it starts each
 /// message afresh, so shared frames can go in between.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CompressionPolicies {
-    pub default: CompressionPolicy,
-    pub by_prefix: Vec<CompressionPrefix>,
-}
+pub type CompressionPolicies = ChannelPolicies<CompressionPolicy>;
 
 impl CompressionPolicies {
-    pub fn policy_for(&self, channel: &str) -> CompressionPolicy {
-        self.by_prefix
-            .iter()
-            .filter(|p| channel.starts_with(&p.prefix))
-            .max_by_key(|p| p.prefix.len())
-            .map_or(self.default, |p| p.policy)
-    }
-
     /// Whether permessage-deflate is offered at all.
     pub fn negotiates(&self) -> bool {
         self.default != CompressionPolicy::Off

@@ -13,7 +13,33 @@ use serde::Deserialize;
 use crate::auth::{AuthMode, AuthSettings};
 use crate::compression::{CompressionPolicies, CompressionPolicy, CompressionPrefix};
 use crate::hub::HistoryLimits;
-use crate::limits::{PrefixPolicy, SlowConsumerPolicies, SlowConsumerPolicy};
+use crate::limits::{SlowConsumerPolicies, SlowConsumerPolicy, SlowConsumerPrefix};
+
+/// A per-channel setting for channels whose name starts with `prefix` (config file only).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PrefixPolicy<P> {
+    pub prefix: String,
+    pub policy: P,
+}
+
+/// A setting per channel (slow-consumer handling, compression): the longest matching
+/// prefix, else the default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelPolicies<P> {
+    pub default: P,
+    pub by_prefix: Vec<PrefixPolicy<P>>,
+}
+
+impl<P: Copy> ChannelPolicies<P> {
+    pub fn policy_for(&self, channel: &str) -> P {
+        self.by_prefix
+            .iter()
+            .filter(|p| channel.starts_with(&p.prefix))
+            .max_by_key(|p| p.prefix.len())
+            .map_or(self.default, |p| p.policy)
+    }
+}
 
 /// How many shard threads to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -266,7 +292,7 @@ pub struct Options {
 
     /// Per-prefix slow-consumer policies (config file only).
     #[arg(skip)]
-    pub slow_consumer: Option<Vec<PrefixPolicy>>,
+    pub slow_consumer: Option<Vec<SlowConsumerPrefix>>,
 
     /// permessage-deflate for clients that offer it: off, shared (each message compressed
     /// once for every subscriber) or per-connection (each subscriber's own compressor; about

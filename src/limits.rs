@@ -6,6 +6,8 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::config::{ChannelPolicies, PrefixPolicy};
+
 /// A token bucket: `rate` tokens a second, holding at most `burst`.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -56,31 +58,11 @@ pub enum SlowConsumerPolicy {
     Conflate,
 }
 
-/// A policy for channels whose name starts with `prefix` (config file only).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PrefixPolicy {
-    pub prefix: String,
-    pub policy: SlowConsumerPolicy,
-}
+/// A slow-consumer policy for channels whose name starts with `prefix`.
+pub type SlowConsumerPrefix = PrefixPolicy<SlowConsumerPolicy>;
 
-/// The slow-consumer policy of every channel: the longest matching prefix, else the
-/// default.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SlowConsumerPolicies {
-    pub default: SlowConsumerPolicy,
-    pub by_prefix: Vec<PrefixPolicy>,
-}
-
-impl SlowConsumerPolicies {
-    pub fn policy_for(&self, channel: &str) -> SlowConsumerPolicy {
-        self.by_prefix
-            .iter()
-            .filter(|p| channel.starts_with(&p.prefix))
-            .max_by_key(|p| p.prefix.len())
-            .map_or(self.default, |p| p.policy)
-    }
-}
+/// The slow-consumer policy of every channel.
+pub type SlowConsumerPolicies = ChannelPolicies<SlowConsumerPolicy>;
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -2644,7 +2644,7 @@ mod tests {
             outbound_queue_bytes: 4096,
             slow_consumers: crate::limits::SlowConsumerPolicies {
                 default: SlowConsumerPolicy::Disconnect,
-                by_prefix: vec![crate::limits::PrefixPolicy {
+                by_prefix: vec![crate::limits::SlowConsumerPrefix {
                     prefix: "feed.".into(),
                     policy,
                 }],
