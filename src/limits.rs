@@ -125,12 +125,18 @@ impl ConnectionLimits {
         self.total.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// Admits a request from `ip` to hold a connection (WebSocket, stream, poll); on
-    /// success the caller must [`ConnectionLimits::release`] it when the connection ends.
-    pub fn admit(&self, ip: IpAddr) -> Result<(), Refusal> {
+    /// Whether the server holds more sockets than `--max-connections`: a request that
+    /// would hold its connection (WebSocket, stream, poll) is then refused with 503.
+    pub fn check_total(&self) -> Result<(), Refusal> {
         if self.total.load(Ordering::Relaxed) > self.max_total {
             return Err(Refusal::Full);
         }
+        Ok(())
+    }
+
+    /// Counts a connection from `ip` against the per-address limit; on success the caller
+    /// must [`ConnectionLimits::release`] it when the connection ends.
+    pub fn count(&self, ip: IpAddr) -> Result<(), Refusal> {
         let mut per_ip = self.per_ip.lock().expect("limits lock");
         let count = per_ip.entry(ip).or_insert(0);
         if self.max_per_ip > 0 && *count as usize >= self.max_per_ip {
@@ -203,15 +209,17 @@ mod tests {
         for _ in 0..3 {
             assert!(limits.accept());
         }
-        assert_eq!(limits.admit(a), Ok(()));
-        assert_eq!(limits.admit(a), Ok(()));
-        assert_eq!(limits.admit(a), Err(Refusal::PerIp));
+        assert_eq!(limits.count(a), Ok(()));
+        assert_eq!(limits.count(a), Ok(()));
+        assert_eq!(limits.count(a), Err(Refusal::PerIp));
         limits.release(a);
-        assert_eq!(limits.admit(a), Ok(()));
+        assert_eq!(limits.count(a), Ok(()));
+        assert_eq!(limits.count(b), Ok(()));
+        assert_eq!(limits.check_total(), Ok(()));
         assert!(limits.accept());
-        assert_eq!(limits.admit(b), Err(Refusal::Full));
+        assert_eq!(limits.check_total(), Err(Refusal::Full));
         limits.close();
-        assert_eq!(limits.admit(b), Ok(()));
+        assert_eq!(limits.check_total(), Ok(()));
     }
 
     #[test]

@@ -61,6 +61,9 @@ pub struct Counters {
     pub deflate_ns_total: u64,
     /// Time spent decoding client messages that were compressed, inflating included.
     pub inflate_ns_total: u64,
+    /// The most bytes one connection of the shard has had queued for sending (how close
+    /// clients came to `--outbound-queue-bytes`).
+    pub outbound_queue_peak_bytes: u64,
 }
 
 impl Counters {
@@ -109,6 +112,7 @@ impl Counters {
                 self.compression_saved_bytes_total,
                 self.deflate_ns_total,
                 self.inflate_ns_total,
+                self.outbound_queue_peak_bytes,
             ])
             .chain(self.rejected_total.iter().copied())
             .chain(self.publish_flush_buckets.iter().copied())
@@ -135,13 +139,14 @@ impl Counters {
                 &mut self.compression_saved_bytes_total,
                 &mut self.deflate_ns_total,
                 &mut self.inflate_ns_total,
+                &mut self.outbound_queue_peak_bytes,
             ])
             .chain(self.rejected_total.iter_mut())
             .chain(self.publish_flush_buckets.iter_mut())
     }
 }
 
-const FIELDS: usize = 4 + 17 + REJECT_STATUSES.len() + LATENCY_BUCKETS_US.len() + 1;
+const FIELDS: usize = 4 + 18 + REJECT_STATUSES.len() + LATENCY_BUCKETS_US.len() + 1;
 
 /// One shard's published copy of its [`Counters`], on cache lines of its own.
 #[repr(align(128))]

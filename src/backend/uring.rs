@@ -617,10 +617,14 @@ impl Uring {
             "key {key} reused while in flight"
         );
         self.sockets[key] = Some(Socket::new(fd));
-        self.arm_recv(key)
+        self.arm_recv(key, shard.reads_in_bulk(key))
     }
 
-    fn arm_recv(&mut self, key: usize) -> io::Result<()> {
+    /// Arms a receive: multishot for a connection that reads in `bulk`, otherwise one
+    /// buffer at a time, so a connection whose reading pauses often (HTTP requests, a
+    /// parked poll) takes at most one buffer past its read budget, not a ring's worth of
+    /// completions before the cancel lands.
+    fn arm_recv(&mut self, key: usize, bulk: bool) -> io::Result<()> {
         let Some(socket) = self.sockets[key].as_mut() else {
             return Ok(());
         };
@@ -628,8 +632,14 @@ impl Uring {
             return Ok(());
         }
         let fd = Fd(socket.fd.as_raw_fd());
-        let entry = match self.bufs.as_ref().filter(|_| self.multishot_recv) {
-            Some(bufs) => opcode::RecvMulti::new(fd, bufs.group()).build(),
+        let entry = match self.bufs.as_ref() {
+            Some(bufs) if self.multishot_recv && bulk => {
+                opcode::RecvMulti::new(fd, bufs.group()).build()
+            }
+            Some(bufs) => opcode::Recv::new(fd, std::ptr::null_mut(), RECV_BUFFER_SIZE as u32)
+                .buf_group(bufs.group())
+                .build()
+                .flags(squeue::Flags::BUFFER_SELECT),
             None => {
                 if socket.recv_buf.len() < FALLBACK_RECV_SIZE {
                     socket.recv_buf = vec![0; FALLBACK_RECV_SIZE];
@@ -705,7 +715,7 @@ impl Uring {
         }
         if shard.wants_read(key) {
             if !socket.recv_in_flight {
-                self.arm_recv(key)?;
+                self.arm_recv(key, shard.reads_in_bulk(key))?;
             }
         } else if socket.recv_in_flight && !socket.recv_cancelled {
             // The shard stopped reading (its outbox is full): leave the bytes in the
@@ -795,7 +805,7 @@ impl Uring {
         if shard.resume_read(key) {
             shard.handle_read(key, now);
             if shard.wants_read(key) {
-                return self.arm_recv(key);
+                return self.arm_recv(key, shard.reads_in_bulk(key));
             }
         }
         Ok(())

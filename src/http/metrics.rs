@@ -133,6 +133,17 @@ pub fn prometheus(s: &Snapshot) -> String {
     }
     let _ = writeln!(
         out,
+        "# HELP herald_shard_outbound_queue_peak_bytes The most bytes one connection of each shard has had queued for sending.\n# TYPE herald_shard_outbound_queue_peak_bytes gauge"
+    );
+    for (i, shard) in s.per_shard.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "herald_shard_outbound_queue_peak_bytes{{shard=\"{i}\"}} {}",
+            shard.outbound_queue_peak_bytes
+        );
+    }
+    let _ = writeln!(
+        out,
         "# HELP herald_publish_flush_seconds From a publish being ordered to its frame being written, per shard.\n# TYPE herald_publish_flush_seconds histogram"
     );
     let mut cumulative = 0;

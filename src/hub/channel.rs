@@ -63,6 +63,22 @@ impl Channel {
     fn oldest(&self) -> u64 {
         self.history.front().map_or(self.seq + 1, |m| m.seq)
     }
+
+    /// The stored frames after `since`, oldest first, as many as fit in `max_bytes` but
+    /// at least one: a replay goes out in such chunks as the subscriber's socket drains.
+    fn replay_after(&self, since: u64, max_bytes: usize) -> Vec<Bytes> {
+        let mut bytes = 0;
+        self.history
+            .iter()
+            .skip_while(|m| m.seq <= since)
+            .take_while(|m| {
+                let fits = bytes == 0 || bytes + m.frame.len() <= max_bytes;
+                bytes += m.frame.len();
+                fits
+            })
+            .map(|m| m.frame.clone())
+            .collect()
+    }
 }
 
 /// The channels homed on one shard.
@@ -112,14 +128,16 @@ impl Channels {
     }
 
     /// Counts a subscription from `shard`, replaying what came after `since` when the
-    /// history still holds it. A `since` from another epoch, or ahead of the channel,
-    /// cannot be trusted and is a gap.
+    /// history still holds it: the first `max_replay_bytes` of it (at least one message
+    /// unless that is 0); the subscriber asks for the rest with [`Channels::replay`]. A
+    /// `since` from another epoch, or ahead of the channel, cannot be trusted and is a gap.
     pub fn subscribe(
         &mut self,
         name: &ChannelName,
         shard: usize,
         since: Option<u64>,
         epoch_matches: bool,
+        max_replay_bytes: usize,
         now: Instant,
     ) -> SubscribeOutcome {
         let limits = self.limits;
@@ -137,12 +155,32 @@ impl Channels {
         if !epoch_matches || since > seq || since + 1 < oldest {
             return SubscribeOutcome::HistoryGap { seq, oldest };
         }
-        let replay = channel
-            .history
-            .iter()
-            .filter(|m| m.seq > since)
-            .map(|m| m.frame.clone())
-            .collect();
+        let replay = if max_replay_bytes == 0 {
+            Vec::new()
+        } else {
+            channel.replay_after(since, max_replay_bytes)
+        };
+        SubscribeOutcome::Subscribed { seq, replay }
+    }
+
+    /// The next chunk of a replay for a subscription counted already: the frames after
+    /// `since`, up to `max_bytes` (at least one). A gap when history no longer reaches
+    /// back to `since + 1`.
+    pub fn replay(
+        &mut self,
+        name: &ChannelName,
+        since: u64,
+        max_bytes: usize,
+        now: Instant,
+    ) -> SubscribeOutcome {
+        let limits = self.limits;
+        let channel = self.entry(name);
+        channel.trim(limits, now);
+        let (seq, oldest) = (channel.seq, channel.oldest());
+        if since > seq || since + 1 < oldest {
+            return SubscribeOutcome::HistoryGap { seq, oldest };
+        }
+        let replay = channel.replay_after(since, max_bytes.max(1));
         SubscribeOutcome::Subscribed { seq, replay }
     }
 
@@ -234,7 +272,7 @@ mod tests {
         let now = Instant::now();
         let mut channels = Channels::new(2, limits(10));
         let news = name("news");
-        let outcome = channels.subscribe(&news, 1, None, true, now);
+        let outcome = channels.subscribe(&news, 1, None, true, usize::MAX, now);
         assert_eq!(
             outcome,
             SubscribeOutcome::Subscribed {
@@ -258,14 +296,14 @@ mod tests {
         for _ in 0..5 {
             channels.publish(&c, b"1", now);
         }
-        match channels.subscribe(&c, 0, Some(2), true, now) {
+        match channels.subscribe(&c, 0, Some(2), true, usize::MAX, now) {
             SubscribeOutcome::Subscribed { seq, replay } => {
                 assert_eq!(seq, 5);
                 assert_eq!(seqs_of(&replay), [3, 4, 5]);
             }
             other => panic!("{other:?}"),
         }
-        match channels.subscribe(&c, 0, Some(5), true, now) {
+        match channels.subscribe(&c, 0, Some(5), true, usize::MAX, now) {
             SubscribeOutcome::Subscribed { replay, .. } => assert!(replay.is_empty()),
             other => panic!("{other:?}"),
         }
@@ -280,11 +318,20 @@ mod tests {
             channels.publish(&c, b"1", now);
         }
         let gap = SubscribeOutcome::HistoryGap { seq: 5, oldest: 3 };
-        assert_eq!(channels.subscribe(&c, 0, Some(1), true, now), gap);
-        assert_eq!(channels.subscribe(&c, 0, Some(4), false, now), gap);
-        assert_eq!(channels.subscribe(&c, 0, Some(9), true, now), gap);
+        assert_eq!(
+            channels.subscribe(&c, 0, Some(1), true, usize::MAX, now),
+            gap
+        );
+        assert_eq!(
+            channels.subscribe(&c, 0, Some(4), false, usize::MAX, now),
+            gap
+        );
+        assert_eq!(
+            channels.subscribe(&c, 0, Some(9), true, usize::MAX, now),
+            gap
+        );
         assert!(matches!(
-            channels.subscribe(&c, 0, Some(2), true, now),
+            channels.subscribe(&c, 0, Some(2), true, usize::MAX, now),
             SubscribeOutcome::Subscribed { .. }
         ));
     }
@@ -298,12 +345,12 @@ mod tests {
         channels.publish(&c, b"2", start + Duration::from_secs(50));
         let later = start + Duration::from_secs(70);
         assert_eq!(
-            channels.subscribe(&c, 0, Some(0), true, later),
+            channels.subscribe(&c, 0, Some(0), true, usize::MAX, later),
             SubscribeOutcome::HistoryGap { seq: 2, oldest: 2 }
         );
         let much_later = start + Duration::from_secs(200);
         assert_eq!(
-            channels.subscribe(&c, 0, Some(0), true, much_later),
+            channels.subscribe(&c, 0, Some(0), true, usize::MAX, much_later),
             SubscribeOutcome::HistoryGap { seq: 2, oldest: 3 }
         );
     }
@@ -313,8 +360,48 @@ mod tests {
         let now = Instant::now();
         let mut channels = Channels::new(2, limits(0));
         let c = name("c");
-        channels.subscribe(&c, 0, None, true, now);
+        channels.subscribe(&c, 0, None, true, usize::MAX, now);
         channels.unsubscribe(&c, 0);
         assert_eq!(channels.publish(&c, b"1", now).shards, &[0, 0]);
+    }
+
+    #[test]
+    fn replay_goes_out_in_chunks_of_at_most_the_bytes_asked_for() {
+        let now = Instant::now();
+        let mut channels = Channels::new(
+            1,
+            HistoryLimits {
+                size: 100,
+                ttl: Duration::from_secs(60),
+            },
+        );
+        let c = name("c");
+        for _ in 0..10 {
+            channels.publish(&c, &[b'1'; 100], now);
+        }
+        let frame_len = pubsub::encode_message(&c, 1, &[b'1'; 100]).len();
+        let seqs = |outcome: SubscribeOutcome| match outcome {
+            SubscribeOutcome::Subscribed { seq, replay } => (
+                seq,
+                replay.iter().map(|f| f.len()).sum::<usize>(),
+                replay.len(),
+            ),
+            SubscribeOutcome::HistoryGap { .. } => panic!("gap"),
+        };
+        assert_eq!(
+            seqs(channels.subscribe(&c, 0, Some(0), true, 0, now)),
+            (10, 0, 0)
+        );
+        let (seq, bytes, count) =
+            seqs(channels.subscribe(&c, 0, Some(2), true, 3 * frame_len + 1, now));
+        assert_eq!((seq, bytes, count), (10, 3 * frame_len, 3));
+        // At least one message, however small the chunk asked for.
+        assert_eq!(seqs(channels.replay(&c, 5, 1, now)).2, 1);
+        assert_eq!(seqs(channels.replay(&c, 8, usize::MAX, now)).2, 2);
+        assert_eq!(seqs(channels.replay(&c, 10, usize::MAX, now)).2, 0);
+        assert!(matches!(
+            channels.replay(&c, 11, 1, now),
+            SubscribeOutcome::HistoryGap { .. }
+        ));
     }
 }

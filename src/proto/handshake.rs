@@ -72,6 +72,24 @@ pub struct Request {
     pub transfer_encoding: Option<String>,
 }
 
+/// Where the first blank line (the end of a request head) ends in `buf`, looking at
+/// `buf[from..]` and the two bytes before it (a line end split across reads). Accepts
+/// what [`parse_request`] accepts: CRLF or bare LF line ends.
+#[must_use]
+pub fn head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.saturating_sub(2).min(buf.len());
+    let mut at = start;
+    while let Some(offset) = buf[at..].iter().position(|&b| b == b'\n') {
+        let lf = at + offset;
+        match buf.get(lf + 1..) {
+            Some([b'\n', ..]) => return Some(lf + 2),
+            Some([b'\r', b'\n', ..]) => return Some(lf + 3),
+            _ => at = lf + 1,
+        }
+    }
+    None
+}
+
 /// Parses a request head from the start of `buf`.
 ///
 /// Returns the request and the length of its head; bytes after the head (a body, or a frame
@@ -630,5 +648,18 @@ mod tests {
         let response =
             String::from_utf8(upgrade_response(accept, None, Some("permessage-deflate"))).unwrap();
         assert!(response.ends_with("=\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"));
+    }
+
+    #[test]
+    fn head_end_finds_blank_line_across_reads() {
+        let head = b"GET / HTTP/1.1\r\nHost: a\r\n\r\nrest";
+        assert_eq!(head_end(head, 0), Some(head.len() - 4));
+        for from in 0..head.len() - 4 {
+            assert_eq!(head_end(head, from), Some(head.len() - 4), "from {from}");
+        }
+        let bare = b"GET / HTTP/1.1\nHost: a\n\n";
+        assert_eq!(head_end(bare, 0), Some(bare.len()));
+        assert_eq!(head_end(b"GET / HTTP/1.1\r\nHost: a\r\n", 0), None);
+        assert_eq!(head_end(b"abc", 10), None);
     }
 }

@@ -36,6 +36,19 @@ pub enum Envelope {
         since: Option<u64>,
         epoch_matches: bool,
         id: Option<u64>,
+        /// How much of the replay after `since` to send with the answer (0: none yet).
+        max_replay_bytes: usize,
+    },
+    /// To the channel's home: the next chunk of a replay, the frames after `since` up to
+    /// `max_bytes`, for a subscription it counted already. Answered like `Subscribe`.
+    Replay {
+        channel: ChannelName,
+        from: usize,
+        conn: ConnRef,
+        ticket: u32,
+        since: u64,
+        id: Option<u64>,
+        max_bytes: usize,
     },
     /// To the channel's home: release one subscription of shard `from`.
     Unsubscribe { channel: ChannelName, from: usize },
@@ -48,7 +61,8 @@ pub enum Envelope {
         id: Option<u64>,
     },
     /// From the home: the subscription is live after `seq`; `replay` holds the frames
-    /// after the requested `since`.
+    /// after the requested `since`, or the first of them (a chunk) when they do not all
+    /// fit the bytes asked for.
     Subscribed { answer: Answer, replay: Vec<Bytes> },
     /// From the home: `since` cannot be served; history holds `oldest..=seq`.
     HistoryGap { answer: Answer, oldest: u64 },

@@ -74,8 +74,11 @@ enum Endpoint {
 
 enum Phase {
     /// Reading an HTTP request; `pending` holds a parsed head whose body is still coming.
+    /// `scanned` bytes of the buffer are known to hold no end of head, so a head that
+    /// arrives a byte at a time is scanned once, not parsed again from its start per read.
     Request {
         pending: Option<Box<(Request, usize)>>,
+        scanned: u32,
     },
     /// `POST /api/publish` waiting for the homes to order its messages.
     Publishing {
@@ -141,10 +144,12 @@ struct Sub {
 enum SubState {
     /// Sent to the home as request `ticket`, not yet confirmed. `unsubscribe` holds the
     /// id of an unsubscribe that arrived meanwhile (outer `Some`), carried out once
-    /// confirmed.
+    /// confirmed. A subscription with `since` stays pending while its replay goes out
+    /// (`catch_up`); live messages reach it only once it has caught up.
     Pending {
         ticket: u32,
         unsubscribe: Option<Option<u64>>,
+        catch_up: Option<Box<CatchUp>>,
     },
     /// Receiving messages; `slot` is its place in [`Subscriptions`], `tag` the channel's
     /// name in this shard's outboxes.
@@ -177,11 +182,29 @@ struct Conn {
     inflight_publishes: u32,
     /// The TCP peer's address.
     peer: IpAddr,
-    /// The client address counted against the per-address limit, once admitted to hold
-    /// a connection (WebSocket, event stream, long-poll).
-    admitted: Option<IpAddr>,
-    /// What this client may do; set when it is admitted.
+    /// The address counted against the per-address limit: the peer's from accept on, or,
+    /// when the peer is a trusted proxy, its client's while a request holds the connection
+    /// (WebSocket, event stream, long-poll).
+    counted: Option<IpAddr>,
+    /// What the request being served may do; set when it is admitted, and replaced by
+    /// the next request's on a keep-alive connection.
     identity: Option<Arc<Identity>>,
+}
+
+/// A replay that goes out in chunks of at most half the outbound budget, the next asked
+/// of the home only once the outbox has drained below half: what a `since` brings back
+/// never holds more than the budget of the connection, however much history it covers.
+/// Live messages published meanwhile come from history too, until the chunk that
+/// reaches the channel's latest seq ends the catch-up.
+struct CatchUp {
+    /// The last seq sent (the `since` to ask the next chunk from).
+    at: u64,
+    /// The id the `subscribed` reply will carry.
+    id: Option<u64>,
+    /// A chunk is on its way (at most one per connection).
+    requested: bool,
+    /// The home has answered once (an event stream announces `subscribed` then).
+    answered: bool,
 }
 
 /// Deadlines that differ per connection, kept in one ordered heap.
@@ -189,8 +212,10 @@ struct Conn {
 enum Timed {
     /// A parked long-poll runs out.
     Poll,
-    /// The connection's token expires: close with 4001.
-    TokenExpiry,
+    /// The token that admitted the request holding the connection expires (its `exp`
+    /// plus leeway, in Unix seconds): close with 4001. Stale once a later request on the
+    /// same connection was admitted with another token.
+    TokenExpiry { expires_at: u64 },
 }
 
 /// One shard: see the module documentation for the calling contract.
@@ -319,7 +344,10 @@ impl Shard {
         self.next_generation = self.next_generation.wrapping_add(1);
         let key = self.conns.insert(Conn {
             generation: self.next_generation,
-            phase: Phase::Request { pending: None },
+            phase: Phase::Request {
+                pending: None,
+                scanned: 0,
+            },
             read_buf: BytesMut::new(),
             outbox: Outbox::default(),
             subs: Vec::new(),
@@ -333,7 +361,7 @@ impl Shard {
             read_paused: false,
             inflight_publishes: 0,
             peer,
-            admitted: None,
+            counted: None,
             identity: None,
         });
         self.request_deadlines.arm(now, self.conn_ref(key));
@@ -341,6 +369,13 @@ impl Shard {
         self.counters.connections[Transport::Http as usize] += 1;
         if !self.accept_bucket.try_take(now) {
             self.refuse_busy(key, 503, "too many new connections; retry later");
+        } else if !self.is_trusted_proxy(peer) {
+            // Every socket counts from accept on, plain HTTP keep-alive ones too: one
+            // address cannot hold more than its share, whatever it sends.
+            match self.ctx.limits.count(peer) {
+                Ok(()) => self.conns[key].counted = Some(peer),
+                Err(refusal) => self.refuse_busy(key, refusal.status(), refusal.reason()),
+            }
         }
         Some(key)
     }
@@ -362,13 +397,17 @@ impl Shard {
         );
     }
 
-    /// Lets a request hold a connection (WebSocket, stream, poll): the `Origin` must be
-    /// allowed (403), the token valid (401), and the connection limits not reached (503
-    /// in all, 429 per address). On refusal the response is queued and false returned.
+    fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
+        self.ctx.config.trusted_proxies.contains(&peer)
+    }
+
+    /// Admits a request to hold its connection (WebSocket, stream, poll). Every such
+    /// request is checked on its own, whatever an earlier request on the same keep-alive
+    /// connection presented: the `Origin` must be allowed (403), the token valid (401),
+    /// and the connection limits not reached (503 in all, 429 per address). On refusal the
+    /// response is queued and false returned.
     fn admit(&mut self, key: usize, request: &Request) -> bool {
-        if self.conns[key].admitted.is_some() {
-            return true;
-        }
+        self.conns[key].identity = None;
         let auth = &self.ctx.auth;
         if let Err(reason) = auth.check_origin(request.origin.as_deref()) {
             self.refuse_json(key, 403, "forbidden_origin", &reason, &[]);
@@ -391,17 +430,27 @@ impl Shard {
                 return false;
             }
         };
-        let peer = self.conns[key].peer;
-        let ip = client_ip(
-            peer,
-            request.x_forwarded_for.as_deref(),
-            &self.ctx.config.trusted_proxies,
-        );
-        if let Err(refusal) = self.ctx.limits.admit(ip) {
+        if let Err(refusal) = self.ctx.limits.check_total() {
             self.refuse_busy(key, refusal.status(), refusal.reason());
             return false;
         }
+        let peer = self.conns[key].peer;
+        if self.conns[key].counted.is_none() {
+            // Behind a trusted proxy: the client it forwards for counts while this
+            // request holds the connection.
+            let ip = client_ip(
+                peer,
+                request.x_forwarded_for.as_deref(),
+                &self.ctx.config.trusted_proxies,
+            );
+            if let Err(refusal) = self.ctx.limits.count(ip) {
+                self.refuse_busy(key, refusal.status(), refusal.reason());
+                return false;
+            }
+            self.conns[key].counted = Some(ip);
+        }
         if auth.mode() != AuthMode::Off
+            && let Some(expires_at) = identity.expires_at
             && let Some(remaining) = identity.remaining(SystemTime::now())
         {
             let conn_ref = self.conn_ref(key);
@@ -412,28 +461,27 @@ impl Shard {
             self.timed.push(Reverse((
                 Instant::now() + remaining,
                 conn_ref,
-                Timed::TokenExpiry,
+                Timed::TokenExpiry { expires_at },
             )));
         }
-        let conn = &mut self.conns[key];
-        conn.admitted = Some(ip);
-        conn.identity = Some(identity);
+        self.conns[key].identity = Some(identity);
         true
     }
 
-    /// Whether `key` may subscribe to `channel` (always, before admission settles it).
+    /// Whether the request holding `key` may subscribe to `channel`: never without an
+    /// admitted identity.
     fn may_subscribe(&self, key: usize, channel: &str) -> bool {
         self.conns[key]
             .identity
             .as_ref()
-            .is_none_or(|id| id.subscribe.allows(channel))
+            .is_some_and(|id| id.subscribe.allows(channel))
     }
 
     fn may_publish(&self, key: usize, channel: &str) -> bool {
         self.conns[key]
             .identity
             .as_ref()
-            .is_none_or(|id| id.publish.allows(channel))
+            .is_some_and(|id| id.publish.allows(channel))
     }
 
     fn conn_ref(&self, key: usize) -> ConnRef {
@@ -464,13 +512,48 @@ impl Shard {
         &mut self.conns[key].read_buf
     }
 
-    /// Whether reading more from `key` is useful now: not when it is gone, and not while
-    /// its outbox is over budget (a client that sends without reading waits for us).
-    pub fn wants_read(&self, key: usize) -> bool {
-        let conn = &self.conns[key];
-        !conn.dead
-            && conn.outbox.len_bytes() < self.ctx.config.outbound_queue_bytes
+    /// Whether reading more from `key` is useful now: not when it is gone, not while its
+    /// outbox is over budget (a client that sends without reading waits for us), not while
+    /// too many of its publishes await their acks, and not while its read buffer holds
+    /// what its phase may buffer ([`Shard::read_budget`]). When this says no, reading is
+    /// paused until [`Shard::resume_read`] says yes: the bytes wait in the kernel, where
+    /// TCP flow control stops the client.
+    pub fn wants_read(&mut self, key: usize) -> bool {
+        let budget = self.read_budget(key);
+        let conn = &mut self.conns[key];
+        if conn.dead {
+            return false;
+        }
+        let wants = conn.outbox.len_bytes() < self.ctx.config.outbound_queue_bytes
             && conn.inflight_publishes < MAX_INFLIGHT_PUBLISHES
+            && conn.read_buf.len() < budget;
+        if !wants {
+            conn.read_paused = true;
+        }
+        wants
+    }
+
+    /// How many unprocessed bytes `key`'s read buffer may hold in its phase. A request
+    /// being read may hold its head and body; a connection waiting for an answer (parked
+    /// poll, publish awaiting acks) only the start of its next request; a WebSocket is
+    /// bounded by its decoder's frame and message limits, an event stream discards input.
+    fn read_budget(&self, key: usize) -> usize {
+        let config = &self.ctx.config;
+        match self.conns[key].phase {
+            Phase::Request { .. } => config.max_head_bytes + config.max_body_bytes,
+            Phase::Publishing { .. } | Phase::Polling { .. } => config.max_head_bytes,
+            Phase::EventStream | Phase::WebSocket { .. } => usize::MAX,
+        }
+    }
+
+    /// Whether `key` reads a stream of input (WebSocket frames, an event stream's
+    /// ignored bytes) rather than one request at a time: a backend may then keep a
+    /// receive armed across reads.
+    pub fn reads_in_bulk(&self, key: usize) -> bool {
+        matches!(
+            self.conns[key].phase,
+            Phase::WebSocket { .. } | Phase::EventStream
+        )
     }
 
     /// Processes what the backend appended to `key`'s read buffer.
@@ -489,6 +572,12 @@ impl Shard {
         loop {
             match self.conns[key].phase {
                 Phase::Request { .. } => {
+                    // Pipelined requests wait while the answers to earlier ones are
+                    // unread: the outbox stays within its budget.
+                    if self.conns[key].outbox.len_bytes() >= self.ctx.config.outbound_queue_bytes {
+                        self.conns[key].read_paused = true;
+                        break;
+                    }
                     if !self.read_request(key) {
                         break;
                     }
@@ -515,22 +604,37 @@ impl Shard {
     /// Reads one HTTP request if it is complete and acts on it. Returns whether the
     /// connection moved on (so the caller looks at the buffer again).
     fn read_request(&mut self, key: usize) -> bool {
+        let max_head = self.handshake_limits.max_head_bytes;
         let conn = &mut self.conns[key];
-        let Phase::Request { pending } = &mut conn.phase else {
+        let Phase::Request { pending, scanned } = &mut conn.phase else {
             return false;
         };
         let (request, body_len) = match pending.take() {
             Some(parsed) => *parsed,
             None => {
-                let parsed = handshake::parse_request(&conn.read_buf, &self.handshake_limits);
+                let buf = &conn.read_buf[..];
+                // The first bytes are parsed at once, so garbage is refused early; after
+                // that only a completed head (or one past its limit) is worth parsing.
+                let worth_parsing = *scanned == 0
+                    || buf.len() > max_head
+                    || handshake::head_end(buf, *scanned as usize).is_some();
+                if !worth_parsing {
+                    *scanned = buf.len() as u32;
+                    return false;
+                }
+                let parsed = handshake::parse_request(buf, &self.handshake_limits);
                 let (request, consumed) = match parsed {
-                    Ok(None) => return false,
+                    Ok(None) => {
+                        *scanned = buf.len().max(1) as u32;
+                        return false;
+                    }
                     Ok(Some(parsed)) => parsed,
                     Err(e) => {
                         self.refuse(key, e.status(), &e.to_string(), e.extra_headers());
                         return false;
                     }
                 };
+                *scanned = 0;
                 conn.read_buf.advance(consumed);
                 let body_len = request.content_length.unwrap_or(0);
                 if body_len > self.ctx.config.max_body_bytes as u64 {
@@ -553,6 +657,7 @@ impl Shard {
         if conn.read_buf.len() < body_len {
             conn.phase = Phase::Request {
                 pending: Some(Box::new((request, body_len))),
+                scanned: 0,
             };
             return false;
         }
@@ -660,9 +765,24 @@ impl Shard {
         }
     }
 
-    /// Back to reading a request, with a fresh deadline for it.
+    /// Back to reading a request, with a fresh deadline for it. The next request is
+    /// admitted on its own: nothing of the last one's identity carries over.
     fn await_request(&mut self, key: usize) {
-        self.set_phase(key, Phase::Request { pending: None });
+        let peer = self.conns[key].peer;
+        let conn = &mut self.conns[key];
+        conn.identity = None;
+        if self.ctx.config.trusted_proxies.contains(&peer)
+            && let Some(ip) = conn.counted.take()
+        {
+            self.ctx.limits.release(ip);
+        }
+        self.set_phase(
+            key,
+            Phase::Request {
+                pending: None,
+                scanned: 0,
+            },
+        );
         self.conns[key].request_deadline = self.now + self.ctx.config.handshake_timeout;
         let conn_ref = self.conn_ref(key);
         self.request_deadlines.arm(self.now, conn_ref);
@@ -1114,6 +1234,23 @@ impl Shard {
         let conn_ref = self.conn_ref(key);
         self.next_ticket = self.next_ticket.wrapping_add(1);
         let ticket = self.next_ticket;
+        let chunk = self.replay_chunk_bytes();
+        let polling = matches!(self.conns[key].phase, Phase::Polling { .. });
+        // A poll is answered once, with the first chunk: the client asks again from its
+        // last seq. A stream or WebSocket takes one chunk at a time, as its outbox drains.
+        let max_replay_bytes = if polling || self.may_request_chunk(key) {
+            chunk
+        } else {
+            0
+        };
+        let catch_up = since.filter(|_| !polling).map(|at| {
+            Box::new(CatchUp {
+                at,
+                id,
+                requested: max_replay_bytes > 0,
+                answered: false,
+            })
+        });
         let subs = &mut self.conns[key].subs;
         // Most connections hold one or two channels: grow one at a time.
         subs.reserve_exact(1);
@@ -1122,6 +1259,7 @@ impl Shard {
             state: SubState::Pending {
                 ticket,
                 unsubscribe: None,
+                catch_up,
             },
         });
         if let Some(bridge) = &self.ctx.cluster {
@@ -1148,6 +1286,61 @@ impl Shard {
                 since,
                 epoch_matches,
                 id,
+                max_replay_bytes,
+            },
+        );
+    }
+
+    /// The most a replay chunk may bring: half the outbound budget.
+    fn replay_chunk_bytes(&self) -> usize {
+        (self.ctx.config.outbound_queue_bytes / 2).max(1)
+    }
+
+    /// Whether `key` may ask for a replay chunk now: its outbox is below half its budget
+    /// and no other chunk is on its way to it.
+    fn may_request_chunk(&self, key: usize) -> bool {
+        let conn = &self.conns[key];
+        !conn.closing
+            && conn.outbox.len_bytes() < self.replay_chunk_bytes()
+            && !conn.subs.iter().any(
+                |s| matches!(&s.state, SubState::Pending { catch_up: Some(c), .. } if c.requested),
+            )
+    }
+
+    /// Asks the home for the next chunk of a replay that is catching up, if `key` has one
+    /// and room for it.
+    fn continue_replay(&mut self, key: usize) {
+        if self.ctx.cluster.is_some() || !self.may_request_chunk(key) {
+            return;
+        }
+        let conn_ref = self.conn_ref(key);
+        let max_bytes = self.replay_chunk_bytes();
+        let conn = &mut self.conns[key];
+        let Some((channel, ticket, catch_up)) =
+            conn.subs.iter_mut().find_map(|s| match &mut s.state {
+                SubState::Pending {
+                    ticket,
+                    catch_up: Some(c),
+                    ..
+                } if c.answered => Some((s.channel.clone(), *ticket, c)),
+                _ => None,
+            })
+        else {
+            return;
+        };
+        catch_up.requested = true;
+        let (since, id) = (catch_up.at, catch_up.id);
+        let home = hub::home_of(&channel, self.shards);
+        self.send(
+            home,
+            Envelope::Replay {
+                channel,
+                from: self.id,
+                conn: conn_ref,
+                ticket,
+                since,
+                id,
+                max_bytes,
             },
         );
     }
@@ -1213,6 +1406,10 @@ impl Shard {
 
     fn mark_dirty(&mut self, key: usize) {
         let conn = &mut self.conns[key];
+        let queued = conn.outbox.len_bytes() as u64;
+        if queued > self.counters.outbound_queue_peak_bytes {
+            self.counters.outbound_queue_peak_bytes = queued;
+        }
         if !conn.dirty && !conn.dead {
             conn.dirty = true;
             self.dirty.push(key);
@@ -1255,7 +1452,7 @@ impl Shard {
         conn.outbox = Outbox::default();
         conn.read_buf = BytesMut::new();
         self.counters.connections[conn.phase.transport() as usize] -= 1;
-        if let Some(ip) = conn.admitted.take() {
+        if let Some(ip) = conn.counted.take() {
             self.ctx.limits.release(ip);
         }
         self.ctx.limits.close();
@@ -1301,6 +1498,7 @@ impl Shard {
     pub fn handle_written(&mut self, key: usize, written: usize) {
         self.conns[key].outbox.advance(written);
         self.counters.bytes_out_total += written as u64;
+        self.continue_replay(key);
     }
 
     /// Moves up to `max` chunks of `key`'s outbox into `out`, in write order, as written:
@@ -1308,6 +1506,7 @@ impl Shard {
     pub fn take_outbox(&mut self, key: usize, out: &mut Vec<Bytes>, max: usize) {
         let taken = self.conns[key].outbox.take_chunks(out, max);
         self.counters.bytes_out_total += taken as u64;
+        self.continue_replay(key);
     }
 
     /// Whether the backend should process `key`'s read buffer and socket again: reading
@@ -1370,11 +1569,47 @@ impl Shard {
                 since,
                 epoch_matches,
                 id,
+                max_replay_bytes,
             } => {
-                let outcome =
-                    self.channels
-                        .subscribe(&channel, from, since, epoch_matches, self.now);
+                let outcome = self.channels.subscribe(
+                    &channel,
+                    from,
+                    since,
+                    epoch_matches,
+                    max_replay_bytes,
+                    self.now,
+                );
                 self.counters.channels_homed = self.channels.len() as u64;
+                let answer = |seq| Answer {
+                    channel,
+                    conn,
+                    ticket,
+                    seq,
+                    id,
+                    epoch: None,
+                };
+                let reply = match outcome {
+                    SubscribeOutcome::Subscribed { seq, replay } => Envelope::Subscribed {
+                        answer: answer(seq),
+                        replay,
+                    },
+                    SubscribeOutcome::HistoryGap { seq, oldest } => Envelope::HistoryGap {
+                        answer: answer(seq),
+                        oldest,
+                    },
+                };
+                self.send(from, reply);
+            }
+            Envelope::Replay {
+                channel,
+                from,
+                conn,
+                ticket,
+                since,
+                id,
+                max_bytes,
+            } => {
+                let outcome = self.channels.replay(&channel, since, max_bytes, self.now);
                 let answer = |seq| Answer {
                     channel,
                     conn,
@@ -1534,10 +1769,15 @@ impl Shard {
             && (expired || !replay.is_empty())
         {
             // History had what the poll asked for, or its time ran out while the home
-            // was answering: answer now, with whatever history had.
+            // was answering: answer now, with whatever history had. A replay cut to its
+            // first chunk answers up to its last message; the client asks again from there.
             self.release(key, index);
-            let response = longpoll::response(channel, epoch, seq, &replay, keep_alive);
+            let answered_to = replay.last().map_or(seq, frame_seq);
+            let response = longpoll::response(channel, epoch, answered_to, &replay, keep_alive);
             self.send_response(key, response, keep_alive);
+            return;
+        }
+        if self.catch_up(key, index, channel, epoch, seq, &replay) {
             return;
         }
         let policies = &self.ctx.config.slow_consumers;
@@ -1555,11 +1795,16 @@ impl Shard {
             *at = seq;
             poll_epoch.clone_from(&answer_epoch);
         }
-        let SubState::Pending { unsubscribe, .. } =
-            std::mem::replace(&mut conn.subs[index].state, SubState::Active { slot, tag })
+        let SubState::Pending {
+            unsubscribe,
+            catch_up,
+            ..
+        } = std::mem::replace(&mut conn.subs[index].state, SubState::Active { slot, tag })
         else {
             unreachable!("pending_index returned a pending subscription");
         };
+        let id = catch_up.as_ref().map_or(id, |c| c.id);
+        let announced = catch_up.is_some_and(|c| c.answered);
         match conn.phase {
             Phase::WebSocket { .. } => {
                 for frame in replay {
@@ -1572,12 +1817,9 @@ impl Shard {
                 }
             }
             Phase::EventStream => {
-                let json = format!(
-                    r#"{{"channel":{},"seq":{seq},"epoch":{}}}"#,
-                    json_string(channel),
-                    json_string(epoch)
-                );
-                conn.outbox.push(sse::control_event("subscribed", &json));
+                if !announced {
+                    conn.outbox.push(sse_subscribed(channel, seq, epoch));
+                }
                 for frame in &replay {
                     conn.outbox.push(sse::event(frame_seq(frame), frame));
                 }
@@ -1585,6 +1827,60 @@ impl Shard {
             }
             _ => {}
         }
+        // Another subscription of this connection may be waiting for its next chunk.
+        self.continue_replay(key);
+    }
+
+    /// Queues a replay chunk for pending subscription `index` of `key` when it does not
+    /// reach the channel's latest `seq` yet, and asks for the next one if there is room.
+    /// Returns false when the subscription has caught up (the caller activates it).
+    fn catch_up(
+        &mut self,
+        key: usize,
+        index: usize,
+        channel: &str,
+        epoch: &str,
+        seq: u64,
+        replay: &[Bytes],
+    ) -> bool {
+        // A cluster answers with the whole replay, bounded by the history size.
+        let in_cluster = self.ctx.cluster.is_some();
+        let conn = &mut self.conns[key];
+        let SubState::Pending {
+            catch_up: Some(catch_up),
+            ..
+        } = &mut conn.subs[index].state
+        else {
+            return false;
+        };
+        let reached = replay.last().map_or(catch_up.at, frame_seq);
+        if in_cluster || reached >= seq {
+            return false;
+        }
+        let first_answer = !catch_up.answered;
+        catch_up.at = reached;
+        catch_up.requested = false;
+        catch_up.answered = true;
+        match conn.phase {
+            Phase::WebSocket { .. } => {
+                for frame in replay {
+                    conn.outbox.push(frame.clone());
+                }
+            }
+            Phase::EventStream => {
+                if first_answer {
+                    conn.outbox.push(sse_subscribed(channel, seq, epoch));
+                }
+                for frame in replay {
+                    conn.outbox.push(sse::event(frame_seq(frame), frame));
+                }
+            }
+            _ => {}
+        }
+        self.counters.messages_out_total += replay.len() as u64;
+        self.mark_dirty(key);
+        self.continue_replay(key);
+        true
     }
 
     fn refuse_subscription(&mut self, answer: Answer, oldest: u64) {
@@ -1700,7 +1996,11 @@ impl Shard {
                 conn.dirty = true;
                 self.dirty.push(key);
             }
-            if conn.outbox.len_bytes() > budget {
+            let queued = conn.outbox.len_bytes();
+            if queued as u64 > self.counters.outbound_queue_peak_bytes {
+                self.counters.outbound_queue_peak_bytes = queued as u64;
+            }
+            if queued > budget {
                 slow.push(key);
             }
         }
@@ -1829,10 +2129,24 @@ impl Shard {
                     }
                 }
                 (Timed::Poll, _) => {}
-                (Timed::TokenExpiry, Phase::WebSocket { .. }) => {
-                    self.close_with(key, 4001, "token expired: reconnect with a fresh token");
+                (Timed::TokenExpiry { expires_at }, phase) => {
+                    let current = self.conns[key]
+                        .identity
+                        .as_ref()
+                        .and_then(|identity| identity.expires_at);
+                    if current != Some(expires_at) {
+                        continue;
+                    }
+                    match phase {
+                        Phase::WebSocket { .. } => self.close_with(
+                            key,
+                            4001,
+                            "token expired: reconnect with a fresh token",
+                        ),
+                        Phase::EventStream | Phase::Polling { .. } => self.finish(key),
+                        Phase::Request { .. } | Phase::Publishing { .. } => {}
+                    }
                 }
-                (Timed::TokenExpiry, _) => self.finish(key),
             }
         }
         while let Some(conn) = self.close_deadlines.poll_expired(now) {
@@ -2016,6 +2330,16 @@ fn frame_seq(frame: &Bytes) -> u64 {
         .unwrap_or(0)
 }
 
+/// The event that opens an event stream's subscription.
+fn sse_subscribed(channel: &str, seq: u64, epoch: &str) -> Bytes {
+    let json = format!(
+        r#"{{"channel":{},"seq":{seq},"epoch":{}}}"#,
+        json_string(channel),
+        json_string(epoch)
+    );
+    sse::control_event("subscribed", &json)
+}
+
 fn json_string(s: &str) -> String {
     let mut out = Vec::with_capacity(s.len() + 2);
     http::push_json_str(&mut out, s);
@@ -2123,6 +2447,36 @@ mod tests {
                 outbox.advance(len);
             }
             out
+        }
+
+        /// Like [`Cluster::take_output`], but written the way a backend writes, so the
+        /// shard hears of each write; returns at most `max` bytes.
+        fn write_out(&mut self, client: Client, max: usize) -> Vec<u8> {
+            let shard = &mut self.shards[client.shard];
+            let mut out = Vec::new();
+            while out.len() < max && !shard.outbox(client.key).is_empty() {
+                let mut slices = [std::io::IoSlice::new(&[]); 64];
+                let n = shard.outbox(client.key).io_slices(&mut slices);
+                let before = out.len();
+                for slice in &slices[..n] {
+                    let take = slice.len().min(max - out.len());
+                    out.extend_from_slice(&slice[..take]);
+                }
+                shard.handle_written(client.key, out.len() - before);
+            }
+            out
+        }
+
+        fn parse_frames(bytes: &[u8]) -> Vec<Frame> {
+            let mut frames = Vec::new();
+            let mut rest = bytes;
+            while !rest.is_empty() {
+                let (header, n) = FrameHeader::parse(rest).unwrap().unwrap();
+                let end = n + header.payload_len as usize;
+                frames.push((header.opcode, rest[n..end].to_vec()));
+                rest = &rest[end..];
+            }
+            frames
         }
 
         fn frames(&mut self, client: Client) -> Vec<Frame> {
@@ -2443,6 +2797,70 @@ mod tests {
             .collect();
         assert_eq!(seqs, ["3", "4", "5", "6", "6", "7"], "{texts:?}");
         assert!(texts[4].starts_with(r#"{"type":"subscribed""#), "{texts:?}");
+    }
+
+    #[test]
+    fn a_replay_larger_than_the_budget_goes_out_in_chunks_as_the_socket_drains() {
+        let budget = 4096;
+        let config = Config {
+            outbound_queue_bytes: budget,
+            ..Config::default()
+        };
+        let mut cluster = Cluster::new(2, config);
+        let channel = homed_on(0, 2);
+        let p = cluster.connect(0, "/ws");
+        let data = format!("\"{}\"", "x".repeat(500));
+        let publish = |cluster: &mut Cluster| {
+            cluster.send(
+                p,
+                &format!(r#"{{"type":"publish","channel":"{channel}","data":{data}}}"#),
+            );
+        };
+        // 60 messages of ~560 bytes: eight times the subscriber's budget.
+        for _ in 0..60 {
+            publish(&mut cluster);
+        }
+        cluster.settle();
+        let c = cluster.connect(1, "/ws");
+        cluster.send(
+            c,
+            &format!(r#"{{"type":"subscribe","channel":"{channel}","since":0,"id":9}}"#),
+        );
+        let mut bytes = Vec::new();
+        for round in 0..200 {
+            cluster.settle();
+            let queued = cluster.shards[1].outbox(c.key).len_bytes();
+            assert!(
+                queued <= budget + 600,
+                "round {round}: {queued} bytes queued"
+            );
+            // Live messages keep coming while the replay goes out.
+            if round % 5 == 0 && round < 100 {
+                publish(&mut cluster);
+            }
+            bytes.extend(cluster.write_out(c, 1500));
+        }
+        let texts: Vec<String> = Cluster::parse_frames(&bytes)
+            .into_iter()
+            .map(|(_, p)| String::from_utf8(p).unwrap())
+            .collect();
+        let subscribed = texts
+            .iter()
+            .position(|t| t.starts_with(r#"{"type":"subscribed""#))
+            .expect("subscribed after the replay");
+        assert!(
+            texts[subscribed].contains(r#""id":9"#),
+            "{}",
+            texts[subscribed]
+        );
+        let seqs: Vec<u64> = texts
+            .iter()
+            .filter(|t| t.starts_with(r#"{"type":"message""#))
+            .map(|t| seq_of(t))
+            .collect();
+        // Every message once, in order, from 1 to the last published.
+        assert_eq!(seqs, (1..=80).collect::<Vec<u64>>());
+        assert_eq!(seq_of(&texts[subscribed]), seqs[subscribed - 1]);
     }
 
     fn http(cluster: &mut Cluster, shard: usize, request: &str) -> (Client, String) {

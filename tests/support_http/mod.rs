@@ -75,6 +75,11 @@ impl HttpConn {
     pub(crate) fn connect(addr: SocketAddr) -> Self {
         let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
             .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        Self::from_stream(stream)
+    }
+
+    /// A client over a socket connected elsewhere (from a chosen source address, say).
+    pub(crate) fn from_stream(stream: TcpStream) -> Self {
         stream.set_nodelay(true).unwrap();
         stream
             .set_write_timeout(Some(Duration::from_secs(5)))
