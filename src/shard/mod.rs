@@ -42,7 +42,7 @@ pub use mailbox::{Answer, Envelope, Inbox, Post, Wake};
 pub use outbox::Outbox;
 use timer::Deadlines;
 
-use crate::auth::{AuthMode, Authenticator, Identity, token_of};
+use crate::auth::{AuthMode, Authenticator, Identity, api_key_matches, token_of};
 use crate::cluster::{self, Bridge};
 use crate::compression::CompressionPolicy;
 use crate::config::Config;
@@ -777,7 +777,7 @@ impl Shard {
             .as_deref()
             .and_then(|a| a.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !http::constant_time_eq(presented.trim().as_bytes(), api_key.as_bytes()) {
+        if !api_key_matches(presented.trim(), api_key) {
             let message = "a valid API key is needed as Authorization: Bearer KEY";
             self.refuse_json(
                 key,
