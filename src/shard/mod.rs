@@ -45,7 +45,7 @@ use timer::Deadlines;
 use crate::auth::{AuthMode, Authenticator, Identity, api_key_matches, token_of};
 use crate::cluster::{self, Bridge};
 use crate::compression::CompressionPolicy;
-use crate::config::Config;
+use crate::config::{Config, MAX_FRAGMENTS};
 use crate::http::{self, Route, longpoll, publish, sse};
 use crate::hub::{self, Broadcast, ChannelName, Channels, SubscribeOutcome, Subscriptions};
 use crate::limits::{ConnectionLimits, SlowConsumerPolicy, TokenBucket, client_ip, retry_after};
@@ -100,8 +100,8 @@ enum Phase {
     WebSocket {
         ws: Box<Connection>,
         endpoint: Endpoint,
-        /// Inbound messages allowed (pub/sub only).
-        rate: Option<Box<RateLimit>>,
+        /// Inbound messages allowed.
+        rate: Box<RateLimit>,
     },
 }
 
@@ -711,23 +711,28 @@ impl Shard {
                 return;
             }
         };
-        // The echo endpoint serves conformance testing, whose cases send a message in up
-        // to 65,536 frames; the pub/sub endpoint holds clients to 1024.
-        let (max_message_bytes, max_fragments) = match endpoint {
-            Endpoint::PubSub => (self.ctx.config.max_message_bytes, 1024),
-            Endpoint::Echo => (self.ctx.config.echo_max_message_bytes, u32::MAX),
+        // /echo has the limits of /ws unless the operator raised them (a conformance run).
+        let config = &self.ctx.config;
+        let (max_message_bytes, max_fragments, per_second) = match endpoint {
+            Endpoint::PubSub => (
+                config.max_message_bytes,
+                MAX_FRAGMENTS,
+                config.max_messages_per_second,
+            ),
+            Endpoint::Echo => (
+                config.echo_max_message_bytes,
+                config.echo_max_fragments,
+                config.echo_max_messages_per_second,
+            ),
         };
         let limits = DecoderLimits {
             max_frame_bytes: max_message_bytes,
             max_message_bytes,
             max_fragments,
         };
-        let rate = (endpoint == Endpoint::PubSub).then(|| {
-            let per_second = self.ctx.config.max_messages_per_second;
-            Box::new(RateLimit {
-                bucket: TokenBucket::new(per_second, per_second * 2, self.now),
-                strikes: 0,
-            })
+        let rate = Box::new(RateLimit {
+            bucket: TokenBucket::new(per_second, per_second * 2, self.now),
+            strikes: 0,
         });
         let policies = &self.ctx.config.compression;
         let negotiated = request
@@ -911,7 +916,11 @@ impl Shard {
                 Some(Event::Message { text, payload }) => {
                     self.counters.messages_in_total += 1;
                     match endpoint {
-                        Endpoint::Echo => self.echo(key, text, payload),
+                        Endpoint::Echo => {
+                            if self.within_rate(key) {
+                                self.echo(key, text, payload);
+                            }
+                        }
                         Endpoint::PubSub if text => {
                             if self.within_rate(key) {
                                 self.handle_command(key, &payload);
@@ -982,13 +991,11 @@ impl Shard {
     }
 
     /// Spends one of the connection's inbound tokens. Over the rate the message is
-    /// refused with `rate_limited`; a client that keeps sending anyway is closed with 1008.
+    /// dropped (on /ws with a `rate_limited` error; /echo sends only echoes); a client that
+    /// keeps sending anyway is closed with 1008.
     fn within_rate(&mut self, key: usize) -> bool {
         let now = self.now;
-        let Phase::WebSocket {
-            rate: Some(rate), ..
-        } = &mut self.conns[key].phase
-        else {
+        let Phase::WebSocket { rate, endpoint, .. } = &mut self.conns[key].phase else {
             return true;
         };
         if rate.bucket.try_take(now) {
@@ -998,7 +1005,7 @@ impl Shard {
         rate.strikes += 1;
         if rate.strikes > MAX_STRIKES {
             self.close_with(key, 1008, "message rate limit exceeded repeatedly");
-        } else {
+        } else if *endpoint == Endpoint::PubSub {
             let message = format!(
                 "more than {} messages a second; this one was dropped",
                 self.ctx.config.max_messages_per_second
