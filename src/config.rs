@@ -195,7 +195,8 @@ pub struct Options {
     #[arg(long, env = "HERALD_HISTORY_SIZE", value_name = "N")]
     pub history_size: Option<usize>,
 
-    /// Oldest message a channel's history keeps. [default: 300000]
+    /// Oldest message a channel's history keeps; a channel without subscribers is
+    /// forgotten once its history is this old (within a few seconds more). [default: 300000]
     #[arg(long, env = "HERALD_HISTORY_TTL_MS", value_name = "MS")]
     pub history_ttl_ms: Option<u64>,
 

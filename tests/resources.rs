@@ -1,5 +1,7 @@
 //! Resources a client can make the server hold or spend, against the real binary (issue
-//! 13, items 5, 9 and 10): `/echo` held to the limits of `/ws` (message size, fragments,
+//! 13, items 5, 9 and 10): channels and their history released once nobody holds them
+//! (`herald_channels` and RSS come back down within the TTL; a `since` from a forgotten
+//! channel is a gap), `/echo` held to the limits of `/ws` (message size, fragments,
 //! inbound rate, inflated size), and a token carrying a permission pattern outside the
 //! documented grammar refused with 401.
 
@@ -7,12 +9,13 @@ mod support;
 mod support_deflate;
 
 use std::io::Write;
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use herald::proto::deflate::{Compressor, CompressorSettings};
 use herald::proto::frame::{FrameHeader, OpCode};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
-use serde_json::json;
+use serde_json::{Value, json};
 use support::*;
 
 const MASK: Option<[u8; 4]> = Some([0x11, 0x22, 0x33, 0x44]);
@@ -31,6 +34,251 @@ fn fragment(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
         f[0] &= 0x7F;
     }
     f
+}
+
+/// `GET /metrics`: the sum of the samples named `name`.
+fn metric(addr: SocketAddr, name: &str) -> f64 {
+    let (mut s, head) = request_head(
+        addr,
+        b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(head.status, 200, "{head:?}");
+    let mut body = head.rest.clone();
+    body.extend(assert_closed_within(&mut s, CLOSE_WAIT));
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| l.split([' ', '{']).next() == Some(name))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS")
+}
+
+/// A plain HTTP `GET` on its own connection: status and body.
+fn get(addr: SocketAddr, target: &str, headers: &str) -> (u16, String) {
+    let request = format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n");
+    let (mut s, head) = request_head(addr, request.as_bytes());
+    let mut body = head.rest.clone();
+    body.extend(assert_closed_within(&mut s, CLOSE_WAIT));
+    (head.status, String::from_utf8_lossy(&body).into_owned())
+}
+
+fn write_all_frames(s: &mut std::net::TcpStream, commands: &[String]) {
+    let frames: Vec<u8> = commands.iter().flat_map(|c| client_text(c)).collect();
+    s.write_all(&frames).unwrap();
+}
+
+/// Sends `commands` on a raw /ws connection and reads one JSON reply each.
+fn ws_round(s: &mut std::net::TcpStream, buf: &mut Vec<u8>, commands: &[String]) -> Vec<Value> {
+    write_all_frames(s, commands);
+    (0..commands.len())
+        .map(|_| {
+            let f = read_frame(s, buf, Duration::from_secs(10)).expect("reply");
+            assert_eq!(f.opcode, OP_TEXT, "{f:?}");
+            serde_json::from_slice(&f.payload).unwrap()
+        })
+        .collect()
+}
+
+/// Polls `herald_channels` until `done` says so, for up to `limit` (a shard publishes
+/// its counters at the end of its loop turn, just after it may have answered).
+fn wait_for_channels(
+    addr: SocketAddr,
+    done: impl Fn(f64) -> bool,
+    limit: Duration,
+) -> (f64, Duration) {
+    let start = Instant::now();
+    loop {
+        let channels = metric(addr, "herald_channels");
+        if done(channels) || start.elapsed() > limit {
+            return (channels, start.elapsed());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Channels nobody holds are forgotten
+// ---------------------------------------------------------------------------------------
+
+/// History lives this long; the sweep's round is then a second (its shortest).
+const TTL_MS: u64 = 4000;
+/// The TTL plus two sweep rounds, and slack for a busy machine.
+const RELEASE_LIMIT: Duration = Duration::from_secs(4 + 2 + 8);
+
+#[test]
+fn channels_used_once_are_forgotten_within_the_ttl_and_memory_returns() {
+    const PUBLISHED: usize = 2000;
+    const PAYLOAD: usize = 4 * 1024;
+    let ttl = TTL_MS.to_string();
+    let mut server = Server::start(&[
+        "--history-ttl-ms",
+        &ttl,
+        "--max-messages-per-second",
+        "100000",
+    ]);
+    let addr = server.addr();
+    let pid = server.pid();
+    let (mut ws, mut buf) = raw_ws(addr);
+    let warmup: Vec<String> = (0..100)
+        .map(|i| format!(r#"{{"type":"publish","channel":"warm.{i}","data":1,"id":{i}}}"#))
+        .collect();
+    ws_round(&mut ws, &mut buf, &warmup);
+    let (left, _) = wait_for_channels(addr, |n| n == 0.0, RELEASE_LIMIT);
+    assert_eq!(left, 0.0, "warm-up channels never forgotten");
+    let baseline = rss_kib(pid);
+
+    // Subscribed and left, polled once, and published once with history: 2,000 names
+    // nobody will use again.
+    for round in 0..5 {
+        let (mut s, mut b) = raw_ws(addr);
+        let subscribes: Vec<String> = (0..100)
+            .map(|i| format!(r#"{{"type":"subscribe","channel":"sub.{round}.{i}","id":{i}}}"#))
+            .collect();
+        for reply in ws_round(&mut s, &mut b, &subscribes) {
+            assert_eq!(reply["type"], "subscribed", "{reply}");
+        }
+    }
+    for i in 0..200 {
+        let (status, body) = get(addr, &format!("/poll?channel=poll.{i}&timeout=0"), "");
+        assert_eq!(status, 200, "{body}");
+    }
+    assert_eq!(
+        metric(addr, "herald_channels"),
+        0.0,
+        "subscribed or polled once"
+    );
+
+    // Then published to with history, three times over: if nothing were released, each
+    // round would add its history to the RSS.
+    let data = format!("\"{}\"", "x".repeat(PAYLOAD));
+    let history_kib = (PUBLISHED * PAYLOAD / 1024) as u64;
+    let mut first_peak = None;
+    for cycle in 0..3 {
+        let publishing = Instant::now();
+        for batch in 0..PUBLISHED / 100 {
+            let publishes: Vec<String> = (0..100)
+                .map(|i| {
+                    let n = batch * 100 + i;
+                    let channel = format!("pub.{cycle}.{n}");
+                    format!(r#"{{"type":"publish","channel":"{channel}","data":{data},"id":{n}}}"#)
+                })
+                .collect();
+            for reply in ws_round(&mut ws, &mut buf, &publishes) {
+                assert_eq!(reply["type"], "ack", "{reply}");
+            }
+        }
+        let took_publishing = publishing.elapsed();
+        let (held, _) =
+            wait_for_channels(addr, |n| n == PUBLISHED as f64, Duration::from_millis(500));
+        let grown = rss_kib(pid);
+        // Nobody uses them again: the home's sweep must release them by itself.
+        let (left, took) = wait_for_channels(addr, |n| n == 0.0, RELEASE_LIMIT);
+        let released = rss_kib(pid);
+        eprintln!(
+            "cycle {cycle}: {PUBLISHED} publishes in {took_publishing:?}, herald_channels \
+             {held} -> {left} in {took:?}; RSS {baseline} -> {grown} -> {released} KiB"
+        );
+        if took_publishing < Duration::from_millis(TTL_MS) {
+            assert_eq!(held, PUBLISHED as f64, "history should still be live");
+        }
+        assert_eq!(
+            left, 0.0,
+            "channels still held {took:?} after the TTL of {TTL_MS} ms"
+        );
+        let first_peak = *first_peak.get_or_insert(grown);
+        assert!(
+            grown >= baseline + history_kib / 2,
+            "the history did not show in the RSS: {baseline} -> {grown} KiB"
+        );
+        assert!(
+            grown.max(released) < first_peak + history_kib / 2,
+            "cycle {cycle}: RSS grows with channels long gone: first peak {first_peak}, now \
+             {grown} -> {released} KiB"
+        );
+    }
+    server.assert_healthy();
+}
+
+#[test]
+fn a_since_from_a_forgotten_channel_is_a_gap_never_a_reused_seq() {
+    let ttl = TTL_MS.to_string();
+    let mut server = Server::start(&["--history-ttl-ms", &ttl]);
+    let addr = server.addr();
+    let (mut ws, mut buf) = raw_ws(addr);
+    let publishes: Vec<String> = (1..=3)
+        .map(|i| format!(r#"{{"type":"publish","channel":"gone","data":{i},"id":{i}}}"#))
+        .collect();
+    let acks = ws_round(&mut ws, &mut buf, &publishes);
+    assert_eq!(acks[2]["seq"], 3, "{acks:?}");
+    let (left, took) = wait_for_channels(addr, |n| n == 0.0, RELEASE_LIMIT);
+    assert_eq!(left, 0.0, "not forgotten after {took:?}");
+
+    // The name is used again: its numbering goes on from 3, it does not start over.
+    let ack = &ws_round(&mut ws, &mut buf, &[publishes[0].clone()])[0];
+    assert_eq!(ack["seq"], 4, "{ack}");
+
+    // A client that read only seq 1 of the old channel missed 2 and 3: told so on every
+    // transport, never served seq 2.. of the new channel as if they were the old ones.
+    let subscribe = |since: u64, id: u64| {
+        format!(r#"{{"type":"subscribe","channel":"gone","since":{since},"id":{id}}}"#)
+    };
+    let gap = &ws_round(&mut ws, &mut buf, &[subscribe(1, 10)])[0];
+    assert_eq!(
+        (
+            gap["type"].as_str(),
+            gap["code"].as_str(),
+            gap["oldest"].as_u64()
+        ),
+        (Some("error"), Some("history_gap"), Some(4)),
+        "{gap}"
+    );
+    let (status, body) = get(addr, "/poll?channel=gone&since=1&timeout=0", "");
+    assert_eq!(status, 200);
+    assert!(body.contains(r#""history_gap":{"oldest":4}"#), "{body}");
+    let request = b"GET /sse?channel=gone HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1\r\n\r\n";
+    let (mut sse, head) = request_head(addr, request);
+    assert_eq!(head.status, 200, "{head:?}");
+    let mut events = head.rest.clone();
+    let deadline = Instant::now() + CLOSE_WAIT;
+    while find(&events, b"event: gap").is_none() && Instant::now() < deadline {
+        let mut chunk = [0u8; 4096];
+        sse.set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        if let Ok(n) = std::io::Read::read(&mut sse, &mut chunk) {
+            events.extend_from_slice(&chunk[..n]);
+        }
+    }
+    assert!(find(&events, b"event: gap").is_some(), "{}", lossy(&events));
+    assert!(find(&events, b"id: 2").is_none(), "{}", lossy(&events));
+
+    // One that read all three of the old channel gets exactly the new 4.
+    let (mut reader, mut rbuf) = raw_ws(addr);
+    write_all_frames(&mut reader, &[subscribe(3, 11)]);
+    let mut replies = Vec::new();
+    while replies.len() < 2 {
+        let f = read_frame(&mut reader, &mut rbuf, Duration::from_secs(5)).expect("reply");
+        replies.push(serde_json::from_slice::<Value>(&f.payload).unwrap());
+    }
+    assert_eq!(
+        (replies[0]["type"].as_str(), replies[0]["seq"].as_u64()),
+        (Some("message"), Some(4)),
+        "{replies:?}"
+    );
+    assert_eq!(
+        (replies[1]["type"].as_str(), replies[1]["seq"].as_u64()),
+        (Some("subscribed"), Some(4)),
+        "{replies:?}"
+    );
+    drop(sse);
+    server.assert_healthy();
 }
 
 // ---------------------------------------------------------------------------------------

@@ -1381,7 +1381,6 @@ impl Shard {
                 let outcome =
                     self.channels
                         .subscribe(&channel, from, since, epoch_matches, self.now);
-                self.counters.channels_homed = self.channels.len() as u64;
                 let answer = |seq| Answer {
                     channel,
                     conn,
@@ -1416,7 +1415,6 @@ impl Shard {
                     .filter(|&s| published.shards[s] > 0)
                     .collect();
                 self.counters.publishes_total += 1;
-                self.counters.channels_homed = self.channels.len() as u64;
                 if self.ctx.config.compression.policy_for(&channel) == CompressionPolicy::Shared {
                     let start = Instant::now();
                     let payload = longpoll::frame_payload(&broadcast.frame);
@@ -1852,6 +1850,7 @@ impl Shard {
                 self.heartbeat(key, now);
             }
         }
+        self.channels.sweep(now);
         self.reread_pipelined();
     }
 
@@ -1910,6 +1909,7 @@ impl Shard {
             self.heartbeat_deadlines.next(),
             self.close_deadlines.next(),
             self.timed.peek().map(|Reverse((t, _, _))| *t),
+            self.channels.next_sweep(),
         ]
         .into_iter()
         .flatten()
@@ -1925,6 +1925,7 @@ impl Shard {
         }
         self.counters.busy_ns_total += busy.as_nanos() as u64;
         self.counters.loop_turns_total += 1;
+        self.counters.channels_homed = self.channels.len() as u64;
         self.ctx.registry.shard(self.id).store(&self.counters);
     }
 
