@@ -580,6 +580,18 @@ impl Config {
                 ));
             }
         }
+        // The token buckets count in millionths of a message, burst twice the rate.
+        for (name, value) in [
+            ("max_messages_per_second", self.max_messages_per_second),
+            (
+                "echo_max_messages_per_second",
+                self.echo_max_messages_per_second,
+            ),
+        ] {
+            if value > 1_000_000_000 {
+                return Err(format!("{name} must be at most 1000000000, not {value}"));
+            }
+        }
         if self.history.size > 100_000 {
             return Err("history_size must be at most 100000".into());
         }
@@ -738,5 +750,15 @@ mod tests {
             ..Options::default()
         };
         assert!(tiny.resolve().unwrap_err().contains("max_message_bytes"));
+        let flood = Options {
+            echo_max_messages_per_second: Some(u64::MAX),
+            ..Options::default()
+        };
+        assert!(
+            flood
+                .resolve()
+                .unwrap_err()
+                .contains("echo_max_messages_per_second")
+        );
     }
 }
