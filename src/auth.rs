@@ -10,6 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// Whether clients must, may, or need not present a token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -24,27 +26,53 @@ pub enum AuthMode {
     Required,
 }
 
-/// Channel name patterns: `*` (everything), `prefix.*` (names starting with `prefix.`),
-/// or an exact name.
+/// Channel name patterns, the grammar README documents and nothing else: `*`
+/// (everything), `prefix.*` (names starting with `prefix.`), or an exact name. A `*`
+/// anywhere else (`user.1*`, `a.*.b`, `*.x`) is refused where the pattern is read, so a
+/// pattern never matches more than it reads as.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Patterns(Vec<Box<str>>);
+pub struct Patterns(Vec<Pattern>);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Pattern {
+    Everything,
+    /// `prefix.*`, kept as `prefix.`.
+    Prefix(Box<str>),
+    Exact(Box<str>),
+}
 
 impl Patterns {
-    pub fn new<S: AsRef<str>>(patterns: &[S]) -> Self {
-        Self(patterns.iter().map(|p| p.as_ref().trim().into()).collect())
+    /// Reads `patterns`; the error names the first one outside the grammar.
+    pub fn parse<S: AsRef<str>>(patterns: &[S]) -> Result<Self, String> {
+        patterns
+            .iter()
+            .map(|p| {
+                let p = p.as_ref().trim();
+                match p.strip_suffix(".*") {
+                    _ if p == "*" => Ok(Pattern::Everything),
+                    Some(prefix) if !prefix.is_empty() && !prefix.contains('*') => {
+                        Ok(Pattern::Prefix(p[..p.len() - 1].into()))
+                    }
+                    _ if !p.is_empty() && !p.contains('*') => Ok(Pattern::Exact(p.into())),
+                    _ => Err(format!(
+                        "channel pattern {p:?} is not valid: use an exact name, `prefix.*` or `*`"
+                    )),
+                }
+            })
+            .collect::<Result<_, _>>()
+            .map(Self)
     }
 
     pub fn everything() -> Self {
-        Self(vec!["*".into()])
+        Self(vec![Pattern::Everything])
     }
 
     pub fn allows(&self, channel: &str) -> bool {
-        self.0
-            .iter()
-            .any(|pattern| match pattern.strip_suffix('*') {
-                Some(prefix) => channel.starts_with(prefix),
-                None => **pattern == *channel,
-            })
+        self.0.iter().any(|pattern| match pattern {
+            Pattern::Everything => true,
+            Pattern::Prefix(prefix) => channel.starts_with(&**prefix),
+            Pattern::Exact(name) => **name == *channel,
+        })
     }
 }
 
@@ -84,6 +112,9 @@ pub enum AuthError {
     BadSignature,
     #[error("the token is malformed: {0}")]
     Malformed(String),
+    /// A `channels` or `publish` claim holds a pattern outside the documented grammar.
+    #[error("the token's permissions are not valid: {0}")]
+    InvalidPattern(String),
 }
 
 #[derive(Deserialize)]
@@ -147,7 +178,9 @@ impl Authenticator {
             Some((kind, material)) => Some(verifier(kind, &material, settings)?),
         };
         let anonymous_default = |list: &Option<Vec<String>>, default: Patterns| {
-            list.as_ref().map_or(default, |l| Patterns::new(l))
+            list.as_ref().map_or(Ok(default), |l| {
+                Patterns::parse(l).map_err(|e| format!("anonymous permissions: {e}"))
+            })
         };
         let (subscribe_default, publish_default) = match mode {
             AuthMode::Off => (Patterns::everything(), Patterns::everything()),
@@ -159,8 +192,8 @@ impl Authenticator {
             verifier,
             anonymous: Arc::new(Identity {
                 user: None,
-                subscribe: anonymous_default(&settings.anonymous_subscribe, subscribe_default),
-                publish: anonymous_default(&settings.anonymous_publish, publish_default),
+                subscribe: anonymous_default(&settings.anonymous_subscribe, subscribe_default)?,
+                publish: anonymous_default(&settings.anonymous_publish, publish_default)?,
                 expires_at: None,
             }),
             allowed_origins: settings
@@ -231,8 +264,8 @@ impl Authenticator {
         }
         Ok(Identity {
             user: claims.sub.map(Into::into),
-            subscribe: Patterns::new(&claims.channels),
-            publish: Patterns::new(&claims.publish),
+            subscribe: Patterns::parse(&claims.channels).map_err(AuthError::InvalidPattern)?,
+            publish: Patterns::parse(&claims.publish).map_err(AuthError::InvalidPattern)?,
             expires_at,
         })
     }
@@ -292,6 +325,14 @@ fn verifier(
     Ok((key, validation))
 }
 
+/// Whether `presented` is the API key. Both sides are hashed and the digests compared in
+/// constant time: a plain comparison would return sooner on a wrong length or an early
+/// difference, and the time it takes would tell the key's length and bytes.
+pub fn api_key_matches(presented: &str, key: &str) -> bool {
+    let digest = |s: &str| -> [u8; 32] { Sha256::digest(s.as_bytes()).into() };
+    digest(presented)[..].ct_eq(&digest(key)[..]).into()
+}
+
 /// The token a request carries: `Authorization: Bearer`, else `?token=`.
 pub fn token_of<'a>(
     authorization: Option<&'a str>,
@@ -338,13 +379,43 @@ mod tests {
 
     #[test]
     fn patterns_match_exact_prefix_and_all() {
-        let p = Patterns::new(&["news", "chat.*"]);
+        let p = Patterns::parse(&["news", "chat.*", " user.7 "]).unwrap();
         assert!(p.allows("news"));
         assert!(p.allows("chat.room1"));
         assert!(!p.allows("chat"));
         assert!(!p.allows("newsroom"));
+        assert!(p.allows("user.7") && !p.allows("user.70"));
+        assert!(Patterns::parse(&["*"]).unwrap().allows("anything"));
         assert!(Patterns::everything().allows("anything"));
         assert!(!Patterns::default().allows("x"));
+    }
+
+    #[test]
+    fn patterns_outside_the_grammar_are_refused_by_name() {
+        for bad in ["user.1*", "*.x", "a.*.b", "a**", ".*", "", "**", "a*.*"] {
+            let err = Patterns::parse(&["news", bad]).unwrap_err();
+            assert!(err.contains(&format!("{bad:?}")), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn token_with_a_pattern_outside_the_grammar_is_refused() {
+        let auth = Authenticator::new(&settings()).unwrap();
+        for claims in [
+            serde_json::json!({"sub":"u","exp":now()+60,"channels":["user.1*"]}),
+            serde_json::json!({"sub":"u","exp":now()+60,"channels":["news"],"publish":["a*b"]}),
+        ] {
+            let t = token(Algorithm::HS256, SECRET, claims);
+            let err = auth.authenticate(Some(&t)).unwrap_err();
+            assert!(matches!(err, AuthError::InvalidPattern(_)), "{err:?}");
+            assert!(err.to_string().contains("is not valid"), "{err}");
+        }
+        let bad_anonymous = Authenticator::new(&AuthSettings {
+            mode: Some(AuthMode::Optional),
+            anonymous_subscribe: Some(vec!["public*".into()]),
+            ..settings()
+        });
+        assert!(bad_anonymous.err().unwrap().contains("\"public*\""));
     }
 
     #[test]
@@ -445,6 +516,22 @@ mod tests {
         assert!(auth.check_origin(None).is_ok());
         let open = Authenticator::new(&AuthSettings::default()).unwrap();
         assert!(open.check_origin(Some("https://evil.example")).is_ok());
+    }
+
+    #[test]
+    fn api_key_compares_by_content_whatever_the_length() {
+        let key = "k3y-0123456789";
+        assert!(api_key_matches(key, key));
+        for wrong in [
+            "",
+            "k",
+            "k3y-012345678",
+            "k3y-0123456788",
+            "k3y-01234567890",
+            "K3Y-0123456789",
+        ] {
+            assert!(!api_key_matches(wrong, key), "{wrong:?}");
+        }
     }
 
     #[test]

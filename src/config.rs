@@ -15,6 +15,10 @@ use crate::compression::{CompressionPolicies, CompressionPolicy, CompressionPref
 use crate::hub::HistoryLimits;
 use crate::limits::{SlowConsumerPolicies, SlowConsumerPolicy, SlowConsumerPrefix};
 
+/// Most frames one message may arrive in on /ws (and on /echo unless raised): a flood of
+/// empty fragments costs work without growing the message.
+pub const MAX_FRAGMENTS: u32 = 1024;
+
 /// A per-channel setting for channels whose name starts with `prefix` (config file only).
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -122,9 +126,22 @@ pub struct Options {
     #[arg(long, env = "HERALD_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub max_message_bytes: Option<u64>,
 
-    /// Largest message on the /echo endpoint (conformance testing). [default: 16777216]
+    /// Largest message on /echo; larger ones close with 1009. /echo has the limits of /ws
+    /// unless a conformance run raises them (Autobahn sends up to 16 MiB).
+    /// [default: --max-message-bytes]
     #[arg(long, env = "HERALD_ECHO_MAX_MESSAGE_BYTES", value_name = "BYTES")]
     pub echo_max_message_bytes: Option<u64>,
+
+    /// Most frames one /echo message may arrive in (1009 beyond), as on /ws unless a
+    /// conformance run raises it (Autobahn sends up to 65536). [default: 1024]
+    #[arg(long, env = "HERALD_ECHO_MAX_FRAGMENTS", value_name = "N")]
+    pub echo_max_fragments: Option<u32>,
+
+    /// Messages a second one /echo connection may send (burst: twice that); beyond are
+    /// not echoed, and persisting closes with 1008, as on /ws.
+    /// [default: --max-messages-per-second]
+    #[arg(long, env = "HERALD_ECHO_MAX_MESSAGES_PER_SECOND", value_name = "N")]
+    pub echo_max_messages_per_second: Option<u64>,
 
     /// Most channels one connection may subscribe to. [default: 128]
     #[arg(long, env = "HERALD_MAX_SUBSCRIPTIONS", value_name = "N")]
@@ -178,7 +195,8 @@ pub struct Options {
     #[arg(long, env = "HERALD_HISTORY_SIZE", value_name = "N")]
     pub history_size: Option<usize>,
 
-    /// Oldest message a channel's history keeps. [default: 300000]
+    /// Oldest message a channel's history keeps; a channel without subscribers is
+    /// forgotten once its history is this old (within a few seconds more). [default: 300000]
     #[arg(long, env = "HERALD_HISTORY_TTL_MS", value_name = "MS")]
     pub history_ttl_ms: Option<u64>,
 
@@ -342,6 +360,10 @@ impl Options {
             max_connections: self.max_connections.or(lower.max_connections),
             max_message_bytes: self.max_message_bytes.or(lower.max_message_bytes),
             echo_max_message_bytes: self.echo_max_message_bytes.or(lower.echo_max_message_bytes),
+            echo_max_fragments: self.echo_max_fragments.or(lower.echo_max_fragments),
+            echo_max_messages_per_second: self
+                .echo_max_messages_per_second
+                .or(lower.echo_max_messages_per_second),
             max_subscriptions: self.max_subscriptions.or(lower.max_subscriptions),
             outbound_queue_bytes: self.outbound_queue_bytes.or(lower.outbound_queue_bytes),
             handshake_timeout_ms: self.handshake_timeout_ms.or(lower.handshake_timeout_ms),
@@ -389,6 +411,8 @@ pub struct Config {
     pub max_connections: usize,
     pub max_message_bytes: u64,
     pub echo_max_message_bytes: u64,
+    pub echo_max_fragments: u32,
+    pub echo_max_messages_per_second: u64,
     pub max_subscriptions: usize,
     pub outbound_queue_bytes: usize,
     pub handshake_timeout: Duration,
@@ -452,6 +476,8 @@ fn read_file(path: &Path) -> Result<Options, String> {
 impl Options {
     fn resolve(self) -> Result<Config, String> {
         let ms = Duration::from_millis;
+        let max_message_bytes = self.max_message_bytes.unwrap_or(64 * 1024);
+        let max_messages_per_second = self.max_messages_per_second.unwrap_or(100);
         let config = Config {
             listen: self
                 .listen
@@ -459,8 +485,12 @@ impl Options {
             threads: self.threads.unwrap_or(Threads::Auto),
             io: self.io.unwrap_or(Io::Auto),
             max_connections: self.max_connections.unwrap_or(1_000_000),
-            max_message_bytes: self.max_message_bytes.unwrap_or(64 * 1024),
-            echo_max_message_bytes: self.echo_max_message_bytes.unwrap_or(16 * 1024 * 1024),
+            max_message_bytes,
+            echo_max_message_bytes: self.echo_max_message_bytes.unwrap_or(max_message_bytes),
+            echo_max_fragments: self.echo_max_fragments.unwrap_or(MAX_FRAGMENTS),
+            echo_max_messages_per_second: self
+                .echo_max_messages_per_second
+                .unwrap_or(max_messages_per_second),
             max_subscriptions: self.max_subscriptions.unwrap_or(128),
             outbound_queue_bytes: self.outbound_queue_bytes.unwrap_or(1024 * 1024),
             handshake_timeout: ms(self.handshake_timeout_ms.unwrap_or(10_000)),
@@ -491,7 +521,7 @@ impl Options {
             },
             trusted_proxies: self.trusted_proxies.unwrap_or_default(),
             max_connections_per_ip: self.max_connections_per_ip.unwrap_or(10_000),
-            max_messages_per_second: self.max_messages_per_second.unwrap_or(100),
+            max_messages_per_second,
             accept_rate: self.accept_rate.unwrap_or(20_000),
             slow_consumers: SlowConsumerPolicies {
                 default: self
@@ -528,6 +558,11 @@ impl Config {
             ("close_timeout_ms", self.close_timeout.as_millis() as u64),
             ("backlog", u64::from(self.backlog)),
             ("max_messages_per_second", self.max_messages_per_second),
+            (
+                "echo_max_messages_per_second",
+                self.echo_max_messages_per_second,
+            ),
+            ("echo_max_fragments", u64::from(self.echo_max_fragments)),
             ("accept_rate", self.accept_rate),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, v)| *v == 0) {
@@ -543,6 +578,18 @@ impl Config {
                 return Err(format!(
                     "{name} must be between 125 and 1073741824, not {value}"
                 ));
+            }
+        }
+        // The token buckets count in millionths of a message, burst twice the rate.
+        for (name, value) in [
+            ("max_messages_per_second", self.max_messages_per_second),
+            (
+                "echo_max_messages_per_second",
+                self.echo_max_messages_per_second,
+            ),
+        ] {
+            if value > 1_000_000_000 {
+                return Err(format!("{name} must be at most 1000000000, not {value}"));
             }
         }
         if self.history.size > 100_000 {
@@ -582,6 +629,12 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.listen, "127.0.0.1:8080".parse().unwrap());
         assert_eq!(c.max_message_bytes, 65536);
+        assert_eq!(
+            c.echo_max_message_bytes, 65536,
+            "/echo has the limits of /ws"
+        );
+        assert_eq!(c.echo_max_fragments, MAX_FRAGMENTS);
+        assert_eq!(c.echo_max_messages_per_second, c.max_messages_per_second);
         assert_eq!(c.max_subscriptions, 128);
         assert_eq!(c.ping_interval, Duration::from_secs(25));
         assert_eq!(c.handshake_timeout, Duration::from_secs(10));
@@ -597,6 +650,10 @@ mod tests {
         let c = cli.or(file).resolve().unwrap();
         assert_eq!(c.threads, Threads::Count(2));
         assert_eq!(c.max_message_bytes, 1000);
+        assert_eq!(
+            c.echo_max_message_bytes, 1000,
+            "/echo follows /ws unless raised"
+        );
     }
 
     #[test]
@@ -693,5 +750,15 @@ mod tests {
             ..Options::default()
         };
         assert!(tiny.resolve().unwrap_err().contains("max_message_bytes"));
+        let flood = Options {
+            echo_max_messages_per_second: Some(u64::MAX),
+            ..Options::default()
+        };
+        assert!(
+            flood
+                .resolve()
+                .unwrap_err()
+                .contains("echo_max_messages_per_second")
+        );
     }
 }

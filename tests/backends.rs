@@ -57,7 +57,8 @@ fn payload(i: u64) -> Vec<u8> {
 fn pipelined_frames_to_a_client_that_reads_late_come_back_whole_and_in_order() {
     const FRAMES: u64 = 240;
     for io in BACKENDS {
-        let mut server = start(io, &[]);
+        // 240 messages at once: past /echo's default rate, which this test is not about.
+        let mut server = start(io, &["--echo-max-messages-per-second", "100000"]);
         let (stream, mut buf) = echo_client(&server);
         stream
             .set_read_timeout(Some(Duration::from_secs(20)))
@@ -90,7 +91,11 @@ fn pipelined_frames_to_a_client_that_reads_late_come_back_whole_and_in_order() {
 #[test]
 fn clients_vanishing_with_sends_and_receives_in_flight_leave_the_server_drainable() {
     for io in BACKENDS {
-        let mut server = start(io, &["--drain-ms", "30000"]);
+        // 400 kB messages: past /echo's default 64 KiB, raised as a conformance run does.
+        let mut server = start(
+            io,
+            &["--drain-ms", "30000", "--echo-max-message-bytes", "1048576"],
+        );
         let big = encode_frame(
             OP_BINARY,
             &pseudo_random_bytes(9, 400_000),

@@ -233,7 +233,16 @@ fn metric(text: &str, name: &str) -> f64 {
 
 #[tokio::test]
 async fn echo_over_wss_carries_text_binary_large_and_fragmented_messages() {
-    let (mut server, ca, _leaf, _files) = tls_server("echo", &[]);
+    // A 3 MiB message and 500 at once: /echo's limits raised, as a conformance run does.
+    let (mut server, ca, _leaf, _files) = tls_server(
+        "echo",
+        &[
+            "--echo-max-message-bytes",
+            "4194304",
+            "--echo-max-messages-per-second",
+            "100000",
+        ],
+    );
     let mut ws = wss(server.addr(), &ca, "/echo").await;
 
     send_text(&mut ws, "hello over TLS").await;

@@ -33,7 +33,7 @@ pub fn prometheus(s: &Snapshot) -> String {
     metric(
         "herald_channels",
         "gauge",
-        "Channels with a sequence number (all homes).",
+        "Channels with subscribers or live history (all homes).",
         &one(t.channels_homed),
     );
     metric(

@@ -1,23 +1,65 @@
 //! The home shard's side of each channel: next sequence number, which shards hold
-//! subscribers of it, and its bounded history.
+//! subscribers of it, and its bounded history; and the sweep that forgets channels
+//! nobody holds.
+//!
+//! # Lifetime
+//! A channel is created by its first subscribe or publish and forgotten as soon as it has
+//! no subscriber on any shard (pending or active) and no live history: at the last
+//! unsubscribe, after a publish nobody receives or keeps, or by the sweep once its
+//! history has aged past the TTL. The sweep runs on the home shard every
+//! `SWEEP_INTERVAL` and visits a share of the channels each time, so every channel is
+//! visited once per round (a quarter of the TTL, between 1 and 30 seconds) whatever their
+//! number: the work per tick is a fraction of the channels, nothing waits for a channel to
+//! be used again, and memory is released within the TTL plus two rounds.
+//!
+//! # Sequence numbers across incarnations
+//! Sequence numbers still never repeat for a channel name within the node's epoch, even
+//! though the channel itself is forgotten: forgetting raises a floor kept per bucket of
+//! names (a hash; 4096 of them per home, 32 KiB) to the channel's last seq, and a
+//! channel created later starts counting from its bucket's floor. A client's `since` for
+//! a name is at most the last seq of the incarnation it read from, which is at most the
+//! floor the next incarnation starts from; so against a new incarnation it is either
+//! below the start (history cannot reach back: `history_gap`) or exactly the start (it
+//! saw everything of the old one, and the new one's messages follow). It is never taken
+//! for a seq of the new incarnation, on `/ws` (with or without `epoch`), `/poll` or
+//! `/sse` alike. The price is a conservative gap: `since=0` on a new incarnation whose
+//! bucket was raised (by this name or another) is answered `history_gap` with
+//! `oldest` = the first seq to come.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use indexmap::IndexMap;
 
 use super::{Broadcast, ChannelName};
 use crate::proto::pubsub;
 
-/// The shard that orders `channel`'s messages. FNV-1a, so every shard (and every run)
-/// agrees without sharing state.
-pub fn home_of(channel: &str, shards: usize) -> usize {
+/// How often the home sweeps its channels.
+const SWEEP_INTERVAL: Duration = Duration::from_millis(100);
+
+/// Buckets of names with their own sequence floor (a power of two).
+const FLOOR_BUCKETS: usize = 4096;
+
+/// FNV-1a: every shard (and every run) agrees without sharing state.
+fn fnv1a(channel: &str) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for &b in channel.as_bytes() {
         hash ^= u64::from(b);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
-    (hash % shards as u64) as usize
+    hash
+}
+
+/// The shard that orders `channel`'s messages.
+pub fn home_of(channel: &str, shards: usize) -> usize {
+    (fnv1a(channel) % shards as u64) as usize
+}
+
+/// The floor bucket of `channel`: the hash's top bits, which the home (its low bits
+/// when the shard count is a power of two) does not fix.
+fn floor_bucket(channel: &str) -> usize {
+    (fnv1a(channel) >> (64 - FLOOR_BUCKETS.trailing_zeros())) as usize
 }
 
 /// How much history each channel keeps: at most `size` messages, none older than `ttl`.
@@ -35,8 +77,8 @@ struct Stored {
 }
 
 struct Channel {
-    /// The sequence number of the latest message; 0 before the first. Kept for the life of
-    /// the process (the epoch) even when the history is empty, so numbers never repeat.
+    /// The sequence number of the latest message; before the first, the floor this
+    /// incarnation started from (see the module documentation).
     seq: u64,
     /// Subscriptions per shard (pending or active), so a publish visits only the shards
     /// that have someone to deliver to.
@@ -79,13 +121,26 @@ impl Channel {
             .map(|m| m.frame.clone())
             .collect()
     }
+
+    /// Nobody subscribes and nothing is kept: the channel may be forgotten.
+    fn is_idle(&self) -> bool {
+        self.history.is_empty() && self.subscribers.iter().all(|&n| n == 0)
+    }
 }
 
 /// The channels homed on one shard.
 pub struct Channels {
     shards: usize,
     limits: HistoryLimits,
-    map: HashMap<ChannelName, Channel>,
+    /// Indexed as well as keyed, so the sweep can resume where it stopped.
+    map: IndexMap<ChannelName, Channel>,
+    /// Per bucket of names, the highest seq a forgotten channel of the bucket reached.
+    floors: Box<[u64]>,
+    /// The index the sweep visits next in this round.
+    cursor: usize,
+    /// Sweeps left in this round.
+    ticks_left: u32,
+    next_sweep: Instant,
 }
 
 /// What the home answers a subscribe with.
@@ -114,17 +169,39 @@ impl Channels {
         Self {
             shards,
             limits,
-            map: HashMap::new(),
+            map: IndexMap::new(),
+            floors: vec![0; FLOOR_BUCKETS].into_boxed_slice(),
+            cursor: 0,
+            ticks_left: 0,
+            next_sweep: Instant::now(),
         }
     }
 
-    fn entry(&mut self, name: &ChannelName) -> &mut Channel {
-        let shards = self.shards;
-        self.map.entry(name.clone()).or_insert_with(|| Channel {
-            seq: 0,
+    /// The channel's index, created from its bucket's floor when new.
+    fn entry(&mut self, name: &ChannelName) -> usize {
+        let (shards, floors) = (self.shards, &self.floors);
+        let entry = self.map.entry(name.clone());
+        let index = entry.index();
+        entry.or_insert_with(|| Channel {
+            seq: floors[floor_bucket(name)],
             subscribers: vec![0; shards].into_boxed_slice(),
             history: VecDeque::new(),
-        })
+        });
+        index
+    }
+
+    /// Drops the channel at `index`, raising its bucket's floor to its last seq.
+    fn forget(&mut self, index: usize) {
+        let Some((name, channel)) = self.map.swap_remove_index(index) else {
+            return;
+        };
+        let floor = &mut self.floors[floor_bucket(&name)];
+        *floor = (*floor).max(channel.seq);
+        // Gives the memory of a burst of channels back once most of them are gone; the
+        // rehash costs the channels left, after at least as many were forgotten.
+        if self.map.capacity() > 4 * self.map.len().max(16) {
+            self.map.shrink_to(2 * self.map.len());
+        }
     }
 
     /// Counts a subscription from `shard`, replaying what came after `since` when the
@@ -141,7 +218,8 @@ impl Channels {
         now: Instant,
     ) -> SubscribeOutcome {
         let limits = self.limits;
-        let channel = self.entry(name);
+        let index = self.entry(name);
+        let channel = &mut self.map[index];
         channel.subscribers[shard] += 1;
         channel.trim(limits, now);
         let seq = channel.seq;
@@ -174,7 +252,8 @@ impl Channels {
         now: Instant,
     ) -> SubscribeOutcome {
         let limits = self.limits;
-        let channel = self.entry(name);
+        let index = self.entry(name);
+        let channel = &mut self.map[index];
         channel.trim(limits, now);
         let (seq, oldest) = (channel.seq, channel.oldest());
         if since > seq || since + 1 < oldest {
@@ -184,19 +263,26 @@ impl Channels {
         SubscribeOutcome::Subscribed { seq, replay }
     }
 
-    /// Releases one subscription counted by [`Channels::subscribe`].
+    /// Releases one subscription counted by [`Channels::subscribe`]; the last one of a
+    /// channel without history forgets it.
     pub fn unsubscribe(&mut self, name: &str, shard: usize) {
-        if let Some(channel) = self.map.get_mut(name) {
-            debug_assert!(channel.subscribers[shard] > 0, "unbalanced unsubscribe");
-            channel.subscribers[shard] = channel.subscribers[shard].saturating_sub(1);
+        let Some((index, _, channel)) = self.map.get_full_mut(name) else {
+            return;
+        };
+        debug_assert!(channel.subscribers[shard] > 0, "unbalanced unsubscribe");
+        channel.subscribers[shard] = channel.subscribers[shard].saturating_sub(1);
+        if channel.is_idle() {
+            self.forget(index);
         }
     }
 
     /// Orders one message: assigns its sequence number, encodes the frame once and
-    /// stores it in the history (before anyone is told: an ack means recoverable).
+    /// stores it in the history (before anyone is told: an ack means recoverable). A
+    /// channel that neither delivers nor keeps it is forgotten again at once.
     pub fn publish(&mut self, name: &ChannelName, data: &[u8], now: Instant) -> Published<'_> {
         let limits = self.limits;
-        let channel = self.entry(name);
+        let index = self.entry(name);
+        let channel = &mut self.map[index];
         channel.seq += 1;
         let frame = pubsub::encode_message(name, channel.seq, data);
         if limits.size > 0 {
@@ -207,20 +293,67 @@ impl Channels {
             });
         }
         channel.trim(limits, now);
+        let broadcast = Broadcast {
+            channel: name.clone(),
+            seq: channel.seq,
+            frame,
+            deflated: None,
+            published_at: now,
+        };
+        if channel.is_idle() {
+            self.forget(index);
+            return Published {
+                broadcast,
+                shards: &[],
+                subscribers: 0,
+            };
+        }
+        let channel = &self.map[index];
         Published {
-            broadcast: Broadcast {
-                channel: name.clone(),
-                seq: channel.seq,
-                frame,
-                deflated: None,
-                published_at: now,
-            },
+            broadcast,
             subscribers: channel.subscribers.iter().sum(),
             shards: &channel.subscribers,
         }
     }
 
-    /// Channels homed here (with or without subscribers).
+    /// When [`Channels::sweep`] next has work; `None` while no channel is homed here.
+    pub fn next_sweep(&self) -> Option<Instant> {
+        (!self.map.is_empty()).then_some(self.next_sweep)
+    }
+
+    /// Trims history past its TTL and forgets idle channels, a share at a time: the
+    /// channels not yet visited this round, spread over the ticks left in it. Does nothing
+    /// before [`Channels::next_sweep`], so it may be called every loop turn.
+    pub fn sweep(&mut self, now: Instant) {
+        if now < self.next_sweep {
+            return;
+        }
+        self.next_sweep = now + SWEEP_INTERVAL;
+        if self.cursor >= self.map.len() {
+            let round =
+                (self.limits.ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+            self.cursor = 0;
+            self.ticks_left = (round.as_nanos() / SWEEP_INTERVAL.as_nanos()) as u32;
+        }
+        let ticks_left = self.ticks_left.max(1);
+        self.ticks_left = ticks_left - 1;
+        // Each visit either moves the cursor on or forgets one channel, so after these
+        // the round's last tick has visited every channel.
+        let visits = (self.map.len() - self.cursor).div_ceil(ticks_left as usize);
+        for _ in 0..visits {
+            let channel = &mut self.map[self.cursor];
+            channel.trim(self.limits, now);
+            if channel.is_idle() {
+                // The last channel moves into this index: it is visited next.
+                self.forget(self.cursor);
+            } else {
+                self.cursor += 1;
+            }
+        }
+    }
+
+    /// Channels homed here: those with subscribers or live history, and those the sweep
+    /// has not reached yet since their history expired.
     pub fn len(&self) -> usize {
         self.map.len()
     }
@@ -361,8 +494,119 @@ mod tests {
         let mut channels = Channels::new(2, limits(0));
         let c = name("c");
         channels.subscribe(&c, 0, None, true, usize::MAX, now);
+        channels.subscribe(&c, 1, None, true, usize::MAX, now);
         channels.unsubscribe(&c, 0);
-        assert_eq!(channels.publish(&c, b"1", now).shards, &[0, 0]);
+        assert_eq!(channels.publish(&c, b"1", now).shards, &[0, 1]);
+    }
+
+    /// Calls the sweep every interval from `start` until `until`.
+    fn sweep_until(channels: &mut Channels, start: Instant, until: Instant) {
+        let mut now = start;
+        while now <= until {
+            channels.sweep(now);
+            now += SWEEP_INTERVAL;
+        }
+    }
+
+    #[test]
+    fn a_channel_nobody_holds_or_keeps_is_forgotten_at_once() {
+        let now = Instant::now();
+        let mut channels = Channels::new(2, limits(10));
+        for i in 0..100 {
+            let c = name(&format!("c{i}"));
+            channels.subscribe(&c, i % 2, None, true, usize::MAX, now);
+            channels.unsubscribe(&c, i % 2);
+        }
+        assert!(channels.is_empty(), "{} left", channels.len());
+        assert_eq!(channels.next_sweep(), None, "nothing to sweep for");
+        // Without history a publish nobody receives is not kept either.
+        let mut no_history = Channels::new(1, limits(0));
+        let published = no_history.publish(&name("x"), b"1", now);
+        assert_eq!((published.subscribers, published.shards), (0, &[][..]));
+        assert!(no_history.is_empty());
+        assert_eq!(no_history.publish(&name("x"), b"2", now).broadcast.seq, 2);
+    }
+
+    #[test]
+    fn the_sweep_expires_history_of_channels_never_used_again() {
+        let start = Instant::now();
+        let ttl = Duration::from_secs(2);
+        let mut channels = Channels::new(1, HistoryLimits { size: 10, ttl });
+        let held = name("held");
+        channels.subscribe(&held, 0, None, true, usize::MAX, start);
+        channels.publish(&held, b"1", start);
+        for i in 0..10_000 {
+            channels.publish(&name(&format!("c{i}")), b"1", start);
+        }
+        assert_eq!(channels.len(), 10_001);
+        // Within the TTL nothing goes.
+        sweep_until(&mut channels, start, start + ttl);
+        assert_eq!(channels.len(), 10_001);
+        // A sweep visits a share only: the work per tick is bounded.
+        let expired = start + ttl + SWEEP_INTERVAL;
+        channels.sweep(expired);
+        let after_one = channels.len();
+        assert!(
+            (9_000..10_001).contains(&after_one),
+            "one sweep forgot {} channels",
+            10_001 - after_one
+        );
+        // Within a round (1 s for this TTL) every one is visited.
+        sweep_until(
+            &mut channels,
+            expired,
+            expired + Duration::from_secs(1) + SWEEP_INTERVAL,
+        );
+        assert_eq!(channels.len(), 1, "only the subscribed channel stays");
+        assert!(
+            channels.map.capacity() < 1000,
+            "{}",
+            channels.map.capacity()
+        );
+        assert_eq!(
+            channels.subscribe(&held, 0, Some(0), true, usize::MAX, expired),
+            SubscribeOutcome::HistoryGap { seq: 1, oldest: 2 },
+            "its history was trimmed by the sweep"
+        );
+    }
+
+    #[test]
+    fn a_recreated_channel_never_reuses_a_seq_and_an_old_since_is_a_gap() {
+        let start = Instant::now();
+        let ttl = Duration::from_secs(1);
+        let mut channels = Channels::new(1, HistoryLimits { size: 10, ttl });
+        let c = name("c");
+        for _ in 0..5 {
+            channels.publish(&c, b"1", start);
+        }
+        let later = start + Duration::from_secs(5);
+        sweep_until(&mut channels, later, later + Duration::from_secs(2));
+        assert!(channels.is_empty());
+        // A client that read up to 3 missed 4 and 5: a gap, not seq 4 of a new channel.
+        assert_eq!(
+            channels.subscribe(&c, 0, Some(3), true, usize::MAX, later),
+            SubscribeOutcome::HistoryGap { seq: 5, oldest: 6 }
+        );
+        // One that read everything continues; so does numbering.
+        assert_eq!(
+            channels.subscribe(&c, 0, Some(5), true, usize::MAX, later),
+            SubscribeOutcome::Subscribed {
+                seq: 5,
+                replay: vec![]
+            }
+        );
+        assert_eq!(channels.publish(&c, b"1", later).broadcast.seq, 6);
+        // `since=0` claims nothing was seen: messages 1-5 were.
+        assert!(matches!(
+            channels.subscribe(&c, 0, Some(0), true, usize::MAX, later),
+            SubscribeOutcome::HistoryGap { oldest: 6, .. }
+        ));
+        // A name in another bucket starts from 0 as before.
+        let other = (0..)
+            .map(|i| name(&format!("o{i}")))
+            .find(|n| floor_bucket(n) != floor_bucket(&c))
+            .unwrap();
+        assert_eq!(channels.publish(&other, b"1", later).broadcast.seq, 1);
     }
 
     #[test]

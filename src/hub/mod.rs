@@ -6,6 +6,11 @@
 //! clone of that `Bytes` (same allocation) to every shard that has subscribers. Each
 //! shard keeps its own table of which of its connections hold which channel
 //! ([`Subscriptions`]), so delivery takes no lock.
+//!
+//! Neither table keeps a channel nobody holds: a shard drops a channel's entry with its
+//! last subscriber there, and the home forgets a channel without subscribers or live
+//! history (its sweep trims history by age even for channels never used again), without
+//! ever reusing a sequence number for the name (see `channel.rs`).
 
 mod channel;
 mod subscriptions;

@@ -59,6 +59,11 @@ impl Subscriptions {
             subscribers.conns.try_remove(slot);
             if subscribers.conns.is_empty() {
                 self.map.remove(channel);
+                // A burst of channels that all left gives its memory back; the rehash
+                // costs the channels left, after at least as many were removed.
+                if self.map.capacity() > 4 * self.map.len().max(16) {
+                    self.map.shrink_to(2 * self.map.len());
+                }
             }
         }
     }
@@ -95,5 +100,21 @@ mod tests {
         assert!(subs.get("nope").is_none());
         let (_, new_tag) = subs.insert(&c, 12, policy);
         assert_ne!(new_tag, tag, "a tag is never reused");
+    }
+
+    #[test]
+    fn a_burst_of_channels_that_left_gives_its_memory_back() {
+        let mut subs = Subscriptions::default();
+        let names: Vec<ChannelName> = (0..10_000).map(|i| format!("c{i}").into()).collect();
+        let slots: Vec<usize> = names
+            .iter()
+            .map(|c| subs.insert(c, 1, || SlowConsumerPolicy::Disconnect).0)
+            .collect();
+        assert!(subs.map.capacity() >= 10_000);
+        for (c, slot) in names.iter().zip(slots) {
+            subs.remove(c, slot);
+        }
+        assert_eq!(subs.channel_count(), 0);
+        assert!(subs.map.capacity() <= 64, "{}", subs.map.capacity());
     }
 }

@@ -42,10 +42,10 @@ pub use mailbox::{Answer, Envelope, Inbox, Post, Wake};
 pub use outbox::Outbox;
 use timer::Deadlines;
 
-use crate::auth::{AuthMode, Authenticator, Identity, token_of};
+use crate::auth::{AuthMode, Authenticator, Identity, api_key_matches, token_of};
 use crate::cluster::{self, Bridge};
 use crate::compression::CompressionPolicy;
-use crate::config::Config;
+use crate::config::{Config, MAX_FRAGMENTS};
 use crate::http::{self, Route, longpoll, publish, sse};
 use crate::hub::{self, Broadcast, ChannelName, Channels, SubscribeOutcome, Subscriptions};
 use crate::limits::{ConnectionLimits, SlowConsumerPolicy, TokenBucket, client_ip, retry_after};
@@ -103,8 +103,8 @@ enum Phase {
     WebSocket {
         ws: Box<Connection>,
         endpoint: Endpoint,
-        /// Inbound messages allowed (pub/sub only).
-        rate: Option<Box<RateLimit>>,
+        /// Inbound messages allowed.
+        rate: Box<RateLimit>,
     },
 }
 
@@ -831,23 +831,28 @@ impl Shard {
                 return;
             }
         };
-        // The echo endpoint serves conformance testing, whose cases send a message in up
-        // to 65,536 frames; the pub/sub endpoint holds clients to 1024.
-        let (max_message_bytes, max_fragments) = match endpoint {
-            Endpoint::PubSub => (self.ctx.config.max_message_bytes, 1024),
-            Endpoint::Echo => (self.ctx.config.echo_max_message_bytes, u32::MAX),
+        // /echo has the limits of /ws unless the operator raised them (a conformance run).
+        let config = &self.ctx.config;
+        let (max_message_bytes, max_fragments, per_second) = match endpoint {
+            Endpoint::PubSub => (
+                config.max_message_bytes,
+                MAX_FRAGMENTS,
+                config.max_messages_per_second,
+            ),
+            Endpoint::Echo => (
+                config.echo_max_message_bytes,
+                config.echo_max_fragments,
+                config.echo_max_messages_per_second,
+            ),
         };
         let limits = DecoderLimits {
             max_frame_bytes: max_message_bytes,
             max_message_bytes,
             max_fragments,
         };
-        let rate = (endpoint == Endpoint::PubSub).then(|| {
-            let per_second = self.ctx.config.max_messages_per_second;
-            Box::new(RateLimit {
-                bucket: TokenBucket::new(per_second, per_second * 2, self.now),
-                strikes: 0,
-            })
+        let rate = Box::new(RateLimit {
+            bucket: TokenBucket::new(per_second, per_second * 2, self.now),
+            strikes: 0,
         });
         let policies = &self.ctx.config.compression;
         let negotiated = request
@@ -897,7 +902,7 @@ impl Shard {
             .as_deref()
             .and_then(|a| a.strip_prefix("Bearer "))
             .unwrap_or("");
-        if !http::constant_time_eq(presented.trim().as_bytes(), api_key.as_bytes()) {
+        if !api_key_matches(presented.trim(), api_key) {
             let message = "a valid API key is needed as Authorization: Bearer KEY";
             self.refuse_json(
                 key,
@@ -1031,7 +1036,11 @@ impl Shard {
                 Some(Event::Message { text, payload }) => {
                     self.counters.messages_in_total += 1;
                     match endpoint {
-                        Endpoint::Echo => self.echo(key, text, payload),
+                        Endpoint::Echo => {
+                            if self.within_rate(key) {
+                                self.echo(key, text, payload);
+                            }
+                        }
                         Endpoint::PubSub if text => {
                             if self.within_rate(key) {
                                 self.handle_command(key, &payload);
@@ -1102,13 +1111,11 @@ impl Shard {
     }
 
     /// Spends one of the connection's inbound tokens. Over the rate the message is
-    /// refused with `rate_limited`; a client that keeps sending anyway is closed with 1008.
+    /// dropped (on /ws with a `rate_limited` error; /echo sends only echoes); a client that
+    /// keeps sending anyway is closed with 1008.
     fn within_rate(&mut self, key: usize) -> bool {
         let now = self.now;
-        let Phase::WebSocket {
-            rate: Some(rate), ..
-        } = &mut self.conns[key].phase
-        else {
+        let Phase::WebSocket { rate, endpoint, .. } = &mut self.conns[key].phase else {
             return true;
         };
         if rate.bucket.try_take(now) {
@@ -1118,7 +1125,7 @@ impl Shard {
         rate.strikes += 1;
         if rate.strikes > MAX_STRIKES {
             self.close_with(key, 1008, "message rate limit exceeded repeatedly");
-        } else {
+        } else if *endpoint == Endpoint::PubSub {
             let message = format!(
                 "more than {} messages a second; this one was dropped",
                 self.ctx.config.max_messages_per_second
@@ -1579,7 +1586,6 @@ impl Shard {
                     max_replay_bytes,
                     self.now,
                 );
-                self.counters.channels_homed = self.channels.len() as u64;
                 let answer = |seq| Answer {
                     channel,
                     conn,
@@ -1644,7 +1650,6 @@ impl Shard {
                     .filter(|&s| published.shards[s] > 0)
                     .collect();
                 self.counters.publishes_total += 1;
-                self.counters.channels_homed = self.channels.len() as u64;
                 if self.ctx.config.compression.policy_for(&channel) == CompressionPolicy::Shared {
                     let start = Instant::now();
                     let payload = longpoll::frame_payload(&broadcast.frame);
@@ -2159,6 +2164,7 @@ impl Shard {
                 self.heartbeat(key, now);
             }
         }
+        self.channels.sweep(now);
         self.reread_pipelined();
     }
 
@@ -2217,6 +2223,7 @@ impl Shard {
             self.heartbeat_deadlines.next(),
             self.close_deadlines.next(),
             self.timed.peek().map(|Reverse((t, _, _))| *t),
+            self.channels.next_sweep(),
         ]
         .into_iter()
         .flatten()
@@ -2232,6 +2239,7 @@ impl Shard {
         }
         self.counters.busy_ns_total += busy.as_nanos() as u64;
         self.counters.loop_turns_total += 1;
+        self.counters.channels_homed = self.channels.len() as u64;
         self.ctx.registry.shard(self.id).store(&self.counters);
     }
 

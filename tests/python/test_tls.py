@@ -75,7 +75,10 @@ def pki(tmp_path: Path) -> Pki:
 
 
 def tls_herald(cert: Path, key: Path) -> HeraldProcess:
-    return HeraldProcess("--tls-cert", str(cert), "--tls-key", str(key))
+    # The echo test sends 1 MiB: past /echo's default 64 KiB, raised as a conformance run does.
+    return HeraldProcess(
+        "--tls-cert", str(cert), "--tls-key", str(key), "--echo-max-message-bytes", str(4 << 20)
+    )
 
 
 def client_context(pki: Pki) -> ssl.SSLContext:

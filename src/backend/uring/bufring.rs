@@ -4,15 +4,30 @@
 
 use std::alloc::{self, Layout};
 use std::io;
+use std::ptr::addr_of_mut;
 use std::sync::atomic::{AtomicU16, Ordering};
 
 use io_uring::Submitter;
 use io_uring::types::BufRingEntry;
 
+/// One descriptor as the kernel lays it out (`struct io_uring_buf`). The first one's
+/// `resv` is the ring's tail, which the kernel reads at any time: descriptors are written
+/// field by field through raw pointers, never through a `&mut` that would claim the tail
+/// too (the io-uring crate's `BufRingEntry` setters take `&mut self`).
+#[repr(C)]
+struct Descriptor {
+    addr: u64,
+    len: u32,
+    bid: u16,
+    resv: u16,
+}
+
+const _: () = assert!(size_of::<Descriptor>() == size_of::<BufRingEntry>());
+
 /// The ring of buffer descriptors (shared with the kernel) and the buffers they describe.
 pub(super) struct BufRing {
     /// `entries` descriptors, page aligned as the kernel requires.
-    ring: *mut BufRingEntry,
+    ring: *mut Descriptor,
     ring_layout: Layout,
     /// `entries * buffer_size` bytes the kernel writes into; a raw allocation because the
     /// kernel writes behind Rust's back.
@@ -39,10 +54,10 @@ impl BufRing {
             "a buffer ring's size is a power of two"
         );
         let ring_layout =
-            Layout::from_size_align(usize::from(entries) * size_of::<BufRingEntry>(), 4096)
+            Layout::from_size_align(usize::from(entries) * size_of::<Descriptor>(), 4096)
                 .map_err(io::Error::other)?;
         // SAFETY: the layout has a non-zero size (entries >= 1).
-        let ring = unsafe { alloc::alloc_zeroed(ring_layout) }.cast::<BufRingEntry>();
+        let ring = unsafe { alloc::alloc_zeroed(ring_layout) }.cast::<Descriptor>();
         if ring.is_null() {
             alloc::handle_alloc_error(ring_layout);
         }
@@ -99,21 +114,26 @@ impl BufRing {
     fn push(&mut self, bid: u16) {
         let slot = usize::from(self.tail & (self.entries - 1));
         let addr = self.buffers as u64 + (usize::from(bid) * self.buffer_size) as u64;
-        // SAFETY: `slot` < `entries`, so the descriptor is inside the allocation; the
-        // kernel reads only descriptors between its head and our published tail, and this
-        // one is past the tail until `publish`.
-        let entry = unsafe { &mut *self.ring.add(slot) };
-        entry.set_addr(addr);
-        entry.set_len(self.buffer_size as u32);
-        entry.set_bid(bid);
+        // SAFETY: `slot` < `entries`, so the descriptor is inside the allocation and
+        // aligned. The kernel reads only descriptors between its head and our published
+        // tail, and this one is past the tail until `publish`, so nobody reads these three
+        // fields meanwhile. Each is written through a raw pointer: `resv` (the tail, in
+        // slot 0) is neither written nor covered by a reference.
+        unsafe {
+            let entry = self.ring.add(slot);
+            addr_of_mut!((*entry).addr).write(addr);
+            addr_of_mut!((*entry).len).write(self.buffer_size as u32);
+            addr_of_mut!((*entry).bid).write(bid);
+        }
         self.tail = self.tail.wrapping_add(1);
     }
 
     /// Makes the descriptors written so far visible to the kernel.
     fn publish(&self) {
-        // SAFETY: `ring` is the ring's first descriptor, whose reserved field is the tail
-        // the kernel reads; it is a properly aligned u16 for the ring's lifetime.
-        let tail = unsafe { &*BufRingEntry::tail(self.ring).cast::<AtomicU16>() };
+        // SAFETY: `ring` is the ring's first descriptor, whose `resv` is the tail the
+        // kernel reads; it is an aligned u16 for the ring's lifetime, and only ever accessed
+        // atomically (here) by us, never through a reference to the descriptor.
+        let tail = unsafe { AtomicU16::from_ptr(addr_of_mut!((*self.ring).resv)) };
         tail.store(self.tail, Ordering::Release);
     }
 }
