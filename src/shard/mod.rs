@@ -364,7 +364,7 @@ impl Shard {
             counted: None,
             identity: None,
         });
-        self.request_deadlines.arm(now, self.conn_ref(key));
+        self.arm_request_deadline(key);
         self.counters.accepted_total += 1;
         self.counters.connections[Transport::Http as usize] += 1;
         if !self.accept_bucket.try_take(now) {
@@ -449,23 +449,54 @@ impl Shard {
             }
             self.conns[key].counted = Some(ip);
         }
-        if auth.mode() != AuthMode::Off
-            && let Some(expires_at) = identity.expires_at
-            && let Some(remaining) = identity.remaining(SystemTime::now())
-        {
-            let conn_ref = self.conn_ref(key);
+        let expiry = identity
+            .expires_at
+            .zip(identity.remaining(SystemTime::now()))
+            .filter(|_| auth.mode() != AuthMode::Off);
+        self.conns[key].identity = Some(identity);
+        if let Some((expires_at, remaining)) = expiry {
             // Both clocks read together: `self.now` is from the start of the turn, and a
             // deadline from it would fall that much before `exp` (a backend that wakes to
             // the nanosecond, like io_uring, then sends 4001 while the handshake would
             // still accept the token).
-            self.timed.push(Reverse((
+            self.arm_timed(
+                key,
                 Instant::now() + remaining,
-                conn_ref,
                 Timed::TokenExpiry { expires_at },
-            )));
+            );
         }
-        self.conns[key].identity = Some(identity);
         true
+    }
+
+    /// Arms a per-connection deadline. An entry whose request has ended stays in the
+    /// heap until its time, so a connection sending request after request would grow it
+    /// without bound: past twice the connections it holds, the stale entries go.
+    fn arm_timed(&mut self, key: usize, at: Instant, what: Timed) {
+        let conn_ref = self.conn_ref(key);
+        self.timed.push(Reverse((at, conn_ref, what)));
+        if self.timed.len() > 2 * self.conns.len() + 64 {
+            let conns = &self.conns;
+            self.timed
+                .retain(|Reverse((at, conn, what))| timed_is_live(conns, *at, *conn, *what));
+        }
+    }
+
+    /// Arms `key`'s request deadline (`request_deadline`, set by the caller), dropping
+    /// stale entries of earlier requests as [`Shard::arm_timed`] does.
+    fn arm_request_deadline(&mut self, key: usize) {
+        let conn_ref = self.conn_ref(key);
+        self.request_deadlines.arm(self.now, conn_ref);
+        if self.request_deadlines.len() > 2 * self.conns.len() + 64 {
+            let conns = &self.conns;
+            self.request_deadlines.retain(|at, conn| {
+                conns.get(conn.key as usize).is_some_and(|c| {
+                    c.generation == conn.generation
+                        && !c.dead
+                        && matches!(c.phase, Phase::Request { .. })
+                        && c.request_deadline == at
+                })
+            });
+        }
     }
 
     /// Whether the request holding `key` may subscribe to `channel`: never without an
@@ -784,8 +815,7 @@ impl Shard {
             },
         );
         self.conns[key].request_deadline = self.now + self.ctx.config.handshake_timeout;
-        let conn_ref = self.conn_ref(key);
-        self.request_deadlines.arm(self.now, conn_ref);
+        self.arm_request_deadline(key);
         if !self.conns[key].read_buf.is_empty() {
             self.reread.push(key);
         }
@@ -970,8 +1000,7 @@ impl Shard {
                 epoch: None,
             },
         );
-        let conn_ref = self.conn_ref(key);
-        self.timed.push(Reverse((deadline, conn_ref, Timed::Poll)));
+        self.arm_timed(key, deadline, Timed::Poll);
         self.request_subscription(
             key,
             poll.channel.into(),
@@ -2285,6 +2314,24 @@ impl Shard {
     }
 }
 
+/// Whether a per-connection deadline still applies: its connection lives and is still in
+/// the request that armed it (the same poll deadline, the same token).
+fn timed_is_live(conns: &Slab<Conn>, at: Instant, conn: ConnRef, what: Timed) -> bool {
+    let Some(c) = conns.get(conn.key as usize) else {
+        return false;
+    };
+    if c.generation != conn.generation || c.dead {
+        return false;
+    }
+    match what {
+        Timed::Poll => matches!(c.phase, Phase::Polling { deadline, .. } if deadline == at),
+        Timed::TokenExpiry { expires_at } => c
+            .identity
+            .as_ref()
+            .is_some_and(|i| i.expires_at == Some(expires_at)),
+    }
+}
+
 /// A seed for `Retry-After` jitter that differs per shard and per run, so nodes
 /// restarted together do not hand out the same sequence.
 fn jitter_seed(shard: usize) -> u64 {
@@ -2880,6 +2927,39 @@ mod tests {
         cluster.settle();
         let out = cluster.take_output(client);
         (client, String::from_utf8(out).unwrap())
+    }
+
+    #[test]
+    fn deadlines_of_answered_requests_do_not_pile_up() {
+        let mut cluster = Cluster::new(1, Config::default());
+        let p = cluster.connect(0, "/ws");
+        cluster.send(p, r#"{"type":"publish","channel":"c","data":"a"}"#);
+        cluster.settle();
+        // One keep-alive connection asks 2,000 times for what history answers at once;
+        // each request arms a request deadline and a 120 s poll deadline.
+        let (client, _) = http(&mut cluster, 0, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+        for _ in 0..2000 {
+            cluster.now += Duration::from_millis(1);
+            cluster.write(
+                client,
+                b"GET /poll?channel=c&since=0&timeout=120 HTTP/1.1\r\nHost: x\r\n\r\n",
+            );
+            cluster.settle();
+            let answer = cluster.take_output(client);
+            assert!(answer.starts_with(b"HTTP/1.1 200 "));
+        }
+        let shard = &cluster.shards[0];
+        let bound = 2 * shard.conns.len() + 64 + 1;
+        assert!(
+            shard.timed.len() <= bound,
+            "{} poll deadlines",
+            shard.timed.len()
+        );
+        assert!(
+            shard.request_deadlines.len() <= bound,
+            "{} request deadlines",
+            shard.request_deadlines.len()
+        );
     }
 
     #[test]

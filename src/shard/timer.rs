@@ -33,6 +33,16 @@ impl Deadlines {
         self.queue.push_back((now + self.delay, conn));
     }
 
+    /// Armed deadlines, stale ones included.
+    pub(super) fn len(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Keeps the deadlines `live` says still apply; their order is kept.
+    pub(super) fn retain(&mut self, mut live: impl FnMut(Instant, ConnRef) -> bool) {
+        self.queue.retain(|&(at, conn)| live(at, conn));
+    }
+
     /// The earliest armed deadline.
     pub(super) fn next(&self) -> Option<Instant> {
         self.queue.front().map(|(t, _)| *t)
