@@ -206,23 +206,9 @@ impl Drop for RssSampler {
     }
 }
 
-/// `GET /metrics` and the value of the first sample named `name`, or of the one series
-/// `name` spells out with its labels (`herald_rejected_requests_total{status="408"}`).
+/// The value of the sample `name` in `/metrics` (see [`metric_value`]); panics without it.
 fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (mut s, head) = request_head(
-        addr,
-        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-    );
-    assert_eq!(head.status, 200, "{head:?}");
-    let mut body = head.rest.clone();
-    body.extend(assert_closed_within(&mut s, CLOSE_WAIT));
-    let text = String::from_utf8_lossy(&body).into_owned();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.split([' ', '{']).next() == Some(name) || l.split(' ').next() == Some(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+    metric_value(addr, name).unwrap_or_else(|| panic!("no metric {name} in /metrics"))
 }
 
 // ---------------------------------------------------------------------------------------

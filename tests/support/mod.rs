@@ -764,3 +764,22 @@ pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + '
         .await
         .expect("blocking task panicked")
 }
+
+/// `GET /metrics` and the value of the sample `series`: a bare name matches its first
+/// sample, a name with labels (`herald_rejected_requests_total{status="408"}`) that one
+/// series. `None` when there is no such sample.
+pub(crate) fn metric_value(addr: SocketAddr, series: &str) -> Option<f64> {
+    let (mut s, head) = request_head(
+        addr,
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(head.status, 200, "GET /metrics: {head:?}");
+    let mut body = head.rest;
+    body.extend(assert_closed_within(&mut s, RECV_TIMEOUT));
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.split([' ', '{']).next() == Some(series) || l.split(' ').next() == Some(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
