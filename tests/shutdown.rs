@@ -9,8 +9,9 @@ use std::time::{Duration, Instant};
 use support::*;
 
 const DRAIN_MS: u64 = 2000;
-/// Scheduling slack on a loaded 2-core CI box.
-const SLACK: Duration = Duration::from_millis(1500);
+/// Scheduling slack on a loaded 2-core CI box: generous, since what is checked is that
+/// the drain ends rather than hangs.
+const SLACK: Duration = Duration::from_secs(5);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_sends_1001_to_every_client_and_exits_zero() {
@@ -93,13 +94,14 @@ fn sigterm_exits_within_drain_time_even_if_a_client_never_answers_the_close() {
     let drain = DRAIN_MS.to_string();
     let mut server = Server::start(&["--threads", "2", "--drain-ms", &drain]);
     // Raw clients that complete the handshake and then never read or reply.
-    let mut deaf: Vec<_> = (0..4).map(|_| raw_ws(server.addr()).0).collect();
-    for s in &mut deaf {
+    let mut deaf: Vec<_> = (0..4).map(|_| raw_ws(server.addr())).collect();
+    for (s, buf) in &mut deaf {
         s.write_all(&client_text(r#"{"type":"subscribe","channel":"d","id":1}"#))
             .unwrap();
+        // Subscribed (the only frame read before the signal).
+        let reply = read_frame(s, buf, RECV_TIMEOUT).expect("subscribed");
+        assert!(lossy(&reply.payload).contains("subscribed"), "{reply:?}");
     }
-    // Give the subscribes time to arrive.
-    std::thread::sleep(Duration::from_millis(100));
     let sent = Instant::now();
     server.signal("TERM");
     let status = server
@@ -117,10 +119,9 @@ fn sigterm_exits_within_drain_time_even_if_a_client_never_answers_the_close() {
     );
     eprintln!("exited {:?} after SIGTERM", sent.elapsed());
     // Each deaf client was at least sent the 1001 close (read what is buffered).
-    for (i, s) in deaf.iter_mut().enumerate() {
-        let mut buf = Vec::new();
+    for (i, (s, buf)) in deaf.iter_mut().enumerate() {
         assert_eq!(
-            raw_expect_close(s, &mut buf, Duration::from_secs(1)),
+            raw_expect_close(s, buf, RECV_TIMEOUT),
             1001,
             "deaf client {i}"
         );
