@@ -885,3 +885,185 @@ fn a_node_compresses_messages_from_redis_once_for_its_subscribers() {
     assert_eq!(plain_text, text);
     assert!(plain_frame.bytes.len() > 2 * first.bytes.len());
 }
+
+/// The Redis data is lost (here `FLUSHALL`, as after a restart without persistence): the
+/// next publish starts a new epoch at seq 1, subscribers are told with a `subscribed`
+/// notice carrying the new epoch and seq 0, the metric counts it, and a client resuming
+/// with the old epoch gets `history_gap`, never another message under a reused seq.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_channel_starts_a_new_epoch_announced_to_subscribers() {
+    let binary = require_redis();
+    let redis = Redis::start(&binary);
+    let publisher = node(&redis, &[]);
+    let receiver = node(&redis, &[]);
+    let mut sub = connect_ws(receiver.addr()).await;
+    let old_epoch = subscribe(&mut sub, "rb", 1).await["epoch"].clone();
+    let mut ws = connect_ws(publisher.addr()).await;
+    for i in 1..=3 {
+        assert_eq!(publish_raw(&mut ws, "rb", &i.to_string(), i).await, i);
+        assert_eq!(recv_message(&mut sub, "rb").await.0, i);
+    }
+    assert!(redis.command(&["FLUSHALL"]).starts_with("+OK"));
+
+    assert_eq!(
+        publish_raw(&mut ws, "rb", "\"after\"", 4).await,
+        1,
+        "a new epoch starts at 1"
+    );
+    let notice = recv_json(&mut sub).await;
+    assert_eq!(
+        (
+            notice["type"].as_str(),
+            notice["channel"].as_str(),
+            notice["seq"].as_u64()
+        ),
+        (Some("subscribed"), Some("rb"), Some(0)),
+        "{notice}"
+    );
+    assert!(
+        notice["epoch"].is_string() && notice["epoch"] != old_epoch,
+        "{notice}"
+    );
+    let (seq, data, _) = recv_message(&mut sub, "rb").await;
+    assert_eq!((seq, data), (1, json!("after")));
+
+    let receiver_addr = receiver.addr();
+    let changes =
+        blocking(move || metric_value(receiver_addr, "herald_redis_epoch_changes_total")).await;
+    assert_eq!(changes, Some(1.0), "herald_redis_epoch_changes_total");
+
+    let mut late = connect_ws(receiver.addr()).await;
+    send_json(
+        &mut late,
+        &json!({"type":"subscribe","channel":"rb","since":3,"epoch":old_epoch,"id":2}),
+    )
+    .await;
+    let v = recv_json(&mut late).await;
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str()),
+        (Some("error"), Some("history_gap")),
+        "{v}"
+    );
+}
+
+/// A node started while Redis is down prints `listening on`, says it is degraded, refuses
+/// publishes and holds subscriptions until Redis comes up; then it serves them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_while_redis_is_down_serves_once_it_comes_up() {
+    let binary = require_redis();
+    let mut redis = Redis {
+        child: None,
+        port: free_port(),
+        dir: None,
+    };
+    let url = redis.url();
+    let mut server = Server::start(&["--redis", &url, "--api-key", API_KEY]);
+    let addr = server.addr();
+    let (health, refused) = blocking(move || {
+        (
+            HttpConn::connect(addr).get("/healthz", RECV_TIMEOUT),
+            HttpConn::connect(addr).publish(Some(API_KEY), r#"{"channel":"late","data":1}"#),
+        )
+    })
+    .await;
+    assert_eq!(health.status, 503, "{}", health.text());
+    assert_eq!(health.json()["redis"], "down", "{}", health.text());
+    refused.assert_api_error(503, "unavailable");
+    let mut ws = connect_ws(addr).await;
+    send_text(
+        &mut ws,
+        r#"{"type":"publish","channel":"late","data":2,"id":1}"#,
+    )
+    .await;
+    let v = recv_json(&mut ws).await;
+    assert_eq!(
+        (v["type"].as_str(), v["code"].as_str(), v["id"].as_u64()),
+        (Some("error"), Some("unavailable"), Some(1)),
+        "{v}"
+    );
+    // A subscription waits for Redis rather than being answered from nothing.
+    let mut sub = connect_ws(addr).await;
+    send_text(&mut sub, r#"{"type":"subscribe","channel":"late","id":7}"#).await;
+    expect_silence(&mut sub, Duration::from_millis(300)).await;
+
+    redis.spawn(&binary);
+    let reply = recv_text_within(&mut sub, Duration::from_secs(10)).await;
+    let reply: Value = serde_json::from_str(&reply).expect("JSON");
+    assert_eq!(
+        (reply["type"].as_str(), reply["id"].as_u64()),
+        (Some("subscribed"), Some(7)),
+        "{reply}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut id = 10;
+    let seq = loop {
+        id += 1;
+        send_text(
+            &mut ws,
+            &format!(r#"{{"type":"publish","channel":"late","data":3,"id":{id}}}"#),
+        )
+        .await;
+        let v = recv_json(&mut ws).await;
+        if v["type"] == "ack" {
+            break v["seq"].as_u64().expect("seq");
+        }
+        assert_eq!(v["code"], "unavailable", "{v}");
+        assert!(
+            Instant::now() < deadline,
+            "publishes still refused after Redis came up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let (got, data, _) = recv_message(&mut sub, "late").await;
+    assert_eq!((got, data), (seq, json!(3)));
+    let health = blocking(move || HttpConn::connect(addr).get("/healthz", RECV_TIMEOUT)).await;
+    assert_eq!(health.status, 200, "{}", health.text());
+    server.assert_healthy();
+}
+
+/// At most 64 publishes of one connection wait for their answer: while Redis hangs, the
+/// node stops reading that connection, so a ping sent after 100 publishes is answered
+/// only after the first 64 were (here refused as `unavailable`), never before them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_64_unanswered_publishes_is_not_read_further() {
+    let binary = require_redis();
+    let redis = Redis::start(&binary);
+    let mut a = node(&redis, &["--max-messages-per-second", "100000"]);
+    let mut ws = connect_ws(a.addr()).await;
+    assert_eq!(publish_raw(&mut ws, "bp", "0", 1000).await, 1);
+    redis.signal("STOP");
+    // Sent without waiting for answers: 100 publishes, then a ping.
+    for id in 1..=100 {
+        send_text(
+            &mut ws,
+            &format!(r#"{{"type":"publish","channel":"bp","data":{id},"id":{id}}}"#),
+        )
+        .await;
+    }
+    send_text(&mut ws, r#"{"type":"ping","id":5000}"#).await;
+    let mut answered = Vec::new();
+    let pong_after = loop {
+        let text = recv_text_within(&mut ws, Duration::from_secs(15)).await;
+        let v: Value = serde_json::from_str(&text).expect("JSON");
+        match v["type"].as_str() {
+            Some("pong") => break answered.len(),
+            Some("error") => {
+                assert_eq!(v["code"], "unavailable", "{v}");
+                answered.push(v["id"].as_u64().expect("id"));
+            }
+            _ => panic!("unexpected {v} while Redis hangs"),
+        }
+    };
+    redis.signal("CONT");
+    assert!(
+        pong_after >= 64,
+        "the ping was read while {} publishes were unanswered (answered before it: {answered:?})",
+        100 - pong_after
+    );
+    assert_eq!(
+        answered[..64],
+        (1..=64).collect::<Vec<u64>>()[..],
+        "in order"
+    );
+    a.assert_healthy();
+}
