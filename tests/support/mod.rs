@@ -783,3 +783,17 @@ pub(crate) fn metric_value(addr: SocketAddr, series: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
 }
+
+impl Server {
+    /// `herald serve --listen LISTEN` plus `extra` (with `--threads 2` unless `extra`
+    /// names it): for processes that must serve one known port.
+    pub(crate) fn start_listening(listen: &str, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.arg("serve").args(["--listen", listen]);
+        if !extra.contains(&"--threads") {
+            cmd.args(["--threads", "2"]);
+        }
+        cmd.args(extra);
+        Self::start_command(cmd, extra)
+    }
+}
