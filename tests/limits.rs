@@ -686,6 +686,111 @@ fn flood_of_empty_fragments_is_cut_off_with_1008_or_1009() {
     healthy_client(&mut server);
 }
 
+/// A subscriber that stops reading on a channel with `policy` (`drop-oldest` or
+/// `conflate`): messages are shed instead of closing it, each shed range is announced by a
+/// `gap` notice in its place, so what it reads (messages and gaps) covers every seq
+/// exactly once in order, ends with the latest message, and `herald_messages_shed_total`
+/// counts exactly the seqs the gaps name.
+fn shed_policy_keeps_the_subscriber_and_announces_every_gap(policy: &str) {
+    const QUEUE: usize = 64 * 1024;
+    let mut server = Server::start(&[
+        "--slow-consumer-policy",
+        policy,
+        "--outbound-queue-bytes",
+        &QUEUE.to_string(),
+        "--max-messages-per-second",
+        "1000000",
+    ]);
+    let addr = server.addr();
+    let mut slow = connect_from(2, addr, Some(4096));
+    slow.write_all(upgrade_request("/ws").as_bytes()).unwrap();
+    let head = read_head(&mut slow);
+    assert_eq!(head.status, 101, "{head:?}");
+    let mut slow_buf = head.rest;
+    send_text_raw(&mut slow, r#"{"type":"subscribe","channel":"shed","id":1}"#);
+    let mut closed = None;
+    let v = next_json(&mut slow, &mut slow_buf, &mut closed).expect("subscribed");
+    assert_eq!(v["type"], "subscribed", "{v}");
+
+    // Publishes 4 KiB messages until the server reports shedding (the socket buffers
+    // take an unknown part first), then 20 more.
+    let (mut publisher, mut pbuf) = raw_ws(addr);
+    let data = format!("\"{}\"", "x".repeat(4096));
+    let mut published = 0u64;
+    let mut more = None;
+    while more != Some(0) {
+        for _ in 0..20 {
+            published += 1;
+            send_text_raw(
+                &mut publisher,
+                &format!(r#"{{"type":"publish","channel":"shed","data":{data},"id":{published}}}"#),
+            );
+            let ack = next_json(&mut publisher, &mut pbuf, &mut closed).expect("ack");
+            assert_eq!(
+                (ack["type"].as_str(), ack["seq"].as_u64()),
+                (Some("ack"), Some(published)),
+                "{ack}"
+            );
+        }
+        more = match more {
+            None if metric(addr, "herald_messages_shed_total") > 0.0 => Some(1),
+            None => {
+                assert!(published < 5000, "nothing shed after {published} messages");
+                None
+            }
+            Some(n) => Some(n - 1),
+        };
+    }
+
+    let (mut next, mut gaps, mut shed) = (1u64, 0, 0u64);
+    while next <= published {
+        let v = next_json(&mut slow, &mut slow_buf, &mut closed)
+            .unwrap_or_else(|| panic!("{policy}: closed ({closed:?}) instead of shedding"));
+        match v["type"].as_str() {
+            Some("message") => {
+                assert_eq!(v["seq"], next, "{policy}: message out of order");
+                next += 1;
+            }
+            Some("gap") => {
+                let (from, to) = (v["from"].as_u64().unwrap(), v["to"].as_u64().unwrap());
+                assert_eq!(
+                    (v["channel"].as_str(), from),
+                    (Some("shed"), next),
+                    "{policy}: {v}"
+                );
+                assert!(
+                    to >= from && to < published,
+                    "{policy}: the latest is never shed: {v}"
+                );
+                shed += to - from + 1;
+                gaps += 1;
+                next = to + 1;
+            }
+            _ => panic!("{policy}: unexpected {v}"),
+        }
+    }
+    eprintln!("{policy}: {published} published, {shed} shed in {gaps} gaps");
+    assert!(gaps > 0, "{policy}: nothing was shed");
+    assert_eq!(
+        metric(addr, "herald_messages_shed_total"),
+        shed as f64,
+        "{policy}: the metric counts exactly the seqs the gaps name"
+    );
+    assert_eq!(metric(addr, "herald_slow_consumer_closes_total"), 0.0);
+    raw_ping(&mut slow, &mut slow_buf, "the shed subscriber");
+    healthy_client(&mut server);
+}
+
+#[test]
+fn drop_oldest_sheds_announces_gaps_and_counts_them() {
+    shed_policy_keeps_the_subscriber_and_announces_every_gap("drop-oldest");
+}
+
+#[test]
+fn conflate_sheds_announces_gaps_and_counts_them() {
+    shed_policy_keeps_the_subscriber_and_announces_every_gap("conflate");
+}
+
 // ---------------------------------------------------------------------------------------
 // Ping flood
 // ---------------------------------------------------------------------------------------
