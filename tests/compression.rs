@@ -318,3 +318,78 @@ fn compressing_connections_cost_bounded_memory() {
         "{per_active} bytes per active connection"
     );
 }
+
+/// A per-connection compressor's window must see every frame it made, so a subscriber
+/// with one that falls behind is closed with 4008 even where the channel's policy would
+/// shed (`drop-oldest` here): nothing shed, no gap, what was queued and then the close.
+#[test]
+fn a_per_connection_compressing_subscriber_that_falls_behind_is_closed_with_4008() {
+    let server = Server::start(&[
+        "--compression",
+        "per-connection",
+        "--slow-consumer-policy",
+        "drop-oldest",
+        "--outbound-queue-bytes",
+        "65536",
+        "--max-messages-per-second",
+        "1000000",
+        // The close frame waits behind what is queued until the subscriber reads.
+        "--close-timeout-ms",
+        "60000",
+    ]);
+    let addr = server.addr();
+    let mut behind = Client::connect(addr, "/ws", Some("permessage-deflate"));
+    assert!(behind.extensions().is_some(), "deflate negotiated");
+    behind.subscribe("fast");
+
+    // Hard-to-compress messages, 50 at a time, until the server reports the close (the
+    // socket buffers take an unknown part first).
+    let mut publisher = Client::connect(addr, "/ws", None);
+    let mut published = 0u64;
+    while metric(addr, "herald_slow_consumer_closes_total") == 0 {
+        assert!(
+            published < 50_000,
+            "no slow-consumer close after {published} messages"
+        );
+        for _ in 0..50 {
+            published += 1;
+            let data: String = pseudo_random_bytes(published, 2048)
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect();
+            publisher.send_text(&format!(
+                r#"{{"type":"publish","channel":"fast","data":"{data}","id":{published}}}"#
+            ));
+        }
+        for _ in 0..50 {
+            let (ack, _) = publisher.recv_message();
+            assert!(ack.contains(r#""type":"ack""#), "{ack}");
+        }
+    }
+    assert_eq!(
+        metric(addr, "herald_messages_shed_total"),
+        0,
+        "nothing is shed"
+    );
+
+    let mut received = 0u64;
+    let code = loop {
+        let frame = behind
+            .recv()
+            .expect("connection ended without a close frame");
+        match frame.header.opcode {
+            OpCode::Close => break u16::from_be_bytes([frame.payload[0], frame.payload[1]]),
+            OpCode::Text if frame.compressed() => received += 1,
+            OpCode::Text => panic!(
+                "a plain frame to a compressing subscriber: {}",
+                String::from_utf8_lossy(&frame.payload)
+            ),
+            _ => {}
+        }
+    };
+    eprintln!("per-connection subscriber: {received} of {published} messages, then {code}");
+    assert_eq!(code, 4008);
+    assert!(received < published, "cut off before the end");
+    let mut other = Client::connect(addr, "/ws", None);
+    other.subscribe("fast");
+}

@@ -317,6 +317,8 @@ fn slow_handshake_is_closed_after_handshake_timeout() {
     s.set_read_timeout(Some(Duration::from_millis(100)))
         .unwrap();
     let mut buf = [0u8; 1024];
+    let mut got = Vec::new();
+    // Generous: the lower bound is the claim; this only tells a deadline from none.
     let closed_after = loop {
         assert!(
             start.elapsed() < Duration::from_secs(5),
@@ -324,7 +326,7 @@ fn slow_handshake_is_closed_after_handshake_timeout() {
         );
         match s.read(&mut buf) {
             Ok(0) => break start.elapsed(),
-            Ok(_) => continue, // e.g. a 408 response before the close
+            Ok(n) => got.extend_from_slice(&buf[..n]),
             Err(e) if is_timeout(&e) => {
                 if s.write_all(b"X").is_err() {
                     break start.elapsed();
@@ -338,8 +340,9 @@ fn slow_handshake_is_closed_after_handshake_timeout() {
         "closed too early ({closed_after:?}) for a 500 ms timeout"
     );
     assert!(
-        closed_after <= Duration::from_millis(2500),
-        "closed only after {closed_after:?} with a 500 ms timeout"
+        got.starts_with(b"HTTP/1.1 408 "),
+        "a 408 before the close, got {:?}",
+        lossy(&got)
     );
     // A prompt client is still served.
     let _ = expect_101(

@@ -385,6 +385,17 @@ fn poll(conn: &mut HttpConn, query: &str, limit: Duration) -> (Value, Duration) 
     (r.json(), took)
 }
 
+/// Waits (up to 10 s) until the server holds `count` parked polls.
+async fn wait_polls(addr: SocketAddr, count: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while blocking(move || metric_value(addr, r#"herald_connections{transport="poll"}"#)).await
+        != Some(count)
+    {
+        assert!(Instant::now() < deadline, "never {count} parked polls");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 fn seqs(v: &Value) -> Vec<u64> {
     v["messages"]
         .as_array()
@@ -409,7 +420,8 @@ async fn poll_answers_at_once_from_history() {
         .as_str()
         .unwrap()
         .to_owned();
-    let (v, took) = blocking(move || {
+    // Answered within T5 although the poll may wait 30 s: from history, at once.
+    let (v, _) = blocking(move || {
         poll(
             &mut HttpConn::connect(addr),
             "channel=lp-hist&since=1&timeout=30",
@@ -417,10 +429,6 @@ async fn poll_answers_at_once_from_history() {
         )
     })
     .await;
-    assert!(
-        took < Duration::from_secs(2),
-        "history is there: answer at once, took {took:?}"
-    );
     assert_eq!(v["channel"], "lp-hist");
     assert_eq!(v["epoch"], epoch.as_str());
     assert_eq!(v["seq"], 3, "seq is the next since: {v}");
@@ -449,6 +457,7 @@ async fn parked_poll_returns_with_the_next_message() {
         "channel=lp-wait&since=SEQ&timeout=20",
         "channel=lp-wait&timeout=20",
     ] {
+        wait_polls(addr, 0.0).await;
         let seq = latest_seq(addr, "lp-wait").await;
         let query = query.replace("SEQ", &seq.to_string());
         let poller = tokio::task::spawn_blocking(move || {
@@ -458,7 +467,7 @@ async fn parked_poll_returns_with_the_next_message() {
                 Duration::from_secs(10),
             )
         });
-        tokio::time::sleep(Duration::from_millis(400)).await;
+        wait_polls(addr, 1.0).await;
         assert!(!poller.is_finished(), "a caught-up poll must wait");
         let r =
             blocking(move || publish_once(addr, r#"{"channel":"lp-wait","data":{"new":true}}"#))
@@ -470,14 +479,11 @@ async fn parked_poll_returns_with_the_next_message() {
             "the parked poll counts as a subscriber: {}",
             r.text()
         );
-        let (v, took) = tokio::time::timeout(T5, poller)
+        // What it answers with is the message published after it parked.
+        let (v, _) = tokio::time::timeout(T5, poller)
             .await
             .expect("poll answered")
             .unwrap();
-        assert!(
-            took >= Duration::from_millis(350),
-            "answered before the publish: {took:?}"
-        );
         assert_eq!(
             v["messages"],
             json!([{"type":"message","channel":"lp-wait","seq":published,"data":{"new":true}}])
@@ -502,25 +508,18 @@ async fn poll_times_out_with_an_empty_list_and_keeps_the_connection() {
         (first, second, third)
     })
     .await;
+    // Each answer came within T5; the first only once its timeout had passed.
     let (v, took) = first;
     assert!(
-        (Duration::from_millis(900)..Duration::from_secs(3)).contains(&took),
-        "timeout=1 should answer after about 1 s, took {took:?}"
+        took >= Duration::from_millis(900),
+        "timeout=1 answered before its second was over: {took:?}"
     );
     assert_eq!(v["messages"], json!([]), "{v}");
     assert_eq!(v["seq"], 1, "{v}");
     assert!(v.get("history_gap").is_none(), "{v}");
-    let (v, took) = second;
-    assert!(
-        took < Duration::from_secs(1),
-        "history answers at once: {took:?}"
-    );
+    let (v, _) = second;
     assert_eq!(seqs(&v), [1]);
-    let (v, took) = third;
-    assert!(
-        took < Duration::from_millis(800),
-        "timeout=0 answers at once, took {took:?}"
-    );
+    let (v, _) = third;
     assert_eq!(v["messages"], json!([]));
     server.assert_healthy();
 }
@@ -595,11 +594,12 @@ async fn huge_timeouts_are_capped_not_refused_and_bad_queries_are_400() {
     let mut server = start_with_key(&[]);
     let addr = server.addr();
     for timeout in ["100000", "18446744073709551615"] {
+        wait_polls(addr, 0.0).await;
         let q = format!("channel=lp-cap&timeout={timeout}");
         let poller = tokio::task::spawn_blocking(move || {
             poll(&mut HttpConn::connect(addr), &q, Duration::from_secs(10))
         });
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        wait_polls(addr, 1.0).await;
         assert!(
             !poller.is_finished(),
             "timeout={timeout} must park, not fail"
@@ -633,7 +633,8 @@ async fn poll_beyond_history_or_from_another_epoch_reports_history_gap() {
     for i in 0..5 {
         publish_once(addr, &format!(r#"{{"channel":"lp-gap","data":{i}}}"#));
     }
-    let (v, took) = blocking(move || {
+    // Answered within T5 although the poll may wait 10 s: a gap answers at once.
+    let (v, _) = blocking(move || {
         poll(
             &mut HttpConn::connect(addr),
             "channel=lp-gap&since=1&timeout=10",
@@ -641,10 +642,6 @@ async fn poll_beyond_history_or_from_another_epoch_reports_history_gap() {
         )
     })
     .await;
-    assert!(
-        took < Duration::from_secs(2),
-        "a gap answers at once: {took:?}"
-    );
     assert_eq!(v["history_gap"], json!({"oldest":4}), "{v}");
     assert_eq!(v["seq"], 5);
     assert_eq!(v["messages"], json!([]));

@@ -71,8 +71,8 @@ fn upgrade_from(last: u8, addr: SocketAddr, headers: &[(&str, &str)]) -> (TcpStr
     (s, head)
 }
 
-/// Asserts a refusal with `status` and an integer `Retry-After` of at least 1, and that
-/// the socket is then closed. Returns the Retry-After seconds.
+/// Asserts a refusal with `status` and an integer `Retry-After` in the 1–5 s README
+/// promises, and that the socket is then closed. Returns the Retry-After seconds.
 fn expect_retry_after(mut s: TcpStream, head: &Head, status: u16, what: &str) -> u64 {
     assert_eq!(
         head.status, status,
@@ -84,7 +84,10 @@ fn expect_retry_after(mut s: TcpStream, head: &Head, status: u16, what: &str) ->
     let seconds: u64 = retry
         .parse()
         .unwrap_or_else(|_| panic!("{what}: Retry-After {retry:?} is not whole seconds"));
-    assert!(seconds >= 1, "{what}: Retry-After {seconds}");
+    assert!(
+        (1..=5).contains(&seconds),
+        "{what}: Retry-After {seconds}, README promises 1–5 s"
+    );
     assert_closed_within(&mut s, CLOSE_WAIT);
     seconds
 }
@@ -203,22 +206,9 @@ impl Drop for RssSampler {
     }
 }
 
-/// `GET /metrics` and the value of the first sample named `name`.
+/// The value of the sample `name` in `/metrics` (see [`metric_value`]); panics without it.
 fn metric(addr: SocketAddr, name: &str) -> f64 {
-    let (mut s, head) = request_head(
-        addr,
-        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
-    );
-    assert_eq!(head.status, 200, "{head:?}");
-    let mut body = head.rest.clone();
-    body.extend(assert_closed_within(&mut s, CLOSE_WAIT));
-    let text = String::from_utf8_lossy(&body).into_owned();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.split([' ', '{']).next() == Some(name))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{text}"))
+    metric_value(addr, name).unwrap_or_else(|| panic!("no metric {name} in /metrics"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -247,11 +237,12 @@ fn slowloris_connections_are_closed_at_the_handshake_timeout_while_others_handsh
         })
         .collect();
 
-    // Meanwhile a legitimate client on 127.0.0.1 keeps handshaking.
+    // Meanwhile a legitimate client on 127.0.0.1 keeps handshaking (at least 5 times,
+    // however slowly a busy machine lets it).
     let probe = thread::spawn(move || {
         let mut times = Vec::new();
         let end = Instant::now() + Duration::from_millis(TIMEOUT_MS + 500);
-        while Instant::now() < end {
+        while Instant::now() < end || times.len() < 5 {
             let start = Instant::now();
             let (mut s, mut buf) = raw_ws(addr);
             raw_ping(&mut s, &mut buf, "client during slowloris");
@@ -296,25 +287,30 @@ fn slowloris_connections_are_closed_at_the_handshake_timeout_while_others_handsh
             "slow connection {i} closed after {after:?}, before the {timeout:?} deadline"
         );
         assert!(
-            after <= timeout + Duration::from_millis(1500),
+            after <= timeout + Duration::from_secs(3),
             "slow connection {i} closed only after {after:?} (deadline {timeout:?})"
         );
         assert!(
-            got.is_empty() || got.starts_with(b"HTTP/1.1 408 "),
-            "slow connection {i} got {:?}",
+            got.starts_with(b"HTTP/1.1 408 "),
+            "slow connection {i} got {:?} instead of a 408",
             lossy(got)
         );
     }
-    let answered_408 = slow.iter().filter(|c| !c.3.is_empty()).count();
+    assert_eq!(
+        metric(addr, r#"herald_rejected_requests_total{status="408"}"#),
+        SLOW as f64,
+        "the server counts one 408 per slow connection"
+    );
+    // The attack must not make a legitimate client wait for the slow connections'
+    // deadline; how much faster than that it is, is for the benchmarks to say.
     let worst = times.iter().max().copied().unwrap_or_default();
     eprintln!(
-        "slowloris: {answered_408}/{SLOW} got a 408; {} probe handshakes, worst {worst:?}",
+        "slowloris: {} probe handshakes, worst {worst:?}",
         times.len()
     );
-    assert!(times.len() >= 5, "only {} probe handshakes", times.len());
     assert!(
-        worst < Duration::from_millis(500),
-        "a legitimate handshake took {worst:?} during the attack: {times:?}"
+        worst < timeout,
+        "a legitimate handshake took {worst:?} during the attack (deadline {timeout:?}): {times:?}"
     );
     drop(slow);
     // The descriptors come back.
@@ -350,8 +346,10 @@ async fn subscriber_that_never_reads_is_closed_with_4008_while_a_thousand_others
         "1000000",
         "--history-size",
         "1",
+        // The close handshake waits for the slow consumer to read up to the close frame,
+        // so its code is checked on the wire.
         "--close-timeout-ms",
-        "1000",
+        "60000",
     ]);
     let addr = server.addr();
     let pid = server.pid();
@@ -471,8 +469,7 @@ async fn subscriber_that_never_reads_is_closed_with_4008_while_a_thousand_others
         "server RSS grew by {grew} KiB while a consumer did not read (queue bound {QUEUE} bytes)"
     );
 
-    // The slow consumer was cut off: its data, then close 4008 (or the end of the
-    // connection, if the close frame could not be written in time).
+    // The slow consumer was cut off: what was queued for it, then close 4008.
     let slow_result = tokio::task::spawn_blocking(move || {
         let deadline = Instant::now() + Duration::from_secs(10);
         let mut frames = 0u64;
@@ -488,9 +485,7 @@ async fn subscriber_that_never_reads_is_closed_with_4008_while_a_thousand_others
     .await
     .unwrap();
     eprintln!("slow consumer: {slow_result:?} (close code, frames read before it)");
-    if let (Some(code), _) = slow_result {
-        assert_eq!(code, 4008, "slow consumer closed with {code}");
-    }
+    assert_eq!(slow_result.0, Some(4008), "the slow consumer's close frame");
     assert!(
         slow_result.1 < BULK + FEED,
         "slow consumer received everything ({} frames): it was never cut off",
@@ -546,17 +541,12 @@ fn frame_announcing_more_than_the_limit_closes_with_1009_before_its_payload() {
         ("64-bit length 2^62", 1 << 62),
     ] {
         let (mut s, mut buf) = raw_ws(server.addr());
-        let started = Instant::now();
-        // Only the header and a few bytes: the answer must not wait for the payload.
+        // Only the header and a few bytes: the payload never comes, so a close at all
+        // (with 1009, not an idle timeout's code) shows the answer did not wait for it.
         s.write_all(&header_announcing(0x81, len)).unwrap();
         s.write_all(b"{\"type\"").unwrap();
-        let code = raw_expect_close(&mut s, &mut buf, Duration::from_secs(2));
+        let code = raw_expect_close(&mut s, &mut buf, RECV_TIMEOUT);
         assert_eq!(code, 1009, "{what}");
-        assert!(
-            started.elapsed() < Duration::from_secs(1),
-            "{what}: 1009 only after {:?}",
-            started.elapsed()
-        );
         assert_closed_within(&mut s, CLOSE_WAIT);
         eprintln!("{what}: RSS {} KiB (baseline {rss_before})", rss_kib(pid));
     }
@@ -696,6 +686,111 @@ fn flood_of_empty_fragments_is_cut_off_with_1008_or_1009() {
     healthy_client(&mut server);
 }
 
+/// A subscriber that stops reading on a channel with `policy` (`drop-oldest` or
+/// `conflate`): messages are shed instead of closing it, each shed range is announced by a
+/// `gap` notice in its place, so what it reads (messages and gaps) covers every seq
+/// exactly once in order, ends with the latest message, and `herald_messages_shed_total`
+/// counts exactly the seqs the gaps name.
+fn shed_policy_keeps_the_subscriber_and_announces_every_gap(policy: &str) {
+    const QUEUE: usize = 64 * 1024;
+    let mut server = Server::start(&[
+        "--slow-consumer-policy",
+        policy,
+        "--outbound-queue-bytes",
+        &QUEUE.to_string(),
+        "--max-messages-per-second",
+        "1000000",
+    ]);
+    let addr = server.addr();
+    let mut slow = connect_from(2, addr, Some(4096));
+    slow.write_all(upgrade_request("/ws").as_bytes()).unwrap();
+    let head = read_head(&mut slow);
+    assert_eq!(head.status, 101, "{head:?}");
+    let mut slow_buf = head.rest;
+    send_text_raw(&mut slow, r#"{"type":"subscribe","channel":"shed","id":1}"#);
+    let mut closed = None;
+    let v = next_json(&mut slow, &mut slow_buf, &mut closed).expect("subscribed");
+    assert_eq!(v["type"], "subscribed", "{v}");
+
+    // Publishes 4 KiB messages until the server reports shedding (the socket buffers
+    // take an unknown part first), then 20 more.
+    let (mut publisher, mut pbuf) = raw_ws(addr);
+    let data = format!("\"{}\"", "x".repeat(4096));
+    let mut published = 0u64;
+    let mut more = None;
+    while more != Some(0) {
+        for _ in 0..20 {
+            published += 1;
+            send_text_raw(
+                &mut publisher,
+                &format!(r#"{{"type":"publish","channel":"shed","data":{data},"id":{published}}}"#),
+            );
+            let ack = next_json(&mut publisher, &mut pbuf, &mut closed).expect("ack");
+            assert_eq!(
+                (ack["type"].as_str(), ack["seq"].as_u64()),
+                (Some("ack"), Some(published)),
+                "{ack}"
+            );
+        }
+        more = match more {
+            None if metric(addr, "herald_messages_shed_total") > 0.0 => Some(1),
+            None => {
+                assert!(published < 5000, "nothing shed after {published} messages");
+                None
+            }
+            Some(n) => Some(n - 1),
+        };
+    }
+
+    let (mut next, mut gaps, mut shed) = (1u64, 0, 0u64);
+    while next <= published {
+        let v = next_json(&mut slow, &mut slow_buf, &mut closed)
+            .unwrap_or_else(|| panic!("{policy}: closed ({closed:?}) instead of shedding"));
+        match v["type"].as_str() {
+            Some("message") => {
+                assert_eq!(v["seq"], next, "{policy}: message out of order");
+                next += 1;
+            }
+            Some("gap") => {
+                let (from, to) = (v["from"].as_u64().unwrap(), v["to"].as_u64().unwrap());
+                assert_eq!(
+                    (v["channel"].as_str(), from),
+                    (Some("shed"), next),
+                    "{policy}: {v}"
+                );
+                assert!(
+                    to >= from && to < published,
+                    "{policy}: the latest is never shed: {v}"
+                );
+                shed += to - from + 1;
+                gaps += 1;
+                next = to + 1;
+            }
+            _ => panic!("{policy}: unexpected {v}"),
+        }
+    }
+    eprintln!("{policy}: {published} published, {shed} shed in {gaps} gaps");
+    assert!(gaps > 0, "{policy}: nothing was shed");
+    assert_eq!(
+        metric(addr, "herald_messages_shed_total"),
+        shed as f64,
+        "{policy}: the metric counts exactly the seqs the gaps name"
+    );
+    assert_eq!(metric(addr, "herald_slow_consumer_closes_total"), 0.0);
+    raw_ping(&mut slow, &mut slow_buf, "the shed subscriber");
+    healthy_client(&mut server);
+}
+
+#[test]
+fn drop_oldest_sheds_announces_gaps_and_counts_them() {
+    shed_policy_keeps_the_subscriber_and_announces_every_gap("drop-oldest");
+}
+
+#[test]
+fn conflate_sheds_announces_gaps_and_counts_them() {
+    shed_policy_keeps_the_subscriber_and_announces_every_gap("conflate");
+}
+
 // ---------------------------------------------------------------------------------------
 // Ping flood
 // ---------------------------------------------------------------------------------------
@@ -750,6 +845,10 @@ fn ping_flood_without_reading_keeps_server_memory_bounded() {
             rtts.push(t.elapsed());
         }
     }
+    // Also while the flooder is stalled and unread, a normal client is answered.
+    let t = Instant::now();
+    raw_ping(&mut probe, &mut probe_buf, "probe after the ping flood");
+    rtts.push(t.elapsed());
     let peak = sampler.peak();
     drop(sampler);
     let worst = rtts.iter().max().copied().unwrap_or_default();
@@ -764,10 +863,6 @@ fn ping_flood_without_reading_keeps_server_memory_bounded() {
         grew < 8 * 1024,
         "server RSS grew by {grew} KiB during a ping flood ({sent} pings, {} bytes of pongs)",
         sent * 127
-    );
-    assert!(
-        worst < Duration::from_millis(500),
-        "a normal client waited {worst:?} for a pong during the flood"
     );
 
     // The flooder then reads: some pongs (not one per ping), then either its connection
@@ -819,6 +914,7 @@ fn message_rate_over_the_limit_gets_rate_limited_then_close_1008() {
     let burst: Vec<u8> = (0..25)
         .flat_map(|_| client_text(r#"{"type":"ping"}"#))
         .collect();
+    let started = Instant::now();
     s.write_all(&burst).unwrap();
     let mut closed = None;
     let replies: Vec<Value> = (0..25)
@@ -830,9 +926,12 @@ fn message_rate_over_the_limit_gets_rate_limited_then_close_1008() {
         .filter(|v| v["type"] == "error" && v["code"] == "rate_limited")
         .count();
     assert_eq!(pongs + limited, 25, "{replies:?}");
+    // The burst (20) plus what 10/s refilled while the server read them: bounded by the
+    // time until the last reply, however slowly a busy machine ran.
+    let refilled = (started.elapsed().as_millis() as usize * 10).div_ceil(1000);
     assert!(
-        (20..=22).contains(&pongs),
-        "burst of 20 expected, got {pongs} pongs"
+        (20..=20 + refilled).contains(&pongs),
+        "burst of 20 (+{refilled} refilled) expected, got {pongs} pongs"
     );
     thread::sleep(Duration::from_millis(1100));
     raw_ping(&mut s, &mut buf, "after the bucket refilled");
@@ -842,25 +941,43 @@ fn message_rate_over_the_limit_gets_rate_limited_then_close_1008() {
     let flood: Vec<u8> = (0..200)
         .flat_map(|_| client_text(r#"{"type":"ping"}"#))
         .collect();
+    let started = Instant::now();
     let _ = abuser.write_all(&flood);
-    let mut pongs = 0;
-    let mut limited = 0;
+    // `true` for a pong, `false` for a refusal, in order.
+    let mut replies = Vec::new();
     let mut closed = None;
     while let Some(v) = next_json(&mut abuser, &mut abuf, &mut closed) {
         match (v["type"].as_str(), v["code"].as_str()) {
-            (Some("pong"), _) => pongs += 1,
-            (Some("error"), Some("rate_limited")) => limited += 1,
+            (Some("pong"), _) => replies.push(true),
+            (Some("error"), Some("rate_limited")) => replies.push(false),
             _ => panic!("unexpected reply {v}"),
         }
     }
-    eprintln!("abuser: {pongs} pongs, {limited} rate_limited, close {closed:?}");
+    let refilled = (started.elapsed().as_millis() as usize * 10).div_ceil(1000);
+    let pongs = replies.iter().filter(|pong| **pong).count();
+    eprintln!(
+        "abuser: {pongs} pongs, {} rate_limited, close {closed:?}",
+        replies.len() - pongs
+    );
     assert_eq!(
         closed,
         Some(1008),
         "persistent abuse must end with close 1008"
     );
-    assert!((20..=22).contains(&pongs), "{pongs} pongs");
-    assert_eq!(limited, 50, "rate_limited replies before the close");
+    assert!(
+        (20..=20 + refilled).contains(&pongs),
+        "{pongs} pongs: the burst of 20 (+{refilled} refilled)"
+    );
+    // A refill in between answers one and starts the count again: the close comes after
+    // 50 refusals in a row, and not one later.
+    assert!(
+        replies.len() >= 50 && replies[replies.len() - 50..].iter().all(|pong| !pong),
+        "the close must follow 50 refusals in a row: {replies:?}"
+    );
+    assert!(
+        replies.len() == 50 || replies[replies.len() - 51],
+        "closed only after more than 50 refusals in a row: {replies:?}"
+    );
     // The client answers the close; the server then ends the TCP connection.
     let _ = abuser.write_all(&encode_frame(OP_CLOSE, &1008u16.to_be_bytes(), MASK));
     assert_closed_within(&mut abuser, CLOSE_WAIT);
@@ -887,17 +1004,11 @@ fn per_ip_limit_gives_429_with_retry_after_and_other_addresses_are_unaffected() 
         let (s, head) = upgrade_from(2, addr, &[]);
         expect_retry_after(s, &head, 429, "6th connection from 127.0.0.2");
     }
-    // Another address is not affected, and is fast.
-    let started = Instant::now();
+    // Another address is not affected.
     let (mut other, head) = upgrade_from(3, addr, &[]);
     assert_eq!(head.status, 101, "127.0.0.3: {head:?}");
     let mut other_buf = head.rest;
     raw_ping(&mut other, &mut other_buf, "127.0.0.3");
-    assert!(
-        started.elapsed() < Duration::from_millis(500),
-        "127.0.0.3 took {:?}",
-        started.elapsed()
-    );
     // The held ones still work.
     let (s, b) = &mut held[0];
     raw_ping(s, b, "held connection from 127.0.0.2");
@@ -959,7 +1070,8 @@ fn accept_storm_over_the_accept_rate_gets_503_and_connected_clients_are_served()
     let addr = server.addr();
     let (mut existing, mut ebuf) = raw_ws(addr);
     raw_ping(&mut existing, &mut ebuf, "before the storm");
-    thread::sleep(Duration::from_millis(1100)); // the bucket is full again
+    // At least 1.1 s, however late: the bucket (5, refilled at 5/s) is full again.
+    thread::sleep(Duration::from_millis(1100));
 
     let started = Instant::now();
     let conns: Vec<TcpStream> = (0..STORM)
@@ -969,7 +1081,6 @@ fn accept_storm_over_the_accept_rate_gets_503_and_connected_clients_are_served()
             s
         })
         .collect();
-    let storm_took = started.elapsed();
     raw_ping(&mut existing, &mut ebuf, "during the storm");
     let mut upgraded = 0;
     let mut retry_afters = Vec::new();
@@ -980,17 +1091,16 @@ fn accept_storm_over_the_accept_rate_gets_503_and_connected_clients_are_served()
             _ => retry_afters.push(expect_retry_after(s, &head, 503, "storm")),
         }
     }
+    // Every accept happened between the first connect and the last answer read, so the
+    // bucket can have refilled only for that long, however slowly a busy machine ran.
+    let window = started.elapsed();
     eprintln!(
-        "storm of {STORM} in {storm_took:?}: {upgraded} upgraded, Retry-After {retry_afters:?}"
+        "storm of {STORM} within {window:?}: {upgraded} upgraded, Retry-After {retry_afters:?}"
     );
-    let allowed = 5 + (storm_took.as_millis() as usize * 5 / 1000) + 1;
+    let allowed = 5 + (window.as_millis() as usize * 5).div_ceil(1000);
     assert!(
         (5..=allowed).contains(&upgraded),
-        "{upgraded} upgrades in a storm with an accept rate of 5/s (burst 5)"
-    );
-    assert!(
-        retry_afters.iter().all(|s| (1..=10).contains(s)),
-        "Retry-After out of range: {retry_afters:?}"
+        "{upgraded} upgrades in a storm with an accept rate of 5/s (burst 5) within {window:?}"
     );
     let distinct: HashSet<_> = retry_afters.iter().collect();
     assert!(
@@ -998,7 +1108,13 @@ fn accept_storm_over_the_accept_rate_gets_503_and_connected_clients_are_served()
         "Retry-After not spread: {retry_afters:?}"
     );
     raw_ping(&mut existing, &mut ebuf, "after the storm");
+    // Once the bucket has refilled, /metrics can be asked.
     thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        metric(addr, r#"herald_rejected_requests_total{status="503"}"#),
+        (STORM - upgraded) as f64,
+        "the server counts each refusal once"
+    );
     healthy_client(&mut server);
 }
 
@@ -1092,17 +1208,28 @@ fn out_of_file_descriptors_keeps_serving_without_spinning_and_resumes_accepting(
             s
         })
         .collect();
-    thread::sleep(Duration::from_millis(500));
-    let mut upgraded = 0;
-    for s in &mut flood {
-        s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
-        let mut b = [0u8; 12];
-        if let Ok(n) = s.read(&mut b)
-            && b[..n].starts_with(b"HTTP/1.1 101")
-        {
-            upgraded += 1;
+    // Waits for the server to say it ran out, then for the upgrades it could take.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.stderr().contains("out of file descriptors") {
+        assert!(
+            Instant::now() < deadline,
+            "no log line about running out of descriptors"
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+    let mut answered = vec![false; FLOOD];
+    while !answered.contains(&true) && Instant::now() < deadline {
+        for (s, answered) in flood.iter_mut().zip(&mut answered) {
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let mut b = [0u8; 12];
+            if let Ok(n) = s.read(&mut b)
+                && b[..n].starts_with(b"HTTP/1.1 101")
+            {
+                *answered = true;
+            }
         }
     }
+    let upgraded = answered.iter().filter(|a| **a).count();
     let fds = fd_count(pid);
     eprintln!("EMFILE: {upgraded}/{FLOOD} upgraded, server holds {fds} descriptors");
     assert!(
@@ -1122,10 +1249,6 @@ fn out_of_file_descriptors_keeps_serving_without_spinning_and_resumes_accepting(
         "server used {cpu:?} of CPU in 2 s while out of descriptors (spinning on accept?)"
     );
     raw_ping(&mut existing, &mut ebuf, "after 2 s out of descriptors");
-    assert!(
-        server.stderr().contains("out of file descriptors"),
-        "no log line about running out of descriptors"
-    );
 
     // Descriptors free up: accepting resumes.
     drop(flood);

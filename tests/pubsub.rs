@@ -224,12 +224,8 @@ async fn thousand_subscribers_each_receive_every_message_once_in_seq_order() {
     for h in quiet {
         h.await.expect("silence check");
     }
-    let took = started.elapsed();
-    eprintln!("fan-out test took {took:?}");
-    assert!(
-        took < Duration::from_secs(30),
-        "fan-out of {MSGS} x {SUBS} took {took:?}"
-    );
+    // How long it took is for the benchmarks; every receive above was bounded.
+    eprintln!("fan-out test took {:?}", started.elapsed());
     server.assert_healthy();
 }
 

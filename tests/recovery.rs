@@ -529,14 +529,19 @@ async fn after_a_gap_the_client_can_subscribe_without_since_and_gets_live_messag
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn history_older_than_the_ttl_is_a_gap() {
-    let mut server = Server::start(&["--threads", "2", "--history-ttl-ms", "300"]);
+    // Long enough for publish, subscribe and replay on a busy machine; the wait for the
+    // expiry is counted from the last ack, when all three are in the history.
+    const TTL: Duration = Duration::from_secs(3);
+    let ttl_ms = TTL.as_millis().to_string();
+    let mut server = Server::start(&["--threads", "2", "--history-ttl-ms", &ttl_ms]);
     let addr = server.addr();
     let mut publ = connect_ws(addr).await;
     publish_n(&mut publ, "ttl", 3).await;
+    let published = tokio::time::Instant::now();
     let mut ws = connect_ws(addr).await;
     let (seqs, _) = expect_replay(&mut ws, "ttl", 0, None, 1).await;
     assert_eq!(seqs, [1, 2, 3], "fresh history replays");
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    tokio::time::sleep_until(published + TTL + Duration::from_millis(100)).await;
     let mut ws = connect_ws(addr).await;
     let gap = expect_gap(&mut ws, "ttl", 0, None, 2).await;
     assert_eq!(gap["seq"], 3, "{gap}");

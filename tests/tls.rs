@@ -743,3 +743,82 @@ async fn sigterm_closes_wss_clients_with_1001_and_exits() {
         .expect("herald still running 5 s after SIGTERM");
     assert!(status.success(), "{status}");
 }
+
+// ---------------------------------------------------------------------------------------
+// Key formats
+// ---------------------------------------------------------------------------------------
+
+/// Runs `openssl` with `args`, `input` on stdin; returns stdout (panics on failure).
+fn openssl(args: &[&str], input: &str) -> String {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is needed to write PKCS#1 and SEC1 keys (Debian package openssl)");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "openssl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// README: the key may be PKCS#8, PKCS#1 or SEC1. An RSA leaf with its key as PKCS#1
+/// (`BEGIN RSA PRIVATE KEY`) and a P-256 leaf with its key as SEC1 (`BEGIN EC PRIVATE
+/// KEY`) each serve https with that certificate.
+#[tokio::test]
+async fn tls_keys_in_pkcs1_and_sec1_pem_load_and_serve() {
+    let ca = Ca::new("Herald key-format CA");
+    let rsa_pkcs8 = openssl(
+        &[
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+        ],
+        "",
+    );
+    let rsa = KeyPair::from_pem_and_sign_algo(&rsa_pkcs8, &rcgen::PKCS_RSA_SHA256).unwrap();
+    let ec = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    for (format, key, marker) in [
+        ("PKCS#1", rsa, "-----BEGIN RSA PRIVATE KEY-----"),
+        ("SEC1", ec, "-----BEGIN EC PRIVATE KEY-----"),
+    ] {
+        let params = CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &ca.issuer).unwrap();
+        let key_pem = openssl(&["pkey", "-traditional"], &key.serialize_pem());
+        assert!(key_pem.starts_with(marker), "{format}: {key_pem}");
+        let files = Files::new(&format!("keyformat-{}", &format[..4]));
+        files.install(&Leaf {
+            der: cert.der().clone(),
+            cert_pem: cert.pem(),
+            key_pem,
+        });
+        let mut server = Server::start(&[
+            "--tls-cert",
+            path(&files.cert()),
+            "--tls-key",
+            path(&files.key()),
+        ]);
+        assert_eq!(
+            &peer_leaf(server.addr(), default_client(&ca)).await,
+            cert.der(),
+            "{format}: the served certificate"
+        );
+        let response = https_get(server.addr(), &ca, "/healthz").await;
+        assert!(response.starts_with("HTTP/1.1 200"), "{format}: {response}");
+        server.assert_healthy();
+    }
+}

@@ -338,3 +338,74 @@ fn deflate_inflates_every_message_and_reads_fewer_bytes_per_delivery() {
         wire(&plain)
     );
 }
+
+/// `sweep` end to end: every grid point is measured against the real server (nothing
+/// lost, duplicated or reordered), the objective marks them, `best` names the largest
+/// passing point, and the HTML report overlays the runs. The objective is generous: this
+/// checks the sweep's bookkeeping, not the server's speed.
+#[test]
+fn sweep_measures_every_grid_point_and_names_the_largest_that_meets_the_objective() {
+    let server = start(
+        &herald_binary(),
+        &["serve", "--listen", "127.0.0.1:0", "--threads", "2"],
+    );
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let pid = server.child.id().to_string();
+    let report_path =
+        std::env::temp_dir().join(format!("herald-sweep-{}.html", std::process::id()));
+    let output = Command::new(BENCH)
+        .args(["sweep", "--url", &url, "--server-pid", &pid, "--json", "-q"])
+        .args(["--conns", "20,60", "--rate", "10,20", "--size", "64"])
+        .args(["--duration", "1", "--pause", "0.2", "--slo-p99", "10000"])
+        .arg("--report")
+        .arg(&report_path)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "herald-bench sweep failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: Value = serde_json::from_str(stdout.lines().last().expect("a JSON line")).unwrap();
+    assert_eq!(report["mode"], "sweep");
+    assert_eq!(report["slo_p99_ms"], 10000.0);
+    let points = report["points"].as_array().unwrap();
+    let grid: Vec<(u64, f64)> = points
+        .iter()
+        .map(|p| (p["conns"].as_u64().unwrap(), p["rate"].as_f64().unwrap()))
+        .collect();
+    assert_eq!(
+        grid,
+        [(20, 10.0), (20, 20.0), (60, 10.0), (60, 20.0)],
+        "the grid in order"
+    );
+    for point in points {
+        assert!(point["error"].is_null(), "{point}");
+        for key in ["lost", "duplicated", "out_of_order", "failed_connects"] {
+            assert_eq!(point[key], 0, "{key}: {point}");
+        }
+        assert!(point["p99_us"].as_u64().unwrap() > 0, "{point}");
+        assert!(
+            point["deliveries_per_second"].as_f64().unwrap() > 0.0,
+            "{point}"
+        );
+        assert!(point["server_cpu_ns_per_delivery"].is_number(), "{point}");
+        assert_eq!(point["meets_slo"], true, "{point}");
+    }
+    assert_eq!(
+        report["best"], 3,
+        "60 conns at 20 msg/s offers the most deliveries"
+    );
+    let runs = report["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 4);
+    for (run, (conns, _)) in runs.iter().zip(&grid) {
+        assert_complete(run, *conns);
+    }
+    let html = std::fs::read_to_string(&report_path).expect("the --report file");
+    let _ = std::fs::remove_file(&report_path);
+    assert!(
+        html.contains("herald-bench sweep"),
+        "report names the sweep"
+    );
+}

@@ -420,6 +420,8 @@ impl Shard {
         let identity = match auth.authenticate(token) {
             Ok(identity) => identity,
             Err(e) => {
+                // The reason only: the token itself is a credential and never logged.
+                tracing::debug!(peer = %self.conns[key].peer, reason = %e, "authentication failed");
                 self.refuse_json(
                     key,
                     401,
@@ -833,6 +835,7 @@ impl Shard {
 
     /// A plain-text refusal before an upgrade; the connection ends.
     fn refuse(&mut self, key: usize, status: u16, reason: &str, headers: &[(&str, &str)]) {
+        tracing::debug!(peer = %self.conns[key].peer, status, reason, "refused request");
         self.counters.count_rejected(status);
         let response = http::error_response(status, reason, headers);
         self.send_response(key, response, false);
@@ -848,6 +851,7 @@ impl Shard {
         message: &str,
         headers: &[(&str, &str)],
     ) {
+        tracing::debug!(peer = %self.conns[key].peer, status, code, reason = message, "refused request");
         self.counters.count_rejected(status);
         let response = http::json_error(status, code, message, headers, false);
         self.send_response(key, response, false);
@@ -1080,7 +1084,14 @@ impl Shard {
                         }
                     }
                 }
-                Some(Event::Closed { .. } | Event::Failed(_)) => {
+                Some(Event::Closed { code }) => {
+                    tracing::debug!(peer = %self.conns[key].peer, ?code, "client closed WebSocket");
+                    self.finish(key);
+                    return;
+                }
+                Some(Event::Failed(error)) => {
+                    let code = error.close_code();
+                    tracing::debug!(peer = %self.conns[key].peer, code, %error, "closing WebSocket on a protocol error");
                     self.finish(key);
                     return;
                 }
@@ -1129,6 +1140,7 @@ impl Shard {
         }
         conn.closing = true;
         if let Phase::WebSocket { ws, .. } = &mut conn.phase {
+            tracing::debug!(peer = %conn.peer, code, reason, "closing WebSocket");
             ws.send_close(code, reason);
             while let Some(frame) = ws.poll_transmit() {
                 queue_transmit(&mut conn.outbox, frame);

@@ -148,10 +148,11 @@ def test_curl_long_poll_from_history_on_message_and_on_timeout(herald_api):
                 await ws.send(json.dumps({"type": "publish", "channel": "py-poll", "data": {"i": i}, "id": i}))
                 assert (await recv(ws))["type"] in ("ack", "message")
             base = f"http://{herald_api.addr}/poll?channel=py-poll"
-            # From history: at once.
+            # From history: at once, i.e. well before the poll's 20 s (a busy machine may
+            # take seconds; how fast is for the benchmarks).
             started = time.monotonic()
             status, body = await asyncio.to_thread(curl_json, f"{base}&since=1&timeout=20&epoch={epoch}")
-            assert time.monotonic() - started < 2
+            assert time.monotonic() - started < 10
             assert status == 200
             assert body["epoch"] == epoch and body["seq"] == 3
             assert [m["seq"] for m in body["messages"]] == [2, 3]
@@ -168,7 +169,7 @@ def test_curl_long_poll_from_history_on_message_and_on_timeout(herald_api):
             started = time.monotonic()
             status, body = await asyncio.to_thread(curl_json, f"{base}&since=4&timeout=1")
             took = time.monotonic() - started
-            assert 0.9 <= took < 3, took
+            assert 0.9 <= took < 10, took
             assert (status, body["messages"], body["seq"]) == (200, [], 4)
             # Another epoch: an explicit gap, never a silent empty answer.
             status, body = await asyncio.to_thread(curl_json, f"{base}&since=1&timeout=1&epoch=elsewhere")

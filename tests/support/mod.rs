@@ -792,3 +792,36 @@ pub(crate) fn process_cpu_time(pid: u32) -> Duration {
     let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as u64;
     Duration::from_millis(ticks * 1000 / per_second.max(1))
 }
+
+/// `GET /metrics` and the value of the sample `series`: a bare name matches its first
+/// sample, a name with labels (`herald_rejected_requests_total{status="408"}`) that one
+/// series. `None` when there is no such sample.
+pub(crate) fn metric_value(addr: SocketAddr, series: &str) -> Option<f64> {
+    let (mut s, head) = request_head(
+        addr,
+        b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(head.status, 200, "GET /metrics: {head:?}");
+    let mut body = head.rest;
+    body.extend(assert_closed_within(&mut s, RECV_TIMEOUT));
+    String::from_utf8_lossy(&body)
+        .lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.split([' ', '{']).next() == Some(series) || l.split(' ').next() == Some(series))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+impl Server {
+    /// `herald serve --listen LISTEN` plus `extra` (with `--threads 2` unless `extra`
+    /// names it): for processes that must serve one known port.
+    pub(crate) fn start_listening(listen: &str, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.arg("serve").args(["--listen", listen]);
+        if !extra.contains(&"--threads") {
+            cmd.args(["--threads", "2"]);
+        }
+        cmd.args(extra);
+        Self::start_command(cmd, extra)
+    }
+}
