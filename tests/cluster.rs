@@ -378,7 +378,16 @@ async fn clients_of_a_killed_node_resume_on_another_without_loss() {
     let history = ["--history-size", "1000"];
     let mut doomed = node(&redis, &history);
     let survivor = node(&redis, &history);
-    let publisher = node(&redis, &history);
+    // 400 publishes 3 ms apart: above the default message rate, which is not under test.
+    let publisher = node(
+        &redis,
+        &[
+            "--history-size",
+            "1000",
+            "--max-messages-per-second",
+            "100000",
+        ],
+    );
     let channel = "ticker";
     let total = 400u64;
     let progress = Arc::new(AtomicU64::new(0));
