@@ -1049,13 +1049,18 @@ impl Shard {
     /// Sends a publish to whoever orders the channel: its home shard, or the cluster.
     fn publish(&mut self, channel: ChannelName, data: Bytes, conn: ConnRef, id: Option<u64>) {
         if let Some(bridge) = &self.ctx.cluster {
-            bridge.send(cluster::Request::Publish {
+            let request = cluster::Request::Publish {
                 channel,
                 data,
                 shard: self.id,
                 conn,
                 id,
-            });
+            };
+            if bridge.send(request).is_err() {
+                // Answered as a refusal from the cluster is, by the same path.
+                let message = cluster::BUSY.into();
+                self.send(self.id, Envelope::Refused { conn, id, message });
+            }
             return;
         }
         let home = hub::home_of(&channel, self.shards);
@@ -1125,7 +1130,7 @@ impl Shard {
             },
         });
         if let Some(bridge) = &self.ctx.cluster {
-            bridge.send(cluster::Request::Subscribe {
+            let request = cluster::Request::Subscribe {
                 channel,
                 shard: self.id,
                 conn: conn_ref,
@@ -1133,7 +1138,10 @@ impl Shard {
                 since,
                 epoch: epoch.map(Into::into),
                 id,
-            });
+            };
+            if bridge.send(request).is_err() {
+                self.refuse_unqueued_subscription(key, id);
+            }
             return;
         }
         let epoch_matches = epoch.is_none_or(|e| e == &*self.ctx.epoch);
@@ -1150,6 +1158,39 @@ impl Shard {
                 id,
             },
         );
+    }
+
+    /// The cluster's queue refused the subscription just recorded as pending: it is
+    /// forgotten (the cluster never counted it, so no `Unsubscribe` follows) and the
+    /// client is told to retry.
+    fn refuse_unqueued_subscription(&mut self, key: usize, id: Option<u64>) {
+        self.conns[key].subs.pop();
+        match self.conns[key].phase {
+            Phase::WebSocket { .. } => {
+                self.reply(key, pubsub::encode_error("unavailable", cluster::BUSY, id));
+            }
+            Phase::Polling { .. } => {
+                self.refuse_json(
+                    key,
+                    503,
+                    "unavailable",
+                    cluster::BUSY,
+                    &[("Retry-After", "1")],
+                );
+            }
+            Phase::EventStream => {
+                // The stream has begun: say why it ends; EventSource reconnects by itself.
+                let json = format!(
+                    r#"{{"code":"unavailable","message":{}}}"#,
+                    json_string(cluster::BUSY)
+                );
+                self.conns[key]
+                    .outbox
+                    .push(sse::control_event("error", &json));
+                self.finish(key);
+            }
+            _ => {}
+        }
     }
 
     fn unsubscribe(&mut self, key: usize, channel: &str, id: Option<u64>) {
@@ -1178,10 +1219,7 @@ impl Shard {
             self.counters.subscriptions -= 1;
         }
         if let Some(bridge) = &self.ctx.cluster {
-            bridge.send(cluster::Request::Unsubscribe {
-                channel: sub.channel,
-                shard: self.id,
-            });
+            bridge.unsubscribe(sub.channel, self.id);
             return;
         }
         let home = hub::home_of(&sub.channel, self.shards);
