@@ -2093,13 +2093,16 @@ mod tests {
 
     impl Cluster {
         fn new(shards: usize, config: Config) -> Self {
-            let config = Arc::new(config);
+            let mut ctx = Context::new(config, shards).unwrap();
+            ctx.epoch = "e1".into();
+            Self::with_context(shards, ctx)
+        }
+
+        fn with_context(shards: usize, ctx: Context) -> Self {
             let wakers = (0..shards)
                 .map(|_| Arc::new(NoWake) as Arc<dyn Wake>)
                 .collect();
             let (post, receivers) = Post::new(wakers);
-            let mut ctx = Context::new(Arc::unwrap_or_clone(config), shards).unwrap();
-            ctx.epoch = "e1".into();
             let ctx = Arc::new(ctx);
             Self {
                 shards: (0..shards)
@@ -2794,5 +2797,78 @@ mod tests {
         let frames = cluster.frames(c);
         assert_eq!(frames[0].0, OpCode::Close);
         assert_eq!(&frames[0].1[..2], &1001u16.to_be_bytes());
+    }
+
+    #[test]
+    fn a_full_cluster_queue_refuses_at_once_and_never_blocks_the_shard() {
+        let mut ctx = Context::new(Config::default(), 1).unwrap();
+        // The cluster thread never runs: whatever is queued stays queued.
+        let (bridge, _idle) = Bridge::new(
+            "redis://127.0.0.1:1",
+            ctx.config.history,
+            ctx.config.compression.clone(),
+        )
+        .unwrap();
+        let conn = ConnRef {
+            key: u32::MAX,
+            generation: 0,
+        };
+        let filler = |channel: &str| cluster::Request::Subscribe {
+            channel: channel.into(),
+            shard: 0,
+            conn,
+            ticket: 0,
+            since: None,
+            epoch: None,
+            id: None,
+        };
+        let mut i = 0;
+        while bridge.send(filler(&format!("f{i}"))).is_ok() {
+            i += 1;
+        }
+        let publish = || cluster::Request::Publish {
+            channel: "p".into(),
+            data: Bytes::new(),
+            shard: 0,
+            conn,
+            id: None,
+        };
+        while bridge.send(publish()).is_ok() {}
+        ctx.cluster = Some(bridge);
+        let mut cluster = Cluster::with_context(1, ctx);
+        let client = cluster.connect(0, "/ws");
+        cluster.send(client, r#"{"type":"subscribe","channel":"news","id":1}"#);
+        cluster.send(
+            client,
+            r#"{"type":"publish","channel":"news","data":1,"id":2}"#,
+        );
+        cluster.settle();
+        let texts = cluster.texts(client);
+        assert_eq!(texts.len(), 2, "{texts:?}");
+        for (text, id) in texts.iter().zip([1, 2]) {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                (v["type"].as_str(), v["code"].as_str(), v["id"].as_u64()),
+                (Some("error"), Some("unavailable"), Some(id)),
+                "{text}"
+            );
+        }
+        // The refused subscription holds no slot: all of them are free for retries, and
+        // the shard keeps reading the connection.
+        let shard = &cluster.shards[0];
+        assert!(shard.conns[client.key].subs.is_empty());
+        assert_eq!(shard.conns[client.key].inflight_publishes, 0);
+        assert!(cluster.shards[0].wants_read(client.key));
+
+        let key = cluster.shards[0].accept(cluster.now, LOCALHOST).unwrap();
+        let poller = Client { shard: 0, key };
+        cluster.write(
+            poller,
+            b"GET /poll?channel=news HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        let response = String::from_utf8(cluster.take_output(poller)).unwrap();
+        assert!(response.starts_with("HTTP/1.1 503 "), "{response}");
+        assert!(response.contains("\r\nRetry-After: 1\r\n"), "{response}");
+        assert!(response.contains(r#""code":"unavailable""#), "{response}");
     }
 }
