@@ -12,8 +12,9 @@
 //!   discarded, and on `Err` the session is over; either way, end the connection.
 //! - **Outbound.** [`TlsSession::encrypt`] takes plaintext from the outbox's slices and
 //!   returns how much it took (tell the shard with `Shard::handle_written`). It takes no
-//!   more than [`PENDING_CIPHERTEXT_LIMIT`] ahead of the socket, so everything else stays
-//!   in the outbox where the shard's budget and slow-consumer policy see it.
+//!   more than [`PENDING_CIPHERTEXT_LIMIT`] ahead of the socket, and nothing while records
+//!   still wait for it, so everything else stays in the outbox where the shard's budget
+//!   and slow-consumer policy see it.
 //! - **Wire.** While [`TlsSession::wants_write`], call [`TlsSession::write_ciphertext`]
 //!   with the socket (or a buffer the backend submits); partial writes and `EAGAIN` leave
 //!   the rest queued for the next call.
