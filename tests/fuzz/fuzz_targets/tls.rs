@@ -97,7 +97,11 @@ struct Server {
 impl Server {
     /// Hands `ciphertext` to the session in chunks of `size` (0: at once).
     fn feed(&mut self, ciphertext: &[u8], size: usize) {
-        let size = if size == 0 { ciphertext.len().max(1) } else { size };
+        let size = if size == 0 {
+            ciphertext.len().max(1)
+        } else {
+            size
+        };
         for chunk in ciphertext.chunks(size) {
             let before = self.received.len();
             let result = self.session.handle_ciphertext(chunk, &mut self.received);
@@ -153,8 +157,7 @@ fn handshake(client: &mut ClientConnection, server: &mut Server) -> bool {
                 return false;
             }
         }
-        if !client.is_handshaking() && !server.session.is_handshaking() && !client.wants_write()
-        {
+        if !client.is_handshaking() && !server.session.is_handshaking() && !client.wants_write() {
             return !server.ended;
         }
     }
