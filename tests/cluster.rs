@@ -1076,3 +1076,133 @@ async fn a_connection_with_64_unanswered_publishes_is_not_read_further() {
     );
     a.assert_healthy();
 }
+
+/// Every command Redis runs, as `MONITOR` prints it, collected by a thread until Redis
+/// goes away.
+struct Monitor {
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Monitor {
+    fn start(redis: &Redis) -> Self {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", redis.port)).expect("connect to redis");
+        s.write_all(b"MONITOR\r\n").expect("MONITOR");
+        let mut reader = BufReader::new(s);
+        let mut ok = String::new();
+        reader.read_line(&mut ok).expect("MONITOR reply");
+        assert_eq!(ok.trim_end(), "+OK");
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let sink = lines.clone();
+        std::thread::spawn(move || {
+            let mut line = Vec::new();
+            while reader.read_until(b'\n', &mut line).is_ok_and(|n| n > 0) {
+                sink.lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&line).into_owned());
+                line.clear();
+            }
+        });
+        Self { lines }
+    }
+
+    /// Everything Redis ran before this call: a marker command run now must come through.
+    fn lines_so_far(&self, redis: &Redis) -> Vec<String> {
+        let marker = format!("herald-monitor-marker-{}", std::process::id());
+        redis.command(&["ECHO", &marker]);
+        let deadline = Instant::now() + RECV_TIMEOUT;
+        loop {
+            let lines = self.lines.lock().unwrap().clone();
+            if lines.iter().any(|l| l.contains(&marker)) {
+                return lines;
+            }
+            assert!(Instant::now() < deadline, "MONITOR shows no marker");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_reads_ask_redis_for_no_more_than_the_history_size() {
+    const HISTORY: u64 = 10;
+    const EXTRA: u64 = 5000;
+    let binary = require_redis();
+    let redis = Redis::start(&binary);
+    let a = node(&redis, &["--history-size", "10"]);
+    let b = node(&redis, &["--history-size", "10"]);
+    publish_series(a.addr(), "big", "a", 3, Duration::ZERO).await;
+    let mut live = connect_ws(a.addr()).await;
+    let epoch = subscribe(&mut live, "big", 1).await["epoch"].clone();
+
+    // Thousands of entries behind Herald's back, as another writer or a node with a
+    // larger --history-size leaves them: no read may take them all.
+    let last = 3 + EXTRA;
+    let script = "for i = tonumber(ARGV[1]), tonumber(ARGV[2]) do \
+                  redis.call('XADD', KEYS[1], i .. '-0', 'd', ARGV[3]) end \
+                  redis.call('HSET', KEYS[2], 'seq', ARGV[2]) return 1";
+    let reply = redis.command(&[
+        "EVAL",
+        script,
+        "2",
+        "herald:{big}:stream",
+        "herald:{big}:meta",
+        "4",
+        &last.to_string(),
+        r#"{"filler":true}"#,
+    ]);
+    assert_eq!(reply, ":1\r\n");
+    let monitor = Monitor::start(&redis);
+
+    // Node B has never held the channel: `since` further back than the history is a gap
+    // whose oldest is what one read can serve; a near `since` is replayed from the stream.
+    let mut far = connect_ws(b.addr()).await;
+    send_json(
+        &mut far,
+        &json!({"type":"subscribe","channel":"big","since":1,"epoch":epoch,"id":2}),
+    )
+    .await;
+    let v = recv_json(&mut far).await;
+    assert_eq!(v["code"], "history_gap", "{v}");
+    assert_eq!(v["oldest"], last + 1 - HISTORY, "{v}");
+    let mut near = connect_ws(b.addr()).await;
+    send_json(
+        &mut near,
+        &json!({"type":"subscribe","channel":"big","since":last - 4,"epoch":epoch,"id":3}),
+    )
+    .await;
+    let replayed = collect(&mut near, "big", 4, RECV_TIMEOUT).await;
+    let seqs: Vec<u64> = replayed.iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, ((last - 3)..=last).collect::<Vec<_>>());
+
+    // Node A catches up on the jump when the next message is announced: a gap for what
+    // the history no longer holds, then the rest of it and the new message.
+    let mut publisher = connect_ws(a.addr()).await;
+    let seq = publish_raw(&mut publisher, "big", r#"{"after":true}"#, 1).await;
+    assert_eq!(seq, last + 1);
+    let mut got = Vec::new();
+    while got.last() != Some(&seq) {
+        let v = recv_json(&mut live).await;
+        match v["type"].as_str() {
+            Some("gap") => assert!(got.is_empty(), "a gap after messages: {v}"),
+            Some("message") => got.push(v["seq"].as_u64().expect("seq")),
+            _ => panic!("live subscriber got {v}"),
+        }
+    }
+    assert_eq!(got, ((seq + 1 - HISTORY)..=seq).collect::<Vec<_>>());
+
+    let reads: Vec<String> = monitor
+        .lines_so_far(&redis)
+        .into_iter()
+        .filter(|l| l.contains("\"XRANGE\"") || l.contains("\"XREVRANGE\""))
+        .collect();
+    assert!(
+        reads.len() >= 3,
+        "catch-up, oldest and replay reads: {reads:?}"
+    );
+    for read in &reads {
+        assert!(
+            read.contains("\"COUNT\""),
+            "a stream read without COUNT: {read}"
+        );
+    }
+}

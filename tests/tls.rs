@@ -822,3 +822,72 @@ async fn tls_keys_in_pkcs1_and_sec1_pem_load_and_serve() {
         server.assert_healthy();
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// Input after close_notify
+// ---------------------------------------------------------------------------------------
+
+/// User + system CPU time of process `pid` so far.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let after = &stat[stat.rfind(')').expect("comm") + 2..];
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+#[tokio::test]
+async fn bytes_after_close_notify_end_the_connection_and_the_shard_stays_idle() {
+    // One shard: a connection that made it spin would starve every other one.
+    let (mut server, ca, _leaf, _files) = tls_server("closejunk", &["--threads", "1"]);
+    let addr = server.addr();
+    let mut before = wss(addr, &ca, "/echo").await;
+
+    let name = ServerName::try_from("localhost").unwrap();
+    let mut client = rustls::ClientConnection::new(default_client(&ca), name).unwrap();
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(RECV_TIMEOUT)).unwrap();
+    while client.is_handshaking() {
+        client.complete_io(&mut tcp).expect("handshake");
+    }
+    // close_notify and 4 KiB more in one write, the tail shaped like records.
+    client.send_close_notify();
+    let mut wire = Vec::new();
+    while client.wants_write() {
+        client.write_tls(&mut wire).unwrap();
+    }
+    for chunk in pseudo_random_bytes(11, 4096).chunks(512) {
+        wire.extend_from_slice(&[0x17, 0x03, 0x03, 0x02, 0x00]);
+        wire.extend_from_slice(chunk);
+    }
+    let cpu_before = cpu_time(server.pid());
+    let started = Instant::now();
+    std::io::Write::write_all(&mut tcp, &wire).unwrap();
+
+    // A window long enough that a spinning shard would burn most of it.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (cpu, wall) = (cpu_time(server.pid()) - cpu_before, started.elapsed());
+    assert!(
+        cpu.as_secs_f64() < 0.3 * wall.as_secs_f64(),
+        "the server used {cpu:?} of CPU in {wall:?}"
+    );
+    // Clients of the same shard are served, those connected before and after.
+    send_text(&mut before, "before").await;
+    assert_eq!(recv_text(&mut before).await, "before");
+    let mut after = wss(addr, &ca, "/echo").await;
+    send_text(&mut after, "after").await;
+    assert_eq!(recv_text(&mut after).await, "after");
+
+    // The server answered with its own close_notify and ended the connection.
+    let tail = blocking(move || assert_closed_within(&mut tcp, Duration::from_secs(2))).await;
+    let mut tail = &tail[..];
+    while !tail.is_empty() {
+        client.read_tls(&mut tail).unwrap();
+    }
+    let state = client.process_new_packets().expect("a clean end, no alert");
+    assert!(state.peer_has_closed(), "no close_notify from the server");
+    server.assert_healthy();
+}

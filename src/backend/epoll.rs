@@ -411,6 +411,10 @@ fn read_tls(shard: &mut Shard, key: usize, socket: &mut Socket, poll: &Poll, now
         match inbound {
             Ok(Inbound::Open) => {}
             Ok(Inbound::PeerClosed) => {
+                // Answer in kind, best effort, and end: whatever the peer sent after its
+                // `close_notify` was discarded, and no more is read.
+                session.send_close_notify();
+                let _ = session.write_ciphertext(stream);
                 shard.handle_eof(key);
                 return;
             }

@@ -7,11 +7,14 @@
 //! - **Inbound.** Every byte read from the socket goes to
 //!   [`TlsSession::handle_ciphertext`], which appends the decrypted bytes to the shard's
 //!   read buffer (then call `Shard::handle_read`). It may also queue handshake records or
-//!   an alert: write them out (below) after each call.
+//!   an alert: write them out (below) after each call. A call takes every byte or
+//!   returns: after the peer's `close_notify` ([`Inbound::PeerClosed`]) the rest is
+//!   discarded, and on `Err` the session is over; either way, end the connection.
 //! - **Outbound.** [`TlsSession::encrypt`] takes plaintext from the outbox's slices and
 //!   returns how much it took (tell the shard with `Shard::handle_written`). It takes no
-//!   more than [`PENDING_CIPHERTEXT_LIMIT`] ahead of the socket, so everything else stays
-//!   in the outbox where the shard's budget and slow-consumer policy see it.
+//!   more than [`PENDING_CIPHERTEXT_LIMIT`] ahead of the socket, and nothing while records
+//!   still wait for it, so everything else stays in the outbox where the shard's budget
+//!   and slow-consumer policy see it.
 //! - **Wire.** While [`TlsSession::wants_write`], call [`TlsSession::write_ciphertext`]
 //!   with the socket (or a buffer the backend submits); partial writes and `EAGAIN` leave
 //!   the rest queued for the next call.
@@ -83,6 +86,10 @@ pub enum TlsError {
     /// the alert to send, if any.
     #[error("tls: {0}")]
     Protocol(#[from] rustls::Error),
+    /// rustls took none of the bytes offered although the peer has not closed: nothing
+    /// more can be read from this session.
+    #[error("tls: the session takes no more input")]
+    Stalled,
 }
 
 impl TlsError {
@@ -209,10 +216,13 @@ impl TlsSession {
             }
             self.seen_first_byte = true;
         }
-        let mut inbound = Inbound::Open;
+        // Every turn either takes bytes from `ciphertext` or returns: once the peer has
+        // closed, rustls takes nothing more, and waiting for it to would spin forever.
         while !ciphertext.is_empty() {
-            // From a slice this cannot fail with an IO error; it takes what fits.
-            self.conn
+            // From a slice this fails only on a full buffer inside rustls, which the
+            // plaintext drain below never lets happen: either way the session is over.
+            let taken = self
+                .conn
                 .read_tls(&mut ciphertext)
                 .map_err(|e| TlsError::Protocol(rustls::Error::General(e.to_string())))?;
             let state = self.conn.process_new_packets()?;
@@ -226,16 +236,28 @@ impl TlsSession {
                     .expect("rustls said this much plaintext is ready");
             }
             if state.peer_has_closed() {
-                inbound = Inbound::PeerClosed;
+                // What follows `close_notify` is not part of the session (RFC 8446,
+                // 6.1): the rest of `ciphertext` is dropped unread.
+                return Ok(Inbound::PeerClosed);
+            }
+            if taken == 0 {
+                return Err(TlsError::Stalled);
             }
         }
-        Ok(inbound)
+        Ok(Inbound::Open)
     }
 
     /// Takes plaintext from `slices` (in order) into TLS records, no more than the pending
-    /// ciphertext limit allows; returns how many bytes it took. Before the handshake ends
-    /// the plaintext waits inside the session, under the same limit.
+    /// ciphertext limit allows, and nothing while records still wait for the wire;
+    /// returns how many bytes it took. Before the handshake ends the plaintext waits
+    /// inside the session, under the same limit.
     pub fn encrypt(&mut self, slices: &[IoSlice<'_>]) -> usize {
+        if self.conn.wants_write() {
+            // rustls limits the records it makes from data, but not the key update it
+            // owes a peer that asked for one, which goes out with the next data: a peer
+            // asking again and again without reading would grow the backlog forever.
+            return 0;
+        }
         // Writing into a session never blocks or fails before it is closed; a closed one
         // takes nothing, and the connection ends by its own path.
         self.conn.writer().write_vectored(slices).unwrap_or(0)
@@ -377,6 +399,87 @@ mod tests {
         pair.client.send_close_notify();
         let (_, inbound) = pair.drive();
         assert_eq!(inbound, Inbound::PeerClosed);
+    }
+
+    /// Runs `f` on a thread and fails the test if it has not returned within 5 s: a
+    /// session that spins must fail here, not hang the test run.
+    fn returns_promptly<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(f());
+        });
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the session did not return within 5 s: it spins")
+    }
+
+    #[test]
+    fn bytes_after_close_notify_are_discarded_and_every_call_returns() {
+        let mut pair = pair("closejunk");
+        pair.drive();
+        pair.client.writer().write_all(b"last words").unwrap();
+        pair.client.send_close_notify();
+        let mut wire = Vec::new();
+        while pair.client.wants_write() {
+            pair.client.write_tls(&mut wire).unwrap();
+        }
+        // Junk after the alert in the same write: some of it looks like records.
+        wire.extend((0..4096u32).map(|i| (i * 31 % 251) as u8));
+        wire.extend_from_slice(&[0x17, 0x03, 0x03, 0x00, 0x10]);
+        let mut server = std::mem::replace(
+            &mut pair.server,
+            TlsAcceptor::load(&files(&pair.dir)).unwrap().accept(),
+        );
+        let (server, received, inbound) = returns_promptly(move || {
+            let mut received = BytesMut::new();
+            let inbound = server.handle_ciphertext(&wire, &mut received).unwrap();
+            (server, received, inbound)
+        });
+        assert_eq!(inbound, Inbound::PeerClosed);
+        assert_eq!(&received[..], b"last words");
+        // More bytes on a closed session: the same answer at once, and nothing read.
+        let (_, received, inbound) = returns_promptly(move || {
+            let mut server = server;
+            let mut received = BytesMut::new();
+            let inbound = server.handle_ciphertext(&[0x17; 9000], &mut received);
+            (server, received, inbound.unwrap())
+        });
+        assert_eq!(inbound, Inbound::PeerClosed);
+        assert!(received.is_empty());
+    }
+
+    #[test]
+    fn a_peer_that_never_reads_cannot_grow_the_pending_ciphertext() {
+        let mut pair = pair("backlog");
+        pair.drive();
+        let payload = vec![9u8; 1000];
+        let mut sent = 0;
+        let mut received = BytesMut::new();
+        // Data, and each time a key update that asks for one back, while the server
+        // keeps offering data of its own and nothing it writes is ever taken.
+        for _ in 0..2000 {
+            pair.client.writer().write_all(&payload).unwrap();
+            sent += payload.len();
+            pair.client.refresh_traffic_keys().unwrap();
+            let mut wire = Vec::new();
+            while pair.client.wants_write() {
+                pair.client.write_tls(&mut wire).unwrap();
+            }
+            assert_eq!(
+                pair.server.handle_ciphertext(&wire, &mut received).unwrap(),
+                Inbound::Open
+            );
+            pair.server.encrypt(&[IoSlice::new(&payload)]);
+        }
+        assert_eq!(received.len(), sent);
+        let mut pending = Vec::new();
+        while pair.server.wants_write() {
+            pair.server.write_ciphertext(&mut pending).unwrap();
+        }
+        assert!(
+            pending.len() <= PENDING_CIPHERTEXT_LIMIT + 1024,
+            "{} bytes of ciphertext waited for the peer",
+            pending.len()
+        );
     }
 
     #[test]

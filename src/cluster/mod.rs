@@ -16,15 +16,21 @@
 //! One Lua script orders a publish: it assigns the next `seq`, appends to the stream and
 //! publishes, atomically, so the sequence, the history and the fan-out cannot disagree.
 //! The publisher is acknowledged only after the script has returned.
+//!
+//! Nothing here grows with what clients send: the queues from the shards refuse past
+//! their bounds (a publish is answered `unavailable` / 503, a subscribe `unavailable`),
+//! every stream read is bounded by the history size, and the per-channel state is held
+//! only for channels this node's clients hold (plus a bounded memory of recent publishes).
 
 mod redis;
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::Notify;
 
 use crate::compression::CompressionPolicies;
 use crate::hub::{ChannelName, HistoryLimits};
@@ -127,10 +133,112 @@ impl Link {
     }
 }
 
+/// Most subscribes waiting for the cluster thread; a reconnecting crowd of this many
+/// clients is queued, not refused.
+const MAX_QUEUED_SUBSCRIBES: usize = 16 * 1024;
+/// Most publishes waiting for the cluster thread (32 pipelined round trips)...
+const MAX_QUEUED_PUBLISHES: usize = 16 * 1024;
+/// ...and most bytes of data among them.
+const MAX_QUEUED_PUBLISH_BYTES: usize = 32 * 1024 * 1024;
+
+/// What a refused request is told: the cluster thread has too much queued already.
+pub const BUSY: &str = "the cluster link is saturated; not queued, retry";
+
+/// The cluster thread's queue was full: the request was not queued (answer it [`BUSY`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Busy;
+
+/// A queue from the shards to the cluster thread that refuses past its bounds instead of
+/// growing. An `Unsubscribe` is always taken, and counts against no bound: each one
+/// follows a `Subscribe` the queue took, so there are never more of them than
+/// subscriptions the node holds, and losing one would leak that subscription.
+struct Queue {
+    state: Mutex<Queued>,
+    ready: Notify,
+    max_requests: usize,
+    max_bytes: usize,
+}
+
+#[derive(Default)]
+struct Queued {
+    requests: VecDeque<Request>,
+    /// Queued requests that count against `max_requests` (all but unsubscribes).
+    counted: usize,
+    /// Bytes of publish data queued.
+    bytes: usize,
+}
+
+/// Whether `request` counts against a queue's bound, and its bytes.
+fn weight(request: &Request) -> (usize, usize) {
+    match request {
+        Request::Subscribe { .. } => (1, 0),
+        Request::Unsubscribe { .. } => (0, 0),
+        Request::Publish { data, .. } => (1, data.len()),
+    }
+}
+
+impl Queue {
+    fn new(max_requests: usize, max_bytes: usize) -> Self {
+        Self {
+            state: Mutex::new(Queued::default()),
+            ready: Notify::new(),
+            max_requests,
+            max_bytes,
+        }
+    }
+
+    fn push(&self, request: Request) -> Result<(), Busy> {
+        let (counted, bytes) = weight(&request);
+        {
+            let mut queued = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if counted > 0
+                && (queued.counted >= self.max_requests || queued.bytes + bytes > self.max_bytes)
+            {
+                return Err(Busy);
+            }
+            queued.counted += counted;
+            queued.bytes += bytes;
+            queued.requests.push_back(request);
+        }
+        // One consumer: if it is not waiting, the permit makes its next wait return.
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    /// Moves up to `max` requests into `out`, waiting while there is none. Cancel-safe:
+    /// a request is taken only when this returns.
+    async fn recv_many(&self, out: &mut Vec<Request>, max: usize) {
+        loop {
+            {
+                let mut guard = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                let queued = &mut *guard;
+                if !queued.requests.is_empty() {
+                    let take = queued.requests.len().min(max);
+                    for request in queued.requests.drain(..take) {
+                        let (counted, bytes) = weight(&request);
+                        queued.counted -= counted;
+                        queued.bytes -= bytes;
+                        out.push(request);
+                    }
+                    return;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// The next request, waiting while there is none. Cancel-safe like `recv_many`.
+    async fn recv(&self) -> Request {
+        let mut one = Vec::with_capacity(1);
+        self.recv_many(&mut one, 1).await;
+        one.pop().expect("recv_many returns at least one request")
+    }
+}
+
 /// The shards' handle on the cluster.
 pub struct Bridge {
-    requests: mpsc::UnboundedSender<Request>,
-    publishes: mpsc::UnboundedSender<Request>,
+    requests: Arc<Queue>,
+    publishes: Arc<Queue>,
     pub link: Arc<Link>,
 }
 
@@ -138,8 +246,8 @@ pub struct Bridge {
 /// only once the shards do.
 pub struct Idle {
     client: ::redis::Client,
-    requests: mpsc::UnboundedReceiver<Request>,
-    publishes: mpsc::UnboundedReceiver<Request>,
+    requests: Arc<Queue>,
+    publishes: Arc<Queue>,
     history: HistoryLimits,
     compression: CompressionPolicies,
     link: Arc<Link>,
@@ -153,13 +261,13 @@ impl Bridge {
         compression: CompressionPolicies,
     ) -> Result<(Self, Idle), String> {
         let client = ::redis::Client::open(url).map_err(|e| format!("redis URL {url:?}: {e}"))?;
-        let (requests_tx, requests) = mpsc::unbounded_channel();
-        let (publishes_tx, publishes) = mpsc::unbounded_channel();
+        let requests = Arc::new(Queue::new(MAX_QUEUED_SUBSCRIBES, usize::MAX));
+        let publishes = Arc::new(Queue::new(MAX_QUEUED_PUBLISHES, MAX_QUEUED_PUBLISH_BYTES));
         let link = Arc::new(Link::default());
         Ok((
             Self {
-                requests: requests_tx,
-                publishes: publishes_tx,
+                requests: requests.clone(),
+                publishes: publishes.clone(),
                 link: link.clone(),
             },
             Idle {
@@ -173,16 +281,21 @@ impl Bridge {
         ))
     }
 
-    /// Queues `request`; publishes go to their own queue so that a history read never
-    /// holds one up.
-    pub fn send(&self, request: Request) {
-        let queue = match request {
-            Request::Publish { .. } => &self.publishes,
-            _ => &self.requests,
-        };
-        // The cluster thread lives as long as the process; if it is gone, nothing is
-        // left to answer and the requester's own timeouts apply.
-        let _ = queue.send(request);
+    /// Queues a `Subscribe` or a `Publish`, or refuses it when its queue is full: the
+    /// shard then answers it [`BUSY`] itself, and a refused `Subscribe` needs no
+    /// `Unsubscribe`. Publishes go to their own queue so that a history read never holds
+    /// one up.
+    pub fn send(&self, request: Request) -> Result<(), Busy> {
+        match request {
+            Request::Publish { .. } => self.publishes.push(request),
+            _ => self.requests.push(request),
+        }
+    }
+
+    /// Queues the `Unsubscribe` that follows a queued `Subscribe`; never refused.
+    pub fn unsubscribe(&self, channel: ChannelName, shard: usize) {
+        let queued = self.requests.push(Request::Unsubscribe { channel, shard });
+        debug_assert_eq!(queued, Ok(()), "an unsubscribe counts against no bound");
     }
 }
 
@@ -196,5 +309,106 @@ impl Idle {
             .name("herald-cluster".into())
             .spawn(move || runtime.block_on(redis::run(self, post)))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONN: ConnRef = ConnRef {
+        key: 0,
+        generation: 0,
+    };
+
+    fn subscribe(channel: &str) -> Request {
+        Request::Subscribe {
+            channel: channel.into(),
+            shard: 0,
+            conn: CONN,
+            ticket: 1,
+            since: None,
+            epoch: None,
+            id: None,
+        }
+    }
+
+    fn unsubscribe(channel: &str) -> Request {
+        Request::Unsubscribe {
+            channel: channel.into(),
+            shard: 0,
+        }
+    }
+
+    fn publish(bytes: usize) -> Request {
+        Request::Publish {
+            channel: "c".into(),
+            data: Bytes::from(vec![b'1'; bytes]),
+            shard: 0,
+            conn: CONN,
+            id: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_but_always_takes_unsubscribes_in_order() {
+        let queue = Queue::new(3, usize::MAX);
+        for channel in ["a", "b", "c"] {
+            assert_eq!(queue.push(subscribe(channel)), Ok(()));
+        }
+        assert_eq!(queue.push(subscribe("d")), Err(Busy));
+        for channel in ["a", "b", "c"] {
+            assert_eq!(queue.push(unsubscribe(channel)), Ok(()));
+        }
+        assert_eq!(queue.push(subscribe("d")), Err(Busy));
+        // Taking one subscribe makes room for one more, behind everything queued.
+        assert!(
+            matches!(queue.recv().await, Request::Subscribe { channel, .. } if &*channel == "a")
+        );
+        assert_eq!(queue.push(subscribe("d")), Ok(()));
+        assert_eq!(queue.push(subscribe("e")), Err(Busy));
+        let mut rest = Vec::new();
+        queue.recv_many(&mut rest, 100).await;
+        let order: Vec<String> = rest
+            .iter()
+            .map(|r| match r {
+                Request::Subscribe { channel, .. } => format!("+{channel}"),
+                Request::Unsubscribe { channel, .. } => format!("-{channel}"),
+                Request::Publish { .. } => unreachable!(),
+            })
+            .collect();
+        assert_eq!(order, ["+b", "+c", "-a", "-b", "-c", "+d"]);
+        let queued = queue.state.lock().unwrap();
+        assert_eq!((queued.requests.len(), queued.counted), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn publishes_are_bounded_in_count_and_in_bytes() {
+        let queue = Queue::new(4, 1000);
+        assert_eq!(queue.push(publish(600)), Ok(()));
+        assert_eq!(queue.push(publish(401)), Err(Busy));
+        assert_eq!(queue.push(publish(400)), Ok(()));
+        assert_eq!(queue.push(publish(0)), Ok(()));
+        assert_eq!(queue.push(publish(0)), Ok(()));
+        assert_eq!(queue.push(publish(0)), Err(Busy));
+        let mut batch = Vec::new();
+        queue.recv_many(&mut batch, 2).await;
+        assert_eq!(batch.len(), 2);
+        assert_eq!(queue.push(publish(1000)), Ok(()));
+        assert_eq!(queue.push(publish(1)), Err(Busy));
+    }
+
+    #[tokio::test]
+    async fn a_waiting_receiver_wakes_for_a_request_pushed_later() {
+        let queue = Arc::new(Queue::new(1, usize::MAX));
+        let pusher = queue.clone();
+        let waiting = tokio::spawn(async move { queue.recv().await });
+        tokio::task::yield_now().await;
+        pusher.push(subscribe("late")).unwrap();
+        let request = tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("the receiver was not woken")
+            .unwrap();
+        assert!(matches!(request, Request::Subscribe { channel, .. } if &*channel == "late"));
     }
 }

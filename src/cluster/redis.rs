@@ -9,7 +9,9 @@
 //! filling holes from the stream; it answers subscriptions, replaying from its recent
 //! ring or the stream. Because it handles one thing at a time, a subscriber's
 //! `Subscribed` always reaches its shard after the broadcasts it must not repeat and
-//! before the ones it must receive.
+//! before the ones it must receive. So that one step cannot hold the others for long,
+//! every stream read asks for at most the history size (`COUNT`), and every reply is
+//! awaited at most [`REPLY_TIMEOUT`].
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -19,10 +21,10 @@ use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use ::redis::{AsyncConnectionConfig, Msg, RedisError, RedisResult, Value};
 use bytes::Bytes;
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 
-use super::{Idle, Link, Request};
+use super::{Idle, Link, Queue, Request};
 use crate::compression::{CompressionPolicies, CompressionPolicy};
 use crate::http::longpoll;
 use crate::hub::{self, Broadcast, ChannelName, HistoryLimits};
@@ -39,6 +41,8 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 /// Most publishes sent to Redis in one pipelined round trip.
 const MAX_BATCH: usize = 512;
+/// Channels in one generation of the publisher's memory ([`Seen`]).
+const SEEN_PER_GENERATION: usize = 16 * 1024;
 
 /// Orders one publish. KEYS: meta, stream, pub/sub channel. ARGV: data, history size,
 /// history ttl (ms), a fresh epoch, the epoch this node last saw, the highest seq it saw
@@ -125,7 +129,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         link,
     } = idle;
     let (conn_tx, conn_rx) = watch::channel(None);
-    let (broken, broken_rx) = mpsc::unbounded_channel();
+    let (broken, broken_rx) = watch::channel(0);
     let shards = post.shards();
     let publisher = Publisher {
         conn: conn_rx,
@@ -133,7 +137,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         shards: Shards { post: post.clone() },
         history,
         link: link.clone(),
-        seen: HashMap::new(),
+        seen: Seen::new(SEEN_PER_GENERATION),
         script: ::redis::Script::new(PUBLISH_SCRIPT).get_hash().to_string(),
     };
     tokio::spawn(publisher.run(publishes));
@@ -164,21 +168,56 @@ type Command = Option<(u64, MultiplexedConnection)>;
 /// The publisher task: orders publishes in Redis, pipelined, in arrival order.
 struct Publisher {
     conn: watch::Receiver<Command>,
-    /// Tells the node task which link failed a publish.
-    broken: mpsc::UnboundedSender<u64>,
+    /// Tells the node task which link failed a publish (the latest such link).
+    broken: watch::Sender<u64>,
     shards: Shards,
     history: HistoryLimits,
     link: Arc<Link>,
-    /// Per channel, the epoch and highest seq this node handed out: a Redis that comes
-    /// back below it has rolled back.
-    seen: HashMap<ChannelName, (Box<str>, u64)>,
+    seen: Seen,
     script: String,
 }
 
+/// Per channel, the epoch and highest seq this node handed out: a Redis that comes back
+/// below it has rolled back. Kept for the channels published to recently only, in two
+/// generations of at most `per_generation` channels each: a channel published to again
+/// moves to the current one, and one left alone for a whole generation is forgotten
+/// (its next publish then relies on the script's own check of a missing meta, and on the
+/// nodes that hold the channel, which check on their own).
+struct Seen {
+    current: HashMap<ChannelName, (Box<str>, u64)>,
+    previous: HashMap<ChannelName, (Box<str>, u64)>,
+    per_generation: usize,
+}
+
+impl Seen {
+    fn new(per_generation: usize) -> Self {
+        Self {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            per_generation,
+        }
+    }
+
+    fn get(&self, channel: &str) -> Option<&(Box<str>, u64)> {
+        self.current
+            .get(channel)
+            .or_else(|| self.previous.get(channel))
+    }
+
+    fn insert(&mut self, channel: ChannelName, epoch: Box<str>, seq: u64) {
+        if self.current.len() >= self.per_generation && !self.current.contains_key(&channel) {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.previous.remove(&channel);
+        self.current.insert(channel, (epoch, seq));
+    }
+}
+
 impl Publisher {
-    async fn run(mut self, mut queue: mpsc::UnboundedReceiver<Request>) {
+    async fn run(mut self, queue: Arc<Queue>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while queue.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        loop {
+            queue.recv_many(&mut batch, MAX_BATCH).await;
             self.publish(&mut batch).await;
         }
     }
@@ -216,7 +255,7 @@ impl Publisher {
             match timeout(REPLY_TIMEOUT, pipe.query_async(&mut conn)).await {
                 Ok(result) => result,
                 Err(_) => {
-                    let _ = self.broken.send(generation);
+                    self.broken.send_replace(generation);
                     self.refuse(batch, "the cluster's Redis did not answer in time; retry");
                     return;
                 }
@@ -235,7 +274,7 @@ impl Publisher {
                         unreachable!("only publishes reach the publisher");
                     };
                     Link::count(&self.link.publishes);
-                    self.seen.insert(channel, (epoch.into(), seq));
+                    self.seen.insert(channel, epoch.into(), seq);
                     self.shards.send(
                         shard,
                         Envelope::Ack {
@@ -250,7 +289,7 @@ impl Publisher {
             Err(e) => {
                 tracing::warn!(error = %e, "redis refused a publish batch");
                 if link_is_broken(&e) {
-                    let _ = self.broken.send(generation);
+                    self.broken.send_replace(generation);
                 }
                 self.refuse(batch, "the cluster's Redis could not store it; retry");
             }
@@ -360,25 +399,19 @@ struct Node {
 }
 
 impl Node {
-    async fn run(
-        &mut self,
-        mut requests: mpsc::UnboundedReceiver<Request>,
-        mut broken: mpsc::UnboundedReceiver<u64>,
-    ) {
+    async fn run(&mut self, requests: Arc<Queue>, mut broken: watch::Receiver<u64>) {
         let mut probe = tokio::time::interval(PROBE_EVERY);
         loop {
             let up = self.live.is_some();
             let step = tokio::select! {
-                request = requests.recv() => match request {
-                    Some(request) => self.handle_request(request).await,
-                    None => return,
-                },
+                request = requests.recv() => self.handle_request(request).await,
                 message = next_message(&mut self.live) => match message {
                     Some(message) => self.handle_message(&message).await,
                     None => Err(Lost),
                 },
                 () = sleep_until(self.retry_at), if !up => self.connect().await,
-                Some(generation) = broken.recv() => {
+                Ok(()) = broken.changed() => {
+                    let generation = *broken.borrow_and_update();
                     if up && generation == self.generation { Err(Lost) } else { Ok(()) }
                 }
                 _ = probe.tick(), if up => self.probe().await,
@@ -595,7 +628,8 @@ impl Node {
         bounded(cmd.query_async::<(String, u64)>(&mut conn)).await
     }
 
-    /// The channel's history in Redis from `from` to `to` (inclusive), oldest first.
+    /// The channel's history in Redis from `from` to `to` (inclusive), oldest first: the
+    /// newest history-size entries of that range at most, whatever the stream holds.
     async fn read_stream(
         &mut self,
         name: &str,
@@ -603,23 +637,39 @@ impl Node {
         to: u64,
     ) -> Result<Vec<(u64, Bytes)>, Lost> {
         Link::count(&self.link.history_reads);
-        let mut cmd = ::redis::cmd("XRANGE");
+        let mut cmd = ::redis::cmd("XREVRANGE");
         cmd.arg(stream_key(name))
+            .arg(format!("{to}-0"))
             .arg(format!("{from}-0"))
-            .arg(format!("{to}-0"));
+            .arg("COUNT")
+            .arg(self.history.size.max(1));
         let (mut conn, _) = self.connections()?;
         let value = bounded(cmd.query_async::<Value>(&mut conn)).await?;
-        Ok(stream_entries(value))
+        let mut entries = stream_entries(value);
+        entries.reverse();
+        Ok(entries)
     }
 
-    /// The oldest seq the channel's history can still serve.
+    /// The oldest seq the channel's history can still serve: the stream's first entry,
+    /// and no further back than one history size from the latest (what one read returns).
     async fn oldest(&mut self, name: &ChannelName) -> Result<u64, Lost> {
         let Some(channel) = self.channels.get(name) else {
             return Ok(0);
         };
         let next = channel.seq + 1;
-        let entries = self.read_stream(name, 1, channel.seq).await?;
-        Ok(entries.first().map_or(next, |(seq, _)| *seq))
+        let servable = next.saturating_sub(self.history.size as u64);
+        Link::count(&self.link.history_reads);
+        let mut cmd = ::redis::cmd("XRANGE");
+        cmd.arg(stream_key(name))
+            .arg("-")
+            .arg("+")
+            .arg("COUNT")
+            .arg(1);
+        let (mut conn, _) = self.connections()?;
+        let value = bounded(cmd.query_async::<Value>(&mut conn)).await?;
+        Ok(stream_entries(value)
+            .first()
+            .map_or(next, |(first, _)| (*first).clamp(servable, next)))
     }
 
     async fn handle_message(&mut self, message: &Msg) -> Result<(), Lost> {
@@ -814,6 +864,15 @@ impl Node {
             }
             return Ok(Some(waiter));
         }
+        if seq - since > self.history.size as u64 {
+            // More than one read may return: a gap, without reading what cannot be sent.
+            let oldest = self.oldest(name).await?;
+            self.history_gap(name, &waiter, seq, oldest, &epoch);
+            return Ok(None);
+        }
+        let Some(channel) = self.channels.get(name) else {
+            return Ok(None);
+        };
         let recent = &channel.recent;
         let replay: Vec<(u64, Bytes)> = if since == seq {
             Vec::new()
@@ -938,6 +997,29 @@ mod tests {
         );
         assert_eq!(parse_announcement(b"x k3x9 1"), None);
         assert_eq!(parse_announcement(b"42"), None);
+    }
+
+    #[test]
+    fn the_publishers_memory_keeps_recent_channels_and_is_bounded() {
+        let mut seen = Seen::new(3);
+        for (i, channel) in ["a", "b", "c"].into_iter().enumerate() {
+            seen.insert(channel.into(), "e".into(), i as u64 + 1);
+        }
+        // Published to again: kept through the next turnover, with its latest seq.
+        seen.insert("a".into(), "e".into(), 10);
+        seen.insert("d".into(), "e".into(), 1);
+        assert_eq!(seen.get("a"), Some(&("e".into(), 10)));
+        seen.insert("a".into(), "e".into(), 11);
+        for i in 0..10_000 {
+            seen.insert(format!("x{i}").into(), "e".into(), 1);
+            assert!(seen.current.len() + seen.previous.len() <= 6);
+        }
+        assert_eq!(
+            seen.get("a"),
+            None,
+            "left alone for a generation: forgotten"
+        );
+        assert!(seen.get("x9999").is_some());
     }
 
     #[test]

@@ -1217,13 +1217,18 @@ impl Shard {
     /// Sends a publish to whoever orders the channel: its home shard, or the cluster.
     fn publish(&mut self, channel: ChannelName, data: Bytes, conn: ConnRef, id: Option<u64>) {
         if let Some(bridge) = &self.ctx.cluster {
-            bridge.send(cluster::Request::Publish {
+            let request = cluster::Request::Publish {
                 channel,
                 data,
                 shard: self.id,
                 conn,
                 id,
-            });
+            };
+            if bridge.send(request).is_err() {
+                // Answered as a refusal from the cluster is, by the same path.
+                let message = cluster::BUSY.into();
+                self.send(self.id, Envelope::Refused { conn, id, message });
+            }
             return;
         }
         let home = hub::home_of(&channel, self.shards);
@@ -1311,7 +1316,7 @@ impl Shard {
             },
         });
         if let Some(bridge) = &self.ctx.cluster {
-            bridge.send(cluster::Request::Subscribe {
+            let request = cluster::Request::Subscribe {
                 channel,
                 shard: self.id,
                 conn: conn_ref,
@@ -1319,7 +1324,10 @@ impl Shard {
                 since,
                 epoch: epoch.map(Into::into),
                 id,
-            });
+            };
+            if bridge.send(request).is_err() {
+                self.refuse_unqueued_subscription(key, id);
+            }
             return;
         }
         let epoch_matches = epoch.is_none_or(|e| e == &*self.ctx.epoch);
@@ -1393,6 +1401,39 @@ impl Shard {
         );
     }
 
+    /// The cluster's queue refused the subscription just recorded as pending: it is
+    /// forgotten (the cluster never counted it, so no `Unsubscribe` follows) and the
+    /// client is told to retry.
+    fn refuse_unqueued_subscription(&mut self, key: usize, id: Option<u64>) {
+        self.conns[key].subs.pop();
+        match self.conns[key].phase {
+            Phase::WebSocket { .. } => {
+                self.reply(key, pubsub::encode_error("unavailable", cluster::BUSY, id));
+            }
+            Phase::Polling { .. } => {
+                self.refuse_json(
+                    key,
+                    503,
+                    "unavailable",
+                    cluster::BUSY,
+                    &[("Retry-After", "1")],
+                );
+            }
+            Phase::EventStream => {
+                // The stream has begun: say why it ends; EventSource reconnects by itself.
+                let json = format!(
+                    r#"{{"code":"unavailable","message":{}}}"#,
+                    json_string(cluster::BUSY)
+                );
+                self.conns[key]
+                    .outbox
+                    .push(sse::control_event("error", &json));
+                self.finish(key);
+            }
+            _ => {}
+        }
+    }
+
     fn unsubscribe(&mut self, key: usize, channel: &str, id: Option<u64>) {
         let conn = &mut self.conns[key];
         let Some(index) = conn.subs.iter().position(|s| &*s.channel == channel) else {
@@ -1419,10 +1460,7 @@ impl Shard {
             self.counters.subscriptions -= 1;
         }
         if let Some(bridge) = &self.ctx.cluster {
-            bridge.send(cluster::Request::Unsubscribe {
-                channel: sub.channel,
-                shard: self.id,
-            });
+            bridge.unsubscribe(sub.channel, self.id);
             return;
         }
         let home = hub::home_of(&sub.channel, self.shards);
@@ -2446,13 +2484,16 @@ mod tests {
 
     impl Cluster {
         fn new(shards: usize, config: Config) -> Self {
-            let config = Arc::new(config);
+            let mut ctx = Context::new(config, shards).unwrap();
+            ctx.epoch = "e1".into();
+            Self::with_context(shards, ctx)
+        }
+
+        fn with_context(shards: usize, ctx: Context) -> Self {
             let wakers = (0..shards)
                 .map(|_| Arc::new(NoWake) as Arc<dyn Wake>)
                 .collect();
             let (post, receivers) = Post::new(wakers);
-            let mut ctx = Context::new(Arc::unwrap_or_clone(config), shards).unwrap();
-            ctx.epoch = "e1".into();
             let ctx = Arc::new(ctx);
             Self {
                 shards: (0..shards)
@@ -3274,5 +3315,78 @@ mod tests {
         let frames = cluster.frames(c);
         assert_eq!(frames[0].0, OpCode::Close);
         assert_eq!(&frames[0].1[..2], &1001u16.to_be_bytes());
+    }
+
+    #[test]
+    fn a_full_cluster_queue_refuses_at_once_and_never_blocks_the_shard() {
+        let mut ctx = Context::new(Config::default(), 1).unwrap();
+        // The cluster thread never runs: whatever is queued stays queued.
+        let (bridge, _idle) = Bridge::new(
+            "redis://127.0.0.1:1",
+            ctx.config.history,
+            ctx.config.compression.clone(),
+        )
+        .unwrap();
+        let conn = ConnRef {
+            key: u32::MAX,
+            generation: 0,
+        };
+        let filler = |channel: &str| cluster::Request::Subscribe {
+            channel: channel.into(),
+            shard: 0,
+            conn,
+            ticket: 0,
+            since: None,
+            epoch: None,
+            id: None,
+        };
+        let mut i = 0;
+        while bridge.send(filler(&format!("f{i}"))).is_ok() {
+            i += 1;
+        }
+        let publish = || cluster::Request::Publish {
+            channel: "p".into(),
+            data: Bytes::new(),
+            shard: 0,
+            conn,
+            id: None,
+        };
+        while bridge.send(publish()).is_ok() {}
+        ctx.cluster = Some(bridge);
+        let mut cluster = Cluster::with_context(1, ctx);
+        let client = cluster.connect(0, "/ws");
+        cluster.send(client, r#"{"type":"subscribe","channel":"news","id":1}"#);
+        cluster.send(
+            client,
+            r#"{"type":"publish","channel":"news","data":1,"id":2}"#,
+        );
+        cluster.settle();
+        let texts = cluster.texts(client);
+        assert_eq!(texts.len(), 2, "{texts:?}");
+        for (text, id) in texts.iter().zip([1, 2]) {
+            let v: serde_json::Value = serde_json::from_str(text).unwrap();
+            assert_eq!(
+                (v["type"].as_str(), v["code"].as_str(), v["id"].as_u64()),
+                (Some("error"), Some("unavailable"), Some(id)),
+                "{text}"
+            );
+        }
+        // The refused subscription holds no slot: all of them are free for retries, and
+        // the shard keeps reading the connection.
+        let shard = &cluster.shards[0];
+        assert!(shard.conns[client.key].subs.is_empty());
+        assert_eq!(shard.conns[client.key].inflight_publishes, 0);
+        assert!(cluster.shards[0].wants_read(client.key));
+
+        let key = cluster.shards[0].accept(cluster.now, LOCALHOST).unwrap();
+        let poller = Client { shard: 0, key };
+        cluster.write(
+            poller,
+            b"GET /poll?channel=news HTTP/1.1\r\nHost: x\r\n\r\n",
+        );
+        let response = String::from_utf8(cluster.take_output(poller)).unwrap();
+        assert!(response.starts_with("HTTP/1.1 503 "), "{response}");
+        assert!(response.contains("\r\nRetry-After: 1\r\n"), "{response}");
+        assert!(response.contains(r#""code":"unavailable""#), "{response}");
     }
 }

@@ -17,7 +17,7 @@ seconds="${FUZZ_SECONDS:-20}"
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    targets=(handshake frame decoder utf8 pubsub deflate)
+    targets=(handshake frame decoder utf8 pubsub deflate tls)
 fi
 # A target dir of its own: instrumented builds never invalidate the normal ones.
 target_dir="${FUZZ_TARGET_DIR:-$root/target/fuzz}"
