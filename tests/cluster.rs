@@ -1206,3 +1206,92 @@ async fn stream_reads_ask_redis_for_no_more_than_the_history_size() {
         );
     }
 }
+
+/// A `since` served from the Redis stream goes out in chunks as the subscriber drains,
+/// like one served from a home's history: what the node queues for it stays within its
+/// outbound budget, and messages published meanwhile follow in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_from_redis_is_paced_within_the_outbound_budget() {
+    const BUDGET: u64 = 65536;
+    let binary = require_redis();
+    let redis = Redis::start(&binary);
+    let publisher = node(
+        &redis,
+        &[
+            "--history-size",
+            "100",
+            "--max-messages-per-second",
+            "100000",
+        ],
+    );
+    let budget = BUDGET.to_string();
+    let reader = node(
+        &redis,
+        &["--history-size", "100", "--outbound-queue-bytes", &budget],
+    );
+    let data = format!("\"{}\"", "x".repeat(16 * 1024));
+    let mut ws = connect_ws(publisher.addr()).await;
+    for i in 1..=60 {
+        assert_eq!(publish_raw(&mut ws, "paced", &data, i).await, i);
+    }
+    let epoch =
+        subscribe(&mut connect_ws(publisher.addr()).await, "paced", 100).await["epoch"].clone();
+    let reader_addr = reader.addr();
+    let subscribe_from_zero =
+        json!({"type":"subscribe","channel":"paced","since":0,"epoch":epoch,"id":7}).to_string();
+    let (mut raw, mut buf) = blocking(move || {
+        let (mut raw, buf) = raw_ws(reader_addr);
+        std::io::Write::write_all(&mut raw, &client_text(&subscribe_from_zero)).unwrap();
+        (raw, buf)
+    })
+    .await;
+    // A 1 MB replay, and a client that reads nothing for a second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let peak = blocking(move || {
+        metric_value(reader_addr, "herald_shard_outbound_queue_peak_bytes")
+            .into_iter()
+            .chain(metric_value(
+                reader_addr,
+                r#"herald_shard_outbound_queue_peak_bytes{shard="1"}"#,
+            ))
+            .fold(0.0, f64::max)
+    })
+    .await;
+    assert!(
+        peak <= (BUDGET + 17 * 1024) as f64,
+        "{peak} bytes queued for a subscriber replaying 1 MB"
+    );
+    for i in 61..=65 {
+        assert_eq!(publish_raw(&mut ws, "paced", &data, i).await, i);
+    }
+    let texts = blocking(move || {
+        let mut texts = Vec::new();
+        while texts
+            .iter()
+            .filter(|t: &&String| t.contains(r#""type":"message""#))
+            .count()
+            < 65
+        {
+            let frame = read_frame(&mut raw, &mut buf, RECV_TIMEOUT).expect("a frame");
+            texts.push(String::from_utf8(frame.payload).unwrap());
+        }
+        texts
+    })
+    .await;
+    let seqs: Vec<u64> = texts
+        .iter()
+        .filter(|t| t.contains(r#""type":"message""#))
+        .map(|t| {
+            serde_json::from_str::<Value>(t).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(seqs, (1..=65).collect::<Vec<u64>>());
+    let subscribed: Vec<&String> = texts
+        .iter()
+        .filter(|t| t.contains(r#""type":"subscribed""#))
+        .collect();
+    assert_eq!(subscribed.len(), 1, "{subscribed:?}");
+    assert!(subscribed[0].contains(r#""id":7"#), "{}", subscribed[0]);
+}

@@ -50,6 +50,22 @@ pub enum Request {
         since: Option<u64>,
         epoch: Option<Box<str>>,
         id: Option<u64>,
+        /// How much of the replay to send with the answer (0: none yet); the shard asks
+        /// for the rest with `Replay` as its connection drains.
+        max_replay_bytes: usize,
+    },
+    /// The next chunk of a replay for a subscription `Subscribe` counted: the messages
+    /// of `epoch` after `since`, up to `max_bytes` (at least one). Answered as `Subscribe`
+    /// is; never counted.
+    Replay {
+        channel: ChannelName,
+        shard: usize,
+        conn: ConnRef,
+        ticket: u32,
+        since: u64,
+        epoch: Box<str>,
+        id: Option<u64>,
+        max_bytes: usize,
     },
     /// Release one subscription counted by `Subscribe`.
     Unsubscribe { channel: ChannelName, shard: usize },
@@ -171,7 +187,7 @@ struct Queued {
 /// Whether `request` counts against a queue's bound, and its bytes.
 fn weight(request: &Request) -> (usize, usize) {
     match request {
-        Request::Subscribe { .. } => (1, 0),
+        Request::Subscribe { .. } | Request::Replay { .. } => (1, 0),
         Request::Unsubscribe { .. } => (0, 0),
         Request::Publish { data, .. } => (1, data.len()),
     }
@@ -330,6 +346,7 @@ mod tests {
             since: None,
             epoch: None,
             id: None,
+            max_replay_bytes: 0,
         }
     }
 
@@ -374,7 +391,7 @@ mod tests {
             .map(|r| match r {
                 Request::Subscribe { channel, .. } => format!("+{channel}"),
                 Request::Unsubscribe { channel, .. } => format!("-{channel}"),
-                Request::Publish { .. } => unreachable!(),
+                Request::Publish { .. } | Request::Replay { .. } => unreachable!(),
             })
             .collect();
         assert_eq!(order, ["+b", "+c", "-a", "-b", "-c", "+d"]);

@@ -333,6 +333,8 @@ struct Waiter {
     since: Option<u64>,
     epoch: Option<Box<str>>,
     id: Option<u64>,
+    /// The most replay bytes the answer may carry (at least one message unless 0).
+    max_replay_bytes: usize,
 }
 
 impl Waiter {
@@ -527,6 +529,7 @@ impl Node {
                 since,
                 epoch,
                 id,
+                max_replay_bytes,
             } => {
                 let shards = self.shard_count;
                 let entry = self
@@ -551,6 +554,7 @@ impl Node {
                     since,
                     epoch,
                     id,
+                    max_replay_bytes,
                 });
                 if self.live.is_none() {
                     return Ok(());
@@ -563,6 +567,34 @@ impl Node {
                 } else {
                     self.answer_waiting(&channel).await
                 }
+            }
+            Request::Replay {
+                channel,
+                shard,
+                conn,
+                ticket,
+                since,
+                epoch,
+                id,
+                max_bytes,
+            } => {
+                // Only a subscription this node counts has a replay going on.
+                let Some(entry) = self.channels.get_mut(&channel) else {
+                    return Ok(());
+                };
+                entry.waiting.push(Waiter {
+                    shard,
+                    conn,
+                    ticket,
+                    since: Some(since),
+                    epoch: Some(epoch),
+                    id,
+                    max_replay_bytes: max_bytes.max(1),
+                });
+                if self.live.is_none() {
+                    return Ok(());
+                }
+                self.answer_waiting(&channel).await
             }
             Request::Unsubscribe { channel, shard } => {
                 let Some(entry) = self.channels.get_mut(&channel) else {
@@ -888,7 +920,18 @@ impl Node {
         let complete = replay.len() as u64 == seq - since
             && replay.first().is_none_or(|(first, _)| *first == since + 1);
         if complete {
-            let frames = replay.into_iter().map(|(_, frame)| frame).collect();
+            // The first chunk only: the shard asks for the next as its client drains.
+            let mut bytes = 0;
+            let frames = replay
+                .into_iter()
+                .map(|(_, frame)| frame)
+                .take_while(|frame| {
+                    let fits = waiter.max_replay_bytes > 0
+                        && (bytes == 0 || bytes + frame.len() <= waiter.max_replay_bytes);
+                    bytes += frame.len();
+                    fits
+                })
+                .collect();
             self.subscribed(name, &waiter, seq, &epoch, frames);
         } else {
             let oldest = replay.first().map_or(seq + 1, |(first, _)| *first);

@@ -205,6 +205,8 @@ struct CatchUp {
     requested: bool,
     /// The home has answered once (an event stream announces `subscribed` then).
     answered: bool,
+    /// The channel's epoch as a cluster first answered (the next chunks must be of it).
+    epoch: Option<ChannelName>,
 }
 
 /// Deadlines that differ per connection, kept in one ordered heap.
@@ -1302,6 +1304,7 @@ impl Shard {
                 id,
                 requested: max_replay_bytes > 0,
                 answered: false,
+                epoch: None,
             })
         });
         let subs = &mut self.conns[key].subs;
@@ -1324,6 +1327,7 @@ impl Shard {
                 since,
                 epoch: epoch.map(Into::into),
                 id,
+                max_replay_bytes,
             };
             if bridge.send(request).is_err() {
                 self.refuse_unqueued_subscription(key, id);
@@ -1366,7 +1370,7 @@ impl Shard {
     /// Asks the home for the next chunk of a replay that is catching up, if `key` has one
     /// and room for it.
     fn continue_replay(&mut self, key: usize) {
-        if self.ctx.cluster.is_some() || !self.may_request_chunk(key) {
+        if !self.may_request_chunk(key) {
             return;
         }
         let conn_ref = self.conn_ref(key);
@@ -1386,6 +1390,38 @@ impl Shard {
         };
         catch_up.requested = true;
         let (since, id) = (catch_up.at, catch_up.id);
+        if let Some(bridge) = &self.ctx.cluster {
+            let request = cluster::Request::Replay {
+                channel: channel.clone(),
+                shard: self.id,
+                conn: conn_ref,
+                ticket,
+                since,
+                epoch: catch_up.epoch.as_deref().unwrap_or_default().into(),
+                id,
+                max_bytes,
+            };
+            if bridge.send(request).is_err() {
+                // The cluster counted this subscription: releasing it sends the
+                // unsubscribe that balances it.
+                if let Some(index) = self.pending_index(key, ticket) {
+                    self.release(key, index);
+                }
+                if matches!(self.conns[key].phase, Phase::EventStream) {
+                    let json = format!(
+                        r#"{{"code":"unavailable","message":{}}}"#,
+                        json_string(cluster::BUSY)
+                    );
+                    self.conns[key]
+                        .outbox
+                        .push(sse::control_event("error", &json));
+                    self.finish(key);
+                } else {
+                    self.reply(key, pubsub::encode_error("unavailable", cluster::BUSY, id));
+                }
+            }
+            return;
+        }
         let home = hub::home_of(&channel, self.shards);
         self.send(
             home,
@@ -1861,7 +1897,14 @@ impl Shard {
             self.send_response(key, response, keep_alive);
             return;
         }
-        if self.catch_up(key, index, channel, epoch, seq, &replay) {
+        if self.catch_up(
+            key,
+            index,
+            channel,
+            (epoch, answer_epoch.as_ref()),
+            seq,
+            &replay,
+        ) {
             return;
         }
         let policies = &self.ctx.config.slow_consumers;
@@ -1923,12 +1966,10 @@ impl Shard {
         key: usize,
         index: usize,
         channel: &str,
-        epoch: &str,
+        (epoch, cluster_epoch): (&str, Option<&ChannelName>),
         seq: u64,
         replay: &[Bytes],
     ) -> bool {
-        // A cluster answers with the whole replay, bounded by the history size.
-        let in_cluster = self.ctx.cluster.is_some();
         let conn = &mut self.conns[key];
         let SubState::Pending {
             catch_up: Some(catch_up),
@@ -1938,13 +1979,14 @@ impl Shard {
             return false;
         };
         let reached = replay.last().map_or(catch_up.at, frame_seq);
-        if in_cluster || reached >= seq {
+        if reached >= seq {
             return false;
         }
         let first_answer = !catch_up.answered;
         catch_up.at = reached;
         catch_up.requested = false;
         catch_up.answered = true;
+        catch_up.epoch = cluster_epoch.cloned();
         match conn.phase {
             Phase::WebSocket { .. } => {
                 for frame in replay {
@@ -3339,6 +3381,7 @@ mod tests {
             since: None,
             epoch: None,
             id: None,
+            max_replay_bytes: 0,
         };
         let mut i = 0;
         while bridge.send(filler(&format!("f{i}"))).is_ok() {
