@@ -95,6 +95,15 @@ background() {
     ) &
     BG_PID[$name]=$!
 }
+# A run that stops early (a failed step, Ctrl-C) takes its background sections with it:
+# each runs under `timeout`, which passes the signal on to everything it started.
+stop_background() {
+    local pid
+    for pid in "${BG_PID[@]}"; do
+        pkill -TERM -P "$pid" 2>/dev/null || true
+    done
+}
+trap stop_background EXIT
 join() {
     local name=$1 rc secs file
     file=$(bg_file "$name")
@@ -181,8 +190,9 @@ step "cargo build --release" 1500 cargo build --release
 export HERALD_BIN=$ROOT/target/release/herald
 CONFORMANCE=("$VENV/bin/python" tests/conformance/run.py --bin "$HERALD_BIN")
 
-# Autobahn groups 12-13 (permessage-deflate) wait on kosoku's 1,000-message cases more
-# than they use the CPU: they run beside the Rust tests instead of after them.
+# Autobahn groups 12-13 (permessage-deflate): ~7 minutes of cases that each send 1,000
+# messages one at a time and wait for every echo, about one core's worth of work. They run
+# beside the Rust tests instead of after them.
 if [ "${SKIP_COMPRESSION:-}" != 1 ]; then
     background "conformance compression (12-13)" 1500 "${CONFORMANCE[@]}" --suite compression
 fi
