@@ -98,6 +98,17 @@ pub enum Io {
     Auto,
 }
 
+impl Io {
+    /// The name `--io` takes (and `/metrics` reports once resolved).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Epoll => "epoll",
+            Self::Uring => "uring",
+            Self::Auto => "auto",
+        }
+    }
+}
+
 /// Every option of `herald serve`, each optional so the sources can be layered.
 #[derive(Debug, Default, Clone, clap::Args, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -407,6 +418,7 @@ impl Options {
 pub struct Config {
     pub listen: SocketAddr,
     pub threads: Threads,
+    /// `auto` until `serve` resolves it to the backend the shards run on.
     pub io: Io,
     pub max_connections: usize,
     pub max_message_bytes: u64,

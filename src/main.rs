@@ -48,7 +48,20 @@ enum Command {
     },
 }
 
+/// A panic anywhere ends the process, in every profile. Release builds abort already
+/// (`panic = "abort"`, Cargo.toml); a debug build, which the integration tests run, would
+/// otherwise unwind only the panicking shard thread while the others keep answering, and a
+/// half-dead server could pass a test. The default hook still prints the message first.
+fn abort_on_panic() {
+    let report = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        report(info);
+        std::process::abort();
+    }));
+}
+
 fn main() -> ExitCode {
+    abort_on_panic();
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));

@@ -158,3 +158,30 @@ fn uring_with_tls_refuses_to_start_with_a_clear_error() {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("--io uring does not serve TLS"), "{err}");
 }
+
+/// Each server names the backend it runs, on its second stdout line (the harness checks
+/// it at start) and in `/metrics` (checked here and at the end of every test).
+#[test]
+fn a_server_names_its_backend_in_metrics() {
+    for io in ["epoll", "uring"] {
+        let server = start(io, &[]);
+        assert_eq!(server.backend(), io);
+        let (mut s, head) = request_head(
+            server.addr(),
+            b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        );
+        assert_eq!(head.status, 200, "{head:?}");
+        let mut body = head.rest;
+        s.read_to_end(&mut body).unwrap();
+        let body = String::from_utf8(body).unwrap();
+        let gauge: Vec<&str> = body
+            .lines()
+            .filter(|l| l.starts_with("herald_io_backend{"))
+            .collect();
+        assert_eq!(
+            gauge,
+            [format!("herald_io_backend{{backend=\"{io}\"}} 1")],
+            "{body}"
+        );
+    }
+}

@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
-# Herald's one test command: lint, build, Rust tests, Autobahn conformance (kosoku) and
-# the Python client tests. Needs only Rust (cargo, rustfmt, clippy) and python3; the
-# Python tools go into .venv at the repository root.
+# Herald's one test command: lint, build, Rust tests, Autobahn conformance (kosoku),
+# browser, proxy, fuzz smoke and the Python client tests, then the io_uring pass. Needs
+# Rust (rustup or cargo with rustfmt and clippy) and python3; on Debian as root it installs
+# every other tool first (one apt-get update), elsewhere it names what is missing and
+# stops. The Python tools go into .venv at the repository root. Each section's time is
+# printed in a table at the end.
 #
 #   bash tests/run.sh            # everything
 #   SKIP_COMPRESSION=1 bash tests/run.sh   # conformance without groups 12/13
@@ -12,31 +15,109 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 VENV=$ROOT/.venv
 START=$(date +%s)
+BG=$ROOT/target/run-sh
+mkdir -p "$BG"
 
 banner() {
     printf '\n========== %s (t+%ss) ==========\n' "$1" "$(( $(date +%s) - START ))"
 }
 
-# run LIMIT_SECONDS CMD...: fails the script at once if CMD fails or overruns.
-run() {
-    local limit=$1
-    shift
-    echo "+ $*"
-    timeout --kill-after=30 "$limit" "$@"
+# One row per section for the closing table: name, seconds, verdict.
+TABLE=()
+record() {
+    TABLE+=("$(printf '%-34s %5s s  %s' "$1" "$2" "$3")")
+}
+print_table() {
+    banner "section times"
+    printf '%s\n' "${TABLE[@]}"
+    printf '%-34s %5s s\n' "total (wall clock)" "$(( $(date +%s) - START ))"
 }
 
-# check NAME LIMIT_SECONDS CMD...: like run, but a failing test section is remembered
-# and the later sections still run; the script fails at the end.
+# step NAME LIMIT_SECONDS CMD...: a step the rest depends on; its failure (or overrun)
+# ends the run at once. CMD may be a function of this script (run without the limit).
+step() {
+    local name=$1 limit=$2 t0 rc=0
+    shift 2
+    banner "$name"
+    echo "+ $*"
+    t0=$(date +%s)
+    if declare -F "$1" >/dev/null; then
+        "$@" || rc=$?
+    else
+        timeout --kill-after=30 "$limit" "$@" || rc=$?
+    fi
+    if [ "$rc" != 0 ]; then
+        record "$name" "$(( $(date +%s) - t0 ))" "FAILED (exit $rc)"
+        print_table
+        echo "!! $name failed (exit $rc)"
+        exit 1
+    fi
+    record "$name" "$(( $(date +%s) - t0 ))" ok
+}
+
+# check NAME LIMIT_SECONDS CMD...: a test section; a failure is remembered, the later
+# sections still run, and the script fails at the end.
 FAILED_SECTIONS=()
 check() {
-    local name=$1
-    shift
-    local rc=0
-    run "$@" || rc=$?
+    local name=$1 limit=$2 t0 rc=0
+    shift 2
+    banner "$name"
+    echo "+ $*"
+    t0=$(date +%s)
+    timeout --kill-after=30 "$limit" "$@" || rc=$?
     if [ "$rc" != 0 ]; then
-        [ "$rc" = 124 ] && echo "!! $name timed out after $1 s"
+        [ "$rc" = 124 ] && echo "!! $name timed out after $limit s"
         echo "!! $name failed (exit $rc)"
         FAILED_SECTIONS+=("$name")
+        record "$name" "$(( $(date +%s) - t0 ))" "FAILED (exit $rc)"
+    else
+        record "$name" "$(( $(date +%s) - t0 ))" ok
+    fi
+}
+
+# background NAME LIMIT_SECONDS CMD...: a check that runs beside the following sections
+# (output in target/run-sh/<NAME>.log); `join NAME` waits for it and records it.
+declare -A BG_PID=()
+bg_file() {
+    echo "$BG/${1//[^A-Za-z0-9]/_}"
+}
+background() {
+    local name=$1 limit=$2 file
+    shift 2
+    file=$(bg_file "$name")
+    banner "$name (in the background, output in $file.log)"
+    echo "+ $*"
+    (
+        t0=$(date +%s)
+        rc=0
+        timeout --kill-after=30 "$limit" "$@" >"$file.log" 2>&1 || rc=$?
+        echo "$rc $(( $(date +%s) - t0 ))" >"$file.rc"
+    ) &
+    BG_PID[$name]=$!
+}
+# A run that stops early (a failed step, Ctrl-C) takes its background sections with it:
+# each runs under `timeout`, which passes the signal on to everything it started.
+stop_background() {
+    local pid
+    for pid in "${BG_PID[@]}"; do
+        pkill -TERM -P "$pid" 2>/dev/null || true
+    done
+}
+trap stop_background EXIT
+join() {
+    local name=$1 rc secs file
+    file=$(bg_file "$name")
+    banner "$name (joined)"
+    wait "${BG_PID[$name]}" || true
+    read -r rc secs <"$file.rc"
+    tail -n 40 "$file.log"
+    if [ "$rc" != 0 ]; then
+        [ "$rc" = 124 ] && echo "!! $name timed out"
+        echo "!! $name failed (exit $rc); whole log: $file.log"
+        FAILED_SECTIONS+=("$name")
+        record "$name (background)" "$secs" "FAILED (exit $rc)"
+    else
+        record "$name (background)" "$secs" ok
     fi
 }
 
@@ -45,107 +126,117 @@ if [ "$(ulimit -n)" != unlimited ] && [ "$(ulimit -n)" -lt 4096 ]; then
     ulimit -n 4096 2>/dev/null || echo "warning: open-file limit is $(ulimit -n); the 1,000-subscriber test needs ~1,100"
 fi
 
-banner "python venv (.venv)"
-if [ ! -x "$VENV/bin/python" ]; then
-    if ! python3 -m venv "$VENV"; then
-        # Debian ships ensurepip separately (python3-venv).
-        rm -rf "$VENV"
+# --- Everything the sections use, installed before the first of them -------------------
+prerequisites() {
+    local missing=() pyver
+    command -v redis-server >/dev/null || missing+=(redis-server) # tests/cluster.rs
+    command -v openssl >/dev/null || missing+=(openssl)            # auth.rs keys, TLS CAs
+    command -v curl >/dev/null || missing+=(curl)                  # tests/python/test_http.py
+    command -v nginx >/dev/null || missing+=(nginx)                # tests/proxy
+    command -v systemd-analyze >/dev/null || missing+=(systemd)    # tests/proxy
+    [ -x "${CHROMIUM:-/usr/bin/chromium}" ] || missing+=(chromium) # tests/browser
+    command -v node >/dev/null || missing+=(nodejs)
+    command -v npm >/dev/null || missing+=(npm)
+    if [ ! -x "$VENV/bin/python" ] && ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
+        pyver=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+        missing+=(python3-venv "python${pyver}-venv")
+    fi
+    if [ "${#missing[@]}" != 0 ]; then
         if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-            pyver=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
-            apt-get update -q
-            DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv "python${pyver}-venv" ||
-                DEBIAN_FRONTEND=noninteractive apt-get install -y -q python3-venv
-            python3 -m venv "$VENV"
+            echo "+ apt-get install ${missing[*]}"
+            apt-get update -q || return 1
+            DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" || return 1
         else
-            echo "python3 -m venv failed; install python3-venv" >&2
-            exit 1
+            echo "missing: ${missing[*]}" >&2
+            echo "install these Debian packages (apt-get install ${missing[*]}), or run as root on Debian" >&2
+            return 1
         fi
     fi
-fi
-REQS=$ROOT/tests/requirements.txt
-STAMP=$VENV/.requirements.installed
-if ! cmp -s "$REQS" "$STAMP"; then
-    run 600 "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$REQS"
-    cp "$REQS" "$STAMP"
-fi
-"$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(kosoku|websockets|pytest) '
-
-banner "redis-server (Debian package) for tests/cluster.rs"
-if ! command -v redis-server >/dev/null && [ ! -x /usr/bin/redis-server ]; then
-    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        apt-get update -q
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends redis-server
-    else
-        echo "redis-server missing and cannot be installed here; install the Debian package redis-server" >&2
-        exit 1
+    if ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+        if command -v rustup >/dev/null; then
+            rustup component add rustfmt clippy || return 1
+        else
+            echo "cargo fmt and cargo clippy are missing: install the rustfmt and clippy components" >&2
+            return 1
+        fi
     fi
-fi
-# The package's own service is not needed: each cluster test starts its own redis-server
-# on a free port. With this set, a missing redis-server fails those tests instead of
-# skipping them.
-export HERALD_REQUIRE_REDIS=1
-redis-server --version
+    # The fuzz smoke run; built once, skipped when present.
+    command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked || return 1
+    if [ ! -x "$VENV/bin/python" ]; then
+        python3 -m venv "$VENV" || return 1
+    fi
+    local reqs=$ROOT/tests/requirements.txt stamp=$VENV/.requirements.installed
+    if ! cmp -s "$reqs" "$stamp"; then
+        "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$reqs" || return 1
+        cp "$reqs" "$stamp"
+    fi
+    "$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(kosoku|websockets|pytest) '
+    redis-server --version
+}
+# Inside `prerequisites`, run as `prerequisites || rc=$?`, errexit is off: every command
+# that must succeed ends in `|| return 1`.
+step "prerequisites (Debian packages, cargo-fuzz, .venv)" 1800 prerequisites
+# The cluster tests fail rather than skip when redis-server is missing. Each starts its
+# own redis-server on a free port: the package's service is not needed.
 
-banner "cargo fmt --check"
-run 120 cargo fmt --all --check
-
-banner "cargo clippy --workspace --all-targets -- -D warnings"
-run 1500 cargo clippy --workspace --all-targets -- -D warnings
-
-banner "cargo build --release"
-run 1500 cargo build --release
-
-banner "cargo test"
-check "cargo test" 900 cargo test --workspace --no-fail-fast
-
-banner "Autobahn conformance (kosoku on /echo)"
-suite=all
-if [ "${SKIP_COMPRESSION:-}" = 1 ]; then suite=core; fi
-check conformance 2400 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" --suite "$suite"
-
-banner "Autobahn conformance over TLS (core suite; kosoku -> relay -> herald --tls-cert)"
-# The TLS runs (this one and tests/python/test_tls.py) make their CA with openssl.
-if ! command -v openssl >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl
-fi
-check conformance-tls 900 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" --suite core --tls
-
-banner "browser tests (Chromium + playwright-core)"
-check browser 900 bash tests/browser/run.sh
-
-banner "proxy: tuning/nginx.conf in front of herald (nginx from Debian)"
-check proxy 600 bash tests/proxy/run.sh
-
-banner "fuzz smoke (cargo-fuzz, every target from its seeds)"
-check fuzz 2400 bash tests/fuzz/smoke.sh
-
-banner "pytest tests/python (websockets client)"
+step "cargo fmt --check" 120 cargo fmt --all --check
+step "cargo clippy -D warnings" 1500 cargo clippy --workspace --all-targets -- -D warnings
+# The instrumented fuzz build has a target dir of its own (no lock shared with the builds
+# below) and fills the core that the release build's single-unit LTO leaves idle; the
+# runs that follow it only read the committed seeds.
+background "fuzz smoke (seeds + 10 s per target)" 1800 bash tests/fuzz/smoke.sh
+step "cargo build --release" 1500 cargo build --release
 export HERALD_BIN=$ROOT/target/release/herald
-PYTHONDONTWRITEBYTECODE=1 check pytest 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
+CONFORMANCE=("$VENV/bin/python" tests/conformance/run.py --bin "$HERALD_BIN")
 
-# The io_uring backend must pass the same suite: every server the tests start inherits
-# HERALD_IO. SKIP_URING=1 skips it where the kernel or a seccomp filter forbids io_uring
-# (`herald serve --io uring` says so when it is unavailable). TLS is served by epoll only
-# (`--io uring --tls-cert` refuses to start), so the TLS tests are left out of this pass.
-banner "io_uring backend: cargo test, conformance and pytest again with HERALD_IO=uring"
+# Autobahn groups 12-13 (permessage-deflate): ~7 minutes of cases that each send 1,000
+# messages one at a time and wait for every echo, about one core's worth of work. They run
+# beside the Rust tests instead of after them.
+if [ "${SKIP_COMPRESSION:-}" != 1 ]; then
+    background "conformance compression (12-13)" 1500 "${CONFORMANCE[@]}" --suite compression
+fi
+
+check "cargo test (epoll)" 900 cargo test --workspace --no-fail-fast
+check "conformance core (1-10)" 900 "${CONFORMANCE[@]}" --suite core --outdir "$ROOT/target/conformance-core"
+# kosoku -> relay -> herald --tls-cert; the relay and tests/python/test_tls.py make their
+# CA with openssl.
+check "conformance core over TLS" 900 "${CONFORMANCE[@]}" --suite core --tls
+check "browser (Chromium + playwright-core)" 900 bash tests/browser/run.sh
+check "proxy (tuning/nginx.conf, systemd unit)" 600 bash tests/proxy/run.sh
+PYTHONDONTWRITEBYTECODE=1 check "pytest (epoll)" 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
+
+# The io_uring backend must pass the same integration suite: every server the tests start
+# inherits HERALD_IO, and the harnesses check that each one runs io_uring. Left out as
+# proven once already: the unit tests (`--lib`, no backend in them), tests/backends.rs
+# (runs every backend itself), the herald-bench tests (a client tool; `-p herald-bench`
+# would also build herald a second time with other features), the TLS tests (`--io uring
+# --tls-cert` refuses to start) and Autobahn 12-13 (the shards' deflate, the same code on
+# both backends). SKIP_URING=1 skips the pass where the kernel or a seccomp filter forbids
+# io_uring (`herald serve --io uring` says so when it is unavailable).
 if [ "${SKIP_URING:-}" = 1 ]; then
-    echo "skipped (SKIP_URING=1)"
+    record "io_uring pass" 0 "skipped (SKIP_URING=1)"
 else
     uring_tests=()
     for f in tests/*.rs; do
         name=$(basename "$f" .rs)
-        [ "$name" = tls ] || uring_tests+=(--test "$name")
+        case $name in tls | backends) ;; *) uring_tests+=(--test "$name") ;; esac
     done
-    HERALD_IO=uring check "cargo test (io_uring)" 900 cargo test -p herald --lib "${uring_tests[@]}" --no-fail-fast
-    HERALD_IO=uring check "herald-bench tests (io_uring)" 300 cargo test -p herald-bench --no-fail-fast -- --skip wss
-    # Groups 1-10 (framing, fragmentation, close: what a backend can break). Groups 12-13
-    # test the shards' deflate, which is the same code on both backends, and take ~7 min.
-    check "conformance (io_uring)" 2400 "$VENV/bin/python" tests/conformance/run.py --bin "$ROOT/target/release/herald" \
-        --suite core --server-arg=--io --server-arg=uring --outdir "$ROOT/target/conformance-uring"
-    HERALD_IO=uring PYTHONDONTWRITEBYTECODE=1 check "pytest (io_uring)" 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
-        -k "not tls" tests/python
+    # `-p herald` builds herald with the same features as `--workspace` above: no rebuild.
+    HERALD_IO=uring check "cargo test (io_uring)" 900 cargo test -p herald "${uring_tests[@]}" --no-fail-fast
+    check "conformance core (io_uring)" 900 "${CONFORMANCE[@]}" --suite core \
+        --server-arg=--io --server-arg=uring --outdir "$ROOT/target/conformance-uring"
+    HERALD_IO=uring PYTHONDONTWRITEBYTECODE=1 check "pytest (io_uring)" 300 "$VENV/bin/python" -m pytest -q \
+        -p no:cacheprovider -k "not tls" tests/python
 fi
 
+join "fuzz smoke (seeds + 10 s per target)"
+if [ "${SKIP_COMPRESSION:-}" = 1 ]; then
+    record "conformance compression (12-13)" 0 "skipped (SKIP_COMPRESSION=1)"
+else
+    join "conformance compression (12-13)"
+fi
+
+print_table
 if [ "${#FAILED_SECTIONS[@]}" != 0 ]; then
     banner "FAILED sections: ${FAILED_SECTIONS[*]}"
     exit 1

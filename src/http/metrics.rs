@@ -2,9 +2,11 @@
 
 use std::fmt::Write as _;
 
+use crate::config::Io;
 use crate::metrics::{LATENCY_BUCKETS_US, REJECT_STATUSES, Snapshot, TRANSPORTS};
 
-pub fn prometheus(s: &Snapshot) -> String {
+/// `io` is the backend the shards run on (resolved by `serve`, never `auto` there).
+pub fn prometheus(s: &Snapshot, io: Io) -> String {
     let t = &s.total;
     let mut out = String::with_capacity(4096);
     let mut metric = |name: &str, kind: &str, help: &str, lines: &[(String, u64)]| {
@@ -14,6 +16,12 @@ pub fn prometheus(s: &Snapshot) -> String {
         }
     };
     let one = |v: u64| vec![(String::new(), v)];
+    metric(
+        "herald_io_backend",
+        "gauge",
+        "The IO backend the shards run on (1 for the one in use).",
+        &[(format!("{{backend=\"{}\"}}", io.name()), 1)],
+    );
     metric(
         "herald_connections",
         "gauge",

@@ -11,8 +11,8 @@
 use std::borrow::Cow;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use serde::Deserialize;
-use serde::de::IgnoredAny;
+use serde::de::{IgnoredAny, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use super::frame::{FrameHeader, OpCode};
 
@@ -69,13 +69,36 @@ struct WireCommand<'a> {
     kind: Option<Cow<'a, str>>,
     #[serde(borrow)]
     channel: Option<Cow<'a, str>>,
-    id: Option<u64>,
-    since: Option<u64>,
+    id: Option<Unsigned>,
+    since: Option<Unsigned>,
     #[serde(borrow)]
     epoch: Option<Cow<'a, str>>,
     // Validated (simd-json walks it) but not built: its bytes are taken from the payload.
     #[allow(dead_code)]
     data: Option<IgnoredAny>,
+}
+
+/// `id` and `since`: a JSON integer written without a sign. simd-json reads `-0` as the
+/// signed integer 0, which serde's `u64` would take as 0 while other JSON readers see a
+/// negative number (serde_json) or no integer at all; so, like `-1` or `1.0`, it is refused.
+struct Unsigned(u64);
+
+impl<'de> Deserialize<'de> for Unsigned {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Digits;
+        impl Visitor<'_> for Digits {
+            type Value = Unsigned;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("an integer from 0 to 2^64-1 without a sign")
+            }
+            // Only unsigned integers: the default `visit_i64` and `visit_f64` refuse.
+            fn visit_u64<E>(self, v: u64) -> Result<Unsigned, E> {
+                Ok(Unsigned(v))
+            }
+        }
+        // `deserialize_any`: simd-json's `deserialize_u64` converts a signed 0 to 0.
+        d.deserialize_any(Digits)
+    }
 }
 
 /// Reusable state for parsing commands on one shard: the scratch copy and simd-json's
@@ -96,7 +119,7 @@ impl CommandParser {
                 .map_err(|e| {
                     CommandError::new("bad_request", format!("invalid JSON: {e}"), None)
                 })?;
-        let id = wire.id;
+        let id = wire.id.map(|Unsigned(id)| id);
         let Some(kind) = wire.kind else {
             return Err(CommandError::new("bad_request", "missing \"type\"", id));
         };
@@ -108,7 +131,7 @@ impl CommandParser {
         match kind.as_ref() {
             "subscribe" => Ok(Command::Subscribe {
                 channel: channel(wire.channel)?,
-                since: wire.since,
+                since: wire.since.map(|Unsigned(since)| since),
                 epoch: wire.epoch.map(Into::into),
                 id,
             }),
@@ -565,6 +588,29 @@ mod tests {
         assert_eq!(
             parse(r#"{"type":"ping","id":"x"}"#).unwrap_err().code,
             "bad_request"
+        );
+    }
+
+    /// `-0` is not read as id 0 (the fuzzer's oracle, serde_json, reads no integer there):
+    /// it is refused as `-1` and `1.0` are (seeds/pubsub/ping-id-minus-zero).
+    #[test]
+    fn refuses_ids_and_since_that_are_not_unsigned_integers() {
+        for value in ["-0", "-1", "1.0", "1e2", "-0.0", "18446744073709551616"] {
+            for raw in [
+                format!(r#"{{"type":"ping","id":{value}}}"#),
+                format!(r#"{{"type":"subscribe","channel":"c","since":{value}}}"#),
+            ] {
+                let err = parse(&raw).unwrap_err();
+                assert_eq!((err.code, err.id), ("bad_request", None), "{raw}");
+            }
+        }
+        assert_eq!(
+            parse(r#"{"type":"ping","id":0}"#),
+            Ok(Command::Ping { id: Some(0) })
+        );
+        assert_eq!(
+            parse(r#"{"type":"ping","id":18446744073709551615,"since":null}"#),
+            Ok(Command::Ping { id: Some(u64::MAX) })
         );
     }
 

@@ -713,7 +713,10 @@ impl Shard {
             Route::Poll => self.poll(key, request, keep_alive),
             Route::Sse => self.open_event_stream(key, request),
             Route::Metrics => {
-                let mut text = http::metrics::prometheus(&self.ctx.registry.snapshot(self.now));
+                let mut text = http::metrics::prometheus(
+                    &self.ctx.registry.snapshot(self.now),
+                    self.ctx.config.io,
+                );
                 if let Some(cluster) = &self.ctx.cluster {
                     text.push_str(&cluster.link.prometheus());
                 }

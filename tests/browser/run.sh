@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Browser tests: the demo page (GET /) and herald.js in Debian's Chromium, driven by
 # playwright-core, plus herald.js in Node against a scripted server and the real one.
-# Installs what is missing (as root on Debian: the chromium package; npm packages into
-# tests/browser/node_modules). Builds nothing: expects target/release/herald (or
+# Installs what is missing (as root on Debian: the chromium, nodejs and npm packages; npm
+# packages into tests/browser/node_modules), and fails, saying what to install, where it
+# cannot. Builds nothing: expects target/release/herald (or
 # $HERALD_BIN). The screenshot lands in target/browser/demo.png.
 #
 #   bash tests/browser/run.sh
@@ -19,19 +20,21 @@ if [ ! -x "$HERALD_BIN" ]; then
     exit 1
 fi
 
-if [ ! -x "$CHROMIUM" ]; then
+missing=()
+[ -x "$CHROMIUM" ] || missing+=(chromium)
+command -v node >/dev/null || missing+=(nodejs)
+command -v npm >/dev/null || missing+=(npm)
+if [ "${#missing[@]}" != 0 ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-        echo "+ apt-get install chromium"
+        echo "+ apt-get install ${missing[*]}"
         apt-get update -q
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
     else
-        echo "$CHROMIUM is missing: install Debian's chromium package (apt-get install chromium)" >&2
+        echo "missing: ${missing[*]} (CHROMIUM=$CHROMIUM; Node 18+): install these Debian packages" >&2
         exit 1
     fi
 fi
 "$CHROMIUM" --version 2>/dev/null | head -n 1 || true
-
-command -v node >/dev/null || { echo "node is missing (Node 18+ is needed)" >&2; exit 1; }
 # playwright-core never downloads a browser; say so anyway.
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1
 if ! cmp -s package-lock.json node_modules/.herald-installed-lock; then

@@ -21,10 +21,24 @@ function heraldBinary() {
   throw new Error("no herald binary: run `cargo build --release` or set HERALD_BIN");
 }
 
-/** Starts `herald serve --listen 127.0.0.1:0`; resolves once it prints its address. */
+/** The backend `herald serve ARGS` must run: `--io`, else HERALD_IO, else epoll. */
+function requestedBackend(args) {
+  let chosen = process.env.HERALD_IO || "epoll";
+  args.forEach((arg, i) => {
+    if (arg === "--io" && i + 1 < args.length) chosen = args[i + 1];
+    else if (arg.startsWith("--io=")) chosen = arg.slice("--io=".length);
+  });
+  return chosen === "auto" ? "epoll" : chosen;
+}
+
+/**
+ * Starts `herald serve --listen 127.0.0.1:0`; resolves once it prints its address and the
+ * backend it runs, which must be the one asked for.
+ */
 function startHerald(extraArgs = [], { timeoutMs = 20000 } = {}) {
   const bin = heraldBinary();
   const args = ["serve", "--listen", "127.0.0.1:0", "--threads", "2", ...extraArgs];
+  const backend = requestedBackend(args);
   const proc = spawn(bin, args, { stdio: ["ignore", "pipe", "pipe"] });
   let stderr = "";
   proc.stderr.on("data", (d) => {
@@ -43,8 +57,13 @@ function startHerald(extraArgs = [], { timeoutMs = 20000 } = {}) {
     });
     proc.stdout.on("data", (d) => {
       out += d;
-      const m = /listening on (127\.0\.0\.1:(\d+))/.exec(out);
-      if (m) {
+      const m = /listening on (127\.0\.0\.1:(\d+))\nio backend (\S+)\n/.exec(out);
+      if (m && m[3] !== backend) {
+        clearTimeout(timer);
+        proc.removeAllListeners("exit");
+        proc.kill("SIGKILL");
+        reject(new Error(`herald runs the ${m[3]} backend, not ${backend}\n${stderr}`));
+      } else if (m) {
         clearTimeout(timer);
         proc.removeAllListeners("exit");
         const info = { exited: null };

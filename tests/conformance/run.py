@@ -6,14 +6,19 @@ the cases need (ECHO_LIMITS), runs
 `kosoku -m fuzzingclient -o OUTDIR ws://127.0.0.1:PORT/echo` and judges the report
 (index.json) itself instead of trusting kosoku's exit code:
 
-* suite "core" (groups 1-10, 301 cases; 12.* and 13.* excluded): every case must be
-  OK, NON-STRICT or INFORMATIONAL. FAILED, UNIMPLEMENTED or missing fails the run.
+* suite "core" (groups 1-10, 301 cases; 12.* and 13.* excluded).
 * suite "compression" (groups 12 and 13, 216 cases): the server runs with
   `--compression shared` (permessage-deflate is off by default; /echo then compresses
   its replies with its own context, honouring the negotiated takeover and window
-  parameters). Every case must be OK, NON-STRICT or INFORMATIONAL, like the core suite.
-* tests/conformance/expected.json (case -> behaviour, written by --update-expected
-  from an all-green run) is compared case by case: any case that got worse fails.
+  parameters).
+* tests/conformance/expected.json (case -> behaviour, written by --update-expected) is
+  mandatory, and every case must get exactly the behaviour it names: a case that got
+  worse, got better, is missing or is not in the file fails the run (a better one asks
+  for the file to be updated, so the baseline never hides a later regression). Only OK
+  and INFORMATIONAL are accepted at all: NON-STRICT, UNIMPLEMENTED and FAILED fail, and
+  --update-expected refuses to write them into the file.
+* The server must run the backend asked for (`--server-arg=--io --server-arg=X`, else
+  HERALD_IO, else epoll): it says which on its second stdout line.
 
 With --tls the server speaks TLS only (a CA and a leaf made here with the openssl
 command line) and kosoku, which has no wss:// support (its tungstenite is built without
@@ -68,8 +73,9 @@ ECHO_LIMITS = [
     "--echo-max-fragments", "65536",
     "--echo-max-messages-per-second", "1000000",
 ]
-PASSING = {"OK", "NON-STRICT", "INFORMATIONAL"}
-# Lower is better. INFORMATIONAL cases are informational by definition: rank like OK.
+# What a case may get at all; the expected file then names the one it must get.
+PASSING = {"OK", "INFORMATIONAL"}
+# Lower is better; only used to say whether a change is a regression or an improvement.
 RANK = {"OK": 0, "INFORMATIONAL": 0, "NON-STRICT": 1, "UNIMPLEMENTED": 2, "FAILED": 3, "MISSING": 4}
 
 
@@ -113,6 +119,18 @@ class Server:
                 f"--- stderr ---\n{self.stderr()}"
             )
         self.addr = m.group(1)
+        want = requested_backend(extra)
+        try:
+            line = lines.get(timeout=20)
+        except queue.Empty:
+            line = None
+        if line != f"io backend {want}":
+            self.kill()
+            raise SystemExit(
+                f"herald should run the {want} backend; its second stdout line is {line!r}\n"
+                f"--- stderr ---\n{self.stderr()}"
+            )
+        log(f"herald {self.addr}, io backend {want}")
 
     def stderr(self) -> str:
         self.log_fh.flush()
@@ -135,6 +153,17 @@ class Server:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+
+def requested_backend(args: list[str]) -> str:
+    """The backend `herald serve ARGS` must run: `--io`, else HERALD_IO, else epoll."""
+    chosen = os.environ.get("HERALD_IO") or "epoll"
+    for i, arg in enumerate(args):
+        if arg == "--io" and i + 1 < len(args):
+            chosen = args[i + 1]
+        elif arg.startswith("--io="):
+            chosen = arg.split("=", 1)[1]
+    return "epoll" if chosen == "auto" else chosen
 
 
 def make_certificate(dir: Path) -> tuple[Path, Path, Path]:
@@ -266,13 +295,10 @@ def run_suite(
     return cases, problems
 
 
-def judge(name: str, cases: dict, expected: dict | None) -> tuple[int, int, list[str]]:
-    """Returns (passed, failed, lines to print)."""
+def judge(name: str, cases: dict, expected: dict) -> tuple[int, int, list[str]]:
+    """Returns (passed, failed, lines to print). `expected` is empty when updating it."""
     out: list[str] = []
-    acceptable = PASSING
-    all_ids = set(cases)
-    if expected:
-        all_ids |= set(expected)
+    all_ids = set(cases) | set(expected)
     passed = failed = 0
     bad: list[str] = []
     improved: list[str] = []
@@ -283,16 +309,18 @@ def judge(name: str, cases: dict, expected: dict | None) -> tuple[int, int, list
         got = entry["behavior"] if entry else "MISSING"
         behaviours[got] += 1
         per_group[case.split(".")[0]][got] += 1
-        want = (expected or {}).get(case)
+        want = expected.get(case)
         why = None
-        if got not in acceptable:
+        if got not in PASSING:
             why = "not acceptable"
-        elif want is not None and RANK.get(got, 9) > RANK.get(want, 9):
-            why = f"worse than expected {want}"
-        elif want is None and expected is not None:
+        elif expected and want is None:
             why = "not in the expected-results file"
-        if want is not None and RANK.get(got, 9) < RANK.get(want, 9):
-            improved.append(f"{case}: {want} -> {got}")
+        elif want is not None and got != want:
+            if RANK.get(got, 9) < RANK.get(want, 9):
+                improved.append(f"{case}: {want} -> {got}")
+                why = f"better than expected {want}: update the expected file"
+            else:
+                why = f"expected {want}"
         if why:
             failed += 1
             e = entry or {}
@@ -303,7 +331,7 @@ def judge(name: str, cases: dict, expected: dict | None) -> tuple[int, int, list
             )
         else:
             passed += 1
-    if expected is None and len(cases) != SUITES[name]["count"]:
+    if len(cases) != SUITES[name]["count"]:
         failed += 1
         bad.append(f"  {len(cases)} cases reported, expected {SUITES[name]['count']} (some are missing)")
     out.append(f"== {name}: {len(cases)} cases reported ==")
@@ -337,6 +365,21 @@ def main() -> int:
     ap.add_argument("--tls", action="store_true", help="herald serves TLS; kosoku goes through a TLS relay")
     args = ap.parse_args()
 
+    suites = ["core", "compression"] if args.suite == "all" else [args.suite]
+    expected_all: dict = {}
+    if not args.update_expected:
+        # The baseline is what makes a green run mean something: without it, fail.
+        if not args.expected.exists():
+            log(f"FAILED: the expected-results file {args.expected} is missing; restore it "
+                "from git, or write one from an all-green run with --update-expected")
+            return 1
+        expected_all = json.loads(args.expected.read_text())
+        lacking = [name for name in suites if not expected_all.get(name)]
+        if lacking:
+            log(f"FAILED: {args.expected} has no results for suite(s) {', '.join(lacking)}; "
+                "write them from an all-green run with --update-expected")
+            return 1
+
     if not args.bin.exists():
         log(f"{args.bin} missing: cargo build --release")
         subprocess.run(["cargo", "build", "--release", "--bin", "herald"], cwd=ROOT, check=True)
@@ -345,21 +388,13 @@ def main() -> int:
         args.outdir = args.outdir / "tls"
     args.outdir.mkdir(parents=True, exist_ok=True)
 
-    expected_all: dict = {}
-    if args.expected.exists() and not args.update_expected:
-        expected_all = json.loads(args.expected.read_text())
-    elif not args.update_expected:
-        log(f"note: {args.expected} does not exist; only the absolute verdicts are checked")
-
-    suites = ["core", "compression"] if args.suite == "all" else [args.suite]
     total_pass = total_fail = 0
     results: dict[str, dict] = {}
     reports: list[str] = []
     for name in suites:
         cases, problems = run_suite(name, args.bin, kosoku, args.outdir, args.server_arg, args.tls)
         results[name] = {c: e["behavior"] for c, e in cases.items()}
-        expected = expected_all.get(name) if expected_all else None
-        p, f, lines = judge(name, cases, expected)
+        p, f, lines = judge(name, cases, expected_all.get(name, {}))
         for prob in problems:
             lines.append(f"  PROBLEM: {prob}")
             f += 1

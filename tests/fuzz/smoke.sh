@@ -1,11 +1,18 @@
 #!/usr/bin/env bash
-# Fuzz smoke run: build every target, then run each from its committed seeds for a bounded
-# time. Exits non-zero if any target crashes, leaks past the RSS limit or times out; the
-# input that did it is left in tests/fuzz/artifacts/<target>/ (see README.md).
+# Fuzz runs of every target in fuzz_targets/ (or the ones named), after one build.
 #
-#   tests/fuzz/smoke.sh                      # all targets, 20 s each
-#   FUZZ_SECONDS=60 tests/fuzz/smoke.sh frame decoder
-#   FUZZ_SEED=$RANDOM tests/fuzz/smoke.sh      # explore differently than the default seed
+#   tests/fuzz/smoke.sh                      # smoke: seeds replayed, then 10 s each, seed 1
+#   tests/fuzz/smoke.sh frame decoder        # only these targets
+#   tests/fuzz/smoke.sh --long               # long: 600 s each, a fresh random seed, and
+#                                            # the corpus kept in tests/fuzz/corpus/<target>
+#   FUZZ_SECONDS=1800 tests/fuzz/smoke.sh --long pubsub
+#
+# Smoke (what tests/run.sh calls) is a regression check: libFuzzer first runs every
+# committed seed (findings are kept there), then explores briefly from a fixed seed.
+# Long is a search: what it learns stays in corpus/, so each run starts where the last
+# ended. Both exit non-zero if any target crashes, leaks past the RSS limit or times out;
+# the input that did it is left in tests/fuzz/artifacts/<target>/ (see README.md). The
+# last lines are a table of executions per target.
 #
 # Only the stable toolchain is needed: RUSTC_BOOTSTRAP=1 lets stable rustc take the -Z
 # flags cargo-fuzz passes (sanitizer, coverage instrumentation).
@@ -13,18 +20,27 @@ set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 root="$(cd "$here/../.." && pwd)"
-seconds="${FUZZ_SECONDS:-20}"
+long=0
+if [ "${1:-}" = --long ]; then
+    long=1
+    shift
+fi
+if [ "$long" = 1 ]; then seconds="${FUZZ_SECONDS:-600}"; else seconds="${FUZZ_SECONDS:-10}"; fi
 if [ "$#" -gt 0 ]; then
     targets=("$@")
 else
-    targets=(handshake frame decoder utf8 pubsub deflate tls)
+    # Every target there is: a new file in fuzz_targets/ is run without editing this script.
+    targets=()
+    for f in "$here"/fuzz_targets/*.rs; do
+        targets+=("$(basename "$f" .rs)")
+    done
 fi
 # A target dir of its own: instrumented builds never invalidate the normal ones.
 target_dir="${FUZZ_TARGET_DIR:-$root/target/fuzz}"
 export RUSTC_BOOTSTRAP=1
 
 if ! command -v cargo-fuzz >/dev/null 2>&1; then
-    echo "fuzz: installing cargo-fuzz" >&2
+    echo "fuzz: installing cargo-fuzz (cargo install cargo-fuzz --locked)" >&2
     cargo install cargo-fuzz --locked
 fi
 
@@ -34,27 +50,43 @@ cargo fuzz build --fuzz-dir tests/fuzz --target-dir "$target_dir"
 echo "fuzz: build took $(( $(date +%s) - start )) s" >&2
 
 failed=()
+summary=()
 for target in "${targets[@]}"; do
-    # A fresh corpus each run, so the smoke run depends only on the committed seeds.
-    corpus="$(mktemp -d)"
-    # A fixed seed: the smoke run is a regression check and should explore the same way
-    # each time; long runs (README.md) use random seeds to find new inputs.
-    args=(-max_total_time="$seconds" -seed="${FUZZ_SEED:-1}" -rss_limit_mb=512 -timeout=10 -print_final_stats=1)
+    mkdir -p "$here/seeds/$target"
+    if [ "$long" = 1 ]; then
+        corpus="$here/corpus/$target"
+        mkdir -p "$corpus"
+        # No -seed: libFuzzer picks a fresh one and prints it (`INFO: Seed:`).
+        args=()
+    else
+        # A throwaway corpus, so the smoke run depends only on the committed seeds, and a
+        # fixed seed, so it explores the same way each time.
+        corpus="$(mktemp -d)"
+        args=(-seed="${FUZZ_SEED:-1}")
+    fi
+    log="$(mktemp)"
+    args+=(-max_total_time="$seconds" -rss_limit_mb=512 -timeout=10 -print_final_stats=1)
     if [ -f "$here/dicts/$target.dict" ]; then
         args+=(-dict="$here/dicts/$target.dict")
     fi
     echo "fuzz: $target for $seconds s" >&2
-    if ! cargo fuzz run --fuzz-dir tests/fuzz --target-dir "$target_dir" "$target" \
-        "$corpus" "$here/seeds/$target" -- "${args[@]}" 2>"$corpus.log"; then
-        failed+=("$target")
-        tail -n 40 "$corpus.log" >&2
+    if cargo fuzz run --fuzz-dir tests/fuzz --target-dir "$target_dir" "$target" \
+        "$corpus" "$here/seeds/$target" -- "${args[@]}" 2>"$log"; then
+        verdict=ok
     else
-        grep -E '^stat::number_of_executed_units' "$corpus.log" | sed "s/^/fuzz: $target /" >&2 || true
+        verdict=FAILED
+        failed+=("$target")
+        tail -n 40 "$log" >&2
     fi
-    rm -rf "$corpus" "$corpus.log"
+    execs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n 1)
+    seed=$(sed -n 's/^INFO: Seed: *//p' "$log" | head -n 1)
+    summary+=("$(printf '%-12s %12s  %-7s seed %s' "$target" "${execs:-?}" "$verdict" "${seed:-?}")")
+    [ "$long" = 1 ] || rm -rf "$corpus"
+    rm -f "$log"
 done
 
-echo "fuzz: done in $(( $(date +%s) - start )) s" >&2
+echo "fuzz: done in $(( $(date +%s) - start )) s; executions per target:" >&2
+printf '  %s\n' "${summary[@]}" >&2
 if [ "${#failed[@]}" -gt 0 ]; then
     echo "fuzz: FAILED: ${failed[*]} (inputs in tests/fuzz/artifacts/)" >&2
     exit 1

@@ -1,6 +1,8 @@
 """Starts the real `herald` binary for the Python client tests.
 
-The binary is $HERALD_BIN, else target/release/herald, else target/debug/herald.
+The binary is $HERALD_BIN, else target/release/herald, else target/debug/herald. Each
+server must run the backend asked for (`--io`, else HERALD_IO, else epoll) and, when the
+test lets go of it (`finish`), still be whole: alive, no panic logged, answering.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import queue
 import re
 import subprocess
 import threading
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -59,6 +63,15 @@ class HeraldProcess:
             pytest.fail(f"herald printed {line!r}, not `listening on 127.0.0.1:PORT`\n{self.stderr()}")
         self.addr = m.group(1)
         self.url = f"ws://{self.addr}/ws"
+        self.tls = "--tls-cert" in extra
+        self.backend = requested_backend(extra)
+        try:
+            line = lines.get(timeout=20)
+        except queue.Empty:
+            line = None
+        if line != f"io backend {self.backend}":
+            self.kill()
+            pytest.fail(f"herald should run the {self.backend} backend; it printed {line!r}\n{self.stderr()}")
 
     def stderr(self) -> str:
         return b"".join(self._err).decode(errors="replace")
@@ -68,12 +81,48 @@ class HeraldProcess:
             self.proc.kill()
         self.proc.wait()
 
+    def finish(self) -> None:
+        """The end-of-test check, then SIGKILL: still running (a panic aborts the whole
+        process), no panic logged, and, without TLS, `/healthz` answered on fresh
+        connections (any shard may take each) and `/metrics` naming the backend."""
+        try:
+            assert self.proc.poll() is None, f"herald died during the test\n{self.stderr()}"
+            assert "panicked at" not in self.stderr(), self.stderr()
+            if not self.tls:
+                for _ in range(8):
+                    status, _ = http_get(f"http://{self.addr}/healthz")
+                    assert status in (200, 503), f"/healthz answered {status}\n{self.stderr()}"
+                status, body = http_get(f"http://{self.addr}/metrics")
+                want = f'herald_io_backend{{backend="{self.backend}"}} 1'
+                assert status == 200 and want in body.splitlines(), f"/metrics lacks {want!r}:\n{body}"
+        finally:
+            self.kill()
+
+
+def requested_backend(args: tuple[str, ...]) -> str:
+    """The backend `herald serve ARGS` must run: `--io`, else HERALD_IO, else epoll."""
+    chosen = os.environ.get("HERALD_IO") or "epoll"
+    for i, arg in enumerate(args):
+        if arg == "--io" and i + 1 < len(args):
+            chosen = args[i + 1]
+        elif arg.startswith("--io="):
+            chosen = arg.split("=", 1)[1]
+    return "epoll" if chosen == "auto" else chosen
+
+
+def http_get(url: str) -> tuple[int, str]:
+    """Status and body of a plain GET (5 s limit); error statuses are answers too."""
+    # No proxy from the environment: the server is on 127.0.0.1.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=5) as resp:
+            return resp.status, resp.read().decode(errors="replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode(errors="replace")
+
 
 @pytest.fixture
 def herald():
     server = HeraldProcess()
     yield server
-    alive = server.proc.poll() is None
-    server.kill()
-    assert alive, f"herald died during the test\n{server.stderr()}"
-    assert "panicked at" not in server.stderr(), server.stderr()
+    server.finish()

@@ -23,10 +23,7 @@ def herald_api():
     """Herald with HTTP publishing on (`--api-key`) and a short SSE heartbeat."""
     server = HeraldProcess("--api-key", KEY, "--ping-interval-ms", "300")
     yield server
-    alive = server.proc.poll() is None
-    server.kill()
-    assert alive, f"herald died during the test\n{server.stderr()}"
-    assert "panicked at" not in server.stderr(), server.stderr()
+    server.finish()
 
 
 def curl(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess:

@@ -2,12 +2,17 @@
 //! free port, talk to it as a tokio-tungstenite client, and speak raw HTTP/WebSocket
 //! bytes over a blocking `TcpStream` for the handshake and framing cases.
 //!
+//! Every server it starts must run the IO backend the test asked for (`--io`, else
+//! `HERALD_IO`, else epoll), and must still be whole when the test lets go of it: alive,
+//! no panic in its log, answering on fresh connections, its `/metrics` naming that backend.
+//!
 //! Each test binary uses only part of this module.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream as StdTcpStream};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -29,12 +34,19 @@ pub(crate) const RECV_TIMEOUT: Duration = Duration::from_secs(5);
 // The server process
 // ---------------------------------------------------------------------------------------
 
-/// A running `herald serve` process. Killed with SIGKILL on drop unless it already exited.
+/// A running `herald serve` process. On drop it is checked (see [`Server::check_whole`])
+/// unless the test already failed, saw it exit or told it to stop, then killed with SIGKILL.
 pub(crate) struct Server {
     child: Child,
     addr: SocketAddr,
     stderr: Arc<Mutex<Vec<u8>>>,
     exited: Option<ExitStatus>,
+    /// `epoll` or `uring`: what the test asked for, and what the server said it runs.
+    backend: String,
+    /// TLS listener: the end-of-test probes cannot speak HTTP to it.
+    tls: bool,
+    /// The test sent a signal that ends the process (TERM, INT, KILL, QUIT).
+    stopping: AtomicBool,
 }
 
 impl Server {
@@ -93,6 +105,10 @@ impl Server {
     /// `listening on` line.
     fn start_command(mut cmd: Command, extra: &[&str]) -> Self {
         let bin = format!("{:?}", cmd.get_program());
+        let backend = requested_backend(&cmd);
+        let tls = cmd.get_args().any(|a| a == "--tls-cert")
+            || cmd.get_envs().any(|(k, _)| k == "HERALD_TLS_CERT")
+            || std::env::var_os("HERALD_TLS_CERT").is_some();
         let mut child = cmd
             .env("RUST_BACKTRACE", "1")
             .stdin(Stdio::null())
@@ -179,12 +195,31 @@ impl Server {
                 panic!("first stdout line should be `listening on 127.0.0.1:PORT`, got {line:?}")
             });
         assert_ne!(addr.port(), 0, "server reported port 0: {line:?}");
+        // The second line names the backend the shards run on: a test asking for io_uring
+        // (the suite's second pass sets HERALD_IO=uring) must not silently run on epoll.
+        let line = rx.recv_timeout(STARTUP_TIMEOUT).unwrap_or_default();
+        if line != format!("io backend {backend}") {
+            let _ = child.kill();
+            let _ = child.wait();
+            let err = String::from_utf8_lossy(&stderr.lock().unwrap()).into_owned();
+            panic!(
+                "herald should run the {backend} backend; its second stdout line is {line:?}; args {extra:?}\n--- stderr ---\n{err}"
+            );
+        }
         Self {
             child,
             addr,
             stderr,
             exited: None,
+            backend,
+            tls,
+            stopping: AtomicBool::new(false),
         }
+    }
+
+    /// The backend this server runs (`epoll` or `uring`).
+    pub(crate) fn backend(&self) -> &str {
+        &self.backend
     }
 
     pub(crate) fn addr(&self) -> SocketAddr {
@@ -204,8 +239,12 @@ impl Server {
         String::from_utf8_lossy(&self.stderr.lock().unwrap()).into_owned()
     }
 
-    /// Sends a signal with the `kill` command (`TERM`, `INT`, ...).
+    /// Sends a signal with the `kill` command (`TERM`, `INT`, ...). After one that ends
+    /// the process the end-of-test check is left out: the test owns the outcome.
     pub(crate) fn signal(&self, name: &str) {
+        if matches!(name, "TERM" | "INT" | "KILL" | "QUIT") {
+            self.stopping.store(true, Ordering::Relaxed);
+        }
         let status = Command::new("kill")
             .arg(format!("-{name}"))
             .arg(self.pid().to_string())
@@ -250,13 +289,130 @@ impl Server {
             "herald panicked\n--- stderr ---\n{err}"
         );
     }
+
+    /// The end-of-test check: the process still runs (a panic in any thread aborts it, see
+    /// `abort_on_panic` in src/main.rs), logged no panic, answers `GET /healthz` on eight
+    /// fresh connections (each may land on any shard: SO_REUSEPORT hashes the client port;
+    /// a refusal at a limit is an answer too), and its `/metrics` names its backend.
+    fn check_whole(&mut self) -> Result<(), String> {
+        if self.exited.is_some() || self.stopping.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = self.child.try_wait() {
+            self.exited = Some(status);
+            return Err(format!("herald exited ({status}) before the test ended"));
+        }
+        if self.stderr().contains("panicked at") {
+            return Err("herald panicked".into());
+        }
+        for i in 0..8 {
+            probe(self.addr, "/healthz").map_err(|e| format!("probe {i} of /healthz: {e}"))?;
+        }
+        if self.tls {
+            return Ok(());
+        }
+        // A limit a test left exhausted (the accept rate) refuses for a moment.
+        let want = format!("herald_io_backend{{backend=\"{}\"}} 1", self.backend);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match probe(self.addr, "/metrics")? {
+                (200, body) if body.lines().any(|l| l == want) => return Ok(()),
+                (200, body) => return Err(format!("/metrics lacks `{want}`:\n{body}")),
+                (status, _) if Instant::now() > deadline => {
+                    return Err(format!("/metrics still answers {status} after 10 s"));
+                }
+                _ => thread::sleep(Duration::from_millis(100)),
+            }
+        }
+    }
+}
+
+/// The backend a server started by `cmd` must run: `--io`, else `HERALD_IO` (set for the
+/// server or inherited), else the default; `auto` means epoll.
+fn requested_backend(cmd: &Command) -> String {
+    let args: Vec<String> = cmd
+        .get_args()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let from_args = args
+        .iter()
+        .zip(args.iter().skip(1))
+        .filter(|(flag, _)| *flag == "--io")
+        .map(|(_, value)| value.clone())
+        .chain(
+            args.iter()
+                .filter_map(|a| a.strip_prefix("--io=").map(str::to_owned)),
+        )
+        .last();
+    let from_env = || {
+        cmd.get_envs()
+            .find(|(k, _)| *k == "HERALD_IO")
+            .and_then(|(_, v)| v.map(|v| v.to_string_lossy().into_owned()))
+            .or_else(|| std::env::var("HERALD_IO").ok())
+    };
+    match from_args.or_else(from_env).as_deref() {
+        None | Some("" | "auto" | "epoll") => "epoll".into(),
+        Some(other) => other.to_owned(),
+    }
+}
+
+/// `GET path` on a fresh connection (`Connection: close`), read to the end: the status
+/// and body, status 0 when the server closed without answering. An error when the
+/// connection is refused or nothing happens for 5 s (a stuck shard).
+fn probe(addr: SocketAddr, path: &str) -> Result<(u16, String), String> {
+    let mut s = StdTcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| format!("connect {addr}: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_write_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    // A write error means the server already closed: the read below says how.
+    let _ = s.write_all(request.as_bytes());
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => {}
+        Err(e) if is_timeout(&e) => {
+            return Err(format!("no answer within 5 s; got {:?}", lossy(&got)));
+        }
+        // A reset after a refusal: what arrived before it is the answer.
+        Err(_) => {}
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    if got.is_empty() {
+        return Ok((0, text));
+    }
+    if got[0] == 0x15 || got[0] == 0x16 {
+        // A TLS record (alert or handshake): a TLS listener answered plain text.
+        return Ok((0, text));
+    }
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {:?}", lossy(&got)))?;
+    let body = text
+        .split_once("\r\n\r\n")
+        .map_or("", |(_, b)| b)
+        .to_owned();
+    Ok((status, body))
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        let verdict = if thread::panicking() {
+            Ok(())
+        } else {
+            self.check_whole()
+        };
         if self.exited.is_none() && matches!(self.child.try_wait(), Ok(None)) {
             let _ = self.child.kill(); // SIGKILL
             let _ = self.child.wait();
+        }
+        if let Err(why) = verdict {
+            // The process is gone: all of its stderr is there.
+            panic!(
+                "the server is not whole at the end of the test: {why}\n--- stderr ---\n{}",
+                self.stderr()
+            );
         }
         if thread::panicking() {
             let err = self.stderr();
