@@ -125,11 +125,17 @@ pub fn serve(mut config: Config) -> io::Result<()> {
     );
     {
         // The line scripts and tests wait for, then the backend, which test harnesses
-        // compare with the one they asked for.
+        // compare with the one they asked for. One write: a reader that takes the first
+        // line and closes the pipe must not make the second fail. A server whose stdout
+        // is gone keeps serving.
+        let lines = format!("listening on {bound}\nio backend {}\n", io.name());
         let mut stdout = io::stdout().lock();
-        writeln!(stdout, "listening on {bound}")?;
-        writeln!(stdout, "io backend {}", io.name())?;
-        stdout.flush()?;
+        if let Err(e) = stdout
+            .write_all(lines.as_bytes())
+            .and_then(|()| stdout.flush())
+        {
+            tracing::warn!("cannot write the start-up lines to stdout: {e}");
+        }
     }
 
     let mut result = Ok(());
