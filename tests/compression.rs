@@ -15,7 +15,7 @@ use std::net::SocketAddr;
 
 use herald::proto::deflate::{Compressor, CompressorSettings};
 use herald::proto::frame::{FrameHeader, OpCode};
-use support::{Server, pseudo_random_bytes};
+use support::{Server, process_rss_kib, pseudo_random_bytes};
 use support_deflate::{Client, Frame};
 
 /// `message` deflated as a client sends it (raw, sync-flushed, tail removed).
@@ -272,16 +272,6 @@ fn channel_prefix_policy_overrides_the_default() {
     std::fs::remove_dir_all(dir).unwrap();
 }
 
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kib * 1024
-}
-
 /// Reliability catalogue Z-04, scaled to a shared test machine: idle compressing
 /// connections cost no compressor memory, busy ones a bounded compressor.
 #[test]
@@ -289,14 +279,14 @@ fn compressing_connections_cost_bounded_memory() {
     let server = Server::start(&["--compression", "per-connection", "--threads", "1"]);
     let addr = server.addr();
     let mut publisher = Client::connect(addr, "/ws", None);
-    let before = rss_bytes(server.pid());
+    let before = process_rss_kib(server.pid()) * 1024;
     let mut idle: Vec<Client> = (0..400)
         .map(|_| Client::connect(addr, "/ws", Some("permessage-deflate")))
         .collect();
     for client in &mut idle {
         client.subscribe("big");
     }
-    let idle_rss = rss_bytes(server.pid());
+    let idle_rss = process_rss_kib(server.pid()) * 1024;
     let per_idle = idle_rss.saturating_sub(before) / 400;
     assert!(
         per_idle <= 64 * 1024,
@@ -311,7 +301,7 @@ fn compressing_connections_cost_bounded_memory() {
             assert!(frame.compressed() && text.len() > 32 * 1024);
         }
     }
-    let per_active = rss_bytes(server.pid()).saturating_sub(before) / 400;
+    let per_active = (process_rss_kib(server.pid()) * 1024).saturating_sub(before) / 400;
     eprintln!("server RSS per compressing connection: idle {per_idle} B, active {per_active} B");
     assert!(
         per_active <= 350 * 1024,

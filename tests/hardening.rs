@@ -365,27 +365,31 @@ fn read_until(stream: &mut TcpStream, needle: &[u8]) -> Vec<u8> {
     read
 }
 
+/// Ten clients that each start a 3.2 MB replay with `open` and read nothing for a
+/// second: paced, each holds at most its budget and one message (copied in at once, it
+/// would hold the whole replay).
+fn replaying_without_reading(server: &Server, open: impl Fn() -> TcpStream) -> Vec<TcpStream> {
+    let clients: Vec<TcpStream> = (0..10).map(|_| open()).collect();
+    thread::sleep(Duration::from_secs(1));
+    let peak = outbound_queue_peak(server.addr());
+    assert!(
+        peak <= BUDGET + 33 * 1024,
+        "a client replaying 3.2 MB had {peak} bytes queued"
+    );
+    clients
+}
+
 #[test]
 fn event_stream_replays_are_paced_within_the_outbound_budget() {
     // A 3.2 MB replay for each stream that resumes from 0.
     let server = server_with_history("big", 100, 32 * 1024);
-    let streams: Vec<TcpStream> = (0..10)
-        .map(|_| {
-            let mut stream = TcpStream::connect(server.addr()).unwrap();
-            stream
-                .write_all(b"GET /sse?channel=big HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 0\r\n\r\n")
-                .unwrap();
-            stream
-        })
-        .collect();
-    thread::sleep(Duration::from_secs(1));
-    // Paced, each stream holds at most its budget and one message; copied in at once,
-    // the whole replay.
-    let peak = outbound_queue_peak(server.addr());
-    assert!(
-        peak <= BUDGET + 33 * 1024,
-        "a stream replaying 3.2 MB had {peak} bytes queued"
-    );
+    let streams = replaying_without_reading(&server, || {
+        let mut stream = TcpStream::connect(server.addr()).unwrap();
+        stream
+            .write_all(b"GET /sse?channel=big HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 0\r\n\r\n")
+            .unwrap();
+        stream
+    });
     // A stream that reads gets the whole replay, every id once and in order.
     let mut reader = streams.into_iter().next().unwrap();
     let read = read_until(&mut reader, b"id: 100\n");
@@ -402,19 +406,11 @@ fn event_stream_replays_are_paced_within_the_outbound_budget() {
 fn websocket_replays_are_paced_within_the_outbound_budget() {
     let server = server_with_history("big", 100, 32 * 1024);
     let subscribe = client_text(r#"{"type":"subscribe","channel":"big","since":0,"id":7}"#);
-    let mut clients: Vec<TcpStream> = (0..10)
-        .map(|_| {
-            let (mut stream, _) = raw_ws(server.addr());
-            stream.write_all(&subscribe).unwrap();
-            stream
-        })
-        .collect();
-    thread::sleep(Duration::from_secs(1));
-    let peak = outbound_queue_peak(server.addr());
-    assert!(
-        peak <= BUDGET + 33 * 1024,
-        "a subscriber replaying 3.2 MB had {peak} bytes queued"
-    );
+    let mut clients = replaying_without_reading(&server, || {
+        let (mut stream, _) = raw_ws(server.addr());
+        stream.write_all(&subscribe).unwrap();
+        stream
+    });
     // The replay arrives whole, then `subscribed` with the request's id.
     let read = read_until(&mut clients[0], br#""type":"subscribed""#);
     let text = String::from_utf8_lossy(&read);

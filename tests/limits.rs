@@ -132,28 +132,6 @@ fn raw_ping(s: &mut TcpStream, buf: &mut Vec<u8>, what: &str) {
     assert_eq!(v["type"], "pong", "{what}: {v}");
 }
 
-/// A `/proc/PID/status` field in KiB (`VmRSS`).
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
-/// User + system CPU time of the process.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_millis(ticks * 1000 / hz)
-}
-
 fn fd_count(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))
         .expect("fd dir")
@@ -170,7 +148,7 @@ struct RssSampler {
 impl RssSampler {
     fn start(pid: u32) -> Self {
         let stop = Arc::new(AtomicBool::new(false));
-        let peak = Arc::new(AtomicU64::new(rss_kib(pid)));
+        let peak = Arc::new(AtomicU64::new(process_rss_kib(pid)));
         let (s, p) = (Arc::clone(&stop), Arc::clone(&peak));
         let thread = thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
@@ -401,7 +379,7 @@ async fn subscriber_that_never_reads_is_closed_with_4008_while_a_thousand_others
         })
         .collect();
 
-    let base_rss = rss_kib(pid);
+    let base_rss = process_rss_kib(pid);
     let sampler = RssSampler::start(pid);
     let mut publ = connect_ws(addr).await;
     let filler = "x".repeat(BULK_BYTES);
@@ -534,7 +512,7 @@ fn frame_announcing_more_than_the_limit_closes_with_1009_before_its_payload() {
     let mut server = Server::start(&["--threads", "1", "--max-message-bytes", "4096"]);
     let pid = server.pid();
     healthy_client(&mut server);
-    let rss_before = rss_kib(pid);
+    let rss_before = process_rss_kib(pid);
     for (what, len) in [
         ("16-bit length 5000", 5000u64),
         ("64-bit length 1 GiB", 1 << 30),
@@ -548,9 +526,12 @@ fn frame_announcing_more_than_the_limit_closes_with_1009_before_its_payload() {
         let code = raw_expect_close(&mut s, &mut buf, RECV_TIMEOUT);
         assert_eq!(code, 1009, "{what}");
         assert_closed_within(&mut s, CLOSE_WAIT);
-        eprintln!("{what}: RSS {} KiB (baseline {rss_before})", rss_kib(pid));
+        eprintln!(
+            "{what}: RSS {} KiB (baseline {rss_before})",
+            process_rss_kib(pid)
+        );
     }
-    let grew = rss_kib(pid).saturating_sub(rss_before);
+    let grew = process_rss_kib(pid).saturating_sub(rss_before);
     assert!(
         grew < 1024,
         "RSS grew by {grew} KiB for announced giant frames"
@@ -666,7 +647,7 @@ fn flood_of_empty_fragments_is_cut_off_with_1008_or_1009() {
     const FRAGMENTS: usize = 200_000;
     let mut server = Server::start(&[]);
     let pid = server.pid();
-    let cpu_before = cpu_time(pid);
+    let cpu_before = process_cpu_time(pid);
     let (mut s, mut buf) = raw_ws(server.addr());
     let empty = fragment(false, OP_CONT, b"");
     let mut flood = fragment(false, OP_TEXT, b"{");
@@ -675,7 +656,7 @@ fn flood_of_empty_fragments_is_cut_off_with_1008_or_1009() {
     }
     s.set_write_timeout(Some(Duration::from_secs(10))).unwrap();
     let _ = s.write_all(&flood); // a close mid-way makes this fail; that is fine
-    let cpu = cpu_time(pid).saturating_sub(cpu_before);
+    let cpu = process_cpu_time(pid).saturating_sub(cpu_before);
     eprintln!("server CPU for {FRAGMENTS} empty fragments: {cpu:?}");
     // Nothing else is sent: the only acceptable outcome is a close within a few seconds.
     let code = raw_expect_close(&mut s, &mut buf, Duration::from_secs(3));
@@ -812,7 +793,7 @@ fn ping_flood_without_reading_keeps_server_memory_bounded() {
     assert_eq!(head.status, 101, "{head:?}");
     let mut flood_buf = head.rest;
 
-    let rss_before = rss_kib(pid);
+    let rss_before = process_rss_kib(pid);
     let sampler = RssSampler::start(pid);
     let payload = [b'p'; 125];
     let ping = encode_frame(OP_PING, &payload, MASK);
@@ -1240,9 +1221,9 @@ fn out_of_file_descriptors_keeps_serving_without_spinning_and_resumes_accepting(
 
     // The held client is still served, and the server does not spin on accept.
     raw_ping(&mut existing, &mut ebuf, "while out of descriptors");
-    let cpu_before = cpu_time(pid);
+    let cpu_before = process_cpu_time(pid);
     thread::sleep(Duration::from_secs(2));
-    let cpu = cpu_time(pid).saturating_sub(cpu_before);
+    let cpu = process_cpu_time(pid).saturating_sub(cpu_before);
     eprintln!("EMFILE: server CPU over 2 s: {cpu:?}");
     assert!(
         cpu < Duration::from_millis(300),

@@ -827,18 +827,6 @@ async fn tls_keys_in_pkcs1_and_sec1_pem_load_and_serve() {
 // Input after close_notify
 // ---------------------------------------------------------------------------------------
 
-/// User + system CPU time of process `pid` so far.
-fn cpu_time(pid: u32) -> Duration {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
-    let after = &stat[stat.rfind(')').expect("comm") + 2..];
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
-    Duration::from_millis(ticks * 1000 / hz)
-}
-
 #[tokio::test]
 async fn bytes_after_close_notify_end_the_connection_and_the_shard_stays_idle() {
     // One shard: a connection that made it spin would starve every other one.
@@ -863,13 +851,16 @@ async fn bytes_after_close_notify_end_the_connection_and_the_shard_stays_idle() 
         wire.extend_from_slice(&[0x17, 0x03, 0x03, 0x02, 0x00]);
         wire.extend_from_slice(chunk);
     }
-    let cpu_before = cpu_time(server.pid());
+    let cpu_before = process_cpu_time(server.pid());
     let started = Instant::now();
     std::io::Write::write_all(&mut tcp, &wire).unwrap();
 
     // A window long enough that a spinning shard would burn most of it.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let (cpu, wall) = (cpu_time(server.pid()) - cpu_before, started.elapsed());
+    let (cpu, wall) = (
+        process_cpu_time(server.pid()) - cpu_before,
+        started.elapsed(),
+    );
     assert!(
         cpu.as_secs_f64() < 0.3 * wall.as_secs_f64(),
         "the server used {cpu:?} of CPU in {wall:?}"

@@ -1704,24 +1704,7 @@ impl Shard {
                     max_replay_bytes,
                     self.now,
                 );
-                let answer = |seq| Answer {
-                    channel,
-                    conn,
-                    ticket,
-                    seq,
-                    id,
-                    epoch: None,
-                };
-                let reply = match outcome {
-                    SubscribeOutcome::Subscribed { seq, replay } => Envelope::Subscribed {
-                        answer: answer(seq),
-                        replay,
-                    },
-                    SubscribeOutcome::HistoryGap { seq, oldest } => Envelope::HistoryGap {
-                        answer: answer(seq),
-                        oldest,
-                    },
-                };
+                let reply = home_answer(outcome, channel, conn, ticket, id);
                 self.send(from, reply);
             }
             Envelope::Replay {
@@ -1734,24 +1717,7 @@ impl Shard {
                 max_bytes,
             } => {
                 let outcome = self.channels.replay(&channel, since, max_bytes, self.now);
-                let answer = |seq| Answer {
-                    channel,
-                    conn,
-                    ticket,
-                    seq,
-                    id,
-                    epoch: None,
-                };
-                let reply = match outcome {
-                    SubscribeOutcome::Subscribed { seq, replay } => Envelope::Subscribed {
-                        answer: answer(seq),
-                        replay,
-                    },
-                    SubscribeOutcome::HistoryGap { seq, oldest } => Envelope::HistoryGap {
-                        answer: answer(seq),
-                        oldest,
-                    },
-                };
+                let reply = home_answer(outcome, channel, conn, ticket, id);
                 self.send(from, reply);
             }
             Envelope::Unsubscribe { channel, from } => self.channels.unsubscribe(&channel, from),
@@ -2406,6 +2372,34 @@ impl Shard {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+}
+
+/// The envelope a home answers a subscription (or one of its replay chunks) with.
+fn home_answer(
+    outcome: SubscribeOutcome,
+    channel: ChannelName,
+    conn: ConnRef,
+    ticket: u32,
+    id: Option<u64>,
+) -> Envelope {
+    let answer = |seq| Answer {
+        channel,
+        conn,
+        ticket,
+        seq,
+        id,
+        epoch: None,
+    };
+    match outcome {
+        SubscribeOutcome::Subscribed { seq, replay } => Envelope::Subscribed {
+            answer: answer(seq),
+            replay,
+        },
+        SubscribeOutcome::HistoryGap { seq, oldest } => Envelope::HistoryGap {
+            answer: answer(seq),
+            oldest,
+        },
     }
 }
 
