@@ -1333,7 +1333,8 @@ impl Shard {
                 max_replay_bytes,
             };
             if bridge.send(request).is_err() {
-                self.refuse_unqueued_subscription(key, id);
+                let index = self.conns[key].subs.len() - 1;
+                self.refuse_busy_subscription(key, index, false, id);
             }
             return;
         }
@@ -1404,24 +1405,10 @@ impl Shard {
                 id,
                 max_bytes,
             };
-            if bridge.send(request).is_err() {
-                // The cluster counted this subscription: releasing it sends the
-                // unsubscribe that balances it.
-                if let Some(index) = self.pending_index(key, ticket) {
-                    self.release(key, index);
-                }
-                if matches!(self.conns[key].phase, Phase::EventStream) {
-                    let json = format!(
-                        r#"{{"code":"unavailable","message":{}}}"#,
-                        json_string(cluster::BUSY)
-                    );
-                    self.conns[key]
-                        .outbox
-                        .push(sse::control_event("error", &json));
-                    self.finish(key);
-                } else {
-                    self.reply(key, pubsub::encode_error("unavailable", cluster::BUSY, id));
-                }
+            if bridge.send(request).is_err()
+                && let Some(index) = self.pending_index(key, ticket)
+            {
+                self.refuse_busy_subscription(key, index, true, id);
             }
             return;
         }
@@ -1440,11 +1427,22 @@ impl Shard {
         );
     }
 
-    /// The cluster's queue refused the subscription just recorded as pending: it is
-    /// forgotten (the cluster never counted it, so no `Unsubscribe` follows) and the
-    /// client is told to retry.
-    fn refuse_unqueued_subscription(&mut self, key: usize, id: Option<u64>) {
-        self.conns[key].subs.pop();
+    /// The cluster's queue refused a request for pending subscription `index` of `key`:
+    /// the subscription ends and the client is told to retry. `counted`: the cluster
+    /// counted it already (a replay chunk was refused), so releasing it sends the
+    /// `Unsubscribe` that balances it; otherwise it is only forgotten.
+    fn refuse_busy_subscription(
+        &mut self,
+        key: usize,
+        index: usize,
+        counted: bool,
+        id: Option<u64>,
+    ) {
+        if counted {
+            self.release(key, index);
+        } else {
+            self.conns[key].subs.swap_remove(index);
+        }
         match self.conns[key].phase {
             Phase::WebSocket { .. } => {
                 self.reply(key, pubsub::encode_error("unavailable", cluster::BUSY, id));
