@@ -198,8 +198,11 @@ fn channels_used_once_are_forgotten_within_the_ttl_and_memory_returns() {
             grown >= baseline + history_kib / 2,
             "the history did not show in the RSS: {baseline} -> {grown} KiB"
         );
+        // Less than one cycle's history above the first peak: kept histories would add a
+        // whole one per cycle (and more: each frame carries its envelope), while the
+        // allocator may keep a few MB of what was released.
         assert!(
-            grown.max(released) < first_peak + history_kib / 2,
+            grown.max(released) < first_peak + history_kib,
             "cycle {cycle}: RSS grows with channels long gone: first peak {first_peak}, now \
              {grown} -> {released} KiB"
         );
