@@ -198,11 +198,12 @@ fn channels_used_once_are_forgotten_within_the_ttl_and_memory_returns() {
             grown >= baseline + history_kib / 2,
             "the history did not show in the RSS: {baseline} -> {grown} KiB"
         );
-        // Less than one cycle's history above the first peak: kept histories would add a
-        // whole one per cycle (and more: each frame carries its envelope), while the
-        // allocator may keep a few MB of what was released.
+        // Under one and a half cycles' history above the first peak: kept histories would
+        // add a whole one per cycle (and more: each frame carries its envelope), two by the
+        // third cycle, while the allocator may keep several MB of what was released (seen:
+        // up to 8.4 MB by the third cycle on io_uring).
         assert!(
-            grown.max(released) < first_peak + history_kib,
+            grown.max(released) < first_peak + history_kib * 3 / 2,
             "cycle {cycle}: RSS grows with channels long gone: first peak {first_peak}, now \
              {grown} -> {released} KiB"
         );
