@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Herald's one test command: lint, build, Rust tests, Autobahn conformance (kosoku),
-# browser, proxy, fuzz smoke and the Python client tests, then the io_uring pass. Needs
+# Herald's one test command: lint, build, Rust tests (the io_uring pass beside the epoll
+# one), Autobahn conformance (kosoku), browser, proxy, fuzz smoke and the Python client
+# tests, then conformance and pytest on io_uring. Needs
 # Rust (rustup or cargo with rustfmt and clippy) and python3; on Debian as root it installs
 # every other tool first (one apt-get update), elsewhere it names what is missing and
 # stops. The Python tools go into .venv at the repository root. Each section's time is
@@ -179,21 +180,44 @@ step "prerequisites (Debian packages, cargo-fuzz, .venv)" 1800 prerequisites
 # The cluster tests fail rather than skip when redis-server is missing. Each starts its
 # own redis-server on a free port: the package's service is not needed.
 
+# The instrumented fuzz build has a target dir of its own (no lock shared with the builds
+# below). Started first and niced, it takes what the builds leave idle (the release
+# build's single-unit LTO, the tests' waits) without slowing them; the runs that follow
+# it only read the committed seeds.
+background "fuzz smoke (seeds + 10 s per target)" 1800 nice -n 10 bash tests/fuzz/smoke.sh
 step "cargo fmt --check" 120 cargo fmt --all --check
 step "cargo clippy -D warnings" 1500 cargo clippy --workspace --all-targets -- -D warnings
-# The instrumented fuzz build has a target dir of its own (no lock shared with the builds
-# below) and fills the core that the release build's single-unit LTO leaves idle; the
-# runs that follow it only read the committed seeds.
-background "fuzz smoke (seeds + 10 s per target)" 1800 bash tests/fuzz/smoke.sh
 step "cargo build --release" 1500 cargo build --release
 export HERALD_BIN=$ROOT/target/release/herald
 CONFORMANCE=("$VENV/bin/python" tests/conformance/run.py --bin "$HERALD_BIN")
 
-# Autobahn groups 12-13 (permessage-deflate): ~7 minutes of cases that each send 1,000
+# Autobahn groups 12-13 (permessage-deflate): ~6 minutes of cases that each send 1,000
 # messages one at a time and wait for every echo, about one core's worth of work. They run
 # beside the Rust tests instead of after them.
 if [ "${SKIP_COMPRESSION:-}" != 1 ]; then
-    background "conformance compression (12-13)" 1500 "${CONFORMANCE[@]}" --suite compression
+    background "conformance compression (12-13)" 1500 nice -n 10 "${CONFORMANCE[@]}" --suite compression
+fi
+
+# One build of every test binary; both passes below only run them.
+step "cargo test build (debug)" 1500 cargo test --workspace --no-run
+
+# The io_uring backend must pass the same integration suite: every server the tests start
+# inherits HERALD_IO, and the harnesses check that each one runs io_uring. Left out as
+# proven once already: the unit tests (`--lib`, no backend in them), tests/backends.rs
+# (runs every backend itself), the herald-bench tests (a client tool), the TLS tests
+# (`--io uring --tls-cert` refuses to start) and Autobahn 12-13 (the shards' deflate, the
+# same code on both backends). It runs beside the epoll pass: the tests wait for events,
+# not for time, so a busy machine only makes them slower. `--workspace` as above, so cargo
+# finds the binaries already built (`-p herald` resolves other features and rebuilds).
+# SKIP_URING=1 skips the pass where the kernel or a seccomp filter forbids io_uring
+# (`herald serve --io uring` says so when it is unavailable).
+if [ "${SKIP_URING:-}" != 1 ]; then
+    uring_tests=()
+    for f in tests/*.rs; do
+        name=$(basename "$f" .rs)
+        case $name in tls | backends) ;; *) uring_tests+=(--test "$name") ;; esac
+    done
+    HERALD_IO=uring background "cargo test (io_uring)" 900 cargo test --workspace "${uring_tests[@]}" --no-fail-fast
 fi
 
 check "cargo test (epoll)" 900 cargo test --workspace --no-fail-fast
@@ -205,24 +229,10 @@ check "browser (Chromium + playwright-core)" 900 bash tests/browser/run.sh
 check "proxy (tuning/nginx.conf, systemd unit)" 600 bash tests/proxy/run.sh
 PYTHONDONTWRITEBYTECODE=1 check "pytest (epoll)" 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
 
-# The io_uring backend must pass the same integration suite: every server the tests start
-# inherits HERALD_IO, and the harnesses check that each one runs io_uring. Left out as
-# proven once already: the unit tests (`--lib`, no backend in them), tests/backends.rs
-# (runs every backend itself), the herald-bench tests (a client tool; `-p herald-bench`
-# would also build herald a second time with other features), the TLS tests (`--io uring
-# --tls-cert` refuses to start) and Autobahn 12-13 (the shards' deflate, the same code on
-# both backends). SKIP_URING=1 skips the pass where the kernel or a seccomp filter forbids
-# io_uring (`herald serve --io uring` says so when it is unavailable).
 if [ "${SKIP_URING:-}" = 1 ]; then
     record "io_uring pass" 0 "skipped (SKIP_URING=1)"
 else
-    uring_tests=()
-    for f in tests/*.rs; do
-        name=$(basename "$f" .rs)
-        case $name in tls | backends) ;; *) uring_tests+=(--test "$name") ;; esac
-    done
-    # `-p herald` builds herald with the same features as `--workspace` above: no rebuild.
-    HERALD_IO=uring check "cargo test (io_uring)" 900 cargo test -p herald "${uring_tests[@]}" --no-fail-fast
+    join "cargo test (io_uring)"
     check "conformance core (io_uring)" 900 "${CONFORMANCE[@]}" --suite core \
         --server-arg=--io --server-arg=uring --outdir "$ROOT/target/conformance-uring"
     HERALD_IO=uring PYTHONDONTWRITEBYTECODE=1 check "pytest (io_uring)" 300 "$VENV/bin/python" -m pytest -q \
