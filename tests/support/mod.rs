@@ -968,6 +968,20 @@ pub(crate) fn metric_value(addr: SocketAddr, series: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// The value of `series` once `done` holds, or its last value after five seconds. A shard
+/// publishes its counters at the end of the loop turn that changed them, just after it
+/// flushed what the turn answered: a client can see an answer before the count behind it.
+pub(crate) fn metric_settled(addr: SocketAddr, series: &str, done: impl Fn(f64) -> bool) -> f64 {
+    let start = Instant::now();
+    loop {
+        let value = metric_value(addr, series).unwrap_or_else(|| panic!("no metric {series}"));
+        if done(value) || start.elapsed() > Duration::from_secs(5) {
+            return value;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 impl Server {
     /// `herald serve --listen LISTEN` plus `extra` (with `--threads 2` unless `extra`
     /// names it): for processes that must serve one known port.
