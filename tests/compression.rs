@@ -217,7 +217,10 @@ fn shared_policy_sends_one_compressed_frame_to_every_compressing_subscriber() {
         assert_eq!(text, frames[0].0);
         assert!(frame.bytes.len() > 2 * first.bytes.len());
     }
-    assert_eq!(metric_settled(addr, "herald_compressed_frames_total", |n| n >= 4.0), 4.0);
+    assert_eq!(
+        metric_settled(addr, "herald_compressed_frames_total", |n| n >= 4.0),
+        4.0
+    );
     assert!(metric(addr, "herald_compression_saved_bytes_total") > 4 * 500);
     assert!(metric(addr, "herald_deflate_nanoseconds_total") > 0);
 }

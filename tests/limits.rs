@@ -275,9 +275,11 @@ fn slowloris_connections_are_closed_at_the_handshake_timeout_while_others_handsh
         );
     }
     assert_eq!(
-        metric_settled(addr, r#"herald_rejected_requests_total{status="408"}"#, |n| {
-            n >= SLOW as f64
-        }),
+        metric_settled(
+            addr,
+            r#"herald_rejected_requests_total{status="408"}"#,
+            |n| { n >= SLOW as f64 }
+        ),
         SLOW as f64,
         "the server counts one 408 per slow connection"
     );
@@ -1094,9 +1096,11 @@ fn accept_storm_over_the_accept_rate_gets_503_and_connected_clients_are_served()
     // Once the bucket has refilled, /metrics can be asked.
     thread::sleep(Duration::from_millis(1100));
     assert_eq!(
-        metric_settled(addr, r#"herald_rejected_requests_total{status="503"}"#, |n| {
-            n >= (STORM - upgraded) as f64
-        }),
+        metric_settled(
+            addr,
+            r#"herald_rejected_requests_total{status="503"}"#,
+            |n| { n >= (STORM - upgraded) as f64 }
+        ),
         (STORM - upgraded) as f64,
         "the server counts each refusal once"
     );

@@ -153,8 +153,7 @@ fn channels_used_once_are_forgotten_within_the_ttl_and_memory_returns() {
     // Released when the last holder leaves, not by the TTL's sweep: the count reaches 0
     // well before the TTL (a shard publishes it at the end of the turn that closed the
     // last connection, which on a busy machine may come a little after the poll's answer).
-    let (left, took) =
-        wait_for_channels(addr, |n| n == 0.0, Duration::from_millis(TTL_MS / 2));
+    let (left, took) = wait_for_channels(addr, |n| n == 0.0, Duration::from_millis(TTL_MS / 2));
     assert_eq!(
         left, 0.0,
         "subscribed or polled once: still held {took:?} after the last use"
