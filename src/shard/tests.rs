@@ -1,6 +1,11 @@
 use std::time::Duration;
 
 use super::*;
+use crate::cluster;
+use crate::compression::CompressionPolicy;
+use crate::hub::ChannelName;
+use crate::limits::SlowConsumerPolicy;
+use crate::proto::OpCode;
 use crate::proto::frame::{FrameHeader, encode_client_frame};
 
 const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);

@@ -1,0 +1,161 @@
+//! A connection as the shard keeps it: its phase (which transport holds it), its buffers,
+//! subscriptions and state flags, and the names other shards use for it.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+
+use crate::auth::Identity;
+use crate::hub::ChannelName;
+use crate::limits::TokenBucket;
+use crate::metrics::Transport;
+use crate::proto::Connection;
+use crate::proto::handshake::Request;
+
+use super::Outbox;
+
+/// A connection as other shards name it: its slab key plus a generation, so a reply for
+/// a connection that has gone never reaches a newer one in the same slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConnRef {
+    pub key: u32,
+    pub generation: u32,
+}
+
+/// Which WebSocket service a connection upgraded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Endpoint {
+    PubSub,
+    Echo,
+}
+
+pub(super) enum Phase {
+    /// Reading an HTTP request; `pending` holds a parsed head whose body is still coming.
+    /// `scanned` bytes of the buffer are known to hold no end of head, so a head that
+    /// arrives a byte at a time is scanned once, not parsed again from its start per read.
+    Request {
+        pending: Option<Box<(Request, usize)>>,
+        scanned: u32,
+    },
+    /// `POST /api/publish` waiting for the homes to order its messages.
+    Publishing {
+        results: Vec<Option<(u64, u32)>>,
+        remaining: usize,
+        batch: bool,
+        keep_alive: bool,
+    },
+    /// `GET /poll` parked until a message or its deadline; `seq` is where the client
+    /// stands (its `since`, then the channel's latest once subscribed).
+    Polling {
+        deadline: Instant,
+        seq: u64,
+        keep_alive: bool,
+        /// The deadline passed before the home answered: answer as soon as it does.
+        expired: bool,
+        /// The channel's epoch once a cluster answered (`None`: the node's own).
+        epoch: Option<ChannelName>,
+    },
+    /// `GET /sse`: an open event stream.
+    EventStream,
+    WebSocket {
+        ws: Box<Connection>,
+        endpoint: Endpoint,
+        /// Inbound messages allowed.
+        rate: Box<RateLimit>,
+    },
+}
+
+/// A connection's inbound message budget and how often it ran past it in a row.
+pub(super) struct RateLimit {
+    pub(super) bucket: TokenBucket,
+    pub(super) strikes: u32,
+}
+
+/// One subscription of a connection. A subscription is pending until its home answers;
+/// the home counts it from the moment it sees the `Subscribe`, so exactly one
+/// `Unsubscribe` goes back for each `Subscribe` sent, whatever happens in between.
+pub(super) struct Sub {
+    pub(super) channel: ChannelName,
+    pub(super) state: SubState,
+}
+
+pub(super) enum SubState {
+    /// Sent to the home as request `ticket`, not yet confirmed. `unsubscribe` holds the
+    /// id of an unsubscribe that arrived meanwhile (outer `Some`), carried out once
+    /// confirmed. A subscription with `since` stays pending while its replay goes out
+    /// (`catch_up`); live messages reach it only once it has caught up.
+    Pending {
+        ticket: u32,
+        unsubscribe: Option<Option<u64>>,
+        catch_up: Option<Box<CatchUp>>,
+    },
+    /// Receiving messages; `slot` is its place in [`Subscriptions`], `tag` the channel's
+    /// name in this shard's outboxes.
+    Active { slot: usize, tag: u32 },
+}
+
+pub(super) struct Conn {
+    pub(super) generation: u32,
+    pub(super) phase: Phase,
+    pub(super) read_buf: BytesMut,
+    pub(super) outbox: Outbox,
+    pub(super) subs: Vec<Sub>,
+    pub(super) last_activity: Instant,
+    /// When the request being read must be complete (handshake and keep-alive idle).
+    pub(super) request_deadline: Instant,
+    /// In the dirty list already.
+    pub(super) dirty: bool,
+    /// Flush what is queued, shut down writing, then wait (bounded) for the peer's end of
+    /// stream so our last bytes are not lost to a reset.
+    pub(super) finishing: bool,
+    /// The write side is shut down; only the end of stream is awaited.
+    pub(super) write_shut: bool,
+    pub(super) dead: bool,
+    /// A close frame (or a final response) is queued: nothing may follow it.
+    pub(super) closing: bool,
+    /// Reading stopped while the outbox was over budget or too many publishes awaited
+    /// their acks; resume once that clears.
+    pub(super) read_paused: bool,
+    /// Publishes sent to their homes and not yet acknowledged.
+    pub(super) inflight_publishes: u32,
+    /// The TCP peer's address.
+    pub(super) peer: IpAddr,
+    /// The address counted against the per-address limit: the peer's from accept on, or,
+    /// when the peer is a trusted proxy, its client's while a request holds the connection
+    /// (WebSocket, event stream, long-poll).
+    pub(super) counted: Option<IpAddr>,
+    /// What the request being served may do; set when it is admitted, and replaced by
+    /// the next request's on a keep-alive connection.
+    pub(super) identity: Option<Arc<Identity>>,
+}
+
+/// A replay that goes out in chunks of at most half the outbound budget, the next asked
+/// of the home only once the outbox has drained below half: what a `since` brings back
+/// never holds more than the budget of the connection, however much history it covers.
+/// Live messages published meanwhile come from history too, until the chunk that
+/// reaches the channel's latest seq ends the catch-up.
+pub(super) struct CatchUp {
+    /// The last seq sent (the `since` to ask the next chunk from).
+    pub(super) at: u64,
+    /// The id the `subscribed` reply will carry.
+    pub(super) id: Option<u64>,
+    /// A chunk is on its way (at most one per connection).
+    pub(super) requested: bool,
+    /// The home has answered once (an event stream announces `subscribed` then).
+    pub(super) answered: bool,
+    /// The channel's epoch as a cluster first answered (the next chunks must be of it).
+    pub(super) epoch: Option<ChannelName>,
+}
+
+impl Phase {
+    pub(super) fn transport(&self) -> Transport {
+        match self {
+            Self::Request { .. } | Self::Publishing { .. } => Transport::Http,
+            Self::Polling { .. } => Transport::Poll,
+            Self::EventStream => Transport::Sse,
+            Self::WebSocket { .. } => Transport::WebSocket,
+        }
+    }
+}

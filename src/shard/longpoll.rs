@@ -1,0 +1,62 @@
+//! `GET /poll`: a request parked on one channel until a message, its deadline or a drain
+//! answers it.
+
+use crate::http::{self, longpoll};
+use crate::proto::handshake::Request;
+
+use super::Shard;
+use super::conn::Phase;
+use super::deadlines::Timed;
+
+impl Shard {
+    pub(super) fn poll(&mut self, key: usize, request: &Request, keep_alive: bool) {
+        let poll = match longpoll::parse(request) {
+            Ok(poll) => poll,
+            Err(message) => {
+                self.counters.count_rejected(400);
+                let response = http::json_error(400, "bad_request", &message, &[], keep_alive);
+                self.send_response(key, response, keep_alive);
+                return;
+            }
+        };
+        if !self.may_subscribe(key, &poll.channel) {
+            let message = format!("not allowed to read {:?}", poll.channel);
+            self.refuse_json(key, 403, "forbidden", &message, &[]);
+            return;
+        }
+        let deadline = self.now + poll.timeout;
+        let seq = poll.since.unwrap_or(0);
+        self.set_phase(
+            key,
+            Phase::Polling {
+                deadline,
+                seq,
+                keep_alive,
+                expired: false,
+                epoch: None,
+            },
+        );
+        self.arm_timed(key, deadline, Timed::Poll);
+        self.request_subscription(
+            key,
+            poll.channel.into(),
+            poll.since,
+            poll.epoch.as_deref(),
+            None,
+        );
+    }
+
+    /// Answers a parked poll with no messages (its time ran out, or the server drains).
+    pub(super) fn end_poll_empty(&mut self, key: usize, keep_alive: bool) {
+        let conn = &self.conns[key];
+        let Phase::Polling { seq, ref epoch, .. } = conn.phase else {
+            return;
+        };
+        let epoch = epoch.clone().unwrap_or_else(|| (*self.ctx.epoch).into());
+        let channel = conn.subs.first().map(|s| s.channel.clone());
+        self.leave_all(key);
+        let channel = channel.as_deref().unwrap_or("");
+        let response = longpoll::response(channel, &epoch, seq, &[], keep_alive);
+        self.send_response(key, response, keep_alive);
+    }
+}
