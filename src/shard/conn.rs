@@ -107,14 +107,7 @@ pub(super) struct Conn {
     pub(super) request_deadline: Instant,
     /// In the dirty list already.
     pub(super) dirty: bool,
-    /// Flush what is queued, shut down writing, then wait (bounded) for the peer's end of
-    /// stream so our last bytes are not lost to a reset.
-    pub(super) finishing: bool,
-    /// The write side is shut down; only the end of stream is awaited.
-    pub(super) write_shut: bool,
-    pub(super) dead: bool,
-    /// A close frame (or a final response) is queued: nothing may follow it.
-    pub(super) closing: bool,
+    pub(super) life: Life,
     /// Reading stopped while the outbox was over budget or too many publishes awaited
     /// their acks; resume once that clears.
     pub(super) read_paused: bool,
@@ -129,6 +122,50 @@ pub(super) struct Conn {
     /// What the request being served may do; set when it is admitted, and replaced by
     /// the next request's on a keep-alive connection.
     pub(super) identity: Option<Arc<Identity>>,
+}
+
+/// Where a connection is in its life. Each state includes the ones before it (the derived
+/// order is the diagram's), so "closing" holds for a finishing connection too.
+///
+/// ```text
+///          close frame queued               peer's close frame,
+///   Open ────────────────────▶ Closing ───── or a final answer ─────▶ Finishing
+///    │                                                                 ▲   │
+///    └────── final response, refusal, protocol error, drain ───────────┘   │ outbox
+///                                                                          ▼ flushed
+///   (any) ── peer's end of stream, socket error, close timeout ──▶ Dead ◀─ WriteShut
+///                                                                 peer's end of stream
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) enum Life {
+    /// Served by its phase.
+    Open,
+    /// A close frame is queued: nothing may follow it. The peer has the close timeout to
+    /// answer.
+    Closing,
+    /// Flush what is queued, shut down writing, then wait (bounded) for the peer's end of
+    /// stream so our last bytes are not lost to a reset. Subscriptions have ended.
+    Finishing,
+    /// The write side is shut down; only the end of stream is awaited.
+    WriteShut,
+    /// Everything it held is released; the backend drops the socket, then the entry.
+    Dead,
+}
+
+impl Conn {
+    /// A close frame or a final answer is queued: nothing may follow it.
+    pub(super) fn is_closing(&self) -> bool {
+        self.life >= Life::Closing
+    }
+
+    /// Nothing more is read or queued; what is queued is being flushed.
+    pub(super) fn is_finishing(&self) -> bool {
+        self.life >= Life::Finishing
+    }
+
+    pub(super) fn is_dead(&self) -> bool {
+        self.life == Life::Dead
+    }
 }
 
 /// A replay that goes out in chunks of at most half the outbound budget, the next asked

@@ -49,7 +49,7 @@ impl Shard {
             self.request_deadlines.retain(|at, conn| {
                 conns.get(conn.key as usize).is_some_and(|c| {
                     c.generation == conn.generation
-                        && !c.dead
+                        && !c.is_dead()
                         && matches!(c.phase, Phase::Request { .. })
                         && c.request_deadline == at
                 })
@@ -65,7 +65,7 @@ impl Shard {
                 let conn = &self.conns[key];
                 // Stale unless this is still the request the deadline was armed for.
                 if matches!(conn.phase, Phase::Request { .. })
-                    && !conn.finishing
+                    && !conn.is_finishing()
                     && conn.request_deadline <= now
                 {
                     self.refuse(key, 408, "request not completed in time", &[]);
@@ -141,7 +141,7 @@ impl Shard {
     /// stream's proxies awake with a comment.
     pub(super) fn heartbeat(&mut self, key: usize, now: Instant) {
         let conn = &mut self.conns[key];
-        if conn.closing {
+        if conn.is_closing() {
             return;
         }
         // Once per interval is often enough to give an idle connection's memory back,
@@ -192,7 +192,7 @@ pub(super) fn timed_is_live(conns: &Slab<Conn>, at: Instant, conn: ConnRef, what
     let Some(c) = conns.get(conn.key as usize) else {
         return false;
     };
-    if c.generation != conn.generation || c.dead {
+    if c.generation != conn.generation || c.is_dead() {
         return false;
     }
     match what {

@@ -78,7 +78,7 @@ use crate::proto::deflate::{Compressor, CompressorSettings};
 use crate::proto::handshake::HandshakeLimits;
 use crate::proto::pubsub::CommandParser;
 
-use conn::{Conn, Phase};
+use conn::{Conn, Life, Phase};
 use deadlines::Timed;
 use timer::Deadlines;
 
@@ -222,10 +222,7 @@ impl Shard {
             last_activity: now,
             request_deadline: now + self.ctx.config.handshake_timeout,
             dirty: false,
-            finishing: false,
-            write_shut: false,
-            dead: false,
-            closing: false,
+            life: Life::Open,
             read_paused: false,
             inflight_publishes: 0,
             peer,
@@ -259,7 +256,7 @@ impl Shard {
     fn resolve(&self, conn: ConnRef) -> Option<usize> {
         let key = conn.key as usize;
         match self.conns.get(key) {
-            Some(c) if c.generation == conn.generation && !c.dead => Some(key),
+            Some(c) if c.generation == conn.generation && !c.is_dead() => Some(key),
             _ => None,
         }
     }
@@ -285,7 +282,7 @@ impl Shard {
     pub fn wants_read(&mut self, key: usize) -> bool {
         let budget = self.read_budget(key);
         let conn = &mut self.conns[key];
-        if conn.dead {
+        if conn.is_dead() {
             return false;
         }
         let wants = conn.outbox.len_bytes() < self.ctx.config.outbound_queue_bytes
@@ -324,11 +321,11 @@ impl Shard {
     pub fn handle_read(&mut self, key: usize, now: Instant) {
         self.now = now;
         let conn = &mut self.conns[key];
-        if conn.dead {
+        if conn.is_dead() {
             return;
         }
         conn.last_activity = now;
-        if conn.finishing {
+        if conn.is_finishing() {
             // Only the peer's end of stream matters now.
             conn.read_buf.clear();
             return;
@@ -367,7 +364,7 @@ impl Shard {
 
     fn reply(&mut self, key: usize, frame: Bytes) {
         let conn = &mut self.conns[key];
-        if conn.closing {
+        if conn.is_closing() {
             return;
         }
         // Replies (acks, errors) go plain even on compressing connections: they are short,
@@ -388,7 +385,7 @@ impl Shard {
         if queued > self.counters.outbound_queue_peak_bytes {
             self.counters.outbound_queue_peak_bytes = queued;
         }
-        if !conn.dirty && !conn.dead {
+        if !conn.dirty && !conn.is_dead() {
             conn.dirty = true;
             self.dirty.push(key);
         }
@@ -398,9 +395,8 @@ impl Shard {
     fn finish(&mut self, key: usize) {
         let conn_ref = self.conn_ref(key);
         let conn = &mut self.conns[key];
-        if !conn.finishing {
-            conn.finishing = true;
-            conn.closing = true;
+        if !conn.is_finishing() {
+            conn.life = Life::Finishing;
             conn.read_buf = BytesMut::new();
             self.close_deadlines.arm(self.now, conn_ref);
             self.leave_all(key);
@@ -421,12 +417,12 @@ impl Shard {
 
     /// The backend will drop `key`'s socket: release everything it held.
     fn kill(&mut self, key: usize) {
-        if self.conns[key].dead {
+        if self.conns[key].is_dead() {
             return;
         }
         self.leave_all(key);
         let conn = &mut self.conns[key];
-        conn.dead = true;
+        conn.life = Life::Dead;
         conn.outbox = Outbox::default();
         conn.read_buf = BytesMut::new();
         self.counters.connections[conn.phase.transport() as usize] -= 1;
@@ -444,7 +440,7 @@ impl Shard {
 
     /// Forgets a dead connection once its socket is gone.
     pub fn remove(&mut self, key: usize) {
-        debug_assert!(self.conns[key].dead);
+        debug_assert!(self.conns[key].is_dead());
         self.conns.remove(key);
     }
 
@@ -453,7 +449,7 @@ impl Shard {
         while let Some(key) = self.dirty.pop() {
             if let Some(conn) = self.conns.get_mut(key) {
                 conn.dirty = false;
-                if !conn.dead {
+                if !conn.is_dead() {
                     return Some(key);
                 }
             }
@@ -502,8 +498,8 @@ impl Shard {
     /// for the peer's end of stream, bounded by the close timeout.
     pub fn poll_flushed(&mut self, key: usize) -> bool {
         let conn = &mut self.conns[key];
-        if conn.finishing && !conn.write_shut && conn.outbox.is_empty() {
-            conn.write_shut = true;
+        if conn.life == Life::Finishing && conn.outbox.is_empty() {
+            conn.life = Life::WriteShut;
             return true;
         }
         false
@@ -590,7 +586,7 @@ impl Shard {
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
             let conn = &self.conns[key];
-            if conn.dead || conn.finishing {
+            if conn.is_finishing() {
                 continue;
             }
             match conn.phase {

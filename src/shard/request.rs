@@ -187,7 +187,7 @@ impl Shard {
         }
         let body = conn.read_buf.split_to(body_len).freeze();
         self.handle_request(key, &request, body);
-        !self.conns[key].finishing
+        !self.conns[key].is_finishing()
     }
 
     pub(super) fn handle_request(&mut self, key: usize, request: &Request, body: Bytes) {
@@ -320,7 +320,7 @@ impl Shard {
     /// Reads the requests that waited behind an answer given outside `handle_read`.
     pub(super) fn reread_pipelined(&mut self) {
         while let Some(key) = self.reread.pop() {
-            if self.conns.get(key).is_some_and(|c| !c.dead) {
+            if self.conns.get(key).is_some_and(|c| !c.is_dead()) {
                 let now = self.now;
                 self.handle_read(key, now);
             }

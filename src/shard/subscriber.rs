@@ -129,7 +129,7 @@ impl Shard {
     /// and no other chunk is on its way to it.
     pub(super) fn may_request_chunk(&self, key: usize) -> bool {
         let conn = &self.conns[key];
-        !conn.closing
+        !conn.is_closing()
             && conn.outbox.len_bytes() < self.replay_chunk_bytes()
             && !conn.subs.iter().any(
                 |s| matches!(&s.state, SubState::Pending { catch_up: Some(c), .. } if c.requested),

@@ -15,7 +15,7 @@ use crate::proto::handshake::{self, Request};
 use crate::proto::pubsub::{self, Command};
 use crate::proto::{Connection, Event};
 
-use super::conn::{Endpoint, Phase, RateLimit};
+use super::conn::{Endpoint, Life, Phase, RateLimit};
 use super::{Outbox, Shard, elapsed_ns};
 
 /// Messages refused in a row before a connection that keeps sending over its rate is
@@ -190,10 +190,10 @@ impl Shard {
     pub(super) fn close_with(&mut self, key: usize, code: u16, reason: &str) {
         let conn_ref = self.conn_ref(key);
         let conn = &mut self.conns[key];
-        if conn.closing {
+        if conn.is_closing() {
             return;
         }
-        conn.closing = true;
+        conn.life = Life::Closing;
         if let Phase::WebSocket { ws, .. } = &mut conn.phase {
             tracing::debug!(peer = %conn.peer, code, reason, "closing WebSocket");
             ws.send_close(code, reason);
