@@ -922,17 +922,16 @@ impl Node {
         if complete {
             // The first chunk only: the shard asks for the next as its client drains.
             let mut bytes = 0;
-            let frames = replay
+            let chunk = replay
                 .into_iter()
-                .map(|(_, frame)| frame)
-                .take_while(|frame| {
+                .take_while(|(_, frame)| {
                     let fits = waiter.max_replay_bytes > 0
                         && (bytes == 0 || bytes + frame.len() <= waiter.max_replay_bytes);
                     bytes += frame.len();
                     fits
                 })
                 .collect();
-            self.subscribed(name, &waiter, seq, &epoch, frames);
+            self.subscribed(name, &waiter, seq, &epoch, chunk);
         } else {
             let oldest = replay.first().map_or(seq + 1, |(first, _)| *first);
             self.history_gap(name, &waiter, seq, oldest, &epoch);
@@ -946,7 +945,7 @@ impl Node {
         waiter: &Waiter,
         seq: u64,
         epoch: &Arc<str>,
-        replay: Vec<Bytes>,
+        replay: Vec<(u64, Bytes)>,
     ) {
         let answer = waiter.answer(name, seq, epoch);
         self.shards

@@ -60,16 +60,22 @@ pub fn frame_payload(frame: &Bytes) -> Bytes {
     frame.slice(len..)
 }
 
-/// `{"channel":C,"epoch":E,"seq":S,"messages":[..]}`; `seq` is the latest sequence number
-/// the client has seen once it has these messages (its next `since`).
-pub fn response(channel: &str, epoch: &str, seq: u64, frames: &[Bytes], keep_alive: bool) -> Bytes {
-    let mut body = Vec::with_capacity(64 + frames.iter().map(Bytes::len).sum::<usize>());
+/// `{"channel":C,"epoch":E,"seq":S,"messages":[..]}` from (seq, frame) pairs; `seq` is the
+/// latest sequence number the client has seen once it has these messages (its next `since`).
+pub fn response(
+    channel: &str,
+    epoch: &str,
+    seq: u64,
+    messages: &[(u64, Bytes)],
+    keep_alive: bool,
+) -> Bytes {
+    let mut body = Vec::with_capacity(64 + messages.iter().map(|(_, f)| f.len()).sum::<usize>());
     body.extend_from_slice(b"{\"channel\":");
     push_json_str(&mut body, channel);
     body.extend_from_slice(b",\"epoch\":");
     push_json_str(&mut body, epoch);
     body.extend_from_slice(format!(",\"seq\":{seq},\"messages\":[").as_bytes());
-    for (i, frame) in frames.iter().enumerate() {
+    for (i, (_, frame)) in messages.iter().enumerate() {
         if i > 0 {
             body.push(b',');
         }
@@ -119,11 +125,11 @@ mod tests {
 
     #[test]
     fn response_lists_the_broadcast_json() {
-        let frames = [
-            encode_message("c", 5, b"{\"x\":1}"),
-            encode_message("c", 6, b"2"),
+        let messages = [
+            (5, encode_message("c", 5, b"{\"x\":1}")),
+            (6, encode_message("c", 6, b"2")),
         ];
-        let r = response("c", "e", 6, &frames, true);
+        let r = response("c", "e", 6, &messages, true);
         let text = std::str::from_utf8(&r).unwrap();
         let body = &text[text.find("\r\n\r\n").unwrap() + 4..];
         assert_eq!(

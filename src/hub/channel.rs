@@ -106,9 +106,10 @@ impl Channel {
         self.history.front().map_or(self.seq + 1, |m| m.seq)
     }
 
-    /// The stored frames after `since`, oldest first, as many as fit in `max_bytes` but
-    /// at least one: a replay goes out in such chunks as the subscriber's socket drains.
-    fn replay_after(&self, since: u64, max_bytes: usize) -> Vec<Bytes> {
+    /// The stored messages after `since` as (seq, frame), oldest first, as many as fit in
+    /// `max_bytes` but at least one: a replay goes out in such chunks as the subscriber's
+    /// socket drains.
+    fn replay_after(&self, since: u64, max_bytes: usize) -> Vec<(u64, Bytes)> {
         let mut bytes = 0;
         self.history
             .iter()
@@ -118,7 +119,7 @@ impl Channel {
                 bytes += m.frame.len();
                 fits
             })
-            .map(|m| m.frame.clone())
+            .map(|m| (m.seq, m.frame.clone()))
             .collect()
     }
 
@@ -146,9 +147,9 @@ pub struct Channels {
 /// What the home answers a subscribe with.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SubscribeOutcome {
-    /// Subscribed; `replay` holds the frames after `since` (up to `seq`), and live
-    /// messages follow from `seq + 1`.
-    Subscribed { seq: u64, replay: Vec<Bytes> },
+    /// Subscribed; `replay` holds the messages after `since` (up to `seq`) as (seq,
+    /// frame), and live messages follow from `seq + 1`.
+    Subscribed { seq: u64, replay: Vec<(u64, Bytes)> },
     /// `since` cannot be served: history holds `oldest..=seq` only (or it came from
     /// another epoch). The subscription is counted all the same; the subscriber's shard
     /// releases it.
@@ -378,17 +379,6 @@ mod tests {
         }
     }
 
-    fn seqs_of(replay: &[Bytes]) -> Vec<u64> {
-        replay
-            .iter()
-            .map(|f| {
-                let text = std::str::from_utf8(&f[2..]).unwrap();
-                let rest = &text[text.find("\"seq\":").unwrap() + 6..];
-                rest[..rest.find(',').unwrap()].parse().unwrap()
-            })
-            .collect()
-    }
-
     #[test]
     fn home_is_stable_and_in_range() {
         for shards in 1..8 {
@@ -432,7 +422,9 @@ mod tests {
         match channels.subscribe(&c, 0, Some(2), true, usize::MAX, now) {
             SubscribeOutcome::Subscribed { seq, replay } => {
                 assert_eq!(seq, 5);
-                assert_eq!(seqs_of(&replay), [3, 4, 5]);
+                // The seq carried beside each frame is that frame's own.
+                let expected = [3, 4, 5].map(|s| (s, pubsub::encode_message(&c, s, b"1")));
+                assert_eq!(replay, expected);
             }
             other => panic!("{other:?}"),
         }
@@ -627,7 +619,7 @@ mod tests {
         let seqs = |outcome: SubscribeOutcome| match outcome {
             SubscribeOutcome::Subscribed { seq, replay } => (
                 seq,
-                replay.iter().map(|f| f.len()).sum::<usize>(),
+                replay.iter().map(|(_, f)| f.len()).sum::<usize>(),
                 replay.len(),
             ),
             SubscribeOutcome::HistoryGap { .. } => panic!("gap"),

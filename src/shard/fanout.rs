@@ -106,7 +106,7 @@ impl Shard {
                 &broadcast.channel,
                 &epoch,
                 broadcast.seq,
-                std::slice::from_ref(&broadcast.frame),
+                &[(broadcast.seq, broadcast.frame.clone())],
                 keep_alive,
             );
             self.send_response(key, response, keep_alive);

@@ -60,10 +60,13 @@ pub enum Envelope {
         conn: ConnRef,
         id: Option<u64>,
     },
-    /// From the home: the subscription is live after `seq`; `replay` holds the frames
-    /// after the requested `since`, or the first of them (a chunk) when they do not all
-    /// fit the bytes asked for.
-    Subscribed { answer: Answer, replay: Vec<Bytes> },
+    /// From the home: the subscription is live after `seq`; `replay` holds the messages
+    /// after the requested `since` as (seq, frame), or the first of them (a chunk) when
+    /// they do not all fit the bytes asked for.
+    Subscribed {
+        answer: Answer,
+        replay: Vec<(u64, Bytes)>,
+    },
     /// From the home: `since` cannot be served; history holds `oldest..=seq`.
     HistoryGap { answer: Answer, oldest: u64 },
     /// From the home: the publish was stored and ordered as `seq`, and queued to

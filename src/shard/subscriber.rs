@@ -283,7 +283,7 @@ impl Shard {
             .position(|s| matches!(s.state, SubState::Pending { ticket: t, .. } if t == ticket))
     }
 
-    pub(super) fn confirm_subscription(&mut self, answer: Answer, replay: Vec<Bytes>) {
+    pub(super) fn confirm_subscription(&mut self, answer: Answer, replay: Vec<(u64, Bytes)>) {
         let Answer {
             channel,
             conn,
@@ -312,7 +312,7 @@ impl Shard {
             // was answering: answer now, with whatever history had. A replay cut to its
             // first chunk answers up to its last message; the client asks again from there.
             self.release(key, index);
-            let answered_to = replay.last().map_or(seq, frame_seq);
+            let answered_to = replay.last().map_or(seq, |&(last, _)| last);
             let response = longpoll::response(channel, epoch, answered_to, &replay, keep_alive);
             self.send_response(key, response, keep_alive);
             return;
@@ -354,7 +354,7 @@ impl Shard {
         let announced = catch_up.is_some_and(|c| c.answered);
         match conn.phase {
             Phase::WebSocket { .. } => {
-                for frame in replay {
+                for (_, frame) in replay {
                     conn.outbox.push(frame);
                 }
                 self.reply(key, pubsub::encode_subscribed(channel, seq, epoch, id));
@@ -367,8 +367,8 @@ impl Shard {
                 if !announced {
                     conn.outbox.push(sse_subscribed(channel, seq, epoch));
                 }
-                for frame in &replay {
-                    conn.outbox.push(sse::event(frame_seq(frame), frame));
+                for (message_seq, frame) in &replay {
+                    conn.outbox.push(sse::event(*message_seq, frame));
                 }
                 self.mark_dirty(key);
             }
@@ -388,7 +388,7 @@ impl Shard {
         channel: &str,
         (epoch, cluster_epoch): (&str, Option<&ChannelName>),
         seq: u64,
-        replay: &[Bytes],
+        replay: &[(u64, Bytes)],
     ) -> bool {
         let conn = &mut self.conns[key];
         let SubState::Pending {
@@ -398,7 +398,7 @@ impl Shard {
         else {
             return false;
         };
-        let reached = replay.last().map_or(catch_up.at, frame_seq);
+        let reached = replay.last().map_or(catch_up.at, |&(last, _)| last);
         if reached >= seq {
             return false;
         }
@@ -409,7 +409,7 @@ impl Shard {
         catch_up.epoch = cluster_epoch.cloned();
         match conn.phase {
             Phase::WebSocket { .. } => {
-                for frame in replay {
+                for (_, frame) in replay {
                     conn.outbox.push(frame.clone());
                 }
             }
@@ -417,8 +417,8 @@ impl Shard {
                 if first_answer {
                     conn.outbox.push(sse_subscribed(channel, seq, epoch));
                 }
-                for frame in replay {
-                    conn.outbox.push(sse::event(frame_seq(frame), frame));
+                for (message_seq, frame) in replay {
+                    conn.outbox.push(sse::event(*message_seq, frame));
                 }
             }
             _ => {}
@@ -477,14 +477,4 @@ impl Shard {
             _ => {}
         }
     }
-}
-
-/// The sequence number inside a broadcast frame (replays carry only frames).
-pub(super) fn frame_seq(frame: &Bytes) -> u64 {
-    let payload = longpoll::frame_payload(frame);
-    let text = std::str::from_utf8(&payload).unwrap_or("");
-    text.split_once("\"seq\":")
-        .and_then(|(_, rest)| rest.split(',').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0)
 }
