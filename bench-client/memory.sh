@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Server memory per connection, herald beside the `floor` reference server in one run:
+# idle subscribed WebSocket connections (right after connecting, and after one ping
+# interval), and during a 1,000-subscriber fan-out. RSS growth of the server process over
+# its footprint before the connections, divided by the connections (user space only: the
+# kernel's socket buffers are not in RSS).
+#
+#   bash bench-client/memory.sh                 # epoll and io_uring, ROUNDS=2
+#   CONNS=10000 ROUNDS=3 bash bench-client/memory.sh
+#
+# Rounds alternate the servers. Everything runs on 127.0.0.0/8 and stops by itself; the
+# connections come from source addresses 127.0.0.2 and up, so no per-address limit applies.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release -q -p herald -p herald-bench
+H=$PWD/target/release/herald
+B=$PWD/target/release/herald-bench
+OUT=$PWD/target/memory
+CONNS=${CONNS:-10000}
+ROUNDS=${ROUNDS:-2}
+mkdir -p "$OUT"
+ulimit -n "$(ulimit -Hn)"
+
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
+trap cleanup EXIT
+
+# start NAME CMD...: runs a server, waits for its "listening on" line; sets ADDR and PID.
+start() {
+    local name=$1
+    shift
+    local log="$OUT/$name.server.log"
+    ( exec "$@" ) >"$log" 2>&1 &
+    PID=$!
+    PIDS+=("$PID")
+    for _ in $(seq 100); do
+        ADDR=$(sed -n 's/^listening on //p' "$log" | head -n 1)
+        [ -n "$ADDR" ] && return 0
+        sleep 0.1
+    done
+    echo "$name did not start; log:" >&2
+    cat "$log" >&2
+    exit 1
+}
+
+stop() {
+    kill "$PID" 2>/dev/null || true
+    wait "$PID" 2>/dev/null || true
+}
+
+# idle NAME: $CONNS subscribed connections to $ADDR held past one ping interval (2 s).
+idle() {
+    local name=$1
+    "$B" connect --url "ws://$ADDR/ws" --conns "$CONNS" --subscribe --channels 100 --hold 5 \
+        --procs 2 --source-ips 127.0.0.2-127.0.0.20 --server-pid "$PID" --json -q \
+        | tail -n 1 >"$OUT/$name.json"
+    python3 - "$name" "$OUT/$name.json" <<'PY'
+import json, sys
+name, path = sys.argv[1], sys.argv[2]
+r = json.load(open(path))
+s, c = r["server"], r["connect"]
+n = max(c["ok"], 1)
+print(f"{name:24} idle   {c['ok']:6} connected ({c['failed']} failed)  "
+      f"after connecting {(s['rss_bytes_after_connect'] - s['rss_bytes_before']) / n:6.0f} B/conn  "
+      f"after a ping interval {(s['rss_bytes_after_hold'] - s['rss_bytes_before']) / n:6.0f} B/conn")
+PY
+}
+
+# active NAME: 1,000 subscribers, 20 messages/s of 64 B, memory during the run.
+active() {
+    local name=$1
+    "$B" fanout --url "ws://$ADDR/ws" --server-pid "$PID" --conns 1000 --rate 20 --size 64 \
+        --duration 8 --json -q | tail -n 1 >"$OUT/$name-fanout.json"
+    python3 - "$name" "$OUT/$name-fanout.json" <<'PY'
+import json, sys
+name, path = sys.argv[1], sys.argv[2]
+r = json.load(open(path))
+s, d = r.get("server") or {}, r["deliveries"]
+print(f"{name:24} fanout 1,000 subscribers, 20 msg/s: {s.get('rss_bytes_per_conn', 0):6.0f} B/conn"
+      f"  (lost {d['lost']})")
+PY
+}
+
+echo "== $CONNS idle subscribed connections (2 shards, ping interval 2 s), then a fan-out"
+echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
+for round in $(seq "$ROUNDS"); do
+    for io in epoll uring; do
+        start "herald-$io-$round" "$H" serve --listen 127.0.0.1:0 --threads 2 --io "$io" \
+            --ping-interval-ms 2000 --max-connections-per-ip 0
+        idle "herald-$io-r$round"
+        stop
+        start "herald-$io-fan-$round" "$H" serve --listen 127.0.0.1:0 --threads 2 --io "$io"
+        active "herald-$io-r$round"
+        stop
+    done
+    start "floor-$round" "$B" floor --listen 127.0.0.1:0
+    idle "floor-r$round"
+    stop
+    start "floor-fan-$round" "$B" floor --listen 127.0.0.1:0
+    active "floor-r$round"
+    stop
+done
