@@ -225,6 +225,10 @@ fn a_since_from_a_forgotten_channel_is_a_gap_never_a_reused_seq() {
         .collect();
     let acks = ws_round(&mut ws, &mut buf, &publishes);
     assert_eq!(acks[2]["seq"], 3, "{acks:?}");
+    // Held first (the home may publish its count a moment after the acks went out, and a
+    // 0 from before the publishes must not pass for "forgotten"), then forgotten.
+    let (held, _) = wait_for_channels(addr, |n| n >= 1.0, RELEASE_LIMIT);
+    assert_eq!(held, 1.0, "the channel never showed in herald_channels");
     let (left, took) = wait_for_channels(addr, |n| n == 0.0, RELEASE_LIMIT);
     assert_eq!(left, 0.0, "not forgotten after {took:?}");
 
