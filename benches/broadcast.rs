@@ -9,7 +9,7 @@
 use std::hint::black_box;
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use herald::Config;
@@ -69,14 +69,17 @@ impl Cluster {
             max_messages_per_second: 1_000_000_000,
             ..Config::default()
         };
-        let ctx = Arc::new(Context::new(config, shards).expect("a valid configuration"));
+        let ctx = Arc::new(
+            Context::new(config, shards, SystemTime::now()).expect("a valid configuration"),
+        );
+        let now = Instant::now();
         let wakers = (0..shards)
             .map(|_| Arc::new(NoWake) as Arc<dyn Wake>)
             .collect();
         let (post, receivers) = Post::new(wakers);
         let mut cluster = Self {
             shards: (0..shards)
-                .map(|id| Shard::new(id, shards, ctx.clone()))
+                .map(|id| Shard::new(id, shards, ctx.clone(), now))
                 .collect(),
             inboxes: receivers
                 .into_iter()
@@ -84,7 +87,7 @@ impl Cluster {
                 .map(|(id, rx)| Inbox::new(id, rx, post.clone()))
                 .collect(),
             post,
-            now: Instant::now(),
+            now,
             publisher: (0, 0),
             publish: Vec::new(),
             published: 0,

@@ -5,7 +5,7 @@
 //! against an RSA key, `none`) is refused before its signature is looked at.
 
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
@@ -86,15 +86,10 @@ pub struct Identity {
     /// The token's `exp` plus the leeway (seconds since the Unix epoch): the connection
     /// closes with 4001 then.
     pub expires_at: Option<u64>,
-}
-
-impl Identity {
-    /// How long until the token expires, from `now`.
-    pub fn remaining(&self, now: SystemTime) -> Option<Duration> {
-        let now = now.duration_since(UNIX_EPOCH).unwrap_or_default();
-        self.expires_at
-            .map(|exp| Duration::from_secs(exp).saturating_sub(now))
-    }
+    /// The same moment on the monotonic clock, both clocks read together when the token
+    /// was checked: a shard arms its 4001 at this instant, never before the handshake
+    /// itself would refuse the token.
+    pub runs_out: Option<Instant>,
 }
 
 /// Why a token was refused: a 401 before the upgrade, with this as the reason line.
@@ -195,6 +190,7 @@ impl Authenticator {
                 subscribe: anonymous_default(&settings.anonymous_subscribe, subscribe_default)?,
                 publish: anonymous_default(&settings.anonymous_publish, publish_default)?,
                 expires_at: None,
+                runs_out: None,
             }),
             allowed_origins: settings
                 .allowed_origins
@@ -255,18 +251,19 @@ impl Authenticator {
         // leeway); from that second on the handshake refuses it too, so a client cannot
         // loop through accept-then-4001 with the same token.
         let expires_at = claims.exp.map(|exp| exp.saturating_add(validation.leeway));
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            .as_secs();
-        if expires_at.is_some_and(|exp| exp <= now) {
+        let (wall, monotonic) = (SystemTime::now(), Instant::now());
+        let since_epoch = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+        if expires_at.is_some_and(|exp| exp <= since_epoch.as_secs()) {
             return Err(AuthError::Expired);
         }
+        let runs_out =
+            expires_at.map(|exp| monotonic + Duration::from_secs(exp).saturating_sub(since_epoch));
         Ok(Identity {
             user: claims.sub.map(Into::into),
             subscribe: Patterns::parse(&claims.channels).map_err(AuthError::InvalidPattern)?,
             publish: Patterns::parse(&claims.publish).map_err(AuthError::InvalidPattern)?,
             expires_at,
+            runs_out,
         })
     }
 }
@@ -430,7 +427,7 @@ mod tests {
         let id = auth.authenticate(Some(&t)).unwrap();
         assert_eq!(id.user.as_deref(), Some("u1"));
         assert!(id.subscribe.allows("chat.x") && !id.publish.allows("news"));
-        assert!(id.remaining(SystemTime::now()).unwrap() > Duration::from_secs(50));
+        assert!(id.runs_out.unwrap() > Instant::now() + Duration::from_secs(50));
     }
 
     #[test]

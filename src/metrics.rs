@@ -189,6 +189,21 @@ pub struct Snapshot {
     pub uptime: Duration,
 }
 
+/// Times work the shard does itself (deflate, inflate) for the compression counters: the one
+/// clock the sans-IO core reads, because what it measures happens inside it.
+pub struct Stopwatch(Instant);
+
+impl Stopwatch {
+    #[must_use]
+    pub fn start() -> Self {
+        Self(Instant::now())
+    }
+
+    pub fn elapsed_ns(&self) -> u64 {
+        self.0.elapsed().as_nanos() as u64
+    }
+}
+
 impl Registry {
     pub fn new(shards: usize) -> Self {
         Self {

@@ -5,6 +5,7 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Instant, SystemTime};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -22,7 +23,7 @@ pub fn serve(mut config: Config) -> io::Result<()> {
     let io = config.io;
     let cores = affinity::placement(config.threads);
     let shards = cores.len();
-    let mut ctx = Context::new(config, shards).map_err(io::Error::other)?;
+    let mut ctx = Context::new(config, shards, SystemTime::now()).map_err(io::Error::other)?;
     let cluster = match &ctx.config.redis {
         Some(url) => {
             let (bridge, idle) =
@@ -69,7 +70,7 @@ pub fn serve(mut config: Config) -> io::Result<()> {
     let mut threads = Vec::with_capacity(shards);
     let parts = polls.into_iter().zip(listeners).zip(receivers).zip(cores);
     for (id, (((poll, listener), receiver), core)) in parts.enumerate() {
-        let shard = Shard::new(id, shards, ctx.clone());
+        let shard = Shard::new(id, shards, ctx.clone(), Instant::now());
         let inbox = Inbox::new(id, receiver, post.clone());
         let (post, stop, drain, tls) = (post.clone(), stop.clone(), config.drain, tls.clone());
         let thread = std::thread::Builder::new()

@@ -15,7 +15,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
 use ::redis::{AsyncConnectionConfig, Msg, RedisError, RedisResult, Value};
@@ -247,7 +247,7 @@ impl Publisher {
                 .arg(&data[..])
                 .arg(self.history.size)
                 .arg(ttl_ms)
-                .arg(hub::new_epoch())
+                .arg(hub::new_epoch(SystemTime::now()))
                 .arg(epoch)
                 .arg(seq);
         }
@@ -653,7 +653,7 @@ impl Node {
             .arg(2)
             .arg(meta_key(name))
             .arg(stream_key(name))
-            .arg(hub::new_epoch())
+            .arg(hub::new_epoch(SystemTime::now()))
             .arg(known_epoch)
             .arg(known_seq);
         let (mut conn, _) = self.connections()?;

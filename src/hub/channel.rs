@@ -141,7 +141,8 @@ pub struct Channels {
     cursor: usize,
     /// Sweeps left in this round.
     ticks_left: u32,
-    next_sweep: Instant,
+    /// `None` until the first sweep: due at once.
+    next_sweep: Option<Instant>,
 }
 
 /// What the home answers a subscribe with.
@@ -174,7 +175,7 @@ impl Channels {
             floors: vec![0; FLOOR_BUCKETS].into_boxed_slice(),
             cursor: 0,
             ticks_left: 0,
-            next_sweep: Instant::now(),
+            next_sweep: None,
         }
     }
 
@@ -319,17 +320,17 @@ impl Channels {
 
     /// When [`Channels::sweep`] next has work; `None` while no channel is homed here.
     pub fn next_sweep(&self) -> Option<Instant> {
-        (!self.map.is_empty()).then_some(self.next_sweep)
+        self.next_sweep.filter(|_| !self.map.is_empty())
     }
 
     /// Trims history past its TTL and forgets idle channels, a share at a time: the
     /// channels not yet visited this round, spread over the ticks left in it. Does nothing
     /// before [`Channels::next_sweep`], so it may be called every loop turn.
     pub fn sweep(&mut self, now: Instant) {
-        if now < self.next_sweep {
+        if self.next_sweep.is_some_and(|at| now < at) {
             return;
         }
-        self.next_sweep = now + SWEEP_INTERVAL;
+        self.next_sweep = Some(now + SWEEP_INTERVAL);
         if self.cursor >= self.map.len() {
             let round =
                 (self.limits.ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
@@ -365,6 +366,7 @@ impl Channels {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests start the clock they drive
 mod tests {
     use super::*;
 

@@ -6,6 +6,8 @@
 //! the `/ws` JSON commands ([`pubsub`]). Never touches sockets, never reads the clock, never spawns or blocks
 //! threads: the shard feeds it bytes it has read and writes the bytes it hands back, so the
 //! same code runs under both backends and in-memory tests.
+
+#![deny(clippy::disallowed_methods)] // no clock reads here: see clippy.toml
 #![deny(unsafe_code)]
 
 pub mod close;

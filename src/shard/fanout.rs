@@ -1,20 +1,19 @@
 //! The fan-out hot loop: a broadcast queued on every local subscriber (one shared frame,
 //! one event for every event stream), and shedding for the slow consumers it finds.
 
-use std::time::Instant;
-
 use bytes::Bytes;
 
 use crate::compression::CompressionPolicy;
 use crate::http::{longpoll, sse};
 use crate::hub::Broadcast;
 use crate::limits::SlowConsumerPolicy;
+use crate::metrics::Stopwatch;
 use crate::proto::deflate::CompressorSettings;
 use crate::proto::pubsub;
 
+use super::Shard;
 use super::conn::{Phase, SubState};
 use super::event_stream::json_string;
-use super::{Shard, elapsed_ns};
 
 impl Shard {
     /// Queues the broadcast on every local subscriber: the shared frame for WebSockets,
@@ -48,7 +47,7 @@ impl Shard {
                     {
                         // A compressor that keeps its window must see every compressed
                         // message this connection gets, shared channels' included.
-                        let start = Instant::now();
+                        let stopwatch = Stopwatch::start();
                         let payload = plain_payload
                             .get_or_insert_with(|| longpoll::frame_payload(&broadcast.frame));
                         let frame = ws
@@ -57,7 +56,7 @@ impl Shard {
                         self.counters.count_compressed(
                             broadcast.frame.len(),
                             frame.len(),
-                            elapsed_ns(start),
+                            stopwatch.elapsed_ns(),
                         );
                         frame
                     } else {

@@ -3,15 +3,14 @@
 //! every publish goes through its channel's home; with it, Redis orders and this role is
 //! idle.
 
-use std::time::Instant;
-
 use crate::compression::CompressionPolicy;
 use crate::http::longpoll;
 use crate::hub::{ChannelName, SubscribeOutcome};
+use crate::metrics::Stopwatch;
 use crate::proto::frame::OpCode;
 
 use super::conn::ConnRef;
-use super::{Answer, Envelope, Shard, elapsed_ns};
+use super::{Answer, Envelope, Shard};
 
 impl Shard {
     /// Serves a request for a channel homed here: orders its publishes, keeps its
@@ -67,10 +66,10 @@ impl Shard {
                     .collect();
                 self.counters.publishes_total += 1;
                 if self.ctx.config.compression.policy_for(&channel) == CompressionPolicy::Shared {
-                    let start = Instant::now();
+                    let stopwatch = Stopwatch::start();
                     let payload = longpoll::frame_payload(&broadcast.frame);
                     let deflated = self.shared_compressor.encode_frame(OpCode::Text, &payload);
-                    self.counters.deflate_ns_total += elapsed_ns(start);
+                    self.counters.deflate_ns_total += stopwatch.elapsed_ns();
                     // Kept only if it saves bytes; tiny messages go plain to everyone.
                     broadcast.deflated =
                         (deflated.len() < broadcast.frame.len()).then_some(deflated);

@@ -41,6 +41,8 @@
 //! | `deadlines`, `timer` | request, poll, token, close and heartbeat deadlines |
 //! | `outbox`, `mailbox` | a connection's write queue; the envelopes between shards |
 
+#![deny(clippy::disallowed_methods)] // no clock reads here: see clippy.toml
+
 mod conn;
 mod deadlines;
 mod event_stream;
@@ -139,31 +141,34 @@ pub struct Context {
     /// The cluster link with `--redis`: channels are then ordered and stored in Redis
     /// instead of by their home shard.
     pub cluster: Option<Bridge>,
+    /// When the node started: its epoch and the shards' jitter seeds derive from it.
+    started: SystemTime,
 }
 
 impl Context {
     /// Checks what needs checking (keys, files) once; errors are for the operator.
-    pub fn new(config: Config, shards: usize) -> Result<Self, String> {
+    pub fn new(config: Config, shards: usize, started: SystemTime) -> Result<Self, String> {
         Ok(Self {
             auth: Authenticator::new(&config.auth)?,
             limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
             registry: Registry::new(shards),
-            epoch: hub::new_epoch().into(),
+            epoch: hub::new_epoch(started).into(),
             cluster: None,
             config,
+            started,
         })
     }
 }
 
 impl Shard {
-    pub fn new(id: usize, shards: usize, ctx: Arc<Context>) -> Self {
-        let now = Instant::now();
+    /// Shard `id` of `shards`, its clock starting at `now`.
+    pub fn new(id: usize, shards: usize, ctx: Arc<Context>, now: Instant) -> Self {
         let config = &ctx.config;
         Self {
             id,
             shards,
             accept_bucket: TokenBucket::new(config.accept_rate, config.accept_rate, now),
-            jitter: jitter_seed(id),
+            jitter: jitter_seed(ctx.started, id),
             next_ticket: 0,
             reread: Vec::new(),
             handshake_limits: HandshakeLimits {
@@ -611,8 +616,8 @@ impl Shard {
 
 /// A seed for `Retry-After` jitter that differs per shard and per run, so nodes
 /// restarted together do not hand out the same sequence.
-fn jitter_seed(shard: usize) -> u64 {
-    let nanos = SystemTime::now()
+fn jitter_seed(started: SystemTime, shard: usize) -> u64 {
+    let nanos = started
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos() as u64);
     (nanos
@@ -621,11 +626,7 @@ fn jitter_seed(shard: usize) -> u64 {
         | 1
 }
 
-/// Nanoseconds since `start`, for the compression CPU counters.
-fn elapsed_ns(start: Instant) -> u64 {
-    start.elapsed().as_nanos() as u64
-}
-
 /// Shards driven in memory, as a backend would, with clients that are byte buffers.
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests start the clock the shards are driven by
 mod tests;

@@ -5,7 +5,7 @@
 //! `publish`).
 
 use std::net::IpAddr;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 
@@ -92,19 +92,15 @@ impl Shard {
         }
         let expiry = identity
             .expires_at
-            .zip(identity.remaining(SystemTime::now()))
+            .zip(identity.runs_out)
             .filter(|_| auth.mode() != AuthMode::Off);
         self.conns[key].identity = Some(identity);
-        if let Some((expires_at, remaining)) = expiry {
-            // Both clocks read together: `self.now` is from the start of the turn, and a
-            // deadline from it would fall that much before `exp` (a backend that wakes to
-            // the nanosecond, like io_uring, then sends 4001 while the handshake would
-            // still accept the token).
-            self.arm_timed(
-                key,
-                Instant::now() + remaining,
-                Timed::TokenExpiry { expires_at },
-            );
+        if let Some((expires_at, runs_out)) = expiry {
+            // Not `self.now` plus what is left: that is the start of the turn, and such a
+            // deadline would fall that much before `exp` (a backend that wakes to the
+            // nanosecond, like io_uring, then sends 4001 while the handshake would still
+            // accept the token).
+            self.arm_timed(key, runs_out, Timed::TokenExpiry { expires_at });
         }
         true
     }

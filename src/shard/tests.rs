@@ -34,7 +34,7 @@ type Frame = (OpCode, Vec<u8>);
 
 impl Cluster {
     fn new(shards: usize, config: Config) -> Self {
-        let mut ctx = Context::new(config, shards).unwrap();
+        let mut ctx = Context::new(config, shards, SystemTime::now()).unwrap();
         ctx.epoch = "e1".into();
         Self::with_context(shards, ctx)
     }
@@ -45,9 +45,10 @@ impl Cluster {
             .collect();
         let (post, receivers) = Post::new(wakers);
         let ctx = Arc::new(ctx);
+        let now = Instant::now();
         Self {
             shards: (0..shards)
-                .map(|id| Shard::new(id, shards, ctx.clone()))
+                .map(|id| Shard::new(id, shards, ctx.clone(), now))
                 .collect(),
             inboxes: receivers
                 .into_iter()
@@ -55,7 +56,7 @@ impl Cluster {
                 .map(|(id, rx)| Inbox::new(id, rx, post.clone()))
                 .collect(),
             post,
-            now: Instant::now(),
+            now,
         }
     }
 
@@ -867,7 +868,7 @@ fn idle_connection_is_pinged_then_closed() {
 
 #[test]
 fn a_full_cluster_queue_refuses_at_once_and_never_blocks_the_shard() {
-    let mut ctx = Context::new(Config::default(), 1).unwrap();
+    let mut ctx = Context::new(Config::default(), 1, SystemTime::now()).unwrap();
     // The cluster thread never runs: whatever is queued stays queued.
     let (bridge, _idle) = Bridge::new(
         "redis://127.0.0.1:1",

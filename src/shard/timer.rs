@@ -58,6 +58,7 @@ impl Deadlines {
 }
 
 #[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests start the clock they drive
 mod tests {
     use super::*;
 

@@ -2,12 +2,11 @@
 //! sans-IO [`Connection`](crate::proto::Connection), the inbound rate limit, the JSON
 //! commands of the pub/sub protocol, and the server-side close.
 
-use std::time::Instant;
-
 use bytes::{Bytes, BytesMut};
 
 use crate::config::MAX_FRAGMENTS;
 use crate::limits::TokenBucket;
+use crate::metrics::Stopwatch;
 use crate::proto::decoder::DecoderLimits;
 use crate::proto::deflate::{self, CompressorSettings};
 use crate::proto::frame::{FrameHeader, OpCode};
@@ -16,7 +15,7 @@ use crate::proto::pubsub::{self, Command};
 use crate::proto::{Connection, Event};
 
 use super::conn::{Endpoint, Life, Phase, RateLimit};
-use super::{Outbox, Shard, elapsed_ns};
+use super::{Outbox, Shard};
 
 /// Messages refused in a row before a connection that keeps sending over its rate is
 /// closed with 1008.
@@ -101,12 +100,12 @@ impl Shard {
             let endpoint = *endpoint;
             let inflating = ws
                 .compresses()
-                .then(|| (Instant::now(), ws.inflated_messages()));
+                .then(|| (Stopwatch::start(), ws.inflated_messages()));
             let event = ws.poll_event(&mut conn.read_buf);
-            if let Some((start, inflated)) = inflating
+            if let Some((stopwatch, inflated)) = inflating
                 && ws.inflated_messages() > inflated
             {
-                self.counters.inflate_ns_total += elapsed_ns(start);
+                self.counters.inflate_ns_total += stopwatch.elapsed_ns();
             }
             while let Some(frame) = ws.poll_transmit() {
                 queue_transmit(&mut conn.outbox, frame);
@@ -165,13 +164,13 @@ impl Shard {
         if let Phase::WebSocket { ws, .. } = &mut conn.phase
             && ws.compresses()
         {
-            let start = Instant::now();
+            let stopwatch = Stopwatch::start();
             let frame = ws
                 .encode_compressed(text, &payload)
                 .expect("deflate was negotiated");
             let plain_len = frame_header(opcode, payload.len()).len() + payload.len();
             self.counters
-                .count_compressed(plain_len, frame.len(), elapsed_ns(start));
+                .count_compressed(plain_len, frame.len(), stopwatch.elapsed_ns());
             conn.outbox.push(frame);
             self.counters.messages_out_total += 1;
             self.mark_dirty(key);
