@@ -225,7 +225,7 @@ impl Outbox {
         let mut taken = 0;
         for _ in 0..max {
             let bytes = match self.current() {
-                Lane::Control => match self.control.pop_front() {
+                Lane::Control => match self.pop_control() {
                     Some(bytes) => {
                         self.control_bytes -= bytes.len();
                         bytes
@@ -273,7 +273,7 @@ impl Outbox {
             *bytes -= front.len();
             match lane {
                 Lane::Control => {
-                    self.control.pop_front();
+                    self.pop_control();
                 }
                 Lane::Data => {
                     self.data.pop_front();
@@ -283,11 +283,20 @@ impl Outbox {
         }
     }
 
-    /// Gives back the queues' memory when they are empty (idle connections keep none).
-    pub fn release_memory(&mut self) {
+    /// Takes the control front. The lane's memory goes with its last frame: pings and
+    /// pongs come one at a time, once per interval, so keeping it would cost every idle
+    /// connection 128 B for nothing.
+    fn pop_control(&mut self) -> Option<Bytes> {
+        let front = self.control.pop_front();
         if self.control.is_empty() {
             self.control = VecDeque::new();
         }
+        front
+    }
+
+    /// Gives back the data queue's memory when it is empty (idle connections keep none;
+    /// the control lane keeps none once empty).
+    pub fn release_memory(&mut self) {
         if self.data.is_empty() {
             self.data = VecDeque::new();
         }
