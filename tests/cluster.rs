@@ -101,29 +101,56 @@ impl Redis {
                 cmd.args(["--appendonly", "no"]);
             }
         }
-        let child = cmd
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        self.child = Some(child);
+        let pid = child.id();
         let deadline = Instant::now() + Duration::from_secs(10);
-        while !self.answers_ping() {
+        // Ready once the server on the port is this child: the port was free when picked,
+        // but another test process may have started its own Redis there meanwhile, and a
+        // node of this test must never talk to that one.
+        while !self.answers_as(pid) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "redis-server on port {} exited with {status} (port taken?)",
+                    self.port
+                );
+            }
             assert!(Instant::now() < deadline, "redis-server did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+        self.child = Some(child);
     }
 
-    fn answers_ping(&self) -> bool {
+    /// Whether the Redis answering on the port is process `pid`.
+    fn answers_as(&self, pid: u32) -> bool {
         use std::io::{Read, Write};
         let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
             return false;
         };
         let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
-        let mut buf = [0u8; 16];
-        s.write_all(b"PING\r\n").is_ok()
-            && s.read(&mut buf).is_ok_and(|n| &buf[..n] == b"+PONG\r\n")
+        if s.write_all(b"INFO server\r\n").is_err() {
+            return false;
+        }
+        let wanted = format!("process_id:{pid}\r\n");
+        let mut reply = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            reply.extend_from_slice(&buf[..n]);
+            let text = String::from_utf8_lossy(&reply);
+            if let Some(at) = text.find("process_id:")
+                && text[at..].contains('\n')
+            {
+                return text[at..].starts_with(&wanted);
+            }
+        }
+        false
     }
 
     /// Runs one command over RESP and returns the raw reply.
