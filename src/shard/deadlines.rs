@@ -9,10 +9,13 @@ use bytes::Bytes;
 use slab::Slab;
 
 use crate::http::sse;
-use crate::proto::frame::{OpCode, encode_frame};
 
 use super::Shard;
 use super::conn::{Conn, ConnRef, Phase, SubState};
+
+/// The heartbeat: an unmasked, final ping with no payload, the same bytes for everyone
+/// (no allocation per ping).
+const EMPTY_PING: &[u8] = &[0x89, 0x00];
 
 /// Deadlines that differ per connection, kept in one ordered heap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -156,7 +159,7 @@ impl Shard {
                     return;
                 }
                 if silent >= self.ctx.config.ping_interval / 2 {
-                    conn.outbox.push_control(encode_frame(OpCode::Ping, b""));
+                    conn.outbox.push_control(Bytes::from_static(EMPTY_PING));
                     self.mark_dirty(key);
                 }
             }
@@ -201,5 +204,16 @@ pub(super) fn timed_is_live(conns: &Slab<Conn>, at: Instant, conn: ConnRef, what
             .identity
             .as_ref()
             .is_some_and(|i| i.expires_at == Some(expires_at)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EMPTY_PING;
+    use crate::proto::frame::{OpCode, encode_frame};
+
+    #[test]
+    fn the_static_ping_is_the_encoded_empty_ping() {
+        assert_eq!(EMPTY_PING, &encode_frame(OpCode::Ping, b"")[..]);
     }
 }
