@@ -1,5 +1,5 @@
 //! A connection as the shard keeps it: its phase (which transport holds it), its buffers,
-//! subscriptions and state flags, and the names other shards use for it.
+//! subscriptions and lifecycle ([`Life`]), and the names other shards use for it.
 
 use std::net::IpAddr;
 use std::sync::Arc;
