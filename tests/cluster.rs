@@ -1059,7 +1059,7 @@ async fn a_node_started_while_redis_is_down_serves_once_it_comes_up() {
 
 /// At most 64 publishes of one connection wait for their answer: while Redis hangs, the
 /// node stops reading that connection, so a ping sent after 100 publishes is answered
-/// only after the first 64 were (here refused as `unavailable`), never before them.
+/// only after enough of them were (here refused as `unavailable`), never before them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_with_64_unanswered_publishes_is_not_read_further() {
     let binary = require_redis();
@@ -1091,14 +1091,19 @@ async fn a_connection_with_64_unanswered_publishes_is_not_read_further() {
         }
     };
     redis.signal("CONT");
+    // The ping comes after the 100 publishes: the node reads it only once fewer than 64
+    // of them are unanswered, so at least 37 answers precede the pong. (All 64 refused in
+    // one go is the usual case, not a promise: on a busy machine the refusals reach the
+    // shard in batches, and reading resumes with the first.) Without the cap the ping
+    // would be answered at once, before any publish, as Redis hangs for seconds.
     assert!(
-        pong_after >= 64,
+        pong_after > 100 - 64,
         "the ping was read while {} publishes were unanswered (answered before it: {answered:?})",
         100 - pong_after
     );
     assert_eq!(
-        answered[..64],
-        (1..=64).collect::<Vec<u64>>()[..],
+        answered,
+        (1..=pong_after as u64).collect::<Vec<u64>>(),
         "in order"
     );
     a.assert_healthy();
