@@ -212,6 +212,11 @@ fn a_second_signal_exits_at_once_without_waiting_for_the_drain() {
         !status.success(),
         "a drain cut short is not a clean exit: {status}"
     );
+    // The process may be gone before the reader of its stderr has taken the last line.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.stderr().contains("second signal") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     assert!(
         server.stderr().contains("second signal"),
         "{}",
