@@ -9,7 +9,7 @@ use crate::http::{longpoll, sse};
 use crate::hub::{self, ChannelName};
 use crate::proto::pubsub;
 
-use super::conn::{CatchUp, Phase, Sub, SubState};
+use super::conn::{CatchUp, ConnRef, Phase, Sub, SubState};
 use super::event_stream::{json_string, sse_subscribed};
 use super::{Answer, Envelope, Shard};
 
@@ -275,6 +275,13 @@ impl Shard {
         );
     }
 
+    /// The connection and pending subscription a home's answer is for, if both are still
+    /// there (the connection may have gone, or the subscription ended, meanwhile).
+    fn still_pending(&self, conn: ConnRef, ticket: u32) -> Option<(usize, usize)> {
+        let key = self.resolve(conn)?;
+        Some((key, self.pending_index(key, ticket)?))
+    }
+
     /// The pending subscription that request `ticket` made, if it is still waiting.
     pub(super) fn pending_index(&self, key: usize, ticket: u32) -> Option<usize> {
         self.conns[key]
@@ -295,10 +302,7 @@ impl Shard {
         let channel = &channel;
         let ctx = self.ctx.clone();
         let epoch = answer_epoch.as_deref().unwrap_or(&ctx.epoch);
-        let Some(key) = self.resolve(conn) else {
-            return;
-        };
-        let Some(index) = self.pending_index(key, ticket) else {
+        let Some((key, index)) = self.still_pending(conn, ticket) else {
             return;
         };
         if let Phase::Polling {
@@ -441,10 +445,7 @@ impl Shard {
         let channel = &channel;
         let ctx = self.ctx.clone();
         let epoch = epoch.as_deref().unwrap_or(&ctx.epoch);
-        let Some(key) = self.resolve(conn) else {
-            return;
-        };
-        let Some(index) = self.pending_index(key, ticket) else {
+        let Some((key, index)) = self.still_pending(conn, ticket) else {
             return;
         };
         self.release(key, index);
