@@ -6,13 +6,14 @@
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
 use crate::backend::tls::{self, Inbound, TlsAcceptor, TlsSession};
+use crate::backend::turn::{Loop, Sockets};
 use crate::shard::{Inbox, Post, Shard, Wake};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -96,50 +97,74 @@ pub struct Reactor {
 /// Runs the shard until it is stopped and drained (or the drain time runs out).
 pub fn run(reactor: Reactor) -> io::Result<()> {
     let Reactor {
-        mut shard,
+        shard,
         inbox,
         post,
-        mut poll,
+        poll,
         listener,
         stop,
         drain,
         tls,
     } = reactor;
-    let mut listener = Some(TcpListener::from_std(listener));
-    if let Some(l) = listener.as_mut() {
-        poll.registry().register(l, LISTENER, Interest::READABLE)?;
+    let mut listener = TcpListener::from_std(listener);
+    poll.registry()
+        .register(&mut listener, LISTENER, Interest::READABLE)?;
+    let mut epoll = Epoll {
+        poll,
+        events: Events::with_capacity(1024),
+        listener: Some(listener),
+        accept_paused_until: None,
+        sockets: Vec::new(),
+        tls,
+    };
+    Loop {
+        shard,
+        inbox,
+        post,
+        stop,
+        drain,
     }
-    let mut sockets: Vec<Option<Socket>> = Vec::new();
-    let mut events = Events::with_capacity(1024);
-    let mut drain_deadline: Option<Instant> = None;
-    let mut accept_paused_until: Option<Instant> = None;
+    .run(&mut epoll)
+}
 
-    loop {
-        let timeout = [shard.poll_timeout(), drain_deadline, accept_paused_until]
-            .into_iter()
-            .flatten()
-            .min()
-            .map(|t| t.saturating_duration_since(Instant::now()));
-        let timeout = if shard.has_local_work() {
-            Some(Duration::ZERO)
-        } else {
-            timeout
-        };
-        if let Err(e) = poll.poll(&mut events, timeout)
-            && e.kind() != io::ErrorKind::Interrupted
-        {
-            return Err(e);
+/// The shard's `Poll`, its listener and the sockets of its connections.
+struct Epoll {
+    poll: Poll,
+    events: Events,
+    /// Gone once the server drains.
+    listener: Option<TcpListener>,
+    /// Accepting ran out of file descriptors: try again then.
+    accept_paused_until: Option<Instant>,
+    /// Indexed by the shard's connection keys.
+    sockets: Vec<Option<Socket>>,
+    tls: Option<Arc<TlsAcceptor>>,
+}
+
+impl Sockets for Epoll {
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        match self.poll.poll(&mut self.events, timeout) {
+            Err(e) if e.kind() != io::ErrorKind::Interrupted => Err(e),
+            _ => Ok(()),
         }
-        let now = Instant::now();
-        let turn_started = now;
+    }
+
+    fn dispatch(&mut self, shard: &mut Shard, now: Instant) -> io::Result<()> {
+        let Self {
+            poll,
+            events,
+            listener,
+            accept_paused_until,
+            sockets,
+            tls,
+        } = self;
         for event in events.iter() {
             match event.token() {
                 LISTENER => {
                     if let Some(l) = listener.as_ref()
                         && accept_paused_until.is_none()
                     {
-                        accept_paused_until =
-                            accept_all(l, &mut shard, &poll, &mut sockets, tls.as_deref(), now)?;
+                        *accept_paused_until =
+                            accept_all(l, shard, poll, sockets, tls.as_deref(), now)?;
                     }
                 }
                 WAKER => {}
@@ -150,64 +175,56 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
                     if event.is_writable() {
                         if sockets[key].as_ref().is_some_and(|s| s.tls.is_some()) {
                             // Records may wait with the outbox empty (handshake, close_notify).
-                            flush(&mut shard, key, &mut sockets, &poll, now);
+                            flush(shard, key, sockets, poll, now);
                         } else {
                             shard.handle_writable(key);
                         }
                     }
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
-                        read(&mut shard, key, &mut sockets, &poll, now);
+                        read(shard, key, sockets, poll, now);
                     }
                 }
             }
         }
-
-        if let Some(until) = accept_paused_until
+        if let Some(until) = *accept_paused_until
             && now >= until
         {
             // No new edge may come for connections already waiting: try again now.
-            accept_paused_until = match listener.as_ref() {
-                Some(l) => accept_all(l, &mut shard, &poll, &mut sockets, tls.as_deref(), now)?,
+            *accept_paused_until = match listener.as_ref() {
+                Some(l) => accept_all(l, shard, poll, sockets, tls.as_deref(), now)?,
                 None => None,
             };
         }
+        Ok(())
+    }
 
-        if drain_deadline.is_none() && stop.load(Ordering::Acquire) {
-            if let Some(mut l) = listener.take() {
-                poll.registry().deregister(&mut l)?;
-            }
-            shard.begin_drain(now);
-            drain_deadline = Some(now + drain);
-        }
+    fn next_wakeup(&self) -> Option<Instant> {
+        self.accept_paused_until
+    }
 
-        shard.handle_inbox(&inbox, now);
-        shard.handle_timeout(now);
-        while let Some(key) = shard.poll_dirty() {
-            flush(&mut shard, key, &mut sockets, &poll, now);
-        }
-        while let Some(key) = shard.poll_dead() {
-            if let Some(mut socket) = sockets[key].take() {
-                let _ = poll.registry().deregister(&mut socket.stream);
-            }
-            shard.remove(key);
-        }
-        let flushed = Instant::now();
-        shard.end_turn(flushed.saturating_duration_since(turn_started), flushed);
-        post.deliver(shard.id(), shard.take_outgoing());
+    fn has_pending(&self) -> bool {
+        false
+    }
 
-        if let Some(deadline) = drain_deadline {
-            if shard.is_drained() {
-                return Ok(());
-            }
-            if now >= deadline {
-                tracing::warn!(
-                    shard = shard.id(),
-                    connections = shard.connection_count(),
-                    "drain time over; closing the remaining connections"
-                );
-                return Ok(());
-            }
+    fn stop_accepting(&mut self) -> io::Result<()> {
+        self.accept_paused_until = None;
+        match self.listener.take() {
+            Some(mut l) => self.poll.registry().deregister(&mut l),
+            None => Ok(()),
         }
+    }
+
+    fn flush(&mut self, shard: &mut Shard, key: usize, now: Instant) -> io::Result<()> {
+        flush(shard, key, &mut self.sockets, &self.poll, now);
+        Ok(())
+    }
+
+    fn close(&mut self, shard: &mut Shard, key: usize) -> io::Result<()> {
+        if let Some(mut socket) = self.sockets[key].take() {
+            let _ = self.poll.registry().deregister(&mut socket.stream);
+        }
+        shard.remove(key);
+        Ok(())
     }
 }
 

@@ -5,4 +5,5 @@ pub mod affinity;
 pub mod epoll;
 pub mod listener;
 pub mod tls;
+pub mod turn;
 pub mod uring;

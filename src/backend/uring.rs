@@ -16,13 +16,14 @@ use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
+use crate::backend::turn::{Loop, Sockets};
 use crate::shard::{Inbox, Post, Shard, Wake};
 
 use bufring::BufRing;
@@ -235,7 +236,7 @@ fn new_ring() -> io::Result<(IoUring, bool)> {
 /// Runs the shard until it is stopped and drained (or the drain time runs out).
 pub fn run(reactor: Reactor) -> io::Result<()> {
     let Reactor {
-        mut shard,
+        shard,
         inbox,
         post,
         wake,
@@ -294,86 +295,14 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
     };
     uring.arm_wake()?;
     uring.arm_accept()?;
-    let mut drain_deadline: Option<Instant> = None;
-
-    let result = loop {
-        let timeout = [
-            shard.poll_timeout(),
-            drain_deadline,
-            uring.accept_paused_until,
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .map(|t| t.saturating_duration_since(Instant::now()));
-        let timeout = if shard.has_local_work() || !uring.backlog.is_empty() {
-            Some(Duration::ZERO)
-        } else {
-            timeout
-        };
-        if let Err(e) = uring.enter(timeout) {
-            break Err(e);
-        }
-        let now = Instant::now();
-        let turn_started = now;
-        if let Err(e) = uring.complete(&mut shard, now) {
-            break Err(e);
-        }
-
-        if let Some(until) = uring.accept_paused_until
-            && now >= until
-        {
-            uring.accept_paused_until = None;
-            if let Err(e) = uring.arm_accept() {
-                break Err(e);
-            }
-        }
-
-        if drain_deadline.is_none() && stop.load(Ordering::Acquire) {
-            if let Err(e) = uring.stop_accepting() {
-                break Err(e);
-            }
-            shard.begin_drain(now);
-            drain_deadline = Some(now + drain);
-        }
-
-        shard.handle_inbox(&inbox, now);
-        shard.handle_timeout(now);
-        let mut failed = None;
-        while let Some(key) = shard.poll_dirty() {
-            if let Err(e) = uring.flush(&mut shard, key, now) {
-                failed = Some(e);
-                break;
-            }
-        }
-        while failed.is_none()
-            && let Some(key) = shard.poll_dead()
-        {
-            if let Err(e) = uring.close(&mut shard, key) {
-                failed = Some(e);
-            }
-        }
-        if let Some(e) = failed {
-            break Err(e);
-        }
-        let flushed = Instant::now();
-        shard.end_turn(flushed.saturating_duration_since(turn_started), flushed);
-        post.deliver(shard.id(), shard.take_outgoing());
-
-        if let Some(deadline) = drain_deadline {
-            if shard.is_drained() {
-                break Ok(());
-            }
-            if now >= deadline {
-                tracing::warn!(
-                    shard = shard.id(),
-                    connections = shard.connection_count(),
-                    "drain time over; closing the remaining connections"
-                );
-                break Ok(());
-            }
-        }
-    };
+    let result = Loop {
+        shard,
+        inbox,
+        post,
+        stop,
+        drain,
+    }
+    .run(&mut uring);
     uring.cancel_all();
     result
 }
@@ -506,21 +435,6 @@ impl Uring {
         // SAFETY: accept writes no peer address (null pointers); the listener outlives
         // the operation (it is dropped only after its last completion).
         unsafe { self.push(&entry.user_data(user_data(OP_ACCEPT, 0))) }
-    }
-
-    /// Draining: cancels the accept; the listener is closed once that completes.
-    fn stop_accepting(&mut self) -> io::Result<()> {
-        self.draining = true;
-        self.accept_paused_until = None;
-        if !self.accept_in_flight {
-            self.listener = None;
-            return Ok(());
-        }
-        let entry = opcode::AsyncCancel::new(user_data(OP_ACCEPT, 0))
-            .build()
-            .user_data(user_data(OP_CANCEL, 0));
-        // SAFETY: a cancel points to no memory.
-        unsafe { self.push(&entry) }
     }
 
     fn accepted(&mut self, shard: &mut Shard, c: Completion, now: Instant) -> io::Result<()> {
@@ -730,6 +644,102 @@ impl Uring {
         Ok(())
     }
 
+    fn sent(&mut self, shard: &mut Shard, key: usize, result: i32, now: Instant) -> io::Result<()> {
+        let Some(socket) = self.sockets[key].as_mut() else {
+            unreachable!("send completion for a closed socket {key}");
+        };
+        socket.send_in_flight = false;
+        if socket.closing {
+            return self.finish_close(shard, key);
+        }
+        match result {
+            n if n > 0 => {
+                // A short send leaves the rest at the front of `sending`: it goes next.
+                socket.advance(n as usize);
+                self.flush(shard, key, now)
+            }
+            n if n == -libc::EINTR => self.flush(shard, key, now),
+            _ => {
+                shard.handle_eof(key);
+                Ok(())
+            }
+        }
+    }
+
+    /// Reading paused on a full outbox that has drained: process what waits and receive.
+    fn resume(&mut self, shard: &mut Shard, key: usize, now: Instant) -> io::Result<()> {
+        if shard.resume_read(key) {
+            shard.handle_read(key, now);
+            if shard.wants_read(key) {
+                return self.arm_recv(key, shard.reads_in_bulk(key));
+            }
+        }
+        Ok(())
+    }
+
+    fn finish_close(&mut self, shard: &mut Shard, key: usize) -> io::Result<()> {
+        if self.sockets[key].as_ref().is_some_and(|s| !s.in_flight()) {
+            self.sockets[key] = None;
+            shard.remove(key);
+        }
+        Ok(())
+    }
+
+    /// Stopping with operations in flight: cancels them all and waits (bounded) so the
+    /// kernel is done with our buffers before they are freed.
+    fn cancel_all(&mut self) {
+        let _ = self.ring.submit();
+        let timeout = Timespec::new().sec(1);
+        if let Err(e) = self
+            .ring
+            .submitter()
+            .register_sync_cancel(Some(timeout), CancelBuilder::any())
+            && e.raw_os_error() != Some(libc::ENOENT)
+        {
+            tracing::warn!("cancelling io_uring operations at exit: {e}");
+        }
+    }
+}
+
+impl Sockets for Uring {
+    fn wait(&mut self, timeout: Option<Duration>) -> io::Result<()> {
+        self.enter(timeout)
+    }
+
+    fn dispatch(&mut self, shard: &mut Shard, now: Instant) -> io::Result<()> {
+        self.complete(shard, now)?;
+        if let Some(until) = self.accept_paused_until
+            && now >= until
+        {
+            self.accept_paused_until = None;
+            self.arm_accept()?;
+        }
+        Ok(())
+    }
+
+    fn next_wakeup(&self) -> Option<Instant> {
+        self.accept_paused_until
+    }
+
+    fn has_pending(&self) -> bool {
+        !self.backlog.is_empty()
+    }
+
+    /// Draining: cancels the accept; the listener is closed once that completes.
+    fn stop_accepting(&mut self) -> io::Result<()> {
+        self.draining = true;
+        self.accept_paused_until = None;
+        if !self.accept_in_flight {
+            self.listener = None;
+            return Ok(());
+        }
+        let entry = opcode::AsyncCancel::new(user_data(OP_ACCEPT, 0))
+            .build()
+            .user_data(user_data(OP_CANCEL, 0));
+        // SAFETY: a cancel points to no memory.
+        unsafe { self.push(&entry) }
+    }
+
     /// Starts a send of `key`'s outbox unless one is in flight (its completion continues).
     fn flush(&mut self, shard: &mut Shard, key: usize, now: Instant) -> io::Result<()> {
         let Some(socket) = self.sockets[key].as_mut() else {
@@ -778,39 +788,6 @@ impl Uring {
         self.resume(shard, key, now)
     }
 
-    fn sent(&mut self, shard: &mut Shard, key: usize, result: i32, now: Instant) -> io::Result<()> {
-        let Some(socket) = self.sockets[key].as_mut() else {
-            unreachable!("send completion for a closed socket {key}");
-        };
-        socket.send_in_flight = false;
-        if socket.closing {
-            return self.finish_close(shard, key);
-        }
-        match result {
-            n if n > 0 => {
-                // A short send leaves the rest at the front of `sending`: it goes next.
-                socket.advance(n as usize);
-                self.flush(shard, key, now)
-            }
-            n if n == -libc::EINTR => self.flush(shard, key, now),
-            _ => {
-                shard.handle_eof(key);
-                Ok(())
-            }
-        }
-    }
-
-    /// Reading paused on a full outbox that has drained: process what waits and receive.
-    fn resume(&mut self, shard: &mut Shard, key: usize, now: Instant) -> io::Result<()> {
-        if shard.resume_read(key) {
-            shard.handle_read(key, now);
-            if shard.wants_read(key) {
-                return self.arm_recv(key, shard.reads_in_bulk(key));
-            }
-        }
-        Ok(())
-    }
-
     /// The shard is done with `key`: cancel what is in flight; close when nothing is.
     fn close(&mut self, shard: &mut Shard, key: usize) -> io::Result<()> {
         let Some(socket) = self.sockets[key].as_mut() else {
@@ -827,29 +804,6 @@ impl Uring {
             unsafe { self.push(&entry) }?;
         }
         self.finish_close(shard, key)
-    }
-
-    fn finish_close(&mut self, shard: &mut Shard, key: usize) -> io::Result<()> {
-        if self.sockets[key].as_ref().is_some_and(|s| !s.in_flight()) {
-            self.sockets[key] = None;
-            shard.remove(key);
-        }
-        Ok(())
-    }
-
-    /// Stopping with operations in flight: cancels them all and waits (bounded) so the
-    /// kernel is done with our buffers before they are freed.
-    fn cancel_all(&mut self) {
-        let _ = self.ring.submit();
-        let timeout = Timespec::new().sec(1);
-        if let Err(e) = self
-            .ring
-            .submitter()
-            .register_sync_cancel(Some(timeout), CancelBuilder::any())
-            && e.raw_os_error() != Some(libc::ENOENT)
-        {
-            tracing::warn!("cancelling io_uring operations at exit: {e}");
-        }
     }
 }
 

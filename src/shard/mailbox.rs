@@ -1,5 +1,6 @@
-//! The only path between shards: one crossbeam queue per shard plus a wake-up, used at
-//! most once per sending shard per loop turn.
+//! The only path between shards: one crossbeam queue per shard plus a wake-up, skipped
+//! while one is already on its way. A shard sends its batches before its turn's flush,
+//! during a long flush, and at the end of the turn.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -175,6 +176,11 @@ impl Post {
 impl Inbox {
     pub fn new(shard: usize, queue: Receiver<Envelope>, post: Arc<Post>) -> Self {
         Self { shard, queue, post }
+    }
+
+    /// Whether envelopes wait (a look only: the wake flag stays as it is).
+    pub fn has_mail(&self) -> bool {
+        !self.queue.is_empty()
     }
 
     /// Takes the next envelope. Clears the wake flag before reporting empty, so a sender

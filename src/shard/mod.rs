@@ -3,16 +3,19 @@
 //! owns the sockets and drives a [`Shard`] through the calls below.
 //!
 //! # Calling contract
-//! Per loop turn, a backend:
+//! `crate::backend::turn` is this contract, written once for every backend. Per loop turn:
 //! 1. calls [`Shard::accept`] for each new socket (it gets the connection's key, and
 //!    stores the socket under that key);
 //! 2. for each readable socket, appends what it reads to [`Shard::read_buffer`] and calls
 //!    [`Shard::handle_read`] (or [`Shard::handle_eof`] on end of stream or error),
 //!    reading again only while [`Shard::wants_read`];
 //! 3. calls [`Shard::handle_inbox`] and [`Shard::handle_timeout`];
-//! 4. writes each key from [`Shard::poll_dirty`] out of [`Shard::outbox`], reports it
-//!    with [`Shard::handle_written`], shuts down the socket's write side when
+//! 4. hands [`Shard::take_outgoing`] to the [`Post`], so other shards start on this
+//!    turn's broadcasts while this one writes; then writes each key from
+//!    [`Shard::poll_dirty`] out of [`Shard::outbox`], reports it with
+//!    [`Shard::handle_written`], shuts down the socket's write side when
 //!    [`Shard::poll_flushed`] says so, and reads again when [`Shard::resume_read`] does;
+//!    during a long flush it calls [`Shard::handle_inbox`] again when mail waits;
 //! 5. drops the socket of each key from [`Shard::poll_dead`], then calls
 //!    [`Shard::remove`];
 //! 6. calls [`Shard::end_turn`], hands [`Shard::take_outgoing`] to the [`Post`], and

@@ -202,3 +202,4 @@ mod limits;
 mod pubsub;
 mod replay;
 mod requests;
+mod turn;
