@@ -26,10 +26,9 @@ use tokio::time::{Instant, sleep_until, timeout};
 
 use super::{Idle, Link, Queue, Request};
 use crate::compression::{CompressionPolicies, CompressionPolicy};
-use crate::http::longpoll;
 use crate::hub::{self, Broadcast, ChannelName, HistoryLimits};
 use crate::proto::deflate::{Compressor, CompressorSettings};
-use crate::proto::{OpCode, pubsub};
+use crate::proto::pubsub;
 use crate::shard::{Answer, ConnRef, Envelope, Post};
 
 /// Longest wait for one Redis reply: past it the link counts as lost (a hung Redis must
@@ -814,23 +813,18 @@ impl Node {
         if !self.channels.contains_key(name) {
             return;
         }
-        let deflated = if self.compression.policy_for(name) == CompressionPolicy::Shared {
-            let payload = longpoll::frame_payload(&frame);
-            let deflated = self.shared_compressor.encode_frame(OpCode::Text, &payload);
-            // Kept only if it saves bytes, as at a home shard.
-            (deflated.len() < frame.len()).then_some(deflated)
-        } else {
-            None
-        };
-        let Some(channel) = self.channels.get(name) else {
-            return;
-        };
-        let broadcast = Broadcast {
+        let mut broadcast = Broadcast {
             channel: name.clone(),
             seq,
             frame,
-            deflated,
+            deflated: None,
             published_at: std::time::Instant::now(),
+        };
+        if self.compression.policy_for(name) == CompressionPolicy::Shared {
+            broadcast.compress_shared(&mut self.shared_compressor);
+        }
+        let Some(channel) = self.channels.get(name) else {
+            return;
         };
         for (shard, &count) in channel.counts.iter().enumerate() {
             if count > 0 {

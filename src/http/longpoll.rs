@@ -10,7 +10,7 @@ use std::time::Duration;
 use bytes::Bytes;
 
 use super::push_json_str;
-use crate::proto::frame::FrameHeader;
+use crate::proto::frame::server_frame_payload;
 use crate::proto::handshake::Request;
 
 /// Longest a poll may wait, whatever it asks for.
@@ -50,16 +50,6 @@ pub fn parse(request: &Request) -> Result<Poll, String> {
     })
 }
 
-/// The JSON message inside a server text frame.
-pub fn frame_payload(frame: &Bytes) -> Bytes {
-    let (header, len) = FrameHeader::parse(frame)
-        .ok()
-        .flatten()
-        .expect("broadcast frames are well-formed server frames");
-    debug_assert_eq!(frame.len() as u64, len as u64 + header.payload_len);
-    frame.slice(len..)
-}
-
 /// `{"channel":C,"epoch":E,"seq":S,"messages":[..]}` from (seq, frame) pairs; `seq` is the
 /// latest sequence number the client has seen once it has these messages (its next `since`).
 pub fn response(
@@ -79,7 +69,7 @@ pub fn response(
         if i > 0 {
             body.push(b',');
         }
-        body.extend_from_slice(&frame_payload(frame));
+        body.extend_from_slice(&server_frame_payload(frame));
     }
     body.extend_from_slice(b"]}");
     super::response(200, "application/json", &[], &body, keep_alive)

@@ -5,7 +5,7 @@
 
 use bytes::{Bytes, BytesMut};
 
-use super::longpoll::frame_payload;
+use crate::proto::frame::server_frame_payload;
 use crate::proto::handshake::Request;
 use crate::proto::pubsub::validate_channel;
 
@@ -48,7 +48,7 @@ pub fn since(request: &Request) -> Result<Option<u64>, String> {
 /// (a line break inside the publisher's JSON starts a new `data:` line, which the
 /// browser joins back with `\n`).
 pub fn event(seq: u64, frame: &Bytes) -> Bytes {
-    let payload = frame_payload(frame);
+    let payload = server_frame_payload(frame);
     let mut out = BytesMut::with_capacity(payload.len() + 40);
     out.extend_from_slice(format!("id: {seq}\nevent: message\ndata: ").as_bytes());
     for &b in payload.iter() {

@@ -22,6 +22,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::proto::OpCode;
+use crate::proto::deflate::Compressor;
+use crate::proto::frame::server_frame_payload;
+
 pub use channel::{Channels, HistoryLimits, Published, SubscribeOutcome, home_of};
 pub use subscriptions::Subscriptions;
 
@@ -42,6 +46,17 @@ pub struct Broadcast {
     pub published_at: Instant,
 }
 
+impl Broadcast {
+    /// Deflates the frame once for every compressing subscriber of a `shared` channel,
+    /// with `compressor` (the shared settings: each message from an empty window). Kept
+    /// only when it saves bytes; tiny messages go plain to everyone.
+    pub fn compress_shared(&mut self, compressor: &mut Compressor) {
+        let payload = server_frame_payload(&self.frame);
+        let deflated = compressor.encode_frame(OpCode::Text, &payload);
+        self.deflated = (deflated.len() < self.frame.len()).then_some(deflated);
+    }
+}
+
 /// Names this run of the node: a `since` from another epoch cannot be trusted, because
 /// sequence numbers restart when the process does.
 pub fn new_epoch(now: std::time::SystemTime) -> String {
@@ -55,4 +70,43 @@ pub fn new_epoch(now: std::time::SystemTime) -> String {
         n /= 36;
     }
     String::from_utf8(out).expect("ascii digits")
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests start a clock of their own
+mod tests {
+    use super::*;
+    use crate::proto::deflate::{CompressorSettings, Inflater};
+    use crate::proto::frame::FrameHeader;
+    use crate::proto::pubsub;
+
+    fn broadcast(data: &[u8]) -> Broadcast {
+        Broadcast {
+            channel: "news".into(),
+            seq: 1,
+            frame: pubsub::encode_message("news", 1, data),
+            deflated: None,
+            published_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn a_shared_deflate_is_kept_only_when_it_saves_bytes_and_inflates_to_the_message() {
+        let mut compressor = Compressor::new(CompressorSettings::SHARED, true);
+        let mut tiny = broadcast(b"1");
+        tiny.compress_shared(&mut compressor);
+        assert!(tiny.deflated.is_none());
+
+        let data = format!("[{}]", vec!["\"the same words again\""; 50].join(","));
+        let mut big = broadcast(data.as_bytes());
+        big.compress_shared(&mut compressor);
+        let deflated = big.deflated.expect("repetitive JSON compresses");
+        assert!(deflated.len() < big.frame.len() / 4);
+        let (header, len) = FrameHeader::parse(&deflated).unwrap().unwrap();
+        assert!(header.rsv == 0b100 && header.fin && header.opcode == OpCode::Text);
+        let inflated = Inflater::default()
+            .inflate(&deflated[len..], 1 << 20)
+            .unwrap();
+        assert_eq!(inflated, server_frame_payload(&big.frame));
+    }
 }

@@ -205,6 +205,16 @@ pub fn encode_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
     frame.freeze()
 }
 
+/// The payload of a complete unmasked frame this server encoded, sharing its allocation.
+pub fn server_frame_payload(frame: &Bytes) -> Bytes {
+    let (header, len) = FrameHeader::parse(frame)
+        .ok()
+        .flatten()
+        .expect("server frames are well-formed");
+    debug_assert_eq!(frame.len() as u64, len as u64 + header.payload_len);
+    frame.slice(len..)
+}
+
 /// A server close frame with `code` and `reason`, the reason cut at a character boundary to
 /// fit the 125-byte control payload.
 #[must_use]

@@ -9,6 +9,7 @@ use crate::hub::Broadcast;
 use crate::limits::SlowConsumerPolicy;
 use crate::metrics::Stopwatch;
 use crate::proto::deflate::CompressorSettings;
+use crate::proto::frame::server_frame_payload;
 use crate::proto::pubsub;
 
 use super::Shard;
@@ -49,7 +50,7 @@ impl Shard {
                         // message this connection gets, shared channels' included.
                         let stopwatch = Stopwatch::start();
                         let payload = plain_payload
-                            .get_or_insert_with(|| longpoll::frame_payload(&broadcast.frame));
+                            .get_or_insert_with(|| server_frame_payload(&broadcast.frame));
                         let frame = ws
                             .encode_compressed(true, payload)
                             .expect("deflate was negotiated");

@@ -4,10 +4,8 @@
 //! idle.
 
 use crate::compression::CompressionPolicy;
-use crate::http::longpoll;
 use crate::hub::{ChannelName, SubscribeOutcome};
 use crate::metrics::Stopwatch;
-use crate::proto::frame::OpCode;
 
 use super::conn::ConnRef;
 use super::{Answer, Envelope, Shard};
@@ -67,12 +65,8 @@ impl Shard {
                 self.counters.publishes_total += 1;
                 if self.ctx.config.compression.policy_for(&channel) == CompressionPolicy::Shared {
                     let stopwatch = Stopwatch::start();
-                    let payload = longpoll::frame_payload(&broadcast.frame);
-                    let deflated = self.shared_compressor.encode_frame(OpCode::Text, &payload);
+                    broadcast.compress_shared(&mut self.shared_compressor);
                     self.counters.deflate_ns_total += stopwatch.elapsed_ns();
-                    // Kept only if it saves bytes; tiny messages go plain to everyone.
-                    broadcast.deflated =
-                        (deflated.len() < broadcast.frame.len()).then_some(deflated);
                 }
                 let seq = broadcast.seq;
                 for shard in targets {
