@@ -1297,12 +1297,13 @@ async fn a_replay_from_redis_is_paced_within_the_outbound_budget() {
         assert_eq!(publish_raw(&mut ws, "paced", &data, i).await, i);
     }
     let texts = blocking(move || {
-        let mut texts = Vec::new();
-        while texts
-            .iter()
-            .filter(|t: &&String| t.contains(r#""type":"message""#))
-            .count()
-            < 65
+        let mut texts: Vec<String> = Vec::new();
+        // The confirmation follows the replay, which reaches 65 when the last publishes
+        // landed before it caught up (a busy machine): read until both are in.
+        let count =
+            |texts: &[String], kind: &str| texts.iter().filter(|t| t.contains(kind)).count();
+        while count(&texts, r#""type":"message""#) < 65
+            || count(&texts, r#""type":"subscribed""#) == 0
         {
             let frame = read_frame(&mut raw, &mut buf, RECV_TIMEOUT).expect("a frame");
             texts.push(String::from_utf8(frame.payload).unwrap());
