@@ -7,23 +7,14 @@
 //! mailbox hop, and every subscriber's outbox getting the shared frame.
 
 use std::hint::black_box;
-use std::net::{IpAddr, Ipv4Addr};
-use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use herald::Config;
-use herald::hub::home_of;
 use herald::proto::pubsub::encode_message;
-use herald::proto::{OpCode, encode_client_frame};
-use herald::shard::{Context, Inbox, Post, Shard, Wake};
+use herald::shard::harness::{Client, Cluster, homed_on};
 
 const SUBSCRIBERS: usize = 10_000;
-const PEER: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
-const MASK: [u8; 4] = [1, 2, 3, 4];
-const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-Sec-WebSocket-Version: 13\r\n\r\n";
 
 fn encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("broadcast_encode_message");
@@ -37,27 +28,17 @@ fn encode(c: &mut Criterion) {
     group.finish();
 }
 
-struct NoWake;
-
-impl Wake for NoWake {
-    fn wake(&self) {}
-}
-
-/// Shards stepped by hand, as a backend would step them, with one publisher connection.
-struct Cluster {
-    shards: Vec<Shard>,
-    inboxes: Vec<Inbox>,
-    post: Arc<Post>,
-    now: Instant,
-    /// The publisher's shard and key.
-    publisher: (usize, usize),
-    /// The publisher's masked publish frame.
-    publish: Vec<u8>,
+/// Shards stepped in memory by the harness the shard's tests use, with one publisher.
+struct Bench {
+    node: Cluster,
+    publisher: Client,
+    /// The publisher's publish, as JSON.
+    publish: String,
     /// Publishes so far, to check that every one reached every subscriber.
     published: u64,
 }
 
-impl Cluster {
+impl Bench {
     /// `subscribers` clients spread round-robin over `shards`, all on one channel homed on
     /// shard 0, plus a publisher on shard 0.
     fn new(shards: usize, subscribers: usize) -> Self {
@@ -69,103 +50,37 @@ impl Cluster {
             max_messages_per_second: 1_000_000_000,
             ..Config::default()
         };
-        let ctx = Arc::new(
-            Context::new(config, shards, SystemTime::now()).expect("a valid configuration"),
-        );
-        let now = Instant::now();
-        let wakers = (0..shards)
-            .map(|_| Arc::new(NoWake) as Arc<dyn Wake>)
-            .collect();
-        let (post, receivers) = Post::new(wakers);
-        let mut cluster = Self {
-            shards: (0..shards)
-                .map(|id| Shard::new(id, shards, ctx.clone(), now))
-                .collect(),
-            inboxes: receivers
-                .into_iter()
-                .enumerate()
-                .map(|(id, rx)| Inbox::new(id, rx, post.clone()))
-                .collect(),
-            post,
-            now,
-            publisher: (0, 0),
-            publish: Vec::new(),
-            published: 0,
-        };
-        let channel = (0..)
-            .map(|i| format!("bench.{i}"))
-            .find(|c| home_of(c, shards) == 0)
-            .expect("some name is homed on shard 0");
+        let mut node = Cluster::new(shards, config);
+        let channel = homed_on(0, shards);
         let subscribe = format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#);
-        let subscribe = encode_client_frame(OpCode::Text, true, subscribe.as_bytes(), MASK);
         for i in 0..subscribers {
-            let key = cluster.connect(i % shards);
-            cluster.write(i % shards, key, &subscribe);
+            let client = node.connect(i % shards, "/ws");
+            node.send(client, &subscribe);
         }
-        cluster.publisher = (0, cluster.connect(0));
-        let publish = format!(
-            r#"{{"type":"publish","channel":"{channel}","data":{{"price":1.0842,"sym":"EURUSD"}}}}"#
-        );
-        cluster.publish = encode_client_frame(OpCode::Text, true, publish.as_bytes(), MASK);
-        cluster.settle();
-        cluster.drain();
-        cluster
-    }
-
-    fn connect(&mut self, shard: usize) -> usize {
-        let key = self.shards[shard]
-            .accept(self.now, PEER)
-            .expect("room for a client");
-        self.write(shard, key, UPGRADE);
-        key
-    }
-
-    fn write(&mut self, shard: usize, key: usize, bytes: &[u8]) {
-        let shard = &mut self.shards[shard];
-        shard.read_buffer(key).extend_from_slice(bytes);
-        shard.handle_read(key, self.now);
-    }
-
-    /// Moves envelopes between shards until every mailbox is quiet (two rounds suffice
-    /// for publish -> home -> subscribers' shards).
-    fn settle(&mut self) {
-        for _ in 0..2 {
-            for (shard, inbox) in self.shards.iter_mut().zip(&self.inboxes) {
-                shard.handle_inbox(inbox, self.now);
-                self.post.deliver(shard.id(), shard.take_outgoing());
-            }
+        let publisher = node.connect(0, "/ws");
+        node.settle();
+        node.flush_all();
+        Self {
+            node,
+            publisher,
+            publish: format!(
+                r#"{{"type":"publish","channel":"{channel}","data":{{"price":1.0842,"sym":"EURUSD"}}}}"#
+            ),
+            published: 0,
         }
-    }
-
-    /// Empties every dirty connection's outbox, as if each socket took all of it, and ends
-    /// each shard's turn; returns the bytes "written".
-    fn drain(&mut self) -> usize {
-        let mut written = 0;
-        for shard in &mut self.shards {
-            while let Some(key) = shard.poll_dirty() {
-                let outbox = shard.outbox(key);
-                let len = outbox.len_bytes();
-                outbox.advance(len);
-                written += len;
-            }
-            shard.end_turn(Duration::ZERO, self.now);
-        }
-        written
     }
 
     /// One publish from the publisher to every subscriber's outbox.
     fn publish_once(&mut self) {
-        let (shard, key) = self.publisher;
-        let frame = std::mem::take(&mut self.publish);
-        self.write(shard, key, &frame);
-        self.publish = frame;
-        self.settle();
+        self.node.send(self.publisher, &self.publish);
+        self.node.settle();
         self.published += 1;
     }
 
     /// Fails unless every publish so far reached every subscriber exactly once.
     fn check_deliveries(&self) {
         let delivered: u64 = self
+            .node
             .shards
             .iter()
             .map(|s| s.counters().deliveries_total)
@@ -178,11 +93,11 @@ fn fan_out(c: &mut Criterion) {
     let mut group = c.benchmark_group("broadcast_fan_out");
     group.throughput(Throughput::Elements(SUBSCRIBERS as u64));
     for shards in [1, 2] {
-        let mut cluster = Cluster::new(shards, SUBSCRIBERS);
+        let mut bench = Bench::new(shards, SUBSCRIBERS);
         // Check once, before measuring, that a publish reaches every subscriber.
-        cluster.publish_once();
-        cluster.check_deliveries();
-        assert!(cluster.drain() > SUBSCRIBERS * 40);
+        bench.publish_once();
+        bench.check_deliveries();
+        assert!(bench.node.flush_all() > SUBSCRIBERS * 40);
 
         let name = format!("{shards}_shard{}", if shards == 1 { "" } else { "s" });
         // Publish and deliver only; the outboxes are emptied outside the clock.
@@ -191,9 +106,9 @@ fn fan_out(c: &mut Criterion) {
                 let mut elapsed = Duration::ZERO;
                 for _ in 0..iters {
                     let start = Instant::now();
-                    cluster.publish_once();
+                    bench.publish_once();
                     elapsed += start.elapsed();
-                    cluster.drain();
+                    bench.node.flush_all();
                 }
                 elapsed
             });
@@ -202,12 +117,12 @@ fn fan_out(c: &mut Criterion) {
         // list and empty each outbox as a fully successful writev would.
         group.bench_function(BenchmarkId::new("deliver_and_drain", &name), |b| {
             b.iter(|| {
-                cluster.publish_once();
-                cluster.drain()
+                bench.publish_once();
+                bench.node.flush_all()
             });
         });
         // No publish was refused (rate limit) or lost on the way.
-        cluster.check_deliveries();
+        bench.check_deliveries();
     }
     group.finish();
 }

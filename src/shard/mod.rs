@@ -43,6 +43,7 @@
 //! | `fanout` | a broadcast queued on every local subscriber; shedding slow ones |
 //! | `deadlines`, `timer` | request, poll, token, close and heartbeat deadlines |
 //! | `outbox`, `mailbox` | a connection's write queue; the envelopes between shards |
+//! | `harness` | shards driven in memory, for the unit tests and the benches |
 
 #![deny(clippy::disallowed_methods)] // no clock reads here: see clippy.toml
 
@@ -50,6 +51,7 @@ mod conn;
 mod deadlines;
 mod event_stream;
 mod fanout;
+pub mod harness;
 mod home;
 mod longpoll;
 mod mailbox;
@@ -629,7 +631,6 @@ fn jitter_seed(started: SystemTime, shard: usize) -> u64 {
         | 1
 }
 
-/// Shards driven in memory, as a backend would, with clients that are byte buffers.
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // tests start the clock the shards are driven by
 mod tests;
