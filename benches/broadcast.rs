@@ -15,15 +15,12 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use herald::Config;
 use herald::hub::home_of;
 use herald::proto::pubsub::encode_message;
-use herald::proto::{OpCode, encode_client_frame};
+use herald::proto::{ClientHandshake, OpCode, encode_client_frame};
 use herald::shard::{Context, Inbox, Post, Shard, Wake};
 
 const SUBSCRIBERS: usize = 10_000;
 const PEER: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 const MASK: [u8; 4] = [1, 2, 3, 4];
-const UPGRADE: &[u8] = b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\
-Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
-Sec-WebSocket-Version: 13\r\n\r\n";
 
 fn encode(c: &mut Criterion) {
     let mut group = c.benchmark_group("broadcast_encode_message");
@@ -116,7 +113,8 @@ impl Cluster {
         let key = self.shards[shard]
             .accept(self.now, PEER)
             .expect("room for a client");
-        self.write(shard, key, UPGRADE);
+        let upgrade = ClientHandshake::new("/ws", "x", *b"the sample nonce").encode();
+        self.write(shard, key, &upgrade);
         key
     }
 

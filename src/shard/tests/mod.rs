@@ -6,9 +6,12 @@ use crate::compression::CompressionPolicy;
 use crate::hub::ChannelName;
 use crate::limits::SlowConsumerPolicy;
 use crate::proto::OpCode;
+use crate::proto::client_handshake::{Answer, ClientHandshake};
 use crate::proto::frame::{FrameHeader, encode_client_frame};
 
 const LOCALHOST: IpAddr = IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+/// The RFC 6455 §1.3 sample nonce (key `dGhlIHNhbXBsZSBub25jZQ==`).
+const NONCE: [u8; 16] = *b"the sample nonce";
 
 struct NoWake;
 
@@ -67,16 +70,22 @@ impl Cluster {
     }
 
     fn connect(&mut self, shard: usize, path: &str) -> Client {
+        self.upgrade(shard, &ClientHandshake::new(path, "x", NONCE))
+            .0
+    }
+
+    /// A client on `shard` that completed `handshake`, and the extensions accepted.
+    fn upgrade(&mut self, shard: usize, handshake: &ClientHandshake) -> (Client, Option<String>) {
         let key = self.shards[shard].accept(self.now, LOCALHOST).unwrap();
         let client = Client { shard, key };
-        let head = format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        self.write(client, head.as_bytes());
+        self.write(client, &handshake.encode());
         let response = self.take_output(client);
-        assert!(response.starts_with(b"HTTP/1.1 101"), "{response:?}");
-        client
+        match handshake.parse_response(&response) {
+            Ok(Some((Answer::Accepted { extensions, .. }, len))) if len == response.len() => {
+                (client, extensions)
+            }
+            other => panic!("{other:?}: {:?}", String::from_utf8_lossy(&response)),
+        }
     }
 
     fn send(&mut self, client: Client, json: &str) {
