@@ -42,7 +42,7 @@ pub enum Answer {
     /// Any other status: a plain HTTP response, and the connection never upgrades.
     Refused {
         status: u16,
-        /// The status line, as sent (`HTTP/1.1 429 Too Many Requests`).
+        /// The status line, from its parsed parts (`HTTP/1.1 429 Too Many Requests`).
         status_line: String,
         /// Each header as (name, value), in order.
         headers: Vec<(String, String)>,
@@ -153,11 +153,11 @@ impl ClientHandshake {
             })
             .collect();
         if status != 101 {
-            let status_line = format!(
-                "HTTP/1.{} {status} {}",
-                parsed.version.unwrap_or(1),
-                parsed.reason.unwrap_or_default()
-            );
+            let version = parsed.version.unwrap_or(1);
+            let status_line = match parsed.reason.unwrap_or_default() {
+                "" => format!("HTTP/1.{version} {status}"),
+                reason => format!("HTTP/1.{version} {status} {reason}"),
+            };
             let answer = Answer::Refused {
                 status,
                 status_line,
