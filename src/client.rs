@@ -10,11 +10,8 @@ use std::net::{Shutdown, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
-
+use crate::proto::client_handshake::{Answer, ClientHandshake};
 use crate::proto::frame::{FrameHeader, OpCode, encode_client_frame};
-use crate::proto::handshake::accept_key;
 use crate::proto::pubsub::validate_channel;
 
 /// A `ws://host:port/path?query` URL, taken apart.
@@ -124,10 +121,10 @@ pub fn interpret(line: &str, next_id: &mut u64) -> Input {
     }
 }
 
-fn random_key() -> io::Result<String> {
+fn random_nonce() -> io::Result<[u8; 16]> {
     let mut nonce = [0u8; 16];
     std::fs::File::open("/dev/urandom")?.read_exact(&mut nonce)?;
-    Ok(BASE64.encode(nonce))
+    Ok(nonce)
 }
 
 fn mask() -> [u8; 4] {
@@ -144,22 +141,31 @@ fn connect(url: &Url, token: Option<&str>) -> Result<(TcpStream, Vec<u8>), Strin
     let mut stream = TcpStream::connect((url.host.as_str(), url.port))
         .map_err(|e| format!("cannot connect to {}:{}: {e}", url.host, url.port))?;
     stream.set_nodelay(true).map_err(|e| e.to_string())?;
-    let key = random_key().map_err(|e| e.to_string())?;
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let request = format!(
-        "GET {} HTTP/1.1\r\nHost: {}:{}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n",
-        url.target, url.host, url.port
-    );
+    let nonce = random_nonce().map_err(|e| e.to_string())?;
+    let host = if url.host.contains(':') {
+        format!("[{}]:{}", url.host, url.port)
+    } else {
+        format!("{}:{}", url.host, url.port)
+    };
+    let mut handshake = ClientHandshake::new(&url.target, &host, nonce);
+    if let Some(token) = token {
+        handshake = handshake.header("Authorization", &format!("Bearer {token}"));
+    }
     stream
-        .write_all(request.as_bytes())
+        .write_all(&handshake.encode())
         .map_err(|e| e.to_string())?;
     stream
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
-    let head_end = loop {
+    let (answer, head_len) = loop {
+        if let Some(parsed) = handshake
+            .parse_response(&buf)
+            .map_err(|e| format!("handshake: {e}"))?
+        {
+            break parsed;
+        }
         let n = stream
             .read(&mut chunk)
             .map_err(|e| format!("handshake: {e}"))?;
@@ -167,30 +173,16 @@ fn connect(url: &Url, token: Option<&str>) -> Result<(TcpStream, Vec<u8>), Strin
             return Err("the server closed the connection during the handshake".into());
         }
         buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > 16 * 1024 {
-            return Err("response head too large".into());
-        }
     };
-    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let status = head.lines().next().unwrap_or_default();
-    if !status.starts_with("HTTP/1.1 101") {
-        let body = String::from_utf8_lossy(&buf[head_end..]).trim().to_string();
-        return Err(format!("upgrade refused: {status} {body}"));
-    }
-    let expected = accept_key(&key);
-    let accepted = head.lines().any(|l| {
-        l.split_once(':').is_some_and(|(name, value)| {
-            name.eq_ignore_ascii_case("sec-websocket-accept") && value.trim() == expected
-        })
-    });
-    if !accepted {
-        return Err("the server's Sec-WebSocket-Accept does not match".into());
+    if let Answer::Refused {
+        status_line, body, ..
+    } = answer
+    {
+        let body = String::from_utf8_lossy(&body).trim().to_string();
+        return Err(format!("upgrade refused: {status_line} {body}"));
     }
     stream.set_read_timeout(None).map_err(|e| e.to_string())?;
-    Ok((stream, buf[head_end..].to_vec()))
+    Ok((stream, buf[head_len..].to_vec()))
 }
 
 fn send(stream: &Mutex<TcpStream>, opcode: OpCode, payload: &[u8]) -> io::Result<()> {

@@ -71,12 +71,14 @@ pub enum Refusal {
     Full,
     /// This address holds `--max-connections-per-ip` already: 429.
     PerIp,
+    /// The shard accepts new connections faster than its accept rate: 503.
+    AcceptRate,
 }
 
 impl Refusal {
     pub fn status(self) -> u16 {
         match self {
-            Self::Full => 503,
+            Self::Full | Self::AcceptRate => 503,
             Self::PerIp => 429,
         }
     }
@@ -85,6 +87,7 @@ impl Refusal {
         match self {
             Self::Full => "the server is at its connection limit; retry later",
             Self::PerIp => "too many connections from this address; retry later",
+            Self::AcceptRate => "too many new connections; retry later",
         }
     }
 }

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use herald::proto::ClientHandshake;
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use support::*;
@@ -63,15 +64,13 @@ fn b64(bytes: &[u8]) -> String {
 
 /// A valid upgrade request for `path` with extra header lines.
 fn ws_request(path: &str, headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut req = format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {SAMPLE_KEY}\r\nSec-WebSocket-Version: 13\r\n"
-    );
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.into_bytes()
+    ws_handshake(path, headers).encode()
+}
+
+fn ws_handshake(path: &str, headers: &[(&str, &str)]) -> ClientHandshake {
+    headers
+        .iter()
+        .fold(client_handshake(path), |h, (k, v)| h.header(k, v))
 }
 
 fn bearer(token: &str) -> String {
@@ -122,12 +121,9 @@ fn expect_status(addr: SocketAddr, request: &[u8], status: u16, what: &str) -> V
 
 /// Completes an upgrade on `path` with `headers`; panics unless it is a 101.
 fn ws_open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (TcpStream, Vec<u8>) {
-    let (s, head) = request_head(addr, &ws_request(path, headers));
-    assert_eq!(
-        head.status, 101,
-        "expected 101 on {path} with {headers:?}, got {head:?}"
-    );
-    (s, head.rest)
+    let mut s = raw_connect(addr);
+    let rest = upgrade(&mut s, &ws_handshake(path, headers));
+    (s, rest)
 }
 
 /// A WebSocket on `/ws` carrying `token` in the Authorization header.

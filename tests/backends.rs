@@ -14,7 +14,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use support::{
-    OP_BINARY, Server, encode_frame, pseudo_random_bytes, read_frame, request_head, upgrade_request,
+    OP_BINARY, Server, encode_frame, pseudo_random_bytes, raw_upgrade, read_frame, request_head,
 };
 
 /// `uring-single-shot` is io_uring without multishot operations and the buffer ring: the
@@ -41,9 +41,7 @@ fn start(backend: &str, extra: &[&str]) -> Server {
 }
 
 fn echo_client(server: &Server) -> (TcpStream, Vec<u8>) {
-    let (s, head) = request_head(server.addr(), upgrade_request("/echo").as_bytes());
-    assert_eq!(head.status, 101, "upgrade failed: {head:?}");
-    (s, head.rest)
+    raw_upgrade(server.addr(), "/echo")
 }
 
 /// Frame `i` of the pipelined run: 1 byte to ~48 KiB, so most span several receive

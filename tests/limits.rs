@@ -54,13 +54,10 @@ fn connect_from(last: u8, addr: SocketAddr, rcvbuf: Option<usize>) -> TcpStream 
 
 /// An upgrade request for `/ws` with extra header lines.
 fn ws_request(headers: &[(&str, &str)]) -> Vec<u8> {
-    let mut req = upgrade_request("/ws");
-    req.truncate(req.len() - 2);
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    req.into_bytes()
+    headers
+        .iter()
+        .fold(client_handshake("/ws"), |h, (k, v)| h.header(k, v))
+        .encode()
 }
 
 /// Sends an upgrade from `127.0.0.<last>` and reads the response head.
@@ -339,10 +336,7 @@ async fn subscriber_that_never_reads_is_closed_with_4008_while_a_thousand_others
     // The slow consumer: a small receive buffer, subscribed to the feed and to a bulk
     // channel, then never reads again.
     let mut slow = connect_from(2, addr, Some(4096));
-    slow.write_all(upgrade_request("/ws").as_bytes()).unwrap();
-    let head = read_head(&mut slow);
-    assert_eq!(head.status, 101, "{head:?}");
-    let mut slow_buf = head.rest;
+    let mut slow_buf = upgrade(&mut slow, &client_handshake("/ws"));
     send_text_raw(&mut slow, r#"{"type":"subscribe","channel":"feed","id":1}"#);
     send_text_raw(&mut slow, r#"{"type":"subscribe","channel":"bulk","id":2}"#);
     let mut closed = None;
@@ -687,10 +681,7 @@ fn shed_policy_keeps_the_subscriber_and_announces_every_gap(policy: &str) {
     ]);
     let addr = server.addr();
     let mut slow = connect_from(2, addr, Some(4096));
-    slow.write_all(upgrade_request("/ws").as_bytes()).unwrap();
-    let head = read_head(&mut slow);
-    assert_eq!(head.status, 101, "{head:?}");
-    let mut slow_buf = head.rest;
+    let mut slow_buf = upgrade(&mut slow, &client_handshake("/ws"));
     send_text_raw(&mut slow, r#"{"type":"subscribe","channel":"shed","id":1}"#);
     let mut closed = None;
     let v = next_json(&mut slow, &mut slow_buf, &mut closed).expect("subscribed");
@@ -789,12 +780,7 @@ fn ping_flood_without_reading_keeps_server_memory_bounded() {
     // A probe on the same server measures its own ping round trips during the flood.
     let (mut probe, mut probe_buf) = raw_ws(addr);
     let mut flooder = connect_from(2, addr, Some(4096));
-    flooder
-        .write_all(upgrade_request("/ws").as_bytes())
-        .unwrap();
-    let head = read_head(&mut flooder);
-    assert_eq!(head.status, 101, "{head:?}");
-    let mut flood_buf = head.rest;
+    let mut flood_buf = upgrade(&mut flooder, &client_handshake("/ws"));
 
     let rss_before = process_rss_kib(pid);
     let sampler = RssSampler::start(pid);

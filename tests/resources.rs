@@ -23,9 +23,7 @@ const CLOSE_WAIT: Duration = Duration::from_secs(3);
 
 /// Completes a raw handshake on `/echo`.
 fn raw_echo(server: &Server) -> (std::net::TcpStream, Vec<u8>) {
-    let (s, head) = request_head(server.addr(), upgrade_request("/echo").as_bytes());
-    assert_eq!(head.status, 101, "upgrade failed: {head:?}");
-    (s, head.rest)
+    raw_upgrade(server.addr(), "/echo")
 }
 
 fn fragment(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {

@@ -12,8 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 use clap::{Args, ValueEnum};
+use herald::proto::client_handshake::{Answer, ClientHandshake};
 use herald::proto::frame::{FrameHeader, OpCode, encode_client_frame};
-use herald::proto::handshake::accept_key;
 use rustls::ClientConfig;
 use rustls::pki_types::ServerName;
 use serde::{Deserialize, Serialize};
@@ -782,24 +782,13 @@ impl Publisher {
         let mut stream = Wire::new(stream, self.tls.clone())?;
         match self.mode {
             PublishMode::Ws => {
-                let key = "aGVyYWxkLWJlbmNoLXB1Yg==";
-                write!(
-                    stream,
-                    "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-                     Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-                    self.target.path, self.target.host
-                )?;
-                let (head, rest) = read_head(&mut stream)?;
-                if !head.starts_with(b"HTTP/1.1 101")
-                    || find(&head, accept_key(key).as_bytes()).is_none()
-                {
-                    bail!(
-                        "publisher handshake refused: {}",
-                        String::from_utf8_lossy(
-                            head.split(|b| *b == b'\r').next().unwrap_or_default()
-                        )
-                    );
-                }
+                let handshake = ClientHandshake::new(
+                    &self.target.path,
+                    &self.target.host,
+                    *b"herald-bench-pub",
+                );
+                stream.write_all(&handshake.encode())?;
+                let rest = upgrade(&mut stream, &handshake)?;
                 let (reader, writer) = stream.split()?;
                 let writer = Arc::new(Mutex::new(writer));
                 let (acked, errors, pong) =
@@ -883,6 +872,29 @@ impl Publisher {
 }
 
 /// Reads an HTTP response head; returns it and the bytes after it.
+/// Reads the answer to `handshake`'s request; the bytes after a 101's head.
+fn upgrade(stream: &mut impl Read, handshake: &ClientHandshake) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        match handshake
+            .parse_response(&buf)
+            .context("publisher handshake")?
+        {
+            Some((Answer::Accepted { .. }, len)) => return Ok(buf.split_off(len)),
+            Some((Answer::Refused { status_line, .. }, _)) => {
+                bail!("publisher handshake refused: {status_line}")
+            }
+            None => {}
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("connection closed during the HTTP response");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
 fn read_head(stream: &mut impl Read) -> Result<(Vec<u8>, Vec<u8>)> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];

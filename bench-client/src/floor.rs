@@ -10,6 +10,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context as _, Result};
 use clap::Args;
+use herald::http::ApiError;
 use herald::proto::frame::{FrameHeader, OpCode, encode_frame};
 use herald::proto::handshake::{HandshakeLimits, parse_request, upgrade_response};
 use herald::proto::mask::apply_mask;
@@ -208,11 +209,7 @@ impl Floor {
                         self.write(id, &upgrade_response(&accept, None, None));
                     }
                     Err(error) => {
-                        let status = error.status();
-                        let response = format!(
-                            "HTTP/1.1 {status} Bad Request\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                        );
-                        self.write(id, response.as_bytes());
+                        self.write(id, &ApiError::Handshake(error).response(false));
                         return self.close(id);
                     }
                 },

@@ -12,9 +12,9 @@ use std::sync::{Arc, mpsc};
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
+use herald::proto::client_handshake::{Answer, ClientHandshake};
 use herald::proto::deflate::Inflater;
 use herald::proto::frame::{FrameHeader, OpCode, encode_client_frame};
-use herald::proto::handshake::accept_key;
 use mio::net::TcpStream;
 use mio::{Events, Interest, Poll, Token};
 use rustls::ClientConfig;
@@ -262,8 +262,10 @@ pub(crate) struct Engine {
     target: Target,
     /// The client configuration and server name when the target speaks TLS.
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
+    /// The handshake every connection makes (one key for all: the server checks its
+    /// form, and a benchmark gains nothing from fresh randomness), and its request bytes.
+    handshake: ClientHandshake,
     request: Vec<u8>,
-    accept: String,
     /// Bytes read from every connection's socket, handshakes included.
     pub(crate) bytes_read: u64,
 }
@@ -273,8 +275,6 @@ const MAX_INFLATED_BYTES: u64 = 64 << 20;
 
 /// Size of the shared read buffer.
 const SCRATCH_BYTES: usize = 64 * 1024;
-/// Largest handshake response accepted.
-const MAX_RESPONSE_HEAD: usize = 16 * 1024;
 
 impl Engine {
     /// An engine for `capacity` connections to `target`; `insecure` accepts any TLS
@@ -295,15 +295,7 @@ impl Engine {
         let mut key_bytes = [0u8; 16];
         key_bytes[..8].copy_from_slice(&nonce.to_le_bytes());
         key_bytes[8..].copy_from_slice(&(!nonce).rotate_left(17).to_le_bytes());
-        let key = {
-            use base64::Engine as _;
-            base64::engine::general_purpose::STANDARD.encode(key_bytes)
-        };
-        let request = format!(
-            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
-            target.path, target.host
-        );
+        let handshake = ClientHandshake::new(&target.path, &target.host, key_bytes);
         Ok(Self {
             poll: Poll::new().context("creating epoll")?,
             events: Events::with_capacity(4096),
@@ -312,8 +304,8 @@ impl Engine {
             plain: Vec::new(),
             target,
             tls,
-            request: request.into_bytes(),
-            accept: accept_key(&key),
+            request: handshake.encode(),
+            handshake,
             bytes_read: 0,
         })
     }
@@ -321,11 +313,8 @@ impl Engine {
     /// Offers permessage-deflate (no parameters, as a browser does) in every handshake;
     /// compressed messages are inflated before the handler sees them.
     pub(crate) fn offer_deflate(&mut self) {
-        let end = self.request.len() - 2;
-        self.request.splice(
-            end..end,
-            *b"Sec-WebSocket-Extensions: permessage-deflate\r\n",
-        );
+        self.handshake = self.handshake.clone().extensions("permessage-deflate");
+        self.request = self.handshake.encode();
     }
 
     /// Starts a non-blocking connect for `id` from `source` (port chosen by the kernel).
@@ -535,7 +524,7 @@ impl Engine {
                 let outcome = process(
                     conn.state,
                     &mut conn.inflater,
-                    &self.accept,
+                    &self.handshake,
                     data,
                     id,
                     recv_ns,
@@ -552,7 +541,7 @@ impl Engine {
                 let outcome = process(
                     conn.state,
                     &mut conn.inflater,
-                    &self.accept,
+                    &self.handshake,
                     &inbuf,
                     id,
                     recv_ns,
@@ -574,9 +563,6 @@ impl Engine {
                     self.flush(id, handler);
                     return self.fail(id, reason, handler);
                 }
-            }
-            if conn.inbuf.len() > MAX_RESPONSE_HEAD && conn.state == ConnState::Handshaking {
-                return self.fail(id, "handshake response too long".to_owned(), handler);
             }
             let tls_records = conn.tls.as_ref().is_some_and(|s| s.wants_write());
             if !out.is_empty() || tls_records {
@@ -670,7 +656,7 @@ fn decrypt(
 fn process(
     mut state: ConnState,
     inflater: &mut Option<Inflater>,
-    accept: &str,
+    handshake: &ClientHandshake,
     mut data: &[u8],
     id: usize,
     recv_ns: u64,
@@ -679,21 +665,17 @@ fn process(
 ) -> Result<(ConnState, usize), String> {
     let total = data.len();
     if state == ConnState::Handshaking {
-        let Some(end) = find(data, b"\r\n\r\n") else {
-            return Ok((state, 0));
+        let (extensions, head_len) = match handshake.parse_response(data) {
+            Ok(None) => return Ok((state, 0)),
+            Ok(Some((Answer::Accepted { extensions, .. }, len))) => (extensions, len),
+            Ok(Some((Answer::Refused { status, .. }, _))) => return Err(format!("http {status}")),
+            Err(error) => return Err(format!("handshake: {error}")),
         };
-        let head = &data[..end];
-        if !head.starts_with(b"HTTP/1.1 101") {
-            let status = head.get(9..12).unwrap_or(b"???");
-            return Err(format!("http {}", String::from_utf8_lossy(status)));
-        }
-        if find(head, accept.as_bytes()).is_none() {
-            return Err("bad Sec-WebSocket-Accept".to_owned());
-        }
-        if find(head, b"permessage-deflate").is_some() {
+        // permessage-deflate is the only extension offered, so the only one accepted.
+        if extensions.is_some() {
             *inflater = Some(Inflater::default());
         }
-        data = &data[end + 4..];
+        data = &data[head_len..];
         state = ConnState::Open;
         handler.on_open(id, out);
     }
@@ -1515,16 +1497,16 @@ mod tests {
             compressed.len() < data.len() * 2 / 3,
             "padding compresses like JSON"
         );
-        let head = "HTTP/1.1 101 Switching Protocols\r\nSec-WebSocket-Accept: A\r\n\
-                    Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
-        let mut bytes = head.as_bytes().to_vec();
+        let handshake = ClientHandshake::new("/ws", "h", [1; 16]).extensions("permessage-deflate");
+        let accept = herald::proto::accept_key(handshake.key());
+        let mut bytes = herald::proto::upgrade_response(&accept, None, Some("permessage-deflate"));
         bytes.extend_from_slice(&compressed);
         bytes.extend_from_slice(&herald::proto::encode_frame(OpCode::Text, b"plain"));
         let (mut inflater, mut recorder, mut out) = (None, Recorder::default(), Vec::new());
         let (state, used) = process(
             ConnState::Handshaking,
             &mut inflater,
-            "A",
+            &handshake,
             &bytes,
             0,
             0,
@@ -1539,7 +1521,7 @@ mod tests {
         let result = process(
             ConnState::Open,
             &mut refused,
-            "A",
+            &handshake,
             &compressed,
             0,
             0,

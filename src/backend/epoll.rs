@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token};
 
-use crate::backend::tls::{self, Inbound, TlsAcceptor, TlsSession};
+use crate::backend::tls::{Inbound, TlsAcceptor, TlsSession};
 use crate::backend::turn::{Loop, Sockets};
+use crate::http::ApiError;
 use crate::shard::{Inbox, Post, Shard, Wake};
 
 const LISTENER: Token = Token(usize::MAX - 1);
@@ -438,9 +439,9 @@ fn read_tls(shard: &mut Shard, key: usize, socket: &mut Socket, poll: &Poll, now
             Err(e) => {
                 tracing::debug!(shard = shard.id(), key, "closing: {e}");
                 if e.is_plain_http() {
-                    // One best-effort write: a client that cannot take 150 bytes at once
+                    // One best-effort write: a client that cannot take 200 bytes at once
                     // is not one to wait for.
-                    let _ = stream.write(tls::PLAINTEXT_REFUSAL);
+                    let _ = stream.write(&ApiError::TlsRequired.response(false));
                 } else {
                     // The alert, if the session has one for the peer.
                     let _ = session.write_ciphertext(stream);
@@ -484,7 +485,7 @@ fn write_ciphertext(session: &mut TlsSession, stream: &mut TcpStream) -> Result<
 
 /// The TLS flush: moves plaintext from the outbox into records no faster than the socket
 /// takes them, so the shard's outbound budget still counts all but
-/// [`tls::PENDING_CIPHERTEXT_LIMIT`] of what is not on the wire. Then closes the session
+/// [`PENDING_CIPHERTEXT_LIMIT`](super::tls::PENDING_CIPHERTEXT_LIMIT) of what is not on the wire. Then closes the session
 /// when the shard is done with the connection.
 fn flush_tls(shard: &mut Shard, key: usize, socket: &mut Socket, poll: &Poll) {
     let Socket {

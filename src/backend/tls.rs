@@ -48,14 +48,6 @@ pub const PENDING_CIPHERTEXT_LIMIT: usize = 32 * 1024;
 /// The content type of a TLS handshake record: the first byte of every TLS client.
 const HANDSHAKE_RECORD: u8 = 0x16;
 
-/// The whole answer to a plain-text HTTP request on the TLS port (then the socket closes).
-pub const PLAINTEXT_REFUSAL: &[u8] = b"HTTP/1.1 400 Bad Request\r\n\
-Content-Type: application/json\r\n\
-Content-Length: 75\r\n\
-Connection: close\r\n\
-\r\n\
-{\"code\":\"tls_required\",\"message\":\"this port speaks TLS: use https or wss\"}\n";
-
 /// Why a configuration could not be built from the files.
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -79,7 +71,7 @@ pub enum TlsSetupError {
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
     /// The first byte is not a TLS handshake record: some other protocol, often plain
-    /// HTTP (then the backend answers [`PLAINTEXT_REFUSAL`]).
+    /// HTTP (then the backend answers [`ApiError::TlsRequired`](crate::http::ApiError)).
     #[error("not TLS (first byte {first_byte:#04x})")]
     NotTls { first_byte: u8 },
     /// A handshake failure, a bad record, an alert from the peer. The session has queued
@@ -513,14 +505,6 @@ mod tests {
             .handle_ciphertext(&[0x00, 0x01], &mut BytesMut::new())
             .unwrap_err();
         assert!(!err.is_plain_http());
-    }
-
-    #[test]
-    fn the_refusal_states_its_length_right() {
-        let text = std::str::from_utf8(PLAINTEXT_REFUSAL).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 400 "));
-        assert!(head.contains(&format!("Content-Length: {}", body.len())));
     }
 
     #[test]

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use super::push_json_str;
+use super::{ApiError, push_json_str};
 use crate::proto::frame::server_frame_payload;
 use crate::proto::handshake::Request;
 
@@ -27,15 +27,16 @@ pub struct Poll {
     pub timeout: Duration,
 }
 
-/// Reads the query; the error is a message for a 400.
-pub fn parse(request: &Request) -> Result<Poll, String> {
+/// Reads the query.
+pub fn parse(request: &Request) -> Result<Poll, ApiError> {
     let channel = super::sse::channel_param(request)?;
-    let number = |name: &str| -> Result<Option<u64>, String> {
+    let number = |name: &str| -> Result<Option<u64>, ApiError> {
         request
             .query_param(name)
             .map(|v| {
-                v.parse::<u64>()
-                    .map_err(|_| format!("{name} must be a non-negative integer"))
+                v.parse::<u64>().map_err(|_| {
+                    ApiError::BadRequest(format!("{name} must be a non-negative integer"))
+                })
             })
             .transpose()
     };

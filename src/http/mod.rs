@@ -3,6 +3,7 @@
 //! long-polls, event streams).
 
 mod assets;
+mod error;
 pub mod longpoll;
 pub mod metrics;
 pub mod publish;
@@ -10,6 +11,7 @@ pub mod sse;
 
 use bytes::Bytes;
 
+pub use self::error::ApiError;
 use crate::proto::handshake::Request;
 pub use crate::proto::pubsub::push_json_str;
 
@@ -78,36 +80,6 @@ pub fn keep_alive(request: &Request) -> bool {
     } else {
         has("keep-alive")
     }
-}
-
-/// A plain-text error for a request that failed before the upgrade: the status and a
-/// one-line reason, and the connection closes.
-pub fn error_response(status: u16, reason: &str, extra_headers: &[(&str, &str)]) -> Bytes {
-    let body = format!("{reason}\n");
-    response(
-        status,
-        "text/plain; charset=utf-8",
-        extra_headers,
-        body.as_bytes(),
-        false,
-    )
-}
-
-/// An API error: JSON `{"code":..,"message":..}`.
-pub fn json_error(
-    status: u16,
-    code: &str,
-    message: &str,
-    extra_headers: &[(&str, &str)],
-    keep_alive: bool,
-) -> Bytes {
-    let mut body = Vec::with_capacity(32 + message.len());
-    body.extend_from_slice(b"{\"code\":");
-    push_json_str(&mut body, code);
-    body.extend_from_slice(b",\"message\":");
-    push_json_str(&mut body, message);
-    body.push(b'}');
-    response(status, "application/json", extra_headers, &body, keep_alive)
 }
 
 /// A complete HTTP/1.1 response with a `Content-Length` body.
@@ -215,20 +187,6 @@ mod tests {
             .unwrap()
             .unwrap()
             .0
-    }
-
-    #[test]
-    fn error_response_carries_status_reason_and_headers() {
-        let r = error_response(
-            426,
-            "unsupported version",
-            &[("Sec-WebSocket-Version", "13")],
-        );
-        let text = std::str::from_utf8(&r).unwrap();
-        assert!(text.starts_with("HTTP/1.1 426 Upgrade Required\r\n"));
-        assert!(text.contains("\r\nSec-WebSocket-Version: 13\r\n"));
-        assert!(text.contains("Content-Length: 20\r\n"));
-        assert!(text.ends_with("\r\n\r\nunsupported version\n"));
     }
 
     #[test]

@@ -7,6 +7,7 @@ use bytes::Bytes;
 use serde::Deserialize;
 use serde::de::IgnoredAny;
 
+use super::ApiError;
 use crate::proto::pubsub::{array_element_spans, member_span, validate_channel};
 
 /// One message to publish.
@@ -45,20 +46,20 @@ struct WireBody<'a> {
     messages: Option<Vec<WireMessage<'a>>>,
 }
 
-/// Parses and validates a publish body; the error is `(code, message)` for a 400.
-pub fn parse(body: &Bytes) -> Result<Body, (&'static str, String)> {
+/// Parses and validates a publish body; every error is a 400.
+pub fn parse(body: &Bytes) -> Result<Body, ApiError> {
+    let bad = |message: &str| ApiError::BadRequest(message.into());
     let mut scratch = body.to_vec();
     let wire: WireBody<'_> = simd_json::serde::from_slice(&mut scratch)
-        .map_err(|e| ("bad_request", format!("invalid JSON: {e}")))?;
-    let check =
-        |channel: Option<std::borrow::Cow<'_, str>>| -> Result<Box<str>, (&'static str, String)> {
-            let channel = channel.ok_or(("bad_request", "missing \"channel\"".to_string()))?;
-            validate_channel(&channel).map_err(|m| ("bad_channel", m.to_string()))?;
-            Ok(channel.into())
-        };
-    let data_of = |object: std::ops::Range<usize>| -> Result<Bytes, (&'static str, String)> {
-        let span = member_span(&body[object.clone()], b"data")
-            .ok_or(("bad_request", "missing \"data\"".to_string()))?;
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON: {e}")))?;
+    let check = |channel: Option<std::borrow::Cow<'_, str>>| -> Result<Box<str>, ApiError> {
+        let channel = channel.ok_or_else(|| bad("missing \"channel\""))?;
+        validate_channel(&channel).map_err(|m| ApiError::BadChannel(m.into()))?;
+        Ok(channel.into())
+    };
+    let data_of = |object: std::ops::Range<usize>| -> Result<Bytes, ApiError> {
+        let span =
+            member_span(&body[object.clone()], b"data").ok_or_else(|| bad("missing \"data\""))?;
         Ok(body.slice(object.start + span.start..object.start + span.end))
     };
     match wire.messages {
@@ -71,15 +72,12 @@ pub fn parse(body: &Bytes) -> Result<Body, (&'static str, String)> {
         }),
         Some(list) => {
             if list.is_empty() || list.len() > MAX_BATCH {
-                return Err((
-                    "bad_request",
-                    format!("\"messages\" must hold 1 to {MAX_BATCH} messages"),
-                ));
+                return Err(ApiError::BadRequest(format!(
+                    "\"messages\" must hold 1 to {MAX_BATCH} messages"
+                )));
             }
-            let array = member_span(body, b"messages").ok_or((
-                "bad_request",
-                "\"messages\" must be written plainly as a key".to_string(),
-            ))?;
+            let array = member_span(body, b"messages")
+                .ok_or_else(|| bad("\"messages\" must be written plainly as a key"))?;
             let elements = array_element_spans(&body[array.clone()]);
             let mut messages = Vec::with_capacity(list.len());
             for (wire, element) in list.into_iter().zip(elements) {
@@ -113,7 +111,7 @@ pub fn receipt(results: &[(u64, u32)], batch: bool) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn parse_str(s: &str) -> Result<Body, (&'static str, String)> {
+    fn parse_str(s: &str) -> Result<Body, ApiError> {
         parse(&Bytes::copy_from_slice(s.as_bytes()))
     }
 
@@ -149,24 +147,29 @@ mod tests {
 
     #[test]
     fn rejects_bad_bodies() {
-        assert_eq!(parse_str("{").unwrap_err().0, "bad_request");
+        assert_eq!(parse_str("{").unwrap_err().code(), "bad_request");
         assert_eq!(
-            parse_str(r#"{"channel":"a"}"#).unwrap_err().0,
+            parse_str(r#"{"channel":"a"}"#).unwrap_err().code(),
             "bad_request"
         );
-        assert_eq!(parse_str(r#"{"data":1}"#).unwrap_err().0, "bad_request");
         assert_eq!(
-            parse_str(r#"{"channel":"a b","data":1}"#).unwrap_err().0,
+            parse_str(r#"{"data":1}"#).unwrap_err().code(),
+            "bad_request"
+        );
+        assert_eq!(
+            parse_str(r#"{"channel":"a b","data":1}"#)
+                .unwrap_err()
+                .code(),
             "bad_channel"
         );
         assert_eq!(
-            parse_str(r#"{"messages":[]}"#).unwrap_err().0,
+            parse_str(r#"{"messages":[]}"#).unwrap_err().code(),
             "bad_request"
         );
         assert_eq!(
             parse_str(r#"{"messages":[{"channel":"a","data":1},{"channel":"b"}]}"#)
                 .unwrap_err()
-                .0,
+                .code(),
             "bad_request"
         );
     }

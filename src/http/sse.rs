@@ -5,6 +5,7 @@
 
 use bytes::{Bytes, BytesMut};
 
+use super::ApiError;
 use crate::proto::frame::server_frame_payload;
 use crate::proto::handshake::Request;
 use crate::proto::pubsub::validate_channel;
@@ -21,25 +22,27 @@ pub fn head() -> Bytes {
 }
 
 /// The `channel` query parameter, decoded and validated.
-pub fn channel_param(request: &Request) -> Result<String, String> {
+pub fn channel_param(request: &Request) -> Result<String, ApiError> {
+    let bad = |message: &str| ApiError::BadRequest(message.into());
     let raw = request
         .query_param("channel")
-        .ok_or("the channel query parameter is missing")?;
-    let channel = super::percent_decode(raw).ok_or("the channel parameter is not valid UTF-8")?;
-    validate_channel(&channel)?;
+        .ok_or_else(|| bad("the channel query parameter is missing"))?;
+    let channel = super::percent_decode(raw)
+        .ok_or_else(|| bad("the channel parameter is not valid UTF-8"))?;
+    validate_channel(&channel).map_err(bad)?;
     Ok(channel)
 }
 
 /// Where to resume: `Last-Event-ID`, else a `since` query parameter.
-pub fn since(request: &Request) -> Result<Option<u64>, String> {
+pub fn since(request: &Request) -> Result<Option<u64>, ApiError> {
     request
         .last_event_id
         .as_deref()
         .or_else(|| request.query_param("since"))
         .map(|v| {
-            v.trim()
-                .parse::<u64>()
-                .map_err(|_| "Last-Event-ID / since must be a sequence number".to_string())
+            v.trim().parse::<u64>().map_err(|_| {
+                ApiError::BadRequest("Last-Event-ID / since must be a sequence number".into())
+            })
         })
         .transpose()
 }

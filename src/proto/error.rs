@@ -1,6 +1,7 @@
 //! Errors of the protocol core: one `ProtocolError` variant per RFC 6455 rule, each mapped to
 //! the close code that fails the connection, and one `HandshakeError` variant per rejected
-//! upgrade, each mapped to an HTTP status.
+//! upgrade, each mapped to an HTTP status; `ClientHandshakeError` for a client whose upgrade
+//! the server did not complete.
 
 /// A frame or message broke a rule of RFC 6455; the connection must be failed (§7.1.7) with
 /// the close code from [`ProtocolError::close_code`].
@@ -163,6 +164,33 @@ impl HandshakeError {
             _ => &[],
         }
     }
+}
+
+/// Why a client fails the connection on the server's response to its upgrade request
+/// (RFC 6455 §4.1, "the client MUST _Fail the WebSocket Connection_").
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClientHandshakeError {
+    /// The response head is not valid HTTP/1.x (RFC 9112 §2).
+    #[error("malformed response: {0}")]
+    Malformed(httparse::Error),
+    /// The response head is larger than the client reads.
+    #[error("response head exceeds {max} bytes")]
+    HeadTooLarge {
+        /// The limit, in bytes.
+        max: usize,
+    },
+    /// §4.1: a 101 MUST carry `Upgrade: websocket` and `Connection: Upgrade`.
+    #[error("101 response without upgrade: websocket and connection: upgrade")]
+    NotUpgraded,
+    /// §4.1: `Sec-WebSocket-Accept` MUST be the one derived from the key sent.
+    #[error("the server's sec-websocket-accept does not match the key sent")]
+    WrongAccept,
+    /// §4.1: the server accepted an extension the client did not offer.
+    #[error("the server accepted extension {0}, which was not offered")]
+    UnofferedExtension(String),
+    /// §4.1: the server chose a subprotocol the client did not offer.
+    #[error("the server chose subprotocol {0}, which was not offered")]
+    UnofferedProtocol(String),
 }
 
 #[cfg(test)]

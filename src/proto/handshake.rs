@@ -311,7 +311,7 @@ const KNOWN_HEADERS: &[(&str, Known)] = &[
 ];
 
 /// Whether the comma-separated `list` contains `token`, ignoring ASCII case.
-fn has_token(list: Option<&str>, token: &str) -> bool {
+pub(super) fn has_token(list: Option<&str>, token: &str) -> bool {
     list.is_some_and(|list| {
         list.split(',')
             .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))

@@ -8,7 +8,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use slab::Slab;
 
-use crate::http::sse;
+use crate::http::{ApiError, sse};
 
 use super::Shard;
 use super::conn::{Conn, ConnRef, Phase, SubState};
@@ -71,7 +71,7 @@ impl Shard {
                     && !conn.is_finishing()
                     && conn.request_deadline <= now
                 {
-                    self.refuse(key, 408, "request not completed in time", &[]);
+                    self.refuse(key, &ApiError::RequestTimeout, false);
                 }
             }
         }

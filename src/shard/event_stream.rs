@@ -2,7 +2,7 @@
 
 use bytes::Bytes;
 
-use crate::http::{self, sse};
+use crate::http::{self, ApiError, sse};
 use crate::proto::handshake::Request;
 
 use super::Shard;
@@ -13,14 +13,13 @@ impl Shard {
         let parsed = sse::channel_param(request).and_then(|c| Ok((c, sse::since(request)?)));
         let (channel, since) = match parsed {
             Ok(parsed) => parsed,
-            Err(message) => {
-                self.refuse_json(key, 400, "bad_request", &message, &[]);
+            Err(error) => {
+                self.refuse(key, &error, false);
                 return;
             }
         };
         if !self.may_subscribe(key, &channel) {
-            let message = format!("not allowed to read {channel:?}");
-            self.refuse_json(key, 403, "forbidden", &message, &[]);
+            self.refuse(key, &ApiError::ReadForbidden { channel }, false);
             return;
         }
         self.set_phase(key, Phase::EventStream);

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crate::config::Config;
 use crate::hub;
 use crate::proto::OpCode;
+use crate::proto::client_handshake::{Answer, ClientHandshake};
 use crate::proto::frame::{FrameHeader, encode_client_frame};
 
 use super::{Context, Inbox, Post, Shard, Wake};
@@ -22,6 +23,8 @@ pub const PEER: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
 
 /// The mask of every client frame: any mask does, the server must unmask it.
 const MASK: [u8; 4] = [1, 2, 3, 4];
+/// The RFC 6455 §1.3 sample nonce (key `dGhlIHNhbXBsZSBub25jZQ==`).
+pub const NONCE: [u8; 16] = *b"the sample nonce";
 
 /// A wake-up nobody needs: the harness steps every shard itself.
 struct NoWake;
@@ -87,18 +90,28 @@ impl Cluster {
 
     /// A WebSocket client of `path` on `shard`, its upgrade answered and taken.
     pub fn connect(&mut self, shard: usize, path: &str) -> Client {
+        self.upgrade(shard, &ClientHandshake::new(path, "x", NONCE))
+            .0
+    }
+
+    /// A client on `shard` that completed `handshake`, and the extensions accepted.
+    pub fn upgrade(
+        &mut self,
+        shard: usize,
+        handshake: &ClientHandshake,
+    ) -> (Client, Option<String>) {
         let key = self.shards[shard]
             .accept(self.now, PEER)
             .expect("room for a client");
         let client = Client { shard, key };
-        let head = format!(
-            "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-        );
-        self.write(client, head.as_bytes());
+        self.write(client, &handshake.encode());
         let response = self.take_output(client);
-        assert!(response.starts_with(b"HTTP/1.1 101"), "{response:?}");
-        client
+        match handshake.parse_response(&response) {
+            Ok(Some((Answer::Accepted { extensions, .. }, len))) if len == response.len() => {
+                (client, extensions)
+            }
+            other => panic!("{other:?}: {:?}", String::from_utf8_lossy(&response)),
+        }
     }
 
     /// `json` from `client` as one masked text frame.

@@ -1,7 +1,7 @@
 //! `GET /poll`: a request parked on one channel until a message, its deadline or a drain
 //! answers it.
 
-use crate::http::{self, longpoll};
+use crate::http::{ApiError, longpoll};
 use crate::proto::handshake::Request;
 
 use super::Shard;
@@ -12,16 +12,14 @@ impl Shard {
     pub(super) fn poll(&mut self, key: usize, request: &Request, keep_alive: bool) {
         let poll = match longpoll::parse(request) {
             Ok(poll) => poll,
-            Err(message) => {
-                self.counters.count_rejected(400);
-                let response = http::json_error(400, "bad_request", &message, &[], keep_alive);
-                self.send_response(key, response, keep_alive);
+            Err(error) => {
+                self.refuse(key, &error, keep_alive);
                 return;
             }
         };
         if !self.may_subscribe(key, &poll.channel) {
-            let message = format!("not allowed to read {:?}", poll.channel);
-            self.refuse_json(key, 403, "forbidden", &message, &[]);
+            let channel = poll.channel;
+            self.refuse(key, &ApiError::ReadForbidden { channel }, false);
             return;
         }
         let deadline = self.now + poll.timeout;

@@ -79,7 +79,7 @@ use crate::auth::Authenticator;
 use crate::cluster::Bridge;
 use crate::config::Config;
 use crate::hub::{self, Channels, Subscriptions};
-use crate::limits::{ConnectionLimits, TokenBucket};
+use crate::limits::{ConnectionLimits, Refusal, TokenBucket};
 use crate::metrics::{Counters, Registry, Transport};
 use crate::proto::deflate::{Compressor, CompressorSettings};
 use crate::proto::handshake::HandshakeLimits;
@@ -243,13 +243,13 @@ impl Shard {
         self.counters.accepted_total += 1;
         self.counters.connections[Transport::Http as usize] += 1;
         if !self.accept_bucket.try_take(now) {
-            self.refuse_busy(key, 503, "too many new connections; retry later");
+            self.refuse_busy(key, Refusal::AcceptRate);
         } else if !self.is_trusted_proxy(peer) {
             // Every socket counts from accept on, plain HTTP keep-alive ones too: one
             // address cannot hold more than its share, whatever it sends.
             match self.ctx.limits.count(peer) {
                 Ok(()) => self.conns[key].counted = Some(peer),
-                Err(refusal) => self.refuse_busy(key, refusal.status(), refusal.reason()),
+                Err(refusal) => self.refuse_busy(key, refusal),
             }
         }
         Some(key)

@@ -6,7 +6,7 @@ use bytes::Bytes;
 
 use crate::auth::api_key_matches;
 use crate::cluster;
-use crate::http::{self, publish};
+use crate::http::{ApiError, publish};
 use crate::hub::{self, ChannelName};
 use crate::proto::handshake::Request;
 use crate::proto::pubsub;
@@ -23,8 +23,7 @@ impl Shard {
         keep_alive: bool,
     ) {
         let Some(api_key) = self.ctx.config.api_key.as_deref() else {
-            let message = "HTTP publishing is off: start the server with --api-key";
-            self.refuse_json(key, 403, "publish_disabled", message, &[]);
+            self.refuse(key, &ApiError::PublishDisabled, false);
             return;
         };
         let presented = request
@@ -33,22 +32,14 @@ impl Shard {
             .and_then(|a| a.strip_prefix("Bearer "))
             .unwrap_or("");
         if !api_key_matches(presented.trim(), api_key) {
-            let message = "a valid API key is needed as Authorization: Bearer KEY";
-            self.refuse_json(
-                key,
-                401,
-                "unauthorized",
-                message,
-                &[("WWW-Authenticate", "Bearer")],
-            );
+            self.refuse(key, &ApiError::BadApiKey, false);
             return;
         }
         let parsed = match publish::parse(body) {
             Ok(parsed) => parsed,
-            Err((code, message)) => {
-                self.counters.count_rejected(400);
-                let response = http::json_error(400, code, &message, &[], keep_alive);
-                self.send_response(key, response, keep_alive);
+            Err(error) => {
+                // The body was read whole: the connection can carry the next request.
+                self.refuse(key, &error, keep_alive);
                 return;
             }
         };
@@ -160,10 +151,8 @@ impl Shard {
             Phase::Publishing { .. } => {
                 // Acks of the other messages of the batch may still come: this connection
                 // ends after the answer so none of them can meet a later request.
-                self.counters.count_rejected(503);
-                let response =
-                    http::json_error(503, "unavailable", message, &[("Retry-After", "1")], false);
-                self.send_response(key, response, false);
+                let error = ApiError::Unavailable(message.to_owned().into());
+                self.refuse(key, &error, false);
             }
             _ => {}
         }

@@ -10,8 +10,8 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 
 use crate::auth::{AuthMode, token_of};
-use crate::http::{self, Route};
-use crate::limits::{client_ip, retry_after};
+use crate::http::{self, ApiError, Route};
+use crate::limits::{Refusal, client_ip, retry_after};
 use crate::proto::handshake::{self, Request};
 
 use super::Shard;
@@ -19,21 +19,19 @@ use super::conn::{Endpoint, Phase};
 use super::deadlines::Timed;
 
 impl Shard {
-    /// Refuses with `status` and a `Retry-After` spread over a few seconds.
-    pub(super) fn refuse_busy(&mut self, key: usize, status: u16, reason: &str) {
-        let seconds = retry_after(
+    /// Refuses for `refusal` with a `Retry-After` spread over a few seconds; the
+    /// connection ends.
+    pub(super) fn refuse_busy(&mut self, key: usize, refusal: Refusal) {
+        let retry_after = retry_after(
             Duration::from_secs(1),
             Duration::from_secs(5),
             &mut self.jitter,
         );
-        let seconds = seconds.to_string();
-        self.refuse_json(
-            key,
-            status,
-            "retry_later",
-            reason,
-            &[("Retry-After", &seconds)],
-        );
+        let error = ApiError::Busy {
+            refusal,
+            retry_after,
+        };
+        self.refuse(key, &error, false);
     }
 
     pub(super) fn is_trusted_proxy(&self, peer: IpAddr) -> bool {
@@ -49,7 +47,7 @@ impl Shard {
         self.conns[key].identity = None;
         let auth = &self.ctx.auth;
         if let Err(reason) = auth.check_origin(request.origin.as_deref()) {
-            self.refuse_json(key, 403, "forbidden_origin", &reason, &[]);
+            self.refuse(key, &ApiError::ForbiddenOrigin(reason), false);
             return false;
         }
         let token = token_of(
@@ -61,18 +59,12 @@ impl Shard {
             Err(e) => {
                 // The reason only: the token itself is a credential and never logged.
                 tracing::debug!(peer = %self.conns[key].peer, reason = %e, "authentication failed");
-                self.refuse_json(
-                    key,
-                    401,
-                    "unauthorized",
-                    &e.to_string(),
-                    &[("WWW-Authenticate", "Bearer")],
-                );
+                self.refuse(key, &ApiError::Unauthorized(e), false);
                 return false;
             }
         };
         if let Err(refusal) = self.ctx.limits.check_total() {
-            self.refuse_busy(key, refusal.status(), refusal.reason());
+            self.refuse_busy(key, refusal);
             return false;
         }
         let peer = self.conns[key].peer;
@@ -85,7 +77,7 @@ impl Shard {
                 &self.ctx.config.trusted_proxies,
             );
             if let Err(refusal) = self.ctx.limits.count(ip) {
-                self.refuse_busy(key, refusal.status(), refusal.reason());
+                self.refuse_busy(key, refusal);
                 return false;
             }
             self.conns[key].counted = Some(ip);
@@ -150,7 +142,7 @@ impl Shard {
                     }
                     Ok(Some(parsed)) => parsed,
                     Err(e) => {
-                        self.refuse(key, e.status(), &e.to_string(), e.extra_headers());
+                        self.refuse(key, &ApiError::Handshake(e), false);
                         return false;
                     }
                 };
@@ -158,16 +150,12 @@ impl Shard {
                 conn.read_buf.advance(consumed);
                 let body_len = request.content_length.unwrap_or(0);
                 if body_len > self.ctx.config.max_body_bytes as u64 {
-                    let reason = format!(
-                        "request body is larger than {} bytes",
-                        self.ctx.config.max_body_bytes
-                    );
-                    self.refuse_json(key, 413, "too_large", &reason, &[]);
+                    let max = self.ctx.config.max_body_bytes;
+                    self.refuse(key, &ApiError::BodyTooLarge { max }, false);
                     return false;
                 }
                 if request.transfer_encoding.is_some() {
-                    let reason = "chunked request bodies are not supported; send Content-Length";
-                    self.refuse_json(key, 411, "length_required", reason, &[]);
+                    self.refuse(key, &ApiError::LengthRequired, false);
                     return false;
                 }
                 (request, body_len as usize)
@@ -234,22 +222,11 @@ impl Shard {
                 self.respond(key, 200, content_type, body, head_only, keep_alive);
             }
             Route::MethodNotAllowed { allow } => {
-                let message = format!("use {allow}");
-                self.refuse_json(
-                    key,
-                    405,
-                    "method_not_allowed",
-                    &message,
-                    &[("Allow", allow)],
-                );
+                self.refuse(key, &ApiError::MethodNotAllowed { allow }, false);
             }
             Route::NotFound => {
-                let message = if request.is_upgrade() {
-                    "WebSocket endpoints are /ws and /echo"
-                } else {
-                    "no such path"
-                };
-                self.refuse_json(key, 404, "not_found", message, &[]);
+                let upgrade = request.is_upgrade();
+                self.refuse(key, &ApiError::NotFound { upgrade }, false);
             }
         }
     }
@@ -323,33 +300,18 @@ impl Shard {
         }
     }
 
-    /// A plain-text refusal before an upgrade; the connection ends.
-    pub(super) fn refuse(
-        &mut self,
-        key: usize,
-        status: u16,
-        reason: &str,
-        headers: &[(&str, &str)],
-    ) {
-        tracing::debug!(peer = %self.conns[key].peer, status, reason, "refused request");
+    /// Answers a refused request. The connection ends unless `keep_alive`, which only a
+    /// request read to its end may ask for.
+    pub(super) fn refuse(&mut self, key: usize, error: &ApiError, keep_alive: bool) {
+        let status = error.status();
+        tracing::debug!(
+            peer = %self.conns[key].peer,
+            status,
+            code = error.code(),
+            reason = %error,
+            "refused request"
+        );
         self.counters.count_rejected(status);
-        let response = http::error_response(status, reason, headers);
-        self.send_response(key, response, false);
-    }
-
-    /// A JSON refusal on the HTTP API; the connection ends (the request may not have
-    /// been read to its end).
-    pub(super) fn refuse_json(
-        &mut self,
-        key: usize,
-        status: u16,
-        code: &str,
-        message: &str,
-        headers: &[(&str, &str)],
-    ) {
-        tracing::debug!(peer = %self.conns[key].peer, status, code, reason = message, "refused request");
-        self.counters.count_rejected(status);
-        let response = http::json_error(status, code, message, headers, false);
-        self.send_response(key, response, false);
+        self.send_response(key, error.response(keep_alive), keep_alive);
     }
 }

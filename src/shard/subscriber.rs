@@ -5,7 +5,7 @@
 use bytes::Bytes;
 
 use crate::cluster;
-use crate::http::{longpoll, sse};
+use crate::http::{ApiError, longpoll, sse};
 use crate::hub::{self, ChannelName};
 use crate::proto::pubsub;
 
@@ -213,20 +213,11 @@ impl Shard {
                 self.reply(key, pubsub::encode_error("unavailable", cluster::BUSY, id));
             }
             Phase::Polling { .. } => {
-                self.refuse_json(
-                    key,
-                    503,
-                    "unavailable",
-                    cluster::BUSY,
-                    &[("Retry-After", "1")],
-                );
+                self.refuse(key, &ApiError::Unavailable(cluster::BUSY.into()), false);
             }
             Phase::EventStream => {
                 // The stream has begun: say why it ends; EventSource reconnects by itself.
-                let json = format!(
-                    r#"{{"code":"unavailable","message":{}}}"#,
-                    json_string(cluster::BUSY)
-                );
+                let json = ApiError::Unavailable(cluster::BUSY.into()).json();
                 self.conns[key]
                     .outbox
                     .push(sse::control_event("error", &json));

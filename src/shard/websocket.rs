@@ -5,6 +5,7 @@
 use bytes::{Bytes, BytesMut};
 
 use crate::config::MAX_FRAGMENTS;
+use crate::http::ApiError;
 use crate::limits::TokenBucket;
 use crate::metrics::Stopwatch;
 use crate::proto::decoder::DecoderLimits;
@@ -26,7 +27,7 @@ impl Shard {
         let accept = match request.websocket_accept() {
             Ok(accept) => accept,
             Err(e) => {
-                self.refuse(key, e.status(), &e.to_string(), e.extra_headers());
+                self.refuse(key, &ApiError::Handshake(e), false);
                 return;
             }
         };

@@ -19,6 +19,7 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
+use herald::proto::{Answer, ClientHandshake};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -590,16 +591,56 @@ pub(crate) async fn recv_message(ws: &mut Ws, channel: &str) -> (u64, Value, Str
 // Raw TCP: HTTP heads and WebSocket frames by hand
 // ---------------------------------------------------------------------------------------
 
-/// The RFC 6455 §1.3 sample key and its accept value.
+/// The RFC 6455 §1.3 sample key, the nonce it encodes, and its accept value.
 pub(crate) const SAMPLE_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+pub(crate) const SAMPLE_NONCE: [u8; 16] = *b"the sample nonce";
 pub(crate) const SAMPLE_ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
 
-/// A valid upgrade request for `path` with the sample key.
+/// The opening handshake of a raw client for `path`, with the sample key; add headers and
+/// offers with its builder methods.
+pub(crate) fn client_handshake(path: &str) -> ClientHandshake {
+    ClientHandshake::new(path, "127.0.0.1", SAMPLE_NONCE)
+}
+
+/// A valid upgrade request for `path` with the sample key, as text a test may bend.
 pub(crate) fn upgrade_request(path: &str) -> String {
-    format!(
-        "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {SAMPLE_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    )
+    String::from_utf8(client_handshake(path).encode()).expect("the request is ASCII")
+}
+
+/// Sends `handshake`'s request on `s` and reads the answer, which must accept it (101,
+/// the right `Sec-WebSocket-Accept`). Returns the bytes read past the head (5 s limit).
+pub(crate) fn upgrade(s: &mut StdTcpStream, handshake: &ClientHandshake) -> Vec<u8> {
+    s.write_all(&handshake.encode()).expect("write upgrade");
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match handshake.parse_response(&buf) {
+            Ok(None) => {}
+            Ok(Some((Answer::Accepted { .. }, len))) => return buf.split_off(len),
+            other => panic!("upgrade failed: {other:?}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no complete upgrade response within 5 s; got {:?}",
+            lossy(&buf)
+        );
+        match s.read(&mut chunk) {
+            Ok(0) => panic!(
+                "connection closed during the upgrade; got {:?}",
+                lossy(&buf)
+            ),
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("read error during the upgrade: {e}; got {:?}", lossy(&buf)),
+        }
+    }
+}
+
+/// A fresh connection upgraded on `path`, and the bytes read past the 101's head.
+pub(crate) fn raw_upgrade(addr: SocketAddr, path: &str) -> (StdTcpStream, Vec<u8>) {
+    let mut s = raw_connect(addr);
+    let rest = upgrade(&mut s, &client_handshake(path));
+    (s, rest)
 }
 
 pub(crate) fn raw_connect(addr: SocketAddr) -> StdTcpStream {
@@ -890,9 +931,7 @@ fn parse_frame(b: &[u8]) -> Option<(RawFrame, usize)> {
 
 /// Completes a raw handshake on `/ws`; returns the stream and any bytes after the head.
 pub(crate) fn raw_ws(addr: SocketAddr) -> (StdTcpStream, Vec<u8>) {
-    let (s, head) = request_head(addr, upgrade_request("/ws").as_bytes());
-    assert_eq!(head.status, 101, "upgrade failed: {head:?}");
-    (s, head.rest)
+    raw_upgrade(addr, "/ws")
 }
 
 /// Reads frames until a close frame arrives and returns its code; panics if the

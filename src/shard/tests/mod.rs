@@ -8,7 +8,8 @@ use crate::limits::SlowConsumerPolicy;
 use crate::proto::OpCode;
 use crate::proto::frame::encode_client_frame;
 
-use super::harness::{self, Client, Cluster, homed_on};
+use super::harness::{self, Client, Cluster, NONCE, homed_on};
+use crate::proto::client_handshake::ClientHandshake;
 
 const LOCALHOST: IpAddr = harness::PEER;
 

@@ -81,16 +81,9 @@ fn compressing_subscribers_share_one_deflated_frame_allocation() {
     };
     let mut cluster = Cluster::new(2, config);
     let deflating = |cluster: &mut Cluster, shard: usize| {
-        let key = cluster.shards[shard]
-            .accept(cluster.now, LOCALHOST)
-            .unwrap();
-        let client = Client { shard, key };
-        let head = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
-             Sec-WebSocket-Extensions: permessage-deflate\r\n\r\n";
-        cluster.write(client, head.as_bytes());
-        let response = String::from_utf8(cluster.take_output(client)).unwrap();
-        assert!(response.contains("\r\nSec-WebSocket-Extensions: permessage-deflate\r\n"));
+        let handshake = ClientHandshake::new("/ws", "x", NONCE).extensions("permessage-deflate");
+        let (client, extensions) = cluster.upgrade(shard, &handshake);
+        assert_eq!(extensions.as_deref(), Some("permessage-deflate"));
         client
     };
     let a = deflating(&mut cluster, 0);
