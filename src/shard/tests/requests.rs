@@ -24,9 +24,9 @@ fn deadlines_of_answered_requests_do_not_pile_up() {
     let shard = &cluster.shards[0];
     let bound = 2 * shard.conns.len() + 64 + 1;
     assert!(
-        shard.timed.len() <= bound,
+        shard.wheel.len() <= bound,
         "{} poll deadlines",
-        shard.timed.len()
+        shard.wheel.len()
     );
     assert!(
         shard.request_deadlines.len() <= bound,
