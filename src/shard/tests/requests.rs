@@ -185,3 +185,34 @@ fn metrics_and_stats_count_connections_and_deliveries() {
         "{metrics}"
     );
 }
+
+#[test]
+fn an_earlier_polls_deadline_does_not_end_a_later_poll() {
+    let mut cluster = Cluster::new(1, Config::default());
+    let p = cluster.connect(0, "/ws");
+    cluster.send(p, r#"{"type":"publish","channel":"c","data":"a"}"#);
+    cluster.settle();
+    let (client, _) = http(&mut cluster, 0, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    // Answered at once from history; its 1 s deadline stays armed.
+    cluster.write(
+        client,
+        b"GET /poll?channel=c&since=0&timeout=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    cluster.settle();
+    assert!(cluster.take_output(client).starts_with(b"HTTP/1.1 200 "));
+    cluster.write(
+        client,
+        b"GET /poll?channel=c&since=1&timeout=5 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    cluster.settle();
+    assert!(cluster.take_output(client).is_empty());
+    let start = cluster.now;
+    cluster.shards[0].handle_timeout(start + Duration::from_secs(2));
+    assert!(
+        cluster.take_output(client).is_empty(),
+        "ended at the earlier deadline"
+    );
+    cluster.shards[0].handle_timeout(start + Duration::from_secs(5));
+    let empty = String::from_utf8(cluster.take_output(client)).unwrap();
+    assert!(empty.ends_with(r#""messages":[]}"#), "{empty}");
+}
