@@ -94,6 +94,9 @@ const LEVELS: usize = 7;
 /// Ticks the wheel reaches (2^42 ms, 139 years); a deadline further out is brought in.
 const HORIZON: u64 = 1 << (SLOT_BITS as usize * LEVELS);
 
+/// The largest emptied slot vector kept for reuse, in entries.
+const SPARE_MAX: usize = 64;
+
 /// An armed deadline: 24 bytes for the shard's `(ConnRef, Timed)`.
 struct Entry<T> {
     /// The tick it comes due at.
@@ -114,8 +117,9 @@ struct Level<T> {
 /// entries always come due before a higher one's. When time reaches a slot of a higher
 /// level, its entries move down; at level 0 they are due.
 ///
-/// A slot's vector is freed when the slot is emptied, so memory follows the armed
-/// entries: 24 bytes each, plus the vectors' growth slack.
+/// A slot's vector is freed when the slot is emptied (but for one small one, kept for the
+/// next slot to fill), so memory follows the armed entries: 24 bytes each, plus the
+/// vectors' growth slack.
 pub(super) struct Wheel<T> {
     origin: Instant,
     /// Every tick up to and including this one has been handed out.
@@ -123,6 +127,9 @@ pub(super) struct Wheel<T> {
     levels: Box<[Level<T>; LEVELS]>,
     /// Entries that are due, in tick order, to be handed out before anything else.
     due: VecDeque<Entry<T>>,
+    /// The vector of the last slot emptied, for the next slot that gets an entry: a
+    /// slot's vector is not allocated and freed each time it fills and empties.
+    spare: Vec<Entry<T>>,
     /// Armed entries, stale ones included.
     len: usize,
 }
@@ -138,6 +145,7 @@ impl<T: Copy> Wheel<T> {
                 slots: std::array::from_fn(|_| Vec::new()),
             })),
             due: VecDeque::new(),
+            spare: Vec::new(),
             len: 0,
         }
     }
@@ -223,7 +231,11 @@ impl<T: Copy> Wheel<T> {
         let slot = ((entry.at >> (SLOT_BITS as usize * level)) % SLOTS as u64) as usize;
         let level = &mut self.levels[level];
         level.occupied |= 1 << slot;
-        level.slots[slot].push(entry);
+        let slot = &mut level.slots[slot];
+        if slot.capacity() == 0 {
+            *slot = std::mem::take(&mut self.spare);
+        }
+        slot.push(entry);
     }
 
     /// The first occupied slot from `elapsed` on, lowest level first: its level, slot and
@@ -255,12 +267,18 @@ impl<T: Copy> Wheel<T> {
         self.elapsed = tick;
         let level = &mut self.levels[level];
         level.occupied &= !(1 << slot);
-        for entry in std::mem::take(&mut level.slots[slot]) {
+        let mut entries = std::mem::take(&mut level.slots[slot]);
+        for entry in entries.drain(..) {
             if entry.at <= tick {
                 self.due.push_back(entry);
             } else {
                 self.insert(entry);
             }
+        }
+        // A small one is kept; a large one (a burst's) goes, so memory follows the
+        // armed entries.
+        if entries.capacity() <= SPARE_MAX && entries.capacity() > self.spare.capacity() {
+            self.spare = entries;
         }
     }
 
