@@ -7,8 +7,8 @@
 //!   A wheel would do no better and round to its tick.
 //! - [`Wheel`]: a hierarchical timer wheel for the deadlines that differ per connection
 //!   (heartbeats at spread phases, parked polls, token expiry): O(1) to arm, and each
-//!   entry is moved at most once per level on its way down (seven levels of 64 slots of
-//!   1 ms, so any deadline within 139 years has its own slot).
+//!   entry is moved at most once per level on its way down (seven levels of 64 slots,
+//!   from 1 ms each to 139 years in all).
 //! - [`Spread`]: the phases that spread periodic deadlines (heartbeats) over their period.
 //!
 //! Nothing is cancelled in place: an entry names its connection by [`ConnRef`], and the
@@ -125,7 +125,7 @@ pub(super) struct Wheel<T> {
     /// Every tick up to and including this one has been handed out.
     elapsed: u64,
     levels: Box<[Level<T>; LEVELS]>,
-    /// Entries that are due, in tick order, to be handed out before anything else.
+    /// Entries that are due, in the order they came due, handed out before anything else.
     due: VecDeque<Entry<T>>,
     /// The vector of the last slot emptied, for the next slot that gets an entry: a
     /// slot's vector is not allocated and freed each time it fills and empties.
