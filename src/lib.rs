@@ -5,7 +5,7 @@
 //!                  |            |            |
 //!              shard 0      shard 1  ...  shard N-1      one pinned thread each
 //!              reactor      reactor       reactor        epoll (mio)
-//!              conns        conns         conns          slab of connections, deadlines
+//!              conns        conns         conns          slab of connections, timer wheel
 //!                  \            |            /
 //!                   \   crossbeam queues + wakers       pre-encoded frames (bytes::Bytes)
 //!                    \          |          /            shared by every shard, never copied

@@ -25,8 +25,7 @@ impl Shard {
         self.set_phase(key, Phase::EventStream);
         self.conns[key].outbox.push(sse::head());
         self.mark_dirty(key);
-        let conn_ref = self.conn_ref(key);
-        self.heartbeat_deadlines.arm(self.now, conn_ref);
+        self.arm_heartbeat(key);
         self.request_subscription(key, channel.into(), since, None, None);
     }
 }

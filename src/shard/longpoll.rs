@@ -6,7 +6,7 @@ use crate::proto::handshake::Request;
 
 use super::Shard;
 use super::conn::Phase;
-use super::deadlines::Timed;
+use super::timer::Timed;
 
 impl Shard {
     pub(super) fn poll(&mut self, key: usize, request: &Request, keep_alive: bool) {
@@ -22,7 +22,8 @@ impl Shard {
             self.refuse(key, &ApiError::ReadForbidden { channel }, false);
             return;
         }
-        let deadline = self.now + poll.timeout;
+        // As the wheel will time it, so its entry is known for this poll's own.
+        let deadline = self.wheel.rounded(self.now + poll.timeout);
         let seq = poll.since.unwrap_or(0);
         self.set_phase(
             key,

@@ -41,7 +41,7 @@
 //! | `subscriber` | subscriptions from pending to active, paced `since` replays, gaps |
 //! | `home` | the channels homed here: ordering, history, answers to subscriptions |
 //! | `fanout` | a broadcast queued on every local subscriber; shedding slow ones |
-//! | `deadlines`, `timer` | request, poll, token, close and heartbeat deadlines |
+//! | `timer`, `deadlines` | request, poll, token, close and heartbeat deadlines; acting on them |
 //! | `outbox`, `mailbox` | a connection's write queue; the envelopes between shards |
 //! | `harness` | shards driven in memory, for the unit tests and the benches |
 
@@ -62,8 +62,6 @@ mod subscriber;
 mod timer;
 mod websocket;
 
-use std::cmp::Reverse;
-use std::collections::BinaryHeap;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -86,8 +84,7 @@ use crate::proto::handshake::HandshakeLimits;
 use crate::proto::pubsub::CommandParser;
 
 use conn::{Conn, Life, Phase};
-use deadlines::Timed;
-use timer::Deadlines;
+use timer::{Deadlines, Spread, Timed, Wheel};
 
 /// Publishes one connection may have waiting for their acks; past it the shard stops
 /// reading from it, so a client pipelining publishes cannot queue without bound.
@@ -105,10 +102,12 @@ pub struct Shard {
     parser: CommandParser,
     handshake_limits: HandshakeLimits,
     request_deadlines: Deadlines,
-    heartbeat_deadlines: Deadlines,
     close_deadlines: Deadlines,
-    /// Long-poll and token-expiry deadlines vary per connection: an ordered heap.
-    timed: BinaryHeap<Reverse<(Instant, ConnRef, Timed)>>,
+    /// Heartbeat, long-poll and token-expiry deadlines: they vary per connection.
+    wheel: Wheel<(ConnRef, Timed)>,
+    /// Past this many entries the wheel's stale ones are swept out.
+    wheel_sweep_at: usize,
+    heartbeat_phases: Spread,
     dirty: Vec<usize>,
     dead: Vec<usize>,
     /// Envelopes for other shards, per destination, sent once per turn.
@@ -181,9 +180,10 @@ impl Shard {
                 max_headers: config.max_headers,
             },
             request_deadlines: Deadlines::new(config.handshake_timeout),
-            heartbeat_deadlines: Deadlines::new(config.ping_interval),
             close_deadlines: Deadlines::new(config.close_timeout),
-            timed: BinaryHeap::new(),
+            wheel: Wheel::new(now),
+            wheel_sweep_at: 64,
+            heartbeat_phases: Spread::default(),
             channels: Channels::new(shards, config.history),
             conns: Slab::new(),
             next_generation: 0,

@@ -16,7 +16,7 @@ use crate::proto::handshake::{self, Request};
 
 use super::Shard;
 use super::conn::{Endpoint, Phase};
-use super::deadlines::Timed;
+use super::timer::Timed;
 
 impl Shard {
     /// Refuses for `refusal` with a `Retry-After` spread over a few seconds; the
@@ -82,17 +82,14 @@ impl Shard {
             }
             self.conns[key].counted = Some(ip);
         }
-        let expiry = identity
-            .expires_at
-            .zip(identity.runs_out)
-            .filter(|_| auth.mode() != AuthMode::Off);
+        let runs_out = identity.runs_out.filter(|_| auth.mode() != AuthMode::Off);
         self.conns[key].identity = Some(identity);
-        if let Some((expires_at, runs_out)) = expiry {
+        if let Some(runs_out) = runs_out {
             // Not `self.now` plus what is left: that is the start of the turn, and such a
             // deadline would fall that much before `exp` (a backend that wakes to the
             // nanosecond, like io_uring, then sends 4001 while the handshake would still
             // accept the token).
-            self.arm_timed(key, runs_out, Timed::TokenExpiry { expires_at });
+            self.arm_timed(key, runs_out, Timed::TokenExpiry);
         }
         true
     }

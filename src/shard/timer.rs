@@ -1,15 +1,43 @@
-//! Deadlines of one kind (handshake, heartbeat, close) for all of a shard's connections.
+//! A shard's deadlines, as times and the connections they name; what a deadline means is
+//! `deadlines.rs`'s business.
 //!
-//! Every deadline of a kind is "now + the same delay", so they are created in time order
-//! and a FIFO queue is already sorted: arming is a push, expiry a pop from the front, with
-//! no per-connection timer objects. A connection that no longer needs its deadline is not
-//! searched for; the shard checks, when the entry comes out, whether it still applies.
+//! - [`Deadlines`]: FIFO queues for the deadlines whose delay is the same for every
+//!   connection (request, close). They are armed in expiry order, so a queue is already
+//!   sorted: arming is a push and expiry a pop, to the nanosecond, with nothing to scan.
+//!   A wheel would do no better and round to its tick.
+//! - [`Wheel`]: a hierarchical timer wheel for the deadlines that differ per connection
+//!   (heartbeats at spread phases, parked polls, token expiry): O(1) to arm, and each
+//!   entry is moved at most once per level on its way down (seven levels of 64 slots,
+//!   from 1 ms each to 139 years in all).
+//! - [`Spread`]: the phases that spread periodic deadlines (heartbeats) over their period.
+//!
+//! Nothing is cancelled in place: an entry names its connection by [`ConnRef`], and the
+//! shard checks, when it comes out, whether it still applies (a new generation in the
+//! slot, another phase, a later request). Stale entries that pile up are dropped by
+//! `retain`, so memory stays bounded per connection.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use super::ConnRef;
 
+/// What a wheel entry is for; whether it still applies is checked when it comes due.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Timed {
+    /// A WebSocket's or event stream's heartbeat, once per ping interval at its phase.
+    Heartbeat,
+    /// A new WebSocket whose phase comes too early for its first heartbeat to ping it
+    /// (less than half an interval after the upgrade): one ping in between, so that the
+    /// first comes within an interval of the upgrade.
+    FirstPing,
+    /// A parked long-poll runs out.
+    Poll,
+    /// The token that admitted the request holding the connection runs out (its `exp`
+    /// plus leeway): close with 4001.
+    TokenExpiry,
+}
+
+/// The deadlines of one fixed delay, in arming order.
 pub(super) struct Deadlines {
     delay: Duration,
     queue: VecDeque<(Instant, ConnRef)>,
@@ -57,6 +85,264 @@ impl Deadlines {
     }
 }
 
+/// The wheel's resolution: a deadline comes due at the first tick at or after it.
+pub(super) const TICK: Duration = Duration::from_millis(1);
+const TICK_NANOS: u128 = TICK.as_nanos();
+const SLOT_BITS: u32 = 6;
+const SLOTS: usize = 1 << SLOT_BITS;
+const LEVELS: usize = 7;
+/// Ticks the wheel reaches (2^42 ms, 139 years); a deadline further out is brought in.
+const HORIZON: u64 = 1 << (SLOT_BITS as usize * LEVELS);
+
+/// The largest emptied slot vector kept for reuse, in entries.
+const SPARE_MAX: usize = 64;
+
+/// An armed deadline: 24 bytes for the shard's `(ConnRef, Timed)`.
+struct Entry<T> {
+    /// The tick it comes due at.
+    at: u64,
+    item: T,
+}
+
+/// 64 slots of `64^level` ticks each.
+struct Level<T> {
+    /// Bit `i` is set when slot `i` holds entries.
+    occupied: u64,
+    slots: [Vec<Entry<T>>; SLOTS],
+}
+
+/// A hierarchical timer wheel (as tokio's): level `l` holds the entries whose tick
+/// differs from `elapsed` first in bits `6l..6l+6`, in the slot those bits name. Every
+/// entry of a level lies within the current turn of that level, so a lower level's
+/// entries always come due before a higher one's. When time reaches a slot of a higher
+/// level, its entries move down; at level 0 they are due.
+///
+/// A slot's vector is freed when the slot is emptied (but for one small one, kept for the
+/// next slot to fill), so memory follows the armed entries: 24 bytes each, plus the
+/// vectors' growth slack.
+pub(super) struct Wheel<T> {
+    origin: Instant,
+    /// Every tick up to and including this one has been handed out.
+    elapsed: u64,
+    levels: Box<[Level<T>; LEVELS]>,
+    /// Entries that are due, in the order they came due, handed out before anything else.
+    due: VecDeque<Entry<T>>,
+    /// The vector of the last slot emptied, for the next slot that gets an entry: a
+    /// slot's vector is not allocated and freed each time it fills and empties.
+    spare: Vec<Entry<T>>,
+    /// Armed entries, stale ones included.
+    len: usize,
+}
+
+impl<T: Copy> Wheel<T> {
+    /// A wheel whose tick 0 is `now`.
+    pub(super) fn new(now: Instant) -> Self {
+        Self {
+            origin: now,
+            elapsed: 0,
+            levels: Box::new(std::array::from_fn(|_| Level {
+                occupied: 0,
+                slots: std::array::from_fn(|_| Vec::new()),
+            })),
+            due: VecDeque::new(),
+            spare: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// Arms `item` for `at`; returns the instant it comes due ([`Wheel::rounded`]).
+    pub(super) fn arm(&mut self, at: Instant, item: T) -> Instant {
+        let at = self.tick_at_or_after(at);
+        self.len += 1;
+        let entry = Entry { at, item };
+        if at <= self.elapsed {
+            // Its tick is past: due at the next poll.
+            self.due.push_back(entry);
+        } else {
+            self.insert(entry);
+        }
+        self.instant(at)
+    }
+
+    /// The instant a deadline `at` comes due at once armed: the tick at or after it.
+    pub(super) fn rounded(&self, at: Instant) -> Instant {
+        self.instant(self.tick_at_or_after(at))
+    }
+
+    /// Armed entries, stale ones included.
+    pub(super) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// When the next entry comes due, or a slot of a higher level must move its entries
+    /// down (nothing may be due then, but the call that comes then moves time past it).
+    /// After [`Wheel::poll_expired`] has returned `None` for `now`, this is after `now`.
+    pub(super) fn next_deadline(&self) -> Option<Instant> {
+        if !self.due.is_empty() {
+            return Some(self.instant(self.elapsed));
+        }
+        self.next_expiry().map(|(_, _, tick)| self.instant(tick))
+    }
+
+    /// Takes one entry due by `now`, with the instant it came due at; entries come out in
+    /// tick order, those of one tick in arming order.
+    pub(super) fn poll_expired(&mut self, now: Instant) -> Option<(Instant, T)> {
+        let now = self.tick_at_or_before(now);
+        loop {
+            if let Some(entry) = self.due.pop_front() {
+                self.len -= 1;
+                return Some((self.instant(entry.at), entry.item));
+            }
+            match self.next_expiry() {
+                Some((level, slot, tick)) if tick <= now => self.expire_slot(level, slot, tick),
+                _ => {
+                    // Nothing is due until after `now`: move there, so the next deadline
+                    // is asked for from here (and arming relative to it stays shallow).
+                    self.elapsed = self.elapsed.max(now);
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// Keeps the entries `live` says still apply (given the instant each comes due at)
+    /// and frees the room of those dropped.
+    pub(super) fn retain(&mut self, mut live: impl FnMut(Instant, T) -> bool) {
+        let origin = self.origin;
+        let mut keep = |entry: &Entry<T>| live(instant(origin, entry.at), entry.item);
+        self.due.retain(&mut keep);
+        self.due.shrink_to_fit();
+        let mut len = self.due.len();
+        for level in self.levels.iter_mut() {
+            for (i, slot) in level.slots.iter_mut().enumerate() {
+                slot.retain(&mut keep);
+                slot.shrink_to_fit();
+                if slot.is_empty() {
+                    level.occupied &= !(1 << i);
+                }
+                len += slot.len();
+            }
+        }
+        self.len = len;
+    }
+
+    fn insert(&mut self, entry: Entry<T>) {
+        let level = level_for(self.elapsed, entry.at);
+        let slot = ((entry.at >> (SLOT_BITS as usize * level)) % SLOTS as u64) as usize;
+        let level = &mut self.levels[level];
+        level.occupied |= 1 << slot;
+        let slot = &mut level.slots[slot];
+        if slot.capacity() == 0 {
+            *slot = std::mem::take(&mut self.spare);
+        }
+        slot.push(entry);
+    }
+
+    /// The first occupied slot from `elapsed` on, lowest level first: its level, slot and
+    /// the tick it starts at.
+    fn next_expiry(&self) -> Option<(usize, usize, u64)> {
+        self.levels.iter().enumerate().find_map(|(l, level)| {
+            if level.occupied == 0 {
+                return None;
+            }
+            let shift = SLOT_BITS as usize * l;
+            let current = ((self.elapsed >> shift) % SLOTS as u64) as u32;
+            let slot =
+                (level.occupied.rotate_right(current).trailing_zeros() + current) % SLOTS as u32;
+            let level_ticks = 1u64 << (shift + SLOT_BITS as usize);
+            let mut tick = (self.elapsed & !(level_ticks - 1)) + (u64::from(slot) << shift);
+            if tick <= self.elapsed {
+                // Only at the top level: an entry brought in to the horizon lies in the
+                // level's next turn.
+                debug_assert_eq!(l, LEVELS - 1);
+                tick += level_ticks;
+            }
+            Some((l, slot as usize, tick))
+        })
+    }
+
+    /// Time reaches `tick`, where slot `slot` of `level` starts: its entries are due or
+    /// move down.
+    fn expire_slot(&mut self, level: usize, slot: usize, tick: u64) {
+        self.elapsed = tick;
+        let level = &mut self.levels[level];
+        level.occupied &= !(1 << slot);
+        let mut entries = std::mem::take(&mut level.slots[slot]);
+        for entry in entries.drain(..) {
+            if entry.at <= tick {
+                self.due.push_back(entry);
+            } else {
+                self.insert(entry);
+            }
+        }
+        // A small one is kept; a large one (a burst's) goes, so memory follows the
+        // armed entries.
+        if entries.capacity() <= SPARE_MAX && entries.capacity() > self.spare.capacity() {
+            self.spare = entries;
+        }
+    }
+
+    fn tick_at_or_after(&self, at: Instant) -> u64 {
+        let nanos = at.saturating_duration_since(self.origin).as_nanos();
+        let ticks = u64::try_from(nanos.div_ceil(TICK_NANOS)).unwrap_or(u64::MAX);
+        ticks.min(self.elapsed + HORIZON - 1)
+    }
+
+    fn tick_at_or_before(&self, now: Instant) -> u64 {
+        let nanos = now.saturating_duration_since(self.origin).as_nanos();
+        u64::try_from(nanos / TICK_NANOS).unwrap_or(u64::MAX)
+    }
+
+    fn instant(&self, tick: u64) -> Instant {
+        instant(self.origin, tick)
+    }
+}
+
+fn instant(origin: Instant, tick: u64) -> Instant {
+    origin + Duration::from_nanos(tick.saturating_mul(TICK_NANOS as u64))
+}
+
+/// The level whose slots tell `at` apart from `elapsed`: the highest bit in which they
+/// differ, six bits a level.
+fn level_for(elapsed: u64, at: u64) -> usize {
+    let masked = ((elapsed ^ at) | (SLOTS as u64 - 1)).min(HORIZON - 1);
+    let significant = u64::BITS - 1 - masked.leading_zeros();
+    (significant / SLOT_BITS) as usize
+}
+
+/// Phases for periodic deadlines: the `k`-th one armed is `frac(k / φ)` of a period
+/// away (a Kronecker sequence). Any run of consecutive arms, a connect storm included,
+/// then falls evenly over the period: by the three-gap theorem no gap is more than φ²
+/// times another. A deadline re-armed one period after it came due keeps its phase, so
+/// the spread lasts.
+#[derive(Default)]
+pub(super) struct Spread {
+    next: u32,
+}
+
+impl Spread {
+    /// The first deadline of a periodic one armed at `now`: within `(now, now + period]`.
+    pub(super) fn first(&mut self, now: Instant, period: Duration) -> Instant {
+        // 2^32 / φ, rounded to odd: its multiples run through every u32 before repeating.
+        let fraction = self.next.wrapping_mul(0x9e37_79b9);
+        self.next = self.next.wrapping_add(1);
+        let rest = u128::from(u32::MAX - fraction) + 1;
+        let nanos = (period.as_nanos() * rest) >> 32;
+        now + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+    }
+}
+
+/// The first `deadline + k × period` (k ≥ 1) after `now`: a periodic deadline keeps its
+/// phase, even after a turn that came late.
+pub(super) fn next_period(deadline: Instant, period: Duration, now: Instant) -> Instant {
+    let next = deadline + period;
+    if next > now {
+        return next;
+    }
+    let behind = now.duration_since(next).as_nanos() / period.as_nanos().max(1);
+    next + period * (u32::try_from(behind).unwrap_or(u32::MAX - 1) + 1)
+}
+
 #[cfg(test)]
 #[allow(clippy::disallowed_methods)] // tests start the clock they drive
 mod tests {
@@ -81,5 +367,244 @@ mod tests {
         assert_eq!(d.poll_expired(start + Duration::from_secs(2)), Some(a));
         assert_eq!(d.poll_expired(start + Duration::from_secs(2)), Some(b));
         assert_eq!(d.poll_expired(start + Duration::from_secs(2)), None);
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Drives `wheel` as a backend would, waking only at [`Wheel::next_deadline`];
+    /// returns what came out, when it was handed out, and the wake-ups that found
+    /// nothing due.
+    fn drive<T: Copy>(wheel: &mut Wheel<T>, until: Instant) -> (Vec<(Instant, Instant, T)>, usize) {
+        let mut out = Vec::new();
+        let mut idle = 0;
+        while let Some(at) = wheel.next_deadline() {
+            if at > until {
+                break;
+            }
+            let before = out.len();
+            while let Some((due, item)) = wheel.poll_expired(at) {
+                out.push((at, due, item));
+            }
+            idle += usize::from(out.len() == before);
+            let next = wheel.next_deadline();
+            assert!(next.is_none_or(|next| next > at), "would spin at {at:?}");
+        }
+        (out, idle)
+    }
+
+    #[test]
+    fn an_entry_is_24_bytes() {
+        assert_eq!(size_of::<Entry<(ConnRef, Timed)>>(), 24);
+    }
+
+    #[test]
+    fn wheel_hands_out_entries_at_their_tick_in_order() {
+        let start = Instant::now();
+        let mut wheel = Wheel::new(start);
+        for (at, item) in [(70, 'c'), (3, 'a'), (70, 'd'), (5_000, 'e'), (4, 'b')] {
+            assert_eq!(wheel.arm(start + ms(at), item), start + ms(at));
+        }
+        assert_eq!(wheel.len(), 5);
+        assert_eq!(wheel.next_deadline(), Some(start + ms(3)));
+        assert_eq!(wheel.poll_expired(start + ms(2)), None);
+        assert_eq!(
+            wheel.poll_expired(start + ms(69)),
+            Some((start + ms(3), 'a'))
+        );
+        assert_eq!(
+            wheel.poll_expired(start + ms(69)),
+            Some((start + ms(4), 'b'))
+        );
+        assert_eq!(wheel.poll_expired(start + ms(69)), None);
+        // One tick's entries come out in arming order.
+        assert_eq!(
+            wheel.poll_expired(start + ms(70)),
+            Some((start + ms(70), 'c'))
+        );
+        assert_eq!(
+            wheel.poll_expired(start + ms(70)),
+            Some((start + ms(70), 'd'))
+        );
+        assert_eq!(
+            wheel.next_deadline().map(|t| t > start + ms(70)),
+            Some(true)
+        );
+        assert_eq!(wheel.poll_expired(start + ms(4_999)), None);
+        assert_eq!(
+            wheel.poll_expired(start + ms(6_000)),
+            Some((start + ms(5_000), 'e'))
+        );
+        assert_eq!(wheel.len(), 0);
+        assert_eq!(wheel.next_deadline(), None);
+    }
+
+    #[test]
+    fn a_deadline_between_ticks_comes_due_at_the_next_never_before() {
+        let start = Instant::now();
+        let mut wheel = Wheel::new(start);
+        let at = start + Duration::from_micros(1_500);
+        assert_eq!(wheel.arm(at, 1), start + ms(2));
+        assert_eq!(wheel.rounded(at), start + ms(2));
+        assert_eq!(wheel.poll_expired(at), None);
+        assert_eq!(wheel.poll_expired(start + ms(2)), Some((start + ms(2), 1)));
+    }
+
+    #[test]
+    fn a_deadline_already_past_is_due_at_once() {
+        let start = Instant::now();
+        let mut wheel = Wheel::new(start);
+        wheel.arm(start + ms(10), 1);
+        assert_eq!(
+            wheel.poll_expired(start + ms(50)),
+            Some((start + ms(10), 1))
+        );
+        assert_eq!(wheel.poll_expired(start + ms(50)), None);
+        // Armed for a tick the wheel has passed: the backend must not sleep.
+        wheel.arm(start + ms(20), 2);
+        assert!(wheel.next_deadline().is_some_and(|t| t <= start + ms(50)));
+        assert_eq!(
+            wheel.poll_expired(start + ms(50)),
+            Some((start + ms(20), 2))
+        );
+        assert_eq!(wheel.next_deadline(), None);
+    }
+
+    #[test]
+    fn retain_cancels_entries_and_frees_their_slots() {
+        let start = Instant::now();
+        let mut wheel = Wheel::new(start);
+        for i in 0..1_000u64 {
+            wheel.arm(start + ms(1 + i * 37), i);
+        }
+        wheel.retain(|_, i| i % 100 == 99);
+        assert_eq!(wheel.len(), 10);
+        // The first wake-up is where the slot holding the first entry left starts.
+        assert!(
+            wheel
+                .next_deadline()
+                .is_some_and(|t| t > start + ms(1 + 98 * 37))
+        );
+        let (out, _) = drive(&mut wheel, start + Duration::from_secs(3_600));
+        let items: Vec<u64> = out.iter().map(|&(_, _, i)| i).collect();
+        assert_eq!(items, (0..10).map(|i| i * 100 + 99).collect::<Vec<_>>());
+        wheel.retain(|_, _| false);
+        assert_eq!((wheel.len(), wheel.next_deadline()), (0, None));
+    }
+
+    #[test]
+    fn entries_far_apart_come_due_exactly_across_every_level() {
+        let start = Instant::now();
+        let mut wheel = Wheel::new(start);
+        // Spans from a millisecond to years, so entries cross every level on their way
+        // down; a simple generator keeps the test reproducible.
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut expected = Vec::new();
+        for i in 0..5_000u32 {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let bits = x % 41;
+            let at = start + Duration::from_nanos(x % (1u64 << bits) * 1_000_000 + x % 999_999);
+            expected.push((wheel.arm(at, i), i));
+        }
+        expected.sort_by_key(|&(at, _)| at);
+        let (out, idle) = drive(&mut wheel, start + Duration::from_secs(1 << 41));
+        assert_eq!(out.len(), expected.len());
+        for (&(woke, due, item), &(at, _)) in out.iter().zip(&expected) {
+            assert_eq!(due, at, "entry {item}");
+            assert_eq!(woke, due, "entry {item} handed out late");
+        }
+        // At worst one per level an entry moves down through.
+        assert!(
+            idle <= 5_000 * (LEVELS - 1),
+            "{idle} wake-ups with nothing due"
+        );
+        assert_eq!(wheel.len(), 0);
+    }
+
+    #[test]
+    fn a_periodic_deadline_keeps_its_tick_for_months() {
+        let start = Instant::now();
+        let mut wheel = Wheel::new(start);
+        let period = ms(25_000);
+        wheel.arm(start + ms(7), ());
+        let mut now = start;
+        let mut k = 0;
+        while k < 400_000 {
+            now = wheel.next_deadline().unwrap();
+            if let Some((due, ())) = wheel.poll_expired(now) {
+                assert_eq!(due, start + ms(7) + period * k);
+                assert_eq!(now, due, "handed out late");
+                assert_eq!(wheel.poll_expired(now), None);
+                wheel.arm(next_period(due, period, now), ());
+                k += 1;
+            }
+        }
+        // 115 days: past 2^32 ticks, where a 32-bit tick count would have wrapped.
+        assert!(now - start > TICK * u32::MAX);
+    }
+
+    #[test]
+    fn a_deadline_past_the_horizon_is_brought_in() {
+        let start = Instant::now();
+        let mut wheel = Wheel::new(start);
+        let far = start + Duration::from_secs(200 * 365 * 86_400);
+        let due = wheel.arm(far, 1);
+        assert!(due < far && due > start + Duration::from_secs(100 * 365 * 86_400));
+        let (out, _) = drive(&mut wheel, far);
+        assert_eq!(out, [(due, due, 1)]);
+    }
+
+    #[test]
+    fn a_wake_up_with_nothing_due_moves_time_on() {
+        let start = Instant::now();
+        let mut wheel = Wheel::new(start);
+        // Ten seconds out: on a level above 0, so a wake-up comes first to move it down.
+        wheel.arm(start + ms(10_000), 1);
+        let (out, idle) = drive(&mut wheel, start + ms(20_000));
+        assert_eq!(out, [(start + ms(10_000), start + ms(10_000), 1)]);
+        assert!(idle <= LEVELS, "{idle}");
+        // Woken early (a backend rounding its timeout down): nothing due, no zero sleep.
+        wheel.arm(start + ms(30_000), 2);
+        let now = start + ms(29_999) + Duration::from_micros(400);
+        assert_eq!(wheel.poll_expired(now), None);
+        assert!(wheel.next_deadline().is_some_and(|t| t > now));
+    }
+
+    #[test]
+    fn spread_phases_fall_evenly_over_the_period() {
+        let start = Instant::now();
+        let period = ms(25_000);
+        let mut spread = Spread::default();
+        let mut firsts: Vec<Instant> = (0..1_000).map(|_| spread.first(start, period)).collect();
+        assert!(firsts.iter().all(|&t| t > start && t <= start + period));
+        firsts.sort();
+        let gaps: Vec<Duration> = firsts.windows(2).map(|w| w[1] - w[0]).collect();
+        let (min, max) = (gaps.iter().min().unwrap(), gaps.iter().max().unwrap());
+        // Even spacing would be 25 ms.
+        assert!(
+            *min >= ms(9) && *max <= ms(41),
+            "gaps from {min:?} to {max:?}"
+        );
+    }
+
+    #[test]
+    fn next_period_keeps_the_phase_after_a_late_turn() {
+        let start = Instant::now();
+        let period = ms(1_000);
+        assert_eq!(
+            next_period(start, period, start + ms(10)),
+            start + ms(1_000)
+        );
+        assert_eq!(
+            next_period(start, period, start + ms(1_000)),
+            start + ms(2_000)
+        );
+        assert_eq!(
+            next_period(start, period, start + ms(5_500)),
+            start + ms(6_000)
+        );
     }
 }

@@ -87,8 +87,7 @@ impl Shard {
         ));
         self.conns[key].outbox.push(response);
         self.mark_dirty(key);
-        let conn_ref = self.conn_ref(key);
-        self.heartbeat_deadlines.arm(self.now, conn_ref);
+        self.arm_heartbeat(key);
     }
 
     /// Decodes frames until the buffer runs dry or the connection stops reading.

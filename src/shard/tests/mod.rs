@@ -48,6 +48,7 @@ fn seq_of(text: &str) -> u64 {
     rest[..rest.find(',').unwrap()].parse().unwrap()
 }
 
+mod heartbeats;
 mod limits;
 mod pubsub;
 mod replay;

@@ -24,9 +24,9 @@ fn deadlines_of_answered_requests_do_not_pile_up() {
     let shard = &cluster.shards[0];
     let bound = 2 * shard.conns.len() + 64 + 1;
     assert!(
-        shard.timed.len() <= bound,
+        shard.wheel.len() <= bound,
         "{} poll deadlines",
-        shard.timed.len()
+        shard.wheel.len()
     );
     assert!(
         shard.request_deadlines.len() <= bound,
@@ -184,4 +184,35 @@ fn metrics_and_stats_count_connections_and_deliveries() {
         metrics.contains("herald_publish_flush_seconds_count 1\n"),
         "{metrics}"
     );
+}
+
+#[test]
+fn an_earlier_polls_deadline_does_not_end_a_later_poll() {
+    let mut cluster = Cluster::new(1, Config::default());
+    let p = cluster.connect(0, "/ws");
+    cluster.send(p, r#"{"type":"publish","channel":"c","data":"a"}"#);
+    cluster.settle();
+    let (client, _) = http(&mut cluster, 0, "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n");
+    // Answered at once from history; its 1 s deadline stays armed.
+    cluster.write(
+        client,
+        b"GET /poll?channel=c&since=0&timeout=1 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    cluster.settle();
+    assert!(cluster.take_output(client).starts_with(b"HTTP/1.1 200 "));
+    cluster.write(
+        client,
+        b"GET /poll?channel=c&since=1&timeout=5 HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    cluster.settle();
+    assert!(cluster.take_output(client).is_empty());
+    let start = cluster.now;
+    cluster.shards[0].handle_timeout(start + Duration::from_secs(2));
+    assert!(
+        cluster.take_output(client).is_empty(),
+        "ended at the earlier deadline"
+    );
+    cluster.shards[0].handle_timeout(start + Duration::from_secs(5));
+    let empty = String::from_utf8(cluster.take_output(client)).unwrap();
+    assert!(empty.ends_with(r#""messages":[]}"#), "{empty}");
 }

@@ -1,0 +1,143 @@
+//! Heartbeats: spread over the ping interval whatever the connections' arrival, and the
+//! idle timeout kept.
+
+use super::*;
+
+/// What a turn of the shard, woken at the deadline it asked for, sent.
+#[derive(Default)]
+struct Turn {
+    pinged: Vec<usize>,
+    closed: Vec<usize>,
+}
+
+/// Wakes the shard at its next deadline, as a backend would; `None` past `until`.
+fn next_turn(cluster: &mut Cluster, until: Instant) -> Option<Turn> {
+    let at = cluster.shards[0].poll_timeout().filter(|&at| at <= until)?;
+    assert!(
+        at >= cluster.now,
+        "a deadline in the past after a turn: spinning"
+    );
+    cluster.now = at;
+    cluster.shards[0].handle_timeout(at);
+    let mut turn = Turn::default();
+    let mut dirty = Vec::new();
+    while let Some(key) = cluster.shards[0].poll_dirty() {
+        dirty.push(key);
+    }
+    for key in dirty {
+        for (opcode, payload) in cluster.frames(Client { shard: 0, key }) {
+            match opcode {
+                OpCode::Ping => turn.pinged.push(key),
+                OpCode::Close => {
+                    assert_eq!(&payload[..2], &1001u16.to_be_bytes());
+                    turn.closed.push(key);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    }
+    Some(turn)
+}
+
+#[test]
+fn a_connect_storm_is_pinged_spread_over_the_interval_and_the_dead_are_closed_in_time() {
+    let config = Config::default();
+    let (interval, idle) = (config.ping_interval, config.idle_timeout);
+    let mut cluster = Cluster::new(1, config);
+    let start = cluster.now;
+    // 1,000 connections in one turn; every tenth answers its pings, the others are gone.
+    let clients: Vec<Client> = (0..1_000).map(|_| cluster.connect(0, "/ws")).collect();
+    let live = |key: usize| clients.iter().position(|c| c.key == key).unwrap() % 10 == 0;
+    let pong = encode_client_frame(OpCode::Pong, true, b"", [1, 2, 3, 4]);
+    let mut first_ping = vec![None; clients.len()];
+    let mut last_ping = vec![start; clients.len()];
+    let mut closed_at = vec![None; clients.len()];
+    let (mut turns_pinging, mut most_pinged, mut most_closed) = (0, 0, 0);
+    let until = start + idle + interval;
+    while let Some(turn) = next_turn(&mut cluster, until) {
+        turns_pinging += usize::from(!turn.pinged.is_empty());
+        most_pinged = most_pinged.max(turn.pinged.len());
+        most_closed = most_closed.max(turn.closed.len());
+        for key in turn.pinged {
+            first_ping[key].get_or_insert(cluster.now);
+            if live(key) {
+                // A client that answers hears from the server at least once per interval.
+                assert!(cluster.now - last_ping[key] <= interval);
+                last_ping[key] = cluster.now;
+                cluster.write(Client { shard: 0, key }, &pong);
+            }
+        }
+        for key in turn.closed {
+            assert!(!live(key), "a client answering its pings was closed");
+            closed_at[key] = Some(cluster.now);
+        }
+    }
+    // Not 1,000 pings in one turn, once per interval: one or two per turn, all spread.
+    assert!(most_pinged <= 2, "{most_pinged} pings in one turn");
+    assert!(most_closed <= 2, "{most_closed} closes in one turn");
+    assert!(
+        turns_pinging >= 1_500,
+        "pings in {turns_pinging} turns only"
+    );
+    for c in &clients {
+        // First pinged within an interval of connecting, not in the first third of it.
+        let pinged = first_ping[c.key].expect("every client is pinged") - start;
+        assert!(pinged >= interval / 3 && pinged <= interval, "{pinged:?}");
+        if live(c.key) {
+            assert_eq!(closed_at[c.key], None);
+        } else {
+            // Closed past the idle timeout, at the next heartbeat.
+            let closed = closed_at[c.key].expect("every silent client is closed") - start;
+            assert!(closed >= idle && closed <= idle + interval, "{closed:?}");
+        }
+    }
+}
+
+#[test]
+fn a_busy_connection_is_not_pinged_and_a_quiet_one_is_pinged_each_interval() {
+    let config = Config::default();
+    let interval = config.ping_interval;
+    let mut cluster = Cluster::new(1, config);
+    let start = cluster.now;
+    let busy = cluster.connect(0, "/ws");
+    let quiet = cluster.connect(0, "/ws");
+    let pong = encode_client_frame(OpCode::Pong, true, b"", [1, 2, 3, 4]);
+    let mut pings = Vec::new();
+    let until = start + interval * 5;
+    let mut next_message = start;
+    loop {
+        // The busy client sends something every second, between the shard's deadlines.
+        // The quiet one is the shard's second: its phase comes early, so it gets a first
+        // ping of its own.
+        let wake = cluster.shards[0].poll_timeout().unwrap().min(next_message);
+        if wake > until {
+            break;
+        }
+        if wake == next_message {
+            cluster.now = wake;
+            cluster.send(busy, r#"{"type":"ping"}"#);
+            cluster.take_output(busy);
+            next_message += Duration::from_secs(1);
+            continue;
+        }
+        let turn = next_turn(&mut cluster, until).unwrap();
+        assert!(!turn.pinged.contains(&busy.key), "a busy connection pinged");
+        assert!(turn.closed.is_empty());
+        if turn.pinged.contains(&quiet.key) {
+            pings.push(cluster.now);
+            cluster.write(quiet, &pong);
+        }
+    }
+    // Within an interval of connecting, then at least once per interval; once on its
+    // phase, exactly once per interval.
+    assert!(pings.len() >= 4, "{pings:?}");
+    assert!(pings[0] - start <= interval, "{pings:?}");
+    assert!(
+        pings.windows(2).all(|w| w[1] - w[0] <= interval),
+        "{pings:?}"
+    );
+    assert!(
+        pings[1..].windows(2).all(|w| w[1] - w[0] == interval),
+        "{pings:?}"
+    );
+}
