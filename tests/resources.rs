@@ -143,6 +143,13 @@ fn channels_used_once_are_forgotten_within_the_ttl_and_memory_returns() {
         for reply in ws_round(&mut s, &mut b, &subscribes) {
             assert_eq!(reply["type"], "subscribed", "{reply}");
         }
+        // Held while the socket is open: the count that must fall later is seen rising,
+        // so a stale 0 cannot pass for a release.
+        let (held, _) = wait_for_channels(addr, |n| n >= 100.0, RELEASE_LIMIT);
+        assert!(
+            held >= 100.0,
+            "round {round}: herald_channels {held} with 100 held"
+        );
     }
     for i in 0..200 {
         let (status, body) = get(addr, &format!("/poll?channel=poll.{i}&timeout=0"), "");
