@@ -29,11 +29,21 @@ fn publish_once(addr: SocketAddr, body: &str) -> Response {
 }
 
 /// The latest seq of `channel`, as a fresh subscriber learns it.
+/// The channel's latest seq, read by subscribing; the subscription is released (and its
+/// `unsubscribed` seen) before this returns, so it is not counted by a later publish.
 async fn latest_seq(addr: SocketAddr, channel: &str) -> u64 {
     let mut ws = connect_ws(addr).await;
-    subscribe(&mut ws, channel, 1).await["seq"]
+    let seq = subscribe(&mut ws, channel, 1).await["seq"]
         .as_u64()
-        .unwrap()
+        .unwrap();
+    send_json(
+        &mut ws,
+        &json!({"type":"unsubscribe","channel":channel,"id":2}),
+    )
+    .await;
+    let reply = recv_json(&mut ws).await;
+    assert_eq!(reply["type"], "unsubscribed", "{reply}");
+    seq
 }
 
 fn assert_keep_alive(r: &Response) {
@@ -451,14 +461,17 @@ async fn poll_answers_at_once_from_history() {
 async fn parked_poll_returns_with_the_next_message() {
     let mut server = start_with_key(&[]);
     let addr = server.addr();
-    publish_once(addr, r#"{"channel":"lp-wait","data":"old"}"#);
+    // The latest seq as the publishes answer it: a subscription to read it would be
+    // counted by the next publish until its release reached the channel's home.
+    let mut seq = publish_once(addr, r#"{"channel":"lp-wait","data":"old"}"#).json()["seq"]
+        .as_u64()
+        .unwrap();
     // Caught up (since = latest) and without since: both park.
     for query in [
         "channel=lp-wait&since=SEQ&timeout=20",
         "channel=lp-wait&timeout=20",
     ] {
         wait_polls(addr, 0.0).await;
-        let seq = latest_seq(addr, "lp-wait").await;
         let query = query.replace("SEQ", &seq.to_string());
         let poller = tokio::task::spawn_blocking(move || {
             poll(
@@ -489,6 +502,7 @@ async fn parked_poll_returns_with_the_next_message() {
             json!([{"type":"message","channel":"lp-wait","seq":published,"data":{"new":true}}])
         );
         assert_eq!(v["seq"], published);
+        seq = published;
     }
     server.assert_healthy();
 }
