@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
+use smallvec::SmallVec;
 
 use crate::auth::Identity;
 use crate::hub::ChannelName;
@@ -101,7 +102,8 @@ pub(super) struct Conn {
     pub(super) phase: Phase,
     pub(super) read_buf: BytesMut,
     pub(super) outbox: Outbox,
-    pub(super) subs: Vec<Sub>,
+    /// Most connections hold one channel: it is kept inline.
+    pub(super) subs: SmallVec<[Sub; 1]>,
     pub(super) last_activity: Instant,
     /// When the request being read must be complete (handshake and keep-alive idle).
     pub(super) request_deadline: Instant,

@@ -65,6 +65,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use slab::Slab;
+use smallvec::SmallVec;
 
 pub use conn::ConnRef;
 pub use mailbox::{Answer, Envelope, Inbox, Post, Wake};
@@ -223,7 +224,7 @@ impl Shard {
             },
             read_buf: BytesMut::new(),
             outbox: Outbox::default(),
-            subs: Vec::new(),
+            subs: SmallVec::new(),
             last_activity: now,
             request_deadline: now + self.ctx.config.handshake_timeout,
             dirty: false,

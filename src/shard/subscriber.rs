@@ -332,11 +332,12 @@ impl Shard {
             return;
         }
         let policies = &self.ctx.config.slow_consumers;
-        let (slot, tag) = self
+        let (slot, tag, name) = self
             .subscriptions
             .insert(channel, key, || policies.policy_for(channel));
         self.counters.subscriptions += 1;
         let conn = &mut self.conns[key];
+        conn.subs[index].channel = name;
         if let Phase::Polling {
             seq: at,
             epoch: poll_epoch,
