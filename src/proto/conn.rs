@@ -84,8 +84,9 @@ pub struct Connection {
     state: State,
     transmit: VecDeque<Bytes>,
     pong_received: bool,
-    /// The negotiated permessage-deflate parameters and this side's compressor.
-    deflate: Option<(DeflateParams, Compressor)>,
+    /// The negotiated permessage-deflate parameters and this side's compressor (rare:
+    /// behind a pointer).
+    deflate: Option<Box<(DeflateParams, Compressor)>>,
 }
 
 impl Connection {
@@ -118,7 +119,7 @@ impl Connection {
         );
         Self {
             decoder: Decoder::with_inflater(limits, Inflater::default()),
-            deflate: Some((params, compressor)),
+            deflate: Some(Box::new((params, compressor))),
             ..Self::new(limits)
         }
     }
@@ -135,7 +136,7 @@ impl Connection {
     #[must_use]
     pub fn takes_over_context(&self) -> bool {
         self.deflate
-            .as_ref()
+            .as_deref()
             .is_some_and(|(_, compressor)| compressor.takes_over_context())
     }
 
@@ -143,7 +144,7 @@ impl Connection {
     /// broadcast frame) may be sent on this connection.
     #[must_use]
     pub fn accepts_frames_compressed_with(&self, window_bits: u8) -> bool {
-        self.deflate.as_ref().is_some_and(|(params, compressor)| {
+        self.deflate.as_deref().is_some_and(|(params, compressor)| {
             !compressor.takes_over_context() && window_bits <= params.server_max_window_bits
         })
     }
@@ -151,7 +152,7 @@ impl Connection {
     /// A data message as one compressed frame, or `None` if deflate was not negotiated.
     #[must_use]
     pub fn encode_compressed(&mut self, text: bool, payload: &[u8]) -> Option<Bytes> {
-        let (_, compressor) = self.deflate.as_mut()?;
+        let (_, compressor) = self.deflate.as_deref_mut()?;
         let opcode = if text { OpCode::Text } else { OpCode::Binary };
         Some(compressor.encode_frame(opcode, payload))
     }
@@ -205,7 +206,12 @@ impl Connection {
     /// The next frame to send, in the order they were queued.
     #[must_use]
     pub fn poll_transmit(&mut self) -> Option<Bytes> {
-        self.transmit.pop_front()
+        let frame = self.transmit.pop_front();
+        if self.transmit.is_empty() && self.transmit.capacity() > 0 {
+            // Pongs and closes are rare: an idle connection keeps no room for them.
+            self.transmit = VecDeque::new();
+        }
+        frame
     }
 
     /// Starts the close handshake from the server side; ignored once a close was sent or

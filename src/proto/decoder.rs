@@ -69,13 +69,20 @@ pub struct Decoder {
     limits: DecoderLimits,
     /// The frame whose header has been consumed from the buffer but whose payload has not.
     frame: Option<PartialFrame>,
-    /// The fragmented message in progress, between its first and its final frame.
-    message: Option<PartialMessage>,
+    /// The fragmented message in progress, between its first and its final frame (rare:
+    /// behind a pointer, so an idle connection does not carry its room).
+    message: Option<Box<PartialMessage>>,
     utf8: Utf8Validator,
     /// Present when permessage-deflate was negotiated: RSV1 is then allowed.
-    inflater: Option<Inflater>,
+    inflating: Option<Box<Inflating>>,
+}
+
+/// The receive side of permessage-deflate.
+#[derive(Debug)]
+struct Inflating {
+    inflater: Inflater,
     /// Compressed messages inflated so far.
-    inflated_messages: u64,
+    messages: u64,
 }
 
 #[derive(Debug)]
@@ -112,8 +119,7 @@ impl Decoder {
             frame: None,
             message: None,
             utf8: Utf8Validator::new(),
-            inflater: None,
-            inflated_messages: 0,
+            inflating: None,
         }
     }
 
@@ -121,7 +127,10 @@ impl Decoder {
     #[must_use]
     pub fn with_inflater(limits: DecoderLimits, inflater: Inflater) -> Self {
         Self {
-            inflater: Some(inflater),
+            inflating: Some(Box::new(Inflating {
+                inflater,
+                messages: 0,
+            })),
             ..Self::new(limits)
         }
     }
@@ -129,7 +138,7 @@ impl Decoder {
     /// How many compressed messages this decoder has inflated.
     #[must_use]
     pub fn inflated_messages(&self) -> u64 {
-        self.inflated_messages
+        self.inflating.as_ref().map_or(0, |i| i.messages)
     }
 
     /// Decodes the next message from `buf`, the connection's read buffer.
@@ -183,7 +192,7 @@ impl Decoder {
     fn start_frame(&self, header: FrameHeader) -> Result<PartialFrame, ProtocolError> {
         // RSV1 marks a compressed message, on its first frame only (RFC 7692 §6.1).
         let rsv1 = header.rsv == 0b100
-            && self.inflater.is_some()
+            && self.inflating.is_some()
             && matches!(header.opcode, OpCode::Text | OpCode::Binary);
         if header.rsv != 0 && !rsv1 {
             return Err(ProtocolError::ReservedBitsSet);
@@ -257,11 +266,13 @@ impl Decoder {
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 // A fragment: append it to the message being assembled.
-                let mut message = self.message.take().unwrap_or_else(|| PartialMessage {
-                    text: header.opcode == OpCode::Text,
-                    compressed: header.rsv != 0,
-                    payload: BytesMut::with_capacity(len),
-                    fragments: 0,
+                let mut message = self.message.take().unwrap_or_else(|| {
+                    Box::new(PartialMessage {
+                        text: header.opcode == OpCode::Text,
+                        compressed: header.rsv != 0,
+                        payload: BytesMut::with_capacity(len),
+                        fragments: 0,
+                    })
                 });
                 message.fragments += 1;
                 message.payload.extend_from_slice(&buf[..len]);
@@ -284,10 +295,12 @@ impl Decoder {
         compressed: bool,
         payload: Bytes,
     ) -> Result<Message, ProtocolError> {
-        let payload = match &mut self.inflater {
-            Some(inflater) if compressed => {
-                let inflated = inflater.inflate(&payload, self.limits.max_message_bytes)?;
-                self.inflated_messages += 1;
+        let payload = match &mut self.inflating {
+            Some(inflating) if compressed => {
+                let inflated = inflating
+                    .inflater
+                    .inflate(&payload, self.limits.max_message_bytes)?;
+                inflating.messages += 1;
                 if text {
                     self.utf8.feed(&inflated)?;
                 }

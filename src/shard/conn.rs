@@ -36,9 +36,11 @@ pub(super) enum Phase {
     /// Reading an HTTP request; `pending` holds a parsed head whose body is still coming.
     /// `scanned` bytes of the buffer are known to hold no end of head, so a head that
     /// arrives a byte at a time is scanned once, not parsed again from its start per read.
+    /// `deadline`: when the request must be complete (handshake and keep-alive idle).
     Request {
         pending: Option<Box<(Request, usize)>>,
         scanned: u32,
+        deadline: Instant,
     },
     /// `POST /api/publish` waiting for the homes to order its messages.
     Publishing {
@@ -60,12 +62,15 @@ pub(super) enum Phase {
     },
     /// `GET /sse`: an open event stream.
     EventStream,
-    WebSocket {
-        ws: Box<Connection>,
-        endpoint: Endpoint,
-        /// Inbound messages allowed.
-        rate: Box<RateLimit>,
-    },
+    /// A WebSocket: its state in one allocation.
+    WebSocket(Box<WebSocket>),
+}
+
+pub(super) struct WebSocket {
+    pub(super) ws: Connection,
+    pub(super) endpoint: Endpoint,
+    /// Inbound messages allowed.
+    pub(super) rate: RateLimit,
 }
 
 /// A connection's inbound message budget and how often it ran past it in a row.
@@ -105,8 +110,6 @@ pub(super) struct Conn {
     /// Most connections hold one channel: it is kept inline.
     pub(super) subs: SmallVec<[Sub; 1]>,
     pub(super) last_activity: Instant,
-    /// When the request being read must be complete (handshake and keep-alive idle).
-    pub(super) request_deadline: Instant,
     /// In the dirty list already.
     pub(super) dirty: bool,
     pub(super) life: Life,
@@ -168,6 +171,14 @@ impl Conn {
     pub(super) fn is_dead(&self) -> bool {
         self.life == Life::Dead
     }
+
+    /// When the request being read must be complete, while one is.
+    pub(super) fn request_deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Request { deadline, .. } => Some(deadline),
+            _ => None,
+        }
+    }
 }
 
 /// A replay that goes out in chunks of at most half the outbound budget, the next asked
@@ -196,5 +207,18 @@ impl Phase {
             Self::EventStream => Transport::Sse,
             Self::WebSocket { .. } => Transport::WebSocket,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection holds a `Conn`, and every WebSocket one `WebSocket` (measured
+    /// with `bench-client/memory.sh`): growing either costs each idle connection.
+    #[test]
+    fn a_connection_is_compact() {
+        assert!(size_of::<Conn>() <= 280, "{}", size_of::<Conn>());
+        assert!(size_of::<WebSocket>() <= 192, "{}", size_of::<WebSocket>());
     }
 }

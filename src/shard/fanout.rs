@@ -34,7 +34,8 @@ impl Shard {
         for key in subscribers.conns() {
             let conn = &mut self.conns[key];
             match &mut conn.phase {
-                Phase::WebSocket { ws, .. } => {
+                Phase::WebSocket(socket) => {
+                    let ws = &mut socket.ws;
                     let shared = broadcast.deflated.as_ref().filter(|_| {
                         ws.accepts_frames_compressed_with(CompressorSettings::SHARED.window_bits)
                     });
@@ -124,7 +125,7 @@ impl Shard {
         // the client's window would no longer match. Such a subscriber is disconnected
         // and recovers with `since`.
         let policy = match &conn.phase {
-            Phase::WebSocket { ws, .. } if ws.takes_over_context() => {
+            Phase::WebSocket(socket) if socket.ws.takes_over_context() => {
                 SlowConsumerPolicy::Disconnect
             }
             _ => policy,

@@ -221,12 +221,12 @@ impl Shard {
             phase: Phase::Request {
                 pending: None,
                 scanned: 0,
+                deadline: now + self.ctx.config.handshake_timeout,
             },
             read_buf: BytesMut::new(),
             outbox: Outbox::default(),
             subs: SmallVec::new(),
             last_activity: now,
-            request_deadline: now + self.ctx.config.handshake_timeout,
             dirty: false,
             life: Life::Open,
             read_paused: false,

@@ -126,7 +126,10 @@ impl Shard {
     pub(super) fn read_request(&mut self, key: usize) -> bool {
         let max_head = self.handshake_limits.max_head_bytes;
         let conn = &mut self.conns[key];
-        let Phase::Request { pending, scanned } = &mut conn.phase else {
+        let Phase::Request {
+            pending, scanned, ..
+        } = &mut conn.phase
+        else {
             return false;
         };
         let (request, body_len) = match pending.take() {
@@ -175,10 +178,13 @@ impl Shard {
         };
         let conn = &mut self.conns[key];
         if conn.read_buf.len() < body_len {
-            conn.phase = Phase::Request {
-                pending: Some(Box::new((request, body_len))),
-                scanned: 0,
-            };
+            if let Phase::Request {
+                pending, scanned, ..
+            } = &mut conn.phase
+            {
+                *pending = Some(Box::new((request, body_len)));
+                *scanned = 0;
+            }
             return false;
         }
         let body = conn.read_buf.split_to(body_len).freeze();
@@ -304,9 +310,9 @@ impl Shard {
             Phase::Request {
                 pending: None,
                 scanned: 0,
+                deadline: self.now + self.ctx.config.handshake_timeout,
             },
         );
-        self.conns[key].request_deadline = self.now + self.ctx.config.handshake_timeout;
         self.arm_request_deadline(key);
         if !self.conns[key].read_buf.is_empty() {
             self.reread.push(key);

@@ -14,7 +14,7 @@ use crate::proto::handshake::{self, Request};
 use crate::proto::pubsub::{self, Command};
 use crate::proto::{Connection, Event};
 
-use super::conn::{Endpoint, Life, Phase, RateLimit};
+use super::conn::{Endpoint, Life, Phase, RateLimit, WebSocket};
 use super::{Outbox, Shard};
 
 /// Messages refused in a row before a connection that keeps sending over its rate is
@@ -49,10 +49,10 @@ impl Shard {
             max_message_bytes,
             max_fragments,
         };
-        let rate = Box::new(RateLimit {
+        let rate = RateLimit {
             bucket: TokenBucket::new(per_second, per_second * 2, self.now),
             strikes: 0,
-        });
+        };
         let policies = &self.ctx.config.compression;
         let negotiated = request
             .sec_websocket_extensions
@@ -72,11 +72,7 @@ impl Shard {
         };
         self.set_phase(
             key,
-            Phase::WebSocket {
-                ws: Box::new(ws),
-                endpoint,
-                rate,
-            },
+            Phase::WebSocket(Box::new(WebSocket { ws, endpoint, rate })),
         );
         let extensions = negotiated.map(|params| params.response());
         let response = Bytes::from(handshake::upgrade_response(
@@ -94,10 +90,10 @@ impl Shard {
     pub(super) fn read_frames(&mut self, key: usize) {
         loop {
             let conn = &mut self.conns[key];
-            let Phase::WebSocket { ws, endpoint, .. } = &mut conn.phase else {
+            let Phase::WebSocket(socket) = &mut conn.phase else {
                 return;
             };
-            let endpoint = *endpoint;
+            let (ws, endpoint) = (&mut socket.ws, socket.endpoint);
             let inflating = ws
                 .compresses()
                 .then(|| (Stopwatch::start(), ws.inflated_messages()));
@@ -161,9 +157,10 @@ impl Shard {
     pub(super) fn echo(&mut self, key: usize, text: bool, payload: Bytes) {
         let opcode = if text { OpCode::Text } else { OpCode::Binary };
         let conn = &mut self.conns[key];
-        if let Phase::WebSocket { ws, .. } = &mut conn.phase
-            && ws.compresses()
+        if let Phase::WebSocket(socket) = &mut conn.phase
+            && socket.ws.compresses()
         {
+            let ws = &mut socket.ws;
             let stopwatch = Stopwatch::start();
             let frame = ws
                 .encode_compressed(text, &payload)
@@ -193,7 +190,8 @@ impl Shard {
             return;
         }
         conn.life = Life::Closing;
-        if let Phase::WebSocket { ws, .. } = &mut conn.phase {
+        if let Phase::WebSocket(socket) = &mut conn.phase {
+            let ws = &mut socket.ws;
             tracing::debug!(peer = %conn.peer, code, reason, "closing WebSocket");
             ws.send_close(code, reason);
             while let Some(frame) = ws.poll_transmit() {
@@ -210,9 +208,10 @@ impl Shard {
     /// keeps sending anyway is closed with 1008.
     pub(super) fn within_rate(&mut self, key: usize) -> bool {
         let now = self.now;
-        let Phase::WebSocket { rate, endpoint, .. } = &mut self.conns[key].phase else {
+        let Phase::WebSocket(socket) = &mut self.conns[key].phase else {
             return true;
         };
+        let WebSocket { rate, endpoint, .. } = &mut **socket;
         if rate.bucket.try_take(now) {
             rate.strikes = 0;
             return true;
