@@ -85,9 +85,15 @@ struct Inflating {
     messages: u64,
 }
 
-#[derive(Debug)]
+/// A frame past its header: what of the header is still needed, and how far its payload
+/// got (every connection holds one while a frame is split across reads, so it is kept
+/// to 32 bytes).
+#[derive(Debug, Clone, Copy)]
 struct PartialFrame {
-    header: FrameHeader,
+    fin: bool,
+    /// RSV1-RSV3 as in [`FrameHeader::rsv`].
+    rsv: u8,
+    opcode: OpCode,
     /// The payload length as a `usize`, checked against the limits.
     len: usize,
     /// The key; every accepted client frame has one.
@@ -180,9 +186,9 @@ impl Decoder {
                 return Ok(None);
             }
 
-            let (header, len) = (frame.header, frame.len);
+            let frame = *frame;
             self.frame = None;
-            if let Some(message) = self.finish_frame(header, len, buf)? {
+            if let Some(message) = self.finish_frame(frame, buf)? {
                 return Ok(Some(message));
             }
         }
@@ -231,7 +237,9 @@ impl Decoder {
         let len = usize::try_from(header.payload_len)
             .map_err(|_| too_big(header.payload_len, usize::MAX as u64))?;
         Ok(PartialFrame {
-            header,
+            fin: header.fin,
+            rsv: header.rsv,
+            opcode: header.opcode,
             len,
             mask,
             unmasked: 0,
@@ -240,15 +248,15 @@ impl Decoder {
         })
     }
 
-    /// Takes the complete, unmasked payload of `header` off `buf` and returns the message it
+    /// Takes the complete, unmasked payload of `frame` off `buf` and returns the message it
     /// completes, if any.
     fn finish_frame(
         &mut self,
-        header: FrameHeader,
-        len: usize,
+        frame: PartialFrame,
         buf: &mut BytesMut,
     ) -> Result<Option<Message>, ProtocolError> {
-        let message = match header.opcode {
+        let len = frame.len;
+        let message = match frame.opcode {
             OpCode::Ping => Message::Ping(buf.split_to(len).freeze()),
             OpCode::Pong => Message::Pong(buf.split_to(len).freeze()),
             OpCode::Close => {
@@ -259,17 +267,17 @@ impl Decoder {
                 });
                 Message::Close(close)
             }
-            OpCode::Text | OpCode::Binary if header.fin => {
+            OpCode::Text | OpCode::Binary if frame.fin => {
                 let payload = buf.split_to(len).freeze();
-                let compressed = header.rsv != 0;
-                self.complete(header.opcode == OpCode::Text, compressed, payload)?
+                let compressed = frame.rsv != 0;
+                self.complete(frame.opcode == OpCode::Text, compressed, payload)?
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 // A fragment: append it to the message being assembled.
                 let mut message = self.message.take().unwrap_or_else(|| {
                     Box::new(PartialMessage {
-                        text: header.opcode == OpCode::Text,
-                        compressed: header.rsv != 0,
+                        text: frame.opcode == OpCode::Text,
+                        compressed: frame.rsv != 0,
                         payload: BytesMut::with_capacity(len),
                         fragments: 0,
                     })
@@ -277,7 +285,7 @@ impl Decoder {
                 message.fragments += 1;
                 message.payload.extend_from_slice(&buf[..len]);
                 buf.advance(len);
-                if !header.fin {
+                if !frame.fin {
                     self.message = Some(message);
                     return Ok(None);
                 }
