@@ -109,7 +109,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
     if let Some(l) = listener.as_mut() {
         poll.registry().register(l, LISTENER, Interest::READABLE)?;
     }
-    let mut sockets: Vec<Option<Socket>> = Vec::new();
+    let mut sockets: Vec<Option<Socket>> = Vec::with_capacity(shard.connection_capacity());
     let mut events = Events::with_capacity(1024);
     let mut drain_deadline: Option<Instant> = None;
     let mut accept_paused_until: Option<Instant> = None;
@@ -295,10 +295,8 @@ fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &Po
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 buf.truncate(start);
-                if buf.is_empty() {
-                    // Idle connections hold no read buffer.
-                    *buf = bytes::BytesMut::new();
-                }
+                // Idle connections hold no read buffer.
+                shard.release_read_buffer(key);
                 return;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
@@ -390,10 +388,7 @@ fn read_tls(shard: &mut Shard, key: usize, socket: &mut Socket, poll: &Poll, now
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let buf = shard.read_buffer(key);
-                if buf.is_empty() {
-                    *buf = bytes::BytesMut::new();
-                }
+                shard.release_read_buffer(key);
                 return;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

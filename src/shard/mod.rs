@@ -181,7 +181,11 @@ impl Shard {
             close_deadlines: Deadlines::new(config.close_timeout),
             timed: BinaryHeap::new(),
             channels: Channels::new(shards, config.history),
-            conns: Slab::new(),
+            // Address space for this shard's share of the connection limit, touched only as
+            // connections arrive: a table grown by doubling would copy itself each time and
+            // leave the old copies resident until the allocator purges them (as much again
+            // as the table, right after a connect storm).
+            conns: Slab::with_capacity(config.max_connections.div_ceil(shards)),
             next_generation: 0,
             subscriptions: Subscriptions::default(),
             parser: CommandParser::default(),
@@ -223,7 +227,7 @@ impl Shard {
                 scanned: 0,
                 deadline: now + self.ctx.config.handshake_timeout,
             },
-            read_buf: BytesMut::new(),
+            read_buf: None,
             outbox: Outbox::default(),
             subs: SmallVec::new(),
             last_activity: now,
@@ -276,7 +280,12 @@ impl Shard {
 
     /// Where the backend appends bytes read from `key`'s socket.
     pub fn read_buffer(&mut self, key: usize) -> &mut BytesMut {
-        &mut self.conns[key].read_buf
+        self.conns[key].read_buf_mut()
+    }
+
+    /// The backend reads nothing more from `key` for now: an empty read buffer goes.
+    pub fn release_read_buffer(&mut self, key: usize) {
+        self.conns[key].release_read_buf();
     }
 
     /// Whether reading more from `key` is useful now: not when it is gone, not while its
@@ -293,7 +302,7 @@ impl Shard {
         }
         let wants = conn.outbox.len_bytes() < self.ctx.config.outbound_queue_bytes
             && conn.inflight_publishes < MAX_INFLIGHT_PUBLISHES
-            && conn.read_buf.len() < budget;
+            && conn.unread().len() < budget;
         if !wants {
             conn.read_paused = true;
         }
@@ -333,7 +342,7 @@ impl Shard {
         conn.last_activity = now;
         if conn.is_finishing() {
             // Only the peer's end of stream matters now.
-            conn.read_buf.clear();
+            conn.read_buf = None;
             return;
         }
         loop {
@@ -356,16 +365,13 @@ impl Shard {
                 // Waiting for an answer: a pipelined request stays buffered until then.
                 Phase::Publishing { .. } | Phase::Polling { .. } => break,
                 Phase::EventStream => {
-                    self.conns[key].read_buf.clear();
+                    self.conns[key].read_buf = None;
                     break;
                 }
             }
         }
-        let conn = &mut self.conns[key];
-        if conn.read_buf.is_empty() && conn.read_buf.capacity() > 0 {
-            // Idle connections keep no read buffer.
-            conn.read_buf = BytesMut::new();
-        }
+        // Idle connections keep no read buffer.
+        self.conns[key].release_read_buf();
     }
 
     fn reply(&mut self, key: usize, frame: Bytes) {
@@ -403,7 +409,7 @@ impl Shard {
         let conn = &mut self.conns[key];
         if !conn.is_finishing() {
             conn.life = Life::Finishing;
-            conn.read_buf = BytesMut::new();
+            conn.read_buf = None;
             self.close_deadlines.arm(self.now, conn_ref);
             self.leave_all(key);
         }
@@ -430,7 +436,7 @@ impl Shard {
         let conn = &mut self.conns[key];
         conn.life = Life::Dead;
         conn.outbox = Outbox::default();
-        conn.read_buf = BytesMut::new();
+        conn.read_buf = None;
         self.counters.connections[conn.phase.transport() as usize] -= 1;
         if let Some(ip) = conn.counted.take() {
             self.ctx.limits.release(ip);
@@ -523,6 +529,7 @@ impl Shard {
             for envelope in local.drain(..) {
                 self.handle_envelope(envelope);
             }
+            mailbox::trim(&mut local);
             self.local_batch = local;
             let mut had_remote = false;
             while let Some(envelope) = inbox.poll() {
@@ -612,6 +619,12 @@ impl Shard {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// How many connections this shard has room for before its table grows: a backend
+    /// sizes its own per-connection table the same way.
+    pub fn connection_capacity(&self) -> usize {
+        self.conns.capacity()
     }
 }
 

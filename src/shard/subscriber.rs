@@ -245,7 +245,7 @@ impl Shard {
         };
         match &mut conn.subs[index].state {
             SubState::Pending { unsubscribe, .. } => {
-                *unsubscribe = Some(id);
+                *unsubscribe = Some(Box::new(id));
             }
             SubState::Active { .. } => {
                 self.release(key, index);
@@ -365,7 +365,7 @@ impl Shard {
                 self.reply(key, pubsub::encode_subscribed(channel, seq, epoch, id));
                 if let Some(unsubscribe_id) = unsubscribe {
                     self.release(key, index);
-                    self.reply(key, pubsub::encode_unsubscribed(channel, unsubscribe_id));
+                    self.reply(key, pubsub::encode_unsubscribed(channel, *unsubscribe_id));
                 }
             }
             Phase::EventStream => {

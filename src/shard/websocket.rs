@@ -97,7 +97,10 @@ impl Shard {
             let inflating = ws
                 .compresses()
                 .then(|| (Stopwatch::start(), ws.inflated_messages()));
-            let event = ws.poll_event(&mut conn.read_buf);
+            let event = conn
+                .read_buf
+                .as_deref_mut()
+                .and_then(|buf| ws.poll_event(buf));
             if let Some((stopwatch, inflated)) = inflating
                 && ws.inflated_messages() > inflated
             {
