@@ -15,7 +15,8 @@
 //!
 //! Most of the time a connection has nothing queued, or the one frame of this turn: that
 //! frame is held inline, and the two lanes are allocated only while more than one frame
-//! waits, and given back as soon as the outbox is empty. An idle connection, and a
+//! waits (or a lone data frame was partly written), and given back as soon as the outbox
+//! is empty. An idle connection, and a
 //! subscriber that keeps up with its fan-out, hold no queue memory at all.
 
 use std::collections::VecDeque;
@@ -63,11 +64,11 @@ pub struct Outbox {
     lanes: Option<Box<Lanes>>,
 }
 
-/// A frame queued alone.
+/// A frame queued alone. A data chunk stays alone only until partly written (rare: the
+/// socket was full), which moves it to the lanes, where a started frame is tracked.
 #[derive(Debug)]
 enum One {
-    /// A data chunk; `started` once partly written.
-    Data { chunk: Chunk, started: bool },
+    Data(Chunk),
     /// A ping or pong.
     Control(Bytes),
 }
@@ -106,10 +107,7 @@ impl Outbox {
         }
         let chunk = Chunk { bytes, kind };
         if self.is_empty() {
-            self.one = Some(One::Data {
-                chunk,
-                started: false,
-            });
+            self.one = Some(One::Data(chunk));
         } else {
             self.lanes().push_chunk(chunk);
         }
@@ -121,10 +119,7 @@ impl Outbox {
         self.lanes.get_or_insert_with(|| {
             let mut lanes = Box::<Lanes>::default();
             match one {
-                Some(One::Data { chunk, started }) => {
-                    lanes.push_chunk(chunk);
-                    lanes.data_started = started;
-                }
+                Some(One::Data(chunk)) => lanes.push_chunk(chunk),
                 Some(One::Control(frame)) => {
                     lanes.push_control(frame);
                 }
@@ -188,7 +183,7 @@ impl Outbox {
     /// Data bytes waiting to be written (the slow-consumer budget).
     pub fn len_bytes(&self) -> usize {
         match (&self.one, &self.lanes) {
-            (Some(One::Data { chunk, .. }), _) => chunk.bytes.len(),
+            (Some(One::Data(chunk)), _) => chunk.bytes.len(),
             (_, Some(lanes)) => lanes.data_bytes,
             _ => 0,
         }
@@ -197,7 +192,7 @@ impl Outbox {
     /// Fills `slices` in write order; returns how many were filled.
     pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
         let one = match &self.one {
-            Some(One::Data { chunk, .. }) => &chunk.bytes,
+            Some(One::Data(chunk)) => &chunk.bytes,
             Some(One::Control(frame)) => frame,
             None => return self.lanes.as_ref().map_or(0, |l| l.io_slices(slices)),
         };
@@ -218,7 +213,7 @@ impl Outbox {
             return 0;
         }
         let bytes = match self.one.take() {
-            Some(One::Data { chunk, .. }) => chunk.bytes,
+            Some(One::Data(chunk)) => chunk.bytes,
             Some(One::Control(frame)) => frame,
             None => {
                 let Some(lanes) = self.lanes.as_mut() else {
@@ -236,30 +231,24 @@ impl Outbox {
 
     /// Drops `written` bytes in write order, splitting a partly written frame.
     pub fn advance(&mut self, written: usize) {
+        if written == 0 {
+            return;
+        }
         match &mut self.one {
-            Some(One::Data { chunk, started }) if written < chunk.bytes.len() => {
-                chunk.bytes.advance(written);
-                *started |= written > 0;
+            Some(One::Data(chunk)) if written < chunk.bytes.len() => {
+                self.lanes().advance(written);
             }
             Some(One::Control(frame)) if written < frame.len() => frame.advance(written),
-            Some(
-                One::Data {
-                    chunk: Chunk { bytes, .. },
-                    ..
-                }
-                | One::Control(bytes),
-            ) => {
+            Some(One::Data(Chunk { bytes, .. }) | One::Control(bytes)) => {
                 assert!(written == bytes.len(), "advance past the end of the outbox");
                 self.one = None;
             }
             None => {
-                if written > 0 {
-                    self.lanes
-                        .as_mut()
-                        .expect("advance past the end of the outbox")
-                        .advance(written);
-                    self.settle();
-                }
+                self.lanes
+                    .as_mut()
+                    .expect("advance past the end of the outbox")
+                    .advance(written);
+                self.settle();
             }
         }
     }
@@ -276,7 +265,7 @@ impl Outbox {
     /// Drops every data frame not yet started, keeping a partly written one so the stream
     /// stays well-formed; returns how many data bytes remain.
     pub fn discard_unstarted(&mut self) -> usize {
-        if let Some(One::Data { started: false, .. }) = self.one {
+        if let Some(One::Data(_)) = self.one {
             self.one = None;
         }
         if let Some(lanes) = self.lanes.as_mut() {
@@ -660,13 +649,13 @@ mod tests {
             outbox.push_message(frame("msg"), 1, 1);
             assert!(outbox.lanes.is_none());
             assert_eq!(outbox.len_bytes(), 3);
-            outbox.advance(1);
-            outbox.advance(2);
+            outbox.advance(3);
             assert!(outbox.is_empty());
             assert!(outbox.push_control(frame("PING")));
+            outbox.advance(1);
             assert_eq!(outbox.len_bytes(), 0);
             let mut taken = Vec::new();
-            assert_eq!(outbox.take_chunks(&mut taken, 8), 4);
+            assert_eq!(outbox.take_chunks(&mut taken, 8), 3);
             assert!(outbox.is_empty());
         }
         assert!(outbox.lanes.is_none());
@@ -696,7 +685,7 @@ mod tests {
 
     #[test]
     fn an_outbox_is_small() {
-        assert!(size_of::<Outbox>() <= 72);
+        assert!(size_of::<Outbox>() <= 64);
     }
 
     #[test]
