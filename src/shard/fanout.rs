@@ -99,7 +99,10 @@ impl Shard {
             else {
                 continue;
             };
-            let epoch = epoch.clone().unwrap_or_else(|| (*self.ctx.epoch).into());
+            let epoch = epoch
+                .as_deref()
+                .cloned()
+                .unwrap_or_else(|| (*self.ctx.epoch).into());
             self.counters.deliveries_total += 1;
             self.leave_all(key);
             let response = longpoll::response(

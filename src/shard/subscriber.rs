@@ -345,7 +345,7 @@ impl Shard {
         } = &mut conn.phase
         {
             *at = seq;
-            poll_epoch.clone_from(&answer_epoch);
+            *poll_epoch = answer_epoch.clone().map(Box::new);
         }
         let SubState::Pending {
             unsubscribe,
