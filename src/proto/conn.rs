@@ -3,6 +3,7 @@
 //! connection's permessage-deflate compressor when it negotiated one.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 
@@ -95,7 +96,7 @@ pub struct Connection {
 impl Connection {
     /// A connection right after the upgrade, in the open state.
     #[must_use]
-    pub fn new(limits: DecoderLimits) -> Self {
+    pub fn new(limits: impl Into<Arc<DecoderLimits>>) -> Self {
         Self {
             decoder: Decoder::new(limits),
             state: State::Open,
@@ -110,7 +111,7 @@ impl Connection {
     /// if `take_over_context` and the client allowed it.
     #[must_use]
     pub fn with_deflate(
-        limits: DecoderLimits,
+        limits: impl Into<Arc<DecoderLimits>>,
         params: DeflateParams,
         settings: CompressorSettings,
         take_over_context: bool,
@@ -122,8 +123,10 @@ impl Connection {
         );
         Self {
             decoder: Decoder::with_inflater(limits, Inflater::default()),
+            state: State::Open,
+            transmit: None,
+            pong_received: false,
             deflate: Some(Box::new((params, compressor))),
-            ..Self::new(limits)
         }
     }
 

@@ -10,7 +10,7 @@ use smallvec::SmallVec;
 
 use crate::auth::Identity;
 use crate::hub::ChannelName;
-use crate::limits::TokenBucket;
+use crate::limits::Tokens;
 use crate::metrics::Transport;
 use crate::proto::Connection;
 use crate::proto::handshake::Request;
@@ -76,7 +76,8 @@ pub(super) struct WebSocket {
 
 /// A connection's inbound message budget and how often it ran past it in a row.
 pub(super) struct RateLimit {
-    pub(super) bucket: TokenBucket,
+    /// At the endpoint's rate ([`Endpoint::messages_per_second`]).
+    pub(super) tokens: Tokens,
     pub(super) strikes: u32,
 }
 
@@ -240,6 +241,6 @@ mod tests {
     #[test]
     fn a_connection_is_compact() {
         assert!(size_of::<Conn>() <= 232, "{}", size_of::<Conn>());
-        assert!(size_of::<WebSocket>() <= 160, "{}", size_of::<WebSocket>());
+        assert!(size_of::<WebSocket>() <= 128, "{}", size_of::<WebSocket>());
     }
 }

@@ -81,9 +81,10 @@ use crate::proto::deflate::{Compressor, CompressorSettings};
 use crate::proto::handshake::HandshakeLimits;
 use crate::proto::pubsub::CommandParser;
 
-use conn::{Conn, Life, Phase};
+use conn::{Conn, Endpoint, Life, Phase};
 use deadlines::Timed;
 use timer::Deadlines;
+use websocket::EndpointLimits;
 
 /// Publishes one connection may have waiting for their acks; past it the shard stops
 /// reading from it, so a client pipelining publishes cannot queue without bound.
@@ -126,6 +127,9 @@ pub struct Shard {
     /// Keep-alive connections that went back to reading with bytes already buffered (a
     /// request pipelined behind one answered later): processed at the end of the step.
     reread: Vec<usize>,
+    /// What the connections of `/ws` and of `/echo` share.
+    pubsub_limits: EndpointLimits,
+    echo_limits: EndpointLimits,
     /// Compresses the broadcasts of `shared` channels homed here, once per publish, each
     /// from an empty window so any compressing subscriber can take the frame.
     shared_compressor: Compressor,
@@ -198,6 +202,8 @@ impl Shard {
             now,
             counters: Counters::default(),
             shared_compressor: Compressor::new(CompressorSettings::SHARED, true),
+            pubsub_limits: EndpointLimits::new(config, Endpoint::PubSub),
+            echo_limits: EndpointLimits::new(config, Endpoint::Echo),
             ctx,
         }
     }

@@ -2,10 +2,12 @@
 //! sans-IO [`Connection`](crate::proto::Connection), the inbound rate limit, the JSON
 //! commands of the pub/sub protocol, and the server-side close.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 
-use crate::config::MAX_FRAGMENTS;
-use crate::limits::TokenBucket;
+use crate::config::{Config, MAX_FRAGMENTS};
+use crate::limits::Tokens;
 use crate::metrics::Stopwatch;
 use crate::proto::decoder::DecoderLimits;
 use crate::proto::deflate::{self, CompressorSettings};
@@ -21,17 +23,16 @@ use super::{Outbox, Shard};
 /// closed with 1008.
 const MAX_STRIKES: u32 = 50;
 
-impl Shard {
-    pub(super) fn upgrade(&mut self, key: usize, request: &Request, endpoint: Endpoint) {
-        let accept = match request.websocket_accept() {
-            Ok(accept) => accept,
-            Err(e) => {
-                self.refuse(key, e.status(), &e.to_string(), e.extra_headers());
-                return;
-            }
-        };
-        // /echo has the limits of /ws unless the operator raised them (a conformance run).
-        let config = &self.ctx.config;
+/// What the WebSocket connections of one endpoint share, built once per shard: their
+/// decoder limits and inbound message rate.
+pub(super) struct EndpointLimits {
+    pub(super) decoder: Arc<DecoderLimits>,
+    pub(super) per_second: u64,
+}
+
+impl EndpointLimits {
+    /// `/echo` has the limits of `/ws` unless the operator raised them (a conformance run).
+    pub(super) fn new(config: &Config, endpoint: Endpoint) -> Self {
         let (max_message_bytes, max_fragments, per_second) = match endpoint {
             Endpoint::PubSub => (
                 config.max_message_bytes,
@@ -44,13 +45,42 @@ impl Shard {
                 config.echo_max_messages_per_second,
             ),
         };
-        let limits = DecoderLimits {
-            max_frame_bytes: max_message_bytes,
-            max_message_bytes,
-            max_fragments,
+        Self {
+            decoder: Arc::new(DecoderLimits {
+                max_frame_bytes: max_message_bytes,
+                max_message_bytes,
+                max_fragments,
+            }),
+            per_second,
+        }
+    }
+
+    /// Messages a connection may send at once: two seconds' worth.
+    fn burst(&self) -> u64 {
+        self.per_second * 2
+    }
+}
+
+impl Shard {
+    fn endpoint_limits(&self, endpoint: Endpoint) -> &EndpointLimits {
+        match endpoint {
+            Endpoint::PubSub => &self.pubsub_limits,
+            Endpoint::Echo => &self.echo_limits,
+        }
+    }
+
+    pub(super) fn upgrade(&mut self, key: usize, request: &Request, endpoint: Endpoint) {
+        let accept = match request.websocket_accept() {
+            Ok(accept) => accept,
+            Err(e) => {
+                self.refuse(key, e.status(), &e.to_string(), e.extra_headers());
+                return;
+            }
         };
+        let shared = self.endpoint_limits(endpoint);
+        let limits = shared.decoder.clone();
         let rate = RateLimit {
-            bucket: TokenBucket::new(per_second, per_second * 2, self.now),
+            tokens: Tokens::full(shared.burst(), self.now),
             strikes: 0,
         };
         let policies = &self.ctx.config.compression;
@@ -215,7 +245,11 @@ impl Shard {
             return true;
         };
         let WebSocket { rate, endpoint, .. } = &mut **socket;
-        if rate.bucket.try_take(now) {
+        let shared = match endpoint {
+            Endpoint::PubSub => &self.pubsub_limits,
+            Endpoint::Echo => &self.echo_limits,
+        };
+        if rate.tokens.try_take(shared.per_second, shared.burst(), now) {
             rate.strikes = 0;
             return true;
         }
