@@ -7,6 +7,12 @@
 #
 #   bash bench-client/memory.sh                 # epoll and io_uring, ROUNDS=2
 #   CONNS=10000 ROUNDS=3 bash bench-client/memory.sh
+#   WARMUP=1 bash bench-client/memory.sh        # after 20 connections came and went
+#
+# WARMUP=1 leaves out what the first connections cost a process once, not per connection:
+# its code paged in (~640 kB for herald, measured with /proc/PID/smaps) and the allocator's
+# first pages. Without it, that weighs 64 B per connection at 10,000 and ten times as much
+# at the fan-out's 1,000.
 #
 # Rounds alternate the servers. Everything runs on 127.0.0.0/8 and stops by itself; the
 # connections come from source addresses 127.0.0.2 and up, so no per-address limit applies.
@@ -24,9 +30,16 @@ ulimit -n "$(ulimit -Hn)"
 # start, stop, and the servers killed on exit.
 source bench-client/servers.sh # (the working directory is the repository root)
 
+# warm: with WARMUP=1, 20 subscribed connections to $ADDR for a second, then gone.
+warm() {
+    [ "${WARMUP:-0}" = 1 ] || return 0
+    "$B" connect --url "ws://$ADDR/ws" --conns 20 --subscribe --channels 1 --hold 1 -q >/dev/null
+}
+
 # idle NAME: $CONNS subscribed connections to $ADDR held past one ping interval (2 s).
 idle() {
     local name=$1
+    warm
     "$B" connect --url "ws://$ADDR/ws" --conns "$CONNS" --subscribe --channels 100 --hold 5 \
         --procs 2 --source-ips 127.0.0.2-127.0.0.20 --server-pid "$PID" --json -q \
         | tail -n 1 >"$OUT/$name.json"
@@ -42,9 +55,10 @@ print(f"{name:24} idle   {c['ok']:6} connected ({c['failed']} failed)  "
 PY
 }
 
-# active NAME: 1,000 subscribers, 20 messages/s of 64 B, memory during the run.
+# active NAME: 1,000 subscribers, 20 messages/s of 64 B; memory once they are subscribed.
 active() {
     local name=$1
+    warm
     "$B" fanout --url "ws://$ADDR/ws" --server-pid "$PID" --conns 1000 --rate 20 --size 64 \
         --duration 8 --json -q | tail -n 1 >"$OUT/$name-fanout.json"
     python3 - "$name" "$OUT/$name-fanout.json" <<'PY'

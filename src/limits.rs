@@ -11,30 +11,53 @@ use crate::config::{ChannelPolicies, PrefixPolicy};
 /// A token bucket: `rate` tokens a second, holding at most `burst`.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
-    /// Tokens, in millionths, so refills are exact integers.
-    micro_tokens: u64,
+    tokens: Tokens,
     rate_per_sec: u64,
     burst: u64,
-    last: Instant,
 }
 
 impl TokenBucket {
     /// A full bucket.
     pub fn new(rate_per_sec: u64, burst: u64, now: Instant) -> Self {
         Self {
-            micro_tokens: burst * 1_000_000,
+            tokens: Tokens::full(burst, now),
             rate_per_sec,
-            burst: burst.max(1),
-            last: now,
+            burst,
         }
     }
 
     /// Takes one token if there is one.
     pub fn try_take(&mut self, now: Instant) -> bool {
+        self.tokens.try_take(self.rate_per_sec, self.burst, now)
+    }
+}
+
+/// A token bucket's level without its rate, for buckets that share one (each connection's
+/// inbound messages): 24 bytes each instead of 40.
+#[derive(Debug, Clone)]
+pub struct Tokens {
+    /// Tokens, in millionths, so refills are exact integers.
+    micro_tokens: u64,
+    last: Instant,
+}
+
+impl Tokens {
+    /// A full bucket of `burst`.
+    pub fn full(burst: u64, now: Instant) -> Self {
+        Self {
+            micro_tokens: burst * 1_000_000,
+            last: now,
+        }
+    }
+
+    /// Takes one token if there is one, refilling at `rate_per_sec` up to `burst` (at
+    /// least one) first.
+    pub fn try_take(&mut self, rate_per_sec: u64, burst: u64, now: Instant) -> bool {
         let elapsed = now.saturating_duration_since(self.last);
         self.last = now;
-        let refill = (elapsed.as_micros() as u64).saturating_mul(self.rate_per_sec);
-        self.micro_tokens = (self.micro_tokens.saturating_add(refill)).min(self.burst * 1_000_000);
+        let refill = (elapsed.as_micros() as u64).saturating_mul(rate_per_sec);
+        let cap = burst.max(1) * 1_000_000;
+        self.micro_tokens = (self.micro_tokens.saturating_add(refill)).min(cap);
         if self.micro_tokens >= 1_000_000 {
             self.micro_tokens -= 1_000_000;
             true

@@ -115,7 +115,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         events: Events::with_capacity(1024),
         listener: Some(listener),
         accept_paused_until: None,
-        sockets: Vec::new(),
+        sockets: Vec::with_capacity(shard.connection_capacity()),
         tls,
     };
     Loop {
@@ -313,10 +313,8 @@ fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &Po
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 buf.truncate(start);
-                if buf.is_empty() {
-                    // Idle connections hold no read buffer.
-                    *buf = bytes::BytesMut::new();
-                }
+                // Idle connections hold no read buffer.
+                shard.release_read_buffer(key);
                 return;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
@@ -408,10 +406,7 @@ fn read_tls(shard: &mut Shard, key: usize, socket: &mut Socket, poll: &Poll, now
             }
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                let buf = shard.read_buffer(key);
-                if buf.is_empty() {
-                    *buf = bytes::BytesMut::new();
-                }
+                shard.release_read_buffer(key);
                 return;
             }
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,

@@ -34,16 +34,20 @@ pub struct Subscriptions {
 }
 
 impl Subscriptions {
-    /// Adds connection `conn`; returns the slot to give back to [`Subscriptions::remove`]
-    /// and the channel's tag. `policy` is asked only when the channel is new here.
+    /// Adds connection `conn`; returns the slot to give back to [`Subscriptions::remove`],
+    /// the channel's tag, and its name as this table holds it, for the subscriber to keep
+    /// instead of a copy of its own (one name per channel and shard, not per subscriber).
+    /// `policy` is asked only when the channel is new here.
     pub fn insert(
         &mut self,
         channel: &ChannelName,
         conn: usize,
         policy: impl FnOnce() -> SlowConsumerPolicy,
-    ) -> (usize, u32) {
+    ) -> (usize, u32, ChannelName) {
         let next_tag = &mut self.next_tag;
-        let entry = self.map.entry(channel.clone()).or_insert_with(|| {
+        let entry = self.map.entry(channel.clone());
+        let name = entry.key().clone();
+        let subscribers = entry.or_insert_with(|| {
             *next_tag = next_tag.wrapping_add(1);
             ChannelSubscribers {
                 tag: *next_tag,
@@ -51,7 +55,7 @@ impl Subscriptions {
                 conns: Slab::new(),
             }
         });
-        (entry.conns.insert(conn), entry.tag)
+        (subscribers.conns.insert(conn), subscribers.tag, name)
     }
 
     pub fn remove(&mut self, channel: &str, slot: usize) {
@@ -82,14 +86,18 @@ impl Subscriptions {
 mod tests {
     use super::*;
 
+    use std::sync::Arc;
+
     #[test]
     fn insert_iterate_remove() {
         let mut subs = Subscriptions::default();
         let c: ChannelName = "c".into();
         let policy = || SlowConsumerPolicy::Disconnect;
-        let (a, tag) = subs.insert(&c, 10, policy);
-        let (b, same_tag) = subs.insert(&c, 11, policy);
+        let (a, tag, _) = subs.insert(&c, 10, policy);
+        let other: ChannelName = "c".into();
+        let (b, same_tag, name) = subs.insert(&other, 11, policy);
         assert_eq!(tag, same_tag);
+        assert!(Arc::ptr_eq(&name, &c), "the table's name is shared");
         let mut got: Vec<_> = subs.get("c").unwrap().conns().collect();
         got.sort();
         assert_eq!(got, [10, 11]);
@@ -98,7 +106,7 @@ mod tests {
         subs.remove("c", b);
         assert_eq!(subs.channel_count(), 0);
         assert!(subs.get("nope").is_none());
-        let (_, new_tag) = subs.insert(&c, 12, policy);
+        let (_, new_tag, _) = subs.insert(&c, 12, policy);
         assert_ne!(new_tag, tag, "a tag is never reused");
     }
 

@@ -2,6 +2,8 @@
 //! interleaved control frames, UTF-8 and size limits, and inflating permessage-deflate
 //! messages (RFC 7692) when it was negotiated.
 
+use std::sync::Arc;
+
 use bytes::{Buf as _, Bytes, BytesMut};
 
 use crate::proto::close::{CloseFrame, parse_close_payload};
@@ -66,21 +68,35 @@ pub enum Message {
 /// be dropped.
 #[derive(Debug)]
 pub struct Decoder {
-    limits: DecoderLimits,
+    /// Shared by the connections of one endpoint: a pointer in each instead of 24 bytes.
+    limits: Arc<DecoderLimits>,
     /// The frame whose header has been consumed from the buffer but whose payload has not.
     frame: Option<PartialFrame>,
-    /// The fragmented message in progress, between its first and its final frame.
-    message: Option<PartialMessage>,
+    /// The fragmented message in progress, between its first and its final frame (rare:
+    /// behind a pointer, so an idle connection does not carry its room).
+    message: Option<Box<PartialMessage>>,
     utf8: Utf8Validator,
     /// Present when permessage-deflate was negotiated: RSV1 is then allowed.
-    inflater: Option<Inflater>,
-    /// Compressed messages inflated so far.
-    inflated_messages: u64,
+    inflating: Option<Box<Inflating>>,
 }
 
+/// The receive side of permessage-deflate.
 #[derive(Debug)]
+struct Inflating {
+    inflater: Inflater,
+    /// Compressed messages inflated so far.
+    messages: u64,
+}
+
+/// A frame past its header: what of the header is still needed, and how far its payload
+/// got (every connection holds one while a frame is split across reads, so it is kept
+/// to 32 bytes).
+#[derive(Debug, Clone, Copy)]
 struct PartialFrame {
-    header: FrameHeader,
+    fin: bool,
+    /// RSV1-RSV3 as in [`FrameHeader::rsv`].
+    rsv: u8,
+    opcode: OpCode,
     /// The payload length as a `usize`, checked against the limits.
     len: usize,
     /// The key; every accepted client frame has one.
@@ -106,22 +122,24 @@ struct PartialMessage {
 impl Decoder {
     /// A decoder at the start of the stream.
     #[must_use]
-    pub fn new(limits: DecoderLimits) -> Self {
+    pub fn new(limits: impl Into<Arc<DecoderLimits>>) -> Self {
         Self {
-            limits,
+            limits: limits.into(),
             frame: None,
             message: None,
             utf8: Utf8Validator::new(),
-            inflater: None,
-            inflated_messages: 0,
+            inflating: None,
         }
     }
 
     /// A decoder for a connection that negotiated permessage-deflate.
     #[must_use]
-    pub fn with_inflater(limits: DecoderLimits, inflater: Inflater) -> Self {
+    pub fn with_inflater(limits: impl Into<Arc<DecoderLimits>>, inflater: Inflater) -> Self {
         Self {
-            inflater: Some(inflater),
+            inflating: Some(Box::new(Inflating {
+                inflater,
+                messages: 0,
+            })),
             ..Self::new(limits)
         }
     }
@@ -129,7 +147,7 @@ impl Decoder {
     /// How many compressed messages this decoder has inflated.
     #[must_use]
     pub fn inflated_messages(&self) -> u64 {
-        self.inflated_messages
+        self.inflating.as_ref().map_or(0, |i| i.messages)
     }
 
     /// Decodes the next message from `buf`, the connection's read buffer.
@@ -171,9 +189,9 @@ impl Decoder {
                 return Ok(None);
             }
 
-            let (header, len) = (frame.header, frame.len);
+            let frame = *frame;
             self.frame = None;
-            if let Some(message) = self.finish_frame(header, len, buf)? {
+            if let Some(message) = self.finish_frame(frame, buf)? {
                 return Ok(Some(message));
             }
         }
@@ -183,7 +201,7 @@ impl Decoder {
     fn start_frame(&self, header: FrameHeader) -> Result<PartialFrame, ProtocolError> {
         // RSV1 marks a compressed message, on its first frame only (RFC 7692 §6.1).
         let rsv1 = header.rsv == 0b100
-            && self.inflater.is_some()
+            && self.inflating.is_some()
             && matches!(header.opcode, OpCode::Text | OpCode::Binary);
         if header.rsv != 0 && !rsv1 {
             return Err(ProtocolError::ReservedBitsSet);
@@ -222,7 +240,9 @@ impl Decoder {
         let len = usize::try_from(header.payload_len)
             .map_err(|_| too_big(header.payload_len, usize::MAX as u64))?;
         Ok(PartialFrame {
-            header,
+            fin: header.fin,
+            rsv: header.rsv,
+            opcode: header.opcode,
             len,
             mask,
             unmasked: 0,
@@ -231,15 +251,15 @@ impl Decoder {
         })
     }
 
-    /// Takes the complete, unmasked payload of `header` off `buf` and returns the message it
+    /// Takes the complete, unmasked payload of `frame` off `buf` and returns the message it
     /// completes, if any.
     fn finish_frame(
         &mut self,
-        header: FrameHeader,
-        len: usize,
+        frame: PartialFrame,
         buf: &mut BytesMut,
     ) -> Result<Option<Message>, ProtocolError> {
-        let message = match header.opcode {
+        let len = frame.len;
+        let message = match frame.opcode {
             OpCode::Ping => Message::Ping(buf.split_to(len).freeze()),
             OpCode::Pong => Message::Pong(buf.split_to(len).freeze()),
             OpCode::Close => {
@@ -250,23 +270,25 @@ impl Decoder {
                 });
                 Message::Close(close)
             }
-            OpCode::Text | OpCode::Binary if header.fin => {
+            OpCode::Text | OpCode::Binary if frame.fin => {
                 let payload = buf.split_to(len).freeze();
-                let compressed = header.rsv != 0;
-                self.complete(header.opcode == OpCode::Text, compressed, payload)?
+                let compressed = frame.rsv != 0;
+                self.complete(frame.opcode == OpCode::Text, compressed, payload)?
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
                 // A fragment: append it to the message being assembled.
-                let mut message = self.message.take().unwrap_or_else(|| PartialMessage {
-                    text: header.opcode == OpCode::Text,
-                    compressed: header.rsv != 0,
-                    payload: BytesMut::with_capacity(len),
-                    fragments: 0,
+                let mut message = self.message.take().unwrap_or_else(|| {
+                    Box::new(PartialMessage {
+                        text: frame.opcode == OpCode::Text,
+                        compressed: frame.rsv != 0,
+                        payload: BytesMut::with_capacity(len),
+                        fragments: 0,
+                    })
                 });
                 message.fragments += 1;
                 message.payload.extend_from_slice(&buf[..len]);
                 buf.advance(len);
-                if !header.fin {
+                if !frame.fin {
                     self.message = Some(message);
                     return Ok(None);
                 }
@@ -284,10 +306,12 @@ impl Decoder {
         compressed: bool,
         payload: Bytes,
     ) -> Result<Message, ProtocolError> {
-        let payload = match &mut self.inflater {
-            Some(inflater) if compressed => {
-                let inflated = inflater.inflate(&payload, self.limits.max_message_bytes)?;
-                self.inflated_messages += 1;
+        let payload = match &mut self.inflating {
+            Some(inflating) if compressed => {
+                let inflated = inflating
+                    .inflater
+                    .inflate(&payload, self.limits.max_message_bytes)?;
+                inflating.messages += 1;
                 if text {
                     self.utf8.feed(&inflated)?;
                 }

@@ -13,7 +13,8 @@ use crate::proto::error::ProtocolError;
 pub struct Utf8Validator {
     /// The start of an unfinished code point; only `partial[..partial_len]` is meaningful.
     partial: [u8; 4],
-    partial_len: usize,
+    /// At most 3: a byte keeps the validator (one per connection) at 5 bytes.
+    partial_len: u8,
 }
 
 impl Utf8Validator {
@@ -74,9 +75,9 @@ impl Utf8Validator {
         if !valid {
             return Err(ProtocolError::InvalidUtf8);
         }
-        self.partial[self.partial_len] = byte;
+        self.partial[usize::from(self.partial_len)] = byte;
         self.partial_len += 1;
-        if self.partial_len == sequence_len(self.partial[0]) {
+        if usize::from(self.partial_len) == sequence_len(self.partial[0]) {
             self.partial_len = 0;
         }
         Ok(())

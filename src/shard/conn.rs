@@ -6,10 +6,11 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
+use smallvec::SmallVec;
 
 use crate::auth::Identity;
 use crate::hub::ChannelName;
-use crate::limits::TokenBucket;
+use crate::limits::Tokens;
 use crate::metrics::Transport;
 use crate::proto::Connection;
 use crate::proto::handshake::Request;
@@ -35,9 +36,11 @@ pub(super) enum Phase {
     /// Reading an HTTP request; `pending` holds a parsed head whose body is still coming.
     /// `scanned` bytes of the buffer are known to hold no end of head, so a head that
     /// arrives a byte at a time is scanned once, not parsed again from its start per read.
+    /// `deadline`: when the request must be complete (handshake and keep-alive idle).
     Request {
         pending: Option<Box<(Request, usize)>>,
         scanned: u32,
+        deadline: Instant,
     },
     /// `POST /api/publish` waiting for the homes to order its messages.
     Publishing {
@@ -54,22 +57,27 @@ pub(super) enum Phase {
         keep_alive: bool,
         /// The deadline passed before the home answered: answer as soon as it does.
         expired: bool,
-        /// The channel's epoch once a cluster answered (`None`: the node's own).
-        epoch: Option<ChannelName>,
+        /// The channel's epoch once a cluster answered (`None`: the node's own). Boxed,
+        /// rare as it is, so this phase is no larger than the others.
+        epoch: Option<Box<ChannelName>>,
     },
     /// `GET /sse`: an open event stream.
     EventStream,
-    WebSocket {
-        ws: Box<Connection>,
-        endpoint: Endpoint,
-        /// Inbound messages allowed.
-        rate: Box<RateLimit>,
-    },
+    /// A WebSocket: its state in one allocation.
+    WebSocket(Box<WebSocket>),
+}
+
+pub(super) struct WebSocket {
+    pub(super) ws: Connection,
+    pub(super) endpoint: Endpoint,
+    /// Inbound messages allowed.
+    pub(super) rate: RateLimit,
 }
 
 /// A connection's inbound message budget and how often it ran past it in a row.
 pub(super) struct RateLimit {
-    pub(super) bucket: TokenBucket,
+    /// At the endpoint's rate ([`Endpoint::messages_per_second`]).
+    pub(super) tokens: Tokens,
     pub(super) strikes: u32,
 }
 
@@ -85,10 +93,11 @@ pub(super) enum SubState {
     /// Sent to the home as request `ticket`, not yet confirmed. `unsubscribe` holds the
     /// id of an unsubscribe that arrived meanwhile (outer `Some`), carried out once
     /// confirmed. A subscription with `since` stays pending while its replay goes out
-    /// (`catch_up`); live messages reach it only once it has caught up.
+    /// (`catch_up`); live messages reach it only once it has caught up. Both are rare, so
+    /// both are behind pointers: a connection keeps its one subscription in 40 bytes.
     Pending {
         ticket: u32,
-        unsubscribe: Option<Option<u64>>,
+        unsubscribe: Option<Box<Option<u64>>>,
         catch_up: Option<Box<CatchUp>>,
     },
     /// Receiving messages; `slot` is its place in [`Subscriptions`], `tag` the channel's
@@ -99,12 +108,13 @@ pub(super) enum SubState {
 pub(super) struct Conn {
     pub(super) generation: u32,
     pub(super) phase: Phase,
-    pub(super) read_buf: BytesMut,
+    /// Bytes read and not yet processed; `None` when there are none (an idle connection
+    /// holds neither a buffer nor room for one in its entry).
+    pub(super) read_buf: Option<Box<BytesMut>>,
     pub(super) outbox: Outbox,
-    pub(super) subs: Vec<Sub>,
+    /// Most connections hold one channel: it is kept inline.
+    pub(super) subs: SmallVec<[Sub; 1]>,
     pub(super) last_activity: Instant,
-    /// When the request being read must be complete (handshake and keep-alive idle).
-    pub(super) request_deadline: Instant,
     /// In the dirty list already.
     pub(super) dirty: bool,
     pub(super) life: Life,
@@ -166,6 +176,31 @@ impl Conn {
     pub(super) fn is_dead(&self) -> bool {
         self.life == Life::Dead
     }
+
+    /// Bytes read and not yet processed.
+    pub(super) fn unread(&self) -> &[u8] {
+        self.read_buf.as_deref().map_or(&[], |buf| &buf[..])
+    }
+
+    /// The read buffer, made if there was none.
+    pub(super) fn read_buf_mut(&mut self) -> &mut BytesMut {
+        self.read_buf.get_or_insert_default()
+    }
+
+    /// Gives back the read buffer once everything in it was processed.
+    pub(super) fn release_read_buf(&mut self) {
+        if self.read_buf.as_ref().is_some_and(|buf| buf.is_empty()) {
+            self.read_buf = None;
+        }
+    }
+
+    /// When the request being read must be complete, while one is.
+    pub(super) fn request_deadline(&self) -> Option<Instant> {
+        match self.phase {
+            Phase::Request { deadline, .. } => Some(deadline),
+            _ => None,
+        }
+    }
 }
 
 /// A replay that goes out in chunks of at most half the outbound budget, the next asked
@@ -194,5 +229,18 @@ impl Phase {
             Self::EventStream => Transport::Sse,
             Self::WebSocket { .. } => Transport::WebSocket,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection holds a `Conn`, and every WebSocket one `WebSocket` (measured
+    /// with `bench-client/memory.sh`): growing either costs each idle connection.
+    #[test]
+    fn a_connection_is_compact() {
+        assert!(size_of::<Conn>() <= 232, "{}", size_of::<Conn>());
+        assert!(size_of::<WebSocket>() <= 128, "{}", size_of::<WebSocket>());
     }
 }

@@ -55,7 +55,7 @@ impl Shard {
         }
     }
 
-    /// Arms `key`'s request deadline (`request_deadline`, set by the caller), dropping
+    /// Arms `key`'s request deadline (set by the caller in `Phase::Request`), dropping
     /// stale entries of earlier requests as [`Shard::arm_timed`] does.
     pub(super) fn arm_request_deadline(&mut self, key: usize) {
         let conn_ref = self.conn_ref(key);
@@ -66,8 +66,7 @@ impl Shard {
                 conns.get(conn.key as usize).is_some_and(|c| {
                     c.generation == conn.generation
                         && !c.is_dead()
-                        && matches!(c.phase, Phase::Request { .. })
-                        && c.request_deadline == at
+                        && c.request_deadline() == Some(at)
                 })
             });
         }
@@ -80,10 +79,7 @@ impl Shard {
             if let Some(key) = self.resolve(conn) {
                 let conn = &self.conns[key];
                 // Stale unless this is still the request the deadline was armed for.
-                if matches!(conn.phase, Phase::Request { .. })
-                    && !conn.is_finishing()
-                    && conn.request_deadline <= now
-                {
+                if conn.request_deadline().is_some_and(|at| at <= now) && !conn.is_finishing() {
                     self.refuse(key, &ApiError::RequestTimeout, false);
                 }
             }

@@ -35,7 +35,8 @@ impl Shard {
         for key in subscribers.conns() {
             let conn = &mut self.conns[key];
             match &mut conn.phase {
-                Phase::WebSocket { ws, .. } => {
+                Phase::WebSocket(socket) => {
+                    let ws = &mut socket.ws;
                     let shared = broadcast.deflated.as_ref().filter(|_| {
                         ws.accepts_frames_compressed_with(CompressorSettings::SHARED.window_bits)
                     });
@@ -99,7 +100,10 @@ impl Shard {
             else {
                 continue;
             };
-            let epoch = epoch.clone().unwrap_or_else(|| (*self.ctx.epoch).into());
+            let epoch = epoch
+                .as_deref()
+                .cloned()
+                .unwrap_or_else(|| (*self.ctx.epoch).into());
             self.counters.deliveries_total += 1;
             self.leave_all(key);
             let response = longpoll::response(
@@ -125,7 +129,7 @@ impl Shard {
         // the client's window would no longer match. Such a subscriber is disconnected
         // and recovers with `since`.
         let policy = match &conn.phase {
-            Phase::WebSocket { ws, .. } if ws.takes_over_context() => {
+            Phase::WebSocket(socket) if socket.ws.takes_over_context() => {
                 SlowConsumerPolicy::Disconnect
             }
             _ => policy,

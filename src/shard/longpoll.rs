@@ -51,7 +51,10 @@ impl Shard {
         let Phase::Polling { seq, ref epoch, .. } = conn.phase else {
             return;
         };
-        let epoch = epoch.clone().unwrap_or_else(|| (*self.ctx.epoch).into());
+        let epoch = epoch
+            .as_deref()
+            .cloned()
+            .unwrap_or_else(|| (*self.ctx.epoch).into());
         let channel = conn.subs.first().map(|s| s.channel.clone());
         self.leave_all(key);
         let channel = channel.as_deref().unwrap_or("");

@@ -94,6 +94,18 @@ pub trait Wake: Send + Sync {
     fn wake(&self);
 }
 
+/// Envelopes a batch keeps room for between turns. A burst (a reconnect storm's
+/// subscriptions) grows a batch to thousands; kept at that size, the batches of every
+/// shard pair would hold more than a thousand connections do.
+const KEPT_BATCH_CAPACITY: usize = 64;
+
+/// Gives back what an emptied batch grew to past [`KEPT_BATCH_CAPACITY`].
+pub(super) fn trim(batch: &mut Vec<Envelope>) {
+    if batch.capacity() > KEPT_BATCH_CAPACITY {
+        batch.shrink_to(KEPT_BATCH_CAPACITY);
+    }
+}
+
 /// The sending side of one shard's queue.
 struct Slot {
     queue: Sender<Envelope>,
@@ -148,6 +160,7 @@ impl Post {
                 // gone nobody is left to deliver to.
                 let _ = slot.queue.send(envelope);
             }
+            trim(batch);
             if !slot.notified.swap(true, Ordering::AcqRel) {
                 slot.waker.wake();
             }

@@ -68,6 +68,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Bytes, BytesMut};
 use slab::Slab;
+use smallvec::SmallVec;
 
 pub use conn::ConnRef;
 pub use mailbox::{Answer, Envelope, Inbox, Post, Wake};
@@ -83,8 +84,13 @@ use crate::proto::deflate::{Compressor, CompressorSettings};
 use crate::proto::handshake::HandshakeLimits;
 use crate::proto::pubsub::CommandParser;
 
-use conn::{Conn, Life, Phase};
+use conn::{Conn, Endpoint, Life, Phase};
 use timer::{Deadlines, Spread, Timed, Wheel};
+use websocket::EndpointLimits;
+
+/// The most connections a shard reserves its tables for up front (15 MiB of address
+/// space for the connection table); past it they grow by doubling.
+const MAX_RESERVED_CONNECTIONS: usize = 65_536;
 
 /// Publishes one connection may have waiting for their acks; past it the shard stops
 /// reading from it, so a client pipelining publishes cannot queue without bound.
@@ -129,6 +135,9 @@ pub struct Shard {
     /// Keep-alive connections that went back to reading with bytes already buffered (a
     /// request pipelined behind one answered later): processed at the end of the step.
     reread: Vec<usize>,
+    /// What the connections of `/ws` and of `/echo` share.
+    pubsub_limits: EndpointLimits,
+    echo_limits: EndpointLimits,
     /// Compresses the broadcasts of `shared` channels homed here, once per publish, each
     /// from an empty window so any compressing subscriber can take the frame.
     shared_compressor: Compressor,
@@ -185,7 +194,17 @@ impl Shard {
             wheel_sweep_at: 64,
             heartbeat_phases: Spread::default(),
             channels: Channels::new(shards, config.history),
-            conns: Slab::new(),
+            // Address space for this shard's share of the connection limit, touched only as
+            // connections arrive: a table grown by doubling would copy itself each time and
+            // leave the old copies resident until the allocator purges them (as much again
+            // as the table, right after a connect storm). Capped, so a host that counts
+            // address space (`vm.overcommit_memory = 2`) is not charged for a million.
+            conns: Slab::with_capacity(
+                config
+                    .max_connections
+                    .div_ceil(shards)
+                    .min(MAX_RESERVED_CONNECTIONS),
+            ),
             next_generation: 0,
             subscriptions: Subscriptions::default(),
             parser: CommandParser::default(),
@@ -198,6 +217,8 @@ impl Shard {
             now,
             counters: Counters::default(),
             shared_compressor: Compressor::new(CompressorSettings::SHARED, true),
+            pubsub_limits: EndpointLimits::new(config, Endpoint::PubSub),
+            echo_limits: EndpointLimits::new(config, Endpoint::Echo),
             ctx,
         }
     }
@@ -225,12 +246,12 @@ impl Shard {
             phase: Phase::Request {
                 pending: None,
                 scanned: 0,
+                deadline: now + self.ctx.config.handshake_timeout,
             },
-            read_buf: BytesMut::new(),
+            read_buf: None,
             outbox: Outbox::default(),
-            subs: Vec::new(),
+            subs: SmallVec::new(),
             last_activity: now,
-            request_deadline: now + self.ctx.config.handshake_timeout,
             dirty: false,
             life: Life::Open,
             read_paused: false,
@@ -280,7 +301,12 @@ impl Shard {
 
     /// Where the backend appends bytes read from `key`'s socket.
     pub fn read_buffer(&mut self, key: usize) -> &mut BytesMut {
-        &mut self.conns[key].read_buf
+        self.conns[key].read_buf_mut()
+    }
+
+    /// The backend reads nothing more from `key` for now: an empty read buffer goes.
+    pub fn release_read_buffer(&mut self, key: usize) {
+        self.conns[key].release_read_buf();
     }
 
     /// Whether reading more from `key` is useful now: not when it is gone, not while its
@@ -297,7 +323,7 @@ impl Shard {
         }
         let wants = conn.outbox.len_bytes() < self.ctx.config.outbound_queue_bytes
             && conn.inflight_publishes < MAX_INFLIGHT_PUBLISHES
-            && conn.read_buf.len() < budget;
+            && conn.unread().len() < budget;
         if !wants {
             conn.read_paused = true;
         }
@@ -337,7 +363,7 @@ impl Shard {
         conn.last_activity = now;
         if conn.is_finishing() {
             // Only the peer's end of stream matters now.
-            conn.read_buf.clear();
+            conn.read_buf = None;
             return;
         }
         loop {
@@ -360,16 +386,13 @@ impl Shard {
                 // Waiting for an answer: a pipelined request stays buffered until then.
                 Phase::Publishing { .. } | Phase::Polling { .. } => break,
                 Phase::EventStream => {
-                    self.conns[key].read_buf.clear();
+                    self.conns[key].read_buf = None;
                     break;
                 }
             }
         }
-        let conn = &mut self.conns[key];
-        if conn.read_buf.is_empty() && conn.read_buf.capacity() > 0 {
-            // Idle connections keep no read buffer.
-            conn.read_buf = BytesMut::new();
-        }
+        // Idle connections keep no read buffer.
+        self.conns[key].release_read_buf();
     }
 
     fn reply(&mut self, key: usize, frame: Bytes) {
@@ -407,7 +430,7 @@ impl Shard {
         let conn = &mut self.conns[key];
         if !conn.is_finishing() {
             conn.life = Life::Finishing;
-            conn.read_buf = BytesMut::new();
+            conn.read_buf = None;
             self.close_deadlines.arm(self.now, conn_ref);
             self.leave_all(key);
         }
@@ -434,7 +457,7 @@ impl Shard {
         let conn = &mut self.conns[key];
         conn.life = Life::Dead;
         conn.outbox = Outbox::default();
-        conn.read_buf = BytesMut::new();
+        conn.read_buf = None;
         self.counters.connections[conn.phase.transport() as usize] -= 1;
         if let Some(ip) = conn.counted.take() {
             self.ctx.limits.release(ip);
@@ -527,6 +550,7 @@ impl Shard {
             for envelope in local.drain(..) {
                 self.handle_envelope(envelope);
             }
+            mailbox::trim(&mut local);
             self.local_batch = local;
             let mut had_remote = false;
             while let Some(envelope) = inbox.poll() {
@@ -616,6 +640,12 @@ impl Shard {
 
     pub fn connection_count(&self) -> usize {
         self.conns.len()
+    }
+
+    /// How many connections this shard has room for before its table grows: a backend
+    /// sizes its own per-connection table the same way.
+    pub fn connection_capacity(&self) -> usize {
+        self.conns.capacity()
     }
 }
 

@@ -12,6 +12,12 @@
 //! (`drop_oldest`) or all but the newest of a channel (`conflate`). What is shed is
 //! announced by one gap notice per channel, placed before that channel's next message and
 //! widened, not repeated, when more is shed.
+//!
+//! Most of the time a connection has nothing queued, or the one frame of this turn: that
+//! frame is held inline, and the two lanes are allocated only while more than one frame
+//! waits (or a lone data frame was partly written), and given back as soon as the outbox
+//! is empty. An idle connection, and a
+//! subscriber that keeps up with its fan-out, hold no queue memory at all.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -52,6 +58,24 @@ pub struct Shed {
 /// Outgoing frames of one connection.
 #[derive(Debug, Default)]
 pub struct Outbox {
+    /// The only queued frame, while there is just one (`lanes` is then `None`).
+    one: Option<One>,
+    /// Every queued frame, while more than one waits (`one` is then `None`); never empty.
+    lanes: Option<Box<Lanes>>,
+}
+
+/// A frame queued alone. A data chunk stays alone only until partly written (rare: the
+/// socket was full), which moves it to the lanes, where a started frame is tracked.
+#[derive(Debug)]
+enum One {
+    Data(Chunk),
+    /// A ping or pong.
+    Control(Bytes),
+}
+
+/// Both lanes, while more than one frame is queued.
+#[derive(Debug, Default)]
+struct Lanes {
     control: VecDeque<Bytes>,
     data: VecDeque<Chunk>,
     control_bytes: usize,
@@ -81,8 +105,185 @@ impl Outbox {
         if bytes.is_empty() {
             return;
         }
-        self.data_bytes += bytes.len();
-        self.data.push_back(Chunk { bytes, kind });
+        let chunk = Chunk { bytes, kind };
+        if self.is_empty() {
+            self.one = Some(One::Data(chunk));
+        } else {
+            self.lanes().push_chunk(chunk);
+        }
+    }
+
+    /// The lanes, holding the frame queued alone if there was one.
+    fn lanes(&mut self) -> &mut Lanes {
+        let one = self.one.take();
+        self.lanes.get_or_insert_with(|| {
+            let mut lanes = Box::<Lanes>::default();
+            match one {
+                Some(One::Data(chunk)) => lanes.push_chunk(chunk),
+                Some(One::Control(frame)) => {
+                    lanes.push_control(frame);
+                }
+                None => {}
+            }
+            lanes
+        })
+    }
+
+    /// Gives the lanes' memory back once they are empty.
+    fn settle(&mut self) {
+        if self.lanes.as_ref().is_some_and(|lanes| lanes.is_empty()) {
+            self.lanes = None;
+        }
+    }
+
+    /// Sheds published messages from the front (oldest first) until at most `target`
+    /// data bytes remain or none is left to shed; returns what was shed per channel.
+    pub fn drop_oldest(&mut self, target: usize) -> Vec<Shed> {
+        if self.len_bytes() <= target {
+            return Vec::new();
+        }
+        let shed = self.lanes().drop_oldest(target);
+        self.settle();
+        shed
+    }
+
+    /// Sheds every queued message of channel `tag` but the newest; returns the range.
+    pub fn conflate(&mut self, tag: u32) -> Option<Shed> {
+        let lanes = self.lanes.as_mut()?;
+        let shed = lanes.conflate(tag);
+        self.settle();
+        shed
+    }
+
+    /// Announces `shed` with a notice placed before the channel's first queued message
+    /// (or at the end when none is queued). An unstarted notice of the same channel is
+    /// widened instead, so each channel has at most one. `encode` builds the notice
+    /// for a range.
+    pub fn announce(&mut self, shed: Shed, encode: impl Fn(u64, u64) -> Bytes) {
+        self.lanes().announce(shed, encode);
+    }
+
+    /// Queues a ping or pong ahead of unstarted data. Returns false (and drops it) when
+    /// the control lane is full.
+    pub fn push_control(&mut self, frame: Bytes) -> bool {
+        if self.is_empty() {
+            if frame.len() > MAX_CONTROL_BYTES {
+                return false;
+            }
+            self.one = Some(One::Control(frame));
+            return true;
+        }
+        self.lanes().push_control(frame)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.one.is_none() && self.lanes.is_none()
+    }
+
+    /// Data bytes waiting to be written (the slow-consumer budget).
+    pub fn len_bytes(&self) -> usize {
+        match (&self.one, &self.lanes) {
+            (Some(One::Data(chunk)), _) => chunk.bytes.len(),
+            (_, Some(lanes)) => lanes.data_bytes,
+            _ => 0,
+        }
+    }
+
+    /// Fills `slices` in write order; returns how many were filled.
+    pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+        let one = match &self.one {
+            Some(One::Data(chunk)) => &chunk.bytes,
+            Some(One::Control(frame)) => frame,
+            None => return self.lanes.as_ref().map_or(0, |l| l.io_slices(slices)),
+        };
+        match slices.first_mut() {
+            Some(slot) => {
+                *slot = IoSlice::new(one);
+                1
+            }
+            None => 0,
+        }
+    }
+
+    /// Moves up to `max` whole chunks off the front, in write order, into `out`; returns
+    /// their bytes. For a backend whose writes complete later: it keeps the bytes alive
+    /// until then, while what stays queued may be shed or jumped by control frames as usual.
+    pub fn take_chunks(&mut self, out: &mut Vec<Bytes>, max: usize) -> usize {
+        if max == 0 {
+            return 0;
+        }
+        let bytes = match self.one.take() {
+            Some(One::Data(chunk)) => chunk.bytes,
+            Some(One::Control(frame)) => frame,
+            None => {
+                let Some(lanes) = self.lanes.as_mut() else {
+                    return 0;
+                };
+                let taken = lanes.take_chunks(out, max);
+                self.settle();
+                return taken;
+            }
+        };
+        let taken = bytes.len();
+        out.push(bytes);
+        taken
+    }
+
+    /// Drops `written` bytes in write order, splitting a partly written frame.
+    pub fn advance(&mut self, written: usize) {
+        if written == 0 {
+            return;
+        }
+        match &mut self.one {
+            Some(One::Data(chunk)) if written < chunk.bytes.len() => {
+                self.lanes().advance(written);
+            }
+            Some(One::Control(frame)) if written < frame.len() => frame.advance(written),
+            Some(One::Data(Chunk { bytes, .. }) | One::Control(bytes)) => {
+                assert!(written == bytes.len(), "advance past the end of the outbox");
+                self.one = None;
+            }
+            None => {
+                self.lanes
+                    .as_mut()
+                    .expect("advance past the end of the outbox")
+                    .advance(written);
+                self.settle();
+            }
+        }
+    }
+
+    /// Gives back what a long queue left unused: the lanes go with their last frame
+    /// anyway, so this matters only for a queue that never empties.
+    pub fn release_memory(&mut self) {
+        if let Some(lanes) = self.lanes.as_mut() {
+            lanes.control.shrink_to_fit();
+            lanes.data.shrink_to_fit();
+        }
+    }
+
+    /// Drops every data frame not yet started, keeping a partly written one so the stream
+    /// stays well-formed; returns how many data bytes remain.
+    pub fn discard_unstarted(&mut self) -> usize {
+        if let Some(One::Data(_)) = self.one {
+            self.one = None;
+        }
+        if let Some(lanes) = self.lanes.as_mut() {
+            lanes.discard_unstarted();
+            self.settle();
+        }
+        self.len_bytes()
+    }
+}
+
+impl Lanes {
+    fn push_chunk(&mut self, chunk: Chunk) {
+        self.data_bytes += chunk.bytes.len();
+        self.data.push_back(chunk);
+    }
+
+    fn is_empty(&self) -> bool {
+        self.control.is_empty() && self.data.is_empty()
     }
 
     /// Index of the first data chunk that may be removed or inserted before.
@@ -90,9 +291,7 @@ impl Outbox {
         usize::from(self.data_started)
     }
 
-    /// Sheds published messages from the front (oldest first) until at most `target`
-    /// data bytes remain or none is left to shed; returns what was shed per channel.
-    pub fn drop_oldest(&mut self, target: usize) -> Vec<Shed> {
+    fn drop_oldest(&mut self, target: usize) -> Vec<Shed> {
         let mut shed: Vec<Shed> = Vec::new();
         let mut i = self.first_unstarted();
         while self.data_bytes > target && i < self.data.len() {
@@ -107,8 +306,7 @@ impl Outbox {
         shed
     }
 
-    /// Sheds every queued message of channel `tag` but the newest; returns the range.
-    pub fn conflate(&mut self, tag: u32) -> Option<Shed> {
+    fn conflate(&mut self, tag: u32) -> Option<Shed> {
         let newest = self
             .data
             .iter()
@@ -130,11 +328,7 @@ impl Outbox {
         shed.pop()
     }
 
-    /// Announces `shed` with a notice placed before the channel's first queued message
-    /// (or at the end when none is queued). An unstarted notice of the same channel is
-    /// widened instead, so each channel has at most one. `encode` builds the notice
-    /// for a range.
-    pub fn announce(&mut self, shed: Shed, encode: impl Fn(u64, u64) -> Bytes) {
+    fn announce(&mut self, shed: Shed, encode: impl Fn(u64, u64) -> Bytes) {
         let start = self.first_unstarted();
         let existing = (start..self.data.len())
             .find(|&i| matches!(self.data[i].kind, Kind::Notice { tag, .. } if tag == shed.tag));
@@ -169,24 +363,13 @@ impl Outbox {
         );
     }
 
-    /// Queues a ping or pong ahead of unstarted data. Returns false (and drops it) when
-    /// the control lane is full.
-    pub fn push_control(&mut self, frame: Bytes) -> bool {
+    fn push_control(&mut self, frame: Bytes) -> bool {
         if self.control_bytes + frame.len() > MAX_CONTROL_BYTES {
             return false;
         }
         self.control_bytes += frame.len();
         self.control.push_back(frame);
         true
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.control.is_empty() && self.data.is_empty()
-    }
-
-    /// Data bytes waiting to be written (the slow-consumer budget).
-    pub fn len_bytes(&self) -> usize {
-        self.data_bytes
     }
 
     /// The lane the next byte comes from.
@@ -198,8 +381,7 @@ impl Outbox {
         }
     }
 
-    /// Fills `slices` in write order; returns how many were filled.
-    pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
+    fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
         let started = usize::from(self.data_started);
         let (first, rest_of_data) = (
             self.data.front().filter(|_| self.data_started),
@@ -218,10 +400,7 @@ impl Outbox {
         n
     }
 
-    /// Moves up to `max` whole chunks off the front, in write order, into `out`; returns
-    /// their bytes. For a backend whose writes complete later: it keeps the bytes alive
-    /// until then, while what stays queued may be shed or jumped by control frames as usual.
-    pub fn take_chunks(&mut self, out: &mut Vec<Bytes>, max: usize) -> usize {
+    fn take_chunks(&mut self, out: &mut Vec<Bytes>, max: usize) -> usize {
         let mut taken = 0;
         for _ in 0..max {
             let bytes = match self.current() {
@@ -247,8 +426,7 @@ impl Outbox {
         taken
     }
 
-    /// Drops `written` bytes in write order, splitting a partly written frame.
-    pub fn advance(&mut self, mut written: usize) {
+    fn advance(&mut self, mut written: usize) {
         while written > 0 {
             let lane = self.current();
             let (front, bytes) = match lane {
@@ -283,34 +461,16 @@ impl Outbox {
         }
     }
 
-    /// Takes the control front. The lane's memory goes with its last frame: pings and
-    /// pongs come one at a time, once per interval, so keeping it would cost every idle
-    /// connection 128 B for nothing.
     fn pop_control(&mut self) -> Option<Bytes> {
-        let front = self.control.pop_front();
-        if self.control.is_empty() {
-            self.control = VecDeque::new();
-        }
-        front
+        self.control.pop_front()
     }
 
-    /// Gives back the data queue's memory when it is empty (idle connections keep none;
-    /// the control lane keeps none once empty).
-    pub fn release_memory(&mut self) {
-        if self.data.is_empty() {
-            self.data = VecDeque::new();
-        }
-    }
-
-    /// Drops every data frame not yet started, keeping a partly written one so the stream
-    /// stays well-formed; returns how many data bytes remain.
-    pub fn discard_unstarted(&mut self) -> usize {
+    fn discard_unstarted(&mut self) {
         let keep = usize::from(self.data_started);
         while self.data.len() > keep {
             let chunk = self.data.pop_back().expect("len > keep");
             self.data_bytes -= chunk.bytes.len();
         }
-        self.data_bytes
     }
 }
 
@@ -480,6 +640,52 @@ mod tests {
         assert_eq!(written_order(&outbox), b"q1q2q3<gap7:1-3>p4q4");
         assert_eq!(outbox.len_bytes(), written_order(&outbox).len());
         assert_eq!(outbox.conflate(9), None);
+    }
+
+    #[test]
+    fn one_frame_at_a_time_allocates_no_queue() {
+        let mut outbox = Outbox::default();
+        for _ in 0..3 {
+            outbox.push_message(frame("msg"), 1, 1);
+            assert!(outbox.lanes.is_none());
+            assert_eq!(outbox.len_bytes(), 3);
+            outbox.advance(3);
+            assert!(outbox.is_empty());
+            assert!(outbox.push_control(frame("PING")));
+            outbox.advance(1);
+            assert_eq!(outbox.len_bytes(), 0);
+            let mut taken = Vec::new();
+            assert_eq!(outbox.take_chunks(&mut taken, 8), 3);
+            assert!(outbox.is_empty());
+        }
+        assert!(outbox.lanes.is_none());
+    }
+
+    #[test]
+    fn the_queue_goes_once_empty_and_a_lone_started_frame_keeps_its_place() {
+        let mut outbox = Outbox::default();
+        outbox.push(frame("abc"));
+        outbox.advance(1);
+        // A pong waits for the frame begun alone, then overtakes the unstarted one.
+        outbox.push_control(frame("PONG"));
+        outbox.push(frame("def"));
+        assert!(outbox.lanes.is_some());
+        assert_eq!(written_order(&outbox), b"bcPONGdef");
+        assert_eq!(outbox.len_bytes(), 5);
+        outbox.advance(9);
+        assert!(outbox.is_empty());
+        assert!(outbox.lanes.is_none(), "an empty outbox holds no queue");
+        // Alone, a started frame is neither shed nor discarded.
+        outbox.push_message(frame("xyz"), 1, 9);
+        outbox.advance(1);
+        assert!(outbox.drop_oldest(0).is_empty());
+        assert_eq!(outbox.discard_unstarted(), 2);
+        assert_eq!(written_order(&outbox), b"yz");
+    }
+
+    #[test]
+    fn an_outbox_is_small() {
+        assert!(size_of::<Outbox>() <= 64);
     }
 
     #[test]

@@ -115,13 +115,16 @@ impl Shard {
     pub(super) fn read_request(&mut self, key: usize) -> bool {
         let max_head = self.handshake_limits.max_head_bytes;
         let conn = &mut self.conns[key];
-        let Phase::Request { pending, scanned } = &mut conn.phase else {
+        let Phase::Request {
+            pending, scanned, ..
+        } = &mut conn.phase
+        else {
             return false;
         };
         let (request, body_len) = match pending.take() {
             Some(parsed) => *parsed,
             None => {
-                let buf = &conn.read_buf[..];
+                let buf = conn.read_buf.as_deref().map_or(&[][..], |buf| &buf[..]);
                 // The first bytes are parsed at once, so garbage is refused early; after
                 // that only a completed head (or one past its limit) is worth parsing.
                 let worth_parsing = *scanned == 0
@@ -144,7 +147,7 @@ impl Shard {
                     }
                 };
                 *scanned = 0;
-                conn.read_buf.advance(consumed);
+                conn.read_buf.get_or_insert_default().advance(consumed);
                 let body_len = request.content_length.unwrap_or(0);
                 if body_len > self.ctx.config.max_body_bytes as u64 {
                     let max = self.ctx.config.max_body_bytes;
@@ -159,14 +162,17 @@ impl Shard {
             }
         };
         let conn = &mut self.conns[key];
-        if conn.read_buf.len() < body_len {
-            conn.phase = Phase::Request {
-                pending: Some(Box::new((request, body_len))),
-                scanned: 0,
-            };
+        if conn.unread().len() < body_len {
+            if let Phase::Request {
+                pending, scanned, ..
+            } = &mut conn.phase
+            {
+                *pending = Some(Box::new((request, body_len)));
+                *scanned = 0;
+            }
             return false;
         }
-        let body = conn.read_buf.split_to(body_len).freeze();
+        let body = conn.read_buf_mut().split_to(body_len).freeze();
         self.handle_request(key, &request, body);
         !self.conns[key].is_finishing()
     }
@@ -278,11 +284,11 @@ impl Shard {
             Phase::Request {
                 pending: None,
                 scanned: 0,
+                deadline: self.now + self.ctx.config.handshake_timeout,
             },
         );
-        self.conns[key].request_deadline = self.now + self.ctx.config.handshake_timeout;
         self.arm_request_deadline(key);
-        if !self.conns[key].read_buf.is_empty() {
+        if !self.conns[key].unread().is_empty() {
             self.reread.push(key);
         }
     }

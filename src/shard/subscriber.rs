@@ -236,7 +236,7 @@ impl Shard {
         };
         match &mut conn.subs[index].state {
             SubState::Pending { unsubscribe, .. } => {
-                *unsubscribe = Some(id);
+                *unsubscribe = Some(Box::new(id));
             }
             SubState::Active { .. } => {
                 self.release(key, index);
@@ -323,11 +323,12 @@ impl Shard {
             return;
         }
         let policies = &self.ctx.config.slow_consumers;
-        let (slot, tag) = self
+        let (slot, tag, name) = self
             .subscriptions
             .insert(channel, key, || policies.policy_for(channel));
         self.counters.subscriptions += 1;
         let conn = &mut self.conns[key];
+        conn.subs[index].channel = name;
         if let Phase::Polling {
             seq: at,
             epoch: poll_epoch,
@@ -335,7 +336,7 @@ impl Shard {
         } = &mut conn.phase
         {
             *at = seq;
-            poll_epoch.clone_from(&answer_epoch);
+            *poll_epoch = answer_epoch.clone().map(Box::new);
         }
         let SubState::Pending {
             unsubscribe,
@@ -355,7 +356,7 @@ impl Shard {
                 self.reply(key, pubsub::encode_subscribed(channel, seq, epoch, id));
                 if let Some(unsubscribe_id) = unsubscribe {
                     self.release(key, index);
-                    self.reply(key, pubsub::encode_unsubscribed(channel, unsubscribe_id));
+                    self.reply(key, pubsub::encode_unsubscribed(channel, *unsubscribe_id));
                 }
             }
             Phase::EventStream => {

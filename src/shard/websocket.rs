@@ -2,11 +2,13 @@
 //! sans-IO [`Connection`](crate::proto::Connection), the inbound rate limit, the JSON
 //! commands of the pub/sub protocol, and the server-side close.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 
-use crate::config::MAX_FRAGMENTS;
+use crate::config::{Config, MAX_FRAGMENTS};
 use crate::http::ApiError;
-use crate::limits::TokenBucket;
+use crate::limits::Tokens;
 use crate::metrics::Stopwatch;
 use crate::proto::decoder::DecoderLimits;
 use crate::proto::deflate::{self, CompressorSettings};
@@ -15,24 +17,23 @@ use crate::proto::handshake::{self, Request};
 use crate::proto::pubsub::{self, Command};
 use crate::proto::{Connection, Event};
 
-use super::conn::{Endpoint, Life, Phase, RateLimit};
+use super::conn::{Endpoint, Life, Phase, RateLimit, WebSocket};
 use super::{Outbox, Shard};
 
 /// Messages refused in a row before a connection that keeps sending over its rate is
 /// closed with 1008.
 const MAX_STRIKES: u32 = 50;
 
-impl Shard {
-    pub(super) fn upgrade(&mut self, key: usize, request: &Request, endpoint: Endpoint) {
-        let accept = match request.websocket_accept() {
-            Ok(accept) => accept,
-            Err(e) => {
-                self.refuse(key, &ApiError::Handshake(e), false);
-                return;
-            }
-        };
-        // /echo has the limits of /ws unless the operator raised them (a conformance run).
-        let config = &self.ctx.config;
+/// What the WebSocket connections of one endpoint share, built once per shard: their
+/// decoder limits and inbound message rate.
+pub(super) struct EndpointLimits {
+    pub(super) decoder: Arc<DecoderLimits>,
+    pub(super) per_second: u64,
+}
+
+impl EndpointLimits {
+    /// `/echo` has the limits of `/ws` unless the operator raised them (a conformance run).
+    pub(super) fn new(config: &Config, endpoint: Endpoint) -> Self {
         let (max_message_bytes, max_fragments, per_second) = match endpoint {
             Endpoint::PubSub => (
                 config.max_message_bytes,
@@ -45,15 +46,44 @@ impl Shard {
                 config.echo_max_messages_per_second,
             ),
         };
-        let limits = DecoderLimits {
-            max_frame_bytes: max_message_bytes,
-            max_message_bytes,
-            max_fragments,
+        Self {
+            decoder: Arc::new(DecoderLimits {
+                max_frame_bytes: max_message_bytes,
+                max_message_bytes,
+                max_fragments,
+            }),
+            per_second,
+        }
+    }
+
+    /// Messages a connection may send at once: two seconds' worth.
+    fn burst(&self) -> u64 {
+        self.per_second * 2
+    }
+}
+
+impl Shard {
+    fn endpoint_limits(&self, endpoint: Endpoint) -> &EndpointLimits {
+        match endpoint {
+            Endpoint::PubSub => &self.pubsub_limits,
+            Endpoint::Echo => &self.echo_limits,
+        }
+    }
+
+    pub(super) fn upgrade(&mut self, key: usize, request: &Request, endpoint: Endpoint) {
+        let accept = match request.websocket_accept() {
+            Ok(accept) => accept,
+            Err(e) => {
+                self.refuse(key, &ApiError::Handshake(e), false);
+                return;
+            }
         };
-        let rate = Box::new(RateLimit {
-            bucket: TokenBucket::new(per_second, per_second * 2, self.now),
+        let shared = self.endpoint_limits(endpoint);
+        let limits = shared.decoder.clone();
+        let rate = RateLimit {
+            tokens: Tokens::full(shared.burst(), self.now),
             strikes: 0,
-        });
+        };
         let policies = &self.ctx.config.compression;
         let negotiated = request
             .sec_websocket_extensions
@@ -73,11 +103,7 @@ impl Shard {
         };
         self.set_phase(
             key,
-            Phase::WebSocket {
-                ws: Box::new(ws),
-                endpoint,
-                rate,
-            },
+            Phase::WebSocket(Box::new(WebSocket { ws, endpoint, rate })),
         );
         let extensions = negotiated.map(|params| params.response());
         let response = Bytes::from(handshake::upgrade_response(
@@ -94,14 +120,17 @@ impl Shard {
     pub(super) fn read_frames(&mut self, key: usize) {
         loop {
             let conn = &mut self.conns[key];
-            let Phase::WebSocket { ws, endpoint, .. } = &mut conn.phase else {
+            let Phase::WebSocket(socket) = &mut conn.phase else {
                 return;
             };
-            let endpoint = *endpoint;
+            let (ws, endpoint) = (&mut socket.ws, socket.endpoint);
             let inflating = ws
                 .compresses()
                 .then(|| (Stopwatch::start(), ws.inflated_messages()));
-            let event = ws.poll_event(&mut conn.read_buf);
+            let event = conn
+                .read_buf
+                .as_deref_mut()
+                .and_then(|buf| ws.poll_event(buf));
             if let Some((stopwatch, inflated)) = inflating
                 && ws.inflated_messages() > inflated
             {
@@ -161,9 +190,10 @@ impl Shard {
     pub(super) fn echo(&mut self, key: usize, text: bool, payload: Bytes) {
         let opcode = if text { OpCode::Text } else { OpCode::Binary };
         let conn = &mut self.conns[key];
-        if let Phase::WebSocket { ws, .. } = &mut conn.phase
-            && ws.compresses()
+        if let Phase::WebSocket(socket) = &mut conn.phase
+            && socket.ws.compresses()
         {
+            let ws = &mut socket.ws;
             let stopwatch = Stopwatch::start();
             let frame = ws
                 .encode_compressed(text, &payload)
@@ -193,7 +223,8 @@ impl Shard {
             return;
         }
         conn.life = Life::Closing;
-        if let Phase::WebSocket { ws, .. } = &mut conn.phase {
+        if let Phase::WebSocket(socket) = &mut conn.phase {
+            let ws = &mut socket.ws;
             tracing::debug!(peer = %conn.peer, code, reason, "closing WebSocket");
             ws.send_close(code, reason);
             while let Some(frame) = ws.poll_transmit() {
@@ -210,10 +241,15 @@ impl Shard {
     /// keeps sending anyway is closed with 1008.
     pub(super) fn within_rate(&mut self, key: usize) -> bool {
         let now = self.now;
-        let Phase::WebSocket { rate, endpoint, .. } = &mut self.conns[key].phase else {
+        let Phase::WebSocket(socket) = &mut self.conns[key].phase else {
             return true;
         };
-        if rate.bucket.try_take(now) {
+        let WebSocket { rate, endpoint, .. } = &mut **socket;
+        let shared = match endpoint {
+            Endpoint::PubSub => &self.pubsub_limits,
+            Endpoint::Echo => &self.echo_limits,
+        };
+        if rate.tokens.try_take(shared.per_second, shared.burst(), now) {
             rate.strikes = 0;
             return true;
         }
