@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::fanout::{
     ConnectSummary, HERALD_SUBSCRIBE, LoadArgs, OutputArgs, connect_fleet, per, worker_configs,
 };
-use crate::load::{Command, Report};
 use crate::stats::{format_table, sample_pids};
+use crate::worker::{Command, Report};
 
 /// `herald-bench connect`.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]

@@ -10,9 +10,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::fanout::{ClientFigures, ConnectSummary, OutputArgs, per};
 use crate::load::{
-    ConnState, Engine, Handler, Target, io_reason, message_data, parse_message_data,
-    parse_source_ips, push_text, raise_nofile_limit,
+    ConnState, Engine, Handler, Target, io_reason, parse_source_ips, push_text, raise_nofile_limit,
 };
+use crate::message::{message_data, parse_message_data};
 use crate::stats::{
     CurvePoint, Hist, LatencySummary, Timeline, TimelinePoint, format_table, human_us,
     monotonic_ns, new_histogram, percentile_curve, self_cpu_ns,

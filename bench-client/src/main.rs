@@ -7,10 +7,13 @@ mod echo;
 mod fanout;
 mod floor;
 mod load;
+mod message;
+mod publisher;
 mod report;
 mod stats;
 mod sweep;
 mod tls;
+mod worker;
 
 use clap::Parser;
 
@@ -61,6 +64,6 @@ fn main() -> anyhow::Result<()> {
         Subcommand::Echo(args) => echo::run(&args),
         Subcommand::Sweep(args) => sweep::run(&args),
         Subcommand::Floor(args) => floor::run(&args),
-        Subcommand::Worker => load::run_worker(),
+        Subcommand::Worker => worker::run_worker(),
     }
 }
