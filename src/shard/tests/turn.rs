@@ -94,11 +94,17 @@ impl Sockets for Scripted {
     }
 }
 
-#[test]
-fn other_shards_get_a_broadcast_before_its_home_writes_to_its_own_subscribers() {
+/// Two shards with `n` subscribers of a channel homed on shard 0, subscriber `i` on shard
+/// `shard_of(i)`, and a publisher on shard 0; what they were sent so far is taken.
+fn subscribed(
+    n: usize,
+    shard_of: impl Fn(usize) -> usize,
+) -> (Cluster, String, Vec<Client>, Client) {
     let mut cluster = Cluster::new(2, Config::default());
     let channel = homed_on(0, 2);
-    let subscribers: Vec<Client> = (0..4).map(|i| cluster.connect(i % 2, "/ws")).collect();
+    let subscribers: Vec<Client> = (0..n)
+        .map(|i| cluster.connect(shard_of(i), "/ws"))
+        .collect();
     for &s in &subscribers {
         cluster.send(
             s,
@@ -110,7 +116,17 @@ fn other_shards_get_a_broadcast_before_its_home_writes_to_its_own_subscribers() 
     for &s in &subscribers {
         cluster.take_output(s);
     }
+    (cluster, channel, subscribers, publisher)
+}
 
+/// Runs shard 0 in the loop turn over a scripted backend whose first turn reads one
+/// publish from `publisher`, then drains; `mail` is mailed during the flush it names.
+fn run_shard_0(
+    cluster: Cluster,
+    channel: &str,
+    publisher: Client,
+    mail: Option<(usize, Arc<Post>, Envelope)>,
+) -> Scripted {
     let Cluster {
         mut shards,
         mut inboxes,
@@ -121,6 +137,7 @@ fn other_shards_get_a_broadcast_before_its_home_writes_to_its_own_subscribers() 
     let stop = Arc::new(AtomicBool::new(false));
     let json = format!(r#"{{"type":"publish","channel":"{channel}","data":1,"id":7}}"#);
     let mut sockets = Scripted::new(publisher.key, &json, other_inbox, stop.clone());
+    sockets.mail_during_flush = mail;
     Loop {
         shard: shards.swap_remove(0),
         inbox: inboxes.pop().unwrap(),
@@ -130,6 +147,13 @@ fn other_shards_get_a_broadcast_before_its_home_writes_to_its_own_subscribers() 
     }
     .run(&mut sockets)
     .unwrap();
+    sockets
+}
+
+#[test]
+fn other_shards_get_a_broadcast_before_its_home_writes_to_its_own_subscribers() {
+    let (cluster, channel, subscribers, publisher) = subscribed(4, |i| i % 2);
+    let sockets = run_shard_0(cluster, &channel, publisher, None);
 
     // Turn one flushed the home's two subscribers and the publisher's ack; turn two, the
     // drain's close frames.
@@ -153,20 +177,7 @@ fn other_shards_get_a_broadcast_before_its_home_writes_to_its_own_subscribers() 
 
 #[test]
 fn mail_arriving_during_a_long_flush_is_written_in_the_same_turn() {
-    let mut cluster = Cluster::new(2, Config::default());
-    let channel = homed_on(0, 2);
-    let subscribers: Vec<Client> = (0..200).map(|_| cluster.connect(0, "/ws")).collect();
-    for &s in &subscribers {
-        cluster.send(
-            s,
-            &format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#),
-        );
-    }
-    let publisher = cluster.connect(0, "/ws");
-    cluster.settle();
-    for &s in &subscribers {
-        cluster.take_output(s);
-    }
+    let (cluster, channel, subscribers, publisher) = subscribed(200, |_| 0);
     let second_publish = Envelope::Publish {
         channel: channel.as_str().into(),
         data: Bytes::from_static(b"2"),
@@ -175,28 +186,9 @@ fn mail_arriving_during_a_long_flush_is_written_in_the_same_turn() {
         conn: cluster.shards[0].conn_ref(publisher.key),
         id: Some(8),
     };
-
-    let Cluster {
-        mut shards,
-        mut inboxes,
-        post,
-        ..
-    } = cluster;
-    let other_inbox = inboxes.pop().unwrap();
-    let stop = Arc::new(AtomicBool::new(false));
-    let json = format!(r#"{{"type":"publish","channel":"{channel}","data":1,"id":7}}"#);
-    let mut sockets = Scripted::new(publisher.key, &json, other_inbox, stop.clone());
     // Another shard's publisher mails the home while it writes the first message.
-    sockets.mail_during_flush = Some((10, post.clone(), second_publish));
-    Loop {
-        shard: shards.swap_remove(0),
-        inbox: inboxes.pop().unwrap(),
-        post,
-        stop,
-        drain: Duration::ZERO,
-    }
-    .run(&mut sockets)
-    .unwrap();
+    let mail = (10, cluster.post.clone(), second_publish);
+    let sockets = run_shard_0(cluster, &channel, publisher, Some(mail));
 
     for s in &subscribers {
         let first_turn: Vec<u8> = sockets
