@@ -22,31 +22,8 @@ mkdir -p "$OUT"
 ulimit -n "$(ulimit -Hn)"
 command -v perf >/dev/null || { echo "needs perf (linux-perf) for the system call counts" >&2; exit 1; }
 
-PID=
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null || true; }
-trap cleanup EXIT
-
-# start LOG CMD...: runs a server, waits for its "listening on" line; sets ADDR and PID.
-start() {
-    local log=$1
-    shift
-    ( exec "$@" ) >"$log" 2>&1 &
-    PID=$!
-    for _ in $(seq 100); do
-        ADDR=$(sed -n 's/^listening on //p' "$log" | head -n 1)
-        [ -n "$ADDR" ] && return 0
-        sleep 0.1
-    done
-    echo "server did not start; log:" >&2
-    cat "$log" >&2
-    exit 1
-}
-
-stop() {
-    kill "$PID" 2>/dev/null || true
-    wait "$PID" 2>/dev/null || true
-    PID=
-}
+# start, stop, and the servers killed on exit.
+source bench-client/servers.sh # (the working directory is the repository root)
 
 # measure NAME MARKER CLIENT...: runs the client, counts the server's system calls with
 # perf from the client's MARKER line (stderr) for DUR-1 s; leaves NAME.json and NAME.perf.
@@ -76,7 +53,7 @@ fanout() {
     local pin_server=() pin_client=() load=(--procs 1)
     if [ "$threads" = 1 ]; then pin_server=(taskset -c 0); pin_client=(taskset -c 1); fi
     if [ "$conns" -gt 10000 ]; then load=(--procs 2 --source-ips 127.0.0.2-127.0.0.20 --drain-timeout 20); fi
-    start "$OUT/$name.server.log" "${pin_server[@]}" "$H" serve --io "$io" --listen 127.0.0.1:0 \
+    start "$name" "${pin_server[@]}" "$H" serve --io "$io" --listen 127.0.0.1:0 \
         --threads "$threads" --max-connections-per-ip 0 --max-messages-per-second 1000000
     measure "$name" "publishing" "${pin_client[@]}" "$B" fanout --url "ws://$ADDR/ws" --server-pid "$PID" \
         --duration "$DUR" --json --conns "$conns" --rate 20 --size "$size" --burst "$burst" "${load[@]}" ||
@@ -102,7 +79,7 @@ echo_run() {
     local name=$1 threads=$2 io=$3
     local pin_server=() pin_client=()
     if [ "$threads" = 1 ]; then pin_server=(taskset -c 0); pin_client=(taskset -c 1); fi
-    start "$OUT/$name.server.log" "${pin_server[@]}" "$H" serve --io "$io" --listen 127.0.0.1:0 \
+    start "$name" "${pin_server[@]}" "$H" serve --io "$io" --listen 127.0.0.1:0 \
         --threads "$threads" --max-connections-per-ip 0 --max-messages-per-second 1000000
     measure "$name" "measuring" "${pin_client[@]}" "$B" echo --url "ws://$ADDR/echo" --server-pid "$PID" \
         --duration "$DUR" --json --conns 10000 --rate "$ECHO_RATE" --size 64 || { stop; return 0; }
