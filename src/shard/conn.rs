@@ -10,12 +10,14 @@ use smallvec::SmallVec;
 
 use crate::auth::Identity;
 use crate::hub::ChannelName;
-use crate::limits::Tokens;
 use crate::metrics::Transport;
-use crate::proto::Connection;
-use crate::proto::handshake::Request;
 
 use super::Outbox;
+use super::event_stream::EventStream;
+use super::longpoll::Poll;
+use super::publish::Publishing;
+use super::request::RequestStage;
+use super::websocket::WebSocket;
 
 /// A connection as other shards name it: its slab key plus a generation, so a reply for
 /// a connection that has gone never reaches a newer one in the same slot.
@@ -25,60 +27,21 @@ pub struct ConnRef {
     pub generation: u32,
 }
 
-/// Which WebSocket service a connection upgraded to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Endpoint {
-    PubSub,
-    Echo,
-}
-
+/// Which transport holds a connection, with that transport's state. Each one's
+/// behaviour lives in its file and answers the core through
+/// [`Transport`](super::transport::Transport). Every state but the event stream's (it has
+/// none) is behind a pointer, so the phase costs an idle connection 16 bytes.
 pub(super) enum Phase {
-    /// Reading an HTTP request; `pending` holds a parsed head whose body is still coming.
-    /// `scanned` bytes of the buffer are known to hold no end of head, so a head that
-    /// arrives a byte at a time is scanned once, not parsed again from its start per read.
-    /// `deadline`: when the request must be complete (handshake and keep-alive idle).
-    Request {
-        pending: Option<Box<(Request, usize)>>,
-        scanned: u32,
-        deadline: Instant,
-    },
-    /// `POST /api/publish` waiting for the homes to order its messages.
-    Publishing {
-        results: Vec<Option<(u64, u32)>>,
-        remaining: usize,
-        batch: bool,
-        keep_alive: bool,
-    },
-    /// `GET /poll` parked until a message or its deadline; `seq` is where the client
-    /// stands (its `since`, then the channel's latest once subscribed).
-    Polling {
-        deadline: Instant,
-        seq: u64,
-        keep_alive: bool,
-        /// The deadline passed before the home answered: answer as soon as it does.
-        expired: bool,
-        /// The channel's epoch once a cluster answered (`None`: the node's own). Boxed,
-        /// rare as it is, so this phase is no larger than the others.
-        epoch: Option<Box<ChannelName>>,
-    },
-    /// `GET /sse`: an open event stream.
-    EventStream,
-    /// A WebSocket: its state in one allocation.
+    /// Reading an HTTP request (`request`).
+    Request(Box<RequestStage>),
+    /// `POST /api/publish` waiting for the homes to order its messages (`publish`).
+    Publishing(Box<Publishing>),
+    /// `GET /poll` parked until a message or its deadline (`longpoll`).
+    Polling(Box<Poll>),
+    /// `GET /sse`: an open event stream (`event_stream`).
+    EventStream(EventStream),
+    /// A WebSocket (`websocket`).
     WebSocket(Box<WebSocket>),
-}
-
-pub(super) struct WebSocket {
-    pub(super) ws: Connection,
-    pub(super) endpoint: Endpoint,
-    /// Inbound messages allowed.
-    pub(super) rate: RateLimit,
-}
-
-/// A connection's inbound message budget and how often it ran past it in a row.
-pub(super) struct RateLimit {
-    /// At the endpoint's rate ([`Endpoint::messages_per_second`]).
-    pub(super) tokens: Tokens,
-    pub(super) strikes: u32,
 }
 
 /// One subscription of a connection. A subscription is pending until its home answers;
@@ -121,8 +84,6 @@ pub(super) struct Conn {
     /// Reading stopped while the outbox was over budget or too many publishes awaited
     /// their acks; resume once that clears.
     pub(super) read_paused: bool,
-    /// Publishes sent to their homes and not yet acknowledged.
-    pub(super) inflight_publishes: u32,
     /// The TCP peer's address.
     pub(super) peer: IpAddr,
     /// The address counted against the per-address limit: the peer's from accept on, or,
@@ -196,8 +157,8 @@ impl Conn {
 
     /// When the request being read must be complete, while one is.
     pub(super) fn request_deadline(&self) -> Option<Instant> {
-        match self.phase {
-            Phase::Request { deadline, .. } => Some(deadline),
+        match &self.phase {
+            Phase::Request(request) => Some(request.deadline),
             _ => None,
         }
     }
@@ -222,12 +183,13 @@ pub(super) struct CatchUp {
 }
 
 impl Phase {
-    pub(super) fn transport(&self) -> Transport {
+    /// The transport the connection counts as in the metrics.
+    pub(super) fn counted_as(&self) -> Transport {
         match self {
-            Self::Request { .. } | Self::Publishing { .. } => Transport::Http,
-            Self::Polling { .. } => Transport::Poll,
-            Self::EventStream => Transport::Sse,
-            Self::WebSocket { .. } => Transport::WebSocket,
+            Self::Request(_) | Self::Publishing(_) => Transport::Http,
+            Self::Polling(_) => Transport::Poll,
+            Self::EventStream(_) => Transport::Sse,
+            Self::WebSocket(_) => Transport::WebSocket,
         }
     }
 }
@@ -240,7 +202,7 @@ mod tests {
     /// with `bench-client/memory.sh`): growing either costs each idle connection.
     #[test]
     fn a_connection_is_compact() {
-        assert!(size_of::<Conn>() <= 232, "{}", size_of::<Conn>());
+        assert!(size_of::<Conn>() <= 208, "{}", size_of::<Conn>());
         assert!(size_of::<WebSocket>() <= 128, "{}", size_of::<WebSocket>());
     }
 }

@@ -8,15 +8,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use slab::Slab;
 
-use crate::http::{ApiError, sse};
+use crate::http::ApiError;
 
 use super::Shard;
 use super::conn::{Conn, ConnRef, Phase, SubState};
 use super::timer::{self, TICK, Timed};
-
-/// The heartbeat: an unmasked, final ping with no payload, the same bytes for everyone
-/// (no allocation per ping).
-const EMPTY_PING: &[u8] = &[0x89, 0x00];
+use super::websocket::EMPTY_PING;
 
 impl Shard {
     /// Arms a per-connection deadline; returns the instant it comes due (`at` rounded up
@@ -48,9 +45,7 @@ impl Shard {
         let interval = self.ctx.config.ping_interval;
         let first = self.heartbeat_phases.first(self.now, interval);
         self.arm_timed(key, first, Timed::Heartbeat);
-        if matches!(self.conns[key].phase, Phase::WebSocket { .. })
-            && first - self.now < interval / 2
-        {
+        if matches!(self.conns[key].phase, Phase::WebSocket(_)) && first - self.now < interval / 2 {
             self.arm_timed(key, first + first_ping_quiet(interval), Timed::FirstPing);
         }
     }
@@ -93,37 +88,22 @@ impl Shard {
             let Some(key) = self.resolve(conn) else {
                 continue;
             };
-            match (what, &self.conns[key].phase) {
-                (Timed::Heartbeat, _) => self.heartbeat(key, deadline, now),
-                (Timed::FirstPing, _) => {
+            match what {
+                Timed::Heartbeat => self.heartbeat(key, deadline),
+                Timed::FirstPing => {
                     let quiet = first_ping_quiet(self.ctx.config.ping_interval);
                     self.ping_if_silent(key, now, quiet);
                 }
-                // The poll's own entry, or a stale one of an earlier poll that comes due
-                // after this one's deadline: either way it has run out.
-                (
-                    Timed::Poll,
-                    &Phase::Polling {
-                        deadline: current,
-                        keep_alive,
-                        ..
-                    },
-                ) if current <= now => {
+                Timed::Poll => {
                     let waiting_for_home = self.conns[key]
                         .subs
                         .iter()
                         .any(|s| matches!(s.state, SubState::Pending { .. }));
-                    if waiting_for_home {
-                        // History may hold the answer: let the home's reply decide.
-                        if let Phase::Polling { expired, .. } = &mut self.conns[key].phase {
-                            *expired = true;
-                        }
-                    } else {
-                        self.end_poll_empty(key, keep_alive);
-                    }
+                    self.dispatch(key, |transport, scope| {
+                        transport.on_deadline(scope, waiting_for_home)
+                    });
                 }
-                (Timed::Poll, _) => {}
-                (Timed::TokenExpiry, phase) => {
+                Timed::TokenExpiry => {
                     // Stale unless the token admitting the current request has run out
                     // (a later request may hold a later one).
                     let expired = self.conns[key]
@@ -131,17 +111,8 @@ impl Shard {
                         .as_ref()
                         .and_then(|identity| identity.runs_out)
                         .is_some_and(|runs_out| runs_out <= now);
-                    if !expired {
-                        continue;
-                    }
-                    match phase {
-                        Phase::WebSocket { .. } => self.close_with(
-                            key,
-                            4001,
-                            "token expired: reconnect with a fresh token",
-                        ),
-                        Phase::EventStream | Phase::Polling { .. } => self.finish(key),
-                        Phase::Request { .. } | Phase::Publishing { .. } => {}
+                    if expired {
+                        self.dispatch(key, |transport, _| transport.on_token_expired());
                     }
                 }
             }
@@ -150,16 +121,10 @@ impl Shard {
         self.reread_pipelined();
     }
 
-    /// Pings a quiet WebSocket and closes one silent past the idle timeout; keeps an event
-    /// stream's proxies awake with a comment. `deadline` is when this heartbeat came due:
-    /// the next one comes a ping interval after it, so the connection keeps its phase.
-    ///
-    /// A WebSocket is pinged at a heartbeat that finds it silent for half an interval or
-    /// more: a quiet one that answers is pinged once per interval, the first time within
-    /// an interval of its upgrade (see [`Shard::arm_heartbeat`]); one that spoke last is
-    /// pinged within 1.5 intervals of that. One silent for the idle timeout is closed at
-    /// the next heartbeat, at most an interval later.
-    pub(super) fn heartbeat(&mut self, key: usize, deadline: Instant, now: Instant) {
+    /// A heartbeat of `key`, due at `deadline`: its transport answers it (see
+    /// [`Transport::on_heartbeat`](super::transport::Transport::on_heartbeat)), and the
+    /// next one comes a ping interval after this one, so the connection keeps its phase.
+    pub(super) fn heartbeat(&mut self, key: usize, deadline: Instant) {
         let conn = &mut self.conns[key];
         if conn.is_closing() {
             return;
@@ -168,23 +133,12 @@ impl Shard {
         // and costs the busy ones nothing per message.
         conn.outbox.release_memory();
         conn.subs.shrink_to_fit();
-        match conn.phase {
-            Phase::WebSocket { .. } => {
-                let silent = now.saturating_duration_since(conn.last_activity);
-                if silent >= self.ctx.config.idle_timeout {
-                    self.close_with(key, 1001, "idle timeout");
-                    return;
-                }
-                self.ping_if_silent(key, now, self.ctx.config.ping_interval / 2);
-            }
-            Phase::EventStream => {
-                conn.outbox.push(Bytes::from_static(sse::HEARTBEAT));
-                self.mark_dirty(key);
-            }
-            _ => return,
+        self.dispatch(key, |transport, scope| transport.on_heartbeat(scope));
+        let conn = &mut self.conns[key];
+        if !conn.is_closing() && conn.phase.transport_ref().has_heartbeat() {
+            let next = timer::next_period(deadline, self.ctx.config.ping_interval, self.now);
+            self.arm_timed(key, next, Timed::Heartbeat);
         }
-        let next = timer::next_period(deadline, self.ctx.config.ping_interval, now);
-        self.arm_timed(key, next, Timed::Heartbeat);
     }
 
     /// Pings `key` if nothing came from it for `quiet`.
@@ -221,9 +175,9 @@ fn timed_is_live(conns: &Slab<Conn>, at: Instant, conn: ConnRef, what: Timed) ->
         return false;
     }
     match what {
-        Timed::Heartbeat => matches!(c.phase, Phase::WebSocket { .. } | Phase::EventStream),
-        Timed::FirstPing => matches!(c.phase, Phase::WebSocket { .. }),
-        Timed::Poll => matches!(c.phase, Phase::Polling { deadline, .. } if deadline == at),
+        Timed::Heartbeat => c.phase.transport_ref().has_heartbeat(),
+        Timed::FirstPing => matches!(c.phase, Phase::WebSocket(_)),
+        Timed::Poll => matches!(&c.phase, Phase::Polling(poll) if poll.deadline == at),
         // Armed at `runs_out` rounded up to the tick.
         Timed::TokenExpiry => c
             .identity
@@ -240,15 +194,4 @@ fn timed_is_live(conns: &Slab<Conn>, at: Instant, conn: ConnRef, what: Timed) ->
 /// for half of one.
 fn first_ping_quiet(interval: Duration) -> Duration {
     interval * 3 / 8
-}
-
-#[cfg(test)]
-mod tests {
-    use super::EMPTY_PING;
-    use crate::proto::frame::{OpCode, encode_frame};
-
-    #[test]
-    fn the_static_ping_is_the_encoded_empty_ping() {
-        assert_eq!(EMPTY_PING, &encode_frame(OpCode::Ping, b"")[..]);
-    }
 }

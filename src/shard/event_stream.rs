@@ -2,11 +2,98 @@
 
 use bytes::Bytes;
 
+use crate::config::Config;
 use crate::http::{self, ApiError, sse};
 use crate::proto::handshake::Request;
 
 use super::Shard;
 use super::conn::Phase;
+use super::transport::{Action, Chunk, Confirmed, Gap, Scope, Transport};
+
+/// An open event stream. It holds no state of its own: its one subscription is the
+/// connection's.
+pub(super) struct EventStream;
+
+impl Transport for EventStream {
+    /// Input is discarded.
+    fn read_budget(&self, _config: &Config) -> usize {
+        usize::MAX
+    }
+
+    fn reads_in_bulk(&self) -> bool {
+        true
+    }
+
+    /// A comment once per interval keeps proxies from timing the stream out.
+    fn has_heartbeat(&self) -> bool {
+        true
+    }
+
+    fn on_drain(&mut self, _scope: &mut Scope<'_>) -> Action {
+        Action::Finish
+    }
+
+    fn on_token_expired(&mut self) -> Action {
+        Action::Finish
+    }
+
+    fn on_heartbeat(&mut self, scope: &mut Scope<'_>) -> Action {
+        scope.outbox.push(Bytes::from_static(sse::HEARTBEAT));
+        Action::Flush
+    }
+
+    fn on_subscribed(&mut self, scope: &mut Scope<'_>, confirmed: &Confirmed<'_>) -> Action {
+        if !confirmed.announced {
+            let Confirmed {
+                channel,
+                seq,
+                epoch,
+                ..
+            } = *confirmed;
+            scope.outbox.push(sse_subscribed(channel, seq, epoch));
+        }
+        for (seq, frame) in confirmed.replay {
+            scope.outbox.push(sse::event(*seq, frame));
+        }
+        Action::Flush
+    }
+
+    fn on_replay_chunk(&mut self, scope: &mut Scope<'_>, chunk: &Chunk<'_>) -> Action {
+        if chunk.first {
+            scope
+                .outbox
+                .push(sse_subscribed(chunk.channel, chunk.seq, chunk.epoch));
+        }
+        for (seq, frame) in chunk.replay {
+            scope.outbox.push(sse::event(*seq, frame));
+        }
+        Action::Flush
+    }
+
+    /// Says what was missed, then carries on live.
+    fn on_gap(&mut self, scope: &mut Scope<'_>, gap: &Gap<'_>) -> Action {
+        let json = format!(
+            r#"{{"channel":{},"seq":{},"oldest":{}}}"#,
+            json_string(gap.channel),
+            gap.seq,
+            gap.oldest
+        );
+        scope.outbox.push(sse::control_event("gap", &json));
+        Action::Resubscribe(gap.channel.clone())
+    }
+
+    /// The stream has begun: it says why it ends; EventSource reconnects by itself.
+    fn on_busy(
+        &mut self,
+        scope: &mut Scope<'_>,
+        message: &'static str,
+        _id: Option<u64>,
+    ) -> Action {
+        let json = ApiError::Unavailable(message.into()).json();
+        scope.outbox.push(sse::control_event("error", &json));
+        Action::Finish
+    }
+}
 
 impl Shard {
     pub(super) fn open_event_stream(&mut self, key: usize, request: &Request) {
@@ -22,7 +109,7 @@ impl Shard {
             self.refuse(key, &ApiError::ReadForbidden { channel }, false);
             return;
         }
-        self.set_phase(key, Phase::EventStream);
+        self.set_phase(key, Phase::EventStream(EventStream));
         self.conns[key].outbox.push(sse::head());
         self.mark_dirty(key);
         self.arm_heartbeat(key);

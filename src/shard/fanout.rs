@@ -4,7 +4,7 @@
 use bytes::Bytes;
 
 use crate::compression::CompressionPolicy;
-use crate::http::{longpoll, sse};
+use crate::http::sse;
 use crate::hub::Broadcast;
 use crate::limits::SlowConsumerPolicy;
 use crate::metrics::Stopwatch;
@@ -66,11 +66,11 @@ impl Shard {
                     };
                     conn.outbox.push_message(frame, tag, seq);
                 }
-                Phase::EventStream => {
+                Phase::EventStream(_) => {
                     let event = event.get_or_insert_with(|| sse::event(seq, &broadcast.frame));
                     conn.outbox.push_message(event.clone(), tag, seq);
                 }
-                Phase::Polling { .. } => {
+                Phase::Polling(_) => {
                     polls.push(key);
                     continue;
                 }
@@ -92,28 +92,12 @@ impl Shard {
         }
         self.delivered_this_turn.push(broadcast.published_at);
         for key in polls {
-            let Phase::Polling {
-                keep_alive,
-                ref epoch,
-                ..
-            } = self.conns[key].phase
-            else {
+            let Phase::Polling(poll) = &self.conns[key].phase else {
                 continue;
             };
-            let epoch = epoch
-                .as_deref()
-                .cloned()
-                .unwrap_or_else(|| (*self.ctx.epoch).into());
+            let action = poll.answer_broadcast(broadcast, &self.ctx.epoch);
             self.counters.deliveries_total += 1;
-            self.leave_all(key);
-            let response = longpoll::response(
-                &broadcast.channel,
-                &epoch,
-                broadcast.seq,
-                &[(broadcast.seq, broadcast.frame.clone())],
-                keep_alive,
-            );
-            self.send_response(key, response, keep_alive);
+            self.apply(key, action);
         }
         for key in slow {
             self.shed(key, tag, policy);
@@ -151,7 +135,7 @@ impl Shard {
                 // It left that channel meanwhile: nothing to announce.
                 continue;
             };
-            let stream = matches!(conn.phase, Phase::EventStream);
+            let stream = matches!(conn.phase, Phase::EventStream(_));
             conn.outbox.announce(range, |from, to| {
                 if stream {
                     let json = format!(

@@ -26,7 +26,8 @@
 //! `/echo`), an event stream (`/sse`), a parked long-poll (`/poll`), a publish waiting for
 //! its acks (`POST /api/publish`), or gets a response and either reads its next request
 //! (keep-alive) or finishes. All of them subscribe the same way, so history, ordering and
-//! fan-out are one mechanism whatever the transport.
+//! fan-out are one mechanism whatever the transport. What differs, each transport says
+//! in its own file by answering the core's events with an action (`transport`).
 //!
 //! # Where things live
 //! This file is the core: the connection table, the dirty and dead lists, the calling
@@ -35,6 +36,7 @@
 //! | file | what |
 //! |---|---|
 //! | `conn` | a connection's state: its phase (transport), buffers, subscriptions |
+//! | `transport` | the events a phase answers and the actions it returns to the core |
 //! | `request` | the HTTP request stage: reading, admission, routing, responses |
 //! | `websocket` | `/ws` and `/echo`: upgrade, frames, rate limit, commands, close |
 //! | `event_stream`, `longpoll`, `publish` | `/sse`, `/poll`, `POST /api/publish` and acks |
@@ -60,6 +62,7 @@ mod publish;
 mod request;
 mod subscriber;
 mod timer;
+mod transport;
 mod websocket;
 
 use std::net::IpAddr;
@@ -84,17 +87,14 @@ use crate::proto::deflate::{Compressor, CompressorSettings};
 use crate::proto::handshake::HandshakeLimits;
 use crate::proto::pubsub::CommandParser;
 
-use conn::{Conn, Endpoint, Life, Phase};
+use conn::{Conn, Life, Phase};
+use request::RequestStage;
 use timer::{Deadlines, Spread, Timed, Wheel};
-use websocket::EndpointLimits;
+use websocket::{Endpoint, EndpointLimits};
 
 /// The most connections a shard reserves its tables for up front (15 MiB of address
 /// space for the connection table); past it they grow by doubling.
 const MAX_RESERVED_CONNECTIONS: usize = 65_536;
-
-/// Publishes one connection may have waiting for their acks; past it the shard stops
-/// reading from it, so a client pipelining publishes cannot queue without bound.
-const MAX_INFLIGHT_PUBLISHES: u32 = 64;
 
 /// One shard: see the module documentation for the calling contract.
 pub struct Shard {
@@ -243,11 +243,9 @@ impl Shard {
         self.next_generation = self.next_generation.wrapping_add(1);
         let key = self.conns.insert(Conn {
             generation: self.next_generation,
-            phase: Phase::Request {
-                pending: None,
-                scanned: 0,
-                deadline: now + self.ctx.config.handshake_timeout,
-            },
+            phase: Phase::Request(RequestStage::new_boxed(
+                now + self.ctx.config.handshake_timeout,
+            )),
             read_buf: None,
             outbox: Outbox::default(),
             subs: SmallVec::new(),
@@ -255,7 +253,6 @@ impl Shard {
             dirty: false,
             life: Life::Open,
             read_paused: false,
-            inflight_publishes: 0,
             peer,
             counted: None,
             identity: None,
@@ -294,8 +291,8 @@ impl Shard {
 
     fn set_phase(&mut self, key: usize, phase: Phase) {
         let conn = &mut self.conns[key];
-        self.counters.connections[conn.phase.transport() as usize] -= 1;
-        self.counters.connections[phase.transport() as usize] += 1;
+        self.counters.connections[conn.phase.counted_as() as usize] -= 1;
+        self.counters.connections[phase.counted_as() as usize] += 1;
         conn.phase = phase;
     }
 
@@ -311,46 +308,31 @@ impl Shard {
 
     /// Whether reading more from `key` is useful now: not when it is gone, not while its
     /// outbox is over budget (a client that sends without reading waits for us), not while
-    /// too many of its publishes await their acks, and not while its read buffer holds
-    /// what its phase may buffer ([`Shard::read_budget`]). When this says no, reading is
-    /// paused until [`Shard::resume_read`] says yes: the bytes wait in the kernel, where
-    /// TCP flow control stops the client.
+    /// its read buffer holds what its phase may buffer, and not while its transport says
+    /// no (too many publishes awaiting their acks). When this says no, reading is paused
+    /// until [`Shard::resume_read`] says yes: the bytes wait in the kernel, where TCP flow
+    /// control stops the client.
     pub fn wants_read(&mut self, key: usize) -> bool {
-        let budget = self.read_budget(key);
+        let config = &self.ctx.config;
         let conn = &mut self.conns[key];
         if conn.is_dead() {
             return false;
         }
-        let wants = conn.outbox.len_bytes() < self.ctx.config.outbound_queue_bytes
-            && conn.inflight_publishes < MAX_INFLIGHT_PUBLISHES
-            && conn.unread().len() < budget;
+        let transport = conn.phase.transport_ref();
+        let wants = conn.outbox.len_bytes() < config.outbound_queue_bytes
+            && transport.may_read()
+            && conn.unread().len() < transport.read_budget(config);
         if !wants {
             conn.read_paused = true;
         }
         wants
     }
 
-    /// How many unprocessed bytes `key`'s read buffer may hold in its phase. A request
-    /// being read may hold its head and body; a connection waiting for an answer (parked
-    /// poll, publish awaiting acks) only the start of its next request; a WebSocket is
-    /// bounded by its decoder's frame and message limits, an event stream discards input.
-    fn read_budget(&self, key: usize) -> usize {
-        let config = &self.ctx.config;
-        match self.conns[key].phase {
-            Phase::Request { .. } => config.max_head_bytes + config.max_body_bytes,
-            Phase::Publishing { .. } | Phase::Polling { .. } => config.max_head_bytes,
-            Phase::EventStream | Phase::WebSocket { .. } => usize::MAX,
-        }
-    }
-
     /// Whether `key` reads a stream of input (WebSocket frames, an event stream's
     /// ignored bytes) rather than one request at a time: a backend may then keep a
     /// receive armed across reads.
     pub fn reads_in_bulk(&self, key: usize) -> bool {
-        matches!(
-            self.conns[key].phase,
-            Phase::WebSocket { .. } | Phase::EventStream
-        )
+        self.conns[key].phase.transport_ref().reads_in_bulk()
     }
 
     /// Processes what the backend appended to `key`'s read buffer.
@@ -368,7 +350,7 @@ impl Shard {
         }
         loop {
             match self.conns[key].phase {
-                Phase::Request { .. } => {
+                Phase::Request(_) => {
                     // Pipelined requests wait while the answers to earlier ones are
                     // unread: the outbox stays within its budget.
                     if self.conns[key].outbox.len_bytes() >= self.ctx.config.outbound_queue_bytes {
@@ -379,13 +361,13 @@ impl Shard {
                         break;
                     }
                 }
-                Phase::WebSocket { .. } => {
+                Phase::WebSocket(_) => {
                     self.read_frames(key);
                     break;
                 }
                 // Waiting for an answer: a pipelined request stays buffered until then.
-                Phase::Publishing { .. } | Phase::Polling { .. } => break,
-                Phase::EventStream => {
+                Phase::Publishing(_) | Phase::Polling(_) => break,
+                Phase::EventStream(_) => {
                     self.conns[key].read_buf = None;
                     break;
                 }
@@ -458,7 +440,7 @@ impl Shard {
         conn.life = Life::Dead;
         conn.outbox = Outbox::default();
         conn.read_buf = None;
-        self.counters.connections[conn.phase.transport() as usize] -= 1;
+        self.counters.connections[conn.phase.counted_as() as usize] -= 1;
         if let Some(ip) = conn.counted.take() {
             self.ctx.limits.release(ip);
         }
@@ -619,16 +601,8 @@ impl Shard {
         self.draining = true;
         let keys: Vec<usize> = self.conns.iter().map(|(k, _)| k).collect();
         for key in keys {
-            let conn = &self.conns[key];
-            if conn.is_finishing() {
-                continue;
-            }
-            match conn.phase {
-                Phase::WebSocket { .. } => self.close_with(key, 1001, "server shutting down"),
-                Phase::Polling { .. } => self.end_poll_empty(key, false),
-                // A publish in flight gets its receipt first (it is not cut off).
-                Phase::Publishing { .. } => {}
-                Phase::Request { .. } | Phase::EventStream => self.finish(key),
+            if !self.conns[key].is_finishing() {
+                self.dispatch(key, |transport, scope| transport.on_drain(scope));
             }
         }
     }

@@ -6,13 +6,63 @@ use bytes::Bytes;
 
 use crate::auth::api_key_matches;
 use crate::cluster;
-use crate::http::{ApiError, publish};
+use crate::config::Config;
+use crate::http::{self, ApiError, publish};
 use crate::hub::{self, ChannelName};
 use crate::proto::handshake::Request;
-use crate::proto::pubsub;
 
 use super::conn::{ConnRef, Phase};
+use super::transport::{Action, Scope, Transport};
 use super::{Envelope, Shard};
+
+/// `POST /api/publish` waiting for its messages' receipts.
+pub(super) struct Publishing {
+    /// Each message's seq and subscribers once acknowledged, in the request's order.
+    results: Vec<Option<(u64, u32)>>,
+    remaining: usize,
+    /// Asked as a batch (`{"messages": [...]}`): answered with a list.
+    batch: bool,
+    keep_alive: bool,
+}
+
+impl Transport for Publishing {
+    /// Waiting for the receipts: only the start of a pipelined next request.
+    fn read_budget(&self, config: &Config) -> usize {
+        config.max_head_bytes
+    }
+
+    /// A publish in flight gets its receipt first: it is not cut off.
+    fn on_drain(&mut self, _scope: &mut Scope<'_>) -> Action {
+        Action::Stay
+    }
+
+    /// The message `id` (its index in the request) was acknowledged; once every one
+    /// was, the receipt answers the request.
+    fn on_ack(&mut self, seq: u64, subscribers: u32, id: Option<u64>) -> Action {
+        let index = id.expect("HTTP publishes carry their index") as usize;
+        self.results[index] = Some((seq, subscribers));
+        self.remaining -= 1;
+        if self.remaining > 0 {
+            return Action::Stay;
+        }
+        let results: Vec<(u64, u32)> = self.results.iter().map(|r| r.expect("all acked")).collect();
+        let body = publish::receipt(&results, self.batch);
+        let response = http::response(200, "application/json", &[], &body, self.keep_alive);
+        Action::Respond {
+            response,
+            keep_alive: self.keep_alive,
+        }
+    }
+
+    /// Acks of the other messages of the batch may still come: the connection ends after
+    /// the answer so none of them can meet a later request.
+    fn on_refused(&mut self, message: &str, _id: Option<u64>) -> Action {
+        Action::Refuse {
+            error: ApiError::Unavailable(message.to_owned().into()),
+            keep_alive: false,
+        }
+    }
+}
 
 impl Shard {
     pub(super) fn publish_http(
@@ -47,12 +97,12 @@ impl Shard {
         let count = parsed.messages.len();
         self.set_phase(
             key,
-            Phase::Publishing {
+            Phase::Publishing(Box::new(Publishing {
                 results: vec![None; count],
                 remaining: count,
                 batch: parsed.batch,
                 keep_alive,
-            },
+            })),
         );
         for (index, message) in parsed.messages.into_iter().enumerate() {
             self.publish(
@@ -107,54 +157,15 @@ impl Shard {
         subscribers: u32,
         id: Option<u64>,
     ) {
-        let Some(key) = self.resolve(conn) else {
-            return;
-        };
-        let conn = &mut self.conns[key];
-        match &mut conn.phase {
-            Phase::WebSocket { .. } => {
-                conn.inflight_publishes -= 1;
-                self.reply(key, pubsub::encode_ack(id, seq));
-            }
-            Phase::Publishing {
-                results,
-                remaining,
-                batch,
-                keep_alive,
-            } => {
-                let index = id.expect("HTTP publishes carry their index") as usize;
-                results[index] = Some((seq, subscribers));
-                *remaining -= 1;
-                if *remaining == 0 {
-                    let (batch, keep_alive) = (*batch, *keep_alive);
-                    let results: Vec<(u64, u32)> =
-                        results.iter().map(|r| r.expect("all acked")).collect();
-                    let body = publish::receipt(&results, batch);
-                    self.respond(key, 200, "application/json", &body, false, keep_alive);
-                }
-            }
-            _ => {}
+        if let Some(key) = self.resolve(conn) {
+            self.dispatch(key, |transport, _| transport.on_ack(seq, subscribers, id));
         }
     }
 
     /// A publish the cluster could not store: refused, never acknowledged.
     pub(super) fn refuse_publish(&mut self, conn: ConnRef, id: Option<u64>, message: &str) {
-        let Some(key) = self.resolve(conn) else {
-            return;
-        };
-        let conn = &mut self.conns[key];
-        match conn.phase {
-            Phase::WebSocket { .. } => {
-                conn.inflight_publishes -= 1;
-                self.reply(key, pubsub::encode_error("unavailable", message, id));
-            }
-            Phase::Publishing { .. } => {
-                // Acks of the other messages of the batch may still come: this connection
-                // ends after the answer so none of them can meet a later request.
-                let error = ApiError::Unavailable(message.to_owned().into());
-                self.refuse(key, &error, false);
-            }
-            _ => {}
+        if let Some(key) = self.resolve(conn) {
+            self.dispatch(key, |transport, _| transport.on_refused(message, id));
         }
     }
 }

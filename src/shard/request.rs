@@ -5,18 +5,54 @@
 //! `publish`).
 
 use std::net::IpAddr;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, Bytes};
 
 use crate::auth::{AuthMode, token_of};
+use crate::config::Config;
 use crate::http::{self, ApiError, Route};
 use crate::limits::{Refusal, client_ip, retry_after};
 use crate::proto::handshake::{self, Request};
 
 use super::Shard;
-use super::conn::{Endpoint, Phase};
+use super::conn::Phase;
 use super::timer::Timed;
+use super::transport::{Action, Scope, Transport};
+use super::websocket::Endpoint;
+
+/// An HTTP request being read.
+pub(super) struct RequestStage {
+    /// A parsed head whose body is still coming, with the body's length.
+    pending: Option<Box<(Request, usize)>>,
+    /// Bytes of the buffer known to hold no end of head, so a head that arrives a byte
+    /// at a time is scanned once, not parsed again from its start per read.
+    scanned: u32,
+    /// When the request must be complete (handshake and keep-alive idle).
+    pub(super) deadline: Instant,
+}
+
+impl RequestStage {
+    pub(super) fn new_boxed(deadline: Instant) -> Box<Self> {
+        Box::new(Self {
+            pending: None,
+            scanned: 0,
+            deadline,
+        })
+    }
+}
+
+impl Transport for RequestStage {
+    /// Its head and body.
+    fn read_budget(&self, config: &Config) -> usize {
+        config.max_head_bytes + config.max_body_bytes
+    }
+
+    /// Nothing was asked yet: the connection just ends.
+    fn on_drain(&mut self, _scope: &mut Scope<'_>) -> Action {
+        Action::Finish
+    }
+}
 
 impl Shard {
     /// Refuses for `refusal` with a `Retry-After` spread over a few seconds; the
@@ -115,12 +151,12 @@ impl Shard {
     pub(super) fn read_request(&mut self, key: usize) -> bool {
         let max_head = self.handshake_limits.max_head_bytes;
         let conn = &mut self.conns[key];
-        let Phase::Request {
-            pending, scanned, ..
-        } = &mut conn.phase
-        else {
+        let Phase::Request(stage) = &mut conn.phase else {
             return false;
         };
+        let RequestStage {
+            pending, scanned, ..
+        } = &mut **stage;
         let (request, body_len) = match pending.take() {
             Some(parsed) => *parsed,
             None => {
@@ -163,12 +199,9 @@ impl Shard {
         };
         let conn = &mut self.conns[key];
         if conn.unread().len() < body_len {
-            if let Phase::Request {
-                pending, scanned, ..
-            } = &mut conn.phase
-            {
-                *pending = Some(Box::new((request, body_len)));
-                *scanned = 0;
+            if let Phase::Request(stage) = &mut conn.phase {
+                stage.pending = Some(Box::new((request, body_len)));
+                stage.scanned = 0;
             }
             return false;
         }
@@ -279,14 +312,8 @@ impl Shard {
         {
             self.ctx.limits.release(ip);
         }
-        self.set_phase(
-            key,
-            Phase::Request {
-                pending: None,
-                scanned: 0,
-                deadline: self.now + self.ctx.config.handshake_timeout,
-            },
-        );
+        let deadline = self.now + self.ctx.config.handshake_timeout;
+        self.set_phase(key, Phase::Request(RequestStage::new_boxed(deadline)));
         self.arm_request_deadline(key);
         if !self.conns[key].unread().is_empty() {
             self.reread.push(key);

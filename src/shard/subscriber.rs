@@ -5,12 +5,11 @@
 use bytes::Bytes;
 
 use crate::cluster;
-use crate::http::{ApiError, longpoll, sse};
 use crate::hub::{self, ChannelName};
 use crate::proto::pubsub;
 
 use super::conn::{CatchUp, ConnRef, Phase, Sub, SubState};
-use super::event_stream::{json_string, sse_subscribed};
+use super::transport::{Action, Chunk, Confirmed, Gap};
 use super::{Answer, Envelope, Shard};
 
 impl Shard {
@@ -58,7 +57,7 @@ impl Shard {
         self.next_ticket = self.next_ticket.wrapping_add(1);
         let ticket = self.next_ticket;
         let chunk = self.replay_chunk_bytes();
-        let polling = matches!(self.conns[key].phase, Phase::Polling { .. });
+        let polling = matches!(self.conns[key].phase, Phase::Polling(_));
         // A poll is answered once, with the first chunk: the client asks again from its
         // last seq. A stream or WebSocket takes one chunk at a time, as its outbox drains.
         let max_replay_bytes = if polling || self.may_request_chunk(key) {
@@ -208,23 +207,9 @@ impl Shard {
         } else {
             self.conns[key].subs.swap_remove(index);
         }
-        match self.conns[key].phase {
-            Phase::WebSocket { .. } => {
-                self.reply(key, pubsub::encode_error("unavailable", cluster::BUSY, id));
-            }
-            Phase::Polling { .. } => {
-                self.refuse(key, &ApiError::Unavailable(cluster::BUSY.into()), false);
-            }
-            Phase::EventStream => {
-                // The stream has begun: say why it ends; EventSource reconnects by itself.
-                let json = ApiError::Unavailable(cluster::BUSY.into()).json();
-                self.conns[key]
-                    .outbox
-                    .push(sse::control_event("error", &json));
-                self.finish(key);
-            }
-            _ => {}
-        }
+        self.dispatch(key, |transport, scope| {
+            transport.on_busy(scope, cluster::BUSY, id)
+        });
     }
 
     pub(super) fn unsubscribe(&mut self, key: usize, channel: &str, id: Option<u64>) {
@@ -296,22 +281,6 @@ impl Shard {
         let Some((key, index)) = self.still_pending(conn, ticket) else {
             return;
         };
-        if let Phase::Polling {
-            keep_alive,
-            expired,
-            ..
-        } = self.conns[key].phase
-            && (expired || !replay.is_empty())
-        {
-            // History had what the poll asked for, or its time ran out while the home
-            // was answering: answer now, with whatever history had. A replay cut to its
-            // first chunk answers up to its last message; the client asks again from there.
-            self.release(key, index);
-            let answered_to = replay.last().map_or(seq, |&(last, _)| last);
-            let response = longpoll::response(channel, epoch, answered_to, &replay, keep_alive);
-            self.send_response(key, response, keep_alive);
-            return;
-        }
         if self.catch_up(
             key,
             index,
@@ -322,53 +291,43 @@ impl Shard {
         ) {
             return;
         }
+        let SubState::Pending { catch_up, .. } = &self.conns[key].subs[index].state else {
+            unreachable!("pending_index returned a pending subscription");
+        };
+        let confirmed = Confirmed {
+            channel,
+            seq,
+            epoch,
+            cluster_epoch: answer_epoch.as_ref(),
+            id: catch_up.as_ref().map_or(id, |c| c.id),
+            replay: &replay,
+            announced: catch_up.as_ref().is_some_and(|c| c.answered),
+        };
+        let action = self.answer(key, |transport, scope| {
+            transport.on_subscribed(scope, &confirmed)
+        });
+        if let Action::Respond { .. } = action {
+            // Answered before it started (a poll): it never becomes active.
+            self.apply(key, action);
+            return;
+        }
         let policies = &self.ctx.config.slow_consumers;
         let (slot, tag, name) = self
             .subscriptions
             .insert(channel, key, || policies.policy_for(channel));
         self.counters.subscriptions += 1;
-        let conn = &mut self.conns[key];
-        conn.subs[index].channel = name;
-        if let Phase::Polling {
-            seq: at,
-            epoch: poll_epoch,
-            ..
-        } = &mut conn.phase
-        {
-            *at = seq;
-            *poll_epoch = answer_epoch.clone().map(Box::new);
-        }
-        let SubState::Pending {
-            unsubscribe,
-            catch_up,
-            ..
-        } = std::mem::replace(&mut conn.subs[index].state, SubState::Active { slot, tag })
+        let sub = &mut self.conns[key].subs[index];
+        sub.channel = name;
+        let SubState::Pending { unsubscribe, .. } =
+            std::mem::replace(&mut sub.state, SubState::Active { slot, tag })
         else {
             unreachable!("pending_index returned a pending subscription");
         };
-        let id = catch_up.as_ref().map_or(id, |c| c.id);
-        let announced = catch_up.is_some_and(|c| c.answered);
-        match conn.phase {
-            Phase::WebSocket { .. } => {
-                for (_, frame) in replay {
-                    conn.outbox.push(frame);
-                }
-                self.reply(key, pubsub::encode_subscribed(channel, seq, epoch, id));
-                if let Some(unsubscribe_id) = unsubscribe {
-                    self.release(key, index);
-                    self.reply(key, pubsub::encode_unsubscribed(channel, *unsubscribe_id));
-                }
-            }
-            Phase::EventStream => {
-                if !announced {
-                    conn.outbox.push(sse_subscribed(channel, seq, epoch));
-                }
-                for (message_seq, frame) in &replay {
-                    conn.outbox.push(sse::event(*message_seq, frame));
-                }
-                self.mark_dirty(key);
-            }
-            _ => {}
+        self.apply(key, action);
+        if let Some(unsubscribe_id) = unsubscribe {
+            // Asked for while pending, over a WebSocket (the one transport that can).
+            self.release(key, index);
+            self.reply(key, pubsub::encode_unsubscribed(channel, *unsubscribe_id));
         }
         // Another subscription of this connection may be waiting for its next chunk.
         self.continue_replay(key);
@@ -398,29 +357,22 @@ impl Shard {
         if reached >= seq {
             return false;
         }
-        let first_answer = !catch_up.answered;
+        let first = !catch_up.answered;
         catch_up.at = reached;
         catch_up.requested = false;
         catch_up.answered = true;
         catch_up.epoch = cluster_epoch.cloned();
-        match conn.phase {
-            Phase::WebSocket { .. } => {
-                for (_, frame) in replay {
-                    conn.outbox.push(frame.clone());
-                }
-            }
-            Phase::EventStream => {
-                if first_answer {
-                    conn.outbox.push(sse_subscribed(channel, seq, epoch));
-                }
-                for (message_seq, frame) in replay {
-                    conn.outbox.push(sse::event(*message_seq, frame));
-                }
-            }
-            _ => {}
-        }
+        let chunk = Chunk {
+            channel,
+            seq,
+            epoch,
+            replay,
+            first,
+        };
+        self.dispatch(key, |transport, scope| {
+            transport.on_replay_chunk(scope, &chunk)
+        });
         self.counters.messages_out_total += replay.len() as u64;
-        self.mark_dirty(key);
         self.continue_replay(key);
         true
     }
@@ -441,33 +393,13 @@ impl Shard {
             return;
         };
         self.release(key, index);
-        match self.conns[key].phase {
-            Phase::WebSocket { .. } => {
-                let message = format!(
-                    "history of {channel:?} does not reach back that far; oldest available is {oldest}"
-                );
-                self.reply(
-                    key,
-                    pubsub::encode_history_gap(channel, seq, oldest, &message, id),
-                );
-            }
-            Phase::Polling { keep_alive, .. } => {
-                let response = longpoll::gap_response(channel, epoch, seq, oldest, keep_alive);
-                self.send_response(key, response, keep_alive);
-            }
-            Phase::EventStream => {
-                // Say what was missed, then carry on live.
-                let json = format!(
-                    r#"{{"channel":{},"seq":{seq},"oldest":{oldest}}}"#,
-                    json_string(channel)
-                );
-                self.conns[key]
-                    .outbox
-                    .push(sse::control_event("gap", &json));
-                self.mark_dirty(key);
-                self.request_subscription(key, channel.clone(), None, None, None);
-            }
-            _ => {}
-        }
+        let gap = Gap {
+            channel,
+            seq,
+            oldest,
+            epoch,
+            id,
+        };
+        self.dispatch(key, |transport, scope| transport.on_gap(scope, &gap));
     }
 }

@@ -17,12 +17,154 @@ use crate::proto::handshake::{self, Request};
 use crate::proto::pubsub::{self, Command};
 use crate::proto::{Connection, Event};
 
-use super::conn::{Endpoint, Life, Phase, RateLimit, WebSocket};
+use super::conn::{Life, Phase};
+use super::transport::{self, Action, Chunk, Confirmed, Gap, Scope, Transport};
 use super::{Outbox, Shard};
 
 /// Messages refused in a row before a connection that keeps sending over its rate is
 /// closed with 1008.
 const MAX_STRIKES: u32 = 50;
+
+/// Publishes one connection may have waiting for their acks; past it the shard stops
+/// reading from it, so a client pipelining publishes cannot queue without bound.
+const MAX_INFLIGHT_PUBLISHES: u32 = 64;
+
+/// The heartbeat: an unmasked, final ping with no payload, the same bytes for everyone
+/// (no allocation per ping).
+pub(super) const EMPTY_PING: &[u8] = &[0x89, 0x00];
+
+/// Which WebSocket service a connection upgraded to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Endpoint {
+    PubSub,
+    Echo,
+}
+
+/// A WebSocket connection's state.
+pub(super) struct WebSocket {
+    pub(super) ws: Connection,
+    pub(super) endpoint: Endpoint,
+    /// Inbound messages allowed.
+    pub(super) rate: RateLimit,
+    /// Publishes sent to their homes and not yet acknowledged.
+    pub(super) inflight_publishes: u32,
+}
+
+/// A connection's inbound message budget and how often it ran past it in a row.
+pub(super) struct RateLimit {
+    /// At the endpoint's rate ([`EndpointLimits::per_second`]).
+    pub(super) tokens: Tokens,
+    pub(super) strikes: u32,
+}
+
+impl Transport for WebSocket {
+    /// Bounded by the decoder's frame and message limits instead.
+    fn read_budget(&self, _config: &Config) -> usize {
+        usize::MAX
+    }
+
+    fn reads_in_bulk(&self) -> bool {
+        true
+    }
+
+    fn may_read(&self) -> bool {
+        self.inflight_publishes < MAX_INFLIGHT_PUBLISHES
+    }
+
+    fn has_heartbeat(&self) -> bool {
+        true
+    }
+
+    fn on_drain(&mut self, _scope: &mut Scope<'_>) -> Action {
+        Action::Close {
+            code: 1001,
+            reason: "server shutting down",
+        }
+    }
+
+    fn on_token_expired(&mut self) -> Action {
+        Action::Close {
+            code: 4001,
+            reason: "token expired: reconnect with a fresh token",
+        }
+    }
+
+    /// Pinged at a heartbeat that finds it silent for half an interval or more: a quiet
+    /// one that answers is pinged once per interval, the first time within an interval
+    /// of its upgrade (see [`Shard::arm_heartbeat`]); one that spoke last is pinged
+    /// within 1.5 intervals of that. One silent for the idle timeout is closed at the
+    /// next heartbeat, at most an interval later.
+    fn on_heartbeat(&mut self, scope: &mut Scope<'_>) -> Action {
+        let silent = transport::silent_for(scope);
+        if silent >= scope.config.idle_timeout {
+            return Action::Close {
+                code: 1001,
+                reason: "idle timeout",
+            };
+        }
+        if silent < scope.config.ping_interval / 2 {
+            return Action::Stay;
+        }
+        scope.outbox.push_control(Bytes::from_static(EMPTY_PING));
+        Action::Flush
+    }
+
+    fn on_subscribed(&mut self, scope: &mut Scope<'_>, confirmed: &Confirmed<'_>) -> Action {
+        for (_, frame) in confirmed.replay {
+            scope.outbox.push(frame.clone());
+        }
+        let Confirmed {
+            channel,
+            seq,
+            epoch,
+            id,
+            ..
+        } = *confirmed;
+        Action::Reply(pubsub::encode_subscribed(channel, seq, epoch, id))
+    }
+
+    fn on_replay_chunk(&mut self, scope: &mut Scope<'_>, chunk: &Chunk<'_>) -> Action {
+        for (_, frame) in chunk.replay {
+            scope.outbox.push(frame.clone());
+        }
+        Action::Flush
+    }
+
+    fn on_gap(&mut self, _scope: &mut Scope<'_>, gap: &Gap<'_>) -> Action {
+        let Gap {
+            channel,
+            seq,
+            oldest,
+            id,
+            ..
+        } = *gap;
+        let message = format!(
+            "history of {channel:?} does not reach back that far; oldest available is {oldest}"
+        );
+        Action::Reply(pubsub::encode_history_gap(
+            channel, seq, oldest, &message, id,
+        ))
+    }
+
+    fn on_busy(
+        &mut self,
+        _scope: &mut Scope<'_>,
+        message: &'static str,
+        id: Option<u64>,
+    ) -> Action {
+        Action::Reply(pubsub::encode_error("unavailable", message, id))
+    }
+
+    fn on_ack(&mut self, seq: u64, _subscribers: u32, id: Option<u64>) -> Action {
+        self.inflight_publishes -= 1;
+        Action::Reply(pubsub::encode_ack(id, seq))
+    }
+
+    fn on_refused(&mut self, message: &str, id: Option<u64>) -> Action {
+        self.inflight_publishes -= 1;
+        Action::Reply(pubsub::encode_error("unavailable", message, id))
+    }
+}
 
 /// What the WebSocket connections of one endpoint share, built once per shard: their
 /// decoder limits and inbound message rate.
@@ -103,7 +245,12 @@ impl Shard {
         };
         self.set_phase(
             key,
-            Phase::WebSocket(Box::new(WebSocket { ws, endpoint, rate })),
+            Phase::WebSocket(Box::new(WebSocket {
+                ws,
+                endpoint,
+                rate,
+                inflight_publishes: 0,
+            })),
         );
         let extensions = negotiated.map(|params| params.response());
         let response = Bytes::from(handshake::upgrade_response(
@@ -297,7 +444,9 @@ impl Shard {
             Command::Unsubscribe { channel, id } => self.unsubscribe(key, &channel, id),
             Command::Publish { channel, data, id } => {
                 let conn = self.conn_ref(key);
-                self.conns[key].inflight_publishes += 1;
+                if let Phase::WebSocket(socket) = &mut self.conns[key].phase {
+                    socket.inflight_publishes += 1;
+                }
                 self.publish(channel.into(), data, conn, id);
             }
             Command::Ping { id } => self.reply(key, pubsub::encode_pong(id)),
@@ -329,4 +478,15 @@ pub(super) fn frame_header(opcode: OpCode, len: usize) -> Bytes {
     }
     .encode(&mut header);
     header.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EMPTY_PING;
+    use crate::proto::frame::{OpCode, encode_frame};
+
+    #[test]
+    fn the_static_ping_is_the_encoded_empty_ping() {
+        assert_eq!(EMPTY_PING, &encode_frame(OpCode::Ping, b"")[..]);
+    }
 }

@@ -205,7 +205,10 @@ fn a_full_cluster_queue_refuses_at_once_and_never_blocks_the_shard() {
     // the shard keeps reading the connection.
     let shard = &cluster.shards[0];
     assert!(shard.conns[client.key].subs.is_empty());
-    assert_eq!(shard.conns[client.key].inflight_publishes, 0);
+    let Phase::WebSocket(socket) = &shard.conns[client.key].phase else {
+        panic!("still a WebSocket");
+    };
+    assert_eq!(socket.inflight_publishes, 0);
     assert!(cluster.shards[0].wants_read(client.key));
 
     let key = cluster.shards[0].accept(cluster.now, LOCALHOST).unwrap();
