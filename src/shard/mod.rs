@@ -45,11 +45,13 @@
 //! | `fanout` | a broadcast queued on every local subscriber; shedding slow ones |
 //! | `timer`, `deadlines` | request, poll, token, close and heartbeat deadlines; acting on them |
 //! | `outbox`, `mailbox` | a connection's write queue; the envelopes between shards |
+//! | `context` | what every shard of the node shares (configuration, limits, metrics) |
 //! | `harness` | shards driven in memory, for the unit tests and the benches |
 
 #![deny(clippy::disallowed_methods)] // no clock reads here: see clippy.toml
 
 mod conn;
+mod context;
 mod deadlines;
 mod event_stream;
 mod fanout;
@@ -67,22 +69,20 @@ mod websocket;
 
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use slab::Slab;
 use smallvec::SmallVec;
 
 pub use conn::ConnRef;
+pub use context::Context;
 pub use mailbox::{Answer, Envelope, Inbox, Post, Wake};
 pub use outbox::Outbox;
 
-use crate::auth::Authenticator;
-use crate::cluster::Bridge;
-use crate::config::Config;
-use crate::hub::{self, Channels, Subscriptions};
-use crate::limits::{ConnectionLimits, Refusal, TokenBucket};
-use crate::metrics::{Counters, Registry, Transport};
+use crate::hub::{Channels, Subscriptions};
+use crate::limits::{Refusal, TokenBucket};
+use crate::metrics::{Counters, Transport};
 use crate::proto::deflate::{Compressor, CompressorSettings};
 use crate::proto::handshake::HandshakeLimits;
 use crate::proto::pubsub::CommandParser;
@@ -143,36 +143,6 @@ pub struct Shard {
     shared_compressor: Compressor,
 }
 
-/// What every shard shares, read-only apart from the atomics inside: built once at start.
-pub struct Context {
-    pub config: Config,
-    /// This run's epoch: sequence numbers restart with it.
-    pub epoch: Box<str>,
-    pub registry: Registry,
-    pub auth: Authenticator,
-    pub limits: ConnectionLimits,
-    /// The cluster link with `--redis`: channels are then ordered and stored in Redis
-    /// instead of by their home shard.
-    pub cluster: Option<Bridge>,
-    /// When the node started: its epoch and the shards' jitter seeds derive from it.
-    started: SystemTime,
-}
-
-impl Context {
-    /// Checks what needs checking (keys, files) once; errors are for the operator.
-    pub fn new(config: Config, shards: usize, started: SystemTime) -> Result<Self, String> {
-        Ok(Self {
-            auth: Authenticator::new(&config.auth)?,
-            limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
-            registry: Registry::new(shards),
-            epoch: hub::new_epoch(started).into(),
-            cluster: None,
-            config,
-            started,
-        })
-    }
-}
-
 impl Shard {
     /// Shard `id` of `shards`, its clock starting at `now`.
     pub fn new(id: usize, shards: usize, ctx: Arc<Context>, now: Instant) -> Self {
@@ -181,7 +151,7 @@ impl Shard {
             id,
             shards,
             accept_bucket: TokenBucket::new(config.accept_rate, config.accept_rate, now),
-            jitter: jitter_seed(ctx.started, id),
+            jitter: ctx.jitter_seed(id),
             next_ticket: 0,
             reread: Vec::new(),
             handshake_limits: HandshakeLimits {
@@ -621,18 +591,6 @@ impl Shard {
     pub fn connection_capacity(&self) -> usize {
         self.conns.capacity()
     }
-}
-
-/// A seed for `Retry-After` jitter that differs per shard and per run, so nodes
-/// restarted together do not hand out the same sequence.
-fn jitter_seed(started: SystemTime, shard: usize) -> u64 {
-    let nanos = started
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
-    (nanos
-        ^ u64::from(std::process::id()) << 32
-        ^ (shard as u64 + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
-        | 1
 }
 
 #[cfg(test)]

@@ -1,9 +1,10 @@
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use super::*;
-use crate::cluster;
+use crate::cluster::{self, Bridge};
 use crate::compression::CompressionPolicy;
-use crate::hub::ChannelName;
+use crate::config::Config;
+use crate::hub::{self, ChannelName};
 use crate::limits::SlowConsumerPolicy;
 use crate::proto::OpCode;
 use crate::proto::frame::encode_client_frame;
