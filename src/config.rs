@@ -171,6 +171,11 @@ pub struct Options {
     #[arg(long, env = "HERALD_PING_INTERVAL_MS", value_name = "MS")]
     pub ping_interval_ms: Option<u64>,
 
+    /// A WebSocket pinged at a heartbeat that sends nothing back (a pong or any other
+    /// frame) for this long is closed with 1001. [default: 10000]
+    #[arg(long, env = "HERALD_PONG_TIMEOUT_MS", value_name = "MS")]
+    pub pong_timeout_ms: Option<u64>,
+
     /// A connection silent for this long is closed (any frame counts, pongs included).
     /// [default: 60000]
     #[arg(long, env = "HERALD_IDLE_TIMEOUT_MS", value_name = "MS")]
@@ -379,6 +384,7 @@ impl Options {
             outbound_queue_bytes: self.outbound_queue_bytes.or(lower.outbound_queue_bytes),
             handshake_timeout_ms: self.handshake_timeout_ms.or(lower.handshake_timeout_ms),
             ping_interval_ms: self.ping_interval_ms.or(lower.ping_interval_ms),
+            pong_timeout_ms: self.pong_timeout_ms.or(lower.pong_timeout_ms),
             idle_timeout_ms: self.idle_timeout_ms.or(lower.idle_timeout_ms),
             close_timeout_ms: self.close_timeout_ms.or(lower.close_timeout_ms),
             drain_ms: self.drain_ms.or(lower.drain_ms),
@@ -429,6 +435,7 @@ pub struct Config {
     pub outbound_queue_bytes: usize,
     pub handshake_timeout: Duration,
     pub ping_interval: Duration,
+    pub pong_timeout: Duration,
     pub idle_timeout: Duration,
     pub close_timeout: Duration,
     pub drain: Duration,
@@ -507,6 +514,7 @@ impl Options {
             outbound_queue_bytes: self.outbound_queue_bytes.unwrap_or(1024 * 1024),
             handshake_timeout: ms(self.handshake_timeout_ms.unwrap_or(10_000)),
             ping_interval: ms(self.ping_interval_ms.unwrap_or(25_000)),
+            pong_timeout: ms(self.pong_timeout_ms.unwrap_or(10_000)),
             idle_timeout: ms(self.idle_timeout_ms.unwrap_or(60_000)),
             close_timeout: ms(self.close_timeout_ms.unwrap_or(5_000)),
             drain: ms(self.drain_ms.unwrap_or(10_000)),
@@ -566,6 +574,7 @@ impl Config {
                 self.handshake_timeout.as_millis() as u64,
             ),
             ("ping_interval_ms", self.ping_interval.as_millis() as u64),
+            ("pong_timeout_ms", self.pong_timeout.as_millis() as u64),
             ("idle_timeout_ms", self.idle_timeout.as_millis() as u64),
             ("close_timeout_ms", self.close_timeout.as_millis() as u64),
             ("backlog", u64::from(self.backlog)),

@@ -21,6 +21,60 @@ async fn ping_gets_pong() {
     server.assert_healthy();
 }
 
+/// DESIGN.md's heartbeat: a WebSocket that does not answer a ping within the pong
+/// timeout is closed with 1001, well before the idle timeout; a client that answers
+/// (tungstenite answers pings as it reads) stays open across many intervals.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_not_answering_pings_is_closed_at_the_pong_timeout_and_one_answering_stays() {
+    let (interval, pong_timeout) = (Duration::from_millis(300), Duration::from_millis(500));
+    let mut server = Server::start(&[
+        "--ping-interval-ms",
+        "300",
+        "--pong-timeout-ms",
+        "500",
+        "--idle-timeout-ms",
+        "60000",
+    ]);
+    let addr = server.addr();
+    let silent = blocking(move || {
+        let (mut s, mut buf) = raw_ws(addr);
+        let started = Instant::now();
+        let mut last_ping = None;
+        loop {
+            let frame = read_frame(&mut s, &mut buf, Duration::from_secs(10))
+                .expect("closed without a close frame");
+            match frame.opcode {
+                0x9 => last_ping = Some(Instant::now()),
+                0x8 => {
+                    let reason = String::from_utf8_lossy(&frame.payload[2..]).into_owned();
+                    return (frame.close_code(), reason, started, last_ping);
+                }
+                other => panic!("unexpected frame {other:#x}"),
+            }
+        }
+    });
+    // Reading all along, so its pongs go out as the pings come.
+    let mut answering = connect_ws(addr).await;
+    subscribe(&mut answering, "heartbeat", 1).await;
+    let answering = tokio::spawn(async move {
+        expect_silence(&mut answering, interval * 12).await;
+        answering
+    });
+    let (code, reason, started, last_ping) = silent.await;
+    let closed = Instant::now();
+    assert_eq!(code, Some(1001), "{reason}");
+    assert!(reason.contains("pong"), "{reason}");
+    let last_ping = last_ping.expect("pinged before being closed");
+    // Not before the pong timeout ran out after a ping; within 1.5 intervals and the
+    // pong timeout of connecting (slack for a busy machine), never at the idle timeout.
+    assert!(closed - last_ping >= pong_timeout - Duration::from_millis(50));
+    assert!(closed - started < interval * 3 / 2 + pong_timeout + Duration::from_secs(3));
+    // The answering client saw no close in all that time, nor in several more intervals.
+    let mut answering = answering.await.unwrap();
+    ping_pong(&mut answering).await;
+    server.assert_healthy();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribe_on_fresh_channel_reports_seq_zero_and_echoes_id() {
     let mut server = Server::start(&[]);

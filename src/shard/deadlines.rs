@@ -13,6 +13,7 @@ use crate::http::ApiError;
 use super::Shard;
 use super::conn::{Conn, ConnRef, Phase, SubState};
 use super::timer::{self, TICK, Timed};
+use super::transport::Action;
 use super::websocket::EMPTY_PING;
 
 impl Shard {
@@ -90,6 +91,7 @@ impl Shard {
             };
             match what {
                 Timed::Heartbeat => self.heartbeat(key, deadline),
+                Timed::PongDue => self.check_pong(key, deadline),
                 Timed::FirstPing => {
                     let quiet = first_ping_quiet(self.ctx.config.ping_interval);
                     self.ping_if_silent(key, now, quiet);
@@ -124,6 +126,7 @@ impl Shard {
     /// A heartbeat of `key`, due at `deadline`: its transport answers it (see
     /// [`Transport::on_heartbeat`](super::transport::Transport::on_heartbeat)), and the
     /// next one comes a ping interval after this one, so the connection keeps its phase.
+    /// After a ping, the pong timeout's check comes first and arms it.
     pub(super) fn heartbeat(&mut self, key: usize, deadline: Instant) {
         let conn = &mut self.conns[key];
         if conn.is_closing() {
@@ -133,20 +136,51 @@ impl Shard {
         // and costs the busy ones nothing per message.
         conn.outbox.release_memory();
         conn.subs.shrink_to_fit();
-        self.dispatch(key, |transport, scope| transport.on_heartbeat(scope));
+        let action = self.answer(key, |transport, scope| transport.on_heartbeat(scope));
+        let pinged = matches!(action, Action::Ping);
+        self.apply(key, action);
         let conn = &mut self.conns[key];
-        if !conn.is_closing() && conn.phase.transport_ref().has_heartbeat() {
+        if conn.is_closing() || !conn.phase.transport_ref().has_heartbeat() {
+            return;
+        }
+        if pinged {
+            self.arm_timed(key, deadline + self.ctx.config.pong_timeout, Timed::PongDue);
+        } else {
             let next = timer::next_period(deadline, self.ctx.config.ping_interval, self.now);
             self.arm_timed(key, next, Timed::Heartbeat);
         }
+    }
+
+    /// The pong timeout after the ping of `key`'s heartbeat has passed (`due`): anything
+    /// the peer sent since the ping answers it, and the heartbeats go on at their phase;
+    /// silence closes the connection.
+    fn check_pong(&mut self, key: usize, due: Instant) {
+        if self.conns[key].is_closing() {
+            return;
+        }
+        let pinged_at = due - self.ctx.config.pong_timeout;
+        // The due time was rounded up to the tick: a tick's slack keeps an answer that
+        // came at once from being missed.
+        if self.conns[key].last_activity + TICK > pinged_at {
+            let next = timer::next_period(pinged_at, self.ctx.config.ping_interval, self.now);
+            self.arm_timed(key, next, Timed::Heartbeat);
+        } else {
+            self.dispatch(key, |transport, _| transport.on_pong_timeout());
+        }
+    }
+
+    /// Queues a ping in the control lane, ahead of queued data.
+    pub(super) fn ping(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        conn.outbox.push_control(Bytes::from_static(EMPTY_PING));
+        self.mark_dirty(key);
     }
 
     /// Pings `key` if nothing came from it for `quiet`.
     fn ping_if_silent(&mut self, key: usize, now: Instant, quiet: Duration) {
         let conn = &mut self.conns[key];
         if !conn.is_closing() && now.saturating_duration_since(conn.last_activity) >= quiet {
-            conn.outbox.push_control(Bytes::from_static(EMPTY_PING));
-            self.mark_dirty(key);
+            self.ping(key);
         }
     }
 
@@ -176,7 +210,7 @@ fn timed_is_live(conns: &Slab<Conn>, at: Instant, conn: ConnRef, what: Timed) ->
     }
     match what {
         Timed::Heartbeat => c.phase.transport_ref().has_heartbeat(),
-        Timed::FirstPing => matches!(c.phase, Phase::WebSocket(_)),
+        Timed::FirstPing | Timed::PongDue => matches!(c.phase, Phase::WebSocket(_)),
         Timed::Poll => matches!(&c.phase, Phase::Polling(poll) if poll.deadline == at),
         // Armed at `runs_out` rounded up to the tick.
         Timed::TokenExpiry => c

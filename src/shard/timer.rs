@@ -30,6 +30,10 @@ pub(super) enum Timed {
     /// (less than half an interval after the upgrade): one ping in between, so that the
     /// first comes within an interval of the upgrade.
     FirstPing,
+    /// A heartbeat pinged a silent WebSocket: it must have sent something since, or it is
+    /// closed. Takes the place of the next heartbeat until then (one entry per
+    /// connection), and arms it when the answer came.
+    PongDue,
     /// A parked long-poll runs out.
     Poll,
     /// The token that admitted the request holding the connection runs out (its `exp`

@@ -28,6 +28,8 @@ pub(super) enum Action {
     Stay,
     /// Something was queued on the outbox: write it.
     Flush,
+    /// Ping the peer, which must answer within the pong timeout.
+    Ping,
     /// Queue this reply (an ack, an error) and write it.
     Reply(Bytes),
     /// The request is answered: its subscriptions end, the response goes out, then the
@@ -125,6 +127,11 @@ pub(super) trait Transport {
     /// A heartbeat came due. While the connection is not closing and its transport
     /// [`Transport::has_heartbeat`], the core arms the next one.
     fn on_heartbeat(&mut self, _scope: &mut Scope<'_>) -> Action {
+        Action::Stay
+    }
+
+    /// A heartbeat's ping went unanswered for the pong timeout.
+    fn on_pong_timeout(&mut self) -> Action {
         Action::Stay
     }
 
@@ -234,6 +241,7 @@ impl Shard {
         match action {
             Action::Stay => {}
             Action::Flush => self.mark_dirty(key),
+            Action::Ping => self.ping(key),
             Action::Reply(frame) => self.reply(key, frame),
             Action::Respond {
                 response,

@@ -92,8 +92,9 @@ impl Transport for WebSocket {
     /// Pinged at a heartbeat that finds it silent for half an interval or more: a quiet
     /// one that answers is pinged once per interval, the first time within an interval
     /// of its upgrade (see [`Shard::arm_heartbeat`]); one that spoke last is pinged
-    /// within 1.5 intervals of that. One silent for the idle timeout is closed at the
-    /// next heartbeat, at most an interval later.
+    /// within 1.5 intervals of that. One that sends nothing back for the pong timeout
+    /// after a heartbeat's ping is closed then; one silent for the idle timeout (only
+    /// possible with a pong timeout longer than it) at its next heartbeat.
     fn on_heartbeat(&mut self, scope: &mut Scope<'_>) -> Action {
         let silent = transport::silent_for(scope);
         if silent >= scope.config.idle_timeout {
@@ -105,8 +106,16 @@ impl Transport for WebSocket {
         if silent < scope.config.ping_interval / 2 {
             return Action::Stay;
         }
-        scope.outbox.push_control(Bytes::from_static(EMPTY_PING));
-        Action::Flush
+        Action::Ping
+    }
+
+    /// Nothing came back since a heartbeat's ping: the peer is gone (a laptop closed, a
+    /// NAT that forgot the mapping) or too stalled to serve.
+    fn on_pong_timeout(&mut self) -> Action {
+        Action::Close {
+            code: 1001,
+            reason: "no pong within the pong timeout",
+        }
     }
 
     fn on_subscribed(&mut self, scope: &mut Scope<'_>, confirmed: &Confirmed<'_>) -> Action {

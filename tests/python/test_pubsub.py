@@ -10,6 +10,8 @@ import json
 
 from websockets.asyncio.client import connect
 
+from conftest import HeraldProcess
+
 TIMEOUT = 5
 
 
@@ -100,6 +102,25 @@ def test_json_ping_and_websocket_ping_are_answered(herald):
             assert latency >= 0
 
     asyncio.run(main())
+
+
+def test_a_client_answering_server_pings_stays_connected_past_the_pong_timeout():
+    # websockets answers pings from its background reader: over ten intervals and four
+    # pong timeouts, the connection stays open and keeps working.
+    server = HeraldProcess("--ping-interval-ms", "200", "--pong-timeout-ms", "500")
+
+    async def main():
+        async with connect(server.url, ping_interval=None) as ws:
+            await subscribe(ws, "heartbeat", 1)
+            await asyncio.sleep(2.0)
+            assert ws.state.name == "OPEN", ws.close_code
+            await send(ws, {"type": "ping"})
+            assert await recv(ws) == {"type": "pong"}
+
+    try:
+        asyncio.run(main())
+    finally:
+        server.finish()
 
 
 def test_binary_message_is_refused_with_close_1003(herald):

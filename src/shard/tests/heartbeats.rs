@@ -1,5 +1,5 @@
-//! Heartbeats: spread over the ping interval whatever the connections' arrival, and the
-//! idle timeout kept.
+//! Heartbeats: spread over the ping interval whatever the connections' arrival, the pong
+//! timeout and the idle timeout kept.
 
 use super::*;
 
@@ -42,7 +42,11 @@ fn next_turn(cluster: &mut Cluster, until: Instant) -> Option<Turn> {
 #[test]
 fn a_connect_storm_is_pinged_spread_over_the_interval_and_the_dead_are_closed_in_time() {
     let config = Config::default();
-    let (interval, idle) = (config.ping_interval, config.idle_timeout);
+    let (interval, idle, pong_timeout) = (
+        config.ping_interval,
+        config.idle_timeout,
+        config.pong_timeout,
+    );
     let mut cluster = Cluster::new(1, config);
     let start = cluster.now;
     // 1,000 connections in one turn; every tenth answers its pings, the others are gone.
@@ -50,6 +54,7 @@ fn a_connect_storm_is_pinged_spread_over_the_interval_and_the_dead_are_closed_in
     let live = |key: usize| clients.iter().position(|c| c.key == key).unwrap() % 10 == 0;
     let pong = encode_client_frame(OpCode::Pong, true, b"", [1, 2, 3, 4]);
     let mut first_ping = vec![None; clients.len()];
+    let mut pinged_at = vec![Vec::new(); clients.len()];
     let mut last_ping = vec![start; clients.len()];
     let mut closed_at = vec![None; clients.len()];
     let (mut turns_pinging, mut most_pinged, mut most_closed) = (0, 0, 0);
@@ -60,6 +65,7 @@ fn a_connect_storm_is_pinged_spread_over_the_interval_and_the_dead_are_closed_in
         most_closed = most_closed.max(turn.closed.len());
         for key in turn.pinged {
             first_ping[key].get_or_insert(cluster.now);
+            pinged_at[key].push(cluster.now);
             if live(key) {
                 // A client that answers hears from the server at least once per interval.
                 assert!(cluster.now - last_ping[key] <= interval);
@@ -86,9 +92,18 @@ fn a_connect_storm_is_pinged_spread_over_the_interval_and_the_dead_are_closed_in
         if live(c.key) {
             assert_eq!(closed_at[c.key], None);
         } else {
-            // Closed past the idle timeout, at the next heartbeat.
-            let closed = closed_at[c.key].expect("every silent client is closed") - start;
-            assert!(closed >= idle && closed <= idle + interval, "{closed:?}");
+            // Closed the pong timeout after a heartbeat's ping it did not answer. That
+            // heartbeat comes within 1.5 intervals of connecting (the first, when it
+            // finds the client silent for half an interval): long before the idle timeout.
+            let closed = closed_at[c.key].expect("every silent client is closed");
+            assert!(
+                pinged_at[c.key].contains(&(closed - pong_timeout)),
+                "closed at {:?}, pinged at {:?}",
+                closed - start,
+                pinged_at[c.key]
+            );
+            assert!(closed - start <= interval * 3 / 2 + pong_timeout);
+            assert!(closed - start < idle);
         }
     }
 }
@@ -140,4 +155,67 @@ fn a_busy_connection_is_not_pinged_and_a_quiet_one_is_pinged_each_interval() {
         pings[1..].windows(2).all(|w| w[1] - w[0] == interval),
         "{pings:?}"
     );
+}
+
+#[test]
+fn a_client_answering_late_is_closed_at_the_pong_timeout_and_one_answering_in_time_is_not() {
+    let config = Config::default();
+    let (interval, pong_timeout) = (config.ping_interval, config.pong_timeout);
+    let mut cluster = Cluster::new(1, config);
+    let start = cluster.now;
+    let prompt = cluster.connect(0, "/ws");
+    let late = cluster.connect(0, "/ws");
+    let pong = encode_client_frame(OpCode::Pong, true, b"", [1, 2, 3, 4]);
+    // A pong read before the timeout's turn counts, one a tick after it does not.
+    let mut answer_due = Vec::new();
+    let (mut late_pings, mut late_answered) = (Vec::new(), start);
+    let mut closed = None;
+    let until = start + interval * 4;
+    loop {
+        let deadline = cluster.shards[0].poll_timeout().unwrap();
+        let wake = answer_due
+            .iter()
+            .map(|&(at, _)| at)
+            .min()
+            .map_or(deadline, |at: Instant| at.min(deadline));
+        if wake > until || closed.is_some() {
+            break;
+        }
+        if wake < deadline || answer_due.iter().any(|&(at, _)| at == wake) {
+            cluster.now = wake;
+            for (_, client) in answer_due.iter().filter(|&&(at, _)| at == wake) {
+                cluster.write(*client, &pong);
+                if client.key == late.key {
+                    late_answered = wake;
+                }
+            }
+            answer_due.retain(|&(at, _)| at != wake);
+            continue;
+        }
+        let turn = next_turn(&mut cluster, until).unwrap();
+        for key in turn.pinged {
+            let client = if key == prompt.key { prompt } else { late };
+            if key == late.key {
+                late_pings.push(cluster.now);
+            }
+            let delay = if key == prompt.key {
+                pong_timeout - Duration::from_millis(1)
+            } else {
+                pong_timeout + Duration::from_millis(1)
+            };
+            answer_due.push((cluster.now + delay, client));
+        }
+        if let Some(&key) = turn.closed.first() {
+            assert_eq!(key, late.key, "the client answering in time was closed");
+            closed = Some(cluster.now);
+        }
+    }
+    // At the timeout of a ping it answered late, within 1.5 intervals and a pong timeout
+    // of its last answer (a late answer is still an answer for the heartbeat after it).
+    let closed = closed.expect("the late client is closed");
+    assert!(
+        late_pings.contains(&(closed - pong_timeout)),
+        "{late_pings:?}"
+    );
+    assert!(closed - late_answered <= interval * 3 / 2 + pong_timeout);
 }
