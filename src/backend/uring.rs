@@ -37,6 +37,8 @@ const SQ_ENTRIES: u32 = 4096;
 const CQ_ENTRIES: u32 = 64 * 1024;
 /// Frames handed to one send, as in the epoll backend.
 const MAX_IOVECS: usize = 64;
+/// Send records (1.1 KB each) a ring keeps for reuse once their sends are done.
+const MAX_SPARE_RECORDS: usize = 64;
 /// Provided buffers per shard and their size: 4 MiB shared by every connection.
 const RECV_BUFFERS: u16 = 1024;
 const RECV_BUFFER_SIZE: usize = 4096;
@@ -125,61 +127,103 @@ pub struct Reactor {
     pub drain: Duration,
 }
 
-/// A connection's socket and the operations in flight on it.
+/// A connection's socket and the operations in flight on it: 64 bytes, held in the
+/// ring's table itself. What a send needs beyond one frame comes from a per-ring pool
+/// only while it is in flight, so an idle connection holds nothing else.
 struct Socket {
     fd: OwnedFd,
-    /// Frames of the send in flight, taken out of the outbox; the first may be partly sent.
-    sending: Vec<Bytes>,
-    /// The vectors and header of the send in flight. Boxed with the socket, so their
-    /// addresses stay put until the kernel is done with them.
-    iovecs: [libc::iovec; MAX_IOVECS],
-    msghdr: libc::msghdr,
+    /// Frames taken out of the outbox and not yet all sent (the first may be partly sent).
+    sending: Sending,
+    /// Where single-shot receives land when there is no buffer ring.
+    recv_buf: Option<Box<[u8]>>,
     send_in_flight: bool,
     /// A receive is armed (multishot: until a completion without `F_MORE`).
     recv_in_flight: bool,
     /// A cancel was asked for the armed receive (the shard wants no more bytes for now).
     recv_cancelled: bool,
-    /// Where single-shot receives land when there is no buffer ring.
-    recv_buf: Vec<u8>,
     /// The shard is done with it: cancel what is in flight, then close.
     closing: bool,
 }
 
-impl Socket {
-    fn new(fd: OwnedFd) -> Box<Self> {
+/// The frames of a socket's send. Most sends carry one frame (a broadcast to a
+/// subscriber), sent from its own bytes with no vector.
+enum Sending {
+    Idle,
+    One(Bytes),
+    Many(Box<SendRecord>),
+}
+
+/// A send of several frames: the frames, their vectors and the header pointing to them,
+/// behind one pointer so their addresses stay put until the kernel is done with them.
+struct SendRecord {
+    frames: Vec<Bytes>,
+    iovecs: [libc::iovec; MAX_IOVECS],
+    msghdr: libc::msghdr,
+}
+
+impl SendRecord {
+    fn new() -> Box<Self> {
         Box::new(Self {
-            fd,
-            sending: Vec::new(),
+            frames: Vec::with_capacity(MAX_IOVECS),
             iovecs: [libc::iovec {
                 iov_base: std::ptr::null_mut(),
                 iov_len: 0,
             }; MAX_IOVECS],
             // SAFETY: msghdr is plain data; all-zero is a valid empty header.
             msghdr: unsafe { std::mem::zeroed() },
+        })
+    }
+}
+
+impl Socket {
+    fn new(fd: OwnedFd) -> Self {
+        Self {
+            fd,
+            sending: Sending::Idle,
+            recv_buf: None,
             send_in_flight: false,
             recv_in_flight: false,
             recv_cancelled: false,
-            recv_buf: Vec::new(),
             closing: false,
-        })
+        }
     }
 
     fn in_flight(&self) -> bool {
         self.send_in_flight || self.recv_in_flight
     }
 
-    /// Drops the first `sent` bytes of the frames in flight.
-    fn advance(&mut self, mut sent: usize) {
-        let mut done = 0;
-        for chunk in &mut self.sending {
-            if sent < chunk.len() {
-                chunk.advance(sent);
-                break;
+    /// Drops the first `sent` bytes of the frames in flight; returns the send record once
+    /// all of its frames are out, for the pool.
+    fn advance(&mut self, mut sent: usize) -> Option<Box<SendRecord>> {
+        match &mut self.sending {
+            Sending::Idle => None,
+            Sending::One(frame) => {
+                frame.advance(sent);
+                if frame.is_empty() {
+                    self.sending = Sending::Idle;
+                }
+                None
             }
-            sent -= chunk.len();
-            done += 1;
+            Sending::Many(record) => {
+                let mut done = 0;
+                for chunk in &mut record.frames {
+                    if sent < chunk.len() {
+                        chunk.advance(sent);
+                        break;
+                    }
+                    sent -= chunk.len();
+                    done += 1;
+                }
+                record.frames.drain(..done);
+                if !record.frames.is_empty() {
+                    return None;
+                }
+                match std::mem::replace(&mut self.sending, Sending::Idle) {
+                    Sending::Many(record) => Some(record),
+                    _ => unreachable!("matched above"),
+                }
+            }
         }
-        self.sending.drain(..done);
     }
 }
 
@@ -197,7 +241,15 @@ struct Uring {
     // buffers, sockets and wake counter below before they are freed.
     ring: IoUring,
     bufs: Option<BufRing>,
-    sockets: Vec<Option<Box<Socket>>>,
+    sockets: Vec<Option<Socket>>,
+    /// Send records free for the next send of several frames, at most
+    /// [`MAX_SPARE_RECORDS`]: a fan-out that needed thousands at once does not keep them.
+    /// Boxed: a record moves between the pool and a socket as a pointer, and its address
+    /// must not change while the kernel holds it.
+    #[allow(clippy::vec_box)]
+    spare_records: Vec<Box<SendRecord>>,
+    /// Where a socket's frames are taken out of its outbox.
+    taken: Vec<Bytes>,
     wake: Arc<EventFd>,
     wake_count: Box<u64>,
     listener: Option<TcpListener>,
@@ -281,7 +333,10 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
     let mut uring = Uring {
         ring,
         bufs,
-        sockets: Vec::new(),
+        // Reserved as the shard's table is (address space, touched as connections come).
+        sockets: Vec::with_capacity(shard.connection_capacity()),
+        spare_records: Vec::new(),
+        taken: Vec::with_capacity(MAX_IOVECS),
         wake,
         wake_count: Box::new(0),
         listener: Some(listener),
@@ -555,11 +610,10 @@ impl Uring {
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT),
             None => {
-                if socket.recv_buf.len() < FALLBACK_RECV_SIZE {
-                    socket.recv_buf = vec![0; FALLBACK_RECV_SIZE];
-                }
-                opcode::Recv::new(fd, socket.recv_buf.as_mut_ptr(), FALLBACK_RECV_SIZE as u32)
-                    .build()
+                let buf = socket
+                    .recv_buf
+                    .get_or_insert_with(|| vec![0; FALLBACK_RECV_SIZE].into_boxed_slice());
+                opcode::Recv::new(fd, buf.as_mut_ptr(), FALLBACK_RECV_SIZE as u32).build()
             }
         };
         socket.recv_in_flight = true;
@@ -600,7 +654,10 @@ impl Uring {
                     buf.extend_from_slice(bufs.filled(bid, len));
                     bufs.recycle(bid);
                 }
-                _ => buf.extend_from_slice(&socket.recv_buf[..len]),
+                _ => {
+                    let recv_buf = socket.recv_buf.as_deref().expect("armed with a buffer");
+                    buf.extend_from_slice(&recv_buf[..len]);
+                }
             }
             shard.handle_read(key, now);
         } else if let (Some(bid), Some(bufs)) = (selected, self.bufs.as_mut()) {
@@ -655,7 +712,11 @@ impl Uring {
         match result {
             n if n > 0 => {
                 // A short send leaves the rest at the front of `sending`: it goes next.
-                socket.advance(n as usize);
+                if let Some(record) = socket.advance(n as usize)
+                    && self.spare_records.len() < MAX_SPARE_RECORDS
+                {
+                    self.spare_records.push(record);
+                }
                 self.flush(shard, key, now)
             }
             n if n == -libc::EINTR => self.flush(shard, key, now),
@@ -748,41 +809,52 @@ impl Sockets for Uring {
         if socket.send_in_flight || socket.closing {
             return Ok(());
         }
-        if socket.sending.is_empty() {
+        if matches!(socket.sending, Sending::Idle) {
             // The outbox forgets them now; `sending` keeps them until they are out.
-            shard.take_outbox(key, &mut socket.sending, MAX_IOVECS);
-        }
-        if socket.sending.is_empty() {
-            if shard.poll_flushed(key) {
-                // SAFETY: shuts down the write side of a socket we own.
-                if unsafe { libc::shutdown(socket.fd.as_raw_fd(), libc::SHUT_WR) } != 0 {
-                    shard.handle_eof(key);
-                    return Ok(());
+            shard.take_outbox(key, &mut self.taken, MAX_IOVECS);
+            socket.sending = match self.taken.len() {
+                0 => Sending::Idle,
+                1 => Sending::One(self.taken.pop().expect("one frame")),
+                _ => {
+                    let mut record = self.spare_records.pop().unwrap_or_else(SendRecord::new);
+                    std::mem::swap(&mut record.frames, &mut self.taken);
+                    Sending::Many(record)
                 }
-            }
-            return self.resume(shard, key, now);
+            };
         }
         let fd = Fd(socket.fd.as_raw_fd());
-        let entry = if let [only] = socket.sending.as_slice() {
-            opcode::Send::new(fd, only.as_ptr(), only.len() as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-        } else {
-            for (iovec, chunk) in socket.iovecs.iter_mut().zip(&socket.sending) {
-                *iovec = libc::iovec {
-                    iov_base: chunk.as_ptr().cast_mut().cast(),
-                    iov_len: chunk.len(),
-                };
+        let entry = match &mut socket.sending {
+            Sending::Idle => {
+                if shard.poll_flushed(key) {
+                    // SAFETY: shuts down the write side of a socket we own.
+                    if unsafe { libc::shutdown(socket.fd.as_raw_fd(), libc::SHUT_WR) } != 0 {
+                        shard.handle_eof(key);
+                        return Ok(());
+                    }
+                }
+                return self.resume(shard, key, now);
             }
-            socket.msghdr.msg_iov = socket.iovecs.as_mut_ptr();
-            socket.msghdr.msg_iovlen = socket.sending.len();
-            opcode::SendMsg::new(fd, &raw const socket.msghdr)
-                .flags(libc::MSG_NOSIGNAL as u32)
-                .build()
+            Sending::One(frame) => opcode::Send::new(fd, frame.as_ptr(), frame.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build(),
+            Sending::Many(record) => {
+                for (iovec, chunk) in record.iovecs.iter_mut().zip(&record.frames) {
+                    *iovec = libc::iovec {
+                        iov_base: chunk.as_ptr().cast_mut().cast(),
+                        iov_len: chunk.len(),
+                    };
+                }
+                record.msghdr.msg_iov = record.iovecs.as_mut_ptr();
+                record.msghdr.msg_iovlen = record.frames.len();
+                opcode::SendMsg::new(fd, &raw const record.msghdr)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build()
+            }
         };
         socket.send_in_flight = true;
-        // SAFETY: the bytes are `sending`'s, the vectors and header the boxed socket's;
-        // none is touched or freed before the send completes (`send_in_flight`).
+        // SAFETY: the bytes are `sending`'s (a frame's own heap bytes, or the record's
+        // frames with the record's boxed vectors and header); none is touched, moved or
+        // freed before the send completes (`send_in_flight`).
         unsafe { self.push(&entry.user_data(user_data(OP_SEND, key))) }?;
         // Taking frames out of the outbox may have brought it below budget.
         self.resume(shard, key, now)
@@ -845,4 +917,20 @@ fn set_nodelay(fd: RawFd) {
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every connection holds a socket entry in the ring's table (measured with
+    /// `bench-client/memory.sh`): growing it costs each idle connection.
+    #[test]
+    fn a_socket_entry_is_compact() {
+        assert!(
+            size_of::<Option<Socket>>() <= 64,
+            "{}",
+            size_of::<Option<Socket>>()
+        );
+    }
 }
