@@ -12,6 +12,7 @@
 
 mod bufring;
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -39,9 +40,15 @@ const CQ_ENTRIES: u32 = 64 * 1024;
 const MAX_IOVECS: usize = 64;
 /// Send records (1.1 KB each) a ring keeps for reuse once their sends are done.
 const MAX_SPARE_RECORDS: usize = 64;
-/// Provided buffers per shard and their size: 4 MiB shared by every connection.
-const RECV_BUFFERS: u16 = 1024;
-const RECV_BUFFER_SIZE: usize = 4096;
+/// Provided buffers per shard and their size: 128 KiB shared by every connection. The
+/// kernel takes them in ring order, so every buffer of the ring is touched (resident)
+/// soon after start, whatever the load: the ring is what a shard holds for receiving,
+/// and small messages (commands, pongs) are what a push server receives.
+const RECV_BUFFERS: u16 = 64;
+const RECV_BUFFER_SIZE: usize = 2048;
+/// Receives re-armed per turn for sockets that found the ring empty: at most half the
+/// ring, so they cannot empty it again at once and each turn makes progress.
+const STARVED_REARMS_PER_TURN: usize = RECV_BUFFERS as usize / 2;
 const RECV_GROUP: u16 = 0;
 /// The per-socket receive buffer where provided buffers are not available.
 const FALLBACK_RECV_SIZE: usize = 16 * 1024;
@@ -250,6 +257,11 @@ struct Uring {
     spare_records: Vec<Box<SendRecord>>,
     /// Where a socket's frames are taken out of its outbox.
     taken: Vec<Bytes>,
+    /// Sockets whose receive ended because the buffer ring was empty: re-armed a few per
+    /// turn once buffers are back ([`STARVED_REARMS_PER_TURN`]), not at once, which would
+    /// have every one of them fail again while the ring is short. A socket is here at most
+    /// once while it lives (its receive is not armed until it leaves).
+    starved: VecDeque<usize>,
     wake: Arc<EventFd>,
     wake_count: Box<u64>,
     listener: Option<TcpListener>,
@@ -337,6 +349,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         sockets: Vec::with_capacity(shard.connection_capacity()),
         spare_records: Vec::new(),
         taken: Vec::with_capacity(MAX_IOVECS),
+        starved: VecDeque::new(),
         wake,
         wake_count: Box::new(0),
         listener: Some(listener),
@@ -677,8 +690,12 @@ impl Uring {
                 );
                 self.multishot_recv = false;
             }
-            // Out of provided buffers: they were recycled above, so arm it again.
-            r if -r == libc::ENOBUFS || -r == libc::ECANCELED || -r == libc::EINTR => {}
+            // The ring ran out of buffers: armed again once there are some.
+            r if -r == libc::ENOBUFS => {
+                self.starved.push_back(key);
+                return Ok(());
+            }
+            r if -r == libc::ECANCELED || -r == libc::EINTR => {}
             _ => {
                 shard.handle_eof(key);
                 return Ok(());
@@ -738,6 +755,26 @@ impl Uring {
         Ok(())
     }
 
+    /// Re-arms the receives of sockets that found the buffer ring empty, a few per turn.
+    fn rearm_starved(&mut self, shard: &mut Shard) -> io::Result<()> {
+        let mut rearmed = 0;
+        while rearmed < STARVED_REARMS_PER_TURN
+            && let Some(key) = self.starved.pop_front()
+        {
+            let waiting = self
+                .sockets
+                .get(key)
+                .and_then(Option::as_ref)
+                .is_some_and(|s| !s.closing && !s.recv_in_flight);
+            // One that stopped reading meanwhile is armed again by `resume`.
+            if waiting && shard.wants_read(key) {
+                self.arm_recv(key, shard.reads_in_bulk(key))?;
+                rearmed += 1;
+            }
+        }
+        Ok(())
+    }
+
     fn finish_close(&mut self, shard: &mut Shard, key: usize) -> io::Result<()> {
         if self.sockets[key].as_ref().is_some_and(|s| !s.in_flight()) {
             self.sockets[key] = None;
@@ -769,6 +806,7 @@ impl Sockets for Uring {
 
     fn dispatch(&mut self, shard: &mut Shard, now: Instant) -> io::Result<()> {
         self.complete(shard, now)?;
+        self.rearm_starved(shard)?;
         if let Some(until) = self.accept_paused_until
             && now >= until
         {
@@ -783,7 +821,7 @@ impl Sockets for Uring {
     }
 
     fn has_pending(&self) -> bool {
-        !self.backlog.is_empty()
+        !self.backlog.is_empty() || !self.starved.is_empty()
     }
 
     /// Draining: cancels the accept; the listener is closed once that completes.
