@@ -19,7 +19,7 @@ use crate::shard::{Context, Inbox, Post, Shard, Wake};
 /// Runs the server until a signal asks it to stop and every shard has drained.
 pub fn serve(mut config: Config) -> io::Result<()> {
     // Resolved first, so `/metrics` and the start-up lines name the backend that runs.
-    config.io = backend(config.io, config.tls.is_some())?;
+    config.io = backend(config.io)?;
     let io = config.io;
     let cores = affinity::placement(config.threads);
     let shards = cores.len();
@@ -104,6 +104,7 @@ pub fn serve(mut config: Config) -> io::Result<()> {
                         listener,
                         stop,
                         drain,
+                        tls,
                     }),
                 }
             })?;
@@ -161,11 +162,8 @@ enum Poller {
 /// `auto` takes epoll, which costs less CPU per delivery on a saturated fan-out, where
 /// capacity is decided; io_uring wins on receive-heavy and lightly loaded servers and is
 /// there to be chosen for them (README, "IO backends").
-fn backend(io: Io, tls: bool) -> io::Result<Io> {
+fn backend(io: Io) -> io::Result<Io> {
     match io {
-        Io::Uring if tls => Err(io::Error::other(
-            "--io uring does not serve TLS yet: use --io epoll (or auto) with --tls-cert",
-        )),
         Io::Uring => uring::probe().map(|()| Io::Uring),
         Io::Epoll | Io::Auto => Ok(Io::Epoll),
     }

@@ -174,23 +174,6 @@ fn clients_vanishing_with_sends_and_receives_in_flight_leave_the_server_drainabl
     }
 }
 
-#[test]
-fn uring_with_tls_refuses_to_start_with_a_clear_error() {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--io", "uring"])
-        .args([
-            "--tls-cert",
-            "/nonexistent/cert.pem",
-            "--tls-key",
-            "/nonexistent/key.pem",
-        ])
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(err.contains("--io uring does not serve TLS"), "{err}");
-}
-
 /// Each server names the backend it runs, on its second stdout line (the harness checks
 /// it at start) and in `/metrics` (checked here and at the end of every test).
 #[test]

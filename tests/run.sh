@@ -205,9 +205,10 @@ step "cargo test build (debug)" 1500 cargo test --workspace --no-run
 # The io_uring backend must pass the same integration suite: every server the tests start
 # inherits HERALD_IO, and the harnesses check that each one runs io_uring. Left out as
 # proven once already: the unit tests (`--lib`, no backend in them), tests/backends.rs
-# (runs every backend itself), the herald-bench tests (a client tool), the TLS tests
-# (`--io uring --tls-cert` refuses to start) and Autobahn 12-13 (the shards' deflate, the
-# same code on both backends). It runs beside the epoll pass: the tests wait for events,
+# (runs every backend itself), the herald-bench tests (a client tool) and Autobahn 12-13
+# (the shards' deflate, the same code on both backends). The TLS tests run twice, the
+# second time on the single-shot path (receives into a buffer of the socket's own, where
+# the kernel has no buffer ring). It runs beside the epoll pass: the tests wait for events,
 # not for time, so a busy machine only makes them slower. `--workspace` as above, so cargo
 # finds the binaries already built (`-p herald` resolves other features and rebuilds).
 # SKIP_URING=1 skips the pass where the kernel or a seccomp filter forbids io_uring
@@ -216,9 +217,11 @@ if [ "${SKIP_URING:-}" != 1 ]; then
     uring_tests=()
     for f in tests/*.rs; do
         name=$(basename "$f" .rs)
-        case $name in tls | backends) ;; *) uring_tests+=(--test "$name") ;; esac
+        case $name in backends) ;; *) uring_tests+=(--test "$name") ;; esac
     done
-    HERALD_IO=uring background "cargo test (io_uring)" 900 cargo test --workspace "${uring_tests[@]}" --no-fail-fast
+    HERALD_IO=uring background "cargo test (io_uring)" 900 bash -c \
+        'cargo test --workspace "$@" --no-fail-fast && HERALD_URING_SINGLE_SHOT=1 cargo test --workspace --test tls' \
+        uring-tests "${uring_tests[@]}"
 fi
 
 check "cargo test (epoll)" 900 cargo test --workspace --no-fail-fast
@@ -236,8 +239,10 @@ else
     join "cargo test (io_uring)"
     check "conformance core (io_uring)" 900 "${CONFORMANCE[@]}" --suite core \
         --server-arg=--io --server-arg=uring --outdir "$ROOT/target/conformance-uring"
+    check "conformance core over TLS (io_uring)" 900 "${CONFORMANCE[@]}" --suite core --tls \
+        --server-arg=--io --server-arg=uring --outdir "$ROOT/target/conformance-uring-tls"
     HERALD_IO=uring PYTHONDONTWRITEBYTECODE=1 check "pytest (io_uring)" 300 "$VENV/bin/python" -m pytest -q \
-        -p no:cacheprovider -k "not tls" tests/python
+        -p no:cacheprovider tests/python
 fi
 
 join "fuzz smoke (seeds + 10 s per target)"

@@ -9,8 +9,11 @@
 //! completes, so bytes are never lost or reordered and the outbox may change meanwhile.
 //! A dead connection's operations are cancelled and its socket is closed, and the shard
 //! told, only once the last of them has completed, so no completion can reach a reused key.
+//! TLS runs over the same operations: received ciphertext goes through the connection's
+//! session on its way to the shard, and sends carry the session's records (`tls.rs`).
 
 mod bufring;
+mod tls;
 
 use std::collections::VecDeque;
 use std::io;
@@ -24,6 +27,7 @@ use bytes::{Buf, Bytes};
 use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
+use crate::backend::tls::{TlsAcceptor, TlsSession};
 use crate::backend::turn::{Loop, Sockets};
 use crate::shard::{Inbox, Post, Shard, Wake};
 
@@ -132,17 +136,19 @@ pub struct Reactor {
     pub listener: TcpListener,
     pub stop: Arc<AtomicBool>,
     pub drain: Duration,
+    /// Present when the listener speaks TLS.
+    pub tls: Option<Arc<TlsAcceptor>>,
 }
 
-/// A connection's socket and the operations in flight on it: 64 bytes, held in the
+/// A connection's socket and the operations in flight on it: 56 bytes, held in the
 /// ring's table itself. What a send needs beyond one frame comes from a per-ring pool
-/// only while it is in flight, so an idle connection holds nothing else.
+/// only while it is in flight, so an idle plain connection holds nothing else.
 struct Socket {
     fd: OwnedFd,
     /// Frames taken out of the outbox and not yet all sent (the first may be partly sent).
     sending: Sending,
-    /// Where single-shot receives land when there is no buffer ring.
-    recv_buf: Option<Box<[u8]>>,
+    /// What few sockets have: TLS, a receive buffer of their own.
+    rare: Option<Box<Rare>>,
     send_in_flight: bool,
     /// A receive is armed (multishot: until a completion without `F_MORE`).
     recv_in_flight: bool,
@@ -150,6 +156,17 @@ struct Socket {
     recv_cancelled: bool,
     /// The shard is done with it: cancel what is in flight, then close.
     closing: bool,
+}
+
+/// The state of the sockets that need more than the common case.
+#[derive(Default)]
+struct Rare {
+    tls: Option<TlsSession>,
+    /// Shut down the write side once the records now being sent (`close_notify` last)
+    /// are out.
+    shutdown_after_ciphertext: bool,
+    /// Where single-shot receives land when there is no buffer ring.
+    recv_buf: Option<Box<[u8]>>,
 }
 
 /// The frames of a socket's send. Most sends carry one frame (a broadcast to a
@@ -183,11 +200,16 @@ impl SendRecord {
 }
 
 impl Socket {
-    fn new(fd: OwnedFd) -> Self {
+    fn new(fd: OwnedFd, tls: Option<TlsSession>) -> Self {
         Self {
             fd,
             sending: Sending::Idle,
-            recv_buf: None,
+            rare: tls.map(|session| {
+                Box::new(Rare {
+                    tls: Some(session),
+                    ..Rare::default()
+                })
+            }),
             send_in_flight: false,
             recv_in_flight: false,
             recv_cancelled: false,
@@ -197,6 +219,10 @@ impl Socket {
 
     fn in_flight(&self) -> bool {
         self.send_in_flight || self.recv_in_flight
+    }
+
+    fn tls(&mut self) -> Option<&mut TlsSession> {
+        self.rare.as_mut().and_then(|rare| rare.tls.as_mut())
     }
 
     /// Drops the first `sent` bytes of the frames in flight; returns the send record once
@@ -264,6 +290,7 @@ struct Uring {
     starved: VecDeque<usize>,
     wake: Arc<EventFd>,
     wake_count: Box<u64>,
+    tls: Option<Arc<TlsAcceptor>>,
     listener: Option<TcpListener>,
     accept_in_flight: bool,
     accept_paused_until: Option<Instant>,
@@ -307,6 +334,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         listener,
         stop,
         drain,
+        tls,
     } = reactor;
     // io_uring waits on blocking sockets itself; a non-blocking one would answer EAGAIN.
     listener.set_nonblocking(false)?;
@@ -352,6 +380,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         starved: VecDeque::new(),
         wake,
         wake_count: Box::new(0),
+        tls,
         listener: Some(listener),
         accept_in_flight: false,
         accept_paused_until: None,
@@ -598,7 +627,8 @@ impl Uring {
             self.sockets[key].is_none(),
             "key {key} reused while in flight"
         );
-        self.sockets[key] = Some(Socket::new(fd));
+        let session = self.tls.as_ref().map(|acceptor| acceptor.accept());
+        self.sockets[key] = Some(Socket::new(fd, session));
         self.arm_recv(key, shard.reads_in_bulk(key))
     }
 
@@ -624,6 +654,8 @@ impl Uring {
                 .flags(squeue::Flags::BUFFER_SELECT),
             None => {
                 let buf = socket
+                    .rare
+                    .get_or_insert_default()
                     .recv_buf
                     .get_or_insert_with(|| vec![0; FALLBACK_RECV_SIZE].into_boxed_slice());
                 opcode::Recv::new(fd, buf.as_mut_ptr(), FALLBACK_RECV_SIZE as u32).build()
@@ -661,18 +693,38 @@ impl Uring {
         }
         if c.result > 0 {
             let len = c.result as usize;
-            let buf = shard.read_buffer(key);
-            match (selected, self.bufs.as_mut()) {
-                (Some(bid), Some(bufs)) => {
-                    buf.extend_from_slice(bufs.filled(bid, len));
-                    bufs.recycle(bid);
+            let (session, own_buf) = match socket.rare.as_deref_mut() {
+                Some(Rare { tls, recv_buf, .. }) => (tls.as_mut(), recv_buf.as_deref()),
+                None => (None, None),
+            };
+            let data = match (selected, self.bufs.as_ref()) {
+                (Some(bid), Some(bufs)) => bufs.filled(bid, len),
+                _ => &own_buf.expect("armed with a buffer")[..len],
+            };
+            let open = match session {
+                Some(session) => {
+                    let may_write = !socket.send_in_flight;
+                    tls::receive(shard, key, &socket.fd, may_write, session, data, now)
                 }
-                _ => {
-                    let recv_buf = socket.recv_buf.as_deref().expect("armed with a buffer");
-                    buf.extend_from_slice(&recv_buf[..len]);
+                None => {
+                    shard.read_buffer(key).extend_from_slice(data);
+                    shard.handle_read(key, now);
+                    true
                 }
+            };
+            if let (Some(bid), Some(bufs)) = (selected, self.bufs.as_mut()) {
+                bufs.recycle(bid);
             }
-            shard.handle_read(key, now);
+            if !open {
+                return Ok(());
+            }
+            if self.sockets[key]
+                .as_mut()
+                .is_some_and(|s| s.tls().is_some())
+            {
+                // Handshake records to answer, plaintext held back during the handshake.
+                self.flush(shard, key, now)?;
+            }
         } else if let (Some(bid), Some(bufs)) = (selected, self.bufs.as_mut()) {
             bufs.recycle(bid);
         }
@@ -753,6 +805,41 @@ impl Uring {
             }
         }
         Ok(())
+    }
+
+    /// Submits the send of what `key`'s socket holds in `sending` (not idle, no send in
+    /// flight).
+    fn submit_send(&mut self, shard: &mut Shard, key: usize, now: Instant) -> io::Result<()> {
+        let socket = self.sockets[key]
+            .as_mut()
+            .expect("sending from a live socket");
+        let fd = Fd(socket.fd.as_raw_fd());
+        let entry = match &mut socket.sending {
+            Sending::Idle => return Ok(()),
+            Sending::One(frame) => opcode::Send::new(fd, frame.as_ptr(), frame.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build(),
+            Sending::Many(record) => {
+                for (iovec, chunk) in record.iovecs.iter_mut().zip(&record.frames) {
+                    *iovec = libc::iovec {
+                        iov_base: chunk.as_ptr().cast_mut().cast(),
+                        iov_len: chunk.len(),
+                    };
+                }
+                record.msghdr.msg_iov = record.iovecs.as_mut_ptr();
+                record.msghdr.msg_iovlen = record.frames.len();
+                opcode::SendMsg::new(fd, &raw const record.msghdr)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build()
+            }
+        };
+        socket.send_in_flight = true;
+        // SAFETY: the bytes are `sending`'s (a frame's own heap bytes, or the record's
+        // frames with the record's boxed vectors and header); none is touched, moved or
+        // freed before the send completes (`send_in_flight`).
+        unsafe { self.push(&entry.user_data(user_data(OP_SEND, key))) }?;
+        // Taking frames out of the outbox may have brought it below budget.
+        self.resume(shard, key, now)
     }
 
     /// Re-arms the receives of sockets that found the buffer ring empty, a few per turn.
@@ -847,6 +934,9 @@ impl Sockets for Uring {
         if socket.send_in_flight || socket.closing {
             return Ok(());
         }
+        if socket.tls().is_some() {
+            return self.flush_tls(shard, key, now);
+        }
         if matches!(socket.sending, Sending::Idle) {
             // The outbox forgets them now; `sending` keeps them until they are out.
             shard.take_outbox(key, &mut self.taken, MAX_IOVECS);
@@ -860,42 +950,17 @@ impl Sockets for Uring {
                 }
             };
         }
-        let fd = Fd(socket.fd.as_raw_fd());
-        let entry = match &mut socket.sending {
-            Sending::Idle => {
-                if shard.poll_flushed(key) {
-                    // SAFETY: shuts down the write side of a socket we own.
-                    if unsafe { libc::shutdown(socket.fd.as_raw_fd(), libc::SHUT_WR) } != 0 {
-                        shard.handle_eof(key);
-                        return Ok(());
-                    }
+        if matches!(socket.sending, Sending::Idle) {
+            if shard.poll_flushed(key) {
+                // SAFETY: shuts down the write side of a socket we own.
+                if unsafe { libc::shutdown(socket.fd.as_raw_fd(), libc::SHUT_WR) } != 0 {
+                    shard.handle_eof(key);
+                    return Ok(());
                 }
-                return self.resume(shard, key, now);
             }
-            Sending::One(frame) => opcode::Send::new(fd, frame.as_ptr(), frame.len() as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build(),
-            Sending::Many(record) => {
-                for (iovec, chunk) in record.iovecs.iter_mut().zip(&record.frames) {
-                    *iovec = libc::iovec {
-                        iov_base: chunk.as_ptr().cast_mut().cast(),
-                        iov_len: chunk.len(),
-                    };
-                }
-                record.msghdr.msg_iov = record.iovecs.as_mut_ptr();
-                record.msghdr.msg_iovlen = record.frames.len();
-                opcode::SendMsg::new(fd, &raw const record.msghdr)
-                    .flags(libc::MSG_NOSIGNAL as u32)
-                    .build()
-            }
-        };
-        socket.send_in_flight = true;
-        // SAFETY: the bytes are `sending`'s (a frame's own heap bytes, or the record's
-        // frames with the record's boxed vectors and header); none is touched, moved or
-        // freed before the send completes (`send_in_flight`).
-        unsafe { self.push(&entry.user_data(user_data(OP_SEND, key))) }?;
-        // Taking frames out of the outbox may have brought it below budget.
-        self.resume(shard, key, now)
+            return self.resume(shard, key, now);
+        }
+        self.submit_send(shard, key, now)
     }
 
     /// The shard is done with `key`: cancel what is in flight; close when nothing is.
