@@ -33,9 +33,10 @@ impl Shard {
         due
     }
 
-    /// Arms the first heartbeat of a WebSocket or event stream, at a phase of its own
-    /// within the ping interval ([`timer::Spread`]): connections that arrive together
-    /// are not pinged together, then or ever after.
+    /// Arms the first heartbeat of a WebSocket or event stream, at one of the shard's
+    /// phases of the ping interval ([`timer::Spread`]): connections that arrive together
+    /// are not pinged together, then or ever after, and those on one phase are pinged in
+    /// one turn.
     ///
     /// A WebSocket is pinged at a heartbeat that finds it silent for half an interval,
     /// so a phase less than half an interval after the upgrade would leave its first

@@ -162,7 +162,7 @@ impl Shard {
             close_deadlines: Deadlines::new(config.close_timeout),
             wheel: Wheel::new(now),
             wheel_sweep_at: 64,
-            heartbeat_phases: Spread::default(),
+            heartbeat_phases: Spread::new(now),
             channels: Channels::new(shards, config.history),
             // Address space for this shard's share of the connection limit, touched only as
             // connections arrive: a table grown by doubling would copy itself each time and

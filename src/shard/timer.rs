@@ -314,25 +314,40 @@ fn level_for(elapsed: u64, at: u64) -> usize {
     (significant / SLOT_BITS) as usize
 }
 
-/// Phases for periodic deadlines: the `k`-th one armed is `frac(k / φ)` of a period
-/// away (a Kronecker sequence). Any run of consecutive arms, a connect storm included,
-/// then falls evenly over the period: by the three-gap theorem no gap is more than φ²
-/// times another. A deadline re-armed one period after it came due keeps its phase, so
-/// the spread lasts.
-#[derive(Default)]
+/// Phases of a period on which periodic deadlines fall, counted from the shard's start:
+/// deadlines on the same phase come due in the same turn. 512 keep a connect storm
+/// spread (49 ms apart at a 25 s period) while an idle shard wakes for heartbeats at most
+/// 512 times a period, where one phase per connection woke it once per connection.
+pub(super) const PHASES: u32 = 512;
+
+/// Phases for periodic deadlines: the `k`-th one armed takes phase `frac(k / φ)` of the
+/// period (a Kronecker sequence), rounded to one of [`PHASES`]. Any run of consecutive
+/// arms, a connect storm included, then falls evenly over the period: by the three-gap
+/// theorem no gap is more than φ² times another. A deadline re-armed one period after it
+/// came due keeps its phase, so the spread lasts.
 pub(super) struct Spread {
     next: u32,
+    /// Phase 0.
+    origin: Instant,
 }
 
 impl Spread {
+    pub(super) fn new(origin: Instant) -> Self {
+        Self { next: 0, origin }
+    }
+
     /// The first deadline of a periodic one armed at `now`: within `(now, now + period]`.
     pub(super) fn first(&mut self, now: Instant, period: Duration) -> Instant {
         // 2^32 / φ, rounded to odd: its multiples run through every u32 before repeating.
         let fraction = self.next.wrapping_mul(0x9e37_79b9);
         self.next = self.next.wrapping_add(1);
-        let rest = u128::from(u32::MAX - fraction) + 1;
-        let nanos = (period.as_nanos() * rest) >> 32;
-        now + Duration::from_nanos(u64::try_from(nanos).unwrap_or(u64::MAX))
+        let phase = fraction >> (u32::BITS - PHASES.trailing_zeros());
+        let at = self.origin + period * phase / PHASES;
+        if at > now {
+            at
+        } else {
+            next_period(at, period, now)
+        }
     }
 }
 

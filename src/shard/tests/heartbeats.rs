@@ -78,11 +78,14 @@ fn a_connect_storm_is_pinged_spread_over_the_interval_and_the_dead_are_closed_in
             closed_at[key] = Some(cluster.now);
         }
     }
-    // Not 1,000 pings in one turn, once per interval: one or two per turn, all spread.
-    assert!(most_pinged <= 2, "{most_pinged} pings in one turn");
-    assert!(most_closed <= 2, "{most_closed} closes in one turn");
+    // Not 1,000 pings in one turn: the connections share the shard's phases, at most
+    // three on one (1,000 over 512, evenly), and a turn pings one phase's heartbeats and
+    // at most one phase's first pings (3/8 of an interval is a whole number of phases).
+    // The first interval pings on every phase.
+    assert!(most_pinged <= 6, "{most_pinged} pings in one turn");
+    assert!(most_closed <= 3, "{most_closed} closes in one turn");
     assert!(
-        turns_pinging >= 1_500,
+        turns_pinging >= timer::PHASES as usize,
         "pings in {turns_pinging} turns only"
     );
     for c in &clients {
