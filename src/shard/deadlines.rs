@@ -62,19 +62,19 @@ impl Shard {
         self.request_deadlines.arm(self.now, conn_ref);
         if self.request_deadlines.len() > 2 * self.conns.len() + 64 {
             let conns = &self.conns;
-            self.request_deadlines.retain(|at, conn| {
-                conns.get(conn.key as usize).is_some_and(|c| {
-                    c.generation == conn.generation
-                        && !c.is_dead()
-                        && c.request_deadline() == Some(at)
-                })
-            });
+            self.request_deadlines
+                .retain(|at, conn| request_is_live(conns, at, conn));
         }
     }
 
     /// Acts on every deadline that has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
+        // Upgraded connections leave their request deadline behind: 24 bytes each until
+        // the handshake timeout, for every connection of a connect storm.
+        let conns = &self.conns;
+        self.request_deadlines
+            .prune_front(|at, conn| request_is_live(conns, at, conn));
         while let Some(conn) = self.request_deadlines.poll_expired(now) {
             if let Some(key) = self.resolve(conn) {
                 let conn = &self.conns[key];
@@ -209,6 +209,14 @@ impl Shard {
         .flatten()
         .min()
     }
+}
+
+/// Whether a request deadline due `at` still applies: its connection lives and still
+/// reads the request that armed it.
+fn request_is_live(conns: &Slab<Conn>, at: Instant, conn: ConnRef) -> bool {
+    conns.get(conn.key as usize).is_some_and(|c| {
+        c.generation == conn.generation && !c.is_dead() && c.request_deadline() == Some(at)
+    })
 }
 
 /// Whether a wheel entry due `at` still applies: its connection lives and is still in the

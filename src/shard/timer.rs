@@ -71,6 +71,23 @@ impl Deadlines {
         self.queue.retain(|&(at, conn)| live(at, conn));
     }
 
+    /// Drops the deadlines at the front that `live` says no longer apply, and gives back
+    /// the room a burst left. Connections mostly end their request in the order they
+    /// started it, so after a connect storm the queue empties as the upgrades happen,
+    /// not a whole timeout later.
+    pub(super) fn prune_front(&mut self, mut live: impl FnMut(Instant, ConnRef) -> bool) {
+        while let Some(&(at, conn)) = self.queue.front() {
+            if live(at, conn) {
+                break;
+            }
+            self.queue.pop_front();
+        }
+        // A queue of up to 256 keeps its room, so a steady trickle does not reallocate.
+        if self.queue.capacity() > 4 * self.queue.len().max(64) {
+            self.queue.shrink_to(2 * self.queue.len());
+        }
+    }
+
     /// The earliest armed deadline.
     pub(super) fn next(&self) -> Option<Instant> {
         self.queue.front().map(|(t, _)| *t)
@@ -367,6 +384,25 @@ mod tests {
         assert_eq!(d.poll_expired(start + Duration::from_secs(2)), Some(a));
         assert_eq!(d.poll_expired(start + Duration::from_secs(2)), Some(b));
         assert_eq!(d.poll_expired(start + Duration::from_secs(2)), None);
+    }
+
+    #[test]
+    fn pruning_drops_stale_deadlines_up_to_the_first_live_one_and_the_room() {
+        let start = Instant::now();
+        let mut d = Deadlines::new(Duration::from_secs(1));
+        for key in 0..1_000 {
+            d.arm(start, ConnRef { key, generation: 0 });
+        }
+        d.prune_front(|_, conn| conn.key == 500 || conn.key == 900);
+        assert_eq!(d.len(), 500);
+        assert!(d.queue.capacity() >= 500);
+        d.prune_front(|_, conn| conn.key == 900);
+        assert_eq!(d.len(), 100);
+        assert!(d.queue.capacity() <= 256, "{}", d.queue.capacity());
+        let left: Vec<u32> = std::iter::from_fn(|| d.poll_expired(start + ms(1_000)))
+            .map(|conn| conn.key)
+            .collect();
+        assert_eq!(left, (900..1_000).collect::<Vec<_>>());
     }
 
     fn ms(n: u64) -> Duration {
