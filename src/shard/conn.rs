@@ -16,6 +16,7 @@ use crate::proto::Connection;
 use crate::proto::handshake::Request;
 
 use super::Outbox;
+use super::timer::Stamp;
 
 /// A connection as other shards name it: its slab key plus a generation, so a reply for
 /// a connection that has gone never reaches a newer one in the same slot.
@@ -114,7 +115,8 @@ pub(super) struct Conn {
     pub(super) outbox: Outbox,
     /// Most connections hold one channel: it is kept inline.
     pub(super) subs: SmallVec<[Sub; 1]>,
-    pub(super) last_activity: Instant,
+    /// When the peer last sent anything.
+    pub(super) last_activity: Stamp,
     /// In the dirty list already.
     pub(super) dirty: bool,
     pub(super) life: Life,
@@ -240,7 +242,7 @@ mod tests {
     /// with `bench-client/memory.sh`): growing either costs each idle connection.
     #[test]
     fn a_connection_is_compact() {
-        assert!(size_of::<Conn>() <= 232, "{}", size_of::<Conn>());
+        assert!(size_of::<Conn>() <= 208, "{}", size_of::<Conn>());
         assert!(size_of::<WebSocket>() <= 128, "{}", size_of::<WebSocket>());
     }
 }

@@ -160,6 +160,7 @@ impl Shard {
     /// pinged within 1.5 intervals of that. One silent for the idle timeout is closed at
     /// the next heartbeat, at most an interval later.
     pub(super) fn heartbeat(&mut self, key: usize, deadline: Instant, now: Instant) {
+        let stamp = self.wheel.stamp(now);
         let conn = &mut self.conns[key];
         if conn.is_closing() {
             return;
@@ -170,7 +171,7 @@ impl Shard {
         conn.subs.shrink_to_fit();
         match conn.phase {
             Phase::WebSocket { .. } => {
-                let silent = now.saturating_duration_since(conn.last_activity);
+                let silent = conn.last_activity.until(stamp);
                 if silent >= self.ctx.config.idle_timeout {
                     self.close_with(key, 1001, "idle timeout");
                     return;
@@ -189,8 +190,9 @@ impl Shard {
 
     /// Pings `key` if nothing came from it for `quiet`.
     fn ping_if_silent(&mut self, key: usize, now: Instant, quiet: Duration) {
+        let stamp = self.wheel.stamp(now);
         let conn = &mut self.conns[key];
-        if !conn.is_closing() && now.saturating_duration_since(conn.last_activity) >= quiet {
+        if !conn.is_closing() && conn.last_activity.until(stamp) >= quiet {
             conn.outbox.push_control(Bytes::from_static(EMPTY_PING));
             self.mark_dirty(key);
         }

@@ -102,6 +102,18 @@ impl Deadlines {
     }
 }
 
+/// An instant of a shard's clock, as nanoseconds from its wheel's tick 0: 8 bytes in a
+/// connection where an `Instant` takes 16, and as exact (584 years of range).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(super) struct Stamp(u64);
+
+impl Stamp {
+    /// How long after `self` `now` is (zero if it is not after).
+    pub(super) fn until(self, now: Self) -> Duration {
+        Duration::from_nanos(now.0.saturating_sub(self.0))
+    }
+}
+
 /// The wheel's resolution: a deadline comes due at the first tick at or after it.
 pub(super) const TICK: Duration = Duration::from_millis(1);
 const TICK_NANOS: u128 = TICK.as_nanos();
@@ -179,6 +191,12 @@ impl<T: Copy> Wheel<T> {
             self.insert(entry);
         }
         self.instant(at)
+    }
+
+    /// `at` on this wheel's clock.
+    pub(super) fn stamp(&self, at: Instant) -> Stamp {
+        let nanos = at.saturating_duration_since(self.origin).as_nanos();
+        Stamp(u64::try_from(nanos).unwrap_or(u64::MAX))
     }
 
     /// The instant a deadline `at` comes due at once armed: the tick at or after it.
