@@ -108,6 +108,11 @@ impl Deadlines {
 pub(super) struct Stamp(u64);
 
 impl Stamp {
+    /// How long after the clock's start this is.
+    pub(super) fn since_start(self) -> Duration {
+        Duration::from_nanos(self.0)
+    }
+
     /// How long after `self` `now` is (zero if it is not after).
     pub(super) fn until(self, now: Self) -> Duration {
         Duration::from_nanos(now.0.saturating_sub(self.0))

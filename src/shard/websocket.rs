@@ -17,7 +17,7 @@ use crate::proto::handshake::{self, Request};
 use crate::proto::pubsub::{self, Command};
 use crate::proto::{Connection, Event};
 
-use super::conn::{Endpoint, Life, Phase, RateLimit, WebSocket};
+use super::conn::{Endpoint, Life, Phase, WebSocket};
 use super::{Outbox, Shard};
 
 /// Messages refused in a row before a connection that keeps sending over its rate is
@@ -80,10 +80,7 @@ impl Shard {
         };
         let shared = self.endpoint_limits(endpoint);
         let limits = shared.decoder.clone();
-        let rate = RateLimit {
-            tokens: Tokens::full(shared.burst(), self.now),
-            strikes: 0,
-        };
+        let tokens = Tokens::full(shared.burst(), self.wheel.stamp(self.now).since_start());
         let policies = &self.ctx.config.compression;
         let negotiated = request
             .sec_websocket_extensions
@@ -103,7 +100,12 @@ impl Shard {
         };
         self.set_phase(
             key,
-            Phase::WebSocket(Box::new(WebSocket { ws, endpoint, rate })),
+            Phase::WebSocket(Box::new(WebSocket {
+                ws,
+                endpoint,
+                tokens,
+                strikes: 0,
+            })),
         );
         let extensions = negotiated.map(|params| params.response());
         let response = Bytes::from(handshake::upgrade_response(
@@ -240,21 +242,26 @@ impl Shard {
     /// dropped (on /ws with a `rate_limited` error; /echo sends only echoes); a client that
     /// keeps sending anyway is closed with 1008.
     pub(super) fn within_rate(&mut self, key: usize) -> bool {
-        let now = self.now;
+        let now = self.wheel.stamp(self.now).since_start();
         let Phase::WebSocket(socket) = &mut self.conns[key].phase else {
             return true;
         };
-        let WebSocket { rate, endpoint, .. } = &mut **socket;
+        let WebSocket {
+            tokens,
+            strikes,
+            endpoint,
+            ..
+        } = &mut **socket;
         let shared = match endpoint {
             Endpoint::PubSub => &self.pubsub_limits,
             Endpoint::Echo => &self.echo_limits,
         };
-        if rate.tokens.try_take(shared.per_second, shared.burst(), now) {
-            rate.strikes = 0;
+        if tokens.try_take(shared.per_second, shared.burst(), now) {
+            *strikes = 0;
             return true;
         }
-        rate.strikes += 1;
-        if rate.strikes > MAX_STRIKES {
+        *strikes += 1;
+        if *strikes > MAX_STRIKES {
             self.close_with(key, 1008, "message rate limit exceeded repeatedly");
         } else if *endpoint == Endpoint::PubSub {
             let message = format!(
