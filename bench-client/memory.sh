@@ -8,6 +8,7 @@
 #   bash bench-client/memory.sh                 # epoll and io_uring, ROUNDS=2
 #   CONNS=10000 ROUNDS=3 bash bench-client/memory.sh
 #   WARMUP=1 bash bench-client/memory.sh        # after 20 connections came and went
+#   IOS=epoll bash bench-client/memory.sh       # one backend only
 #
 # WARMUP=1 leaves out what the first connections cost a process once, not per connection:
 # its code paged in (~640 kB for herald, measured with /proc/PID/smaps) and the allocator's
@@ -24,6 +25,7 @@ B=$PWD/target/release/herald-bench
 OUT=$PWD/target/memory
 CONNS=${CONNS:-10000}
 ROUNDS=${ROUNDS:-2}
+IOS=${IOS:-epoll uring}
 mkdir -p "$OUT"
 ulimit -n "$(ulimit -Hn)"
 
@@ -74,7 +76,7 @@ PY
 echo "== $CONNS idle subscribed connections (2 shards, ping interval 2 s), then a fan-out"
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 for round in $(seq "$ROUNDS"); do
-    for io in epoll uring; do
+    for io in $IOS; do
         start "herald-$io-$round" "$H" serve --listen 127.0.0.1:0 --threads 2 --io "$io" \
             --ping-interval-ms 2000 --max-connections-per-ip 0
         idle "herald-$io-r$round"

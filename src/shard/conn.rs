@@ -17,6 +17,7 @@ use super::event_stream::EventStream;
 use super::longpoll::Poll;
 use super::publish::Publishing;
 use super::request::RequestStage;
+use super::timer::Stamp;
 use super::websocket::WebSocket;
 
 /// A connection as other shards name it: its slab key plus a generation, so a reply for
@@ -77,7 +78,8 @@ pub(super) struct Conn {
     pub(super) outbox: Outbox,
     /// Most connections hold one channel: it is kept inline.
     pub(super) subs: SmallVec<[Sub; 1]>,
-    pub(super) last_activity: Instant,
+    /// When the peer last sent anything.
+    pub(super) last_activity: Stamp,
     /// In the dirty list already.
     pub(super) dirty: bool,
     pub(super) life: Life,
@@ -202,7 +204,7 @@ mod tests {
     /// with `bench-client/memory.sh`): growing either costs each idle connection.
     #[test]
     fn a_connection_is_compact() {
-        assert!(size_of::<Conn>() <= 208, "{}", size_of::<Conn>());
-        assert!(size_of::<WebSocket>() <= 128, "{}", size_of::<WebSocket>());
+        assert!(size_of::<Conn>() <= 184, "{}", size_of::<Conn>());
+        assert!(size_of::<WebSocket>() <= 112, "{}", size_of::<WebSocket>());
     }
 }

@@ -59,19 +59,19 @@ impl Shard {
         self.request_deadlines.arm(self.now, conn_ref);
         if self.request_deadlines.len() > 2 * self.conns.len() + 64 {
             let conns = &self.conns;
-            self.request_deadlines.retain(|at, conn| {
-                conns.get(conn.key as usize).is_some_and(|c| {
-                    c.generation == conn.generation
-                        && !c.is_dead()
-                        && c.request_deadline() == Some(at)
-                })
-            });
+            self.request_deadlines
+                .retain(|at, conn| request_is_live(conns, at, conn));
         }
     }
 
     /// Acts on every deadline that has passed.
     pub fn handle_timeout(&mut self, now: Instant) {
         self.now = now;
+        // Upgraded connections leave their request deadline behind: 24 bytes each until
+        // the handshake timeout, for every connection of a connect storm.
+        let conns = &self.conns;
+        self.request_deadlines
+            .prune_front(|at, conn| request_is_live(conns, at, conn));
         while let Some(conn) = self.request_deadlines.poll_expired(now) {
             if let Some(key) = self.resolve(conn) {
                 let conn = &self.conns[key];
@@ -162,7 +162,8 @@ impl Shard {
         let pinged_at = due - self.ctx.config.pong_timeout;
         // The due time was rounded up to the tick: a tick's slack keeps an answer that
         // came at once from being missed.
-        if self.conns[key].last_activity + TICK > pinged_at {
+        let pinged_at_stamp = self.wheel.stamp(pinged_at);
+        if self.conns[key].last_activity.until(pinged_at_stamp) < TICK {
             let next = timer::next_period(pinged_at, self.ctx.config.ping_interval, self.now);
             self.arm_timed(key, next, Timed::Heartbeat);
         } else {
@@ -179,8 +180,9 @@ impl Shard {
 
     /// Pings `key` if nothing came from it for `quiet`.
     fn ping_if_silent(&mut self, key: usize, now: Instant, quiet: Duration) {
+        let stamp = self.wheel.stamp(now);
         let conn = &mut self.conns[key];
-        if !conn.is_closing() && now.saturating_duration_since(conn.last_activity) >= quiet {
+        if !conn.is_closing() && conn.last_activity.until(stamp) >= quiet {
             self.ping(key);
         }
     }
@@ -198,6 +200,14 @@ impl Shard {
         .flatten()
         .min()
     }
+}
+
+/// Whether a request deadline due `at` still applies: its connection lives and still
+/// reads the request that armed it.
+fn request_is_live(conns: &Slab<Conn>, at: Instant, conn: ConnRef) -> bool {
+    conns.get(conn.key as usize).is_some_and(|c| {
+        c.generation == conn.generation && !c.is_dead() && c.request_deadline() == Some(at)
+    })
 }
 
 /// Whether a wheel entry due `at` still applies: its connection lives and is still in the

@@ -219,7 +219,7 @@ impl Shard {
             read_buf: None,
             outbox: Outbox::default(),
             subs: SmallVec::new(),
-            last_activity: now,
+            last_activity: self.wheel.stamp(now),
             dirty: false,
             life: Life::Open,
             read_paused: false,
@@ -312,7 +312,7 @@ impl Shard {
         if conn.is_dead() {
             return;
         }
-        conn.last_activity = now;
+        conn.last_activity = self.wheel.stamp(now);
         if conn.is_finishing() {
             // Only the peer's end of stream matters now.
             conn.read_buf = None;

@@ -57,20 +57,25 @@ pub struct Shed {
 
 /// Outgoing frames of one connection.
 #[derive(Debug, Default)]
-pub struct Outbox {
-    /// The only queued frame, while there is just one (`lanes` is then `None`).
-    one: Option<One>,
-    /// Every queued frame, while more than one waits (`one` is then `None`); never empty.
-    lanes: Option<Box<Lanes>>,
-}
+pub struct Outbox(Queued);
 
-/// A frame queued alone. A data chunk stays alone only until partly written (rare: the
-/// socket was full), which moves it to the lanes, where a started frame is tracked.
-#[derive(Debug)]
-enum One {
-    Data(Chunk),
+/// What an outbox holds. A lone frame is inline; a data frame stays alone only until
+/// partly written (rare: the socket was full), which moves it to the lanes, where a
+/// started frame is tracked. Inline, a frame takes the room of its `Bytes` and a
+/// message's tag and seq: 48 bytes in every connection (a lone frame is never a gap
+/// notice, which the lanes alone hold).
+#[derive(Debug, Default)]
+enum Queued {
+    #[default]
+    Empty,
+    /// A reply, response or close frame.
+    Plain(Bytes),
+    /// A published message of channel `tag`.
+    Message { bytes: Bytes, tag: u32, seq: u64 },
     /// A ping or pong.
     Control(Bytes),
+    /// More than one frame, or a data frame partly written; never empty.
+    Lanes(Box<Lanes>),
 }
 
 /// Both lanes, while more than one frame is queued.
@@ -105,34 +110,54 @@ impl Outbox {
         if bytes.is_empty() {
             return;
         }
-        let chunk = Chunk { bytes, kind };
-        if self.is_empty() {
-            self.one = Some(One::Data(chunk));
-        } else {
-            self.lanes().push_chunk(chunk);
-        }
+        self.0 = match (std::mem::take(&mut self.0), kind) {
+            (Queued::Empty, Kind::Message { tag, seq }) => Queued::Message { bytes, tag, seq },
+            (Queued::Empty, _) => Queued::Plain(bytes),
+            (queued, kind) => {
+                let mut lanes = Self::lanes_of(queued);
+                lanes.push_chunk(Chunk { bytes, kind });
+                Queued::Lanes(lanes)
+            }
+        };
     }
 
     /// The lanes, holding the frame queued alone if there was one.
     fn lanes(&mut self) -> &mut Lanes {
-        let one = self.one.take();
-        self.lanes.get_or_insert_with(|| {
-            let mut lanes = Box::<Lanes>::default();
-            match one {
-                Some(One::Data(chunk)) => lanes.push_chunk(chunk),
-                Some(One::Control(frame)) => {
-                    lanes.push_control(frame);
-                }
-                None => {}
+        if !matches!(self.0, Queued::Lanes(_)) {
+            self.0 = Queued::Lanes(Self::lanes_of(std::mem::take(&mut self.0)));
+        }
+        match &mut self.0 {
+            Queued::Lanes(lanes) => lanes,
+            _ => unreachable!("lanes were just made"),
+        }
+    }
+
+    fn lanes_of(queued: Queued) -> Box<Lanes> {
+        let mut lanes = Box::<Lanes>::default();
+        match queued {
+            Queued::Empty => {}
+            Queued::Plain(bytes) => lanes.push_chunk(Chunk {
+                bytes,
+                kind: Kind::Plain,
+            }),
+            Queued::Message { bytes, tag, seq } => lanes.push_chunk(Chunk {
+                bytes,
+                kind: Kind::Message { tag, seq },
+            }),
+            Queued::Control(frame) => {
+                lanes.push_control(frame);
             }
-            lanes
-        })
+            Queued::Lanes(queued) => return queued,
+        }
+        lanes
     }
 
     /// Gives the lanes' memory back once they are empty.
     fn settle(&mut self) {
-        if self.lanes.as_ref().is_some_and(|lanes| lanes.is_empty()) {
-            self.lanes = None;
+        if let Queued::Lanes(lanes) = &self.0
+            && lanes.is_empty()
+        {
+            self.0 = Queued::Empty;
         }
     }
 
@@ -149,7 +174,9 @@ impl Outbox {
 
     /// Sheds every queued message of channel `tag` but the newest; returns the range.
     pub fn conflate(&mut self, tag: u32) -> Option<Shed> {
-        let lanes = self.lanes.as_mut()?;
+        let Queued::Lanes(lanes) = &mut self.0 else {
+            return None;
+        };
         let shed = lanes.conflate(tag);
         self.settle();
         shed
@@ -170,31 +197,31 @@ impl Outbox {
             if frame.len() > MAX_CONTROL_BYTES {
                 return false;
             }
-            self.one = Some(One::Control(frame));
+            self.0 = Queued::Control(frame);
             return true;
         }
         self.lanes().push_control(frame)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.one.is_none() && self.lanes.is_none()
+        matches!(self.0, Queued::Empty)
     }
 
     /// Data bytes waiting to be written (the slow-consumer budget).
     pub fn len_bytes(&self) -> usize {
-        match (&self.one, &self.lanes) {
-            (Some(One::Data(chunk)), _) => chunk.bytes.len(),
-            (_, Some(lanes)) => lanes.data_bytes,
-            _ => 0,
+        match &self.0 {
+            Queued::Plain(bytes) | Queued::Message { bytes, .. } => bytes.len(),
+            Queued::Lanes(lanes) => lanes.data_bytes,
+            Queued::Empty | Queued::Control(_) => 0,
         }
     }
 
     /// Fills `slices` in write order; returns how many were filled.
     pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
-        let one = match &self.one {
-            Some(One::Data(chunk)) => &chunk.bytes,
-            Some(One::Control(frame)) => frame,
-            None => return self.lanes.as_ref().map_or(0, |l| l.io_slices(slices)),
+        let one = match &self.0 {
+            Queued::Plain(bytes) | Queued::Message { bytes, .. } | Queued::Control(bytes) => bytes,
+            Queued::Lanes(lanes) => return lanes.io_slices(slices),
+            Queued::Empty => return 0,
         };
         match slices.first_mut() {
             Some(slot) => {
@@ -212,14 +239,12 @@ impl Outbox {
         if max == 0 {
             return 0;
         }
-        let bytes = match self.one.take() {
-            Some(One::Data(chunk)) => chunk.bytes,
-            Some(One::Control(frame)) => frame,
-            None => {
-                let Some(lanes) = self.lanes.as_mut() else {
-                    return 0;
-                };
+        let bytes = match std::mem::take(&mut self.0) {
+            Queued::Plain(bytes) | Queued::Message { bytes, .. } | Queued::Control(bytes) => bytes,
+            Queued::Empty => return 0,
+            Queued::Lanes(mut lanes) => {
                 let taken = lanes.take_chunks(out, max);
+                self.0 = Queued::Lanes(lanes);
                 self.settle();
                 return taken;
             }
@@ -234,29 +259,27 @@ impl Outbox {
         if written == 0 {
             return;
         }
-        match &mut self.one {
-            Some(One::Data(chunk)) if written < chunk.bytes.len() => {
+        match &mut self.0 {
+            Queued::Plain(bytes) | Queued::Message { bytes, .. } if written < bytes.len() => {
                 self.lanes().advance(written);
             }
-            Some(One::Control(frame)) if written < frame.len() => frame.advance(written),
-            Some(One::Data(Chunk { bytes, .. }) | One::Control(bytes)) => {
+            Queued::Control(frame) if written < frame.len() => frame.advance(written),
+            Queued::Plain(bytes) | Queued::Message { bytes, .. } | Queued::Control(bytes) => {
                 assert!(written == bytes.len(), "advance past the end of the outbox");
-                self.one = None;
+                self.0 = Queued::Empty;
             }
-            None => {
-                self.lanes
-                    .as_mut()
-                    .expect("advance past the end of the outbox")
-                    .advance(written);
+            Queued::Lanes(lanes) => {
+                lanes.advance(written);
                 self.settle();
             }
+            Queued::Empty => panic!("advance past the end of the outbox"),
         }
     }
 
     /// Gives back what a long queue left unused: the lanes go with their last frame
     /// anyway, so this matters only for a queue that never empties.
     pub fn release_memory(&mut self) {
-        if let Some(lanes) = self.lanes.as_mut() {
+        if let Queued::Lanes(lanes) = &mut self.0 {
             lanes.control.shrink_to_fit();
             lanes.data.shrink_to_fit();
         }
@@ -265,12 +288,13 @@ impl Outbox {
     /// Drops every data frame not yet started, keeping a partly written one so the stream
     /// stays well-formed; returns how many data bytes remain.
     pub fn discard_unstarted(&mut self) -> usize {
-        if let Some(One::Data(_)) = self.one {
-            self.one = None;
-        }
-        if let Some(lanes) = self.lanes.as_mut() {
-            lanes.discard_unstarted();
-            self.settle();
+        match &mut self.0 {
+            Queued::Plain(_) | Queued::Message { .. } => self.0 = Queued::Empty,
+            Queued::Lanes(lanes) => {
+                lanes.discard_unstarted();
+                self.settle();
+            }
+            Queued::Empty | Queued::Control(_) => {}
         }
         self.len_bytes()
     }

@@ -55,8 +55,8 @@ pub(super) struct Scope<'a> {
     pub(super) node_epoch: &'a str,
     pub(super) config: &'a Config,
     pub(super) now: Instant,
-    /// When the peer last sent anything.
-    pub(super) last_activity: Instant,
+    /// How long the peer has sent nothing.
+    pub(super) silent: Duration,
 }
 
 /// A home's confirmation of a subscription, or of its last replay chunk.
@@ -231,7 +231,7 @@ impl Shard {
             node_epoch: &self.ctx.epoch,
             config: &self.ctx.config,
             now: self.now,
-            last_activity: *last_activity,
+            silent: last_activity.until(self.wheel.stamp(self.now)),
         };
         event(phase.transport(), &mut scope)
     }
@@ -261,9 +261,4 @@ impl Shard {
             }
         }
     }
-}
-
-/// How long the peer has been silent at `scope.now`.
-pub(super) fn silent_for(scope: &Scope<'_>) -> Duration {
-    scope.now.saturating_duration_since(scope.last_activity)
 }

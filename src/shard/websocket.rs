@@ -18,16 +18,16 @@ use crate::proto::pubsub::{self, Command};
 use crate::proto::{Connection, Event};
 
 use super::conn::{Life, Phase};
-use super::transport::{self, Action, Chunk, Confirmed, Gap, Scope, Transport};
+use super::transport::{Action, Chunk, Confirmed, Gap, Scope, Transport};
 use super::{Outbox, Shard};
 
 /// Messages refused in a row before a connection that keeps sending over its rate is
 /// closed with 1008.
-const MAX_STRIKES: u32 = 50;
+const MAX_STRIKES: u16 = 50;
 
 /// Publishes one connection may have waiting for their acks; past it the shard stops
 /// reading from it, so a client pipelining publishes cannot queue without bound.
-const MAX_INFLIGHT_PUBLISHES: u32 = 64;
+const MAX_INFLIGHT_PUBLISHES: u16 = 64;
 
 /// The heartbeat: an unmasked, final ping with no payload, the same bytes for everyone
 /// (no allocation per ping).
@@ -40,21 +40,19 @@ pub(super) enum Endpoint {
     Echo,
 }
 
-/// A WebSocket connection's state.
+/// A WebSocket connection's state. The inbound message budget is kept flat, not in a
+/// struct of its own: its padding would take the state from 112 bytes to 120 (the
+/// allocator's 128-byte class).
 pub(super) struct WebSocket {
     pub(super) ws: Connection,
     pub(super) endpoint: Endpoint,
-    /// Inbound messages allowed.
-    pub(super) rate: RateLimit,
-    /// Publishes sent to their homes and not yet acknowledged.
-    pub(super) inflight_publishes: u32,
-}
-
-/// A connection's inbound message budget and how often it ran past it in a row.
-pub(super) struct RateLimit {
-    /// At the endpoint's rate ([`EndpointLimits::per_second`]).
+    /// Inbound messages allowed, at the endpoint's rate ([`EndpointLimits::per_second`]).
     pub(super) tokens: Tokens,
-    pub(super) strikes: u32,
+    /// How often in a row the client ran past `tokens`.
+    pub(super) strikes: u16,
+    /// Publishes sent to their homes and not yet acknowledged (16 bits, beside `strikes`,
+    /// keep the state in its 112-byte class).
+    pub(super) inflight_publishes: u16,
 }
 
 impl Transport for WebSocket {
@@ -96,7 +94,7 @@ impl Transport for WebSocket {
     /// after a heartbeat's ping is closed then; one silent for the idle timeout (only
     /// possible with a pong timeout longer than it) at its next heartbeat.
     fn on_heartbeat(&mut self, scope: &mut Scope<'_>) -> Action {
-        let silent = transport::silent_for(scope);
+        let silent = scope.silent;
         if silent >= scope.config.idle_timeout {
             return Action::Close {
                 code: 1001,
@@ -231,10 +229,7 @@ impl Shard {
         };
         let shared = self.endpoint_limits(endpoint);
         let limits = shared.decoder.clone();
-        let rate = RateLimit {
-            tokens: Tokens::full(shared.burst(), self.now),
-            strikes: 0,
-        };
+        let tokens = Tokens::full(shared.burst(), self.wheel.stamp(self.now).since_start());
         let policies = &self.ctx.config.compression;
         let negotiated = request
             .sec_websocket_extensions
@@ -257,7 +252,8 @@ impl Shard {
             Phase::WebSocket(Box::new(WebSocket {
                 ws,
                 endpoint,
-                rate,
+                tokens,
+                strikes: 0,
                 inflight_publishes: 0,
             })),
         );
@@ -396,21 +392,26 @@ impl Shard {
     /// dropped (on /ws with a `rate_limited` error; /echo sends only echoes); a client that
     /// keeps sending anyway is closed with 1008.
     pub(super) fn within_rate(&mut self, key: usize) -> bool {
-        let now = self.now;
+        let now = self.wheel.stamp(self.now).since_start();
         let Phase::WebSocket(socket) = &mut self.conns[key].phase else {
             return true;
         };
-        let WebSocket { rate, endpoint, .. } = &mut **socket;
+        let WebSocket {
+            tokens,
+            strikes,
+            endpoint,
+            ..
+        } = &mut **socket;
         let shared = match endpoint {
             Endpoint::PubSub => &self.pubsub_limits,
             Endpoint::Echo => &self.echo_limits,
         };
-        if rate.tokens.try_take(shared.per_second, shared.burst(), now) {
-            rate.strikes = 0;
+        if tokens.try_take(shared.per_second, shared.burst(), now) {
+            *strikes = 0;
             return true;
         }
-        rate.strikes += 1;
-        if rate.strikes > MAX_STRIKES {
+        *strikes = strikes.saturating_add(1);
+        if *strikes > MAX_STRIKES {
             self.close_with(key, 1008, "message rate limit exceeded repeatedly");
         } else if *endpoint == Endpoint::PubSub {
             let message = format!(

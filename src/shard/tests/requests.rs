@@ -36,6 +36,28 @@ fn deadlines_of_answered_requests_do_not_pile_up() {
 }
 
 #[test]
+fn an_upgraded_connection_leaves_no_request_deadline_behind() {
+    let mut cluster = Cluster::new(1, Config::default());
+    let clients: Vec<Client> = (0..1_000).map(|_| cluster.connect(0, "/ws")).collect();
+    let shard = &mut cluster.shards[0];
+    let silent = shard.accept(cluster.now, LOCALHOST).unwrap();
+    assert_eq!(shard.request_deadlines.len(), clients.len() + 1);
+    shard.handle_timeout(cluster.now);
+    assert_eq!(
+        shard.request_deadlines.len(),
+        1,
+        "the one still reading stays"
+    );
+    cluster.now += Config::default().handshake_timeout;
+    shard.handle_timeout(cluster.now);
+    let answer = cluster.take_output(Client {
+        shard: 0,
+        key: silent,
+    });
+    assert!(answer.starts_with(b"HTTP/1.1 408 "));
+}
+
+#[test]
 fn http_publish_needs_the_api_key_and_returns_a_receipt() {
     let config = Config {
         api_key: Some("k3y".into()),

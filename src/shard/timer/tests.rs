@@ -21,6 +21,25 @@ fn expires_in_arming_order() {
     assert_eq!(d.poll_expired(start + Duration::from_secs(2)), None);
 }
 
+#[test]
+fn pruning_drops_stale_deadlines_up_to_the_first_live_one_and_the_room() {
+    let start = Instant::now();
+    let mut d = Deadlines::new(Duration::from_secs(1));
+    for key in 0..1_000 {
+        d.arm(start, ConnRef { key, generation: 0 });
+    }
+    d.prune_front(|_, conn| conn.key == 500 || conn.key == 900);
+    assert_eq!(d.len(), 500);
+    assert!(d.queue.capacity() >= 500);
+    d.prune_front(|_, conn| conn.key == 900);
+    assert_eq!(d.len(), 100);
+    assert!(d.queue.capacity() <= 256, "{}", d.queue.capacity());
+    let left: Vec<u32> = std::iter::from_fn(|| d.poll_expired(start + ms(1_000)))
+        .map(|conn| conn.key)
+        .collect();
+    assert_eq!(left, (900..1_000).collect::<Vec<_>>());
+}
+
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
 }
@@ -236,7 +255,10 @@ fn spread_phases_fall_evenly_over_the_period_on_shared_phases() {
     let mut firsts: Vec<Instant> = (0..400).map(|_| spread.first(now, period)).collect();
     assert!(firsts.iter().all(|&t| t > now && t <= now + period));
     firsts.sort();
-    assert!(firsts.windows(3).all(|w| w[0] != w[2]), "three on one phase");
+    assert!(
+        firsts.windows(3).all(|w| w[0] != w[2]),
+        "three on one phase"
+    );
     firsts.dedup();
     let gaps: Vec<Duration> = firsts.windows(2).map(|w| w[1] - w[0]).collect();
     let max = gaps.iter().max().unwrap();
