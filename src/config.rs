@@ -301,6 +301,11 @@ pub struct Options {
     #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
 
+    /// Most connections (WebSocket, event stream, poll) one user (the token's `sub`) may
+    /// hold on this node (429 beyond); 0: no limit. [default: 0]
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", value_name = "N")]
+    pub max_connections_per_user: Option<usize>,
+
     /// Messages a second one /ws connection may send (burst: twice that); beyond gets
     /// `rate_limited`, and persisting closes with 1008. [default: 100]
     #[arg(long, env = "HERALD_MAX_MESSAGES_PER_SECOND", value_name = "N")]
@@ -399,6 +404,9 @@ impl Options {
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
             trusted_proxies: self.trusted_proxies.or(lower.trusted_proxies),
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
+            max_connections_per_user: self
+                .max_connections_per_user
+                .or(lower.max_connections_per_user),
             max_messages_per_second: self
                 .max_messages_per_second
                 .or(lower.max_messages_per_second),
@@ -445,6 +453,8 @@ pub struct Config {
     pub auth: AuthSettings,
     pub trusted_proxies: Vec<IpAddr>,
     pub max_connections_per_ip: usize,
+    /// 0: no per-user limit.
+    pub max_connections_per_user: usize,
     pub max_messages_per_second: u64,
     pub accept_rate: u64,
     pub slow_consumers: SlowConsumerPolicies,
@@ -533,6 +543,7 @@ impl Options {
             },
             trusted_proxies: self.trusted_proxies.unwrap_or_default(),
             max_connections_per_ip: self.max_connections_per_ip.unwrap_or(10_000),
+            max_connections_per_user: self.max_connections_per_user.unwrap_or(0),
             max_messages_per_second,
             accept_rate: self.accept_rate.unwrap_or(20_000),
             slow_consumers: SlowConsumerPolicies {

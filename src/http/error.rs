@@ -93,6 +93,10 @@ impl ApiError {
             Self::BadRequest(_) => "bad_request",
             Self::BadChannel(_) => "bad_channel",
             Self::ReadForbidden { .. } => "forbidden",
+            Self::Busy {
+                refusal: Refusal::PerUser,
+                ..
+            } => "too_many_connections",
             Self::Busy { .. } => "retry_later",
             Self::Unavailable(_) => "unavailable",
             Self::TlsRequired => "tls_required",
@@ -201,7 +205,7 @@ mod tests {
             &'static str,
             Option<(&'static str, &'static str)>,
         );
-        let cases: [Case; 21] = [
+        let cases: [Case; 22] = [
             (
                 ApiError::Handshake(HandshakeError::MissingKey),
                 400,
@@ -286,6 +290,12 @@ mod tests {
                 busy(Refusal::AcceptRate),
                 503,
                 "retry_later",
+                Some(("Retry-After", "3")),
+            ),
+            (
+                busy(Refusal::PerUser),
+                429,
+                "too_many_connections",
                 Some(("Retry-After", "3")),
             ),
             (ApiError::TlsRequired, 400, "tls_required", None),

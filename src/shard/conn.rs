@@ -93,6 +93,8 @@ pub(super) struct Conn {
     /// What the request being served may do; set when it is admitted, and replaced by
     /// the next request's on a keep-alive connection.
     pub(super) identity: Option<Arc<Identity>>,
+    /// The identity's user is counted against `--max-connections-per-user`.
+    pub(super) user_counted: bool,
 }
 
 /// Where a connection is in its life. Each state includes the ones before it (the derived

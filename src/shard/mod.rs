@@ -226,6 +226,7 @@ impl Shard {
             peer,
             counted: None,
             identity: None,
+            user_counted: false,
         });
         self.arm_request_deadline(key);
         self.counters.accepted_total += 1;
@@ -406,6 +407,7 @@ impl Shard {
             return;
         }
         self.leave_all(key);
+        self.drop_identity(key);
         let conn = &mut self.conns[key];
         conn.life = Life::Dead;
         conn.outbox = Outbox::default();

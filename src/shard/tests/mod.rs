@@ -50,6 +50,7 @@ fn seq_of(text: &str) -> u64 {
 }
 
 mod heartbeats;
+mod identity;
 mod limits;
 mod pubsub;
 mod replay;

@@ -1,0 +1,103 @@
+//! Who is connected, against the real binary: a connection's user (the token's `sub`)
+//! and its bounded `info`, personal channels (`name#user`), `--max-connections-per-user`.
+
+mod support;
+mod support_http;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use support::*;
+use support_http::Response;
+
+const SECRET: &str = "herald-test-secret-0123456789abcdef";
+
+fn token(claims: &Value) -> String {
+    let mut claims = claims.clone();
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    claims["exp"] = json!(exp);
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// The answer to an upgrade of `/ws` with `token` (a refusal's body read to the close).
+fn upgrade_status(server: &Server, token: &str) -> Response {
+    let request = upgrade_request(&format!("/ws?token={token}"));
+    let (mut stream, head) = request_head(server.addr(), request.as_bytes());
+    let mut body = head.rest;
+    if head.status != 101 {
+        body.extend(assert_closed_within(&mut stream, Duration::from_secs(5)));
+    }
+    Response {
+        status: head.status,
+        headers: head.headers,
+        body,
+    }
+}
+
+#[test]
+fn an_info_claim_that_is_not_a_small_object_is_refused_with_401() {
+    let server = Server::start(&["--jwt-secret", SECRET]);
+    for info in [json!("Ann"), json!({"bio": "x".repeat(1100)})] {
+        let refused = upgrade_status(&server, &token(&json!({"sub":"ann","info":info})));
+        refused.assert_api_error(401, "unauthorized");
+        let message = refused.json()["message"].as_str().unwrap().to_owned();
+        assert!(
+            message.contains("info claim must be a JSON object of at most 1024 bytes"),
+            "{message}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_personal_channel_needs_no_listing_and_refuses_other_users() {
+    let server = Server::start(&["--jwt-secret", SECRET]);
+    let ann = token(&json!({"sub":"ann"}));
+    let bob = token(&json!({"sub":"bob","channels":["*"]}));
+    let mut ann_ws = connect(server.addr(), &format!("/ws?token={ann}")).await;
+    subscribe(&mut ann_ws, "inbox#ann", 1).await;
+    let mut bob_ws = connect(server.addr(), &format!("/ws?token={bob}")).await;
+    send_text(
+        &mut bob_ws,
+        r#"{"type":"subscribe","channel":"inbox#ann","id":2}"#,
+    )
+    .await;
+    let refused = recv_json(&mut bob_ws).await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["id"].as_u64()),
+        (Some("forbidden"), Some(2))
+    );
+}
+
+#[tokio::test]
+async fn the_per_user_limit_refuses_with_429_and_counts_each_user_apart() {
+    let server = Server::start(&["--jwt-secret", SECRET, "--max-connections-per-user", "2"]);
+    let ann = token(&json!({"sub":"ann","channels":["*"]}));
+    let first = connect(server.addr(), &format!("/ws?token={ann}")).await;
+    let _second = connect(server.addr(), &format!("/ws?token={ann}")).await;
+    let refused = upgrade_status(&server, &ann);
+    refused.assert_api_error(429, "too_many_connections");
+    assert!(refused.header("Retry-After").is_some(), "{refused:?}");
+    let bob = upgrade_status(&server, &token(&json!({"sub":"bob"})));
+    assert_eq!(bob.status, 101, "{bob:?}");
+    drop(first);
+    // The closed connection gives its place back once the server has seen it go.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let again = upgrade_status(&server, &ann);
+        if again.status == 101 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{again:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
