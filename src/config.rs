@@ -14,6 +14,7 @@ use crate::auth::{AuthMode, AuthSettings};
 use crate::compression::{CompressionPolicies, CompressionPolicy, CompressionPrefix};
 use crate::hub::HistoryLimits;
 use crate::limits::{SlowConsumerPolicies, SlowConsumerPolicy, SlowConsumerPrefix};
+use crate::namespace::{Namespace, Namespaces};
 
 /// Most frames one message may arrive in on /ws (and on /echo unless raised): a flood of
 /// empty fragments costs work without growing the message.
@@ -196,6 +197,28 @@ pub struct Options {
         value_name = "BOOL"
     )]
     pub shared_port: Option<bool>,
+
+    /// Channels keep who is subscribed (`presence`, `presence_stats`, `GET /api/presence`)
+    /// unless a namespace says otherwise. [default: false]
+    #[arg(
+        long,
+        env = "HERALD_PRESENCE",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub presence: Option<bool>,
+
+    /// Subscribers get `join`/`leave` events as connections subscribe and leave, unless a
+    /// namespace says otherwise. [default: false]
+    #[arg(
+        long,
+        env = "HERALD_JOIN_LEAVE",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub join_leave: Option<bool>,
 
     /// Listen backlog of each shard's socket. [default: 4096]
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N")]
@@ -389,6 +412,8 @@ impl Options {
             drain_ms: self.drain_ms.or(lower.drain_ms),
             backlog: self.backlog.or(lower.backlog),
             shared_port: self.shared_port.or(lower.shared_port),
+            presence: self.presence.or(lower.presence),
+            join_leave: self.join_leave.or(lower.join_leave),
             history_size: self.history_size.or(lower.history_size),
             history_ttl_ms: self.history_ttl_ms.or(lower.history_ttl_ms),
             api_key: self.api_key.or(lower.api_key),
@@ -459,6 +484,7 @@ pub struct Config {
     pub accept_rate: u64,
     pub slow_consumers: SlowConsumerPolicies,
     pub compression: CompressionPolicies,
+    pub namespaces: Namespaces,
     /// Certificate chain and key files when the listener speaks TLS.
     pub tls: Option<TlsFiles>,
 }
@@ -555,6 +581,13 @@ impl Options {
             compression: CompressionPolicies {
                 default: self.compression.unwrap_or(CompressionPolicy::Off),
                 by_prefix: self.channel_compression.unwrap_or_default(),
+            },
+            namespaces: Namespaces {
+                default: Namespace {
+                    presence: self.presence.unwrap_or(false),
+                    join_leave: self.join_leave.unwrap_or(false),
+                },
+                by_prefix: Vec::new(),
             },
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),

@@ -1,5 +1,6 @@
 //! Who is connected, against the real binary: a connection's user (the token's `sub`)
-//! and its bounded `info`, personal channels (`name#user`), `--max-connections-per-user`.
+//! and its bounded `info`, personal channels (`name#user`), `--max-connections-per-user`,
+//! presence and join/leave.
 
 mod support;
 mod support_http;
@@ -100,4 +101,77 @@ async fn the_per_user_limit_refuses_with_429_and_counts_each_user_apart() {
         assert!(std::time::Instant::now() < deadline, "{again:?}");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[tokio::test]
+async fn presence_and_join_leave_follow_clients_as_they_come_and_go() {
+    let server = Server::start(&["--jwt-secret", SECRET, "--presence", "--join-leave"]);
+    let ann =
+        token(&json!({"sub":"ann","channels":["room"],"publish":["room"],"info":{"name":"Ann"}}));
+    let bob = token(&json!({"sub":"bob","channels":["room"]}));
+    let mut ann_ws = connect(server.addr(), &format!("/ws?token={ann}")).await;
+    subscribe(&mut ann_ws, "room", 1).await;
+    let own = recv_json(&mut ann_ws).await;
+    assert_eq!(
+        (own["type"].as_str(), own["user"].as_str()),
+        (Some("join"), Some("ann"))
+    );
+    assert_eq!(own["info"], json!({"name":"Ann"}));
+    let mut bob_ws = connect(server.addr(), &format!("/ws?token={bob}")).await;
+    subscribe(&mut bob_ws, "room", 1).await;
+    let joined = recv_json(&mut ann_ws).await;
+    assert_eq!(
+        (joined["type"].as_str(), joined["user"].as_str()),
+        (Some("join"), Some("bob"))
+    );
+
+    send_text(
+        &mut ann_ws,
+        r#"{"type":"presence","channel":"room","id":2}"#,
+    )
+    .await;
+    let page = recv_json(&mut ann_ws).await;
+    assert_eq!(
+        (page["type"].as_str(), page["id"].as_u64()),
+        (Some("presence"), Some(2))
+    );
+    let mut users: Vec<&str> = page["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["user"].as_str().unwrap())
+        .collect();
+    users.sort_unstable();
+    assert_eq!(users, ["ann", "bob"]);
+    assert!(page["cursor"].is_null(), "{page}");
+
+    // The publisher is a subscriber too: its ack and the message come in either order.
+    send_text(
+        &mut ann_ws,
+        r#"{"type":"publish","channel":"room","data":"hi","id":3}"#,
+    )
+    .await;
+    let mut kinds = vec![
+        recv_json(&mut ann_ws).await["type"].clone(),
+        recv_json(&mut ann_ws).await["type"].clone(),
+    ];
+    kinds.sort_by_key(|k| k.to_string());
+    assert_eq!(kinds, [json!("ack"), json!("message")]);
+    drop(bob_ws);
+    let left = recv_json(&mut ann_ws).await;
+    assert_eq!(
+        (left["type"].as_str(), left["user"].as_str()),
+        (Some("leave"), Some("bob"))
+    );
+    assert_eq!(left["conn"], joined["conn"]);
+    send_text(
+        &mut ann_ws,
+        r#"{"type":"presence_stats","channel":"room","id":4}"#,
+    )
+    .await;
+    let stats = recv_json(&mut ann_ws).await;
+    assert_eq!(
+        (stats["connections"].as_u64(), stats["users"].as_u64()),
+        (Some(1), Some(1))
+    );
 }

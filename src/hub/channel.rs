@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use indexmap::IndexMap;
 
+use super::presence::{ConnId, Member, Presence};
 use super::{Broadcast, ChannelName};
 use crate::proto::pubsub;
 
@@ -85,6 +86,8 @@ struct Channel {
     subscribers: Box<[u32]>,
     /// Oldest first; sequence numbers are consecutive.
     history: VecDeque<Stored>,
+    /// Its members, where presence or join/leave is on and someone is subscribed.
+    presence: Option<Box<Presence>>,
 }
 
 impl Channel {
@@ -188,6 +191,7 @@ impl Channels {
             seq: floors[floor_bucket(name)],
             subscribers: vec![0; shards].into_boxed_slice(),
             history: VecDeque::new(),
+            presence: None,
         });
         index
     }
@@ -263,6 +267,37 @@ impl Channels {
         }
         let replay = channel.replay_after(since, max_bytes.max(1));
         SubscribeOutcome::Subscribed { seq, replay }
+    }
+
+    /// Lists `conn`, subscribed to `name` already, among its members; false if it was.
+    pub fn join(&mut self, name: &str, conn: ConnId, member: Member) -> bool {
+        self.map.get_mut(name).is_some_and(|channel| {
+            channel
+                .presence
+                .get_or_insert_with(Default::default)
+                .join(conn, member)
+        })
+    }
+
+    /// Takes `conn` off `name`'s members (before its subscription is released).
+    pub fn leave(&mut self, name: &str, conn: ConnId) -> Option<Member> {
+        let channel = self.map.get_mut(name)?;
+        let presence = channel.presence.as_mut()?;
+        let member = presence.leave(conn);
+        if presence.is_empty() {
+            channel.presence = None;
+        }
+        member
+    }
+
+    /// `name`'s members, if it has any.
+    pub fn presence(&self, name: &str) -> Option<&Presence> {
+        self.map.get(name)?.presence.as_deref()
+    }
+
+    /// Subscriptions to `name` per shard (pending or active), if it is known here.
+    pub fn subscribers(&self, name: &str) -> Option<&[u32]> {
+        self.map.get(name).map(|channel| &*channel.subscribers)
     }
 
     /// Releases one subscription counted by [`Channels::subscribe`]; the last one of a

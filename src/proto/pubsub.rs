@@ -38,6 +38,18 @@ pub enum Command {
     Ping {
         id: Option<u64>,
     },
+    /// A page of the channel's members: up to `limit` after `cursor`.
+    Presence {
+        channel: Box<str>,
+        cursor: Option<Box<str>>,
+        limit: Option<u64>,
+        id: Option<u64>,
+    },
+    /// The channel's numbers of connections and distinct users.
+    PresenceStats {
+        channel: Box<str>,
+        id: Option<u64>,
+    },
 }
 
 /// Why a command was refused; becomes an `error` reply and the connection stays open.
@@ -73,6 +85,9 @@ struct WireCommand<'a> {
     since: Option<Unsigned>,
     #[serde(borrow)]
     epoch: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    cursor: Option<Cow<'a, str>>,
+    limit: Option<Unsigned>,
     // Validated (simd-json walks it) but not built: its bytes are taken from the payload.
     #[allow(dead_code)]
     data: Option<IgnoredAny>,
@@ -150,6 +165,16 @@ impl CommandParser {
                 })
             }
             "ping" => Ok(Command::Ping { id }),
+            "presence" => Ok(Command::Presence {
+                channel: channel(wire.channel)?,
+                cursor: wire.cursor.map(Into::into),
+                limit: wire.limit.map(|Unsigned(limit)| limit),
+                id,
+            }),
+            "presence_stats" => Ok(Command::PresenceStats {
+                channel: channel(wire.channel)?,
+                id,
+            }),
             other => Err(CommandError::new(
                 "unknown_type",
                 format!("unknown message type {:?}", truncate(other, 40)),
@@ -473,6 +498,48 @@ pub fn encode_gap(channel: &str, from: u64, to: u64) -> Bytes {
     frame.finish()
 }
 
+/// `{"type":"join"|"leave","channel":C,"user":U,"conn":ID,"info":I}`: `user` is `null`
+/// for an anonymous connection, and `info` is left out when the token had none.
+pub fn encode_presence_event(
+    kind: &str,
+    channel: &str,
+    conn: &str,
+    user: Option<&str>,
+    info: Option<&str>,
+) -> Bytes {
+    let mut frame = TextFrame::with_capacity(
+        80 + channel.len() + user.map_or(0, str::len) + info.map_or(0, str::len),
+    );
+    frame.put(b"{\"type\":");
+    frame.put_str(kind);
+    frame.put(b",\"channel\":");
+    frame.put_str(channel);
+    frame.put(b",\"user\":");
+    match user {
+        Some(user) => frame.put_str(user),
+        None => frame.put(b"null"),
+    }
+    frame.put(b",\"conn\":");
+    frame.put_str(conn);
+    if let Some(info) = info {
+        frame.put(b",\"info\":");
+        frame.put(info.as_bytes());
+    }
+    frame.put(b"}");
+    frame.finish()
+}
+
+/// A reply object built elsewhere (`{..}`, a home's answer to a query) as a frame, with
+/// `,"id":I` before its closing brace.
+pub fn encode_with_id(object: &[u8], id: Option<u64>) -> Bytes {
+    let body = object.strip_suffix(b"}").unwrap_or(object);
+    let mut frame = TextFrame::with_capacity(body.len() + 32);
+    frame.put(body);
+    frame.put_id(id);
+    frame.put(b"}");
+    frame.finish()
+}
+
 /// `{"type":"error","code":C,"message":M,"id":I}`
 pub fn encode_error(code: &str, message: &str, id: Option<u64>) -> Bytes {
     let mut frame = TextFrame::with_capacity(64 + code.len() + message.len());
@@ -620,6 +687,49 @@ mod tests {
             let raw = format!(r#"{{"type":"subscribe","channel":"{name}"}}"#);
             assert_eq!(parse(&raw).unwrap_err().code, "bad_channel", "{name:?}");
         }
+    }
+
+    #[test]
+    fn parses_presence_queries() {
+        assert_eq!(
+            parse(r#"{"type":"presence","channel":"c","cursor":"0.1.2","limit":5,"id":4}"#),
+            Ok(Command::Presence {
+                channel: "c".into(),
+                cursor: Some("0.1.2".into()),
+                limit: Some(5),
+                id: Some(4)
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"presence_stats","channel":"c","id":5}"#),
+            Ok(Command::PresenceStats {
+                channel: "c".into(),
+                id: Some(5)
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"presence"}"#).unwrap_err().code,
+            "bad_request"
+        );
+    }
+
+    #[test]
+    fn join_leave_and_answers_are_json() {
+        let join = encode_presence_event("join", "c", "0.1.2", Some("ann"), Some(r#"{"a":1}"#));
+        assert_eq!(
+            payload(&join),
+            r#"{"type":"join","channel":"c","user":"ann","conn":"0.1.2","info":{"a":1}}"#
+        );
+        let leave = encode_presence_event("leave", "c", "0.1.2", None, None);
+        assert_eq!(
+            payload(&leave),
+            r#"{"type":"leave","channel":"c","user":null,"conn":"0.1.2"}"#
+        );
+        let answer = encode_with_id(br#"{"type":"presence_stats","users":1}"#, Some(9));
+        assert_eq!(
+            payload(&answer),
+            r#"{"type":"presence_stats","users":1,"id":9}"#
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
 use super::ConnRef;
-use crate::hub::{Broadcast, ChannelName};
+use crate::hub::{Broadcast, ChannelName, ConnId, Member};
 
 /// A channel's answer to a subscription request, as its home or the cluster sent it.
 #[derive(Debug)]
@@ -39,6 +39,8 @@ pub enum Envelope {
         id: Option<u64>,
         /// How much of the replay after `since` to send with the answer (0: none yet).
         max_replay_bytes: usize,
+        /// The connection as the channel's members list it, where the channel keeps them.
+        member: Option<Member>,
     },
     /// To the channel's home: the next chunk of a replay, the frames after `since` up to
     /// `max_bytes`, for a subscription it counted already. Answered like `Subscribe`.
@@ -51,8 +53,29 @@ pub enum Envelope {
         id: Option<u64>,
         max_bytes: usize,
     },
-    /// To the channel's home: release one subscription of shard `from`.
-    Unsubscribe { channel: ChannelName, from: usize },
+    /// To the channel's home: release one subscription of shard `from` (`conn`'s).
+    Unsubscribe {
+        channel: ChannelName,
+        from: usize,
+        conn: ConnRef,
+    },
+    /// To the channel's home: answer `query` to `from`/`conn` with a [`Envelope::Found`].
+    Query {
+        channel: ChannelName,
+        from: usize,
+        conn: ConnRef,
+        id: Option<u64>,
+        query: Query,
+    },
+    /// From a home: the answer to a query, a JSON object.
+    Found {
+        conn: ConnRef,
+        id: Option<u64>,
+        json: Bytes,
+    },
+    /// From the home: a join or leave frame for this shard's WebSocket subscribers of the
+    /// channel, in its place among the channel's broadcasts.
+    Event { channel: ChannelName, frame: Bytes },
     /// To the channel's home: order and fan out `data`, then ack to `from`/`conn`.
     Publish {
         channel: ChannelName,
@@ -87,6 +110,18 @@ pub enum Envelope {
     },
     /// From the home: deliver to this shard's subscribers of the channel.
     Broadcast(Broadcast),
+}
+
+/// What a query asks a channel's home.
+#[derive(Debug)]
+pub enum Query {
+    /// A page of members after `cursor`.
+    Presence {
+        cursor: Option<ConnId>,
+        limit: usize,
+    },
+    /// Connections and distinct users.
+    PresenceStats,
 }
 
 /// Wakes a sleeping shard. Implemented by the backend (a `mio::Waker`, an eventfd).

@@ -41,7 +41,8 @@
 //! | `websocket` | `/ws` and `/echo`: upgrade, frames, rate limit, commands, close |
 //! | `event_stream`, `longpoll`, `publish` | `/sse`, `/poll`, `POST /api/publish` and acks |
 //! | `subscriber` | subscriptions from pending to active, paced `since` replays, gaps |
-//! | `home` | the channels homed here: ordering, history, answers to subscriptions |
+//! | `home` | the channels homed here: ordering, history, members, join/leave |
+//! | `query` | questions to a channel's home (presence) and their answers |
 //! | `fanout` | a broadcast queued on every local subscriber; shedding slow ones |
 //! | `timer`, `deadlines` | request, poll, token, close and heartbeat deadlines; acting on them |
 //! | `outbox`, `mailbox` | a connection's write queue; the envelopes between shards |
@@ -61,6 +62,7 @@ mod longpoll;
 mod mailbox;
 mod outbox;
 mod publish;
+mod query;
 mod request;
 mod subscriber;
 mod timer;
@@ -77,7 +79,7 @@ use smallvec::SmallVec;
 
 pub use conn::ConnRef;
 pub use context::Context;
-pub use mailbox::{Answer, Envelope, Inbox, Post, Wake};
+pub use mailbox::{Answer, Envelope, Inbox, Post, Query, Wake};
 pub use outbox::Outbox;
 
 use crate::hub::{Channels, Subscriptions};
@@ -528,7 +530,10 @@ impl Shard {
             Envelope::Subscribe { .. }
             | Envelope::Replay { .. }
             | Envelope::Unsubscribe { .. }
+            | Envelope::Query { .. }
             | Envelope::Publish { .. } => self.serve_as_home(envelope),
+            Envelope::Found { conn, id, json } => self.found(conn, id, &json),
+            Envelope::Event { channel, frame } => self.deliver_event(&channel, frame),
             Envelope::Subscribed { answer, replay } => self.confirm_subscription(answer, replay),
             Envelope::HistoryGap { answer, oldest } => self.refuse_subscription(answer, oldest),
             Envelope::Refused { conn, id, message } => self.refuse_publish(conn, id, &message),

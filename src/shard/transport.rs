@@ -169,6 +169,11 @@ pub(super) trait Transport {
     fn on_refused(&mut self, _message: &str, _id: Option<u64>) -> Action {
         Action::Stay
     }
+
+    /// A query's answer came back: `json` is one JSON object.
+    fn on_found(&mut self, _json: &[u8], _id: Option<u64>) -> Action {
+        Action::Stay
+    }
 }
 
 impl Phase {

@@ -164,6 +164,10 @@ impl Transport for WebSocket {
         self.inflight_publishes -= 1;
         Action::Reply(pubsub::encode_error("unavailable", message, id))
     }
+
+    fn on_found(&mut self, json: &[u8], id: Option<u64>) -> Action {
+        Action::Reply(pubsub::encode_with_id(json, id))
+    }
 }
 
 /// What the WebSocket connections of one endpoint share, built once per shard: their
@@ -428,6 +432,11 @@ impl Shard {
             Command::Publish { channel, id, .. } if !self.may_publish(key, channel) => {
                 Some(format!("not allowed to publish to {channel:?}")).zip(Some(*id))
             }
+            Command::Presence { channel, id, .. } | Command::PresenceStats { channel, id }
+                if !self.may_subscribe(key, channel) =>
+            {
+                Some(format!("not allowed to see who is in {channel:?}")).zip(Some(*id))
+            }
             _ => None,
         };
         if let Some((message, id)) = denied {
@@ -450,6 +459,13 @@ impl Shard {
                 self.publish(channel.into(), data, conn, id);
             }
             Command::Ping { id } => self.reply(key, pubsub::encode_pong(id)),
+            Command::Presence {
+                channel,
+                cursor,
+                limit,
+                id,
+            } => self.ask_presence(key, &channel, Some((cursor.as_deref(), limit)), id),
+            Command::PresenceStats { channel, id } => self.ask_presence(key, &channel, None, id),
         }
     }
 }

@@ -18,14 +18,16 @@ pub(super) fn with_tokens(config: Config) -> Config {
     }
 }
 
-/// A token of `user` that may subscribe to `channels`, with `info` when given.
+/// A token of `user` that may subscribe and publish to `channels`, with `info` when
+/// given.
 pub(super) fn token(user: &str, channels: &[&str], info: Option<&str>) -> String {
     let exp = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 600;
-    let mut claims = serde_json::json!({"sub": user, "exp": exp, "channels": channels});
+    let mut claims =
+        serde_json::json!({"sub": user, "exp": exp, "channels": channels, "publish": channels});
     if let Some(info) = info {
         claims["info"] = serde_json::from_str(info).unwrap();
     }

@@ -52,6 +52,7 @@ fn seq_of(text: &str) -> u64 {
 mod heartbeats;
 mod identity;
 mod limits;
+mod presence;
 mod pubsub;
 mod replay;
 mod requests;

@@ -1,0 +1,85 @@
+//! Questions a connection asks of a channel's home rather than of its own shard (who is
+//! in a channel, how many), and the answers that come back.
+
+use crate::hub::presence::{DEFAULT_PAGE, MAX_PAGE};
+use crate::hub::{self, ConnId};
+use crate::proto::pubsub;
+
+use super::conn::ConnRef;
+use super::{Envelope, Query, Shard};
+
+/// What a presence question lacks: the cluster keeps no presence yet.
+pub(super) const NO_CLUSTER_PRESENCE: &str =
+    "presence is not available with --redis yet: it is kept per node";
+
+impl Shard {
+    /// `presence` (`page`: the cursor and limit asked for) or `presence_stats` of
+    /// `channel` over a WebSocket; the answer comes back from the home.
+    pub(super) fn ask_presence(
+        &mut self,
+        key: usize,
+        channel: &str,
+        page: Option<(Option<&str>, Option<u64>)>,
+        id: Option<u64>,
+    ) {
+        let refusal = if self.ctx.cluster.is_some() {
+            Some(("unavailable", NO_CLUSTER_PRESENCE.to_owned()))
+        } else if !self.ctx.config.namespaces.of(channel).presence {
+            Some((
+                "presence_disabled",
+                format!("presence is off for {channel:?}"),
+            ))
+        } else {
+            None
+        };
+        let query = match (refusal, page) {
+            (Some((code, message)), _) => {
+                self.reply(key, pubsub::encode_error(code, &message, id));
+                return;
+            }
+            (None, None) => Query::PresenceStats,
+            (None, Some((cursor, limit))) => {
+                let cursor = match cursor.map(str::parse::<ConnId>).transpose() {
+                    Ok(cursor) => cursor,
+                    Err(message) => {
+                        self.reply(key, pubsub::encode_error("bad_request", &message, id));
+                        return;
+                    }
+                };
+                let limit = limit.map_or(DEFAULT_PAGE, |l| (l as usize).clamp(1, MAX_PAGE));
+                Query::Presence { cursor, limit }
+            }
+        };
+        let conn = self.conn_ref(key);
+        self.ask_home(channel.into(), conn, id, query);
+    }
+
+    /// Sends `query` about `channel` to its home for `conn`.
+    pub(super) fn ask_home(
+        &mut self,
+        channel: hub::ChannelName,
+        conn: ConnRef,
+        id: Option<u64>,
+        query: Query,
+    ) {
+        let home = hub::home_of(&channel, self.shards);
+        let from = self.id;
+        self.send(
+            home,
+            Envelope::Query {
+                channel,
+                from,
+                conn,
+                id,
+                query,
+            },
+        );
+    }
+
+    /// A home answered a query of `conn`'s.
+    pub(super) fn found(&mut self, conn: ConnRef, id: Option<u64>, json: &[u8]) {
+        if let Some(key) = self.resolve(conn) {
+            self.dispatch(key, |transport, _| transport.on_found(json, id));
+        }
+    }
+}
