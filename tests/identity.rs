@@ -1,6 +1,6 @@
 //! Who is connected, against the real binary: a connection's user (the token's `sub`)
 //! and its bounded `info`, personal channels (`name#user`), `--max-connections-per-user`,
-//! presence and join/leave.
+//! presence and join/leave, and the `[[namespace]]` table that switches them per prefix.
 
 mod support;
 mod support_http;
@@ -173,5 +173,80 @@ async fn presence_and_join_leave_follow_clients_as_they_come_and_go() {
     assert_eq!(
         (stats["connections"].as_u64(), stats["users"].as_u64()),
         (Some(1), Some(1))
+    );
+}
+
+/// A config file holding `text`, in a directory of its own.
+fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("herald-identity-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("herald.toml");
+    std::fs::write(&file, text).unwrap();
+    file
+}
+
+#[test]
+fn an_unknown_namespace_key_stops_the_start_naming_the_key_and_the_line() {
+    let file = config_file(
+        "unknown",
+        "[[namespace]]\nprefix = \"chat.\"\npresence = true\njoin_leaves = true\n",
+    );
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--config",
+            file.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("line 4"), "{stderr}");
+    assert!(stderr.contains("unknown field `join_leaves`"), "{stderr}");
+}
+
+#[tokio::test]
+async fn namespaces_switch_presence_join_leave_and_who_publishes() {
+    let file = config_file(
+        "namespaces",
+        "[[namespace]]\nprefix = \"chat.\"\npresence = true\njoin_leave = true\npublish = \"subscribers\"\n\n\
+         [[namespace]]\nprefix = \"feed.\"\npublish = \"api\"\n",
+    );
+    let server = Server::start(&["--config", file.to_str().unwrap(), "--jwt-secret", SECRET]);
+    let claims = json!({"sub":"ann","channels":["chat.*","feed.*","news"],"publish":["feed.*"]});
+    let mut ws = connect(server.addr(), &format!("/ws?token={}", token(&claims))).await;
+    subscribe(&mut ws, "chat.a", 1).await;
+    assert_eq!(recv_json(&mut ws).await["type"], "join");
+    subscribe(&mut ws, "news", 2).await;
+    send_text(
+        &mut ws,
+        r#"{"type":"presence_stats","channel":"news","id":3}"#,
+    )
+    .await;
+    assert_eq!(recv_json(&mut ws).await["code"], "presence_disabled");
+    // `subscribers`: the token lists no publish right to chat.*, subscribing is enough.
+    send_text(
+        &mut ws,
+        r#"{"type":"publish","channel":"chat.a","data":1,"id":4}"#,
+    )
+    .await;
+    let mut kinds = vec![
+        recv_json(&mut ws).await["type"].clone(),
+        recv_json(&mut ws).await["type"].clone(),
+    ];
+    kinds.sort_by_key(|k| k.to_string());
+    assert_eq!(kinds, [json!("ack"), json!("message")]);
+    // `api`: the token's publish claim is not enough.
+    send_text(
+        &mut ws,
+        r#"{"type":"publish","channel":"feed.x","data":1,"id":5}"#,
+    )
+    .await;
+    let refused = recv_json(&mut ws).await;
+    assert_eq!(
+        (refused["code"].as_str(), refused["id"].as_u64()),
+        (Some("forbidden"), Some(5))
     );
 }

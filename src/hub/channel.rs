@@ -64,7 +64,7 @@ fn floor_bucket(channel: &str) -> usize {
 }
 
 /// How much history each channel keeps: at most `size` messages, none older than `ttl`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryLimits {
     pub size: usize,
     pub ttl: Duration,
@@ -88,10 +88,13 @@ struct Channel {
     history: VecDeque<Stored>,
     /// Its members, where presence or join/leave is on and someone is subscribed.
     presence: Option<Box<Presence>>,
+    /// Its namespace's history limits, looked up once when the channel is created.
+    limits: HistoryLimits,
 }
 
 impl Channel {
-    fn trim(&mut self, limits: HistoryLimits, now: Instant) {
+    fn trim(&mut self, now: Instant) {
+        let limits = self.limits;
         while self.history.len() > limits.size {
             self.history.pop_front();
         }
@@ -135,7 +138,12 @@ impl Channel {
 /// The channels homed on one shard.
 pub struct Channels {
     shards: usize,
+    /// History limits of channels no namespace matches.
     limits: HistoryLimits,
+    /// History limits per namespace prefix.
+    by_prefix: Vec<(Box<str>, HistoryLimits)>,
+    /// The shortest TTL of any namespace: it paces the sweep.
+    shortest_ttl: Duration,
     /// Indexed as well as keyed, so the sweep can resume where it stopped.
     map: IndexMap<ChannelName, Channel>,
     /// Per bucket of names, the highest seq a forgotten channel of the bucket reached.
@@ -174,6 +182,8 @@ impl Channels {
         Self {
             shards,
             limits,
+            by_prefix: Vec::new(),
+            shortest_ttl: limits.ttl,
             map: IndexMap::new(),
             floors: vec![0; FLOOR_BUCKETS].into_boxed_slice(),
             cursor: 0,
@@ -182,8 +192,31 @@ impl Channels {
         }
     }
 
+    /// History limits per namespace prefix (the longest matching prefix wins), over the
+    /// default given to [`Channels::new`].
+    pub fn with_prefixes(mut self, by_prefix: Vec<(Box<str>, HistoryLimits)>) -> Self {
+        self.shortest_ttl = by_prefix
+            .iter()
+            .map(|(_, limits)| limits.ttl)
+            .fold(self.limits.ttl, Duration::min);
+        self.by_prefix = by_prefix;
+        self
+    }
+
+    fn limits_of(&self, name: &str) -> HistoryLimits {
+        self.by_prefix
+            .iter()
+            .filter(|(prefix, _)| name.starts_with(&**prefix))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or(self.limits, |(_, limits)| *limits)
+    }
+
     /// The channel's index, created from its bucket's floor when new.
     fn entry(&mut self, name: &ChannelName) -> usize {
+        if let Some(index) = self.map.get_index_of(&**name) {
+            return index;
+        }
+        let limits = self.limits_of(name);
         let (shards, floors) = (self.shards, &self.floors);
         let entry = self.map.entry(name.clone());
         let index = entry.index();
@@ -192,6 +225,7 @@ impl Channels {
             subscribers: vec![0; shards].into_boxed_slice(),
             history: VecDeque::new(),
             presence: None,
+            limits,
         });
         index
     }
@@ -223,11 +257,10 @@ impl Channels {
         max_replay_bytes: usize,
         now: Instant,
     ) -> SubscribeOutcome {
-        let limits = self.limits;
         let index = self.entry(name);
         let channel = &mut self.map[index];
         channel.subscribers[shard] += 1;
-        channel.trim(limits, now);
+        channel.trim(now);
         let seq = channel.seq;
         let Some(since) = since else {
             return SubscribeOutcome::Subscribed {
@@ -257,10 +290,9 @@ impl Channels {
         max_bytes: usize,
         now: Instant,
     ) -> SubscribeOutcome {
-        let limits = self.limits;
         let index = self.entry(name);
         let channel = &mut self.map[index];
-        channel.trim(limits, now);
+        channel.trim(now);
         let (seq, oldest) = (channel.seq, channel.oldest());
         if since > seq || since + 1 < oldest {
             return SubscribeOutcome::HistoryGap { seq, oldest };
@@ -317,19 +349,18 @@ impl Channels {
     /// stores it in the history (before anyone is told: an ack means recoverable). A
     /// channel that neither delivers nor keeps it is forgotten again at once.
     pub fn publish(&mut self, name: &ChannelName, data: &[u8], now: Instant) -> Published<'_> {
-        let limits = self.limits;
         let index = self.entry(name);
         let channel = &mut self.map[index];
         channel.seq += 1;
         let frame = pubsub::encode_message(name, channel.seq, data);
-        if limits.size > 0 {
+        if channel.limits.size > 0 {
             channel.history.push_back(Stored {
                 seq: channel.seq,
                 at: now,
                 frame: frame.clone(),
             });
         }
-        channel.trim(limits, now);
+        channel.trim(now);
         let broadcast = Broadcast {
             channel: name.clone(),
             seq: channel.seq,
@@ -368,7 +399,7 @@ impl Channels {
         self.next_sweep = Some(now + SWEEP_INTERVAL);
         if self.cursor >= self.map.len() {
             let round =
-                (self.limits.ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+                (self.shortest_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
             self.cursor = 0;
             self.ticks_left = (round.as_nanos() / SWEEP_INTERVAL.as_nanos()) as u32;
         }
@@ -379,7 +410,7 @@ impl Channels {
         let visits = (self.map.len() - self.cursor).div_ceil(ticks_left as usize);
         for _ in 0..visits {
             let channel = &mut self.map[self.cursor];
-            channel.trim(self.limits, now);
+            channel.trim(now);
             if channel.is_idle() {
                 // The last channel moves into this index: it is visited next.
                 self.forget(self.cursor);
@@ -515,6 +546,36 @@ mod tests {
             channels.subscribe(&c, 0, Some(0), true, usize::MAX, much_later),
             SubscribeOutcome::HistoryGap { seq: 2, oldest: 3 }
         );
+    }
+
+    #[test]
+    fn a_namespace_prefix_sets_its_channels_history() {
+        let now = Instant::now();
+        let mut channels = Channels::new(1, limits(2)).with_prefixes(vec![
+            ("feed.".into(), limits(5)),
+            ("feed.none.".into(), limits(0)),
+        ]);
+        for name in ["news", "feed.a", "feed.none.a"] {
+            let c = self::name(name);
+            channels.subscribe(&c, 0, None, true, 0, now);
+            for _ in 0..10 {
+                channels.publish(&c, b"1", now);
+            }
+        }
+        let oldest = |channels: &mut Channels, name: &str| match channels.subscribe(
+            &self::name(name),
+            0,
+            Some(0),
+            true,
+            0,
+            now,
+        ) {
+            SubscribeOutcome::HistoryGap { oldest, .. } => oldest,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(oldest(&mut channels, "news"), 9);
+        assert_eq!(oldest(&mut channels, "feed.a"), 6);
+        assert_eq!(oldest(&mut channels, "feed.none.a"), 11);
     }
 
     #[test]

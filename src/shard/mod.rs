@@ -165,7 +165,8 @@ impl Shard {
             wheel: Wheel::new(now),
             wheel_sweep_at: 64,
             heartbeat_phases: Spread::default(),
-            channels: Channels::new(shards, config.history),
+            channels: Channels::new(shards, config.history)
+                .with_prefixes(config.namespaces.history_by_prefix()),
             // Address space for this shard's share of the connection limit, touched only as
             // connections arrive: a table grown by doubling would copy itself each time and
             // leave the old copies resident until the allocator purges them (as much again

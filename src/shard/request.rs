@@ -13,6 +13,7 @@ use crate::auth::{AuthMode, token_of};
 use crate::config::Config;
 use crate::http::{self, ApiError, Route};
 use crate::limits::{Refusal, client_ip, retry_after};
+use crate::namespace::PublishRule;
 use crate::proto::handshake::{self, Request};
 
 use super::Shard;
@@ -162,23 +163,29 @@ impl Shard {
     }
 
     /// Whether the request holding `key` may subscribe to `channel`: never without an
-    /// admitted identity. A personal channel (`name#user`) is its user's alone, whatever
-    /// the token lists, and needs no listing.
+    /// admitted identity. Where the namespace has personal channels, `name#user` is its
+    /// user's alone, whatever the token lists, and needs no listing.
     pub(super) fn may_subscribe(&self, key: usize, channel: &str) -> bool {
-        self.conns[key]
-            .identity
-            .as_ref()
-            .is_some_and(|id| match personal_owner(channel) {
+        let personal = self.ctx.config.namespaces.of(channel).personal_channels;
+        self.conns[key].identity.as_ref().is_some_and(|id| {
+            match personal_owner(channel).filter(|_| personal) {
                 Some(owner) => id.user.as_deref() == Some(owner),
                 None => id.subscribe.allows(channel),
-            })
+            }
+        })
     }
 
+    /// Whether the client holding `key` may publish to `channel`, as its namespace's
+    /// `publish` rule says.
     pub(super) fn may_publish(&self, key: usize, channel: &str) -> bool {
-        self.conns[key]
-            .identity
-            .as_ref()
-            .is_some_and(|id| id.publish.allows(channel))
+        match self.ctx.config.namespaces.of(channel).publish {
+            PublishRule::Token => self.conns[key]
+                .identity
+                .as_ref()
+                .is_some_and(|id| id.publish.allows(channel)),
+            PublishRule::Subscribers => self.may_subscribe(key, channel),
+            PublishRule::Api => false,
+        }
     }
 
     /// Reads one HTTP request if it is complete and acts on it. Returns whether the

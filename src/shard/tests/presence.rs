@@ -2,14 +2,11 @@
 
 use super::identity::{token, with_tokens};
 use super::*;
-use crate::namespace::Namespace;
 
 fn presence_config(join_leave: bool) -> Config {
     let mut config = with_tokens(Config::default());
-    config.namespaces.default = Namespace {
-        presence: true,
-        join_leave,
-    };
+    config.namespaces.default.presence = true;
+    config.namespaces.default.join_leave = join_leave;
     config
 }
 
