@@ -36,6 +36,8 @@ pub enum ApiError {
     BadApiKey,
     /// HTTP publishing is off (no `--api-key`): 403.
     PublishDisabled,
+    /// The rest of the server API is off (no `--api-key`): 403.
+    ApiDisabled,
     /// A query or body the endpoint cannot read: 400.
     BadRequest(String),
     /// A published channel name outside the grammar: 400.
@@ -62,7 +64,10 @@ impl ApiError {
             Self::LengthRequired => 411,
             Self::MethodNotAllowed { .. } => 405,
             Self::NotFound { .. } => 404,
-            Self::ForbiddenOrigin(_) | Self::PublishDisabled | Self::ReadForbidden { .. } => 403,
+            Self::ForbiddenOrigin(_)
+            | Self::PublishDisabled
+            | Self::ApiDisabled
+            | Self::ReadForbidden { .. } => 403,
             Self::Unauthorized(_) | Self::BadApiKey => 401,
             Self::BadRequest(_) | Self::BadChannel(_) | Self::TlsRequired => 400,
             Self::Busy { refusal, .. } => refusal.status(),
@@ -90,6 +95,7 @@ impl ApiError {
             Self::ForbiddenOrigin(_) => "forbidden_origin",
             Self::Unauthorized(_) | Self::BadApiKey => "unauthorized",
             Self::PublishDisabled => "publish_disabled",
+            Self::ApiDisabled => "api_disabled",
             Self::BadRequest(_) => "bad_request",
             Self::BadChannel(_) => "bad_channel",
             Self::ReadForbidden { .. } => "forbidden",
@@ -177,6 +183,9 @@ impl fmt::Display for ApiError {
             Self::PublishDisabled => {
                 f.write_str("HTTP publishing is off: start the server with --api-key")
             }
+            Self::ApiDisabled => {
+                f.write_str("the server API is off: start the server with --api-key")
+            }
             Self::ReadForbidden { channel } => write!(f, "not allowed to read {channel:?}"),
             Self::Busy { refusal, .. } => f.write_str(refusal.reason()),
             Self::Unavailable(message) => f.write_str(message),
@@ -205,7 +214,7 @@ mod tests {
             &'static str,
             Option<(&'static str, &'static str)>,
         );
-        let cases: [Case; 22] = [
+        let cases: [Case; 23] = [
             (
                 ApiError::Handshake(HandshakeError::MissingKey),
                 400,
@@ -264,6 +273,7 @@ mod tests {
                 Some(("WWW-Authenticate", "Bearer")),
             ),
             (ApiError::PublishDisabled, 403, "publish_disabled", None),
+            (ApiError::ApiDisabled, 403, "api_disabled", None),
             (ApiError::BadRequest("x".into()), 400, "bad_request", None),
             (ApiError::BadChannel("x".into()), 400, "bad_channel", None),
             (

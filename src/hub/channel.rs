@@ -327,6 +327,65 @@ impl Channels {
         self.map.get(name)?.presence.as_deref()
     }
 
+    /// The channels homed here that `matches` accepts, after `cursor` in name order, at
+    /// most `max`, with their subscriptions on every shard. Visits every channel: for the
+    /// server API, not the message path.
+    pub fn list(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        cursor: Option<&str>,
+        max: usize,
+    ) -> Vec<(ChannelName, u32)> {
+        let mut found: Vec<(ChannelName, u32)> = self
+            .map
+            .iter()
+            .filter(|(name, _)| cursor.is_none_or(|c| &***name > c) && matches(name))
+            .map(|(name, channel)| (name.clone(), channel.subscribers.iter().sum()))
+            .collect();
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.truncate(max);
+        found
+    }
+
+    /// Stored frames of `name` after `since` (all without it): the first `limit`, or the
+    /// last `limit` newest first, stopping before `max_bytes` (at least one); with the
+    /// channel's latest seq and the oldest a `since` can reach. A channel not known here
+    /// has none, and is not created by asking.
+    pub fn history(
+        &mut self,
+        name: &str,
+        since: Option<u64>,
+        (limit, newest_first): (usize, bool),
+        max_bytes: usize,
+        now: Instant,
+    ) -> (u64, u64, Vec<Bytes>) {
+        let Some(channel) = self.map.get_mut(name) else {
+            let floor = self.floors[floor_bucket(name)];
+            return (floor, floor + 1, Vec::new());
+        };
+        channel.trim(now);
+        let after = channel
+            .history
+            .iter()
+            .filter(|m| since.is_none_or(|since| m.seq > since));
+        let picked: Vec<&Stored> = if newest_first {
+            after.rev().take(limit).collect()
+        } else {
+            after.take(limit).collect()
+        };
+        let mut bytes = 0;
+        let frames = picked
+            .into_iter()
+            .take_while(|m| {
+                let fits = bytes == 0 || bytes + m.frame.len() <= max_bytes;
+                bytes += m.frame.len();
+                fits
+            })
+            .map(|m| m.frame.clone())
+            .collect();
+        (channel.seq, channel.oldest(), frames)
+    }
+
     /// Subscriptions to `name` per shard (pending or active), if it is known here.
     pub fn subscribers(&self, name: &str) -> Option<&[u32]> {
         self.map.get(name).map(|channel| &*channel.subscribers)
@@ -576,6 +635,43 @@ mod tests {
         assert_eq!(oldest(&mut channels, "news"), 9);
         assert_eq!(oldest(&mut channels, "feed.a"), 6);
         assert_eq!(oldest(&mut channels, "feed.none.a"), 11);
+    }
+
+    #[test]
+    fn history_and_list_read_without_creating_channels() {
+        let now = Instant::now();
+        let mut channels = Channels::new(2, limits(10));
+        for n in ["b", "a", "c"] {
+            channels.publish(&name(n), b"1", now);
+        }
+        channels.subscribe(&name("b"), 1, None, true, 0, now);
+        for _ in 0..4 {
+            channels.publish(&name("b"), b"2", now);
+        }
+        let listed = channels.list(|n| n != "c", None, 10);
+        assert_eq!(listed, [(name("a"), 0), (name("b"), 1)]);
+        assert_eq!(channels.list(|_| true, Some("a"), 1), [(name("b"), 1)]);
+        let seqs = |frames: &[Bytes]| -> Vec<u64> {
+            frames
+                .iter()
+                .map(|f| {
+                    let text = String::from_utf8_lossy(f).into_owned();
+                    let rest = &text[text.find("\"seq\":").unwrap() + 6..];
+                    rest[..rest.find(',').unwrap()].parse().unwrap()
+                })
+                .collect()
+        };
+        let (seq, oldest, frames) = channels.history("b", Some(1), (2, false), usize::MAX, now);
+        assert_eq!((seq, oldest, seqs(&frames)), (5, 1, vec![2, 3]));
+        let (_, _, frames) = channels.history("b", None, (2, true), usize::MAX, now);
+        assert_eq!(seqs(&frames), [5, 4]);
+        let (_, _, frames) = channels.history("b", None, (10, false), 1, now);
+        assert_eq!(frames.len(), 1, "at least one, within the bytes");
+        assert_eq!(
+            channels.history("nope", None, (10, false), 1, now).2,
+            Vec::<Bytes>::new()
+        );
+        assert_eq!(channels.len(), 3, "asking created nothing");
     }
 
     #[test]

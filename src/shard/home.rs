@@ -9,6 +9,7 @@
 use bytes::Bytes;
 
 use crate::compression::CompressionPolicy;
+use crate::http::api;
 use crate::hub::presence::{self, ConnId, Member};
 use crate::hub::{ChannelName, SubscribeOutcome};
 use crate::metrics::Stopwatch;
@@ -98,6 +99,22 @@ impl Shard {
                         presence::page_json(&channel, members, cursor, limit)
                     }
                     Query::PresenceStats => presence::stats_json(&channel, members),
+                    Query::History {
+                        since,
+                        limit,
+                        newest_first,
+                    } => {
+                        // Within half the outbound budget, as a replay chunk is.
+                        let max_bytes = self.ctx.config.outbound_queue_bytes / 2;
+                        let (seq, oldest, frames) = self.channels.history(
+                            &channel,
+                            since,
+                            (limit, newest_first),
+                            max_bytes,
+                            self.now,
+                        );
+                        api::history_json(&channel, &self.ctx.epoch, (seq, oldest), &frames)
+                    }
                 };
                 let json = Bytes::from(json);
                 self.send(from, Envelope::Found { conn, id, json });

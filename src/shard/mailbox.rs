@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use super::ConnRef;
+use super::{ConnRef, Shard};
+use crate::auth::Patterns;
+use crate::http::api::Target;
 use crate::hub::{Broadcast, ChannelName, ConnId, Member};
 
 /// A channel's answer to a subscription request, as its home or the cluster sent it.
@@ -73,6 +75,15 @@ pub enum Envelope {
         id: Option<u64>,
         json: Bytes,
     },
+    /// To every shard (or the one a connection id names): carry out a server API order,
+    /// then answer `from`/`conn` with a [`Envelope::Done`].
+    Order {
+        from: usize,
+        conn: ConnRef,
+        order: Order,
+    },
+    /// A shard's part of the answer to an order.
+    Done { conn: ConnRef, part: Part },
     /// From the home: a join or leave frame for this shard's WebSocket subscribers of the
     /// channel, in its place among the channel's broadcasts.
     Event { channel: ChannelName, frame: Bytes },
@@ -122,6 +133,72 @@ pub enum Query {
     },
     /// Connections and distinct users.
     PresenceStats,
+    /// Stored messages after `since`: the first `limit`, or the last `limit` newest first.
+    History {
+        since: Option<u64>,
+        limit: usize,
+        newest_first: bool,
+    },
+}
+
+/// What the server API asks of every shard (each gets its own copy: names and counts).
+#[derive(Debug, Clone)]
+pub enum Order {
+    /// Close the connections of a user, or one connection, with this code and reason.
+    Disconnect {
+        target: Target,
+        code: u16,
+        reason: Arc<str>,
+    },
+    /// Take a user's connections out of a channel.
+    Unsubscribe {
+        user: Arc<str>,
+        channel: ChannelName,
+    },
+    /// The channels homed here matching `pattern`, after `cursor` in name order: at most
+    /// `limit + 1`, so the gatherer knows whether a page follows.
+    Channels {
+        pattern: Arc<Patterns>,
+        cursor: Option<ChannelName>,
+        limit: usize,
+    },
+}
+
+/// One shard's answer to an [`Order`].
+#[derive(Debug)]
+pub enum Part {
+    /// Connections disconnected or unsubscribed.
+    Count(u64),
+    /// Channels with their subscriber counts, in name order.
+    Channels(Vec<(ChannelName, u32)>),
+}
+
+impl Shard {
+    /// One envelope, from another shard or this one: a request to this shard as the home of
+    /// a channel, or an answer one of its connections waits for.
+    pub(super) fn handle_envelope(&mut self, envelope: Envelope) {
+        match envelope {
+            Envelope::Subscribe { .. }
+            | Envelope::Replay { .. }
+            | Envelope::Unsubscribe { .. }
+            | Envelope::Query { .. }
+            | Envelope::Publish { .. } => self.serve_as_home(envelope),
+            Envelope::Found { conn, id, json } => self.found(conn, id, &json),
+            Envelope::Event { channel, frame } => self.deliver_event(&channel, frame),
+            Envelope::Order { from, conn, order } => self.carry_out(from, conn, order),
+            Envelope::Done { conn, part } => self.done(conn, part),
+            Envelope::Subscribed { answer, replay } => self.confirm_subscription(answer, replay),
+            Envelope::HistoryGap { answer, oldest } => self.refuse_subscription(answer, oldest),
+            Envelope::Refused { conn, id, message } => self.refuse_publish(conn, id, &message),
+            Envelope::Ack {
+                conn,
+                seq,
+                subscribers,
+                id,
+            } => self.acknowledge(conn, seq, subscribers, id),
+            Envelope::Broadcast(broadcast) => self.deliver(&broadcast),
+        }
+    }
 }
 
 /// Wakes a sleeping shard. Implemented by the backend (a `mio::Waker`, an eventfd).

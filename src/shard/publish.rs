@@ -4,7 +4,6 @@
 
 use bytes::Bytes;
 
-use crate::auth::api_key_matches;
 use crate::cluster;
 use crate::config::Config;
 use crate::http::{self, ApiError, publish};
@@ -72,17 +71,12 @@ impl Shard {
         body: &Bytes,
         keep_alive: bool,
     ) {
-        let Some(api_key) = self.ctx.config.api_key.as_deref() else {
+        if self.ctx.config.api_key.is_none() {
             self.refuse(key, &ApiError::PublishDisabled, false);
             return;
-        };
-        let presented = request
-            .authorization
-            .as_deref()
-            .and_then(|a| a.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !api_key_matches(presented.trim(), api_key) {
-            self.refuse(key, &ApiError::BadApiKey, false);
+        }
+        if let Err(error) = self.check_api_key(request) {
+            self.refuse(key, &error, false);
             return;
         }
         let parsed = match publish::parse(body) {

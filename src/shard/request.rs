@@ -261,6 +261,7 @@ impl Shard {
             Route::PubSub => self.upgrade(key, request, Endpoint::PubSub),
             Route::Echo => self.upgrade(key, request, Endpoint::Echo),
             Route::Publish => self.publish_http(key, request, &body, keep_alive),
+            Route::Api(endpoint) => self.api(key, endpoint, request, &body, keep_alive),
             Route::Poll => self.poll(key, request, keep_alive),
             Route::Sse => self.open_event_stream(key, request),
             Route::Metrics => {

@@ -18,9 +18,9 @@ use crate::config::Config;
 use crate::http::ApiError;
 use crate::hub::ChannelName;
 
-use super::Shard;
 use super::conn::{Conn, Phase};
 use super::outbox::Outbox;
+use super::{Part, Shard};
 
 /// What the core does for a connection after its transport answered an event.
 pub(super) enum Action {
@@ -174,6 +174,11 @@ pub(super) trait Transport {
     fn on_found(&mut self, _json: &[u8], _id: Option<u64>) -> Action {
         Action::Stay
     }
+
+    /// One shard's part of the answer to a server API order.
+    fn on_done(&mut self, _part: Part) -> Action {
+        Action::Stay
+    }
 }
 
 impl Phase {
@@ -185,6 +190,7 @@ impl Phase {
             Self::Polling(poll) => &mut **poll,
             Self::EventStream(stream) => stream,
             Self::WebSocket(socket) => &mut **socket,
+            Self::Api(call) => &mut **call,
         }
     }
 
@@ -195,6 +201,7 @@ impl Phase {
             Self::Polling(poll) => &**poll,
             Self::EventStream(stream) => stream,
             Self::WebSocket(socket) => &**socket,
+            Self::Api(call) => &**call,
         }
     }
 }

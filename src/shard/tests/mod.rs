@@ -49,6 +49,7 @@ fn seq_of(text: &str) -> u64 {
     rest[..rest.find(',').unwrap()].parse().unwrap()
 }
 
+mod api;
 mod heartbeats;
 mod identity;
 mod limits;
