@@ -50,6 +50,14 @@ pub enum Command {
         channel: Box<str>,
         id: Option<u64>,
     },
+    /// Stored messages after `since`: the first `limit`, or the last newest first.
+    History {
+        channel: Box<str>,
+        since: Option<u64>,
+        limit: Option<u64>,
+        newest_first: bool,
+        id: Option<u64>,
+    },
 }
 
 /// Why a command was refused; becomes an `error` reply and the connection stays open.
@@ -88,6 +96,7 @@ struct WireCommand<'a> {
     #[serde(borrow)]
     cursor: Option<Cow<'a, str>>,
     limit: Option<Unsigned>,
+    newest_first: Option<bool>,
     // Validated (simd-json walks it) but not built: its bytes are taken from the payload.
     #[allow(dead_code)]
     data: Option<IgnoredAny>,
@@ -173,6 +182,13 @@ impl CommandParser {
             }),
             "presence_stats" => Ok(Command::PresenceStats {
                 channel: channel(wire.channel)?,
+                id,
+            }),
+            "history" => Ok(Command::History {
+                channel: channel(wire.channel)?,
+                since: wire.since.map(|Unsigned(since)| since),
+                limit: wire.limit.map(|Unsigned(limit)| limit),
+                newest_first: wire.newest_first.unwrap_or(false),
                 id,
             }),
             other => Err(CommandError::new(
@@ -710,6 +726,16 @@ mod tests {
         assert_eq!(
             parse(r#"{"type":"presence"}"#).unwrap_err().code,
             "bad_request"
+        );
+        assert_eq!(
+            parse(r#"{"type":"history","channel":"c","limit":3,"newest_first":true}"#),
+            Ok(Command::History {
+                channel: "c".into(),
+                since: None,
+                limit: Some(3),
+                newest_first: true,
+                id: None
+            })
         );
     }
 

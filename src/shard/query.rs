@@ -1,5 +1,5 @@
 //! Questions a connection asks of a channel's home rather than of its own shard (who is
-//! in a channel, how many), and the answers that come back.
+//! in a channel, how many, what it stored), and the answers that come back.
 
 use crate::hub::presence::{DEFAULT_PAGE, MAX_PAGE};
 use crate::hub::{self, ConnId};
@@ -11,6 +11,9 @@ use super::{Envelope, Query, Shard};
 /// What a presence question lacks: the cluster keeps no presence yet.
 pub(super) const NO_CLUSTER_PRESENCE: &str =
     "presence is not available with --redis yet: it is kept per node";
+
+/// The most messages one `history` answer holds.
+pub(super) const MAX_HISTORY_PAGE: usize = 1000;
 
 impl Shard {
     /// `presence` (`page`: the cursor and limit asked for) or `presence_stats` of
@@ -49,6 +52,32 @@ impl Shard {
                 let limit = limit.map_or(DEFAULT_PAGE, |l| (l as usize).clamp(1, MAX_PAGE));
                 Query::Presence { cursor, limit }
             }
+        };
+        let conn = self.conn_ref(key);
+        self.ask_home(channel.into(), conn, id, query);
+    }
+
+    /// `history` of `channel` over a WebSocket: up to `limit` stored messages after
+    /// `since`, the newest first when asked; answered by the home within half the
+    /// outbound budget.
+    pub(super) fn ask_history(
+        &mut self,
+        key: usize,
+        channel: &str,
+        since: Option<u64>,
+        (limit, newest_first): (Option<u64>, bool),
+        id: Option<u64>,
+    ) {
+        if self.ctx.cluster.is_some() {
+            let message = "history is not available here with --redis yet: use since";
+            self.reply(key, pubsub::encode_error("unavailable", message, id));
+            return;
+        }
+        let limit = limit.map_or(100, |l| (l as usize).clamp(1, MAX_HISTORY_PAGE));
+        let query = Query::History {
+            since,
+            limit,
+            newest_first,
         };
         let conn = self.conn_ref(key);
         self.ask_home(channel.into(), conn, id, query);

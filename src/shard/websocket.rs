@@ -437,6 +437,9 @@ impl Shard {
             {
                 Some(format!("not allowed to see who is in {channel:?}")).zip(Some(*id))
             }
+            Command::History { channel, id, .. } if !self.may_subscribe(key, channel) => {
+                Some(format!("not allowed to read {channel:?}")).zip(Some(*id))
+            }
             _ => None,
         };
         if let Some((message, id)) = denied {
@@ -466,6 +469,13 @@ impl Shard {
                 id,
             } => self.ask_presence(key, &channel, Some((cursor.as_deref(), limit)), id),
             Command::PresenceStats { channel, id } => self.ask_presence(key, &channel, None, id),
+            Command::History {
+                channel,
+                since,
+                limit,
+                newest_first,
+                id,
+            } => self.ask_history(key, &channel, since, (limit, newest_first), id),
         }
     }
 }

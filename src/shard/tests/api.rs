@@ -208,3 +208,39 @@ fn the_api_needs_its_key() {
         (200, Some(2), Some("e1"))
     );
 }
+
+#[test]
+fn a_client_that_may_subscribe_reads_history_over_the_websocket() {
+    let mut cluster = Cluster::new(2, api_config());
+    let ann = user(&mut cluster, 0, "ann", "c");
+    for n in 1..=3 {
+        cluster.send(
+            ann,
+            &format!(r#"{{"type":"publish","channel":"c","data":{n}}}"#),
+        );
+    }
+    cluster.settle();
+    cluster.take_output(ann);
+    cluster.send(
+        ann,
+        r#"{"type":"history","channel":"c","limit":2,"newest_first":true,"id":9}"#,
+    );
+    cluster.settle();
+    let texts = cluster.texts(ann);
+    let answer: serde_json::Value = serde_json::from_str(&texts[0]).unwrap();
+    assert_eq!(
+        (answer["type"].as_str(), answer["id"].as_u64()),
+        (Some("history"), Some(9))
+    );
+    let seqs: Vec<u64> = answer["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, [3, 2]);
+    let limited = cluster.connect(1, &format!("/ws?token={}", token("bob", &["other"], None)));
+    cluster.send(limited, r#"{"type":"history","channel":"c","id":1}"#);
+    cluster.settle();
+    assert!(cluster.texts(limited)[0].contains(r#""code":"forbidden""#));
+}
