@@ -3,7 +3,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /api/disconnect` `{"user":U}` or `{"conn":ID}`, `"code"`, `"reason"` | `{"disconnected":N}` |
+//! | `POST /api/disconnect` `{"user":U}` or `{"conn":ID}`, `"code"`, `"reason"`, `"reconnect"` | `{"disconnected":N}` |
 //! | `POST /api/unsubscribe` `{"user":U,"channel":C}` | `{"unsubscribed":N}` |
 //! | `GET /api/presence?channel=C&cursor=ID&limit=N` | a page of members |
 //! | `GET /api/presence_stats?channel=C` | connections and distinct users |
@@ -23,6 +23,10 @@ use crate::hub::{ChannelName, ConnId};
 use crate::proto::frame::server_frame_payload;
 use crate::proto::handshake::Request;
 use crate::proto::pubsub::validate_channel;
+
+/// The close code of a disconnect that tells the client not to reconnect (`herald.js`
+/// stops on it): 4003, forbidden.
+pub const NO_RECONNECT_CODE: u16 = 4003;
 
 /// The longest close reason: a close frame's payload is at most 125 bytes, 2 of them the
 /// code (RFC 6455 §5.5).
@@ -110,6 +114,7 @@ struct DisconnectBody {
     conn: Option<String>,
     code: Option<u16>,
     reason: Option<String>,
+    reconnect: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -129,7 +134,11 @@ pub fn parse(endpoint: Endpoint, request: &Request, body: &[u8]) -> Result<Call,
                 (None, Some(conn)) => Target::Conn(conn.parse().map_err(bad)?),
                 _ => return Err(bad("give either \"user\" or \"conn\"")),
             };
-            let code = body.code.unwrap_or(4000);
+            let default_code = match body.reconnect {
+                Some(false) => NO_RECONNECT_CODE,
+                _ => 4000,
+            };
+            let code = body.code.unwrap_or(default_code);
             if !matches!(code, 1000 | 1001 | 1008 | 3000..=4999) {
                 return Err(bad(
                     "code must be 1000, 1001, 1008 or from 3000 to 4999 (RFC 6455 §7.4)",
@@ -309,6 +318,12 @@ mod tests {
                 reason: "bye".into()
             })
         );
+        let for_good = call(
+            Endpoint::Disconnect,
+            "/",
+            r#"{"user":"a","reconnect":false}"#,
+        );
+        assert!(matches!(for_good, Ok(Call::Disconnect { code: 4003, .. })));
         let by_conn = call(Endpoint::Disconnect, "/", r#"{"conn":"1.2.3"}"#).unwrap();
         assert!(matches!(
             by_conn,
