@@ -363,7 +363,8 @@ pub struct Options {
 
     /// Channel namespaces (config file only): `[[namespace]]` tables keyed by `prefix`,
     /// each setting any of history_size, history_ttl_ms, presence, join_leave, publish,
-    /// personal_channels, slow_consumer_policy, compression for its channels.
+    /// personal_channels, expose_publisher, slow_consumer_policy, compression for its
+    /// channels.
     #[arg(skip)]
     pub namespace: Option<Vec<NamespaceEntry>>,
 
@@ -534,6 +535,7 @@ impl Options {
                 join_leave: self.join_leave.unwrap_or(false),
                 publish: PublishRule::Token,
                 personal_channels: true,
+                expose_publisher: false,
                 history,
             },
             self.slow_consumer_policy

@@ -34,6 +34,8 @@ pub struct Namespace {
     pub publish: PublishRule,
     /// A channel `name#user` is that user's alone, without a token listing it.
     pub personal_channels: bool,
+    /// Messages a client published carry its user (`"publisher":U`).
+    pub expose_publisher: bool,
     pub history: HistoryLimits,
 }
 
@@ -90,6 +92,7 @@ pub struct NamespaceEntry {
     pub join_leave: Option<bool>,
     pub publish: Option<PublishRule>,
     pub personal_channels: Option<bool>,
+    pub expose_publisher: Option<bool>,
     pub slow_consumer_policy: Option<SlowConsumerPolicy>,
     pub compression: Option<CompressionPolicy>,
 }
@@ -151,6 +154,7 @@ pub(crate) fn resolve(
                 join_leave: entry.join_leave.unwrap_or(default.join_leave),
                 publish: entry.publish.unwrap_or(default.publish),
                 personal_channels: entry.personal_channels.unwrap_or(default.personal_channels),
+                expose_publisher: entry.expose_publisher.unwrap_or(default.expose_publisher),
                 history,
             },
         ));
@@ -178,6 +182,7 @@ mod tests {
             join_leave: false,
             publish: PublishRule::Token,
             personal_channels: true,
+            expose_publisher: false,
             history: HistoryLimits {
                 size: 100,
                 ttl: Duration::from_secs(300),

@@ -211,7 +211,7 @@ fn an_unknown_namespace_key_stops_the_start_naming_the_key_and_the_line() {
 async fn namespaces_switch_presence_join_leave_and_who_publishes() {
     let file = config_file(
         "namespaces",
-        "[[namespace]]\nprefix = \"chat.\"\npresence = true\njoin_leave = true\npublish = \"subscribers\"\n\n\
+        "[[namespace]]\nprefix = \"chat.\"\npresence = true\njoin_leave = true\npublish = \"subscribers\"\nexpose_publisher = true\n\n\
          [[namespace]]\nprefix = \"feed.\"\npublish = \"api\"\n",
     );
     let server = Server::start(&["--config", file.to_str().unwrap(), "--jwt-secret", SECRET]);

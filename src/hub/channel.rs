@@ -408,10 +408,21 @@ impl Channels {
     /// stores it in the history (before anyone is told: an ack means recoverable). A
     /// channel that neither delivers nor keeps it is forgotten again at once.
     pub fn publish(&mut self, name: &ChannelName, data: &[u8], now: Instant) -> Published<'_> {
+        self.publish_from(name, None, data, now)
+    }
+
+    /// [`Channels::publish`], naming the `publisher` in the frame when given.
+    pub fn publish_from(
+        &mut self,
+        name: &ChannelName,
+        publisher: Option<&str>,
+        data: &[u8],
+        now: Instant,
+    ) -> Published<'_> {
         let index = self.entry(name);
         let channel = &mut self.map[index];
         channel.seq += 1;
-        let frame = pubsub::encode_message(name, channel.seq, data);
+        let frame = pubsub::encode_published(name, channel.seq, publisher, data);
         if channel.limits.size > 0 {
             channel.history.push_back(Stored {
                 seq: channel.seq,

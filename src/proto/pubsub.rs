@@ -422,11 +422,22 @@ pub fn push_json_str(out: &mut impl BufMut, s: &str) {
 /// The broadcast frame `{"type":"message","channel":C,"seq":N,"data":D}`, built once per
 /// publish and shared by every subscriber.
 pub fn encode_message(channel: &str, seq: u64, data: &[u8]) -> Bytes {
-    let mut frame = TextFrame::with_capacity(64 + channel.len() + data.len());
+    encode_published(channel, seq, None, data)
+}
+
+/// [`encode_message`] with `"publisher":U` before `data` when the channel's namespace
+/// exposes who published.
+pub fn encode_published(channel: &str, seq: u64, publisher: Option<&str>, data: &[u8]) -> Bytes {
+    let extra = publisher.map_or(0, |p| p.len() + 16);
+    let mut frame = TextFrame::with_capacity(64 + channel.len() + extra + data.len());
     frame.put(b"{\"type\":\"message\",\"channel\":");
     frame.put_str(channel);
     frame.put(b",\"seq\":");
     frame.put_u64(seq);
+    if let Some(publisher) = publisher {
+        frame.put(b",\"publisher\":");
+        frame.put_str(publisher);
+    }
     frame.put(b",\"data\":");
     frame.put(data);
     frame.put(b"}");
@@ -765,6 +776,11 @@ mod tests {
         assert_eq!(
             payload(&frame),
             r#"{"type":"message","channel":"news","seq":58,"data":{"x": 1}}"#
+        );
+        let from = encode_published("news", 59, Some("ann"), b"1");
+        assert_eq!(
+            payload(&from),
+            r#"{"type":"message","channel":"news","seq":59,"publisher":"ann","data":1}"#
         );
         let big = encode_message("c", 1, &[b'1'; 300]);
         assert_eq!(big[1], 126);

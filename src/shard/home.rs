@@ -122,11 +122,15 @@ impl Shard {
             Envelope::Publish {
                 channel,
                 data,
+                publisher,
                 from,
                 conn,
                 id,
             } => {
-                let published = self.channels.publish(&channel, &data, self.now);
+                let publisher = publisher.as_deref();
+                let published = self
+                    .channels
+                    .publish_from(&channel, publisher, &data, self.now);
                 let (mut broadcast, subscribers) = (published.broadcast, published.subscribers);
                 let targets: Vec<usize> = (0..published.shards.len())
                     .filter(|&s| published.shards[s] > 0)

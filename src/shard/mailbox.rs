@@ -91,6 +91,8 @@ pub enum Envelope {
     Publish {
         channel: ChannelName,
         data: Bytes,
+        /// The publisher's user, where the namespace exposes it.
+        publisher: Option<Arc<str>>,
         from: usize,
         conn: ConnRef,
         id: Option<u64>,

@@ -2,6 +2,8 @@
 //! cluster), `POST /api/publish` waiting for its receipts, and the acks and refusals that
 //! come back for WebSocket and HTTP publishers.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
 use crate::cluster;
@@ -99,20 +101,18 @@ impl Shard {
             })),
         );
         for (index, message) in parsed.messages.into_iter().enumerate() {
-            self.publish(
-                message.channel.into(),
-                message.data,
-                conn,
-                Some(index as u64),
-            );
+            let channel = message.channel.into();
+            self.publish(channel, message.data, None, conn, Some(index as u64));
         }
     }
 
-    /// Sends a publish to whoever orders the channel: its home shard, or the cluster.
+    /// Sends a publish to whoever orders the channel: its home shard, or the cluster
+    /// (which does not carry `publisher` yet).
     pub(super) fn publish(
         &mut self,
         channel: ChannelName,
         data: Bytes,
+        publisher: Option<Arc<str>>,
         conn: ConnRef,
         id: Option<u64>,
     ) {
@@ -137,6 +137,7 @@ impl Shard {
             Envelope::Publish {
                 channel,
                 data,
+                publisher,
                 from: self.id,
                 conn,
                 id,

@@ -456,10 +456,15 @@ impl Shard {
             Command::Unsubscribe { channel, id } => self.unsubscribe(key, &channel, id),
             Command::Publish { channel, data, id } => {
                 let conn = self.conn_ref(key);
+                let publisher = self.conns[key]
+                    .identity
+                    .as_ref()
+                    .and_then(|identity| identity.user.clone())
+                    .filter(|_| self.ctx.config.namespaces.of(&channel).expose_publisher);
                 if let Phase::WebSocket(socket) = &mut self.conns[key].phase {
                     socket.inflight_publishes += 1;
                 }
-                self.publish(channel.into(), data, conn, id);
+                self.publish(channel.into(), data, publisher, conn, id);
             }
             Command::Ping { id } => self.reply(key, pubsub::encode_pong(id)),
             Command::Presence {

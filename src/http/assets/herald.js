@@ -402,7 +402,8 @@
 
   /**
    * h.subscribe(channel, onMessage, options) -> Subscription
-   *   onMessage(data, { channel, seq, replay }) for each message, in seq order, once.
+   *   onMessage(data, { channel, seq, replay, publisher }) for each message, in seq order,
+   *                   once (`publisher`: the sender's user, where the namespace exposes it).
    *   options.since:  replay the messages after this seq first (0: the whole history).
    *   options.epoch:  the epoch `since` belongs to (optional).
    *   options.onGap(gap): history did not reach back. gap = { channel, since, oldest,
@@ -546,6 +547,7 @@
     if (this.lastSeq != null && seq <= this.lastSeq) return; // seen already, or stale
     this.lastSeq = seq;
     var meta = { channel: this.channel, seq: seq, replay: !this.live };
+    if (msg.publisher != null) meta.publisher = msg.publisher; // where the namespace exposes it
     var handlers = this.handlers.slice();
     for (var i = 0; i < handlers.length; i++) {
       try {

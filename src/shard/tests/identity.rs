@@ -100,3 +100,42 @@ fn the_per_user_limit_refuses_with_429_and_frees_the_place_on_close() {
     let again = status_line(&mut cluster, 0, &format!("/ws?token={ann}"));
     assert_eq!(again, "HTTP/1.1 101 Switching Protocols");
 }
+
+#[test]
+fn a_namespace_that_exposes_publishers_names_them_in_its_messages_only() {
+    let mut config = with_tokens(Config::default());
+    config.namespaces.by_prefix.push((
+        "chat.".into(),
+        crate::namespace::Namespace {
+            expose_publisher: true,
+            ..config.namespaces.default.clone()
+        },
+    ));
+    let mut cluster = Cluster::new(2, config);
+    let ann = cluster.connect(0, &format!("/ws?token={}", token("ann", &["*"], None)));
+    let bob = cluster.connect(1, &format!("/ws?token={}", token("bob", &["*"], None)));
+    for channel in ["chat.a", "news"] {
+        cluster.send(
+            bob,
+            &format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#),
+        );
+    }
+    cluster.settle();
+    cluster.take_output(bob);
+    for channel in ["chat.a", "news"] {
+        cluster.send(
+            ann,
+            &format!(r#"{{"type":"publish","channel":"{channel}","data":1}}"#),
+        );
+    }
+    cluster.settle();
+    let mut texts = cluster.texts(bob);
+    texts.sort();
+    assert_eq!(
+        texts,
+        [
+            r#"{"type":"message","channel":"chat.a","seq":1,"publisher":"ann","data":1}"#,
+            r#"{"type":"message","channel":"news","seq":1,"data":1}"#,
+        ]
+    );
+}
