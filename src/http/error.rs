@@ -44,6 +44,8 @@ pub enum ApiError {
     BadChannel(String),
     /// The identity may not read `channel`: 403.
     ReadForbidden { channel: String },
+    /// Presence was asked of a channel whose namespace does not keep it: 400.
+    PresenceDisabled(String),
     /// A connection limit or the accept rate was hit: 503, or 429 per address, with
     /// `Retry-After` (seconds, spread by the caller so a refused crowd does not return
     /// together).
@@ -69,7 +71,10 @@ impl ApiError {
             | Self::ApiDisabled
             | Self::ReadForbidden { .. } => 403,
             Self::Unauthorized(_) | Self::BadApiKey => 401,
-            Self::BadRequest(_) | Self::BadChannel(_) | Self::TlsRequired => 400,
+            Self::BadRequest(_)
+            | Self::BadChannel(_)
+            | Self::PresenceDisabled(_)
+            | Self::TlsRequired => 400,
             Self::Busy { refusal, .. } => refusal.status(),
             Self::Unavailable(_) => 503,
         }
@@ -99,6 +104,7 @@ impl ApiError {
             Self::BadRequest(_) => "bad_request",
             Self::BadChannel(_) => "bad_channel",
             Self::ReadForbidden { .. } => "forbidden",
+            Self::PresenceDisabled(_) => "presence_disabled",
             Self::Busy {
                 refusal: Refusal::PerUser,
                 ..
@@ -187,6 +193,7 @@ impl fmt::Display for ApiError {
                 f.write_str("the server API is off: start the server with --api-key")
             }
             Self::ReadForbidden { channel } => write!(f, "not allowed to read {channel:?}"),
+            Self::PresenceDisabled(channel) => write!(f, "presence is off for {channel:?}"),
             Self::Busy { refusal, .. } => f.write_str(refusal.reason()),
             Self::Unavailable(message) => f.write_str(message),
             Self::TlsRequired => f.write_str("this port speaks TLS: use https or wss"),
@@ -214,7 +221,7 @@ mod tests {
             &'static str,
             Option<(&'static str, &'static str)>,
         );
-        let cases: [Case; 23] = [
+        let cases: [Case; 24] = [
             (
                 ApiError::Handshake(HandshakeError::MissingKey),
                 400,
@@ -309,6 +316,12 @@ mod tests {
                 Some(("Retry-After", "3")),
             ),
             (ApiError::TlsRequired, 400, "tls_required", None),
+            (
+                ApiError::PresenceDisabled("c".into()),
+                400,
+                "presence_disabled",
+                None,
+            ),
             (
                 ApiError::Unavailable("retry".into()),
                 503,

@@ -111,6 +111,9 @@ impl Shard {
         }
     }
 
+    /// Serves a server API request: checks the key, reads the request, then answers at
+    /// once (`/api/info`) or parks the connection in [`Phase::Api`] until the home or
+    /// every shard has answered.
     pub(super) fn api(
         &mut self,
         key: usize,
@@ -152,7 +155,7 @@ impl Shard {
             Call::Presence { channel, .. } | Call::PresenceStats { channel }
                 if !self.ctx.config.namespaces.of(&channel).presence =>
             {
-                let error = ApiError::BadRequest(format!("presence is off for {channel:?}"));
+                let error = ApiError::PresenceDisabled(channel.to_string());
                 self.refuse(key, &error, keep_alive);
                 return;
             }

@@ -202,6 +202,14 @@ fn the_api_needs_its_key() {
     let request = "GET /api/info HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer nope\r\n\r\n";
     let (_, response) = http(&mut cluster, 0, request);
     assert!(response.starts_with("HTTP/1.1 401"), "{response}");
+    let mut off = with_tokens(Config::default());
+    off.api_key = Some(KEY.into());
+    let mut without_presence = Cluster::new(1, off);
+    let (status, body) = call(&mut without_presence, "GET", "/api/presence?channel=c", "");
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (400, Some("presence_disabled"))
+    );
     let (status, info) = call(&mut cluster, "GET", "/api/info", "");
     assert_eq!(
         (status, info["shards"].as_u64(), info["epoch"].as_str()),
