@@ -14,6 +14,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::ops::Bound;
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -111,48 +112,34 @@ impl Presence {
         (self.members.len(), self.users.len())
     }
 
-    /// Up to `limit` members after `cursor` (from the first without one), and the cursor
-    /// of the next page when more follow.
-    pub fn page(
-        &self,
-        cursor: Option<ConnId>,
-        limit: usize,
-    ) -> (Vec<(ConnId, &Member)>, Option<ConnId>) {
-        let limit = limit.clamp(1, MAX_PAGE);
-        let after = match cursor {
-            Some(c) => self
-                .members
-                .range((std::ops::Bound::Excluded(c), std::ops::Bound::Unbounded)),
-            None => self.members.range(..),
-        };
-        let mut page: Vec<(ConnId, &Member)> =
-            after.take(limit + 1).map(|(id, m)| (*id, m)).collect();
-        let next = if page.len() > limit {
-            page.pop();
-            page.last().map(|(id, _)| *id)
-        } else {
-            None
-        };
-        (page, next)
+    /// The members after `cursor` (from the first without one), in id order.
+    fn after(&self, cursor: Option<ConnId>) -> impl Iterator<Item = (&ConnId, &Member)> {
+        let start = cursor.map_or(Bound::Unbounded, Bound::Excluded);
+        self.members.range((start, Bound::Unbounded))
     }
 }
 
 /// `{"type":"presence","channel":C,"members":[{"user":U,"conn":ID,"info":I},..],
-/// "cursor":NEXT}`: a page of `presence` (an empty one without it), `cursor` `null` on
-/// the last page.
+/// "cursor":NEXT}`: the members after `cursor`, at most `limit` (clamped to
+/// 1..=[`MAX_PAGE`]) and within `max_bytes` (at least one), `cursor` `null` on the last
+/// page. Without members (`None`) the page is empty.
 pub fn page_json(
     channel: &str,
     presence: Option<&Presence>,
     cursor: Option<ConnId>,
-    limit: usize,
+    (limit, max_bytes): (usize, usize),
 ) -> Vec<u8> {
-    let (page, next) = presence.map_or((Vec::new(), None), |p| p.page(cursor, limit));
-    let mut out = Vec::with_capacity(64 + page.len() * 64);
+    let limit = limit.clamp(1, MAX_PAGE);
+    let mut out = Vec::with_capacity(256);
     out.extend_from_slice(b"{\"type\":\"presence\",\"channel\":");
     push_json_str(&mut out, channel);
     out.extend_from_slice(b",\"members\":[");
-    for (i, (conn, member)) in page.iter().enumerate() {
-        if i > 0 {
+    let mut listed: Option<ConnId> = None;
+    let mut next = None;
+    let members = presence.into_iter().flat_map(|p| p.after(cursor));
+    for (count, (conn, member)) in members.enumerate() {
+        let mark = out.len();
+        if count > 0 {
             out.push(b',');
         }
         out.extend_from_slice(b"{\"user\":");
@@ -167,6 +154,13 @@ pub fn page_json(
             out.extend_from_slice(info.as_bytes());
         }
         out.push(b'}');
+        if count == limit || (count > 0 && out.len() > max_bytes) {
+            // A member that does not fit starts the next page.
+            out.truncate(mark);
+            next = listed;
+            break;
+        }
+        listed = Some(*conn);
     }
     out.extend_from_slice(b"],\"cursor\":");
     match next {
@@ -247,12 +241,13 @@ mod tests {
             },
         );
         presence.join(id(2), member(None));
-        let page = String::from_utf8(page_json("c", Some(&presence), None, 1)).unwrap();
+        let page = String::from_utf8(page_json("c", Some(&presence), None, (1, 1 << 20))).unwrap();
         assert_eq!(
             page,
             r#"{"type":"presence","channel":"c","members":[{"user":"ann","conn":"0.1.1","info":{"n":"A"}}],"cursor":"0.1.1"}"#
         );
-        let last = String::from_utf8(page_json("c", Some(&presence), Some(id(1)), 1)).unwrap();
+        let last =
+            String::from_utf8(page_json("c", Some(&presence), Some(id(1)), (1, 1 << 20))).unwrap();
         assert!(
             last.ends_with(r#"[{"user":null,"conn":"0.2.1"}],"cursor":null}"#),
             "{last}"
@@ -262,10 +257,28 @@ mod tests {
             r#"{"type":"presence_stats","channel":"c","connections":2,"users":1}"#
         );
         assert!(
-            String::from_utf8(page_json("c", None, None, 5))
+            String::from_utf8(page_json("c", None, None, (5, 1 << 20)))
                 .unwrap()
                 .contains(r#""members":[],"cursor":null"#)
         );
+    }
+
+    /// The keys of the members on the page from `cursor`, and the next cursor.
+    fn keys(
+        presence: &Presence,
+        cursor: Option<ConnId>,
+        bounds: (usize, usize),
+    ) -> (Vec<u32>, Option<ConnId>) {
+        let json = page_json("c", Some(presence), cursor, bounds);
+        let page: serde_json::Value = serde_json::from_slice(&json).unwrap();
+        let keys = page["members"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["conn"].as_str().unwrap().parse::<ConnId>().unwrap().key)
+            .collect();
+        let next = page["cursor"].as_str().map(|c| c.parse().unwrap());
+        (keys, next)
     }
 
     #[test]
@@ -274,26 +287,39 @@ mod tests {
         for key in 0..10 {
             presence.join(id(key), member(Some("u")));
         }
-        let (first, next) = presence.page(None, 4);
-        assert_eq!(
-            first.iter().map(|(c, _)| c.key).collect::<Vec<_>>(),
-            [0, 1, 2, 3]
-        );
+        let (first, next) = keys(&presence, None, (4, usize::MAX));
+        assert_eq!(first, [0, 1, 2, 3]);
         assert_eq!(next, Some(id(3)));
         // The cursor's own member leaving does not lose the place.
         presence.leave(id(3));
         presence.join(id(20), member(None));
-        let (second, next) = presence.page(next, 4);
-        assert_eq!(
-            second.iter().map(|(c, _)| c.key).collect::<Vec<_>>(),
-            [4, 5, 6, 7]
-        );
-        let (last, next) = presence.page(next, 4);
-        assert_eq!(
-            last.iter().map(|(c, _)| c.key).collect::<Vec<_>>(),
-            [8, 9, 20]
-        );
+        let (second, next) = keys(&presence, next, (4, usize::MAX));
+        assert_eq!(second, [4, 5, 6, 7]);
+        let (last, next) = keys(&presence, next, (4, usize::MAX));
+        assert_eq!(last, [8, 9, 20]);
         assert_eq!(next, None);
-        assert_eq!(presence.page(None, usize::MAX).0.len(), 10);
+        assert_eq!(keys(&presence, None, (usize::MAX, usize::MAX)).0.len(), 10);
+    }
+
+    #[test]
+    fn a_page_stays_within_its_bytes_but_lists_at_least_one() {
+        let mut presence = Presence::default();
+        let info: Arc<str> = format!(r#"{{"bio":"{}"}}"#, "x".repeat(1000)).into();
+        for key in 0..10 {
+            let member = Member {
+                user: Some("u".into()),
+                info: Some(info.clone()),
+            };
+            presence.join(id(key), member);
+        }
+        let json = page_json("c", Some(&presence), None, (1000, 3500));
+        assert!(json.len() <= 3500, "{}", json.len());
+        let (listed, next) = keys(&presence, None, (1000, 3500));
+        assert_eq!((listed.len(), next), (3, Some(id(2))));
+        assert_eq!(
+            keys(&presence, None, (1000, 10)).0,
+            [0],
+            "one, however small"
+        );
     }
 }

@@ -93,10 +93,13 @@ impl Shard {
                 id,
                 query,
             } => {
+                // An answer stays within half the asker's outbound budget, as a replay
+                // chunk does: it is queued like one.
+                let max_bytes = self.ctx.config.outbound_queue_bytes / 2;
                 let members = self.channels.presence(&channel);
                 let json = match query {
                     Query::Presence { cursor, limit } => {
-                        presence::page_json(&channel, members, cursor, limit)
+                        presence::page_json(&channel, members, cursor, (limit, max_bytes))
                     }
                     Query::PresenceStats => presence::stats_json(&channel, members),
                     Query::History {
@@ -104,8 +107,6 @@ impl Shard {
                         limit,
                         newest_first,
                     } => {
-                        // Within half the outbound budget, as a replay chunk is.
-                        let max_bytes = self.ctx.config.outbound_queue_bytes / 2;
                         let (seq, oldest, frames) = self.channels.history(
                             &channel,
                             since,

@@ -5,7 +5,7 @@ use crate::hub::presence::{DEFAULT_PAGE, MAX_PAGE};
 use crate::hub::{self, ConnId};
 use crate::proto::pubsub;
 
-use super::conn::ConnRef;
+use super::conn::{ConnRef, Phase};
 use super::{Envelope, Query, Shard};
 
 /// What a presence question lacks: the cluster keeps no presence yet.
@@ -53,8 +53,7 @@ impl Shard {
                 Query::Presence { cursor, limit }
             }
         };
-        let conn = self.conn_ref(key);
-        self.ask_home(channel.into(), conn, id, query);
+        self.ask_home_for(key, channel, id, query);
     }
 
     /// `history` of `channel` over a WebSocket: up to `limit` stored messages after
@@ -79,6 +78,15 @@ impl Shard {
             limit,
             newest_first,
         };
+        self.ask_home_for(key, channel, id, query);
+    }
+
+    /// Sends a WebSocket's question to the channel's home; the connection reads nothing
+    /// more until the answer is back.
+    fn ask_home_for(&mut self, key: usize, channel: &str, id: Option<u64>, query: Query) {
+        if let Phase::WebSocket(socket) = &mut self.conns[key].phase {
+            socket.asking = true;
+        }
         let conn = self.conn_ref(key);
         self.ask_home(channel.into(), conn, id, query);
     }

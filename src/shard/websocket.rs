@@ -48,6 +48,9 @@ pub(super) struct WebSocket {
     pub(super) rate: RateLimit,
     /// Publishes sent to their homes and not yet acknowledged.
     pub(super) inflight_publishes: u32,
+    /// A question (presence, history) is on its way to a home: reading waits for the
+    /// answer, so answers queue one at a time, each within half the outbound budget.
+    pub(super) asking: bool,
 }
 
 /// A connection's inbound message budget and how often it ran past it in a row.
@@ -68,7 +71,7 @@ impl Transport for WebSocket {
     }
 
     fn may_read(&self) -> bool {
-        self.inflight_publishes < MAX_INFLIGHT_PUBLISHES
+        self.inflight_publishes < MAX_INFLIGHT_PUBLISHES && !self.asking
     }
 
     fn has_heartbeat(&self) -> bool {
@@ -166,6 +169,7 @@ impl Transport for WebSocket {
     }
 
     fn on_found(&mut self, json: &[u8], id: Option<u64>) -> Action {
+        self.asking = false;
         Action::Reply(pubsub::encode_with_id(json, id))
     }
 }
@@ -254,6 +258,7 @@ impl Shard {
                 endpoint,
                 rate,
                 inflight_publishes: 0,
+                asking: false,
             })),
         );
         let extensions = negotiated.map(|params| params.response());

@@ -161,3 +161,41 @@ fn members_go_with_their_connections_and_the_channel_with_the_last() {
     cluster.settle();
     assert!(cluster.shards[1].channels.is_empty(), "nothing kept");
 }
+
+#[test]
+fn a_connection_asks_one_question_at_a_time() {
+    let mut cluster = Cluster::new(2, presence_config(false));
+    let channel = homed_on(1, 2);
+    let ann = member(&mut cluster, 0, "ann", None, &channel);
+    let ask = |id: u32| format!(r#"{{"type":"presence_stats","channel":"{channel}","id":{id}}}"#);
+    let mut batch = Vec::new();
+    for id in 1..=3 {
+        batch.extend(encode_client_frame(
+            OpCode::Text,
+            true,
+            ask(id).as_bytes(),
+            [1, 2, 3, 4],
+        ));
+    }
+    cluster.write(ann, &batch);
+    cluster.settle();
+    let answered = |cluster: &mut Cluster| -> Vec<u64> {
+        cluster
+            .texts(ann)
+            .iter()
+            .map(|t| {
+                serde_json::from_str::<serde_json::Value>(t).unwrap()["id"]
+                    .as_u64()
+                    .unwrap()
+            })
+            .collect()
+    };
+    assert_eq!(answered(&mut cluster), [1], "the others wait, unread");
+    for expect in [2, 3] {
+        assert!(cluster.shards[0].resume_read(ann.key));
+        let now = cluster.now;
+        cluster.shards[0].handle_read(ann.key, now);
+        cluster.settle();
+        assert_eq!(answered(&mut cluster), [expect]);
+    }
+}
