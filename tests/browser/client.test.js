@@ -237,7 +237,7 @@ describe("herald.js against a scripted server", () => {
     await assert.rejects(h.publish("news", 1), (e) => e.code === "closed");
   });
 
-  test("presence, presenceStats and join/leave callbacks", async () => {
+  test("presence, presenceStats, history and join/leave callbacks", async () => {
     const { h, current } = await fakeClient();
     const seen = [];
     h.on("join", (e) => seen.push("event:join:" + e.user));
@@ -265,6 +265,13 @@ describe("herald.js against a scripted server", () => {
     cmd = current().last("presence_stats");
     current().push({ type: "presence_stats", channel: "room", connections: 2, users: 1, id: cmd.id });
     assert.deepEqual(await stats, { connections: 2, users: 1 });
+
+    const past = h.history("room", { limit: 2, newestFirst: true });
+    cmd = current().last("history");
+    assert.deepEqual({ limit: cmd.limit, newest_first: cmd.newest_first }, { limit: 2, newest_first: true });
+    const messages = [{ type: "message", channel: "room", seq: 2, data: 2 }];
+    current().push({ type: "history", channel: "room", epoch: "e", seq: 2, oldest: 1, messages, id: cmd.id });
+    assert.deepEqual(await past, { messages, seq: 2, epoch: "e" });
 
     const off = h.presence("news");
     cmd = current().last("presence");

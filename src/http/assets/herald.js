@@ -13,6 +13,7 @@
  *   const seq = await h.publish("chat", { text: "hi" });
  *   const page = await h.presence("chat");            // { members: [{user, conn, info}], cursor }
  *   const stats = await h.presenceStats("chat");      // { connections, users }
+ *   const past = await h.history("chat", { limit: 20, newestFirst: true });
  *   h.subscribe("room", onMessage, { onJoin: (j) => ..., onLeave: (l) => ... });
  *
  * Delivery: every subscription remembers the last sequence number it handed to the app
@@ -489,6 +490,19 @@
   Herald.prototype.presenceStats = function (channel) {
     return this._ask({ type: "presence_stats", channel: channel }).then(function (msg) {
       return { connections: msg.connections, users: msg.users };
+    });
+  };
+
+  /** h.history(channel, { since, limit, newestFirst }) -> Promise<{ messages, seq, epoch }>:
+   *  stored messages (each { channel, seq, data }) without subscribing; at most `limit`
+   *  (100, up to 1000) after `since`, or the newest first. */
+  Herald.prototype.history = function (channel, options) {
+    var cmd = { type: "history", channel: channel };
+    if (options && options.since != null) cmd.since = options.since;
+    if (options && options.limit != null) cmd.limit = options.limit;
+    if (options && options.newestFirst) cmd.newest_first = true;
+    return this._ask(cmd).then(function (msg) {
+      return { messages: msg.messages, seq: msg.seq, epoch: msg.epoch };
     });
   };
 

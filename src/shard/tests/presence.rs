@@ -199,3 +199,35 @@ fn a_connection_asks_one_question_at_a_time() {
         assert_eq!(answered(&mut cluster), [expect]);
     }
 }
+
+#[test]
+fn event_streams_are_members_and_polls_are_not() {
+    let mut cluster = Cluster::new(2, presence_config(false));
+    let ann = member(&mut cluster, 0, "ann", None, "c");
+    let get = |path: String| format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    http(
+        &mut cluster,
+        1,
+        &get(format!(
+            "/sse?channel=c&token={}",
+            token("bob", &["c"], None)
+        )),
+    );
+    http(
+        &mut cluster,
+        0,
+        &get(format!(
+            "/poll?channel=c&token={}",
+            token("cid", &["c"], None)
+        )),
+    );
+    let stats = ask(
+        &mut cluster,
+        ann,
+        r#"{"type":"presence_stats","channel":"c","id":1}"#,
+    );
+    assert_eq!(
+        (stats["connections"].as_u64(), stats["users"].as_u64()),
+        (Some(2), Some(2))
+    );
+}
