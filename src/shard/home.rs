@@ -19,7 +19,7 @@ use super::conn::ConnRef;
 use super::{Answer, Envelope, Query, Shard};
 
 /// The node-wide name of connection `conn` of shard `shard`.
-pub(super) fn conn_id(shard: usize, conn: ConnRef) -> ConnId {
+fn conn_id(shard: usize, conn: ConnRef) -> ConnId {
     ConnId {
         shard: shard as u32,
         key: conn.key,
@@ -159,9 +159,7 @@ impl Shard {
             _ => unreachable!("only requests to a home come here"),
         }
     }
-}
 
-impl Shard {
     /// Sends a `join` or `leave` of `conn` to the shards with subscribers of `channel`,
     /// where its namespace asks for them.
     fn announce(&mut self, kind: &str, channel: &ChannelName, conn: ConnId, member: &Member) {
