@@ -76,11 +76,19 @@ impl Patterns {
     }
 }
 
+/// The largest `info` claim (its JSON text): a connection holds it once, shared by every
+/// home that lists the connection in a channel's presence.
+pub const MAX_INFO_BYTES: usize = 1024;
+
 /// What one connection may do, decided at its handshake.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identity {
-    /// The token's `sub`; `None` for anonymous clients.
-    pub user: Option<Box<str>>,
+    /// The token's `sub`; `None` for anonymous clients. Shared with the presence entries
+    /// of the channels the connection joins.
+    pub user: Option<Arc<str>>,
+    /// The token's `info` claim: a JSON object of at most [`MAX_INFO_BYTES`], the
+    /// connection's public info in presence and join/leave events.
+    pub info: Option<Arc<str>>,
     pub subscribe: Patterns,
     pub publish: Patterns,
     /// The token's `exp` plus the leeway (seconds since the Unix epoch): the connection
@@ -110,6 +118,9 @@ pub enum AuthError {
     /// A `channels` or `publish` claim holds a pattern outside the documented grammar.
     #[error("the token's permissions are not valid: {0}")]
     InvalidPattern(String),
+    /// The `info` claim is not a JSON object, or larger than [`MAX_INFO_BYTES`].
+    #[error("the token's info claim must be a JSON object of at most {MAX_INFO_BYTES} bytes")]
+    InvalidInfo,
 }
 
 #[derive(Deserialize)]
@@ -120,6 +131,22 @@ struct Claims {
     channels: Vec<String>,
     #[serde(default)]
     publish: Vec<String>,
+    info: Option<serde_json::Value>,
+}
+
+/// The `info` claim as the JSON text presence shows, if it is an object within bounds.
+fn info_text(info: Option<serde_json::Value>) -> Result<Option<Arc<str>>, AuthError> {
+    let Some(info) = info else {
+        return Ok(None);
+    };
+    if !info.is_object() {
+        return Err(AuthError::InvalidInfo);
+    }
+    let text = info.to_string();
+    if text.len() > MAX_INFO_BYTES {
+        return Err(AuthError::InvalidInfo);
+    }
+    Ok(Some(text.into()))
 }
 
 /// Checks tokens and origins for every shard (shared, read-only).
@@ -187,6 +214,7 @@ impl Authenticator {
             verifier,
             anonymous: Arc::new(Identity {
                 user: None,
+                info: None,
                 subscribe: anonymous_default(&settings.anonymous_subscribe, subscribe_default)?,
                 publish: anonymous_default(&settings.anonymous_publish, publish_default)?,
                 expires_at: None,
@@ -260,6 +288,7 @@ impl Authenticator {
             expires_at.map(|exp| monotonic + Duration::from_secs(exp).saturating_sub(since_epoch));
         Ok(Identity {
             user: claims.sub.map(Into::into),
+            info: info_text(claims.info)?,
             subscribe: Patterns::parse(&claims.channels).map_err(AuthError::InvalidPattern)?,
             publish: Patterns::parse(&claims.publish).map_err(AuthError::InvalidPattern)?,
             expires_at,
@@ -428,6 +457,29 @@ mod tests {
         assert_eq!(id.user.as_deref(), Some("u1"));
         assert!(id.subscribe.allows("chat.x") && !id.publish.allows("news"));
         assert!(id.runs_out.unwrap() > Instant::now() + Duration::from_secs(50));
+    }
+
+    #[test]
+    fn info_claim_is_a_bounded_object() {
+        let auth = Authenticator::new(&settings()).unwrap();
+        let with_info = |info: serde_json::Value| {
+            let claims = serde_json::json!({"sub":"u1","exp":now()+60,"info":info});
+            auth.authenticate(Some(&token(Algorithm::HS256, SECRET, claims)))
+        };
+        let id = with_info(serde_json::json!({"name":"Ann"})).unwrap();
+        assert_eq!(id.info.as_deref(), Some(r#"{"name":"Ann"}"#));
+        for bad in [
+            serde_json::json!("Ann"),
+            serde_json::json!([1]),
+            serde_json::json!({"name": "x".repeat(MAX_INFO_BYTES)}),
+        ] {
+            let err = with_info(bad).unwrap_err();
+            assert_eq!(err, AuthError::InvalidInfo);
+            assert!(err.to_string().contains("info claim"), "{err}");
+        }
+        let claims = serde_json::json!({"sub":"u1","exp":now()+60});
+        let plain = auth.authenticate(Some(&token(Algorithm::HS256, SECRET, claims)));
+        assert_eq!(plain.unwrap().info, None);
     }
 
     #[test]

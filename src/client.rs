@@ -2,7 +2,7 @@
 //!
 //! It prints every message that arrives (`< ...`) and sends what is typed: a JSON line
 //! as it is, or a shortcut (`/sub CHANNEL [SINCE]`, `/unsub CHANNEL`, `/pub CHANNEL
-//! JSON`, `/ping`, `/quit`). Blocking sockets and two threads: one reads stdin and
+//! JSON`, `/presence CHANNEL`, `/history CHANNEL [N]`, `/ping`, `/quit`). Blocking sockets and two threads: one reads stdin and
 //! writes frames, one reads frames and prints. Framing comes from [`crate::proto`].
 
 use std::io::{self, BufRead, Read, Write};
@@ -62,7 +62,7 @@ pub enum Input {
     Help(String),
 }
 
-const HELP: &str = "type JSON to send it, or: /sub CHANNEL [SINCE] · /unsub CHANNEL · /pub CHANNEL JSON · /ping · /quit";
+const HELP: &str = "type JSON to send it, or: /sub CHANNEL [SINCE] · /unsub CHANNEL · /pub CHANNEL JSON · /presence CHANNEL · /history CHANNEL [N] · /ping · /quit";
 
 /// Turns a typed line into what to send. `next_id` numbers requests so replies match.
 pub fn interpret(line: &str, next_id: &mut u64) -> Input {
@@ -104,6 +104,28 @@ pub fn interpret(line: &str, next_id: &mut u64) -> Input {
         }
         "/unsub" => channel_json(rest)
             .map(|c| format!(r#"{{"type":"unsubscribe","channel":{c},"id":{id}}}"#)),
+        "/presence" => {
+            channel_json(rest).map(|c| format!(r#"{{"type":"presence","channel":{c},"id":{id}}}"#))
+        }
+        // The last N messages, newest first.
+        "/history" => {
+            let mut parts = rest.split_whitespace();
+            match (
+                parts.next(),
+                parts.next().map(str::parse::<u64>),
+                parts.next(),
+            ) {
+                (Some(channel), limit, None) if !matches!(limit, Some(Err(_))) => {
+                    let limit = limit.map_or(10, |l| l.unwrap_or(10));
+                    channel_json(channel).map(|c| {
+                        format!(
+                            r#"{{"type":"history","channel":{c},"limit":{limit},"newest_first":true,"id":{id}}}"#
+                        )
+                    })
+                }
+                _ => Err("usage: /history CHANNEL [N]".into()),
+            }
+        }
         "/pub" => match rest.split_once(' ') {
             Some((channel, data)) => channel_json(channel).map(|c| {
                 format!(
@@ -329,6 +351,21 @@ mod tests {
             interpret(r#"{"type":"ping"}"#, &mut id),
             Input::Send(r#"{"type":"ping"}"#.into())
         );
+        assert_eq!(
+            interpret("/presence news", &mut id),
+            Input::Send(r#"{"type":"presence","channel":"news","id":5}"#.into())
+        );
+        assert_eq!(
+            interpret("/history news 3", &mut id),
+            Input::Send(
+                r#"{"type":"history","channel":"news","limit":3,"newest_first":true,"id":6}"#
+                    .into()
+            )
+        );
+        assert!(matches!(
+            interpret("/history news x", &mut id),
+            Input::Help(_)
+        ));
         assert_eq!(interpret("/quit", &mut id), Input::Quit);
         assert!(matches!(interpret("/sub", &mut id), Input::Help(_)));
         assert!(matches!(interpret("/sub a b", &mut id), Input::Help(_)));

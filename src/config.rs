@@ -11,17 +11,18 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::auth::{AuthMode, AuthSettings};
-use crate::compression::{CompressionPolicies, CompressionPolicy, CompressionPrefix};
+use crate::compression::{CompressionPolicies, CompressionPolicy};
 use crate::hub::HistoryLimits;
-use crate::limits::{SlowConsumerPolicies, SlowConsumerPolicy, SlowConsumerPrefix};
+use crate::limits::{SlowConsumerPolicies, SlowConsumerPolicy};
+use crate::namespace::{self, Namespace, NamespaceEntry, Namespaces, PublishRule};
 
 /// Most frames one message may arrive in on /ws (and on /echo unless raised): a flood of
 /// empty fragments costs work without growing the message.
 pub const MAX_FRAGMENTS: u32 = 1024;
 
-/// A per-channel setting for channels whose name starts with `prefix` (config file only).
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// A per-channel setting for channels whose name starts with `prefix` (from a
+/// `[[namespace]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PrefixPolicy<P> {
     pub prefix: String,
     pub policy: P,
@@ -202,6 +203,28 @@ pub struct Options {
     )]
     pub shared_port: Option<bool>,
 
+    /// Channels keep who is subscribed (`presence`, `presence_stats`, `GET /api/presence`)
+    /// unless a namespace says otherwise. [default: false]
+    #[arg(
+        long,
+        env = "HERALD_PRESENCE",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub presence: Option<bool>,
+
+    /// Subscribers get `join`/`leave` events as connections subscribe and leave, unless a
+    /// namespace says otherwise. [default: false]
+    #[arg(
+        long,
+        env = "HERALD_JOIN_LEAVE",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub join_leave: Option<bool>,
+
     /// Listen backlog of each shard's socket. [default: 4096]
     #[arg(long, env = "HERALD_BACKLOG", value_name = "N")]
     pub backlog: Option<u32>,
@@ -306,6 +329,11 @@ pub struct Options {
     #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_IP", value_name = "N")]
     pub max_connections_per_ip: Option<usize>,
 
+    /// Most connections (WebSocket, event stream, poll) one user (the token's `sub`) may
+    /// hold on this node (429 beyond); 0: no limit. [default: 0]
+    #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", value_name = "N")]
+    pub max_connections_per_user: Option<usize>,
+
     /// Messages a second one /ws connection may send (burst: twice that); beyond gets
     /// `rate_limited`, and persisting closes with 1008. [default: 100]
     #[arg(long, env = "HERALD_MAX_MESSAGES_PER_SECOND", value_name = "N")]
@@ -319,20 +347,16 @@ pub struct Options {
 
     /// What a subscriber whose outbound queue is full gets: disconnect (close 4008),
     /// drop-oldest or conflate (both with a `gap` notice). Per channel prefix in the
-    /// config file: [[slow_consumer]] prefix = "prices." policy = "conflate".
+    /// config file: [[namespace]] prefix = "prices." slow_consumer_policy = "conflate".
     /// [default: disconnect]
     #[arg(long, env = "HERALD_SLOW_CONSUMER_POLICY", value_enum)]
     pub slow_consumer_policy: Option<SlowConsumerPolicy>,
 
-    /// Per-prefix slow-consumer policies (config file only).
-    #[arg(skip)]
-    pub slow_consumer: Option<Vec<SlowConsumerPrefix>>,
-
     /// permessage-deflate for clients that offer it: off, shared (each message compressed
     /// once for every subscriber) or per-connection (each subscriber's own compressor; about
     /// 11x the server CPU of shared per delivery, see the README). `--compression` alone
-    /// means shared. Per channel prefix in the config file: [[channel_compression]]
-    /// prefix = "chat." policy = "per-connection". [default: off]
+    /// means shared. Per channel prefix in the config file: [[namespace]]
+    /// prefix = "chat." compression = "per-connection". [default: off]
     #[arg(
         long,
         env = "HERALD_COMPRESSION",
@@ -342,9 +366,12 @@ pub struct Options {
     )]
     pub compression: Option<CompressionPolicy>,
 
-    /// Per-prefix compression policies (config file only).
+    /// Channel namespaces (config file only): `[[namespace]]` tables keyed by `prefix`,
+    /// each setting any of history_size, history_ttl_ms, presence, join_leave, publish,
+    /// personal_channels, expose_publisher, slow_consumer_policy, compression for its
+    /// channels.
     #[arg(skip)]
-    pub channel_compression: Option<Vec<CompressionPrefix>>,
+    pub namespace: Option<Vec<NamespaceEntry>>,
 
     /// PEM certificate chain (leaf first): with --tls-key, the listener speaks TLS only
     /// (wss:// and https://). SIGHUP reloads both files. [default: none, plain TCP]
@@ -390,6 +417,8 @@ impl Options {
             drain_ms: self.drain_ms.or(lower.drain_ms),
             backlog: self.backlog.or(lower.backlog),
             shared_port: self.shared_port.or(lower.shared_port),
+            presence: self.presence.or(lower.presence),
+            join_leave: self.join_leave.or(lower.join_leave),
             history_size: self.history_size.or(lower.history_size),
             history_ttl_ms: self.history_ttl_ms.or(lower.history_ttl_ms),
             api_key: self.api_key.or(lower.api_key),
@@ -405,14 +434,16 @@ impl Options {
             allowed_origins: self.allowed_origins.or(lower.allowed_origins),
             trusted_proxies: self.trusted_proxies.or(lower.trusted_proxies),
             max_connections_per_ip: self.max_connections_per_ip.or(lower.max_connections_per_ip),
+            max_connections_per_user: self
+                .max_connections_per_user
+                .or(lower.max_connections_per_user),
             max_messages_per_second: self
                 .max_messages_per_second
                 .or(lower.max_messages_per_second),
             accept_rate: self.accept_rate.or(lower.accept_rate),
             slow_consumer_policy: self.slow_consumer_policy.or(lower.slow_consumer_policy),
-            slow_consumer: self.slow_consumer.or(lower.slow_consumer),
             compression: self.compression.or(lower.compression),
-            channel_compression: self.channel_compression.or(lower.channel_compression),
+            namespace: self.namespace.or(lower.namespace),
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
         }
@@ -452,10 +483,15 @@ pub struct Config {
     pub auth: AuthSettings,
     pub trusted_proxies: Vec<IpAddr>,
     pub max_connections_per_ip: usize,
+    /// 0: no per-user limit.
+    pub max_connections_per_user: usize,
     pub max_messages_per_second: u64,
     pub accept_rate: u64,
+    /// Per channel, from its namespace (one entry per `[[namespace]]`).
     pub slow_consumers: SlowConsumerPolicies,
+    /// Per channel, from its namespace (one entry per `[[namespace]]`).
     pub compression: CompressionPolicies,
+    pub namespaces: Namespaces,
     /// Certificate chain and key files when the listener speaks TLS.
     pub tls: Option<TlsFiles>,
 }
@@ -495,6 +531,24 @@ fn read_file(path: &Path) -> Result<Options, String> {
 impl Options {
     fn resolve(self) -> Result<Config, String> {
         let ms = Duration::from_millis;
+        let history = HistoryLimits {
+            size: self.history_size.unwrap_or(100),
+            ttl: ms(self.history_ttl_ms.unwrap_or(300_000)),
+        };
+        let resolved = namespace::resolve(
+            self.namespace.unwrap_or_default(),
+            Namespace {
+                presence: self.presence.unwrap_or(false),
+                join_leave: self.join_leave.unwrap_or(false),
+                publish: PublishRule::Token,
+                personal_channels: true,
+                expose_publisher: false,
+                history,
+            },
+            self.slow_consumer_policy
+                .unwrap_or(SlowConsumerPolicy::Disconnect),
+            self.compression.unwrap_or(CompressionPolicy::Off),
+        )?;
         let max_message_bytes = self.max_message_bytes.unwrap_or(64 * 1024);
         let max_messages_per_second = self.max_messages_per_second.unwrap_or(100);
         let config = Config {
@@ -522,10 +576,7 @@ impl Options {
             shared_port: self.shared_port.unwrap_or(false),
             max_head_bytes: 16 * 1024,
             max_headers: 100,
-            history: HistoryLimits {
-                size: self.history_size.unwrap_or(100),
-                ttl: ms(self.history_ttl_ms.unwrap_or(300_000)),
-            },
+            history,
             api_key: self.api_key.filter(|k| !k.is_empty()),
             redis: self.redis.filter(|url| !url.is_empty()),
             max_body_bytes: self.max_body_bytes.unwrap_or(1024 * 1024),
@@ -541,18 +592,12 @@ impl Options {
             },
             trusted_proxies: self.trusted_proxies.unwrap_or_default(),
             max_connections_per_ip: self.max_connections_per_ip.unwrap_or(10_000),
+            max_connections_per_user: self.max_connections_per_user.unwrap_or(0),
             max_messages_per_second,
             accept_rate: self.accept_rate.unwrap_or(20_000),
-            slow_consumers: SlowConsumerPolicies {
-                default: self
-                    .slow_consumer_policy
-                    .unwrap_or(SlowConsumerPolicy::Disconnect),
-                by_prefix: self.slow_consumer.unwrap_or_default(),
-            },
-            compression: CompressionPolicies {
-                default: self.compression.unwrap_or(CompressionPolicy::Off),
-                by_prefix: self.channel_compression.unwrap_or_default(),
-            },
+            slow_consumers: resolved.slow_consumers,
+            compression: resolved.compression,
+            namespaces: resolved.namespaces,
             tls: match (self.tls_cert, self.tls_key) {
                 (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
                 (None, None) => None,
@@ -701,7 +746,7 @@ mod tests {
     #[test]
     fn file_sets_slow_consumer_policies_per_prefix() {
         let file: Options = toml::from_str(
-            "slow_consumer_policy = \"drop-oldest\"\n[[slow_consumer]]\nprefix = \"prices.\"\npolicy = \"conflate\"\n",
+            "slow_consumer_policy = \"drop-oldest\"\n[[namespace]]\nprefix = \"prices.\"\nslow_consumer_policy = \"conflate\"\n",
         )
         .unwrap();
         let c = file.resolve().unwrap();
@@ -719,7 +764,7 @@ mod tests {
     fn compression_is_off_by_default_and_set_per_prefix_in_the_file() {
         assert!(!Config::default().compression.negotiates());
         let file: Options = toml::from_str(
-            "compression = \"shared\"\n[[channel_compression]]\nprefix = \"chat.\"\npolicy = \"per-connection\"\n",
+            "compression = \"shared\"\n[[namespace]]\nprefix = \"chat.\"\ncompression = \"per-connection\"\n",
         )
         .unwrap();
         let cli = Options {
@@ -733,6 +778,38 @@ mod tests {
             CompressionPolicy::PerConnection
         );
         assert!(c.compression.negotiates());
+    }
+
+    #[test]
+    fn namespaces_come_from_the_file_over_the_flags() {
+        let file: Options = toml::from_str(
+            "history_size = 7\n\n[[namespace]]\nprefix = \"chat.\"\npresence = true\njoin_leave = true\npublish = \"subscribers\"\n\n[[namespace]]\nprefix = \"feed.\"\nhistory_size = 1000\npublish = \"api\"\npersonal_channels = false\n",
+        )
+        .unwrap();
+        let cli = Options {
+            presence: Some(false),
+            ..Options::default()
+        };
+        let c = cli.or(file).resolve().unwrap();
+        let chat = c.namespaces.of("chat.room");
+        assert!(chat.presence && chat.join_leave);
+        assert_eq!(chat.publish, PublishRule::Subscribers);
+        assert_eq!(chat.history.size, 7, "unset: the command-line default");
+        let feed = c.namespaces.of("feed.x");
+        assert_eq!((feed.history.size, feed.publish), (1000, PublishRule::Api));
+        assert!(!feed.personal_channels);
+        assert!(!c.namespaces.of("news").presence);
+    }
+
+    #[test]
+    fn an_unknown_namespace_key_names_the_key_and_the_line() {
+        let text = "threads = 2\n\n[[namespace]]\nprefix = \"chat.\"\npresense = true\n";
+        let err = toml::from_str::<Options>(text).unwrap_err().to_string();
+        assert!(err.contains("line 5"), "{err}");
+        assert!(err.contains("unknown field `presense`"), "{err}");
+        let old = "[[slow_consumer]]\nprefix = \"a.\"\npolicy = \"conflate\"\n";
+        let err = toml::from_str::<Options>(old).unwrap_err().to_string();
+        assert!(err.contains("unknown field `slow_consumer`"), "{err}");
     }
 
     #[test]

@@ -21,6 +21,7 @@
 //! - [`auth`]: JWT, channel permissions, the Origin allow-list.
 //! - [`limits`]: token buckets and connection limits.
 //! - [`compression`]: which channels go out compressed, shared or per connection.
+//! - [`namespace`]: per-prefix channel policies (presence, join/leave).
 //! - [`config`]: options from the command line, environment and TOML file.
 //! - [`server`]: wires it together and drains on SIGINT/SIGTERM.
 //! - [`cluster`]: with `--redis`, publishes, history and fan-out shared through Redis.
@@ -38,6 +39,7 @@ pub mod http;
 pub mod hub;
 pub mod limits;
 pub mod metrics;
+pub mod namespace;
 pub mod proto;
 pub mod server;
 pub mod shard;

@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::{ChannelPolicies, PrefixPolicy};
@@ -107,13 +107,15 @@ pub enum Refusal {
     PerIp,
     /// The shard accepts new connections faster than its accept rate: 503.
     AcceptRate,
+    /// The token's user holds `--max-connections-per-user` already: 429.
+    PerUser,
 }
 
 impl Refusal {
     pub fn status(self) -> u16 {
         match self {
             Self::Full | Self::AcceptRate => 503,
-            Self::PerIp => 429,
+            Self::PerIp | Self::PerUser => 429,
         }
     }
 
@@ -122,27 +124,63 @@ impl Refusal {
             Self::Full => "the server is at its connection limit; retry later",
             Self::PerIp => "too many connections from this address; retry later",
             Self::AcceptRate => "too many new connections; retry later",
+            Self::PerUser => "this user holds as many connections as it may; close one first",
         }
     }
 }
 
-/// Connections in all and per client address, shared by every shard. Touched when a
-/// connection starts and ends, never per message.
+/// Connections in all, per client address and per user, shared by every shard. Touched
+/// when a connection starts and ends, never per message.
 pub struct ConnectionLimits {
     max_total: usize,
     max_per_ip: usize,
+    max_per_user: usize,
     total: AtomicUsize,
     per_ip: Mutex<HashMap<IpAddr, u32>>,
+    /// Only users holding a connection are in it: its size is bounded by the connections.
+    per_user: Mutex<HashMap<Arc<str>, u32>>,
 }
 
 impl ConnectionLimits {
-    /// `max_per_ip == 0` means no per-address limit.
-    pub fn new(max_total: usize, max_per_ip: usize) -> Self {
+    /// `max_per_ip == 0` means no per-address limit; `max_per_user == 0` none per user.
+    pub fn new(max_total: usize, max_per_ip: usize, max_per_user: usize) -> Self {
         Self {
             max_total,
             max_per_ip,
+            max_per_user,
             total: AtomicUsize::new(0),
             per_ip: Mutex::new(HashMap::new()),
+            per_user: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether connections are counted per user at all.
+    pub fn limits_users(&self) -> bool {
+        self.max_per_user > 0
+    }
+
+    /// Counts a connection of `user` against `--max-connections-per-user`; on success the
+    /// caller must [`ConnectionLimits::release_user`] it when the connection ends.
+    pub fn count_user(&self, user: &Arc<str>) -> Result<(), Refusal> {
+        let mut per_user = self.per_user.lock().expect("limits lock");
+        let count = per_user.entry(user.clone()).or_insert(0);
+        if *count as usize >= self.max_per_user {
+            if *count == 0 {
+                per_user.remove(user);
+            }
+            return Err(Refusal::PerUser);
+        }
+        *count += 1;
+        Ok(())
+    }
+
+    pub fn release_user(&self, user: &str) {
+        let mut per_user = self.per_user.lock().expect("limits lock");
+        if let Some(count) = per_user.get_mut(user) {
+            *count -= 1;
+            if *count == 0 {
+                per_user.remove(user);
+            }
         }
     }
 
@@ -240,7 +278,7 @@ mod tests {
 
     #[test]
     fn per_ip_and_total_limits() {
-        let limits = ConnectionLimits::new(3, 2);
+        let limits = ConnectionLimits::new(3, 2, 0);
         let a: IpAddr = "10.0.0.1".parse().unwrap();
         let b: IpAddr = "10.0.0.2".parse().unwrap();
         for _ in 0..3 {
@@ -257,6 +295,22 @@ mod tests {
         assert_eq!(limits.check_total(), Err(Refusal::Full));
         limits.close();
         assert_eq!(limits.check_total(), Ok(()));
+    }
+
+    #[test]
+    fn per_user_limit_counts_each_user_apart() {
+        let limits = ConnectionLimits::new(100, 0, 2);
+        let (ann, bob): (Arc<str>, Arc<str>) = ("ann".into(), "bob".into());
+        assert_eq!(limits.count_user(&ann), Ok(()));
+        assert_eq!(limits.count_user(&ann), Ok(()));
+        assert_eq!(limits.count_user(&ann), Err(Refusal::PerUser));
+        assert_eq!(limits.count_user(&bob), Ok(()));
+        limits.release_user(&ann);
+        assert_eq!(limits.count_user(&ann), Ok(()));
+        for user in [&ann, &ann, &bob] {
+            limits.release_user(user);
+        }
+        assert!(limits.per_user.lock().unwrap().is_empty(), "nobody is kept");
     }
 
     #[test]

@@ -256,7 +256,7 @@ fn channel_prefix_policy_overrides_the_default() {
     let file = dir.join("herald.toml");
     std::fs::write(
         &file,
-        "compression = \"off\"\n[[channel_compression]]\nprefix = \"prices.\"\npolicy = \"shared\"\n",
+        "compression = \"off\"\n[[namespace]]\nprefix = \"prices.\"\ncompression = \"shared\"\n",
     )
     .unwrap();
     let server = Server::start(&["--config", file.to_str().unwrap()]);

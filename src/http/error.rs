@@ -36,12 +36,16 @@ pub enum ApiError {
     BadApiKey,
     /// HTTP publishing is off (no `--api-key`): 403.
     PublishDisabled,
+    /// The rest of the server API is off (no `--api-key`): 403.
+    ApiDisabled,
     /// A query or body the endpoint cannot read: 400.
     BadRequest(String),
     /// A published channel name outside the grammar: 400.
     BadChannel(String),
     /// The identity may not read `channel`: 403.
     ReadForbidden { channel: String },
+    /// Presence was asked of a channel whose namespace does not keep it: 400.
+    PresenceDisabled(String),
     /// A connection limit or the accept rate was hit: 503, or 429 per address, with
     /// `Retry-After` (seconds, spread by the caller so a refused crowd does not return
     /// together).
@@ -62,9 +66,15 @@ impl ApiError {
             Self::LengthRequired => 411,
             Self::MethodNotAllowed { .. } => 405,
             Self::NotFound { .. } => 404,
-            Self::ForbiddenOrigin(_) | Self::PublishDisabled | Self::ReadForbidden { .. } => 403,
+            Self::ForbiddenOrigin(_)
+            | Self::PublishDisabled
+            | Self::ApiDisabled
+            | Self::ReadForbidden { .. } => 403,
             Self::Unauthorized(_) | Self::BadApiKey => 401,
-            Self::BadRequest(_) | Self::BadChannel(_) | Self::TlsRequired => 400,
+            Self::BadRequest(_)
+            | Self::BadChannel(_)
+            | Self::PresenceDisabled(_)
+            | Self::TlsRequired => 400,
             Self::Busy { refusal, .. } => refusal.status(),
             Self::Unavailable(_) => 503,
         }
@@ -90,9 +100,15 @@ impl ApiError {
             Self::ForbiddenOrigin(_) => "forbidden_origin",
             Self::Unauthorized(_) | Self::BadApiKey => "unauthorized",
             Self::PublishDisabled => "publish_disabled",
+            Self::ApiDisabled => "api_disabled",
             Self::BadRequest(_) => "bad_request",
             Self::BadChannel(_) => "bad_channel",
             Self::ReadForbidden { .. } => "forbidden",
+            Self::PresenceDisabled(_) => "presence_disabled",
+            Self::Busy {
+                refusal: Refusal::PerUser,
+                ..
+            } => "too_many_connections",
             Self::Busy { .. } => "retry_later",
             Self::Unavailable(_) => "unavailable",
             Self::TlsRequired => "tls_required",
@@ -173,7 +189,11 @@ impl fmt::Display for ApiError {
             Self::PublishDisabled => {
                 f.write_str("HTTP publishing is off: start the server with --api-key")
             }
+            Self::ApiDisabled => {
+                f.write_str("the server API is off: start the server with --api-key")
+            }
             Self::ReadForbidden { channel } => write!(f, "not allowed to read {channel:?}"),
+            Self::PresenceDisabled(channel) => write!(f, "presence is off for {channel:?}"),
             Self::Busy { refusal, .. } => f.write_str(refusal.reason()),
             Self::Unavailable(message) => f.write_str(message),
             Self::TlsRequired => f.write_str("this port speaks TLS: use https or wss"),
@@ -201,7 +221,7 @@ mod tests {
             &'static str,
             Option<(&'static str, &'static str)>,
         );
-        let cases: [Case; 21] = [
+        let cases: [Case; 24] = [
             (
                 ApiError::Handshake(HandshakeError::MissingKey),
                 400,
@@ -260,6 +280,7 @@ mod tests {
                 Some(("WWW-Authenticate", "Bearer")),
             ),
             (ApiError::PublishDisabled, 403, "publish_disabled", None),
+            (ApiError::ApiDisabled, 403, "api_disabled", None),
             (ApiError::BadRequest("x".into()), 400, "bad_request", None),
             (ApiError::BadChannel("x".into()), 400, "bad_channel", None),
             (
@@ -288,7 +309,19 @@ mod tests {
                 "retry_later",
                 Some(("Retry-After", "3")),
             ),
+            (
+                busy(Refusal::PerUser),
+                429,
+                "too_many_connections",
+                Some(("Retry-After", "3")),
+            ),
             (ApiError::TlsRequired, 400, "tls_required", None),
+            (
+                ApiError::PresenceDisabled("c".into()),
+                400,
+                "presence_disabled",
+                None,
+            ),
             (
                 ApiError::Unavailable("retry".into()),
                 503,

@@ -2,6 +2,7 @@
 //! response bytes out; the shard holds the state of requests that wait (publish acks,
 //! long-polls, event streams).
 
+pub mod api;
 mod assets;
 mod error;
 pub mod longpoll;
@@ -28,6 +29,8 @@ pub enum Route {
     Poll,
     /// `GET /sse?channel=C`.
     Sse,
+    /// The rest of the server API (`api`).
+    Api(api::Endpoint),
     Metrics,
     Stats,
     Health,
@@ -53,6 +56,9 @@ pub fn route(request: &Request) -> Route {
         "/metrics" => (Route::Metrics, "GET, HEAD"),
         "/api/stats" => (Route::Stats, "GET, HEAD"),
         "/healthz" => (Route::Health, "GET, HEAD"),
+        path if let Some((endpoint, method)) = api::Endpoint::at(path) => {
+            (Route::Api(endpoint), method)
+        }
         path => match assets::find(path) {
             Some((body, content_type)) => (Route::Asset { body, content_type }, "GET, HEAD"),
             None => return Route::NotFound,
@@ -198,6 +204,14 @@ mod tests {
         assert!(matches!(get("/"), Route::Asset { .. }));
         assert_eq!(
             get("/api/publish"),
+            Route::MethodNotAllowed { allow: "POST" }
+        );
+        assert_eq!(
+            get("/api/presence?channel=a"),
+            Route::Api(api::Endpoint::Presence)
+        );
+        assert_eq!(
+            get("/api/disconnect"),
             Route::MethodNotAllowed { allow: "POST" }
         );
         let post = request("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");

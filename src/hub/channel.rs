@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use indexmap::IndexMap;
 
+use super::presence::{ConnId, Member, Presence};
 use super::{Broadcast, ChannelName};
 use crate::proto::pubsub;
 
@@ -63,7 +64,7 @@ fn floor_bucket(channel: &str) -> usize {
 }
 
 /// How much history each channel keeps: at most `size` messages, none older than `ttl`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryLimits {
     pub size: usize,
     pub ttl: Duration,
@@ -85,10 +86,15 @@ struct Channel {
     subscribers: Box<[u32]>,
     /// Oldest first; sequence numbers are consecutive.
     history: VecDeque<Stored>,
+    /// Its members, where presence or join/leave is on and someone is subscribed.
+    presence: Option<Box<Presence>>,
+    /// Its namespace's history limits, looked up once when the channel is created.
+    limits: HistoryLimits,
 }
 
 impl Channel {
-    fn trim(&mut self, limits: HistoryLimits, now: Instant) {
+    fn trim(&mut self, now: Instant) {
+        let limits = self.limits;
         while self.history.len() > limits.size {
             self.history.pop_front();
         }
@@ -132,7 +138,12 @@ impl Channel {
 /// The channels homed on one shard.
 pub struct Channels {
     shards: usize,
+    /// History limits of channels no namespace matches.
     limits: HistoryLimits,
+    /// History limits per namespace prefix.
+    by_prefix: Vec<(Box<str>, HistoryLimits)>,
+    /// The shortest TTL of any namespace: it paces the sweep.
+    shortest_ttl: Duration,
     /// Indexed as well as keyed, so the sweep can resume where it stopped.
     map: IndexMap<ChannelName, Channel>,
     /// Per bucket of names, the highest seq a forgotten channel of the bucket reached.
@@ -171,6 +182,8 @@ impl Channels {
         Self {
             shards,
             limits,
+            by_prefix: Vec::new(),
+            shortest_ttl: limits.ttl,
             map: IndexMap::new(),
             floors: vec![0; FLOOR_BUCKETS].into_boxed_slice(),
             cursor: 0,
@@ -179,8 +192,31 @@ impl Channels {
         }
     }
 
+    /// History limits per namespace prefix (the longest matching prefix wins), over the
+    /// default given to [`Channels::new`].
+    pub fn with_prefixes(mut self, by_prefix: Vec<(Box<str>, HistoryLimits)>) -> Self {
+        self.shortest_ttl = by_prefix
+            .iter()
+            .map(|(_, limits)| limits.ttl)
+            .fold(self.limits.ttl, Duration::min);
+        self.by_prefix = by_prefix;
+        self
+    }
+
+    fn limits_of(&self, name: &str) -> HistoryLimits {
+        self.by_prefix
+            .iter()
+            .filter(|(prefix, _)| name.starts_with(&**prefix))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or(self.limits, |(_, limits)| *limits)
+    }
+
     /// The channel's index, created from its bucket's floor when new.
     fn entry(&mut self, name: &ChannelName) -> usize {
+        if let Some(index) = self.map.get_index_of(&**name) {
+            return index;
+        }
+        let limits = self.limits_of(name);
         let (shards, floors) = (self.shards, &self.floors);
         let entry = self.map.entry(name.clone());
         let index = entry.index();
@@ -188,6 +224,8 @@ impl Channels {
             seq: floors[floor_bucket(name)],
             subscribers: vec![0; shards].into_boxed_slice(),
             history: VecDeque::new(),
+            presence: None,
+            limits,
         });
         index
     }
@@ -219,11 +257,10 @@ impl Channels {
         max_replay_bytes: usize,
         now: Instant,
     ) -> SubscribeOutcome {
-        let limits = self.limits;
         let index = self.entry(name);
         let channel = &mut self.map[index];
         channel.subscribers[shard] += 1;
-        channel.trim(limits, now);
+        channel.trim(now);
         let seq = channel.seq;
         let Some(since) = since else {
             return SubscribeOutcome::Subscribed {
@@ -253,16 +290,105 @@ impl Channels {
         max_bytes: usize,
         now: Instant,
     ) -> SubscribeOutcome {
-        let limits = self.limits;
         let index = self.entry(name);
         let channel = &mut self.map[index];
-        channel.trim(limits, now);
+        channel.trim(now);
         let (seq, oldest) = (channel.seq, channel.oldest());
         if since > seq || since + 1 < oldest {
             return SubscribeOutcome::HistoryGap { seq, oldest };
         }
         let replay = channel.replay_after(since, max_bytes.max(1));
         SubscribeOutcome::Subscribed { seq, replay }
+    }
+
+    /// Lists `conn`, subscribed to `name` already, among its members; false if it was.
+    pub fn join(&mut self, name: &str, conn: ConnId, member: Member) -> bool {
+        self.map.get_mut(name).is_some_and(|channel| {
+            channel
+                .presence
+                .get_or_insert_with(Default::default)
+                .join(conn, member)
+        })
+    }
+
+    /// Takes `conn` off `name`'s members (before its subscription is released).
+    pub fn leave(&mut self, name: &str, conn: ConnId) -> Option<Member> {
+        let channel = self.map.get_mut(name)?;
+        let presence = channel.presence.as_mut()?;
+        let member = presence.leave(conn);
+        if presence.is_empty() {
+            channel.presence = None;
+        }
+        member
+    }
+
+    /// `name`'s members, if it has any.
+    pub fn presence(&self, name: &str) -> Option<&Presence> {
+        self.map.get(name)?.presence.as_deref()
+    }
+
+    /// The channels homed here that `matches` accepts, after `cursor` in name order, at
+    /// most `max`, with their subscriptions on every shard. Visits every channel: for the
+    /// server API, not the message path.
+    pub fn list(
+        &self,
+        matches: impl Fn(&str) -> bool,
+        cursor: Option<&str>,
+        max: usize,
+    ) -> Vec<(ChannelName, u32)> {
+        let mut found: Vec<(ChannelName, u32)> = self
+            .map
+            .iter()
+            .filter(|(name, _)| cursor.is_none_or(|c| &***name > c) && matches(name))
+            .map(|(name, channel)| (name.clone(), channel.subscribers.iter().sum()))
+            .collect();
+        found.sort_unstable_by(|a, b| a.0.cmp(&b.0));
+        found.truncate(max);
+        found
+    }
+
+    /// Stored frames of `name` after `since` (all without it): the first `limit`, or the
+    /// last `limit` newest first, stopping before `max_bytes` (at least one); with the
+    /// channel's latest seq and the oldest a `since` can reach. A channel not known here
+    /// has none, and is not created by asking.
+    pub fn history(
+        &mut self,
+        name: &str,
+        since: Option<u64>,
+        (limit, newest_first): (usize, bool),
+        max_bytes: usize,
+        now: Instant,
+    ) -> (u64, u64, Vec<Bytes>) {
+        let Some(channel) = self.map.get_mut(name) else {
+            let floor = self.floors[floor_bucket(name)];
+            return (floor, floor + 1, Vec::new());
+        };
+        channel.trim(now);
+        let after = channel
+            .history
+            .iter()
+            .filter(|m| since.is_none_or(|since| m.seq > since));
+        let picked: Vec<&Stored> = if newest_first {
+            after.rev().take(limit).collect()
+        } else {
+            after.take(limit).collect()
+        };
+        let mut bytes = 0;
+        let frames = picked
+            .into_iter()
+            .take_while(|m| {
+                let fits = bytes == 0 || bytes + m.frame.len() <= max_bytes;
+                bytes += m.frame.len();
+                fits
+            })
+            .map(|m| m.frame.clone())
+            .collect();
+        (channel.seq, channel.oldest(), frames)
+    }
+
+    /// Subscriptions to `name` per shard (pending or active), if it is known here.
+    pub fn subscribers(&self, name: &str) -> Option<&[u32]> {
+        self.map.get(name).map(|channel| &*channel.subscribers)
     }
 
     /// Releases one subscription counted by [`Channels::subscribe`]; the last one of a
@@ -282,19 +408,29 @@ impl Channels {
     /// stores it in the history (before anyone is told: an ack means recoverable). A
     /// channel that neither delivers nor keeps it is forgotten again at once.
     pub fn publish(&mut self, name: &ChannelName, data: &[u8], now: Instant) -> Published<'_> {
-        let limits = self.limits;
+        self.publish_from(name, None, data, now)
+    }
+
+    /// [`Channels::publish`], naming the `publisher` in the frame when given.
+    pub fn publish_from(
+        &mut self,
+        name: &ChannelName,
+        publisher: Option<&str>,
+        data: &[u8],
+        now: Instant,
+    ) -> Published<'_> {
         let index = self.entry(name);
         let channel = &mut self.map[index];
         channel.seq += 1;
-        let frame = pubsub::encode_message(name, channel.seq, data);
-        if limits.size > 0 {
+        let frame = pubsub::encode_published(name, channel.seq, publisher, data);
+        if channel.limits.size > 0 {
             channel.history.push_back(Stored {
                 seq: channel.seq,
                 at: now,
                 frame: frame.clone(),
             });
         }
-        channel.trim(limits, now);
+        channel.trim(now);
         let broadcast = Broadcast {
             channel: name.clone(),
             seq: channel.seq,
@@ -333,7 +469,7 @@ impl Channels {
         self.next_sweep = Some(now + SWEEP_INTERVAL);
         if self.cursor >= self.map.len() {
             let round =
-                (self.limits.ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
+                (self.shortest_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));
             self.cursor = 0;
             self.ticks_left = (round.as_nanos() / SWEEP_INTERVAL.as_nanos()) as u32;
         }
@@ -344,7 +480,7 @@ impl Channels {
         let visits = (self.map.len() - self.cursor).div_ceil(ticks_left as usize);
         for _ in 0..visits {
             let channel = &mut self.map[self.cursor];
-            channel.trim(self.limits, now);
+            channel.trim(now);
             if channel.is_idle() {
                 // The last channel moves into this index: it is visited next.
                 self.forget(self.cursor);
@@ -480,6 +616,73 @@ mod tests {
             channels.subscribe(&c, 0, Some(0), true, usize::MAX, much_later),
             SubscribeOutcome::HistoryGap { seq: 2, oldest: 3 }
         );
+    }
+
+    #[test]
+    fn a_namespace_prefix_sets_its_channels_history() {
+        let now = Instant::now();
+        let mut channels = Channels::new(1, limits(2)).with_prefixes(vec![
+            ("feed.".into(), limits(5)),
+            ("feed.none.".into(), limits(0)),
+        ]);
+        for name in ["news", "feed.a", "feed.none.a"] {
+            let c = self::name(name);
+            channels.subscribe(&c, 0, None, true, 0, now);
+            for _ in 0..10 {
+                channels.publish(&c, b"1", now);
+            }
+        }
+        let oldest = |channels: &mut Channels, name: &str| match channels.subscribe(
+            &self::name(name),
+            0,
+            Some(0),
+            true,
+            0,
+            now,
+        ) {
+            SubscribeOutcome::HistoryGap { oldest, .. } => oldest,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(oldest(&mut channels, "news"), 9);
+        assert_eq!(oldest(&mut channels, "feed.a"), 6);
+        assert_eq!(oldest(&mut channels, "feed.none.a"), 11);
+    }
+
+    #[test]
+    fn history_and_list_read_without_creating_channels() {
+        let now = Instant::now();
+        let mut channels = Channels::new(2, limits(10));
+        for n in ["b", "a", "c"] {
+            channels.publish(&name(n), b"1", now);
+        }
+        channels.subscribe(&name("b"), 1, None, true, 0, now);
+        for _ in 0..4 {
+            channels.publish(&name("b"), b"2", now);
+        }
+        let listed = channels.list(|n| n != "c", None, 10);
+        assert_eq!(listed, [(name("a"), 0), (name("b"), 1)]);
+        assert_eq!(channels.list(|_| true, Some("a"), 1), [(name("b"), 1)]);
+        let seqs = |frames: &[Bytes]| -> Vec<u64> {
+            frames
+                .iter()
+                .map(|f| {
+                    let text = String::from_utf8_lossy(f).into_owned();
+                    let rest = &text[text.find("\"seq\":").unwrap() + 6..];
+                    rest[..rest.find(',').unwrap()].parse().unwrap()
+                })
+                .collect()
+        };
+        let (seq, oldest, frames) = channels.history("b", Some(1), (2, false), usize::MAX, now);
+        assert_eq!((seq, oldest, seqs(&frames)), (5, 1, vec![2, 3]));
+        let (_, _, frames) = channels.history("b", None, (2, true), usize::MAX, now);
+        assert_eq!(seqs(&frames), [5, 4]);
+        let (_, _, frames) = channels.history("b", None, (10, false), 1, now);
+        assert_eq!(frames.len(), 1, "at least one, within the bytes");
+        assert_eq!(
+            channels.history("nope", None, (10, false), 1, now).2,
+            Vec::<Bytes>::new()
+        );
+        assert_eq!(channels.len(), 3, "asking created nothing");
     }
 
     #[test]

@@ -15,6 +15,7 @@
 #![deny(clippy::disallowed_methods)] // no clock reads here: see clippy.toml
 
 mod channel;
+pub mod presence;
 mod subscriptions;
 
 use std::sync::Arc;
@@ -27,6 +28,7 @@ use crate::proto::deflate::Compressor;
 use crate::proto::frame::server_frame_payload;
 
 pub use channel::{Channels, HistoryLimits, Published, SubscribeOutcome, home_of};
+pub use presence::{ConnId, Member, Presence};
 pub use subscriptions::Subscriptions;
 
 /// A channel name shared between shards without copying.

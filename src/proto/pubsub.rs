@@ -38,6 +38,26 @@ pub enum Command {
     Ping {
         id: Option<u64>,
     },
+    /// A page of the channel's members: up to `limit` after `cursor`.
+    Presence {
+        channel: Box<str>,
+        cursor: Option<Box<str>>,
+        limit: Option<u64>,
+        id: Option<u64>,
+    },
+    /// The channel's numbers of connections and distinct users.
+    PresenceStats {
+        channel: Box<str>,
+        id: Option<u64>,
+    },
+    /// Stored messages after `since`: the first `limit`, or the last newest first.
+    History {
+        channel: Box<str>,
+        since: Option<u64>,
+        limit: Option<u64>,
+        newest_first: bool,
+        id: Option<u64>,
+    },
 }
 
 /// Why a command was refused; becomes an `error` reply and the connection stays open.
@@ -73,6 +93,10 @@ struct WireCommand<'a> {
     since: Option<Unsigned>,
     #[serde(borrow)]
     epoch: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    cursor: Option<Cow<'a, str>>,
+    limit: Option<Unsigned>,
+    newest_first: Option<bool>,
     // Validated (simd-json walks it) but not built: its bytes are taken from the payload.
     #[allow(dead_code)]
     data: Option<IgnoredAny>,
@@ -150,6 +174,23 @@ impl CommandParser {
                 })
             }
             "ping" => Ok(Command::Ping { id }),
+            "presence" => Ok(Command::Presence {
+                channel: channel(wire.channel)?,
+                cursor: wire.cursor.map(Into::into),
+                limit: wire.limit.map(|Unsigned(limit)| limit),
+                id,
+            }),
+            "presence_stats" => Ok(Command::PresenceStats {
+                channel: channel(wire.channel)?,
+                id,
+            }),
+            "history" => Ok(Command::History {
+                channel: channel(wire.channel)?,
+                since: wire.since.map(|Unsigned(since)| since),
+                limit: wire.limit.map(|Unsigned(limit)| limit),
+                newest_first: wire.newest_first.unwrap_or(false),
+                id,
+            }),
             other => Err(CommandError::new(
                 "unknown_type",
                 format!("unknown message type {:?}", truncate(other, 40)),
@@ -381,11 +422,22 @@ pub fn push_json_str(out: &mut impl BufMut, s: &str) {
 /// The broadcast frame `{"type":"message","channel":C,"seq":N,"data":D}`, built once per
 /// publish and shared by every subscriber.
 pub fn encode_message(channel: &str, seq: u64, data: &[u8]) -> Bytes {
-    let mut frame = TextFrame::with_capacity(64 + channel.len() + data.len());
+    encode_published(channel, seq, None, data)
+}
+
+/// [`encode_message`] with `"publisher":U` before `data` when the channel's namespace
+/// exposes who published.
+pub fn encode_published(channel: &str, seq: u64, publisher: Option<&str>, data: &[u8]) -> Bytes {
+    let extra = publisher.map_or(0, |p| p.len() + 16);
+    let mut frame = TextFrame::with_capacity(64 + channel.len() + extra + data.len());
     frame.put(b"{\"type\":\"message\",\"channel\":");
     frame.put_str(channel);
     frame.put(b",\"seq\":");
     frame.put_u64(seq);
+    if let Some(publisher) = publisher {
+        frame.put(b",\"publisher\":");
+        frame.put_str(publisher);
+    }
     frame.put(b",\"data\":");
     frame.put(data);
     frame.put(b"}");
@@ -469,6 +521,48 @@ pub fn encode_gap(channel: &str, from: u64, to: u64) -> Bytes {
     frame.put_u64(from);
     frame.put(b",\"to\":");
     frame.put_u64(to);
+    frame.put(b"}");
+    frame.finish()
+}
+
+/// `{"type":"join"|"leave","channel":C,"user":U,"conn":ID,"info":I}`: `user` is `null`
+/// for an anonymous connection, and `info` is left out when the token had none.
+pub fn encode_presence_event(
+    kind: &str,
+    channel: &str,
+    conn: &str,
+    user: Option<&str>,
+    info: Option<&str>,
+) -> Bytes {
+    let mut frame = TextFrame::with_capacity(
+        80 + channel.len() + user.map_or(0, str::len) + info.map_or(0, str::len),
+    );
+    frame.put(b"{\"type\":");
+    frame.put_str(kind);
+    frame.put(b",\"channel\":");
+    frame.put_str(channel);
+    frame.put(b",\"user\":");
+    match user {
+        Some(user) => frame.put_str(user),
+        None => frame.put(b"null"),
+    }
+    frame.put(b",\"conn\":");
+    frame.put_str(conn);
+    if let Some(info) = info {
+        frame.put(b",\"info\":");
+        frame.put(info.as_bytes());
+    }
+    frame.put(b"}");
+    frame.finish()
+}
+
+/// A reply object built elsewhere (`{..}`, a home's answer to a query) as a frame, with
+/// `,"id":I` before its closing brace.
+pub fn encode_with_id(object: &[u8], id: Option<u64>) -> Bytes {
+    let body = object.strip_suffix(b"}").unwrap_or(object);
+    let mut frame = TextFrame::with_capacity(body.len() + 32);
+    frame.put(body);
+    frame.put_id(id);
     frame.put(b"}");
     frame.finish()
 }
@@ -623,12 +717,70 @@ mod tests {
     }
 
     #[test]
+    fn parses_presence_queries() {
+        assert_eq!(
+            parse(r#"{"type":"presence","channel":"c","cursor":"0.1.2","limit":5,"id":4}"#),
+            Ok(Command::Presence {
+                channel: "c".into(),
+                cursor: Some("0.1.2".into()),
+                limit: Some(5),
+                id: Some(4)
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"presence_stats","channel":"c","id":5}"#),
+            Ok(Command::PresenceStats {
+                channel: "c".into(),
+                id: Some(5)
+            })
+        );
+        assert_eq!(
+            parse(r#"{"type":"presence"}"#).unwrap_err().code,
+            "bad_request"
+        );
+        assert_eq!(
+            parse(r#"{"type":"history","channel":"c","limit":3,"newest_first":true}"#),
+            Ok(Command::History {
+                channel: "c".into(),
+                since: None,
+                limit: Some(3),
+                newest_first: true,
+                id: None
+            })
+        );
+    }
+
+    #[test]
+    fn join_leave_and_answers_are_json() {
+        let join = encode_presence_event("join", "c", "0.1.2", Some("ann"), Some(r#"{"a":1}"#));
+        assert_eq!(
+            payload(&join),
+            r#"{"type":"join","channel":"c","user":"ann","conn":"0.1.2","info":{"a":1}}"#
+        );
+        let leave = encode_presence_event("leave", "c", "0.1.2", None, None);
+        assert_eq!(
+            payload(&leave),
+            r#"{"type":"leave","channel":"c","user":null,"conn":"0.1.2"}"#
+        );
+        let answer = encode_with_id(br#"{"type":"presence_stats","users":1}"#, Some(9));
+        assert_eq!(
+            payload(&answer),
+            r#"{"type":"presence_stats","users":1,"id":9}"#
+        );
+    }
+
+    #[test]
     fn message_frame_embeds_data_verbatim() {
         let frame = encode_message("news", 58, br#"{"x": 1}"#);
         assert_eq!(frame[0], 0x81);
         assert_eq!(
             payload(&frame),
             r#"{"type":"message","channel":"news","seq":58,"data":{"x": 1}}"#
+        );
+        let from = encode_published("news", 59, Some("ann"), b"1");
+        assert_eq!(
+            payload(&from),
+            r#"{"type":"message","channel":"news","seq":59,"publisher":"ann","data":1}"#
         );
         let big = encode_message("c", 1, &[b'1'; 300]);
         assert_eq!(big[1], 126);

@@ -13,6 +13,7 @@ use crate::hub::ChannelName;
 use crate::metrics::Transport;
 
 use super::Outbox;
+use super::api::ApiCall;
 use super::event_stream::EventStream;
 use super::longpoll::Poll;
 use super::publish::Publishing;
@@ -43,6 +44,8 @@ pub(super) enum Phase {
     EventStream(EventStream),
     /// A WebSocket (`websocket`).
     WebSocket(Box<WebSocket>),
+    /// A server API request waiting for the shards' answers (`api`).
+    Api(Box<ApiCall>),
 }
 
 /// One subscription of a connection. A subscription is pending until its home answers;
@@ -95,6 +98,8 @@ pub(super) struct Conn {
     /// What the request being served may do; set when it is admitted, and replaced by
     /// the next request's on a keep-alive connection.
     pub(super) identity: Option<Arc<Identity>>,
+    /// The identity's user is counted against `--max-connections-per-user`.
+    pub(super) user_counted: bool,
 }
 
 /// Where a connection is in its life. Each state includes the ones before it (the derived
@@ -188,7 +193,7 @@ impl Phase {
     /// The transport the connection counts as in the metrics.
     pub(super) fn counted_as(&self) -> Transport {
         match self {
-            Self::Request(_) | Self::Publishing(_) => Transport::Http,
+            Self::Request(_) | Self::Publishing(_) | Self::Api(_) => Transport::Http,
             Self::Polling(_) => Transport::Poll,
             Self::EventStream(_) => Transport::Sse,
             Self::WebSocket(_) => Transport::WebSocket,

@@ -35,7 +35,11 @@ impl Context {
     pub fn new(config: Config, shards: usize, started: SystemTime) -> Result<Self, String> {
         Ok(Self {
             auth: Authenticator::new(&config.auth)?,
-            limits: ConnectionLimits::new(config.max_connections, config.max_connections_per_ip),
+            limits: ConnectionLimits::new(
+                config.max_connections,
+                config.max_connections_per_ip,
+                config.max_connections_per_user,
+            ),
             registry: Registry::new(shards),
             epoch: hub::new_epoch(started).into(),
             cluster: None,

@@ -104,6 +104,35 @@ impl Shard {
         }
     }
 
+    /// Queues a join or leave on this shard's WebSocket subscribers of `channel`; like a
+    /// broadcast it counts against their outbound budget.
+    pub(super) fn deliver_event(&mut self, channel: &str, frame: Bytes) {
+        let budget = self.ctx.config.outbound_queue_bytes;
+        let Some(subscribers) = self.subscriptions.get(channel) else {
+            return;
+        };
+        let (tag, policy) = (subscribers.tag, subscribers.policy);
+        let mut slow = Vec::new();
+        for key in subscribers.conns() {
+            let conn = &mut self.conns[key];
+            if !matches!(conn.phase, Phase::WebSocket(_)) || conn.is_closing() {
+                continue;
+            }
+            conn.outbox.push(frame.clone());
+            self.counters.messages_out_total += 1;
+            if !conn.dirty {
+                conn.dirty = true;
+                self.dirty.push(key);
+            }
+            if conn.outbox.len_bytes() > budget {
+                slow.push(key);
+            }
+        }
+        for key in slow {
+            self.shed(key, tag, policy);
+        }
+    }
+
     /// Brings a slow subscriber's queue back within budget as its channel's policy says,
     /// announcing what was shed; disconnects it when shedding is not enough.
     pub(super) fn shed(&mut self, key: usize, tag: u32, policy: SlowConsumerPolicy) {

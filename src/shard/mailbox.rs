@@ -8,8 +8,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
 
-use super::ConnRef;
-use crate::hub::{Broadcast, ChannelName};
+use super::{ConnRef, Shard};
+use crate::auth::Patterns;
+use crate::http::api::Target;
+use crate::hub::{Broadcast, ChannelName, ConnId, Member};
 
 /// A channel's answer to a subscription request, as its home or the cluster sent it.
 #[derive(Debug)]
@@ -39,6 +41,8 @@ pub enum Envelope {
         id: Option<u64>,
         /// How much of the replay after `since` to send with the answer (0: none yet).
         max_replay_bytes: usize,
+        /// The connection as the channel's members list it, where the channel keeps them.
+        member: Option<Member>,
     },
     /// To the channel's home: the next chunk of a replay, the frames after `since` up to
     /// `max_bytes`, for a subscription it counted already. Answered like `Subscribe`.
@@ -51,12 +55,44 @@ pub enum Envelope {
         id: Option<u64>,
         max_bytes: usize,
     },
-    /// To the channel's home: release one subscription of shard `from`.
-    Unsubscribe { channel: ChannelName, from: usize },
+    /// To the channel's home: release one subscription of shard `from` (`conn`'s).
+    Unsubscribe {
+        channel: ChannelName,
+        from: usize,
+        conn: ConnRef,
+    },
+    /// To the channel's home: answer `query` to `from`/`conn` with a [`Envelope::Found`].
+    Query {
+        channel: ChannelName,
+        from: usize,
+        conn: ConnRef,
+        id: Option<u64>,
+        query: Query,
+    },
+    /// From a home: the answer to a query, a JSON object.
+    Found {
+        conn: ConnRef,
+        id: Option<u64>,
+        json: Bytes,
+    },
+    /// To every shard (or the one a connection id names): carry out a server API order,
+    /// then answer `from`/`conn` with a [`Envelope::Done`].
+    Order {
+        from: usize,
+        conn: ConnRef,
+        order: Order,
+    },
+    /// A shard's part of the answer to an order.
+    Done { conn: ConnRef, part: Part },
+    /// From the home: a join or leave frame for this shard's WebSocket subscribers of the
+    /// channel, in its place among the channel's broadcasts.
+    Event { channel: ChannelName, frame: Bytes },
     /// To the channel's home: order and fan out `data`, then ack to `from`/`conn`.
     Publish {
         channel: ChannelName,
         data: Bytes,
+        /// The publisher's user, where the namespace exposes it.
+        publisher: Option<Arc<str>>,
         from: usize,
         conn: ConnRef,
         id: Option<u64>,
@@ -87,6 +123,84 @@ pub enum Envelope {
     },
     /// From the home: deliver to this shard's subscribers of the channel.
     Broadcast(Broadcast),
+}
+
+/// What a query asks a channel's home.
+#[derive(Debug)]
+pub enum Query {
+    /// A page of members after `cursor`.
+    Presence {
+        cursor: Option<ConnId>,
+        limit: usize,
+    },
+    /// Connections and distinct users.
+    PresenceStats,
+    /// Stored messages after `since`: the first `limit`, or the last `limit` newest first.
+    History {
+        since: Option<u64>,
+        limit: usize,
+        newest_first: bool,
+    },
+}
+
+/// What the server API asks of every shard (each gets its own copy: names and counts).
+#[derive(Debug, Clone)]
+pub enum Order {
+    /// Close the connections of a user, or one connection, with this code and reason.
+    Disconnect {
+        target: Target,
+        code: u16,
+        reason: Arc<str>,
+    },
+    /// Take a user's connections out of a channel.
+    Unsubscribe {
+        user: Arc<str>,
+        channel: ChannelName,
+    },
+    /// The channels homed here matching `pattern`, after `cursor` in name order: at most
+    /// `limit + 1`, so the gatherer knows whether a page follows.
+    Channels {
+        pattern: Arc<Patterns>,
+        cursor: Option<ChannelName>,
+        limit: usize,
+    },
+}
+
+/// One shard's answer to an [`Order`].
+#[derive(Debug)]
+pub enum Part {
+    /// Connections disconnected or unsubscribed.
+    Count(u64),
+    /// Channels with their subscriber counts, in name order.
+    Channels(Vec<(ChannelName, u32)>),
+}
+
+impl Shard {
+    /// One envelope, from another shard or this one: a request to this shard as the home of
+    /// a channel, or an answer one of its connections waits for.
+    pub(super) fn handle_envelope(&mut self, envelope: Envelope) {
+        match envelope {
+            Envelope::Subscribe { .. }
+            | Envelope::Replay { .. }
+            | Envelope::Unsubscribe { .. }
+            | Envelope::Query { .. }
+            | Envelope::Publish { .. } => self.serve_as_home(envelope),
+            Envelope::Found { conn, id, json } => self.found(conn, id, &json),
+            Envelope::Event { channel, frame } => self.deliver_event(&channel, frame),
+            Envelope::Order { from, conn, order } => self.carry_out(from, conn, order),
+            Envelope::Done { conn, part } => self.done(conn, part),
+            Envelope::Subscribed { answer, replay } => self.confirm_subscription(answer, replay),
+            Envelope::HistoryGap { answer, oldest } => self.refuse_subscription(answer, oldest),
+            Envelope::Refused { conn, id, message } => self.refuse_publish(conn, id, &message),
+            Envelope::Ack {
+                conn,
+                seq,
+                subscribers,
+                id,
+            } => self.acknowledge(conn, seq, subscribers, id),
+            Envelope::Broadcast(broadcast) => self.deliver(&broadcast),
+        }
+    }
 }
 
 /// Wakes a sleeping shard. Implemented by the backend (a `mio::Waker`, an eventfd).

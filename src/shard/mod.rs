@@ -30,8 +30,8 @@
 //! in its own file by answering the core's events with an action (`transport`).
 //!
 //! # Where things live
-//! This file is the core: the connection table, the dirty and dead lists, the calling
-//! contract above and the dispatch of mailbox envelopes. Each concern has its file:
+//! This file is the core: the connection table, the dirty and dead lists and the calling
+//! contract above. Each concern has its file:
 //!
 //! | file | what |
 //! |---|---|
@@ -41,15 +41,17 @@
 //! | `websocket` | `/ws` and `/echo`: upgrade, frames, rate limit, commands, close |
 //! | `event_stream`, `longpoll`, `publish` | `/sse`, `/poll`, `POST /api/publish` and acks |
 //! | `subscriber` | subscriptions from pending to active, paced `since` replays, gaps |
-//! | `home` | the channels homed here: ordering, history, answers to subscriptions |
+//! | `home` | the channels homed here: ordering, history, members, join/leave |
+//! | `query`, `api` | questions to a channel's home (presence); the server API's orders |
 //! | `fanout` | a broadcast queued on every local subscriber; shedding slow ones |
 //! | `timer`, `deadlines` | request, poll, token, close and heartbeat deadlines; acting on them |
-//! | `outbox`, `mailbox` | a connection's write queue; the envelopes between shards |
+//! | `outbox`, `mailbox` | a connection's write queue; the envelopes between shards, dispatched |
 //! | `context` | what every shard of the node shares (configuration, limits, metrics) |
 //! | `harness` | shards driven in memory, for the unit tests and the benches |
 
 #![deny(clippy::disallowed_methods)] // no clock reads here: see clippy.toml
 
+mod api;
 mod conn;
 mod context;
 mod deadlines;
@@ -61,6 +63,7 @@ mod longpoll;
 mod mailbox;
 mod outbox;
 mod publish;
+mod query;
 mod request;
 mod subscriber;
 mod timer;
@@ -77,7 +80,7 @@ use smallvec::SmallVec;
 
 pub use conn::ConnRef;
 pub use context::Context;
-pub use mailbox::{Answer, Envelope, Inbox, Post, Wake};
+pub use mailbox::{Answer, Envelope, Inbox, Order, Part, Post, Query, Wake};
 pub use outbox::Outbox;
 
 use crate::hub::{Channels, Subscriptions};
@@ -163,7 +166,8 @@ impl Shard {
             wheel: Wheel::new(now),
             wheel_sweep_at: 64,
             heartbeat_phases: Spread::new(now),
-            channels: Channels::new(shards, config.history),
+            channels: Channels::new(shards, config.history)
+                .with_prefixes(config.namespaces.history_by_prefix()),
             // Address space for this shard's share of the connection limit, touched only as
             // connections arrive: a table grown by doubling would copy itself each time and
             // leave the old copies resident until the allocator purges them (as much again
@@ -226,6 +230,7 @@ impl Shard {
             peer,
             counted: None,
             identity: None,
+            user_counted: false,
         });
         self.arm_request_deadline(key);
         self.counters.accepted_total += 1;
@@ -336,7 +341,7 @@ impl Shard {
                     break;
                 }
                 // Waiting for an answer: a pipelined request stays buffered until then.
-                Phase::Publishing(_) | Phase::Polling(_) => break,
+                Phase::Publishing(_) | Phase::Polling(_) | Phase::Api(_) => break,
                 Phase::EventStream(_) => {
                     self.conns[key].read_buf = None;
                     break;
@@ -406,6 +411,7 @@ impl Shard {
             return;
         }
         self.leave_all(key);
+        self.drop_identity(key);
         let conn = &mut self.conns[key];
         conn.life = Life::Dead;
         conn.outbox = Outbox::default();
@@ -516,27 +522,6 @@ impl Shard {
                 self.reread_pipelined();
                 return;
             }
-        }
-    }
-
-    /// One envelope, from another shard or this one: a request to this shard as the home of
-    /// a channel, or an answer one of its connections waits for.
-    fn handle_envelope(&mut self, envelope: Envelope) {
-        match envelope {
-            Envelope::Subscribe { .. }
-            | Envelope::Replay { .. }
-            | Envelope::Unsubscribe { .. }
-            | Envelope::Publish { .. } => self.serve_as_home(envelope),
-            Envelope::Subscribed { answer, replay } => self.confirm_subscription(answer, replay),
-            Envelope::HistoryGap { answer, oldest } => self.refuse_subscription(answer, oldest),
-            Envelope::Refused { conn, id, message } => self.refuse_publish(conn, id, &message),
-            Envelope::Ack {
-                conn,
-                seq,
-                subscribers,
-                id,
-            } => self.acknowledge(conn, seq, subscribers, id),
-            Envelope::Broadcast(broadcast) => self.deliver(&broadcast),
         }
     }
 

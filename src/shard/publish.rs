@@ -2,9 +2,10 @@
 //! cluster), `POST /api/publish` waiting for its receipts, and the acks and refusals that
 //! come back for WebSocket and HTTP publishers.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 
-use crate::auth::api_key_matches;
 use crate::cluster;
 use crate::config::Config;
 use crate::http::{self, ApiError, publish};
@@ -72,17 +73,12 @@ impl Shard {
         body: &Bytes,
         keep_alive: bool,
     ) {
-        let Some(api_key) = self.ctx.config.api_key.as_deref() else {
+        if self.ctx.config.api_key.is_none() {
             self.refuse(key, &ApiError::PublishDisabled, false);
             return;
-        };
-        let presented = request
-            .authorization
-            .as_deref()
-            .and_then(|a| a.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !api_key_matches(presented.trim(), api_key) {
-            self.refuse(key, &ApiError::BadApiKey, false);
+        }
+        if let Err(error) = self.check_api_key(request) {
+            self.refuse(key, &error, false);
             return;
         }
         let parsed = match publish::parse(body) {
@@ -105,20 +101,18 @@ impl Shard {
             })),
         );
         for (index, message) in parsed.messages.into_iter().enumerate() {
-            self.publish(
-                message.channel.into(),
-                message.data,
-                conn,
-                Some(index as u64),
-            );
+            let channel = message.channel.into();
+            self.publish(channel, message.data, None, conn, Some(index as u64));
         }
     }
 
-    /// Sends a publish to whoever orders the channel: its home shard, or the cluster.
+    /// Sends a publish to whoever orders the channel: its home shard, or the cluster
+    /// (which does not carry `publisher` yet).
     pub(super) fn publish(
         &mut self,
         channel: ChannelName,
         data: Bytes,
+        publisher: Option<Arc<str>>,
         conn: ConnRef,
         id: Option<u64>,
     ) {
@@ -143,6 +137,7 @@ impl Shard {
             Envelope::Publish {
                 channel,
                 data,
+                publisher,
                 from: self.id,
                 conn,
                 id,

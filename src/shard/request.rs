@@ -13,6 +13,7 @@ use crate::auth::{AuthMode, token_of};
 use crate::config::Config;
 use crate::http::{self, ApiError, Route};
 use crate::limits::{Refusal, client_ip, retry_after};
+use crate::namespace::PublishRule;
 use crate::proto::handshake::{self, Request};
 
 use super::Shard;
@@ -54,6 +55,14 @@ impl Transport for RequestStage {
     }
 }
 
+/// The user a personal channel (`name#user`, Centrifugo's convention) belongs to.
+pub(super) fn personal_owner(channel: &str) -> Option<&str> {
+    channel
+        .rsplit_once('#')
+        .map(|(_, owner)| owner)
+        .filter(|owner| !owner.is_empty())
+}
+
 impl Shard {
     /// Refuses for `refusal` with a `Retry-After` spread over a few seconds; the
     /// connection ends.
@@ -80,7 +89,7 @@ impl Shard {
     /// and the connection limits not reached (503 in all, 429 per address). On refusal the
     /// response is queued and false returned.
     pub(super) fn admit(&mut self, key: usize, request: &Request) -> bool {
-        self.conns[key].identity = None;
+        self.drop_identity(key);
         let auth = &self.ctx.auth;
         if let Err(reason) = auth.check_origin(request.origin.as_deref()) {
             self.refuse(key, &ApiError::ForbiddenOrigin(reason), false);
@@ -118,6 +127,17 @@ impl Shard {
             }
             self.conns[key].counted = Some(ip);
         }
+        if let Some(user) = identity
+            .user
+            .as_ref()
+            .filter(|_| self.ctx.limits.limits_users())
+        {
+            if let Err(refusal) = self.ctx.limits.count_user(user) {
+                self.refuse_busy(key, refusal);
+                return false;
+            }
+            self.conns[key].user_counted = true;
+        }
         let runs_out = identity.runs_out.filter(|_| auth.mode() != AuthMode::Off);
         self.conns[key].identity = Some(identity);
         if let Some(runs_out) = runs_out {
@@ -130,20 +150,42 @@ impl Shard {
         true
     }
 
-    /// Whether the request holding `key` may subscribe to `channel`: never without an
-    /// admitted identity.
-    pub(super) fn may_subscribe(&self, key: usize, channel: &str) -> bool {
-        self.conns[key]
-            .identity
-            .as_ref()
-            .is_some_and(|id| id.subscribe.allows(channel))
+    /// Forgets the identity of the request that held `key`, giving back its place in
+    /// the per-user count.
+    pub(super) fn drop_identity(&mut self, key: usize) {
+        let conn = &mut self.conns[key];
+        let identity = conn.identity.take();
+        if std::mem::take(&mut conn.user_counted)
+            && let Some(user) = identity.as_ref().and_then(|id| id.user.as_deref())
+        {
+            self.ctx.limits.release_user(user);
+        }
     }
 
+    /// Whether the request holding `key` may subscribe to `channel`: never without an
+    /// admitted identity. Where the namespace has personal channels, `name#user` is its
+    /// user's alone, whatever the token lists, and needs no listing.
+    pub(super) fn may_subscribe(&self, key: usize, channel: &str) -> bool {
+        let personal = self.ctx.config.namespaces.of(channel).personal_channels;
+        self.conns[key].identity.as_ref().is_some_and(|id| {
+            match personal_owner(channel).filter(|_| personal) {
+                Some(owner) => id.user.as_deref() == Some(owner),
+                None => id.subscribe.allows(channel),
+            }
+        })
+    }
+
+    /// Whether the client holding `key` may publish to `channel`, as its namespace's
+    /// `publish` rule says.
     pub(super) fn may_publish(&self, key: usize, channel: &str) -> bool {
-        self.conns[key]
-            .identity
-            .as_ref()
-            .is_some_and(|id| id.publish.allows(channel))
+        match self.ctx.config.namespaces.of(channel).publish {
+            PublishRule::Token => self.conns[key]
+                .identity
+                .as_ref()
+                .is_some_and(|id| id.publish.allows(channel)),
+            PublishRule::Subscribers => self.may_subscribe(key, channel),
+            PublishRule::Api => false,
+        }
     }
 
     /// Reads one HTTP request if it is complete and acts on it. Returns whether the
@@ -219,6 +261,7 @@ impl Shard {
             Route::PubSub => self.upgrade(key, request, Endpoint::PubSub),
             Route::Echo => self.upgrade(key, request, Endpoint::Echo),
             Route::Publish => self.publish_http(key, request, &body, keep_alive),
+            Route::Api(endpoint) => self.api(key, endpoint, request, &body, keep_alive),
             Route::Poll => self.poll(key, request, keep_alive),
             Route::Sse => self.open_event_stream(key, request),
             Route::Metrics => {
@@ -305,8 +348,8 @@ impl Shard {
     /// admitted on its own: nothing of the last one's identity carries over.
     pub(super) fn await_request(&mut self, key: usize) {
         let peer = self.conns[key].peer;
+        self.drop_identity(key);
         let conn = &mut self.conns[key];
-        conn.identity = None;
         if self.ctx.config.trusted_proxies.contains(&peer)
             && let Some(ip) = conn.counted.take()
         {

@@ -5,7 +5,7 @@
 use bytes::Bytes;
 
 use crate::cluster;
-use crate::hub::{self, ChannelName};
+use crate::hub::{self, ChannelName, Member};
 use crate::proto::pubsub;
 
 use super::conn::{CatchUp, ConnRef, Phase, Sub, SubState};
@@ -103,6 +103,7 @@ impl Shard {
             return;
         }
         let epoch_matches = epoch.is_none_or(|e| e == &*self.ctx.epoch);
+        let member = self.member_of(key, &channel);
         let home = hub::home_of(&channel, self.shards);
         self.send(
             home,
@@ -115,8 +116,24 @@ impl Shard {
                 epoch_matches,
                 id,
                 max_replay_bytes,
+                member,
             },
         );
+    }
+
+    /// How `key` appears among `channel`'s members, where the channel keeps them: a
+    /// WebSocket or an event stream (a poll comes and goes with each request).
+    fn member_of(&self, key: usize, channel: &str) -> Option<Member> {
+        let conn = &self.conns[key];
+        let listed = matches!(conn.phase, Phase::WebSocket(_) | Phase::EventStream(_));
+        if !listed || !self.ctx.config.namespaces.of(channel).tracks_members() {
+            return None;
+        }
+        let identity = conn.identity.as_deref();
+        Some(Member {
+            user: identity.and_then(|id| id.user.clone()),
+            info: identity.and_then(|id| id.info.clone()),
+        })
     }
 
     /// The most a replay chunk may bring: half the outbound budget.
@@ -232,6 +249,7 @@ impl Shard {
 
     /// Ends subscription `index` of `key`: leaves the local table and tells the home.
     pub(super) fn release(&mut self, key: usize, index: usize) {
+        let conn = self.conn_ref(key);
         let sub = self.conns[key].subs.swap_remove(index);
         if let SubState::Active { slot, .. } = sub.state {
             self.subscriptions.remove(&sub.channel, slot);
@@ -247,6 +265,7 @@ impl Shard {
             Envelope::Unsubscribe {
                 channel: sub.channel,
                 from: self.id,
+                conn,
             },
         );
     }

@@ -18,9 +18,9 @@ use crate::config::Config;
 use crate::http::ApiError;
 use crate::hub::ChannelName;
 
-use super::Shard;
 use super::conn::{Conn, Phase};
 use super::outbox::Outbox;
+use super::{Part, Shard};
 
 /// What the core does for a connection after its transport answered an event.
 pub(super) enum Action {
@@ -176,6 +176,16 @@ pub(super) trait Transport {
     fn on_refused(&mut self, _message: &str, _id: Option<u64>) -> Action {
         Action::Stay
     }
+
+    /// A query's answer came back: `json` is one JSON object.
+    fn on_found(&mut self, _json: &[u8], _id: Option<u64>) -> Action {
+        Action::Stay
+    }
+
+    /// One shard's part of the answer to a server API order.
+    fn on_done(&mut self, _part: Part) -> Action {
+        Action::Stay
+    }
 }
 
 impl Phase {
@@ -187,6 +197,7 @@ impl Phase {
             Self::Polling(poll) => &mut **poll,
             Self::EventStream(stream) => stream,
             Self::WebSocket(socket) => &mut **socket,
+            Self::Api(call) => &mut **call,
         }
     }
 
@@ -197,6 +208,7 @@ impl Phase {
             Self::Polling(poll) => &**poll,
             Self::EventStream(stream) => stream,
             Self::WebSocket(socket) => &**socket,
+            Self::Api(call) => &**call,
         }
     }
 }

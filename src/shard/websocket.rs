@@ -53,6 +53,9 @@ pub(super) struct WebSocket {
     /// Publishes sent to their homes and not yet acknowledged (16 bits, beside `strikes`,
     /// keep the state in its 112-byte class).
     pub(super) inflight_publishes: u16,
+    /// A question (presence, history) is on its way to a home: reading waits for the
+    /// answer, so answers queue one at a time, each within half the outbound budget.
+    pub(super) asking: bool,
 }
 
 impl Transport for WebSocket {
@@ -66,7 +69,7 @@ impl Transport for WebSocket {
     }
 
     fn may_read(&self) -> bool {
-        self.inflight_publishes < MAX_INFLIGHT_PUBLISHES
+        self.inflight_publishes < MAX_INFLIGHT_PUBLISHES && !self.asking
     }
 
     fn has_heartbeat(&self) -> bool {
@@ -171,6 +174,11 @@ impl Transport for WebSocket {
         self.inflight_publishes -= 1;
         Action::Reply(pubsub::encode_error("unavailable", message, id))
     }
+
+    fn on_found(&mut self, json: &[u8], id: Option<u64>) -> Action {
+        self.asking = false;
+        Action::Reply(pubsub::encode_with_id(json, id))
+    }
 }
 
 /// What the WebSocket connections of one endpoint share, built once per shard: their
@@ -255,6 +263,7 @@ impl Shard {
                 tokens,
                 strikes: 0,
                 inflight_publishes: 0,
+                asking: false,
             })),
         );
         let extensions = negotiated.map(|params| params.response());
@@ -438,6 +447,14 @@ impl Shard {
             Command::Publish { channel, id, .. } if !self.may_publish(key, channel) => {
                 Some(format!("not allowed to publish to {channel:?}")).zip(Some(*id))
             }
+            Command::Presence { channel, id, .. } | Command::PresenceStats { channel, id }
+                if !self.may_subscribe(key, channel) =>
+            {
+                Some(format!("not allowed to see who is in {channel:?}")).zip(Some(*id))
+            }
+            Command::History { channel, id, .. } if !self.may_subscribe(key, channel) => {
+                Some(format!("not allowed to read {channel:?}")).zip(Some(*id))
+            }
             _ => None,
         };
         if let Some((message, id)) = denied {
@@ -454,12 +471,31 @@ impl Shard {
             Command::Unsubscribe { channel, id } => self.unsubscribe(key, &channel, id),
             Command::Publish { channel, data, id } => {
                 let conn = self.conn_ref(key);
+                let publisher = self.conns[key]
+                    .identity
+                    .as_ref()
+                    .and_then(|identity| identity.user.clone())
+                    .filter(|_| self.ctx.config.namespaces.of(&channel).expose_publisher);
                 if let Phase::WebSocket(socket) = &mut self.conns[key].phase {
                     socket.inflight_publishes += 1;
                 }
-                self.publish(channel.into(), data, conn, id);
+                self.publish(channel.into(), data, publisher, conn, id);
             }
             Command::Ping { id } => self.reply(key, pubsub::encode_pong(id)),
+            Command::Presence {
+                channel,
+                cursor,
+                limit,
+                id,
+            } => self.ask_presence(key, &channel, Some((cursor.as_deref(), limit)), id),
+            Command::PresenceStats { channel, id } => self.ask_presence(key, &channel, None, id),
+            Command::History {
+                channel,
+                since,
+                limit,
+                newest_first,
+                id,
+            } => self.ask_history(key, &channel, since, (limit, newest_first), id),
         }
     }
 }

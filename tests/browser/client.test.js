@@ -237,6 +237,50 @@ describe("herald.js against a scripted server", () => {
     await assert.rejects(h.publish("news", 1), (e) => e.code === "closed");
   });
 
+  test("presence, presenceStats, history and join/leave callbacks", async () => {
+    const { h, current } = await fakeClient();
+    const seen = [];
+    h.on("join", (e) => seen.push("event:join:" + e.user));
+    h.subscribe("room", (data) => seen.push("m" + data), {
+      onJoin: (e) => seen.push("join:" + e.user + ":" + e.info.name),
+      onLeave: (e) => seen.push("leave:" + e.conn),
+    });
+    current().open();
+    const sub = current().last("subscribe");
+    current().push({ type: "subscribed", channel: "room", seq: 0, epoch: "e", id: sub.id });
+    current().push({ type: "message", channel: "room", seq: 1, data: 1 });
+    current().push({ type: "join", channel: "room", user: "bob", conn: "0.1.1", info: { name: "Bob" } });
+    current().push({ type: "message", channel: "room", seq: 2, data: 2 });
+    current().push({ type: "leave", channel: "room", user: "bob", conn: "0.1.1" });
+    assert.deepEqual(seen, ["m1", "join:bob:Bob", "event:join:bob", "m2", "leave:0.1.1"]);
+
+    const page = h.presence("room", { limit: 1 });
+    let cmd = current().last("presence");
+    assert.deepEqual({ channel: cmd.channel, limit: cmd.limit }, { channel: "room", limit: 1 });
+    const members = [{ user: "ann", conn: "0.2.1" }];
+    current().push({ type: "presence", channel: "room", members, cursor: "0.2.1", id: cmd.id });
+    assert.deepEqual(await page, { members, cursor: "0.2.1" });
+
+    const stats = h.presenceStats("room");
+    cmd = current().last("presence_stats");
+    current().push({ type: "presence_stats", channel: "room", connections: 2, users: 1, id: cmd.id });
+    assert.deepEqual(await stats, { connections: 2, users: 1 });
+
+    const past = h.history("room", { limit: 2, newestFirst: true });
+    cmd = current().last("history");
+    assert.deepEqual({ limit: cmd.limit, newest_first: cmd.newest_first }, { limit: 2, newest_first: true });
+    const messages = [{ type: "message", channel: "room", seq: 2, data: 2 }];
+    current().push({ type: "history", channel: "room", epoch: "e", seq: 2, oldest: 1, messages, id: cmd.id });
+    assert.deepEqual(await past, { messages, seq: 2, epoch: "e" });
+
+    const off = h.presence("news");
+    cmd = current().last("presence");
+    current().push({ type: "error", code: "presence_disabled", message: "off", id: cmd.id });
+    await assert.rejects(off, (e) => e.code === "presence_disabled");
+    h.close();
+    await assert.rejects(h.presenceStats("room"), (e) => e.code === "disconnected");
+  });
+
   test("a refused subscription is reported and dropped", async () => {
     const { h, current } = await fakeClient();
     const errors = [];

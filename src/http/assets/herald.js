@@ -11,6 +11,10 @@
  *     onGap: (gap) => ({ since: gap.oldest - 1 }),    // history did not reach back
  *   });
  *   const seq = await h.publish("chat", { text: "hi" });
+ *   const page = await h.presence("chat");            // { members: [{user, conn, info}], cursor }
+ *   const stats = await h.presenceStats("chat");      // { connections, users }
+ *   const past = await h.history("chat", { limit: 20, newestFirst: true });
+ *   h.subscribe("room", onMessage, { onJoin: (j) => ..., onLeave: (l) => ... });
  *
  * Delivery: every subscription remembers the last sequence number it handed to the app
  * and the server's epoch. After a reconnect it subscribes again with `since` and `epoch`,
@@ -317,7 +321,7 @@
       case "error": {
         if (req) delete this.pending[msg.id];
         var err = HeraldError(msg.code || "error", msg.message || msg.code, msg);
-        if (req && req.kind === "publish") {
+        if (req && (req.kind === "publish" || req.kind === "query")) {
           clearTimeout(req.timer);
           req.reject(err);
           return;
@@ -331,6 +335,23 @@
         }
         if (msg.code === "history_gap") return; // for a subscription since dropped
         this._emit("error", err);
+        return;
+      }
+      case "join":
+      case "leave": {
+        var member = this.channels[msg.channel];
+        if (member) member._presenceEvent(msg);
+        this._emit(msg.type, msg);
+        return;
+      }
+      case "presence":
+      case "presence_stats":
+      case "history": {
+        if (req && req.kind === "query") {
+          delete this.pending[msg.id];
+          clearTimeout(req.timer);
+          req.resolve(msg);
+        }
         return;
       }
       case "pong":
@@ -382,7 +403,8 @@
 
   /**
    * h.subscribe(channel, onMessage, options) -> Subscription
-   *   onMessage(data, { channel, seq, replay }) for each message, in seq order, once.
+   *   onMessage(data, { channel, seq, replay, publisher }) for each message, in seq order,
+   *                   once (`publisher`: the sender's user, where the namespace exposes it).
    *   options.since:  replay the messages after this seq first (0: the whole history).
    *   options.epoch:  the epoch `since` belongs to (optional).
    *   options.onGap(gap): history did not reach back. gap = { channel, since, oldest,
@@ -391,6 +413,9 @@
    *                   nothing to continue live.
    *   options.onSubscribed({ channel, seq, epoch }): each time the server confirms.
    *   options.onError(err): the server refused the subscription (it is dropped).
+   *   options.onJoin(e), options.onLeave(e): a connection joined or left the channel, in
+   *                   its place among the messages (where the namespace has join/leave);
+   *                   e = { channel, user, conn, info }. Also the "join"/"leave" events.
    * One server subscription per channel: subscribing again to the same channel returns
    * the existing subscription with the extra handler added (live messages only).
    */
@@ -422,6 +447,65 @@
     });
   };
 
+  /** Sends a question (`cmd`) and resolves with the server's answer frame; rejects with a
+   *  HeraldError (the server's code, "disconnected" or "timeout"). */
+  Herald.prototype._ask = function (cmd) {
+    var self = this;
+    return new Promise(function (resolve, reject) {
+      if (self.state !== STATES.OPEN) {
+        reject(HeraldError("disconnected", "not connected"));
+        return;
+      }
+      var id = self.nextId++;
+      var q = { kind: "query", resolve: resolve, reject: reject };
+      q.timer = setTimeout(function () {
+        if (self.pending[id] === q) {
+          delete self.pending[id];
+          reject(HeraldError("timeout", "no answer within " + self.options.ackTimeout + " ms"));
+        }
+      }, self.options.ackTimeout);
+      self.pending[id] = q;
+      cmd.id = id;
+      if (!self._send(cmd)) {
+        delete self.pending[id];
+        clearTimeout(q.timer);
+        reject(HeraldError("disconnected", "not connected"));
+      }
+    });
+  };
+
+  /** h.presence(channel, { cursor, limit }) -> Promise<{ members, cursor }>: one page of
+   *  who is subscribed ({ user, conn, info }); pass the returned cursor for the next page
+   *  (null on the last). Needs presence on for the channel's namespace. */
+  Herald.prototype.presence = function (channel, options) {
+    var cmd = { type: "presence", channel: channel };
+    if (options && options.cursor != null) cmd.cursor = options.cursor;
+    if (options && options.limit != null) cmd.limit = options.limit;
+    return this._ask(cmd).then(function (msg) {
+      return { members: msg.members, cursor: msg.cursor };
+    });
+  };
+
+  /** h.presenceStats(channel) -> Promise<{ connections, users }>. */
+  Herald.prototype.presenceStats = function (channel) {
+    return this._ask({ type: "presence_stats", channel: channel }).then(function (msg) {
+      return { connections: msg.connections, users: msg.users };
+    });
+  };
+
+  /** h.history(channel, { since, limit, newestFirst }) -> Promise<{ messages, seq, epoch }>:
+   *  stored messages (each { channel, seq, data }) without subscribing; at most `limit`
+   *  (100, up to 1000) after `since`, or the newest first. */
+  Herald.prototype.history = function (channel, options) {
+    var cmd = { type: "history", channel: channel };
+    if (options && options.since != null) cmd.since = options.since;
+    if (options && options.limit != null) cmd.limit = options.limit;
+    if (options && options.newestFirst) cmd.newest_first = true;
+    return this._ask(cmd).then(function (msg) {
+      return { messages: msg.messages, seq: msg.seq, epoch: msg.epoch };
+    });
+  };
+
   /** h.close(): closes the connection for good (no reconnect). */
   Herald.prototype.close = function () {
     this.stopped = true;
@@ -450,6 +534,8 @@
     this.onGap = options.onGap;
     this.onSubscribed = options.onSubscribed;
     this.onError = options.onError;
+    this.onJoin = options.onJoin;
+    this.onLeave = options.onLeave;
     // lastSeq: the last seq handed to the app, or null while no position is known (a live
     // subscription before its first confirmation).
     this.lastSeq = options.since != null ? Number(options.since) : null;
@@ -475,6 +561,7 @@
     if (this.lastSeq != null && seq <= this.lastSeq) return; // seen already, or stale
     this.lastSeq = seq;
     var meta = { channel: this.channel, seq: seq, replay: !this.live };
+    if (msg.publisher != null) meta.publisher = msg.publisher; // where the namespace exposes it
     var handlers = this.handlers.slice();
     for (var i = 0; i < handlers.length; i++) {
       try {
@@ -484,6 +571,18 @@
           throw e;
         });
       }
+    }
+  };
+
+  Subscription.prototype._presenceEvent = function (msg) {
+    var handler = msg.type === "join" ? this.onJoin : this.onLeave;
+    if (!handler) return;
+    try {
+      handler({ channel: msg.channel, user: msg.user, conn: msg.conn, info: msg.info });
+    } catch (e) {
+      setTimeout(function () {
+        throw e;
+      });
     }
   };
 

@@ -49,8 +49,11 @@ fn seq_of(text: &str) -> u64 {
     rest[..rest.find(',').unwrap()].parse().unwrap()
 }
 
+mod api;
 mod heartbeats;
+mod identity;
 mod limits;
+mod presence;
 mod pubsub;
 mod replay;
 mod requests;

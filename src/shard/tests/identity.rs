@@ -1,0 +1,141 @@
+//! Who a connection is: the token's user, personal channels, the per-user limit.
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+
+use super::*;
+use crate::auth::AuthSettings;
+
+const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+/// Tokens required, signed with [`SECRET`].
+pub(super) fn with_tokens(config: Config) -> Config {
+    Config {
+        auth: AuthSettings {
+            secret: Some(SECRET.into()),
+            ..AuthSettings::default()
+        },
+        ..config
+    }
+}
+
+/// A token of `user` that may subscribe and publish to `channels`, with `info` when
+/// given.
+pub(super) fn token(user: &str, channels: &[&str], info: Option<&str>) -> String {
+    let exp = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let mut claims =
+        serde_json::json!({"sub": user, "exp": exp, "channels": channels, "publish": channels});
+    if let Some(info) = info {
+        claims["info"] = serde_json::from_str(info).unwrap();
+    }
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// An HTTP request for `path` from a new client on `shard`: the response's head line.
+fn status_line(cluster: &mut Cluster, shard: usize, path: &str) -> String {
+    let request = format!(
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let (_, response) = http(cluster, shard, &request);
+    response.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn a_personal_channel_is_its_users_alone_without_being_listed() {
+    let mut cluster = Cluster::new(2, with_tokens(Config::default()));
+    let ann = cluster.connect(0, &format!("/ws?token={}", token("ann", &[], None)));
+    let bob = cluster.connect(1, &format!("/ws?token={}", token("bob", &["*"], None)));
+    cluster.send(ann, r#"{"type":"subscribe","channel":"notes#ann","id":1}"#);
+    cluster.send(bob, r#"{"type":"subscribe","channel":"notes#ann","id":2}"#);
+    cluster.send(ann, r#"{"type":"subscribe","channel":"notes#bob","id":3}"#);
+    cluster.settle();
+    // The refusal is immediate; the subscription waits for its home.
+    let ann_texts = cluster.texts(ann);
+    assert!(
+        ann_texts[0].contains(r#""code":"forbidden""#) && ann_texts[0].contains(r#""id":3"#),
+        "{ann_texts:?}"
+    );
+    assert!(
+        ann_texts[1].starts_with(r#"{"type":"subscribed","channel":"notes#ann""#),
+        "{ann_texts:?}"
+    );
+    let bob_texts = cluster.texts(bob);
+    assert!(
+        bob_texts[0].contains(r#""code":"forbidden""#),
+        "even `*` does not reach another user's channel: {bob_texts:?}"
+    );
+}
+
+#[test]
+fn the_per_user_limit_refuses_with_429_and_frees_the_place_on_close() {
+    let config = Config {
+        max_connections_per_user: 2,
+        ..with_tokens(Config::default())
+    };
+    let mut cluster = Cluster::new(2, config);
+    let ann = token("ann", &["*"], None);
+    let first = cluster.connect(0, &format!("/ws?token={ann}"));
+    cluster.connect(1, &format!("/ws?token={ann}"));
+    let refused = status_line(&mut cluster, 0, &format!("/ws?token={ann}"));
+    assert_eq!(refused, "HTTP/1.1 429 Too Many Requests");
+    let bob = status_line(
+        &mut cluster,
+        1,
+        &format!("/ws?token={}", token("bob", &[], None)),
+    );
+    assert_eq!(
+        bob, "HTTP/1.1 101 Switching Protocols",
+        "other users are not affected"
+    );
+    cluster.shards[first.shard].handle_eof(first.key);
+    let again = status_line(&mut cluster, 0, &format!("/ws?token={ann}"));
+    assert_eq!(again, "HTTP/1.1 101 Switching Protocols");
+}
+
+#[test]
+fn a_namespace_that_exposes_publishers_names_them_in_its_messages_only() {
+    let mut config = with_tokens(Config::default());
+    config.namespaces.by_prefix.push((
+        "chat.".into(),
+        crate::namespace::Namespace {
+            expose_publisher: true,
+            ..config.namespaces.default.clone()
+        },
+    ));
+    let mut cluster = Cluster::new(2, config);
+    let ann = cluster.connect(0, &format!("/ws?token={}", token("ann", &["*"], None)));
+    let bob = cluster.connect(1, &format!("/ws?token={}", token("bob", &["*"], None)));
+    for channel in ["chat.a", "news"] {
+        cluster.send(
+            bob,
+            &format!(r#"{{"type":"subscribe","channel":"{channel}"}}"#),
+        );
+    }
+    cluster.settle();
+    cluster.take_output(bob);
+    for channel in ["chat.a", "news"] {
+        cluster.send(
+            ann,
+            &format!(r#"{{"type":"publish","channel":"{channel}","data":1}}"#),
+        );
+    }
+    cluster.settle();
+    let mut texts = cluster.texts(bob);
+    texts.sort();
+    assert_eq!(
+        texts,
+        [
+            r#"{"type":"message","channel":"chat.a","seq":1,"publisher":"ann","data":1}"#,
+            r#"{"type":"message","channel":"news","seq":1,"data":1}"#,
+        ]
+    );
+}

@@ -1,0 +1,182 @@
+//! The server API against the real binary (`--api-key`): disconnect and unsubscribe by
+//! user, presence, history and channels read over HTTP, node info, and the refusal of
+//! these endpoints on a node with `--redis` (they would answer for one node only).
+
+mod support;
+mod support_http;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
+use serde_json::{Value, json};
+use support::*;
+use support_http::{HttpConn, Response};
+
+const SECRET: &str = "herald-test-secret-0123456789abcdef";
+const KEY: &str = "api-test-key";
+
+fn token(user: &str) -> String {
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let claims = json!({"sub": user, "exp": exp, "channels": ["*"], "publish": ["*"]});
+    encode(
+        &Header::new(Algorithm::HS256),
+        &claims,
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn server() -> Server {
+    Server::start(&["--jwt-secret", SECRET, "--api-key", KEY, "--presence"])
+}
+
+async fn call(server: &Server, method: &str, target: &str, body: &str) -> Response {
+    let (addr, method, target, body) = (
+        server.addr(),
+        method.to_owned(),
+        target.to_owned(),
+        body.to_owned(),
+    );
+    blocking(move || {
+        let mut conn = HttpConn::connect(addr);
+        conn.send_raw(
+            format!(
+                "{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        conn.read_response(Duration::from_secs(5))
+    })
+    .await
+}
+
+async fn user(server: &Server, name: &str, channel: &str) -> Ws {
+    let mut ws = connect(server.addr(), &format!("/ws?token={}", token(name))).await;
+    subscribe(&mut ws, channel, 1).await;
+    ws
+}
+
+#[tokio::test]
+async fn disconnect_and_unsubscribe_reach_every_connection_of_a_user() {
+    let server = server();
+    let mut ann: Vec<Ws> = Vec::new();
+    for _ in 0..4 {
+        ann.push(user(&server, "ann", "room").await);
+    }
+    let mut bob = user(&server, "bob", "room").await;
+    let unsubscribed = call(
+        &server,
+        "POST",
+        "/api/unsubscribe",
+        r#"{"user":"bob","channel":"room"}"#,
+    )
+    .await;
+    assert_eq!(unsubscribed.json(), json!({"unsubscribed": 1}));
+    assert_eq!(
+        recv_json(&mut bob).await,
+        json!({"type":"unsubscribed","channel":"room"})
+    );
+    let disconnected = call(
+        &server,
+        "POST",
+        "/api/disconnect",
+        r#"{"user":"ann","code":4403,"reason":"banned"}"#,
+    )
+    .await;
+    assert_eq!(disconnected.json(), json!({"disconnected": 4}));
+    for ws in &mut ann {
+        assert_eq!(recv_close_code(ws, Duration::from_secs(5)).await, 4403);
+    }
+    ping_pong(&mut bob).await;
+    let stats = call(&server, "GET", "/api/presence_stats?channel=room", "").await;
+    assert_eq!(stats.json()["connections"], 0, "{}", stats.text());
+}
+
+#[tokio::test]
+async fn presence_history_channels_and_info_answer_over_http() {
+    let server = server();
+    let _ann = user(&server, "ann", "news").await;
+    let _bob = user(&server, "bob", "news").await;
+    for n in 1..=3 {
+        let body = format!(r#"{{"channel":"news","data":{n}}}"#);
+        let receipt = call(&server, "POST", "/api/publish", &body).await;
+        assert_eq!(receipt.json()["seq"], n, "{}", receipt.text());
+    }
+    let presence = call(&server, "GET", "/api/presence?channel=news&limit=1", "").await;
+    let page = presence.json();
+    assert_eq!(page["members"].as_array().unwrap().len(), 1, "{page}");
+    let cursor = page["cursor"].as_str().expect("a second page").to_owned();
+    let rest = call(
+        &server,
+        "GET",
+        &format!("/api/presence?channel=news&cursor={cursor}"),
+        "",
+    )
+    .await;
+    assert_eq!(rest.json()["members"].as_array().unwrap().len(), 1);
+    assert!(rest.json()["cursor"].is_null());
+
+    let history = call(&server, "GET", "/api/history?channel=news&since=1", "")
+        .await
+        .json();
+    let data: Vec<&Value> = history["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| &m["data"])
+        .collect();
+    assert_eq!(data, [&json!(2), &json!(3)]);
+    call(&server, "GET", "/api/history?channel=news&limit=100000", "")
+        .await
+        .assert_api_error(400, "bad_request");
+
+    let channels = call(&server, "GET", "/api/channels?pattern=news", "")
+        .await
+        .json();
+    assert_eq!(
+        channels,
+        json!({"channels":[{"channel":"news","subscribers":2}],"cursor":null})
+    );
+    let info = call(&server, "GET", "/api/info", "").await.json();
+    // Connections count this request's own too.
+    assert_eq!(
+        (info["shards"].as_u64(), info["subscriptions"].as_u64()),
+        (Some(2), Some(2)),
+        "{info}"
+    );
+    assert!(info["connections"].as_u64() >= Some(2), "{info}");
+}
+
+#[tokio::test]
+async fn without_the_key_or_with_redis_the_api_refuses_clearly() {
+    let plain = Server::start(&[]);
+    let (addr, target) = (plain.addr(), "/api/presence?channel=a");
+    let off = blocking(move || HttpConn::connect(addr).get(target, Duration::from_secs(5))).await;
+    off.assert_api_error(403, "api_disabled");
+
+    // Nothing listens on this Redis port: the node starts degraded, and refuses at once.
+    let clustered = Server::start(&[
+        "--api-key",
+        KEY,
+        "--redis",
+        "redis://127.0.0.1:9",
+        "--presence",
+    ]);
+    let refused = call(&clustered, "GET", "/api/presence?channel=a", "").await;
+    refused.assert_api_error(503, "unavailable");
+    assert!(
+        refused.text().contains("not available with --redis yet"),
+        "{}",
+        refused.text()
+    );
+    let mut ws = connect_ws(clustered.addr()).await;
+    send_text(&mut ws, r#"{"type":"presence_stats","channel":"a","id":1}"#).await;
+    let answer = recv_json(&mut ws).await;
+    assert_eq!(answer["code"], "unavailable", "{answer}");
+}
