@@ -310,6 +310,11 @@ fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &Po
             Ok(n) => {
                 buf.truncate(start + n);
                 shard.handle_read(key, now);
+                if n < want {
+                    // The socket had no more: reading again would only say so (EAGAIN).
+                    // Whatever arrives later raises a new edge.
+                    return;
+                }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 buf.truncate(start);
@@ -459,6 +464,11 @@ fn read_tls(shard: &mut Shard, key: usize, socket: &mut Socket, poll: &Poll, now
         if !shard.outbox(key).is_empty() {
             // Plaintext held back during the handshake can leave now.
             shard.handle_writable(key);
+        }
+        if n < ciphertext.len() {
+            // The socket had no more; what arrives later raises a new edge.
+            shard.release_read_buffer(key);
+            return;
         }
     }
 }
