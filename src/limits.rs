@@ -99,6 +99,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every refusal, for clients that tell them apart by status and message.
+    pub const ALL: [Self; 3] = [Self::Full, Self::PerIp, Self::AcceptRate];
+
     pub fn status(self) -> u16 {
         match self {
             Self::Full | Self::AcceptRate => 503,
@@ -111,6 +114,16 @@ impl Refusal {
             Self::Full => "the server is at its connection limit; retry later",
             Self::PerIp => "too many connections from this address; retry later",
             Self::AcceptRate => "too many new connections; retry later",
+        }
+    }
+
+    /// The `herald serve` option that sets the limit, so whoever was refused can say what
+    /// to raise.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Full => "--max-connections",
+            Self::PerIp => "--max-connections-per-ip",
+            Self::AcceptRate => "--accept-rate",
         }
     }
 }
@@ -246,6 +259,21 @@ mod tests {
         assert_eq!(limits.check_total(), Err(Refusal::Full));
         limits.close();
         assert_eq!(limits.check_total(), Ok(()));
+    }
+
+    #[test]
+    fn each_refusal_names_an_option_of_serve() {
+        let options =
+            <crate::config::Options as clap::Args>::augment_args(clap::Command::new("serve"));
+        for refusal in Refusal::ALL {
+            let flag = refusal.flag().trim_start_matches("--");
+            assert!(
+                options
+                    .get_arguments()
+                    .any(|arg| arg.get_long() == Some(flag)),
+                "{flag}"
+            );
+        }
     }
 
     #[test]

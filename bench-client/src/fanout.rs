@@ -10,8 +10,9 @@ use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::load::{SPARE_FDS, parse_source_ips, raise_nofile_limit};
+use crate::load::{SPARE_FDS, Target, parse_source_ips, raise_nofile_limit};
 use crate::publisher::Publisher;
+use crate::source::SpreadReport;
 use crate::stats::{
     CurvePoint, LatencySummary, ProcSample, Timeline, TimelinePoint, decode_histogram,
     format_table, human_us, merge, monotonic_ns, new_histogram, percentile_curve, sample_pids,
@@ -34,7 +35,11 @@ pub(crate) struct LoadArgs {
     pub(crate) procs: usize,
     /// Source addresses to bind before connecting, round-robin: `A-B` (inclusive range) or a
     /// comma-separated list, e.g. 127.0.0.2-127.0.0.250; each gives another ~28k ports.
-    #[arg(long, default_value = "")]
+    /// `auto`: on a loopback server, each worker fills 127.0.0.2 and up one address at a
+    /// time, moving on at its share of the ephemeral ports or when the server refuses one
+    /// more from an address (its per-address cap), and says so; elsewhere the kernel
+    /// chooses, as with an empty list.
+    #[arg(long, default_value = "auto")]
     pub(crate) source_ips: String,
     /// New connections per second over all workers (0 = as fast as possible).
     #[arg(long, default_value_t = 5000.0)]
@@ -181,6 +186,9 @@ pub(crate) struct ConnectSummary {
     pub(crate) retries: u64,
     /// Failed connections by last reason.
     pub(crate) failures: BTreeMap<String, u64>,
+    /// How the workers spread the connections over source addresses by themselves.
+    #[serde(default)]
+    pub(crate) spread: Option<SpreadReport>,
 }
 
 /// Delivery accounting.
@@ -277,7 +285,12 @@ pub(crate) fn worker_configs(
     if load.procs == 0 {
         bail!("--procs must be at least 1");
     }
-    let source_ips = parse_source_ips(&load.source_ips)?;
+    let auto = load.source_ips.trim() == "auto";
+    let source_ips = if auto {
+        Vec::new()
+    } else {
+        parse_source_ips(&load.source_ips)?
+    };
     let limit = raise_nofile_limit();
     let per_proc = conns.div_ceil(load.procs) as u64;
     if per_proc + SPARE_FDS > limit {
@@ -290,33 +303,37 @@ pub(crate) fn worker_configs(
     }
     let urls: Vec<&str> = url.split(',').map(str::trim).collect();
     let sources = source_ips.len().max(1);
-    if conns / sources > 28_000 {
+    if !auto && conns / sources > 28_000 {
         eprintln!(
             "warning: {} connections per source address may run out of ephemeral ports; \
              add --source-ips",
             conns / sources
         );
     }
-    Ok((0..load.procs)
-        .map(|index| WorkerConfig {
-            url: urls[index % urls.len()].to_owned(),
-            index,
-            workers: load.procs,
-            conns,
-            channels: channels.to_vec(),
-            source_ips: source_ips.clone(),
-            connect_rate: load.connect_rate / load.procs as f64,
-            connect_retries: load.connect_retries,
-            connect_timeout_ms: load.connect_timeout_ms,
-            max_in_flight: load.max_in_flight,
-            subscribe_template: subscribe.map(|(template, _)| template.to_owned()),
-            subscribe_reply: subscribe
-                .map(|(_, reply)| reply.to_owned())
-                .unwrap_or_default(),
-            deflate: load.deflate,
-            insecure: load.insecure,
+    (0..load.procs)
+        .map(|index| -> Result<_> {
+            let url = urls[index % urls.len()];
+            Ok(WorkerConfig {
+                spread: auto && Target::parse(url)?.addr.ip().is_loopback(),
+                url: url.to_owned(),
+                index,
+                workers: load.procs,
+                conns,
+                channels: channels.to_vec(),
+                source_ips: source_ips.clone(),
+                connect_rate: load.connect_rate / load.procs as f64,
+                connect_retries: load.connect_retries,
+                connect_timeout_ms: load.connect_timeout_ms,
+                max_in_flight: load.max_in_flight,
+                subscribe_template: subscribe.map(|(template, _)| template.to_owned()),
+                subscribe_reply: subscribe
+                    .map(|(_, reply)| reply.to_owned())
+                    .unwrap_or_default(),
+                deflate: load.deflate,
+                insecure: load.insecure,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// The first of a comma-separated `--url` list: where the publisher connects.
@@ -354,6 +371,7 @@ pub(crate) fn connect_fleet(
     let mut ready = 0;
     let mut opened = vec![0u64; configs.len()];
     let mut last_print = Instant::now();
+    let mut spreads = Vec::new();
     while ready < configs.len() {
         match fleet.recv(Duration::from_millis(500)) {
             Some((_, Report::Ready(worker))) => {
@@ -367,6 +385,7 @@ pub(crate) fn connect_fleet(
                 for (total, count) in subs_per_channel.iter_mut().zip(&worker.subs_per_channel) {
                     *total += count;
                 }
+                spreads.extend(worker.spread);
             }
             Some((index, Report::Progress { opened: n, .. })) => opened[index] = n,
             Some((index, Report::Error { message })) => bail!("worker {index}: {message}"),
@@ -380,6 +399,10 @@ pub(crate) fn connect_fleet(
                 started.elapsed().as_secs_f64()
             );
         }
+    }
+    summary.spread = SpreadReport::merge(spreads);
+    if let Some(line) = summary.spread.as_ref().and_then(|s| s.announce(summary.ok)) {
+        eprintln!("{line}");
     }
     summary.seconds = round3(started.elapsed().as_secs_f64());
     summary.per_second = round1(summary.ok as f64 / summary.seconds.max(1e-9));
@@ -649,6 +672,9 @@ pub(crate) fn format_report(report: &FanoutReport) -> String {
             ),
         ),
     ];
+    if let Some(line) = c.spread.as_ref().and_then(|s| s.announce(c.ok)) {
+        rows.push(("sources", line));
+    }
     if !d.disconnected.is_empty() {
         rows.push(("disconnected", format!("{:?}", d.disconnected)));
     }

@@ -16,6 +16,7 @@ use rustls::pki_types::ServerName;
 use crate::fanout::{FanoutArgs, PublishMode, first_url, scheduled_ns};
 use crate::load::{Target, find};
 use crate::message::{Template, message_data};
+use crate::refusal::Refusal;
 use crate::stats::monotonic_ns;
 use crate::tls::{self, Wire, WireReader, WireWriter};
 
@@ -197,8 +198,11 @@ fn upgrade(stream: &mut impl Read, handshake: &ClientHandshake) -> Result<Vec<u8
             .context("publisher handshake")?
         {
             Some((Answer::Accepted { .. }, len)) => return Ok(buf.split_off(len)),
-            Some((Answer::Refused { status_line, .. }, _)) => {
-                bail!("publisher handshake refused: {status_line}")
+            Some((Answer::Refused { status, body, .. }, _)) => {
+                bail!(
+                    "publisher handshake refused: {}",
+                    Refusal::parse(status, &body)
+                )
             }
             None => {}
         }

@@ -1,6 +1,7 @@
 //! `sweep`: `fanout` over a grid of connections x rate x size, a capacity table, and the
 //! largest point that meets the p99 objective with nothing lost.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{Result, bail};
@@ -8,6 +9,7 @@ use clap::Args;
 use serde::{Deserialize, Serialize};
 
 use crate::fanout::{FanoutArgs, FanoutReport, OutputArgs, RunArgs, measure};
+use crate::source::SpreadReport;
 use crate::stats::human_us;
 
 /// `herald-bench sweep`.
@@ -53,6 +55,12 @@ pub(crate) struct Point {
     pub(crate) duplicated: u64,
     pub(crate) out_of_order: u64,
     pub(crate) failed_connects: u64,
+    /// Why connections failed, by reason (which limit refused them, and what raises it).
+    #[serde(default)]
+    pub(crate) connect_failures: BTreeMap<String, u64>,
+    /// How the bench spread the point's connections over source addresses by itself.
+    #[serde(default)]
+    pub(crate) spread: Option<SpreadReport>,
     /// Why the point could not be measured, if it could not.
     pub(crate) error: Option<String>,
     pub(crate) meets_slo: bool,
@@ -73,6 +81,8 @@ impl Point {
             duplicated: report.deliveries.duplicated,
             out_of_order: report.deliveries.out_of_order,
             failed_connects: report.connect.failed,
+            connect_failures: report.connect.failures.clone(),
+            spread: report.connect.spread.clone(),
             error: None,
             meets_slo: false,
         }
@@ -92,6 +102,8 @@ impl Point {
             duplicated: 0,
             out_of_order: 0,
             failed_connects: 0,
+            connect_failures: BTreeMap::new(),
+            spread: None,
             error: Some(error),
             meets_slo: false,
         }
@@ -251,6 +263,19 @@ fn format_sweep(points: &[Point], best: Option<usize>, slo_p99_ms: f64) -> Strin
             point.lost,
             if point.meets_slo { "ok" } else { "MISS" }
         ));
+        if let Some(line) = point
+            .spread
+            .as_ref()
+            .and_then(|s| s.announce(point.conns as u64))
+        {
+            out.push_str(&format!("{:>8}  {line}\n", ""));
+        }
+        for (reason, count) in &point.connect_failures {
+            out.push_str(&format!(
+                "{:>8}  {count} connections failed: {reason}\n",
+                ""
+            ));
+        }
     }
     match best {
         Some(index) => {
