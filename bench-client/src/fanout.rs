@@ -167,6 +167,11 @@ pub(crate) struct FanoutArgs {
     #[arg(long, default_value_t = 1)]
     #[serde(default = "one")]
     pub(crate) burst: u64,
+    /// The server RSS that memory per connection counts from, when not its RSS just
+    /// before connecting (a sweep that reuses one server).
+    #[arg(skip)]
+    #[serde(skip)]
+    pub(crate) rss_baseline: Option<u64>,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) run: RunArgs,
@@ -215,8 +220,12 @@ pub(crate) struct ServerFigures {
     pub(crate) rss_bytes_before: u64,
     pub(crate) rss_bytes_after_connect: u64,
     pub(crate) rss_bytes_after: u64,
-    /// (RSS after connecting − before) / connections.
+    /// (RSS after connecting − before) / connections; 0 when RSS did not grow, with
+    /// `rss_note` saying why.
     pub(crate) rss_bytes_per_conn: f64,
+    /// Why `rss_bytes_per_conn` is not a measurement, when it is not.
+    #[serde(default)]
+    pub(crate) rss_note: Option<String>,
 }
 
 /// The benchmark's own cost during the publish phase (all its processes).
@@ -558,16 +567,24 @@ pub(crate) fn measure(args: &FanoutArgs) -> Result<FanoutReport> {
     ) {
         (Some(before), Some(connected), Some(cpu_before), Some(after)) => {
             let cpu_ns = after.cpu_ns.saturating_sub(cpu_before.cpu_ns);
+            let before_rss = args.rss_baseline.unwrap_or(before.rss_bytes);
+            let grown = connected.rss_bytes.saturating_sub(before_rss);
+            // A server that held memory from earlier connections reuses it, so RSS may not
+            // grow, or even shrink as the allocator purges: no figure rather than a false one.
+            let rss_note = (grown == 0).then(|| {
+                "not measured: the server's RSS did not grow (it reused memory it held \
+                 before the run; measure on a fresh server)"
+                    .to_owned()
+            });
             Some(ServerFigures {
                 pids: run.server_pid.clone(),
                 cpu_ns,
                 cpu_ns_per_delivery: per(cpu_ns, deliveries.received),
-                rss_bytes_before: before.rss_bytes,
+                rss_bytes_before: before_rss,
                 rss_bytes_after_connect: connected.rss_bytes,
                 rss_bytes_after: after.rss_bytes,
-                rss_bytes_per_conn: round1(
-                    (connected.rss_bytes as f64 - before.rss_bytes as f64) / connect.ok as f64,
-                ),
+                rss_bytes_per_conn: per(grown, connect.ok),
+                rss_note,
             })
         }
         _ => None,
@@ -690,11 +707,14 @@ pub(crate) fn format_report(report: &FanoutReport) -> String {
                 server.cpu_ns as f64 / 1e9
             ),
         ));
+        let per_conn = match &server.rss_note {
+            Some(note) => note.clone(),
+            None => format!("{:.0} B/conn", server.rss_bytes_per_conn),
+        };
         rows.push((
             "server rss",
             format!(
-                "{:.0} B/conn ({:.1} MiB before, {:.1} MiB connected, {:.1} MiB after)",
-                server.rss_bytes_per_conn,
+                "{per_conn} ({:.1} MiB before, {:.1} MiB connected, {:.1} MiB after)",
                 server.rss_bytes_before as f64 / 1048576.0,
                 server.rss_bytes_after_connect as f64 / 1048576.0,
                 server.rss_bytes_after as f64 / 1048576.0

@@ -11,6 +11,7 @@ mod message;
 mod publisher;
 mod refusal;
 mod report;
+mod server;
 mod source;
 mod stats;
 mod sweep;

@@ -51,6 +51,17 @@ enum PublishConn {
     Http(Wire, Vec<u8>),
 }
 
+/// The ack reader thread holds the other half of the socket: shutting it down ends that
+/// thread, and the server sees the publisher go (a sweep's next point starts only once
+/// the server holds none of this point's connections).
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if let Some(PublishConn::Ws(writer)) = &self.conn {
+            writer.lock().expect("writer lock").shutdown();
+        }
+    }
+}
+
 impl Publisher {
     pub(crate) fn new(args: &FanoutArgs, channels: &[String]) -> Result<Self> {
         let run = &args.run;

@@ -8,7 +8,8 @@ use anyhow::{Result, bail};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
-use crate::fanout::{FanoutArgs, FanoutReport, OutputArgs, RunArgs, measure};
+use crate::fanout::{FanoutArgs, FanoutReport, OutputArgs, RunArgs, first_url, measure};
+use crate::server::{Reused, Started};
 use crate::source::SpreadReport;
 use crate::stats::human_us;
 
@@ -31,6 +32,14 @@ pub(crate) struct SweepArgs {
     /// Seconds to pause between points (lets the server settle and sockets close).
     #[arg(long, default_value_t = 2.0)]
     pub(crate) pause: f64,
+    /// Start the server afresh for each point with this shell command (it must listen on
+    /// --url) and measure it, killing it after the point: memory per connection then
+    /// counts from a fresh process. Without it, each point waits (up to 30 s) for the
+    /// --server-pid server to close the previous point's connections and for its RSS to
+    /// stop falling, and counts from there.
+    #[arg(long)]
+    #[serde(default)]
+    pub(crate) server_cmd: Option<String>,
     /// Every other `fanout` option applies to each point.
     #[command(flatten)]
     #[serde(flatten)]
@@ -50,6 +59,10 @@ pub(crate) struct Point {
     pub(crate) p999_us: u64,
     pub(crate) deliveries_per_second: f64,
     pub(crate) server_cpu_ns_per_delivery: Option<f64>,
+    /// Server RSS growth per connection from the point's start; None when not measured
+    /// (no server pid, or RSS did not grow).
+    #[serde(default)]
+    pub(crate) server_rss_bytes_per_conn: Option<f64>,
     pub(crate) client_cpu_ns_per_delivery: f64,
     pub(crate) lost: u64,
     pub(crate) duplicated: u64,
@@ -76,6 +89,11 @@ impl Point {
             p999_us: report.latency_us.p999,
             deliveries_per_second: report.deliveries.per_second,
             server_cpu_ns_per_delivery: report.server.as_ref().map(|s| s.cpu_ns_per_delivery),
+            server_rss_bytes_per_conn: report
+                .server
+                .as_ref()
+                .filter(|s| s.rss_note.is_none())
+                .map(|s| s.rss_bytes_per_conn),
             client_cpu_ns_per_delivery: report.client.cpu_ns_per_delivery,
             lost: report.deliveries.lost,
             duplicated: report.deliveries.duplicated,
@@ -97,6 +115,7 @@ impl Point {
             p999_us: 0,
             deliveries_per_second: 0.0,
             server_cpu_ns_per_delivery: None,
+            server_rss_bytes_per_conn: None,
             client_cpu_ns_per_delivery: 0.0,
             lost: 0,
             duplicated: 0,
@@ -147,6 +166,9 @@ pub(crate) struct SweepReport {
     pub(crate) mode: String,
     pub(crate) config: serde_json::Value,
     pub(crate) slo_p99_ms: f64,
+    /// How memory per connection was measured.
+    #[serde(default)]
+    pub(crate) memory: String,
     pub(crate) points: Vec<Point>,
     /// Index into `points` of the largest point meeting the objective.
     pub(crate) best: Option<usize>,
@@ -164,6 +186,11 @@ pub(crate) fn run(args: &SweepArgs) -> Result<()> {
     }
     let mut points = Vec::new();
     let mut runs = Vec::new();
+    let mut reused = match &args.server_cmd {
+        None if !args.run.server_pid.is_empty() => Some(Reused::new(&args.run.server_pid)?),
+        _ => None,
+    };
+    let memory = memory_method(args, reused.as_ref());
     let grid: Vec<(usize, f64, usize)> = args
         .conns
         .iter()
@@ -184,28 +211,55 @@ pub(crate) fn run(args: &SweepArgs) -> Result<()> {
                 grid.len()
             );
         }
+        let mut run = args.run.clone();
+        let started = match &args.server_cmd {
+            Some(command) => match Started::spawn(command, first_url(&run.url)) {
+                Ok(started) => Some(started),
+                Err(error) => {
+                    points.push(Point::failed(conns, rate, size, format!("{error:#}")));
+                    continue;
+                }
+            },
+            None => None,
+        };
+        if let Some(started) = &started {
+            run.server_pid = vec![started.pid()];
+        }
+        let baseline = match &mut reused {
+            Some(reused) => Some(reused.before_point(conns)?),
+            None => None,
+        };
         let fanout = FanoutArgs {
             conns,
             rate,
             size,
             burst: 1,
-            run: args.run.clone(),
+            rss_baseline: baseline.clone().and_then(Result::ok),
+            run,
             output: OutputArgs {
                 quiet: args.output.quiet,
                 ..OutputArgs::default()
             },
         };
         match measure(&fanout) {
-            Ok(report) => {
+            Ok(mut report) => {
+                if let (Some(Err(note)), Some(server)) = (baseline, &mut report.server) {
+                    server.rss_bytes_per_conn = 0.0;
+                    server.rss_note = Some(note);
+                }
                 points.push(Point::from_report(conns, rate, size, &report));
                 runs.push(report);
             }
             Err(error) => points.push(Point::failed(conns, rate, size, format!("{error:#}"))),
         }
+        drop(started);
     }
     let slo_us = (args.slo_p99 * 1000.0) as u64;
     let best = largest_passing(&mut points, slo_us);
-    let table = format_sweep(&points, best, args.slo_p99);
+    let table = format!(
+        "{}memory per connection: {memory}\n",
+        format_sweep(&points, best, args.slo_p99)
+    );
     if let Some(path) = &args.output.report {
         crate::report::write_fanout(path, &runs)?;
     }
@@ -214,6 +268,7 @@ pub(crate) fn run(args: &SweepArgs) -> Result<()> {
             mode: "sweep".to_owned(),
             config: serde_json::to_value(args)?,
             slo_p99_ms: args.slo_p99,
+            memory,
             points,
             best,
             runs,
@@ -225,10 +280,29 @@ pub(crate) fn run(args: &SweepArgs) -> Result<()> {
     Ok(())
 }
 
+/// How this sweep measures memory per connection, for its report.
+fn memory_method(args: &SweepArgs, reused: Option<&Reused>) -> String {
+    match (&args.server_cmd, reused.map(Reused::files_at_start)) {
+        (Some(command), _) => format!(
+            "server RSS growth per connection from a fresh server started for each point \
+             (--server-cmd {command:?})"
+        ),
+        (None, Some(files)) => format!(
+            "server RSS growth per connection over the RSS the --server-pid server had before \
+             the first point (anything it kept from before the sweep counts as baseline), \
+             each point starting once the server held its first {files} descriptors again \
+             (the previous point's connections closed) and its RSS had stopped falling; a \
+             point with fewer connections than an earlier one is not measured (the server \
+             keeps memory they touched); --server-cmd measures a fresh server at every point"
+        ),
+        (None, None) => "not measured (no --server-pid or --server-cmd)".to_owned(),
+    }
+}
+
 /// The capacity table.
 fn format_sweep(points: &[Point], best: Option<usize>, slo_p99_ms: f64) -> String {
     let mut out = format!(
-        "{:>8} {:>8} {:>7} {:>10} {:>10} {:>13} {:>12} {:>12} {:>8}  {}\n",
+        "{:>8} {:>8} {:>7} {:>10} {:>10} {:>13} {:>12} {:>12} {:>10} {:>8}  {}\n",
         "conns",
         "msg/s",
         "size",
@@ -237,6 +311,7 @@ fn format_sweep(points: &[Point], best: Option<usize>, slo_p99_ms: f64) -> Strin
         "deliveries/s",
         "server ns/d",
         "client ns/d",
+        "rss B/conn",
         "lost",
         "slo"
     );
@@ -249,7 +324,7 @@ fn format_sweep(points: &[Point], best: Option<usize>, slo_p99_ms: f64) -> Strin
             continue;
         }
         out.push_str(&format!(
-            "{:>8} {:>8} {:>7} {:>10} {:>10} {:>13.0} {:>12} {:>12.0} {:>8}  {}\n",
+            "{:>8} {:>8} {:>7} {:>10} {:>10} {:>13.0} {:>12} {:>12.0} {:>10} {:>8}  {}\n",
             point.conns,
             point.rate,
             point.size,
@@ -260,6 +335,9 @@ fn format_sweep(points: &[Point], best: Option<usize>, slo_p99_ms: f64) -> Strin
                 .server_cpu_ns_per_delivery
                 .map_or("-".to_owned(), |ns| format!("{ns:.0}")),
             point.client_cpu_ns_per_delivery,
+            point
+                .server_rss_bytes_per_conn
+                .map_or("-".to_owned(), |bytes| format!("{bytes:.0}")),
             point.lost,
             if point.meets_slo { "ok" } else { "MISS" }
         ));

@@ -8,14 +8,12 @@ use serde_json::Value;
 
 mod support;
 
-use support::{BENCH, Server, herald_binary, start};
+use support::{BENCH, herald_binary, start};
 
-/// `herald-bench sweep ARGS --json` against `server`: the report and the progress lines.
-fn sweep(server: &Server, args: &[&str]) -> (Value, String) {
-    let url = format!("ws://127.0.0.1:{}/ws", server.port);
-    let pid = server.child.id().to_string();
+/// `herald-bench sweep ARGS --json`: the report and the progress lines.
+fn sweep(args: &[&str]) -> (Value, String) {
     let output = Command::new(BENCH)
-        .args(["sweep", "--url", &url, "--server-pid", &pid, "--json"])
+        .args(["sweep", "--json"])
         .args(args)
         .output()
         .unwrap();
@@ -40,23 +38,26 @@ fn sweep_measures_every_point_past_the_per_address_cap_and_says_how_it_spread() 
             "500",
         ],
     );
-    let (report, stderr) = sweep(
-        &server,
-        &[
-            "--conns",
-            "200,1200",
-            "--rate",
-            "10",
-            "--duration",
-            "1",
-            "--pause",
-            "0.2",
-            "--drain-timeout",
-            "5",
-            "--slo-p99",
-            "10000",
-        ],
-    );
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let pid = server.child.id().to_string();
+    let (report, stderr) = sweep(&[
+        "--url",
+        &url,
+        "--server-pid",
+        &pid,
+        "--conns",
+        "200,1200",
+        "--rate",
+        "10",
+        "--duration",
+        "1",
+        "--pause",
+        "0.2",
+        "--drain-timeout",
+        "5",
+        "--slo-p99",
+        "10000",
+    ]);
     let points = report["points"].as_array().unwrap();
     assert_eq!(points.len(), 2);
     for point in points {
@@ -64,7 +65,14 @@ fn sweep_measures_every_point_past_the_per_address_cap_and_says_how_it_spread() 
         assert_eq!(point["failed_connects"], 0, "{point}");
         assert_eq!(point["lost"], 0, "{point}");
         assert!(point["meets_slo"].as_bool().unwrap(), "{point}");
+        assert!(rss_per_conn(point) > 0.0, "{point}");
     }
+    assert!(
+        report["memory"]
+            .as_str()
+            .unwrap()
+            .contains("before the first point")
+    );
     // 200 fit on one address; 1,200 need at least three under a cap of 500.
     assert!(points[0]["spread"]["per_address_cap"].is_null());
     let spread = &points[1]["spread"];
@@ -78,4 +86,59 @@ fn sweep_measures_every_point_past_the_per_address_cap_and_says_how_it_spread() 
             && stderr.contains("--max-connections-per-ip"),
         "{stderr}"
     );
+}
+
+/// A point's server RSS per connection, which must be there.
+fn rss_per_conn(point: &Value) -> f64 {
+    point["server_rss_bytes_per_conn"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("no RSS per connection: {point}"))
+}
+
+/// With `--server-cmd` every point gets a fresh server, so a smaller point after a larger
+/// one is measured too; each fresh server teaches the bench its per-address cap again.
+#[test]
+fn sweep_with_a_server_per_point_measures_memory_at_every_point() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let command = format!(
+        "{} serve --listen 127.0.0.1:{port} --threads 1 --max-connections-per-ip 500",
+        herald_binary().display()
+    );
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let (report, _) = sweep(&[
+        "--url",
+        &url,
+        "--server-cmd",
+        &command,
+        "--conns",
+        "600,200",
+        "--rate",
+        "10",
+        "--duration",
+        "1",
+        "--pause",
+        "0",
+        "--slo-p99",
+        "10000",
+    ]);
+    let points = report["points"].as_array().unwrap();
+    assert_eq!(points.len(), 2);
+    for point in points {
+        assert!(point["error"].is_null(), "{point}");
+        assert_eq!(point["failed_connects"], 0, "{point}");
+        assert!(rss_per_conn(point) > 0.0, "{point}");
+    }
+    assert!(points[0]["spread"]["per_address_cap"].as_u64().unwrap() <= 500);
+    assert!(report["memory"].as_str().unwrap().contains("fresh server"));
+    let pids: Vec<&Value> = report["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|run| &run["server"]["pids"][0])
+        .collect();
+    assert_ne!(pids[0], pids[1], "a server per point");
 }
