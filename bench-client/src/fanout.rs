@@ -269,7 +269,7 @@ pub(crate) struct FanoutReport {
 pub(crate) fn run(args: &FanoutArgs) -> Result<()> {
     let report = measure(args)?;
     if let Some(path) = &args.output.report {
-        crate::report::write_fanout(path, std::slice::from_ref(&report))?;
+        crate::report::write_fanout(path, &report)?;
     }
     if args.output.json {
         println!("{}", serde_json::to_string(&report)?);

@@ -2,6 +2,7 @@
 //! latency from the scheduled publish time to each subscriber, at very large connection
 //! counts — and what it costs the server, so machines can be sized with it.
 
+mod capacity;
 mod connect;
 mod echo;
 mod fanout;

@@ -7,8 +7,10 @@ use std::path::Path;
 use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
+use crate::capacity;
 use crate::fanout::{FanoutReport, format_report};
 use crate::stats::{CurvePoint, TimelinePoint};
+use crate::sweep::SweepReport;
 
 /// The page; `{{title}}`, `{{summary}}` and `{{plots}}` are filled in by [`fill`].
 const PAGE: &str = r#"<!doctype html>
@@ -84,17 +86,38 @@ pub(crate) fn write_page(path: &Path, title: &str, summary: &str, svgs: &[String
     std::fs::write(path, page).with_context(|| format!("writing {}", path.display()))
 }
 
-/// Writes the report of one or more fan-out runs (a sweep overlays its points).
+/// Writes the report of one fan-out run.
 ///
 /// # Errors
 /// Drawing or writing failures.
-pub(crate) fn write_fanout(path: &Path, reports: &[FanoutReport]) -> Result<()> {
-    let summary: String = reports
-        .iter()
-        .map(format_report)
-        .collect::<Vec<_>>()
-        .join("\n");
-    let series: Vec<_> = reports
+pub(crate) fn write_fanout(path: &Path, report: &FanoutReport) -> Result<()> {
+    let reports = std::slice::from_ref(report);
+    write_page(
+        path,
+        "herald-bench fanout",
+        &format_report(report),
+        &plots(&series(reports))?,
+    )
+}
+
+/// Writes a sweep's report: its table, the capacity chart, then every point's run
+/// overlaid.
+///
+/// # Errors
+/// Drawing or writing failures.
+pub(crate) fn write_sweep(path: &Path, table: &str, sweep: &SweepReport) -> Result<()> {
+    let runs: Vec<String> = sweep.runs.iter().map(format_report).collect();
+    let summary = format!("{table}\n{}", runs.join("\n"));
+    let mut svgs = vec![
+        capacity::chart(&sweep.points, sweep.best, sweep.slo_p99_ms)
+            .map_err(|error| anyhow::anyhow!("plot: {error}"))?,
+    ];
+    svgs.extend(plots(&series(&sweep.runs))?);
+    write_page(path, "herald-bench sweep", &summary, &svgs)
+}
+
+fn series(reports: &[FanoutReport]) -> Vec<Series> {
+    reports
         .iter()
         .map(|report| {
             let c = &report.config;
@@ -104,13 +127,7 @@ pub(crate) fn write_fanout(path: &Path, reports: &[FanoutReport]) -> Result<()> 
                 report.timeline.clone(),
             )
         })
-        .collect();
-    let title = if reports.len() == 1 {
-        "herald-bench fanout"
-    } else {
-        "herald-bench sweep"
-    };
-    write_page(path, title, &summary, &plots(&series)?)
+        .collect()
 }
 
 type Series = (String, Vec<CurvePoint>, Vec<TimelinePoint>);

@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use clap::Args;
 use serde::{Deserialize, Serialize};
 
+use crate::capacity::knees_text;
 use crate::fanout::{FanoutArgs, FanoutReport, OutputArgs, RunArgs, first_url, measure};
 use crate::server::{Reused, Started};
 use crate::source::SpreadReport;
@@ -257,22 +258,23 @@ pub(crate) fn run(args: &SweepArgs) -> Result<()> {
     let slo_us = (args.slo_p99 * 1000.0) as u64;
     let best = largest_passing(&mut points, slo_us);
     let table = format!(
-        "{}memory per connection: {memory}\n",
-        format_sweep(&points, best, args.slo_p99)
+        "{}{}memory per connection: {memory}\n",
+        format_sweep(&points, best, args.slo_p99),
+        knees_text(&points)
     );
+    let report = SweepReport {
+        mode: "sweep".to_owned(),
+        config: serde_json::to_value(args)?,
+        slo_p99_ms: args.slo_p99,
+        memory,
+        points,
+        best,
+        runs,
+    };
     if let Some(path) = &args.output.report {
-        crate::report::write_fanout(path, &runs)?;
+        crate::report::write_sweep(path, &table, &report)?;
     }
     if args.output.json {
-        let report = SweepReport {
-            mode: "sweep".to_owned(),
-            config: serde_json::to_value(args)?,
-            slo_p99_ms: args.slo_p99,
-            memory,
-            points,
-            best,
-            runs,
-        };
         println!("{}", serde_json::to_string(&report)?);
     } else {
         print!("{table}");
@@ -315,7 +317,7 @@ fn format_sweep(points: &[Point], best: Option<usize>, slo_p99_ms: f64) -> Strin
         "lost",
         "slo"
     );
-    for point in points {
+    for (index, point) in points.iter().enumerate() {
         if let Some(error) = &point.error {
             out.push_str(&format!(
                 "{:>8} {:>8} {:>7}  error: {error}\n",
@@ -339,7 +341,11 @@ fn format_sweep(points: &[Point], best: Option<usize>, slo_p99_ms: f64) -> Strin
                 .server_rss_bytes_per_conn
                 .map_or("-".to_owned(), |bytes| format!("{bytes:.0}")),
             point.lost,
-            if point.meets_slo { "ok" } else { "MISS" }
+            match (point.meets_slo, best == Some(index)) {
+                (true, true) => "ok  <- largest passing",
+                (true, false) => "ok",
+                (false, _) => "MISS",
+            }
         ));
         if let Some(line) = point
             .spread
@@ -376,10 +382,10 @@ fn format_sweep(points: &[Point], best: Option<usize>, slo_p99_ms: f64) -> Strin
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn point(conns: usize, rate: f64, size: usize, p99_us: u64, lost: u64) -> Point {
+    pub(crate) fn point(conns: usize, rate: f64, size: usize, p99_us: u64, lost: u64) -> Point {
         Point {
             p99_us,
             lost,

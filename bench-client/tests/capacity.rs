@@ -2,6 +2,7 @@
 //! the server's per-address cap (the bench spreads over source addresses by itself and
 //! says so).
 
+use std::path::Path;
 use std::process::Command;
 
 use serde_json::Value;
@@ -40,11 +41,14 @@ fn sweep_measures_every_point_past_the_per_address_cap_and_says_how_it_spread() 
     );
     let url = format!("ws://127.0.0.1:{}/ws", server.port);
     let pid = server.child.id().to_string();
+    let html = Path::new(env!("CARGO_TARGET_TMPDIR")).join("capacity-report.html");
     let (report, stderr) = sweep(&[
         "--url",
         &url,
         "--server-pid",
         &pid,
+        "--report",
+        html.to_str().unwrap(),
         "--conns",
         "200,1200",
         "--rate",
@@ -73,6 +77,8 @@ fn sweep_measures_every_point_past_the_per_address_cap_and_says_how_it_spread() 
             .unwrap()
             .contains("before the first point")
     );
+    check_capacity_chart(&std::fs::read_to_string(&html).unwrap());
+    screenshot(&html);
     // 200 fit on one address; 1,200 need at least three under a cap of 500.
     assert!(points[0]["spread"]["per_address_cap"].is_null());
     let spread = &points[1]["spread"];
@@ -141,4 +147,49 @@ fn sweep_with_a_server_per_point_measures_memory_at_every_point() {
         .map(|run| &run["server"]["pids"][0])
         .collect();
     assert_ne!(pids[0], pids[1], "a server per point");
+}
+
+/// The report's capacity chart: one SVG with the latency panel (p99 and p99.9 of the one
+/// rate-and-size line, the objective, the largest passing point) beside deliveries/s and
+/// CPU per delivery.
+fn check_capacity_chart(html: &str) {
+    let start = html
+        .find("<svg id=\"capacity\"")
+        .expect("the capacity chart");
+    let svg = &html[start..start + html[start..].find("</svg>").unwrap()];
+    for text in [
+        "p99 (solid) and p99.9 (dashed) against connections",
+        "SLO: p99 &lt;= 10000 ms",
+        "largest passing: 1200 conns, 10 msg/s, 64 B",
+        "10 msg/s, 64 B",
+        "deliveries per second",
+        "server CPU per delivery",
+    ] {
+        assert!(svg.contains(text), "{text} missing from the capacity chart");
+    }
+    // The objective, p99 and p99.9 in the latency panel, one line in each side panel.
+    assert!(svg.matches("<polyline").count() >= 4, "{svg}");
+    assert!(html.find("<svg id=\"capacity\"") < html.find("latency by percentile"));
+}
+
+/// Keeps a picture of the report beside it (target/tmp/capacity-report.png) for a person
+/// to look at, where Chromium is installed.
+fn screenshot(html: &Path) {
+    let png = html.with_extension("png");
+    let output = Command::new("timeout")
+        .args([
+            "60",
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--hide-scrollbars",
+        ])
+        .arg(format!("--screenshot={}", png.display()))
+        .args(["--window-size=1000,1500"])
+        .arg(format!("file://{}", html.display()))
+        .output();
+    match output {
+        Ok(output) if output.status.success() => eprintln!("screenshot: {}", png.display()),
+        _ => eprintln!("no screenshot of {} (no chromium)", html.display()),
+    }
 }
