@@ -196,6 +196,7 @@ pub(crate) fn run(args: &EchoArgs) -> Result<()> {
         retries: 0,
         failures: echo.failures.clone(),
         spread: None,
+        server_limit: None,
     };
 
     if !args.output.quiet {

@@ -12,11 +12,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::load::{SPARE_FDS, Target, parse_source_ips, raise_nofile_limit};
 use crate::publisher::Publisher;
+use crate::server::file_limit_note;
 use crate::source::SpreadReport;
 use crate::stats::{
-    CurvePoint, LatencySummary, ProcSample, Timeline, TimelinePoint, decode_histogram,
-    format_table, human_us, merge, monotonic_ns, new_histogram, percentile_curve, sample_pids,
-    self_cpu_ns,
+    CurvePoint, LatencySummary, ProcSample, Timeline, TimelinePoint, decode_histogram, merge,
+    monotonic_ns, new_histogram, percentile_curve, sample_pids, self_cpu_ns,
 };
 use crate::worker::{Command, Fleet, Report, WorkerConfig};
 
@@ -194,6 +194,10 @@ pub(crate) struct ConnectSummary {
     /// How the workers spread the connections over source addresses by themselves.
     #[serde(default)]
     pub(crate) spread: Option<SpreadReport>,
+    /// A server limit that explains failed connections with no refusal to read (the
+    /// server's open files).
+    #[serde(default)]
+    pub(crate) server_limit: Option<String>,
 }
 
 /// Delivery accounting.
@@ -274,7 +278,7 @@ pub(crate) fn run(args: &FanoutArgs) -> Result<()> {
     if args.output.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print!("{}", format_report(&report));
+        print!("{}", crate::report::format_report(&report));
     }
     Ok(())
 }
@@ -444,8 +448,11 @@ pub(crate) fn measure(args: &FanoutArgs) -> Result<FanoutReport> {
     let configs = worker_configs(&run.url, args.conns, &run.load, &channels, subscribe)?;
 
     let server_before = sample_server(&run.server_pid)?;
-    let (mut fleet, connect, subs_per_channel) = connect_fleet(&configs, quiet)?;
+    let (mut fleet, mut connect, subs_per_channel) = connect_fleet(&configs, quiet)?;
     let server_after_connect = sample_server(&run.server_pid)?;
+    if connect.failed > 0 {
+        connect.server_limit = file_limit_note(&run.server_pid);
+    }
     if connect.ok == 0 {
         bail!("no connection succeeded: {:?}", connect.failures);
     }
@@ -625,121 +632,6 @@ fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// The human table.
-#[must_use]
-pub(crate) fn format_report(report: &FanoutReport) -> String {
-    let config = &report.config;
-    let title = format!(
-        "fanout: {} conns, {} channel(s), {} msg/s x {} B for {} s -> {}",
-        config["conns"],
-        config["channels"],
-        config["rate"],
-        config["size"],
-        config["duration"],
-        config["url"].as_str().unwrap_or("?")
-    );
-    let c = &report.connect;
-    let d = &report.deliveries;
-    let l = &report.latency_us;
-    let mut rows = vec![
-        (
-            "connect",
-            format!(
-                "{} ok, {} failed of {} in {:.2} s ({:.0}/s, {} retries){}",
-                c.ok,
-                c.failed,
-                c.attempted,
-                c.seconds,
-                c.per_second,
-                c.retries,
-                if c.failures.is_empty() {
-                    String::new()
-                } else {
-                    format!(" failures: {:?}", c.failures)
-                }
-            ),
-        ),
-        (
-            "published",
-            format!(
-                "{} (acked {}, publisher at most {} behind schedule)",
-                report.published,
-                report.acked,
-                human_us(report.publisher_max_behind_us)
-            ),
-        ),
-        (
-            "deliveries",
-            format!(
-                "{} of {} expected, lost {}, duplicated {}, out of order {}",
-                d.received, d.expected, d.lost, d.duplicated, d.out_of_order
-            ),
-        ),
-        ("deliveries/s", format!("{:.0}", d.per_second)),
-        (
-            "latency",
-            format!(
-                "p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
-                human_us(l.p50),
-                human_us(l.p90),
-                human_us(l.p99),
-                human_us(l.p999),
-                human_us(l.p9999),
-                human_us(l.max)
-            ),
-        ),
-    ];
-    if let Some(line) = c.spread.as_ref().and_then(|s| s.announce(c.ok)) {
-        rows.push(("sources", line));
-    }
-    if !d.disconnected.is_empty() {
-        rows.push(("disconnected", format!("{:?}", d.disconnected)));
-    }
-    if !report.publish_errors.is_empty() {
-        rows.push(("publish errors", report.publish_errors.join("; ")));
-    }
-    if let Some(server) = &report.server {
-        rows.push((
-            "server cpu",
-            format!(
-                "{:.0} ns/delivery ({:.3} s)",
-                server.cpu_ns_per_delivery,
-                server.cpu_ns as f64 / 1e9
-            ),
-        ));
-        let per_conn = match &server.rss_note {
-            Some(note) => note.clone(),
-            None => format!("{:.0} B/conn", server.rss_bytes_per_conn),
-        };
-        rows.push((
-            "server rss",
-            format!(
-                "{per_conn} ({:.1} MiB before, {:.1} MiB connected, {:.1} MiB after)",
-                server.rss_bytes_before as f64 / 1048576.0,
-                server.rss_bytes_after_connect as f64 / 1048576.0,
-                server.rss_bytes_after as f64 / 1048576.0
-            ),
-        ));
-    }
-    rows.push((
-        "wire bytes",
-        format!(
-            "{:.1} B/delivery read by the subscribers",
-            report.client.wire_bytes_per_delivery
-        ),
-    ));
-    rows.push((
-        "client cpu",
-        format!(
-            "{:.0} ns/delivery ({:.3} s over {} worker(s))",
-            report.client.cpu_ns_per_delivery,
-            report.client.cpu_ns as f64 / 1e9,
-            report.client.procs
-        ),
-    ));
-    format_table(&title, &rows)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -792,7 +684,7 @@ mod tests {
         assert_eq!(value["config"]["conns"], 10);
         assert_eq!(value["config"]["server_pid"][0], 1);
         assert!(value["config"].get("json").is_none());
-        assert!(format_report(&report).contains("p99"));
+        assert!(crate::report::format_report(&report).contains("p99"));
         let back: FanoutReport = serde_json::from_value(value).unwrap();
         assert_eq!(back, report);
     }

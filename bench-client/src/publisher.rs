@@ -6,6 +6,7 @@ use std::io::{Read, Write as _};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use herald::proto::client_handshake::{Answer, ClientHandshake};
@@ -44,6 +45,8 @@ pub(crate) struct Publisher {
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     acked: Arc<AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// How long connecting and the upgrade may take (`--connect-timeout-ms`).
+    timeout: Duration,
 }
 
 enum PublishConn {
@@ -98,14 +101,19 @@ impl Publisher {
             burst: args.burst,
             conn: None,
             acked: Arc::new(AtomicU64::new(0)),
+            timeout: Duration::from_millis(run.load.connect_timeout_ms.max(1)),
             errors: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
     pub(crate) fn connect(mut self) -> Result<Self> {
-        let stream = TcpStream::connect(self.target.addr)
+        let stream = TcpStream::connect_timeout(&self.target.addr, self.timeout)
             .with_context(|| format!("publisher connecting to {}", self.target.addr))?;
         stream.set_nodelay(true)?;
+        // A server that cannot accept (out of descriptors) leaves the connection in its
+        // listen queue unanswered: wait only as long as the subscribers do.
+        stream.set_read_timeout(Some(self.timeout))?;
+        let control = stream.try_clone()?;
         let mut stream = Wire::new(stream, self.tls.clone())?;
         match self.mode {
             PublishMode::Ws => {
@@ -115,7 +123,14 @@ impl Publisher {
                     *b"herald-bench-pub",
                 );
                 stream.write_all(&handshake.encode())?;
-                let rest = upgrade(&mut stream, &handshake)?;
+                let rest = upgrade(&mut stream, &handshake).with_context(|| {
+                    format!(
+                        "publisher handshake: no answer within {} ms (is the server at its \
+                         open-file limit, or overloaded?)",
+                        self.timeout.as_millis()
+                    )
+                })?;
+                control.set_read_timeout(None)?;
                 let (reader, writer) = stream.split()?;
                 let writer = Arc::new(Mutex::new(writer));
                 let (acked, errors, pong) =

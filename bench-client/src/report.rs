@@ -8,8 +8,8 @@ use anyhow::{Context as _, Result};
 use plotters::prelude::*;
 
 use crate::capacity;
-use crate::fanout::{FanoutReport, format_report};
-use crate::stats::{CurvePoint, TimelinePoint};
+use crate::fanout::FanoutReport;
+use crate::stats::{CurvePoint, TimelinePoint, format_table, human_us};
 use crate::sweep::SweepReport;
 
 /// The page; `{{title}}`, `{{summary}}` and `{{plots}}` are filled in by [`fill`].
@@ -306,6 +306,124 @@ fn timeline_plot(series: &[Series], latency: bool) -> PlotResult {
         root.present()?;
     }
     Ok(svg)
+}
+
+/// A fan-out run as a table for the terminal.
+#[must_use]
+pub(crate) fn format_report(report: &FanoutReport) -> String {
+    let config = &report.config;
+    let title = format!(
+        "fanout: {} conns, {} channel(s), {} msg/s x {} B for {} s -> {}",
+        config["conns"],
+        config["channels"],
+        config["rate"],
+        config["size"],
+        config["duration"],
+        config["url"].as_str().unwrap_or("?")
+    );
+    let c = &report.connect;
+    let d = &report.deliveries;
+    let l = &report.latency_us;
+    let mut rows = vec![
+        (
+            "connect",
+            format!(
+                "{} ok, {} failed of {} in {:.2} s ({:.0}/s, {} retries){}",
+                c.ok,
+                c.failed,
+                c.attempted,
+                c.seconds,
+                c.per_second,
+                c.retries,
+                if c.failures.is_empty() {
+                    String::new()
+                } else {
+                    format!(" failures: {:?}", c.failures)
+                }
+            ),
+        ),
+        (
+            "published",
+            format!(
+                "{} (acked {}, publisher at most {} behind schedule)",
+                report.published,
+                report.acked,
+                human_us(report.publisher_max_behind_us)
+            ),
+        ),
+        (
+            "deliveries",
+            format!(
+                "{} of {} expected, lost {}, duplicated {}, out of order {}",
+                d.received, d.expected, d.lost, d.duplicated, d.out_of_order
+            ),
+        ),
+        ("deliveries/s", format!("{:.0}", d.per_second)),
+        (
+            "latency",
+            format!(
+                "p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
+                human_us(l.p50),
+                human_us(l.p90),
+                human_us(l.p99),
+                human_us(l.p999),
+                human_us(l.p9999),
+                human_us(l.max)
+            ),
+        ),
+    ];
+    if let Some(line) = c.spread.as_ref().and_then(|s| s.announce(c.ok)) {
+        rows.push(("sources", line));
+    }
+    if let Some(limit) = &c.server_limit {
+        rows.push(("server limit", limit.clone()));
+    }
+    if !d.disconnected.is_empty() {
+        rows.push(("disconnected", format!("{:?}", d.disconnected)));
+    }
+    if !report.publish_errors.is_empty() {
+        rows.push(("publish errors", report.publish_errors.join("; ")));
+    }
+    if let Some(server) = &report.server {
+        rows.push((
+            "server cpu",
+            format!(
+                "{:.0} ns/delivery ({:.3} s)",
+                server.cpu_ns_per_delivery,
+                server.cpu_ns as f64 / 1e9
+            ),
+        ));
+        let per_conn = match &server.rss_note {
+            Some(note) => note.clone(),
+            None => format!("{:.0} B/conn", server.rss_bytes_per_conn),
+        };
+        rows.push((
+            "server rss",
+            format!(
+                "{per_conn} ({:.1} MiB before, {:.1} MiB connected, {:.1} MiB after)",
+                server.rss_bytes_before as f64 / 1048576.0,
+                server.rss_bytes_after_connect as f64 / 1048576.0,
+                server.rss_bytes_after as f64 / 1048576.0
+            ),
+        ));
+    }
+    rows.push((
+        "wire bytes",
+        format!(
+            "{:.1} B/delivery read by the subscribers",
+            report.client.wire_bytes_per_delivery
+        ),
+    ));
+    rows.push((
+        "client cpu",
+        format!(
+            "{:.0} ns/delivery ({:.3} s over {} worker(s))",
+            report.client.cpu_ns_per_delivery,
+            report.client.cpu_ns as f64 / 1e9,
+            report.client.procs
+        ),
+    ));
+    format_table(&title, &rows)
 }
 
 #[cfg(test)]

@@ -144,6 +144,33 @@ impl Reused {
     }
 }
 
+/// When a server holds (nearly) as many files as its RLIMIT_NOFILE allows, it cannot
+/// accept more: connections then wait in the listen queue and time out without an answer.
+/// Says so, for a run whose connections failed.
+#[must_use]
+pub(crate) fn file_limit_note(pids: &[u32]) -> Option<String> {
+    pids.iter().find_map(|pid| {
+        let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).ok()?;
+        let soft: usize = limits
+            .lines()
+            .find(|line| line.starts_with("Max open files"))?
+            .split_whitespace()
+            .nth(3)?
+            .parse()
+            .ok()?;
+        let open = open_files(&[*pid]).ok()?;
+        // A few descriptors short of the limit already stops accepting: listeners, epoll
+        // and the accept in flight take their share.
+        (open + 16 >= soft).then(|| {
+            format!(
+                "the server (pid {pid}) holds {open} open files of its limit of {soft} \
+                 (RLIMIT_NOFILE): raise it (ulimit -n, LimitNOFILE=) or spread the \
+                 connections over more server processes"
+            )
+        })
+    })
+}
+
 /// What [`settle`] saw.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Settled {
@@ -208,5 +235,10 @@ mod tests {
         drop(server);
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists());
         assert!(Started::spawn("true", "ws://127.0.0.1:9/ws").is_err());
+    }
+
+    #[test]
+    fn a_process_far_from_its_file_limit_is_not_at_it() {
+        assert_eq!(file_limit_note(&[std::process::id()]), None);
     }
 }

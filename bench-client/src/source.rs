@@ -27,6 +27,8 @@ pub(crate) struct SpreadReport {
     pub(crate) per_address_cap: Option<u32>,
     /// The most connections put on one address for its ephemeral ports.
     pub(crate) port_budget: u32,
+    /// Worker processes reporting (each takes addresses of its own).
+    pub(crate) workers: u32,
 }
 
 impl SpreadReport {
@@ -42,6 +44,7 @@ impl SpreadReport {
                 (x, y) => x.or(y),
             },
             port_budget: a.port_budget.min(b.port_budget),
+            workers: a.workers + b.workers,
         })
     }
 
@@ -56,10 +59,11 @@ impl SpreadReport {
                 "the server refused more than {cap} from one address (HTTP 429: its \
                  --max-connections-per-ip)"
             ),
-            None => format!(
+            None if self.addresses > self.workers => format!(
                 "at most {} per address for its ephemeral ports",
                 self.port_budget
             ),
+            None => "one address per worker process".to_owned(),
         };
         Some(format!(
             "spread {conns} connections over {} source addresses {}-{}: {why}",
@@ -165,6 +169,7 @@ impl Spread {
             last: self.address(used.checked_sub(1)?)?,
             per_address_cap: self.cap,
             port_budget: self.port_budget,
+            workers: 1,
         })
     }
 }
@@ -265,6 +270,15 @@ mod tests {
         .unwrap();
         assert_eq!((merged.addresses, merged.per_address_cap), (6, Some(4)));
         assert!(merged.announce(30).unwrap().contains("refused more than 4"));
+        let mut one_each = Spread::new(0, 2, 1000);
+        one_each.take().unwrap();
+        let one_each = one_each.report().unwrap();
+        let two = SpreadReport::merge([one_each.clone(), one_each]).unwrap();
+        assert!(
+            two.announce(2)
+                .unwrap()
+                .ends_with("one address per worker process")
+        );
     }
 
     #[test]

@@ -72,6 +72,9 @@ pub(crate) struct Point {
     /// Why connections failed, by reason (which limit refused them, and what raises it).
     #[serde(default)]
     pub(crate) connect_failures: BTreeMap<String, u64>,
+    /// A server limit that explains failed connections with no refusal to read.
+    #[serde(default)]
+    pub(crate) server_limit: Option<String>,
     /// How the bench spread the point's connections over source addresses by itself.
     #[serde(default)]
     pub(crate) spread: Option<SpreadReport>,
@@ -101,6 +104,7 @@ impl Point {
             out_of_order: report.deliveries.out_of_order,
             failed_connects: report.connect.failed,
             connect_failures: report.connect.failures.clone(),
+            server_limit: report.connect.server_limit.clone(),
             spread: report.connect.spread.clone(),
             error: None,
             meets_slo: false,
@@ -123,6 +127,7 @@ impl Point {
             out_of_order: 0,
             failed_connects: 0,
             connect_failures: BTreeMap::new(),
+            server_limit: None,
             spread: None,
             error: Some(error),
             meets_slo: false,
@@ -359,6 +364,9 @@ fn format_sweep(points: &[Point], best: Option<usize>, slo_p99_ms: f64) -> Strin
                 "{:>8}  {count} connections failed: {reason}\n",
                 ""
             ));
+        }
+        if let Some(limit) = &point.server_limit {
+            out.push_str(&format!("{:>8}  because {limit}\n", ""));
         }
     }
     match best {
