@@ -9,6 +9,7 @@ mod fanout;
 mod floor;
 mod load;
 mod message;
+mod plan;
 mod publisher;
 mod refusal;
 mod report;
@@ -51,6 +52,10 @@ pub(crate) enum Subcommand {
     /// Runs `fanout` over a grid of connections x rate x size and prints a capacity table and
     /// the largest point that meets --slo-p99 with nothing lost.
     Sweep(sweep::SweepArgs),
+    /// From a sweep's measured points (--from sweep.json), the cores and memory one machine
+    /// needs for N connections at a rate and size under a p99 objective, or the number of
+    /// machines of a given kind, with the arithmetic shown and the margin it leaves.
+    Plan(plan::PlanArgs),
     /// A minimal reference server: on each publish it writes one pre-encoded frame to every
     /// subscribed socket with one plain write(2) each. `fanout` against it measures what
     /// fan-out costs in the kernel on this machine: the floor Herald is compared to.
@@ -68,6 +73,7 @@ fn main() -> anyhow::Result<()> {
         Subcommand::Echo(args) => echo::run(&args),
         Subcommand::Sweep(args) => sweep::run(&args),
         Subcommand::Floor(args) => floor::run(&args),
+        Subcommand::Plan(args) => plan::run(&args),
         Subcommand::Worker => worker::run_worker(),
     }
 }

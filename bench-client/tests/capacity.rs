@@ -169,7 +169,9 @@ fn check_capacity_chart(html: &str) {
     }
     // The objective, p99 and p99.9 in the latency panel, one line in each side panel.
     assert!(svg.matches("<polyline").count() >= 4, "{svg}");
+    // The picture first: before the per-run plots and the per-run tables.
     assert!(html.find("<svg id=\"capacity\"") < html.find("latency by percentile"));
+    assert!(html.find("<svg id=\"capacity\"") < html.find("fanout: "));
 }
 
 /// Keeps a picture of the report beside it (target/tmp/capacity-report.png) for a person
@@ -191,5 +193,105 @@ fn screenshot(html: &Path) {
     match output {
         Ok(output) if output.status.success() => eprintln!("screenshot: {}", png.display()),
         _ => eprintln!("no screenshot of {} (no chromium)", html.display()),
+    }
+}
+
+/// `plan` on a sweep recorded on this repository's 2-core machine (the worked example of
+/// tuning/README.md §8): it stands on the largest 64 B point that met the objective and
+/// shows the documented arithmetic.
+#[test]
+fn plan_from_a_recorded_sweep_gives_the_documented_arithmetic() {
+    let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/sweep.json");
+    let plan_args = [
+        "plan",
+        "--connections",
+        "1000000",
+        "--rate",
+        "5",
+        "--size",
+        "64",
+        "--channels",
+        "100",
+        "--slo-p99",
+        "50",
+        "--from",
+        fixture,
+        "--cores",
+        "16",
+        "--memory-gib",
+        "64",
+    ];
+    let run = |json: bool| {
+        let output = Command::new(BENCH)
+            .args(plan_args)
+            .args(json.then_some("--json"))
+            .output()
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    };
+    let plan: Value = serde_json::from_str(run(true).trim()).unwrap();
+    let sweep: Value = serde_json::from_str(&std::fs::read_to_string(fixture).unwrap()).unwrap();
+
+    // The basis: of the points meeting p99 <= 50 ms with nothing lost, the most deliveries.
+    let basis = &plan["basis"];
+    let passing = sweep["points"].as_array().unwrap().iter().filter(|p| {
+        p["error"].is_null()
+            && p["p99_us"].as_u64().unwrap() <= 50_000
+            && p["lost"] == 0
+            && p["failed_connects"] == 0
+    });
+    let best = passing
+        .max_by(|a, b| {
+            let load = |p: &Value| p["conns"].as_f64().unwrap() * p["rate"].as_f64().unwrap();
+            load(a).total_cmp(&load(b))
+        })
+        .unwrap();
+    assert_eq!(basis["conns"], best["conns"]);
+    assert_eq!(basis["rate"], best["rate"]);
+    let cpu_ns = best["server_cpu_ns_per_delivery"].as_f64().unwrap();
+    let rss = best["server_rss_bytes_per_conn"].as_f64().unwrap();
+
+    // CPU: 5 msg/s x 10,000 subscribers per message = 50,000 deliveries/s x c, over 70%;
+    // burst: 10,000 x c within 50 ms.
+    let close = |key: &str, expected: f64| {
+        let got = plan[key].as_f64().unwrap();
+        assert!(
+            (got - expected).abs() <= expected * 1e-9,
+            "{key}: {got} != {expected}"
+        );
+    };
+    close("deliveries_per_second", 50_000.0);
+    close("busy_cores", 50_000.0 * cpu_ns / 1e9);
+    close("cores_for_utilisation", 50_000.0 * cpu_ns / 1e9 / 0.7);
+    close("cores_for_burst", 10_000.0 * cpu_ns / 50e6);
+    let cores = (50_000.0 * cpu_ns / 1e9 / 0.7)
+        .max(10_000.0 * cpu_ns / 50e6)
+        .ceil();
+    assert_eq!(plan["cores"].as_f64().unwrap(), cores);
+    // Memory: measured RSS + 4,096 B kernel structures + 8,192 B of busy socket buffers.
+    let per_conn = rss.ceil() + 4_096.0 + 8_192.0;
+    assert_eq!(plan["memory_bytes"].as_f64().unwrap(), per_conn * 1e6);
+    let machine = 64.0 * f64::from(1u32 << 30);
+    let machines = (cores / 16.0).max(per_conn * 1e6 / 0.7 / machine).ceil();
+    assert_eq!(plan["machines"].as_f64().unwrap(), machines);
+    close(
+        "cpu_margin",
+        1.0 - 50_000.0 * cpu_ns / 1e9 / (machines * 16.0),
+    );
+
+    let text = run(false);
+    for line in [
+        "5 msg/s x 10000 subscribers per message = 50000/s",
+        &format!("50000/s x {cpu_ns:.0} ns per delivery ="),
+        &format!("10000 subscribers x {cpu_ns:.0} ns / 50 ms ="),
+        &format!("one machine needs {cores} cores"),
+        "extrapolated (not measured):",
+    ] {
+        assert!(text.contains(line), "{line}\n{text}");
     }
 }
