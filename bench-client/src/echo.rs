@@ -37,7 +37,9 @@ pub(crate) struct EchoArgs {
     /// Seconds of measurement.
     #[arg(long, default_value_t = 10.0)]
     pub(crate) duration: f64,
-    /// Source addresses to bind before connecting (see `fanout --help`).
+    /// Source addresses to bind before connecting, round-robin: `A-B` (inclusive range) or a
+    /// comma-separated list; empty lets the kernel choose (echo's connections are few,
+    /// so there is no `auto` spread here).
     #[arg(long, default_value = "")]
     pub(crate) source_ips: String,
     /// Server process to read CPU time of, from /proc, over the measured window

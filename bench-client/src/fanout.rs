@@ -29,8 +29,8 @@ pub(crate) const HERALD_PUBLISH: &str =
 /// How connections are opened: shared by `fanout`, `connect` and `sweep`.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub(crate) struct LoadArgs {
-    /// Worker processes to spread the connections over (each holds at most the open-file
-    /// limit, 20,000 here, minus a few).
+    /// Worker processes to spread the connections over (each holds at most its open-file
+    /// hard limit, `ulimit -Hn`, minus a few).
     #[arg(long, default_value_t = 1)]
     pub(crate) procs: usize,
     /// Source addresses to bind before connecting, round-robin: `A-B` (inclusive range) or a
@@ -84,7 +84,8 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 10.0)]
     pub(crate) duration: f64,
     /// How messages are published: `ws` (a WebSocket publish frame per message) or `http`
-    /// (`POST /api/publish` with `--api-key`; not yet tested: Herald has no HTTP publish yet).
+    /// (`POST /api/publish` on a keep-alive connection, with `--api-key`: the key the
+    /// server was started with, `herald serve --api-key`).
     #[arg(long, value_enum, default_value_t = PublishMode::Ws)]
     pub(crate) publish: PublishMode,
     /// Where to publish; defaults to `--url` for ws and its host with /api/publish for http.

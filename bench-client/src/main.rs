@@ -49,8 +49,11 @@ pub(crate) enum Subcommand {
     /// Round-trip latency and throughput on the /echo endpoint, paced (--rate) or
     /// closed-loop.
     Echo(echo::EchoArgs),
-    /// Runs `fanout` over a grid of connections x rate x size and prints a capacity table and
-    /// the largest point that meets --slo-p99 with nothing lost.
+    /// Runs `fanout` over a grid of connections x rate x size and prints a capacity table
+    /// (with server RSS per connection, each line's knee) and the largest point that meets
+    /// --slo-p99 with nothing lost; --report adds the capacity chart, --json is what `plan`
+    /// reads. On a loopback server the connections spread over source addresses by
+    /// themselves; --server-cmd starts a fresh server for each point.
     Sweep(sweep::SweepArgs),
     /// From a sweep's measured points (--from sweep.json), the cores and memory one machine
     /// needs for N connections at a rate and size under a p99 objective, or the number of

@@ -37,7 +37,8 @@ pub(crate) struct SweepArgs {
     /// --url) and measure it, killing it after the point: memory per connection then
     /// counts from a fresh process. Without it, each point waits (up to 30 s) for the
     /// --server-pid server to close the previous point's connections and for its RSS to
-    /// stop falling, and counts from there.
+    /// stop falling, and counts from the RSS it had before the first point (a point with
+    /// fewer connections than an earlier one is then not measured).
     #[arg(long)]
     #[serde(default)]
     pub(crate) server_cmd: Option<String>,

@@ -353,3 +353,46 @@ fn sweep_measures_every_grid_point_and_names_the_largest_that_meets_the_objectiv
         "report names the sweep"
     );
 }
+
+/// `--publish http` does what `fanout --help` and `sweep --help` say: `POST /api/publish`
+/// with the key the server was started with, every subscriber getting every message.
+#[test]
+fn http_publish_with_the_servers_api_key_reaches_every_subscriber() {
+    let server = start(
+        &herald_binary(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--api-key",
+            "bench-key",
+        ],
+    );
+    let report = fanout(
+        &server,
+        &[
+            "--conns",
+            "50",
+            "--rate",
+            "20",
+            "--duration",
+            "1",
+            "--publish",
+            "http",
+            "--api-key",
+            "bench-key",
+        ],
+    );
+    assert_complete(&report, 50);
+    for command in ["fanout", "sweep"] {
+        let help = Command::new(BENCH)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("POST /api/publish"), "{help}");
+        assert!(!help.contains("no HTTP publish"), "{help}");
+    }
+}
