@@ -113,6 +113,9 @@ pub(crate) struct Plan {
     pub(crate) machines: u64,
     /// Share of the machines' cores and memory left free at that count.
     pub(crate) cpu_margin: f64,
+    /// At that count, how long one message takes to reach all its subscribers on one
+    /// machine (its share of them over its cores), ms: the burst bound's margin.
+    pub(crate) burst_ms: f64,
     pub(crate) memory_margin: f64,
     /// What goes beyond what the sweep measured.
     pub(crate) extrapolated: Vec<String>,
@@ -252,10 +255,12 @@ pub(crate) fn plan(args: &PlanArgs, sweep: &SweepReport, machine: Machine) -> Re
     let subscribers = args.connections as f64 / args.channels as f64;
     let deliveries = args.rate * subscribers;
     if deliveries > basis.deliveries_per_second || args.connections > basis.conns as u64 {
+        let largest = sweep.points.iter().map(|p| p.conns).max().unwrap_or(0);
         extrapolated.push(format!(
-            "load: measured up to {} conns and {:.0} deliveries/s; the plan assumes CPU per \
-             delivery and memory per connection stay as measured",
-            basis.conns, basis.deliveries_per_second
+            "load: {} connections and {deliveries:.0} deliveries/s against the basis point's \
+             {} and {:.0} (the sweep's largest point had {largest} connections); CPU per \
+             delivery and memory per connection are taken to stay as measured there",
+            args.connections, basis.conns, basis.deliveries_per_second
         ));
     }
     let busy_cores = deliveries * cpu_ns / 1e9;
@@ -278,6 +283,7 @@ pub(crate) fn plan(args: &PlanArgs, sweep: &SweepReport, machine: Machine) -> Re
         .ceil()
         .max(1.0) as u64;
     let cpu_margin = 1.0 - busy_cores / (machines * machine.cores) as f64;
+    let burst_ms = subscribers / machines as f64 * cpu_ns / machine.cores as f64 / 1e6;
     let memory_margin =
         1.0 - memory_bytes as f64 / machines.saturating_mul(machine.memory_bytes) as f64;
     Ok(Plan {
@@ -296,6 +302,7 @@ pub(crate) fn plan(args: &PlanArgs, sweep: &SweepReport, machine: Machine) -> Re
         machine_memory_bytes: machine.memory_bytes,
         machines,
         cpu_margin,
+        burst_ms,
         memory_margin,
         extrapolated,
     })
@@ -384,7 +391,8 @@ pub(crate) fn format_plan(args: &PlanArgs, plan: &Plan) -> String {
     ));
     out.push_str(&format!(
         "machines with {} cores and {}: {} (CPU {} / {} cores, memory {} / {}); margin at \
-         that count: {:.0}% of the CPU and {:.0}% of the memory free\n",
+         that count: {:.0}% of the CPU and {:.0}% of the memory free, and one message reaches \
+         all its subscribers in {:.1} ms of CPU per machine against the {} ms objective\n",
         plan.machine_cores,
         human_bytes(plan.machine_memory_bytes),
         plan.machines,
@@ -393,7 +401,9 @@ pub(crate) fn format_plan(args: &PlanArgs, plan: &Plan) -> String {
         human_bytes(plan.memory_for_utilisation),
         human_bytes(plan.machine_memory_bytes),
         plan.cpu_margin * 100.0,
-        plan.memory_margin * 100.0
+        plan.memory_margin * 100.0,
+        plan.burst_ms,
+        args.slo_p99
     ));
     if plan.extrapolated.is_empty() {
         out.push_str("extrapolated: nothing; the load is within what the sweep measured\n");
@@ -485,6 +495,8 @@ mod tests {
         assert_eq!(plan.memory_for_utilisation, 1_926_857_143);
         assert_eq!(plan.machines, 1);
         assert!((plan.cpu_margin - (1.0 - 0.25 / 16.0)).abs() < 1e-9);
+        // 10,000 subscribers x 5,000 ns over 16 cores.
+        assert!((plan.burst_ms - 3.125).abs() < 1e-9);
         assert_eq!(plan.extrapolated.len(), 1, "{:?}", plan.extrapolated);
         let text = format_plan(&args(&[]), &plan);
         for line in [

@@ -283,6 +283,7 @@ fn plan_from_a_recorded_sweep_gives_the_documented_arithmetic() {
         "cpu_margin",
         1.0 - 50_000.0 * cpu_ns / 1e9 / (machines * 16.0),
     );
+    close("burst_ms", 10_000.0 / machines * cpu_ns / 16.0 / 1e6);
 
     let text = run(false);
     for line in [
