@@ -61,8 +61,8 @@ pub(crate) struct Point {
     pub(crate) p999_us: u64,
     pub(crate) deliveries_per_second: f64,
     pub(crate) server_cpu_ns_per_delivery: Option<f64>,
-    /// Server RSS growth per connection from the point's start; None when not measured
-    /// (no server pid, or RSS did not grow).
+    /// Server RSS growth per connection, counted as `SweepReport::memory` says; None when
+    /// not measured (no server pid, RSS did not grow, or an earlier point held more).
     #[serde(default)]
     pub(crate) server_rss_bytes_per_conn: Option<f64>,
     pub(crate) client_cpu_ns_per_delivery: f64,

@@ -58,7 +58,7 @@ fn sweep_measures_every_point_past_the_per_address_cap_and_says_how_it_spread() 
         "--pause",
         "0.2",
         "--drain-timeout",
-        "5",
+        "20",
         "--slo-p99",
         "10000",
     ]);
@@ -128,6 +128,8 @@ fn sweep_with_a_server_per_point_measures_memory_at_every_point() {
         "1",
         "--pause",
         "0",
+        "--drain-timeout",
+        "20",
         "--slo-p99",
         "10000",
     ]);
