@@ -94,6 +94,52 @@ fn sweep_measures_every_point_past_the_per_address_cap_and_says_how_it_spread() 
     );
 }
 
+/// A limit the bench cannot get round is named: the status, what it means and the
+/// option that raises it (here the server's total, which also refuses the publisher).
+#[test]
+fn sweep_names_the_limit_that_refused_and_the_option_that_raises_it() {
+    let server = start(
+        &herald_binary(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--max-connections",
+            "100",
+        ],
+    );
+    let url = format!("ws://127.0.0.1:{}/ws", server.port);
+    let (report, _) = sweep(&[
+        "--url",
+        &url,
+        "--conns",
+        "150",
+        "--duration",
+        "1",
+        "--connect-retries",
+        "0",
+    ]);
+    // Subscribers past the limit are counted under the refusal; a publisher refused as
+    // well ends the point with the same words.
+    let point = &report["points"][0];
+    let mut reasons: Vec<&str> = point["connect_failures"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    reasons.extend(point["error"].as_str());
+    assert!(
+        reasons.iter().any(|reason| {
+            reason.contains("http 503 retry_later: the server is at its connection limit")
+                && reason.contains("raise the server's --max-connections)")
+        }),
+        "{point}"
+    );
+}
+
 /// A point's server RSS per connection, which must be there.
 fn rss_per_conn(point: &Value) -> f64 {
     point["server_rss_bytes_per_conn"]
