@@ -316,8 +316,10 @@ pub(crate) fn worker_configs(
         );
     }
     let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+    let loopback = |url: &str| -> Result<bool> { Ok(Target::parse(url)?.addr.ip().is_loopback()) };
+    let spreads_itself = auto && urls.iter().all(|url| loopback(url).unwrap_or(false));
     let sources = source_ips.len().max(1);
-    if !auto && conns / sources > 28_000 {
+    if !spreads_itself && conns / sources > 28_000 {
         eprintln!(
             "warning: {} connections per source address may run out of ephemeral ports; \
              add --source-ips",
@@ -328,7 +330,7 @@ pub(crate) fn worker_configs(
         .map(|index| -> Result<_> {
             let url = urls[index % urls.len()];
             Ok(WorkerConfig {
-                spread: auto && Target::parse(url)?.addr.ip().is_loopback(),
+                spread: auto && loopback(url)?,
                 url: url.to_owned(),
                 index,
                 workers: load.procs,
