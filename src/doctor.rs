@@ -10,19 +10,28 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 
+use crate::compression::CompressionPolicy;
+use crate::memory::{DEFAULT_BUFFERS_BUSY, PerConnection, human_bytes};
+
 /// Descriptors Herald needs besides its connections: listeners, epoll, wakers, stdio,
 /// log files, a few per shard.
 pub const FD_MARGIN: u64 = 256;
-/// Herald's own user-space memory per connection, bytes (README "Measured": 1,025 B with
-/// one shard per process, 1,500–2,200 B with two shards).
-pub const HERALD_BYTES_LOW: u64 = 1_100;
-/// See [`HERALD_BYTES_LOW`].
-pub const HERALD_BYTES_HIGH: u64 = 2_200;
-/// Kernel socket structures per idle TCP connection (socket, `tcp_sock`, file, dentry,
-/// inode, epoll item), bytes: outside `tcp_mem`, in slab.
-pub const KERNEL_STRUCT_LOW: u64 = 2_048;
-/// See [`KERNEL_STRUCT_LOW`].
-pub const KERNEL_STRUCT_HIGH: u64 = 4_096;
+
+/// What the server runs with that changes a connection's memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Features {
+    pub tls: bool,
+    pub compression: CompressionPolicy,
+}
+
+impl Default for Features {
+    fn default() -> Self {
+        Self {
+            tls: false,
+            compression: CompressionPolicy::Off,
+        }
+    }
+}
 
 /// What the rules look at. `None` means the value could not be read.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
@@ -102,6 +111,10 @@ pub struct MemoryEstimate {
     pub herald: (u64, u64),
     /// Kernel socket structures of idle connections, low and high.
     pub kernel_structures: (u64, u64),
+    /// TLS session state (0 without TLS).
+    pub tls: u64,
+    /// Per-connection compressors once messages flow (0 unless per-connection).
+    pub compressors: u64,
     /// Kernel socket buffers when every connection has data queued, at the
     /// `tcp_rmem`/`tcp_wmem` minimums (what the kernel still grants under pressure).
     pub kernel_buffers_busy: u64,
@@ -150,17 +163,6 @@ fn round_limit(v: u64) -> u64 {
     v.div_ceil(65_536).saturating_mul(65_536)
 }
 
-/// Bytes as MiB/GiB for people.
-pub fn human_bytes(b: u64) -> String {
-    const MIB: f64 = 1024.0 * 1024.0;
-    let f = b as f64;
-    if f >= 1024.0 * MIB {
-        format!("{:.1} GiB", f / (1024.0 * MIB))
-    } else {
-        format!("{:.1} MiB", f / MIB)
-    }
-}
-
 /// A check of `current >= needed`: `Ok` when met, `sev` when not, `Info` when unreadable.
 fn at_least(
     name: &str,
@@ -201,7 +203,7 @@ fn backlog_needed(n: u64) -> u64 {
 }
 
 /// The rules: what stops `n` connections on a machine that reads like `r`.
-pub fn check(r: &Readings, n: u64) -> Report {
+pub fn check(r: &Readings, n: u64, features: Features) -> Report {
     let fds = n.saturating_add(FD_MARGIN);
     let fd_target = round_limit(fds);
     let mut f = Vec::new();
@@ -308,7 +310,7 @@ pub fn check(r: &Readings, n: u64) -> Report {
         (Some(rm), Some(wm)) => Some(rm[0] + wm[0]),
         _ => None,
     };
-    let per_busy = min_bufs.unwrap_or(8_192);
+    let per_busy = min_bufs.unwrap_or(DEFAULT_BUFFERS_BUSY);
     let busy_pages = n.saturating_mul(per_busy).div_ceil(page);
     let tcp_mem_target = r
         .tcp_mem
@@ -377,24 +379,19 @@ pub fn check(r: &Readings, n: u64) -> Report {
     }
 
     // Memory.
-    let herald = (
-        n.saturating_mul(HERALD_BYTES_LOW),
-        n.saturating_mul(HERALD_BYTES_HIGH),
-    );
-    let kernel = (
-        n.saturating_mul(KERNEL_STRUCT_LOW),
-        n.saturating_mul(KERNEL_STRUCT_HIGH),
-    );
-    let buffers = n.saturating_mul(per_busy);
+    let each = PerConnection::new(features.tls, features.compression, per_busy);
+    let times = |bytes: u64| n.saturating_mul(bytes);
     let memory = MemoryEstimate {
-        herald,
-        kernel_structures: kernel,
-        kernel_buffers_busy: buffers,
-        idle: (
-            herald.0.saturating_add(kernel.0),
-            herald.1.saturating_add(kernel.1),
+        herald: (times(each.herald.0), times(each.herald.1)),
+        kernel_structures: (
+            times(each.kernel_structures.0),
+            times(each.kernel_structures.1),
         ),
-        busy_high: herald.1.saturating_add(kernel.1).saturating_add(buffers),
+        tls: times(each.tls),
+        compressors: times(each.compressor),
+        kernel_buffers_busy: times(each.buffers_busy),
+        idle: (times(each.idle().0), times(each.idle().1)),
+        busy_high: times(each.busy_high()),
         available: r.mem_available,
         total: r.mem_total,
     };
@@ -428,8 +425,10 @@ pub fn check(r: &Readings, n: u64) -> Report {
             human_bytes(memory.busy_high)
         ),
         fix,
-        why: "Herald 1.1-2.2 KB per connection (measured) + 2-4 KB kernel socket structures, \
-              + tcp_rmem/tcp_wmem min per socket while data is queued"
+        why: "Herald 1.1-2.2 KB per connection (measured) + 2-4 KB kernel socket structures \
+              (+ 8 KB TLS session state with TLS), + tcp_rmem/tcp_wmem min per socket while data \
+              is queued (+ 160 KiB per connection's own compressor with --compression \
+              per-connection)"
             .to_owned(),
         severity,
     });
@@ -574,6 +573,13 @@ pub fn render_text(rep: &Report) -> String {
         human_bytes(m.kernel_structures.0),
         human_bytes(m.kernel_structures.1)
     );
+    if m.tls > 0 {
+        let _ = writeln!(
+            out,
+            "  TLS session state (8 KB each)                    {}",
+            human_bytes(m.tls)
+        );
+    }
     let _ = writeln!(
         out,
         "  idle total                                       {} - {}",
@@ -586,6 +592,13 @@ pub fn render_text(rep: &Report) -> String {
         human_bytes(m.kernel_buffers_busy),
         human_bytes(m.busy_high)
     );
+    if m.compressors > 0 {
+        let _ = writeln!(
+            out,
+            "    (with each connection's own compressor, 160 KiB each: {})",
+            human_bytes(m.compressors)
+        );
+    }
     let _ = writeln!(
         out,
         "  MemAvailable {}, MemTotal {}",
@@ -597,8 +610,8 @@ pub fn render_text(rep: &Report) -> String {
 
 /// `herald doctor`: reads this machine, prints the report (text or one JSON object) and
 /// returns whether the machine can hold `connections`.
-pub fn run(connections: u64, json: bool) -> anyhow::Result<bool> {
-    let report = check(&Readings::read_machine(), connections);
+pub fn run(connections: u64, features: Features, json: bool) -> anyhow::Result<bool> {
+    let report = check(&Readings::read_machine(), connections, features);
     if json {
         println!("{}", simd_json::to_string(&report)?);
     } else {
@@ -640,7 +653,7 @@ mod tests {
 
     #[test]
     fn tuned_machine_holds_a_million() {
-        let r = check(&big(), 1_000_000);
+        let r = check(&big(), 1_000_000, Features::default());
         assert!(r.ok, "{r:#?}");
         for f in &r.findings {
             assert!(f.severity <= Severity::Info, "{f:#?}");
@@ -652,7 +665,7 @@ mod tests {
         let mut m = big();
         m.nofile_hard = Some(65_536);
         m.nr_open = Some(524_288);
-        let r = check(&m, 1_000_000);
+        let r = check(&m, 1_000_000, Features::default());
         assert!(!r.ok);
         let hard = finding(&r, "RLIMIT_NOFILE (hard)");
         assert_eq!(hard.severity, Severity::Blocker);
@@ -663,7 +676,7 @@ mod tests {
         // Worst first.
         assert_eq!(r.findings[0].severity, Severity::Blocker);
         // 100k is fine on the same machine apart from the hard limit.
-        let r = check(&m, 60_000);
+        let r = check(&m, 60_000, Features::default());
         assert!(r.ok, "{r:#?}");
     }
 
@@ -671,7 +684,7 @@ mod tests {
     fn soft_limit_only_warns() {
         let mut m = big();
         m.nofile_soft = Some(1024);
-        let r = check(&m, 100_000);
+        let r = check(&m, 100_000, Features::default());
         assert!(r.ok);
         let soft = finding(&r, "RLIMIT_NOFILE (soft)");
         assert_eq!(soft.severity, Severity::Warn);
@@ -683,11 +696,11 @@ mod tests {
         let mut m = big();
         m.file_max = Some(1_100_000);
         m.file_nr = Some(200_000);
-        let r = check(&m, 1_000_000);
+        let r = check(&m, 1_000_000, Features::default());
         assert_eq!(finding(&r, "fs.file-max").severity, Severity::Blocker);
         m.file_nr = Some(1_000);
         assert_eq!(
-            finding(&check(&m, 1_000_000), "fs.file-max").severity,
+            finding(&check(&m, 1_000_000, Features::default()), "fs.file-max").severity,
             Severity::Ok
         );
     }
@@ -698,7 +711,7 @@ mod tests {
         m.somaxconn = Some(4096);
         m.tcp_max_syn_backlog = Some(512);
         m.netdev_max_backlog = Some(1000);
-        let r = check(&m, 100_000);
+        let r = check(&m, 100_000, Features::default());
         assert!(r.ok);
         let s = finding(&r, "net.core.somaxconn");
         assert_eq!(s.severity, Severity::Warn);
@@ -707,7 +720,7 @@ mod tests {
             finding(&r, "net.core.netdev_max_backlog").severity,
             Severity::Warn
         );
-        let r = check(&m, 1_000);
+        let r = check(&m, 1_000, Features::default());
         assert_eq!(finding(&r, "net.core.somaxconn").severity, Severity::Ok);
         assert_eq!(
             finding(&r, "net.ipv4.tcp_max_syn_backlog").severity,
@@ -719,7 +732,7 @@ mod tests {
     fn memory_estimate_and_blocker() {
         let mut m = big();
         m.mem_available = Some(4 << 30);
-        let r = check(&m, 1_000_000);
+        let r = check(&m, 1_000_000, Features::default());
         assert_eq!(r.memory.herald, (1_100_000_000, 2_200_000_000));
         assert_eq!(r.memory.kernel_structures, (2_048_000_000, 4_096_000_000));
         assert_eq!(r.memory.kernel_buffers_busy, 8_192_000_000);
@@ -730,16 +743,36 @@ mod tests {
         assert!(!r.ok);
         // Enough for idle, not for busy: a warning.
         m.mem_available = Some(10 << 30);
-        let r = check(&m, 1_000_000);
+        let r = check(&m, 1_000_000, Features::default());
         assert_eq!(finding(&r, "memory").severity, Severity::Warn);
         assert!(r.ok);
+    }
+
+    #[test]
+    fn tls_and_per_connection_compressors_count_in_the_estimate() {
+        let features = Features {
+            tls: true,
+            compression: CompressionPolicy::PerConnection,
+        };
+        let r = check(&big(), 1_000_000, features);
+        assert_eq!(r.memory.tls, 8_192_000_000);
+        assert_eq!(r.memory.compressors, 163_840_000_000);
+        assert_eq!(r.memory.idle, (11_340_000_000, 14_488_000_000));
+        assert_eq!(
+            r.memory.busy_high,
+            14_488_000_000 + 8_192_000_000 + 163_840_000_000
+        );
+        let text = render_text(&r);
+        assert!(text.contains("TLS session state") && text.contains("own compressor"));
+        let plain = render_text(&check(&big(), 1_000_000, Features::default()));
+        assert!(!plain.contains("TLS session state") && !plain.contains("own compressor"));
     }
 
     #[test]
     fn tcp_mem_in_pages() {
         let mut m = big();
         m.tcp_mem = Some([10_000, 20_000, 30_000]);
-        let r = check(&m, 100_000);
+        let r = check(&m, 100_000, Features::default());
         let t = finding(&r, "net.ipv4.tcp_mem");
         // 100,000 x 8,192 B / 4,096 B = 200,000 pages.
         assert_eq!(t.severity, Severity::Warn);
@@ -756,7 +789,7 @@ mod tests {
     fn big_buffer_minimums_warn() {
         let mut m = big();
         m.tcp_rmem = Some([65_536, 131_072, 6_291_456]);
-        let r = check(&m, 10_000);
+        let r = check(&m, 10_000, Features::default());
         let b = finding(&r, "net.ipv4.tcp_rmem / tcp_wmem");
         assert_eq!(b.severity, Severity::Warn);
         assert!(b.fix.contains("tcp_rmem=\"4096"));
@@ -765,14 +798,14 @@ mod tests {
     #[test]
     fn conntrack_only_when_loaded() {
         let mut m = big();
-        let r = check(&m, 100_000);
+        let r = check(&m, 100_000, Features::default());
         assert!(
             r.findings
                 .iter()
                 .all(|f| f.name != "net.netfilter.nf_conntrack_max")
         );
         m.nf_conntrack_max = Some(65_536);
-        let r = check(&m, 100_000);
+        let r = check(&m, 100_000, Features::default());
         let c = finding(&r, "net.netfilter.nf_conntrack_max");
         assert_eq!(c.severity, Severity::Warn);
         assert!(c.fix.contains("notrack"));
@@ -785,7 +818,7 @@ mod tests {
             page_size: 4096,
             ..Readings::default()
         };
-        let r = check(&m, 100_000);
+        let r = check(&m, 100_000, Features::default());
         assert!(r.ok);
         assert!(r.findings.iter().all(|f| f.severity <= Severity::Info));
         assert_eq!(finding(&r, "fs.nr_open").current, "unreadable");
@@ -795,7 +828,7 @@ mod tests {
     fn unlimited_shows_as_unlimited() {
         let mut m = big();
         m.nofile_hard = Some(u64::MAX);
-        let r = check(&m, 1_000);
+        let r = check(&m, 1_000, Features::default());
         let h = finding(&r, "RLIMIT_NOFILE (hard)");
         assert_eq!(h.current, "unlimited");
         assert_eq!(h.severity, Severity::Ok);
@@ -813,7 +846,7 @@ mod tests {
     fn text_and_json_render() {
         let mut m = big();
         m.nr_open = Some(1_048_576);
-        let r = check(&m, 1_000_000_000);
+        let r = check(&m, 1_000_000_000, Features::default());
         let text = render_text(&r);
         assert!(text.contains("NO"));
         assert!(text.contains("BLOCKER  fs.nr_open"), "{text}");

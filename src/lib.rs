@@ -27,6 +27,8 @@
 //! - [`cluster`]: with `--redis`, publishes, history and fan-out shared through Redis.
 //! - [`client`]: `herald client`, the interactive terminal client.
 //! - [`doctor`]: `herald doctor`, checks a machine's limits and sysctls for N connections.
+//! - [`memory`]: what one connection costs in memory, by part (doctor and herald-bench
+//!   plan both count with it).
 
 pub mod auth;
 pub mod backend;
@@ -38,6 +40,7 @@ pub mod doctor;
 pub mod http;
 pub mod hub;
 pub mod limits;
+pub mod memory;
 pub mod metrics;
 pub mod namespace;
 pub mod proto;

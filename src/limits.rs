@@ -112,6 +112,9 @@ pub enum Refusal {
 }
 
 impl Refusal {
+    /// Every refusal, for clients that tell them apart by status and message.
+    pub const ALL: [Self; 4] = [Self::Full, Self::PerIp, Self::AcceptRate, Self::PerUser];
+
     pub fn status(self) -> u16 {
         match self {
             Self::Full | Self::AcceptRate => 503,
@@ -125,6 +128,17 @@ impl Refusal {
             Self::PerIp => "too many connections from this address; retry later",
             Self::AcceptRate => "too many new connections; retry later",
             Self::PerUser => "this user holds as many connections as it may; close one first",
+        }
+    }
+
+    /// The `herald serve` option that sets the limit, so whoever was refused can say what
+    /// to raise.
+    pub fn flag(self) -> &'static str {
+        match self {
+            Self::Full => "--max-connections",
+            Self::PerIp => "--max-connections-per-ip",
+            Self::AcceptRate => "--accept-rate",
+            Self::PerUser => "--max-connections-per-user",
         }
     }
 }
@@ -311,6 +325,21 @@ mod tests {
             limits.release_user(user);
         }
         assert!(limits.per_user.lock().unwrap().is_empty(), "nobody is kept");
+    }
+
+    #[test]
+    fn each_refusal_names_an_option_of_serve() {
+        let options =
+            <crate::config::Options as clap::Args>::augment_args(clap::Command::new("serve"));
+        for refusal in Refusal::ALL {
+            let flag = refusal.flag().trim_start_matches("--");
+            assert!(
+                options
+                    .get_arguments()
+                    .any(|arg| arg.get_long() == Some(flag)),
+                "{flag}"
+            );
+        }
     }
 
     #[test]

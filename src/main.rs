@@ -42,6 +42,13 @@ enum Command {
         /// Connections to check for.
         #[arg(long, default_value_t = 100_000)]
         connections: u64,
+        /// The server will run with TLS: count each connection's session state (~8 KB).
+        #[arg(long)]
+        tls: bool,
+        /// The server's --compression: per-connection counts each connection's own
+        /// compressor (~160 KiB) once messages flow.
+        #[arg(long, value_enum, default_value = "off")]
+        compression: herald::compression::CompressionPolicy,
         /// Print one JSON object instead of text.
         #[arg(long)]
         json: bool,
@@ -82,8 +89,14 @@ fn main() -> ExitCode {
                 }
             };
         }
-        Some(Command::Doctor { connections, json }) => {
-            return match herald::doctor::run(connections, json) {
+        Some(Command::Doctor {
+            connections,
+            tls,
+            compression,
+            json,
+        }) => {
+            let features = herald::doctor::Features { tls, compression };
+            return match herald::doctor::run(connections, features, json) {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {

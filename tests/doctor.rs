@@ -91,3 +91,26 @@ fn absurd_n_fails_naming_the_blocker() {
             .any(|f| f["name"] == "fs.nr_open" && f["severity"] == "blocker")
     );
 }
+
+#[test]
+fn tls_and_per_connection_compression_add_their_memory() {
+    let memory = |args: &[&str]| {
+        let out = doctor(&[&["--connections", "1000", "--json"], args].concat());
+        let json: serde_json::Value =
+            serde_json::from_str(String::from_utf8(out.stdout).unwrap().trim()).unwrap();
+        json["memory"].clone()
+    };
+    let plain = memory(&[]);
+    assert_eq!(
+        (plain["tls"].as_u64(), plain["compressors"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let both = memory(&["--tls", "--compression", "per-connection"]);
+    // 8 KB of TLS session state and a 160 KiB compressor for each of 1,000 connections.
+    assert_eq!(both["tls"], 8_192_000);
+    assert_eq!(both["compressors"], 163_840_000);
+    assert_eq!(
+        both["busy_high"].as_u64().unwrap(),
+        plain["busy_high"].as_u64().unwrap() + 8_192_000 + 163_840_000
+    );
+}

@@ -17,7 +17,7 @@ use crate::worker::{Command, Report};
 /// `herald-bench connect`.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub(crate) struct ConnectArgs {
-    /// WebSocket URL (ws:// only).
+    /// WebSocket URL (ws://, or wss:// for TLS; --insecure for a self-signed certificate).
     #[arg(long, default_value = "ws://127.0.0.1:8080/ws")]
     pub(crate) url: String,
     /// Connections to open.

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::fanout::{ClientFigures, ConnectSummary, OutputArgs, per};
 use crate::load::{
-    ConnState, Engine, Handler, Target, io_reason, parse_source_ips, push_text, raise_nofile_limit,
+    ConnState, Engine, Failure, Handler, Target, io_reason, parse_source_ips, push_text,
+    raise_nofile_limit,
 };
 use crate::message::{message_data, parse_message_data};
 use crate::stats::{
@@ -36,7 +37,9 @@ pub(crate) struct EchoArgs {
     /// Seconds of measurement.
     #[arg(long, default_value_t = 10.0)]
     pub(crate) duration: f64,
-    /// Source addresses to bind before connecting (see `fanout --help`).
+    /// Source addresses to bind before connecting, round-robin: `A-B` (inclusive range) or a
+    /// comma-separated list; empty lets the kernel choose (echo's connections are few,
+    /// so there is no `auto` spread here).
     #[arg(long, default_value = "")]
     pub(crate) source_ips: String,
     /// Server process to read CPU time of, from /proc, over the measured window
@@ -129,11 +132,11 @@ impl Handler for Echo {
         }
     }
 
-    fn on_close(&mut self, _id: usize, state: ConnState, reason: String) {
+    fn on_close(&mut self, _id: usize, state: ConnState, failure: Failure) {
         if state != ConnState::Open {
             self.resolved += 1;
         }
-        *self.failures.entry(reason).or_default() += 1;
+        *self.failures.entry(failure.to_string()).or_default() += 1;
     }
 }
 
@@ -194,6 +197,8 @@ pub(crate) fn run(args: &EchoArgs) -> Result<()> {
         per_second: (ok as f64 / connect_seconds.max(1e-9)).round(),
         retries: 0,
         failures: echo.failures.clone(),
+        spread: None,
+        server_limit: None,
     };
 
     if !args.output.quiet {

@@ -10,12 +10,13 @@ use anyhow::{Result, bail};
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
 
-use crate::load::{SPARE_FDS, parse_source_ips, raise_nofile_limit};
+use crate::load::{SPARE_FDS, Target, parse_source_ips, raise_nofile_limit};
 use crate::publisher::Publisher;
+use crate::server::file_limit_note;
+use crate::source::SpreadReport;
 use crate::stats::{
-    CurvePoint, LatencySummary, ProcSample, Timeline, TimelinePoint, decode_histogram,
-    format_table, human_us, merge, monotonic_ns, new_histogram, percentile_curve, sample_pids,
-    self_cpu_ns,
+    CurvePoint, LatencySummary, ProcSample, Timeline, TimelinePoint, decode_histogram, merge,
+    monotonic_ns, new_histogram, percentile_curve, sample_pids, self_cpu_ns,
 };
 use crate::worker::{Command, Fleet, Report, WorkerConfig};
 
@@ -28,13 +29,17 @@ pub(crate) const HERALD_PUBLISH: &str =
 /// How connections are opened: shared by `fanout`, `connect` and `sweep`.
 #[derive(Debug, Clone, Args, Serialize, Deserialize)]
 pub(crate) struct LoadArgs {
-    /// Worker processes to spread the connections over (each holds at most the open-file
-    /// limit, 20,000 here, minus a few).
+    /// Worker processes to spread the connections over (each holds at most its open-file
+    /// hard limit, `ulimit -Hn`, minus a few).
     #[arg(long, default_value_t = 1)]
     pub(crate) procs: usize,
     /// Source addresses to bind before connecting, round-robin: `A-B` (inclusive range) or a
     /// comma-separated list, e.g. 127.0.0.2-127.0.0.250; each gives another ~28k ports.
-    #[arg(long, default_value = "")]
+    /// `auto`: on a loopback server, each worker fills 127.0.0.2 and up one address at a
+    /// time, moving on at its share of the ephemeral ports or when the server refuses one
+    /// more from an address (its per-address cap), and says so; elsewhere the kernel
+    /// chooses, as with an empty list.
+    #[arg(long, default_value = "auto")]
     pub(crate) source_ips: String,
     /// New connections per second over all workers (0 = as fast as possible).
     #[arg(long, default_value_t = 5000.0)]
@@ -79,7 +84,8 @@ pub(crate) struct RunArgs {
     #[arg(long, default_value_t = 10.0)]
     pub(crate) duration: f64,
     /// How messages are published: `ws` (a WebSocket publish frame per message) or `http`
-    /// (`POST /api/publish` with `--api-key`; not yet tested: Herald has no HTTP publish yet).
+    /// (`POST /api/publish` on a keep-alive connection, with `--api-key`: the key the
+    /// server was started with, `herald serve --api-key`).
     #[arg(long, value_enum, default_value_t = PublishMode::Ws)]
     pub(crate) publish: PublishMode,
     /// Where to publish; defaults to `--url` for ws and its host with /api/publish for http.
@@ -162,6 +168,11 @@ pub(crate) struct FanoutArgs {
     #[arg(long, default_value_t = 1)]
     #[serde(default = "one")]
     pub(crate) burst: u64,
+    /// The server RSS that memory per connection counts from, when not its RSS just
+    /// before connecting (a sweep that reuses one server).
+    #[arg(skip)]
+    #[serde(skip)]
+    pub(crate) rss_baseline: Option<u64>,
     #[command(flatten)]
     #[serde(flatten)]
     pub(crate) run: RunArgs,
@@ -181,6 +192,13 @@ pub(crate) struct ConnectSummary {
     pub(crate) retries: u64,
     /// Failed connections by last reason.
     pub(crate) failures: BTreeMap<String, u64>,
+    /// How the workers spread the connections over source addresses by themselves.
+    #[serde(default)]
+    pub(crate) spread: Option<SpreadReport>,
+    /// A server limit that explains failed connections with no refusal to read (the
+    /// server's open files).
+    #[serde(default)]
+    pub(crate) server_limit: Option<String>,
 }
 
 /// Delivery accounting.
@@ -207,8 +225,12 @@ pub(crate) struct ServerFigures {
     pub(crate) rss_bytes_before: u64,
     pub(crate) rss_bytes_after_connect: u64,
     pub(crate) rss_bytes_after: u64,
-    /// (RSS after connecting − before) / connections.
+    /// (RSS after connecting − before) / connections; 0 when RSS did not grow, with
+    /// `rss_note` saying why.
     pub(crate) rss_bytes_per_conn: f64,
+    /// Why `rss_bytes_per_conn` is not a measurement, when it is not.
+    #[serde(default)]
+    pub(crate) rss_note: Option<String>,
 }
 
 /// The benchmark's own cost during the publish phase (all its processes).
@@ -252,12 +274,12 @@ pub(crate) struct FanoutReport {
 pub(crate) fn run(args: &FanoutArgs) -> Result<()> {
     let report = measure(args)?;
     if let Some(path) = &args.output.report {
-        crate::report::write_fanout(path, std::slice::from_ref(&report))?;
+        crate::report::write_fanout(path, &report)?;
     }
     if args.output.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        print!("{}", format_report(&report));
+        print!("{}", crate::report::format_report(&report));
     }
     Ok(())
 }
@@ -277,7 +299,12 @@ pub(crate) fn worker_configs(
     if load.procs == 0 {
         bail!("--procs must be at least 1");
     }
-    let source_ips = parse_source_ips(&load.source_ips)?;
+    let auto = load.source_ips.trim() == "auto";
+    let source_ips = if auto {
+        Vec::new()
+    } else {
+        parse_source_ips(&load.source_ips)?
+    };
     let limit = raise_nofile_limit();
     let per_proc = conns.div_ceil(load.procs) as u64;
     if per_proc + SPARE_FDS > limit {
@@ -289,34 +316,40 @@ pub(crate) fn worker_configs(
         );
     }
     let urls: Vec<&str> = url.split(',').map(str::trim).collect();
+    let loopback = |url: &str| -> Result<bool> { Ok(Target::parse(url)?.addr.ip().is_loopback()) };
+    let spreads_itself = auto && urls.iter().all(|url| loopback(url).unwrap_or(false));
     let sources = source_ips.len().max(1);
-    if conns / sources > 28_000 {
+    if !spreads_itself && conns / sources > 28_000 {
         eprintln!(
             "warning: {} connections per source address may run out of ephemeral ports; \
              add --source-ips",
             conns / sources
         );
     }
-    Ok((0..load.procs)
-        .map(|index| WorkerConfig {
-            url: urls[index % urls.len()].to_owned(),
-            index,
-            workers: load.procs,
-            conns,
-            channels: channels.to_vec(),
-            source_ips: source_ips.clone(),
-            connect_rate: load.connect_rate / load.procs as f64,
-            connect_retries: load.connect_retries,
-            connect_timeout_ms: load.connect_timeout_ms,
-            max_in_flight: load.max_in_flight,
-            subscribe_template: subscribe.map(|(template, _)| template.to_owned()),
-            subscribe_reply: subscribe
-                .map(|(_, reply)| reply.to_owned())
-                .unwrap_or_default(),
-            deflate: load.deflate,
-            insecure: load.insecure,
+    (0..load.procs)
+        .map(|index| -> Result<_> {
+            let url = urls[index % urls.len()];
+            Ok(WorkerConfig {
+                spread: auto && loopback(url)?,
+                url: url.to_owned(),
+                index,
+                workers: load.procs,
+                conns,
+                channels: channels.to_vec(),
+                source_ips: source_ips.clone(),
+                connect_rate: load.connect_rate / load.procs as f64,
+                connect_retries: load.connect_retries,
+                connect_timeout_ms: load.connect_timeout_ms,
+                max_in_flight: load.max_in_flight,
+                subscribe_template: subscribe.map(|(template, _)| template.to_owned()),
+                subscribe_reply: subscribe
+                    .map(|(_, reply)| reply.to_owned())
+                    .unwrap_or_default(),
+                deflate: load.deflate,
+                insecure: load.insecure,
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// The first of a comma-separated `--url` list: where the publisher connects.
@@ -354,6 +387,7 @@ pub(crate) fn connect_fleet(
     let mut ready = 0;
     let mut opened = vec![0u64; configs.len()];
     let mut last_print = Instant::now();
+    let mut spreads = Vec::new();
     while ready < configs.len() {
         match fleet.recv(Duration::from_millis(500)) {
             Some((_, Report::Ready(worker))) => {
@@ -367,6 +401,7 @@ pub(crate) fn connect_fleet(
                 for (total, count) in subs_per_channel.iter_mut().zip(&worker.subs_per_channel) {
                     *total += count;
                 }
+                spreads.extend(worker.spread);
             }
             Some((index, Report::Progress { opened: n, .. })) => opened[index] = n,
             Some((index, Report::Error { message })) => bail!("worker {index}: {message}"),
@@ -380,6 +415,10 @@ pub(crate) fn connect_fleet(
                 started.elapsed().as_secs_f64()
             );
         }
+    }
+    summary.spread = SpreadReport::merge(spreads);
+    if let Some(line) = summary.spread.as_ref().and_then(|s| s.announce(summary.ok)) {
+        eprintln!("{line}");
     }
     summary.seconds = round3(started.elapsed().as_secs_f64());
     summary.per_second = round1(summary.ok as f64 / summary.seconds.max(1e-9));
@@ -412,8 +451,11 @@ pub(crate) fn measure(args: &FanoutArgs) -> Result<FanoutReport> {
     let configs = worker_configs(&run.url, args.conns, &run.load, &channels, subscribe)?;
 
     let server_before = sample_server(&run.server_pid)?;
-    let (mut fleet, connect, subs_per_channel) = connect_fleet(&configs, quiet)?;
+    let (mut fleet, mut connect, subs_per_channel) = connect_fleet(&configs, quiet)?;
     let server_after_connect = sample_server(&run.server_pid)?;
+    if connect.failed > 0 {
+        connect.server_limit = file_limit_note(&run.server_pid);
+    }
     if connect.ok == 0 {
         bail!("no connection succeeded: {:?}", connect.failures);
     }
@@ -535,16 +577,24 @@ pub(crate) fn measure(args: &FanoutArgs) -> Result<FanoutReport> {
     ) {
         (Some(before), Some(connected), Some(cpu_before), Some(after)) => {
             let cpu_ns = after.cpu_ns.saturating_sub(cpu_before.cpu_ns);
+            let before_rss = args.rss_baseline.unwrap_or(before.rss_bytes);
+            let grown = connected.rss_bytes.saturating_sub(before_rss);
+            // A server that held memory from earlier connections reuses it, so RSS may not
+            // grow, or even shrink as the allocator purges: no figure rather than a false one.
+            let rss_note = (grown == 0).then(|| {
+                "not measured: the server's RSS did not grow (it reused memory it held \
+                 before the run; measure on a fresh server)"
+                    .to_owned()
+            });
             Some(ServerFigures {
                 pids: run.server_pid.clone(),
                 cpu_ns,
                 cpu_ns_per_delivery: per(cpu_ns, deliveries.received),
-                rss_bytes_before: before.rss_bytes,
+                rss_bytes_before: before_rss,
                 rss_bytes_after_connect: connected.rss_bytes,
                 rss_bytes_after: after.rss_bytes,
-                rss_bytes_per_conn: round1(
-                    (connected.rss_bytes as f64 - before.rss_bytes as f64) / connect.ok as f64,
-                ),
+                rss_bytes_per_conn: per(grown, connect.ok),
+                rss_note,
             })
         }
         _ => None,
@@ -583,115 +633,6 @@ fn round1(x: f64) -> f64 {
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
-}
-
-/// The human table.
-#[must_use]
-pub(crate) fn format_report(report: &FanoutReport) -> String {
-    let config = &report.config;
-    let title = format!(
-        "fanout: {} conns, {} channel(s), {} msg/s x {} B for {} s -> {}",
-        config["conns"],
-        config["channels"],
-        config["rate"],
-        config["size"],
-        config["duration"],
-        config["url"].as_str().unwrap_or("?")
-    );
-    let c = &report.connect;
-    let d = &report.deliveries;
-    let l = &report.latency_us;
-    let mut rows = vec![
-        (
-            "connect",
-            format!(
-                "{} ok, {} failed of {} in {:.2} s ({:.0}/s, {} retries){}",
-                c.ok,
-                c.failed,
-                c.attempted,
-                c.seconds,
-                c.per_second,
-                c.retries,
-                if c.failures.is_empty() {
-                    String::new()
-                } else {
-                    format!(" failures: {:?}", c.failures)
-                }
-            ),
-        ),
-        (
-            "published",
-            format!(
-                "{} (acked {}, publisher at most {} behind schedule)",
-                report.published,
-                report.acked,
-                human_us(report.publisher_max_behind_us)
-            ),
-        ),
-        (
-            "deliveries",
-            format!(
-                "{} of {} expected, lost {}, duplicated {}, out of order {}",
-                d.received, d.expected, d.lost, d.duplicated, d.out_of_order
-            ),
-        ),
-        ("deliveries/s", format!("{:.0}", d.per_second)),
-        (
-            "latency",
-            format!(
-                "p50 {}  p90 {}  p99 {}  p99.9 {}  p99.99 {}  max {}",
-                human_us(l.p50),
-                human_us(l.p90),
-                human_us(l.p99),
-                human_us(l.p999),
-                human_us(l.p9999),
-                human_us(l.max)
-            ),
-        ),
-    ];
-    if !d.disconnected.is_empty() {
-        rows.push(("disconnected", format!("{:?}", d.disconnected)));
-    }
-    if !report.publish_errors.is_empty() {
-        rows.push(("publish errors", report.publish_errors.join("; ")));
-    }
-    if let Some(server) = &report.server {
-        rows.push((
-            "server cpu",
-            format!(
-                "{:.0} ns/delivery ({:.3} s)",
-                server.cpu_ns_per_delivery,
-                server.cpu_ns as f64 / 1e9
-            ),
-        ));
-        rows.push((
-            "server rss",
-            format!(
-                "{:.0} B/conn ({:.1} MiB before, {:.1} MiB connected, {:.1} MiB after)",
-                server.rss_bytes_per_conn,
-                server.rss_bytes_before as f64 / 1048576.0,
-                server.rss_bytes_after_connect as f64 / 1048576.0,
-                server.rss_bytes_after as f64 / 1048576.0
-            ),
-        ));
-    }
-    rows.push((
-        "wire bytes",
-        format!(
-            "{:.1} B/delivery read by the subscribers",
-            report.client.wire_bytes_per_delivery
-        ),
-    ));
-    rows.push((
-        "client cpu",
-        format!(
-            "{:.0} ns/delivery ({:.3} s over {} worker(s))",
-            report.client.cpu_ns_per_delivery,
-            report.client.cpu_ns as f64 / 1e9,
-            report.client.procs
-        ),
-    ));
-    format_table(&title, &rows)
 }
 
 #[cfg(test)]
@@ -746,7 +687,7 @@ mod tests {
         assert_eq!(value["config"]["conns"], 10);
         assert_eq!(value["config"]["server_pid"][0], 1);
         assert!(value["config"].get("json").is_none());
-        assert!(format_report(&report).contains("p99"));
+        assert!(crate::report::format_report(&report).contains("p99"));
         let back: FanoutReport = serde_json::from_value(value).unwrap();
         assert_eq!(back, report);
     }

@@ -4,8 +4,10 @@
 //! worker processes and source addresses. Nothing here knows what a benchmark measures; the
 //! subcommands plug in through [`Handler`].
 
+use std::fmt;
 use std::io::{self, Read as _, Write as _};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, ToSocketAddrs as _};
+use std::os::fd::AsRawFd as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +22,7 @@ use rustls::ClientConnection;
 use rustls::pki_types::ServerName;
 use socket2::{Domain, Protocol, Socket, Type};
 
+use crate::refusal::Refusal;
 use crate::stats::monotonic_ns;
 use crate::tls;
 
@@ -240,8 +243,32 @@ pub(crate) trait Handler {
     fn on_open(&mut self, id: usize, out: &mut Vec<u8>);
     /// A data frame arrived on `id`; `recv_ns` is the monotonic time of the read that got it.
     fn on_message(&mut self, id: usize, payload: &[u8], recv_ns: u64, out: &mut Vec<u8>);
-    /// Connection `id` failed or closed; `reason` is a short label for counting.
-    fn on_close(&mut self, id: usize, state: ConnState, reason: String);
+    /// Connection `id` failed or closed, and why.
+    fn on_close(&mut self, id: usize, state: ConnState, failure: Failure);
+}
+
+/// Why a connection failed or closed. Its `Display` is a short label for counting.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The server answered the upgrade with another status than 101.
+    Refused(Refusal),
+    /// Anything else.
+    Other(String),
+}
+
+impl From<String> for Failure {
+    fn from(reason: String) -> Self {
+        Self::Other(reason)
+    }
+}
+
+impl fmt::Display for Failure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Refused(refusal) => refusal.fmt(f),
+            Self::Other(reason) => f.write_str(reason),
+        }
+    }
 }
 
 /// A mio loop over many client connections to one target; connection ids are dense indices
@@ -328,6 +355,7 @@ impl Engine {
         )?;
         socket.set_tcp_nodelay(true)?;
         if let Some(source) = source {
+            bind_address_no_port(&socket)?;
             socket.bind(&SocketAddr::new(source, 0).into())?;
         }
         match socket.connect(&self.target.addr.into()) {
@@ -433,7 +461,7 @@ impl Engine {
         Ok(())
     }
 
-    fn fail(&mut self, id: usize, reason: String, handler: &mut impl Handler) {
+    fn fail(&mut self, id: usize, reason: impl Into<Failure>, handler: &mut impl Handler) {
         let conn = &mut self.conns[id];
         let state = conn.state;
         if state == ConnState::Idle {
@@ -446,7 +474,7 @@ impl Engine {
         conn.tls = None;
         conn.inbuf = Vec::new();
         conn.outbuf = Vec::new();
-        handler.on_close(id, state, reason);
+        handler.on_close(id, state, reason.into());
     }
 
     fn on_writable(&mut self, id: usize, handler: &mut impl Handler) {
@@ -657,14 +685,16 @@ fn process(
     recv_ns: u64,
     handler: &mut impl Handler,
     out: &mut Vec<u8>,
-) -> Result<(ConnState, usize), String> {
+) -> Result<(ConnState, usize), Failure> {
     let total = data.len();
     if state == ConnState::Handshaking {
         let (extensions, head_len) = match handshake.parse_response(data) {
             Ok(None) => return Ok((state, 0)),
             Ok(Some((Answer::Accepted { extensions, .. }, len))) => (extensions, len),
-            Ok(Some((Answer::Refused { status, .. }, _))) => return Err(format!("http {status}")),
-            Err(error) => return Err(format!("handshake: {error}")),
+            Ok(Some((Answer::Refused { status, body, .. }, _))) => {
+                return Err(Failure::Refused(Refusal::parse(status, &body)));
+            }
+            Err(error) => return Err(format!("handshake: {error}").into()),
         };
         // permessage-deflate is the only extension offered, so the only one accepted.
         if extensions.is_some() {
@@ -678,10 +708,10 @@ fn process(
         let (header, header_len) = match FrameHeader::parse(data) {
             Ok(Some(parsed)) => parsed,
             Ok(None) => break,
-            Err(error) => return Err(format!("protocol error: {error}")),
+            Err(error) => return Err(format!("protocol error: {error}").into()),
         };
         let Ok(payload_len) = usize::try_from(header.payload_len) else {
-            return Err("frame too long".to_owned());
+            return Err("frame too long".to_owned().into());
         };
         let Some(payload) = data.get(header_len..header_len + payload_len) else {
             break;
@@ -689,11 +719,13 @@ fn process(
         match header.opcode {
             OpCode::Text | OpCode::Binary if header.rsv == 0b100 => {
                 let Some(inflater) = inflater.as_mut() else {
-                    return Err("compressed frame without permessage-deflate".to_owned());
+                    return Err("compressed frame without permessage-deflate"
+                        .to_owned()
+                        .into());
                 };
                 let inflated = inflater
                     .inflate(payload, MAX_INFLATED_BYTES)
-                    .map_err(|error| format!("inflate: {error}"))?;
+                    .map_err(|error| Failure::Other(format!("inflate: {error}")))?;
                 handler.on_message(id, &inflated, recv_ns, out);
             }
             OpCode::Text | OpCode::Binary | OpCode::Continuation => {
@@ -706,12 +738,36 @@ fn process(
                     .first_chunk::<2>()
                     .map_or(1005, |code| u16::from_be_bytes(*code));
                 push_frame(out, OpCode::Close, payload.get(..2).unwrap_or_default());
-                return Err(format!("close {code}"));
+                return Err(format!("close {code}").into());
             }
         }
         data = &data[header_len + payload_len..];
     }
     Ok((state, total - data.len()))
+}
+
+/// Leaves the port of a bound socket to `connect`, which picks it against the whole
+/// address pair: an address then has its ports for each server, and on loopback
+/// (`tcp_tw_reuse = 2`) it takes ports still in TIME_WAIT from an earlier run, which a
+/// sweep's points on the same addresses would otherwise run out of.
+fn bind_address_no_port(socket: &Socket) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: the descriptor is an open socket for the call, and `on` is a live c_int
+    // whose size is the length passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// A short label for an IO error, for counting failures by kind.
@@ -765,7 +821,7 @@ mod tests {
         fn on_message(&mut self, _id: usize, payload: &[u8], _recv_ns: u64, _out: &mut Vec<u8>) {
             self.0.push(payload.to_vec());
         }
-        fn on_close(&mut self, _id: usize, _state: ConnState, _reason: String) {}
+        fn on_close(&mut self, _id: usize, _state: ConnState, _failure: Failure) {}
     }
 
     #[test]

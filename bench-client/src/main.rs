@@ -2,14 +2,19 @@
 //! latency from the scheduled publish time to each subscriber, at very large connection
 //! counts — and what it costs the server, so machines can be sized with it.
 
+mod capacity;
 mod connect;
 mod echo;
 mod fanout;
 mod floor;
 mod load;
 mod message;
+mod plan;
 mod publisher;
+mod refusal;
 mod report;
+mod server;
+mod source;
 mod stats;
 mod sweep;
 mod tls;
@@ -44,9 +49,16 @@ pub(crate) enum Subcommand {
     /// Round-trip latency and throughput on the /echo endpoint, paced (--rate) or
     /// closed-loop.
     Echo(echo::EchoArgs),
-    /// Runs `fanout` over a grid of connections x rate x size and prints a capacity table and
-    /// the largest point that meets --slo-p99 with nothing lost.
+    /// Runs `fanout` over a grid of connections x rate x size and prints a capacity table
+    /// (with server RSS per connection, each line's knee) and the largest point that meets
+    /// --slo-p99 with nothing lost; --report adds the capacity chart, --json is what `plan`
+    /// reads. On a loopback server the connections spread over source addresses by
+    /// themselves; --server-cmd starts a fresh server for each point.
     Sweep(sweep::SweepArgs),
+    /// From a sweep's measured points (--from sweep.json), the cores and memory one machine
+    /// needs for N connections at a rate and size under a p99 objective, or the number of
+    /// machines of a given kind, with the arithmetic shown and the margin it leaves.
+    Plan(plan::PlanArgs),
     /// A minimal reference server: on each publish it writes one pre-encoded frame to every
     /// subscribed socket with one plain write(2) each. `fanout` against it measures what
     /// fan-out costs in the kernel on this machine: the floor Herald is compared to.
@@ -64,6 +76,7 @@ fn main() -> anyhow::Result<()> {
         Subcommand::Echo(args) => echo::run(&args),
         Subcommand::Sweep(args) => sweep::run(&args),
         Subcommand::Floor(args) => floor::run(&args),
+        Subcommand::Plan(args) => plan::run(&args),
         Subcommand::Worker => worker::run_worker(),
     }
 }

@@ -6,6 +6,7 @@ use std::io::{Read, Write as _};
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
 use herald::proto::client_handshake::{Answer, ClientHandshake};
@@ -16,6 +17,7 @@ use rustls::pki_types::ServerName;
 use crate::fanout::{FanoutArgs, PublishMode, first_url, scheduled_ns};
 use crate::load::{Target, find};
 use crate::message::{Template, message_data};
+use crate::refusal::Refusal;
 use crate::stats::monotonic_ns;
 use crate::tls::{self, Wire, WireReader, WireWriter};
 
@@ -43,11 +45,24 @@ pub(crate) struct Publisher {
     tls: Option<(Arc<ClientConfig>, ServerName<'static>)>,
     acked: Arc<AtomicU64>,
     errors: Arc<Mutex<Vec<String>>>,
+    /// How long connecting and the upgrade may take (`--connect-timeout-ms`).
+    timeout: Duration,
 }
 
 enum PublishConn {
     Ws(Arc<Mutex<WireWriter>>),
     Http(Wire, Vec<u8>),
+}
+
+/// The ack reader thread holds the other half of the socket: shutting it down ends that
+/// thread, and the server sees the publisher go (a sweep's next point starts only once
+/// the server holds none of this point's connections).
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        if let Some(PublishConn::Ws(writer)) = &self.conn {
+            writer.lock().expect("writer lock").shutdown();
+        }
+    }
 }
 
 impl Publisher {
@@ -86,14 +101,19 @@ impl Publisher {
             burst: args.burst,
             conn: None,
             acked: Arc::new(AtomicU64::new(0)),
+            timeout: Duration::from_millis(run.load.connect_timeout_ms.max(1)),
             errors: Arc::new(Mutex::new(Vec::new())),
         })
     }
 
     pub(crate) fn connect(mut self) -> Result<Self> {
-        let stream = TcpStream::connect(self.target.addr)
+        let stream = TcpStream::connect_timeout(&self.target.addr, self.timeout)
             .with_context(|| format!("publisher connecting to {}", self.target.addr))?;
         stream.set_nodelay(true)?;
+        // A server that cannot accept (out of descriptors) leaves the connection in its
+        // listen queue unanswered: wait only as long as the subscribers do.
+        stream.set_read_timeout(Some(self.timeout))?;
+        let control = stream.try_clone()?;
         let mut stream = Wire::new(stream, self.tls.clone())?;
         match self.mode {
             PublishMode::Ws => {
@@ -103,7 +123,14 @@ impl Publisher {
                     *b"herald-bench-pub",
                 );
                 stream.write_all(&handshake.encode())?;
-                let rest = upgrade(&mut stream, &handshake)?;
+                let rest = upgrade(&mut stream, &handshake).with_context(|| {
+                    format!(
+                        "publisher handshake: no answer within {} ms (is the server at its \
+                         open-file limit, or overloaded?)",
+                        self.timeout.as_millis()
+                    )
+                })?;
+                control.set_read_timeout(None)?;
                 let (reader, writer) = stream.split()?;
                 let writer = Arc::new(Mutex::new(writer));
                 let (acked, errors, pong) =
@@ -197,8 +224,11 @@ fn upgrade(stream: &mut impl Read, handshake: &ClientHandshake) -> Result<Vec<u8
             .context("publisher handshake")?
         {
             Some((Answer::Accepted { .. }, len)) => return Ok(buf.split_off(len)),
-            Some((Answer::Refused { status_line, .. }, _)) => {
-                bail!("publisher handshake refused: {status_line}")
+            Some((Answer::Refused { status, body, .. }, _)) => {
+                bail!(
+                    "publisher handshake refused: {}",
+                    Refusal::parse(status, &body)
+                )
             }
             None => {}
         }

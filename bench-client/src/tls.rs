@@ -253,6 +253,16 @@ pub(crate) enum WireWriter {
     },
 }
 
+impl WireWriter {
+    /// Shuts the socket down both ways: a reader blocked on the other half returns.
+    pub(crate) fn shutdown(&self) {
+        let socket = match self {
+            Self::Plain(stream) | Self::Tls { socket: stream, .. } => stream,
+        };
+        let _ = socket.shutdown(std::net::Shutdown::Both);
+    }
+}
+
 impl Write for WireWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, BufRead as _, Write as _};
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::Ipv4Addr;
 use std::process::{Child, ChildStdin, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
@@ -13,10 +13,11 @@ use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
 use crate::load::{
-    ConnState, Engine, Handler, SPARE_FDS, Target, field_u64, find, io_reason, push_text,
+    ConnState, Engine, Failure, Handler, SPARE_FDS, Target, field_u64, find, io_reason, push_text,
     raise_nofile_limit,
 };
 use crate::message::{Delivery, Order, SEQ_MARKER, Template, parse_message_data};
+use crate::source::{Sources, Spread, SpreadReport, port_budget};
 use crate::stats::{
     Hist, Timeline, encode_histogram, monotonic_ns, new_histogram, sample_pids, self_cpu_ns,
 };
@@ -31,7 +32,11 @@ pub(crate) struct WorkerConfig {
     pub(crate) workers: usize,
     pub(crate) conns: usize,
     pub(crate) channels: Vec<String>,
+    /// `--source-ips`, round-robin; empty: the kernel chooses, or with `spread` the
+    /// worker spreads over loopback addresses by itself ([`Spread`]).
     pub(crate) source_ips: Vec<Ipv4Addr>,
+    #[serde(default)]
+    pub(crate) spread: bool,
     /// New connections per second for this worker; 0 = unlimited.
     pub(crate) connect_rate: f64,
     pub(crate) connect_retries: u32,
@@ -69,6 +74,9 @@ pub(crate) struct Ready {
     pub(crate) failures: BTreeMap<String, u64>,
     /// Confirmed subscriptions per channel index.
     pub(crate) subs_per_channel: Vec<u64>,
+    /// How the connections were spread over source addresses, when the worker chose.
+    #[serde(default)]
+    pub(crate) spread: Option<SpreadReport>,
 }
 
 /// A worker's measurements at the end.
@@ -119,6 +127,8 @@ struct Track {
     /// Resolved: subscribed (or open, for idle connections), or given up.
     resolved: bool,
     ok: bool,
+    /// The source address slot of the current attempt, when spread.
+    slot: Option<usize>,
     base_seq: Option<u64>,
     order: Order,
 }
@@ -128,6 +138,7 @@ struct Track {
 struct Subscriber {
     config: WorkerConfig,
     template: Option<Template>,
+    sources: Sources,
     tracks: Vec<Track>,
     retry: VecDeque<(usize, u64)>,
     in_flight: usize,
@@ -212,6 +223,9 @@ impl Subscriber {
 impl Handler for Subscriber {
     fn on_open(&mut self, id: usize, out: &mut Vec<u8>) {
         self.opened += 1;
+        if let (Sources::Spread(spread), Some(slot)) = (&mut self.sources, self.tracks[id].slot) {
+            spread.opened(slot);
+        }
         let Some(template) = &self.template else {
             return self.resolve(id, true);
         };
@@ -243,12 +257,27 @@ impl Handler for Subscriber {
         }
     }
 
-    fn on_close(&mut self, id: usize, _state: ConnState, reason: String) {
-        let track = &self.tracks[id];
+    fn on_close(&mut self, id: usize, state: ConnState, failure: Failure) {
+        let track = &mut self.tracks[id];
+        let slot = track.slot.take();
+        if let (Sources::Spread(spread), Some(slot)) = (&mut self.sources, slot) {
+            spread.release(slot, state == ConnState::Open);
+            let per_address = matches!(&failure, Failure::Refused(r) if r.is_per_address());
+            if !track.resolved && per_address && spread.refused(slot) {
+                // Not a failure: the address is full, the next one takes the connection.
+                self.in_flight -= 1;
+                self.retry.push_front((id, 0));
+                return;
+            }
+        }
         if !track.resolved {
-            self.attempt_failed(id, reason);
+            self.attempt_failed(id, failure.to_string());
         } else if track.ok {
-            *self.done.disconnected.entry(reason).or_default() += 1;
+            *self
+                .done
+                .disconnected
+                .entry(failure.to_string())
+                .or_default() += 1;
         }
     }
 }
@@ -321,8 +350,16 @@ fn worker_main() -> Result<()> {
             ..Track::default()
         })
         .collect();
+    let sources = if !config.source_ips.is_empty() {
+        Sources::List(config.source_ips.clone())
+    } else if config.spread {
+        Sources::Spread(Spread::new(config.index, config.workers, port_budget()))
+    } else {
+        Sources::Kernel
+    };
     let mut sub = Subscriber {
         template: config.subscribe_template.as_deref().map(Template::parse),
+        sources,
         tracks,
         retry: VecDeque::new(),
         in_flight: 0,
@@ -369,11 +406,14 @@ fn worker_main() -> Result<()> {
             };
             starts += 1;
             sub.in_flight += 1;
-            let global = sub.global_id(local);
-            let source = (!sub.config.source_ips.is_empty())
-                .then(|| IpAddr::V4(sub.config.source_ips[global % sub.config.source_ips.len()]));
+            let (source, slot) = sub.sources.take(sub.global_id(local));
             if let Err(error) = engine.start(local, source) {
+                if let (Sources::Spread(spread), Some(slot)) = (&mut sub.sources, slot) {
+                    spread.release(slot, false);
+                }
                 sub.attempt_failed(local, io_reason(&error));
+            } else {
+                sub.tracks[local].slot = slot;
             }
         }
         let ramping = !ready_sent;
@@ -388,6 +428,9 @@ fn worker_main() -> Result<()> {
         }
         if !ready_sent && (sub.ready.ok + sub.ready.failed) as usize == local_conns {
             ready_sent = true;
+            if let Sources::Spread(spread) = &sub.sources {
+                sub.ready.spread = spread.report();
+            }
             emit(&Report::Ready(sub.ready.clone()));
         }
         if now - last_progress > 500_000_000 {

@@ -1,70 +1,14 @@
 //! Runs `herald-bench fanout` against the real `herald` binary and against `floor`, and checks
 //! that nothing is lost, duplicated or reordered and that the JSON has its documented shape.
 
-use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use serde_json::Value;
 
-const BENCH: &str = env!("CARGO_BIN_EXE_herald-bench");
+mod support;
 
-/// A server process, killed on drop.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts `program args` and waits for its `listening on HOST:PORT` line.
-fn start(program: &PathBuf, args: &[&str]) -> Server {
-    let mut child = Command::new(program)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap_or_else(|error| panic!("starting {}: {error}", program.display()));
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let port = loop {
-        let line = lines
-            .next()
-            .expect("server exited before listening")
-            .unwrap();
-        if let Some(addr) = line.strip_prefix("listening on ") {
-            break addr.rsplit(':').next().unwrap().parse().unwrap();
-        }
-    };
-    // Keep draining stdout so the server never blocks on it.
-    std::thread::spawn(move || lines.for_each(drop));
-    Server { child, port }
-}
-
-/// The `herald` binary: `HERALD_BIN`, else next to `herald-bench` (built on demand).
-fn herald_binary() -> PathBuf {
-    if let Some(path) = std::env::var_os("HERALD_BIN") {
-        return path.into();
-    }
-    let dir = PathBuf::from(BENCH).parent().unwrap().to_owned();
-    let path = dir.join("herald");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-        let mut build = Command::new(cargo);
-        build.args(["build", "-p", "herald", "--bin", "herald"]);
-        if dir.ends_with("release") {
-            build.arg("--release");
-        }
-        let status = build.status().expect("running cargo build -p herald");
-        assert!(status.success(), "cargo build -p herald failed");
-    }
-    path
-}
+use support::{BENCH, Server, herald_binary, start};
 
 fn fanout(server: &Server, extra: &[&str]) -> Value {
     let url = format!("ws://127.0.0.1:{}/ws", server.port);
@@ -408,4 +352,47 @@ fn sweep_measures_every_grid_point_and_names_the_largest_that_meets_the_objectiv
         html.contains("herald-bench sweep"),
         "report names the sweep"
     );
+}
+
+/// `--publish http` does what `fanout --help` and `sweep --help` say: `POST /api/publish`
+/// with the key the server was started with, every subscriber getting every message.
+#[test]
+fn http_publish_with_the_servers_api_key_reaches_every_subscriber() {
+    let server = start(
+        &herald_binary(),
+        &[
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+            "--api-key",
+            "bench-key",
+        ],
+    );
+    let report = fanout(
+        &server,
+        &[
+            "--conns",
+            "50",
+            "--rate",
+            "20",
+            "--duration",
+            "1",
+            "--publish",
+            "http",
+            "--api-key",
+            "bench-key",
+        ],
+    );
+    assert_complete(&report, 50);
+    for command in ["fanout", "sweep"] {
+        let help = Command::new(BENCH)
+            .args([command, "--help"])
+            .output()
+            .unwrap();
+        let help = String::from_utf8_lossy(&help.stdout);
+        assert!(help.contains("POST /api/publish"), "{help}");
+        assert!(!help.contains("no HTTP publish"), "{help}");
+    }
 }
