@@ -5,7 +5,9 @@
 //! through a queue, as they hand work to each other. A thread of its own (one small tokio
 //! runtime) talks to Redis and answers through the shards' [`Post`] with the same
 //! envelopes a home shard sends: `Subscribed`, `HistoryGap`, `Ack`, `Refused` and
-//! `Broadcast`, the last one encoded once per node and shared by every shard.
+//! `Broadcast`, the last one encoded once per node and shared by every shard. What to do
+//! about each channel is decided without IO by the state machine in `node.rs`; `redis.rs`
+//! performs its commands and `publish.rs` orders publishes.
 //!
 //! In Redis each channel has (keys share one hash tag, so Redis Cluster keeps them in
 //! one slot):
@@ -22,7 +24,10 @@
 //! every stream read is bounded by the history size, and the per-channel state is held
 //! only for channels this node's clients hold (plus a bounded memory of recent publishes).
 
+mod node;
+mod publish;
 mod redis;
+mod script;
 
 use std::collections::VecDeque;
 use std::io;

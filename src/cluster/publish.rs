@@ -1,0 +1,209 @@
+//! The publisher task: every queued publish ordered by the script in Redis, pipelined in
+//! arrival order, and answered `Ack` or `Refused`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use ::redis::{RedisError, RedisResult};
+use tokio::sync::watch;
+use tokio::time::timeout;
+
+use super::redis::{Publishing, REPLY_TIMEOUT, Shards};
+use super::script::{meta_key, pubsub_key, stream_key};
+use super::{Link, Queue, Request};
+use crate::hub::{self, ChannelName, HistoryLimits};
+use crate::shard::Envelope;
+
+/// Most publishes sent to Redis in one pipelined round trip.
+const MAX_BATCH: usize = 512;
+/// Channels in one generation of the publisher's memory ([`Seen`]).
+pub(super) const SEEN_PER_GENERATION: usize = 16 * 1024;
+
+/// The publisher task: orders publishes in Redis, pipelined, in arrival order.
+pub(super) struct Publisher {
+    pub(super) conn: watch::Receiver<Publishing>,
+    /// Tells the node task which link failed a publish (the latest such link).
+    pub(super) broken: watch::Sender<u64>,
+    pub(super) shards: Shards,
+    pub(super) history: HistoryLimits,
+    pub(super) link: Arc<Link>,
+    pub(super) seen: Seen,
+    pub(super) script: String,
+}
+
+/// Per channel, the epoch and highest seq this node handed out: a Redis that comes back
+/// below it has rolled back. Kept for the channels published to recently only, in two
+/// generations of at most `per_generation` channels each: a channel published to again
+/// moves to the current one, and one left alone for a whole generation is forgotten
+/// (its next publish then relies on the script's own check of a missing meta, and on the
+/// nodes that hold the channel, which check on their own).
+pub(super) struct Seen {
+    current: HashMap<ChannelName, (Box<str>, u64)>,
+    previous: HashMap<ChannelName, (Box<str>, u64)>,
+    per_generation: usize,
+}
+
+impl Seen {
+    pub(super) fn new(per_generation: usize) -> Self {
+        Self {
+            current: HashMap::new(),
+            previous: HashMap::new(),
+            per_generation,
+        }
+    }
+
+    fn get(&self, channel: &str) -> Option<&(Box<str>, u64)> {
+        self.current
+            .get(channel)
+            .or_else(|| self.previous.get(channel))
+    }
+
+    fn insert(&mut self, channel: ChannelName, epoch: Box<str>, seq: u64) {
+        if self.current.len() >= self.per_generation && !self.current.contains_key(&channel) {
+            self.previous = std::mem::take(&mut self.current);
+        }
+        self.previous.remove(&channel);
+        self.current.insert(channel, (epoch, seq));
+    }
+}
+
+impl Publisher {
+    pub(super) async fn run(mut self, queue: Arc<Queue>) {
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        loop {
+            queue.recv_many(&mut batch, MAX_BATCH).await;
+            self.publish(&mut batch).await;
+        }
+    }
+
+    async fn publish(&mut self, batch: &mut Vec<Request>) {
+        let conn = self.conn.borrow().clone();
+        let Some((generation, mut conn)) = conn else {
+            self.refuse(
+                batch,
+                "the cluster's Redis is unreachable; not stored, retry",
+            );
+            return;
+        };
+        let ttl_ms = self.history.ttl.as_millis().max(1) as u64;
+        let mut pipe = ::redis::pipe();
+        for request in batch.iter() {
+            let Request::Publish { channel, data, .. } = request else {
+                unreachable!("only publishes reach the publisher");
+            };
+            let (epoch, seq) = self.seen.get(channel).map_or(("", 0), |(e, s)| (&**e, *s));
+            pipe.cmd("EVALSHA")
+                .arg(&self.script)
+                .arg(3)
+                .arg(meta_key(channel))
+                .arg(stream_key(channel))
+                .arg(pubsub_key(channel))
+                .arg(&data[..])
+                .arg(self.history.size)
+                .arg(ttl_ms)
+                .arg(hub::new_epoch(SystemTime::now()))
+                .arg(epoch)
+                .arg(seq);
+        }
+        let result: RedisResult<Vec<(String, u64, u64)>> =
+            match timeout(REPLY_TIMEOUT, pipe.query_async(&mut conn)).await {
+                Ok(result) => result,
+                Err(_) => {
+                    self.broken.send_replace(generation);
+                    self.refuse(batch, "the cluster's Redis did not answer in time; retry");
+                    return;
+                }
+            };
+        match result {
+            Ok(stored) => {
+                for (request, (epoch, seq, nodes)) in batch.drain(..).zip(stored) {
+                    let Request::Publish {
+                        channel,
+                        shard,
+                        conn,
+                        id,
+                        ..
+                    } = request
+                    else {
+                        unreachable!("only publishes reach the publisher");
+                    };
+                    Link::count(&self.link.publishes);
+                    self.seen.insert(channel, epoch.into(), seq);
+                    self.shards.send(
+                        shard,
+                        Envelope::Ack {
+                            conn,
+                            seq,
+                            subscribers: u32::try_from(nodes).unwrap_or(u32::MAX),
+                            id,
+                        },
+                    );
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "redis refused a publish batch");
+                if link_is_broken(&e) {
+                    self.broken.send_replace(generation);
+                }
+                self.refuse(batch, "the cluster's Redis could not store it; retry");
+            }
+        }
+    }
+
+    fn refuse(&self, batch: &mut Vec<Request>, message: &str) {
+        for request in batch.drain(..) {
+            if let Request::Publish {
+                shard, conn, id, ..
+            } = request
+            {
+                Link::count(&self.link.publish_failures);
+                self.shards.send(
+                    shard,
+                    Envelope::Refused {
+                        conn,
+                        id,
+                        message: message.into(),
+                    },
+                );
+            }
+        }
+    }
+}
+
+/// Errors after which the connection cannot be trusted any more.
+pub(super) fn link_is_broken(e: &RedisError) -> bool {
+    e.is_io_error()
+        || e.is_connection_dropped()
+        || e.is_timeout()
+        || e.is_unrecoverable_error()
+        || e.code() == Some("NOSCRIPT")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_publishers_memory_keeps_recent_channels_and_is_bounded() {
+        let mut seen = Seen::new(3);
+        for (i, channel) in ["a", "b", "c"].into_iter().enumerate() {
+            seen.insert(channel.into(), "e".into(), i as u64 + 1);
+        }
+        // Published to again: kept through the next turnover, with its latest seq.
+        seen.insert("a".into(), "e".into(), 10);
+        seen.insert("d".into(), "e".into(), 1);
+        assert_eq!(seen.get("a"), Some(&("e".into(), 10)));
+        seen.insert("a".into(), "e".into(), 11);
+        for i in 0..10_000 {
+            seen.insert(format!("x{i}").into(), "e".into(), 1);
+            assert!(seen.current.len() + seen.previous.len() <= 6);
+        }
+        assert_eq!(
+            seen.get("a"),
+            None,
+            "left alone for a generation: forgotten"
+        );
+        assert!(seen.get("x9999").is_some());
+    }
+}
