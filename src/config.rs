@@ -211,8 +211,10 @@ pub struct Options {
     #[arg(long, env = "HERALD_HISTORY_TTL_MS", value_name = "MS")]
     pub history_ttl_ms: Option<u64>,
 
-    /// Redis to share fan-out and history with other nodes (`redis://HOST:PORT[/DB]`).
-    /// Without it the node runs alone with its in-memory hub.
+    /// Redis to share fan-out and history with other nodes (`redis://HOST:PORT[/DB]`), or
+    /// a Redis Cluster by some of its nodes (`redis+cluster://HOST:PORT,HOST:PORT,...`:
+    /// sharded pub/sub, each channel on the shard that owns its slot). Without it the
+    /// node runs alone with its in-memory hub.
     #[arg(long, env = "HERALD_REDIS", value_name = "URL")]
     pub redis: Option<String>,
 
@@ -608,10 +610,12 @@ impl Config {
             return Err("history_size must be at most 100000".into());
         }
         if let Some(url) = &self.redis
-            && !(url.starts_with("redis://") || url.starts_with("unix://"))
+            && !(url.starts_with("redis://")
+                || url.starts_with("unix://")
+                || url.starts_with("redis+cluster://"))
         {
             return Err(format!(
-                "redis must be a redis://HOST:PORT URL, not {url:?}"
+                "redis must be a redis://HOST:PORT or redis+cluster://HOST:PORT,... URL, not {url:?}"
             ));
         }
         if self.outbound_queue_bytes < 4096 {
@@ -679,6 +683,13 @@ mod tests {
             ..Options::default()
         };
         assert!(wrong.resolve().unwrap_err().contains("redis://"));
+        let file: Options =
+            toml::from_str("redis = \"redis+cluster://10.0.0.5:7000,10.0.0.6:7001\"").unwrap();
+        let config = file.resolve().unwrap();
+        assert_eq!(
+            config.redis.as_deref(),
+            Some("redis+cluster://10.0.0.5:7000,10.0.0.6:7001")
+        );
     }
 
     #[test]

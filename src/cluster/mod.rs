@@ -28,6 +28,7 @@ mod node;
 mod publish;
 mod redis;
 mod script;
+mod sharded;
 
 use std::collections::VecDeque;
 use std::io;
@@ -266,7 +267,7 @@ pub struct Bridge {
 /// The cluster side before its thread runs: it needs the shards' [`Post`], which exists
 /// only once the shards do.
 pub struct Idle {
-    client: ::redis::Client,
+    backend: redis::Backend,
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
     history: HistoryLimits,
@@ -275,13 +276,21 @@ pub struct Idle {
 }
 
 impl Bridge {
-    /// Checks the URL; nothing connects until [`Idle::spawn`].
+    /// Checks the URL (`redis://...` for one Redis, `redis+cluster://HOST:PORT,...` for a
+    /// Redis Cluster); nothing connects until [`Idle::spawn`].
     pub fn new(
         url: &str,
         history: HistoryLimits,
         compression: CompressionPolicies,
     ) -> Result<(Self, Idle), String> {
-        let client = ::redis::Client::open(url).map_err(|e| format!("redis URL {url:?}: {e}"))?;
+        let backend = match sharded::seeds(url) {
+            Some(seeds) => redis::Backend::Sharded(sharded::Sharded::new(seeds)?),
+            None => redis::Backend::Single {
+                client: ::redis::Client::open(url)
+                    .map_err(|e| format!("redis URL {url:?}: {e}"))?,
+                live: None,
+            },
+        };
         let requests = Arc::new(Queue::new(MAX_QUEUED_SUBSCRIBES, usize::MAX));
         let publishes = Arc::new(Queue::new(MAX_QUEUED_PUBLISHES, MAX_QUEUED_PUBLISH_BYTES));
         let link = Arc::new(Link::default());
@@ -292,7 +301,7 @@ impl Bridge {
                 link: link.clone(),
             },
             Idle {
-                client,
+                backend,
                 requests,
                 publishes,
                 history,

@@ -5,8 +5,13 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use ::redis::{RedisError, RedisResult};
+use ::redis::aio::MultiplexedConnection;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::Slot;
+use ::redis::{Pipeline, RedisError, RedisResult, Value};
+use futures_util::future::join_all;
 use tokio::sync::watch;
+use tokio::time::error::Elapsed;
 use tokio::time::timeout;
 
 use super::redis::{Publishing, REPLY_TIMEOUT, Shards};
@@ -29,7 +34,20 @@ pub(super) struct Publisher {
     pub(super) history: HistoryLimits,
     pub(super) link: Arc<Link>,
     pub(super) seen: Seen,
+    /// The ordering script's SHA1 and text.
     pub(super) script: String,
+    pub(super) text: String,
+}
+
+/// What the ordering script returns: the channel's epoch, the publish's seq, and how
+/// many nodes were subscribed.
+type Stored = (String, u64, u64);
+
+/// The link's command connection, as the publisher uses it.
+#[derive(Clone)]
+pub(super) enum Conn {
+    Single(MultiplexedConnection),
+    Sharded(ClusterConnection),
 }
 
 /// Per channel, the epoch and highest seq this node handed out: a Redis that comes back
@@ -79,16 +97,65 @@ impl Publisher {
 
     async fn publish(&mut self, batch: &mut Vec<Request>) {
         let conn = self.conn.borrow().clone();
-        let Some((generation, mut conn)) = conn else {
-            self.refuse(
+        match conn {
+            None => self.refuse(
                 batch,
                 "the cluster's Redis is unreachable; not stored, retry",
-            );
-            return;
-        };
+            ),
+            Some((generation, Conn::Single(mut conn))) => {
+                let pipe = self.pipeline(batch);
+                let result = timeout(REPLY_TIMEOUT, pipe.query_async(&mut conn)).await;
+                self.answer(batch, result, Some(generation));
+            }
+            Some((_, Conn::Sharded(conn))) => self.publish_sharded(batch, conn).await,
+        }
+    }
+
+    /// On a Redis Cluster: one pipeline per slot (a pipeline may not cross slots), all
+    /// at once, each slot's publishes in arrival order. A slot whose master is down is
+    /// refused alone, and never takes the link down: the crate finds the new master.
+    async fn publish_sharded(&mut self, batch: &mut Vec<Request>, conn: ClusterConnection) {
+        let mut slots: HashMap<Slot, usize> = HashMap::new();
+        let mut groups: Vec<Vec<Request>> = Vec::new();
+        for request in batch.drain(..) {
+            let Request::Publish { channel, .. } = &request else {
+                unreachable!("only publishes reach the publisher");
+            };
+            let slot = Slot::for_key(meta_key(channel));
+            let group = *slots.entry(slot).or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+            groups[group].push(request);
+        }
+        let pipes: Vec<Pipeline> = groups.iter().map(|group| self.pipeline(group)).collect();
+        let results = join_all(pipes.iter().map(|pipe| {
+            let mut conn = conn.clone();
+            async move { timeout(REPLY_TIMEOUT, pipe.query_async(&mut conn)).await }
+        }))
+        .await;
+        let mut reload = false;
+        for (mut group, result) in groups.into_iter().zip(results) {
+            reload |= matches!(&result, Ok(Err(e)) if e.code() == Some("NOSCRIPT"));
+            self.answer(&mut group, result, None);
+        }
+        if reload {
+            // A replica promoted since the scripts were loaded: load them on every master
+            // (the crate sends SCRIPT LOAD to each); the refused publishes are retried.
+            let mut conn = conn;
+            let mut load = ::redis::cmd("SCRIPT");
+            load.arg("LOAD").arg(&self.text);
+            if let Ok(Err(e)) = timeout(REPLY_TIMEOUT, load.query_async::<Value>(&mut conn)).await {
+                tracing::warn!(error = %e, "could not load the ordering script");
+            }
+        }
+    }
+
+    /// The ordering script for each publish of `batch`, in order.
+    fn pipeline(&self, batch: &[Request]) -> Pipeline {
         let ttl_ms = self.history.ttl.as_millis().max(1) as u64;
         let mut pipe = ::redis::pipe();
-        for request in batch.iter() {
+        for request in batch {
             let Request::Publish { channel, data, .. } = request else {
                 unreachable!("only publishes reach the publisher");
             };
@@ -106,15 +173,24 @@ impl Publisher {
                 .arg(epoch)
                 .arg(seq);
         }
-        let result: RedisResult<Vec<(String, u64, u64)>> =
-            match timeout(REPLY_TIMEOUT, pipe.query_async(&mut conn)).await {
-                Ok(result) => result,
-                Err(_) => {
-                    self.broken.send_replace(generation);
-                    self.refuse(batch, "the cluster's Redis did not answer in time; retry");
-                    return;
-                }
-            };
+        pipe
+    }
+
+    /// Acknowledges what Redis stored, or refuses the batch; a failure on the single
+    /// Redis's link (`generation`) takes that link down.
+    fn answer(
+        &mut self,
+        batch: &mut Vec<Request>,
+        result: Result<RedisResult<Vec<Stored>>, Elapsed>,
+        generation: Option<u64>,
+    ) {
+        let Ok(result) = result else {
+            if let Some(generation) = generation {
+                self.broken.send_replace(generation);
+            }
+            self.refuse(batch, "the cluster's Redis did not answer in time; retry");
+            return;
+        };
         match result {
             Ok(stored) => {
                 for (request, (epoch, seq, nodes)) in batch.drain(..).zip(stored) {
@@ -143,7 +219,9 @@ impl Publisher {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "redis refused a publish batch");
-                if link_is_broken(&e) {
+                if let Some(generation) = generation
+                    && link_is_broken(&e)
+                {
                     self.broken.send_replace(generation);
                 }
                 self.refuse(batch, "the cluster's Redis could not store it; retry");

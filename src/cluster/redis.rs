@@ -1,6 +1,8 @@
-//! The cluster thread's IO: the Redis link (one command connection, one pub/sub
-//! connection), reconnecting with backoff, and the driver that performs what the node's
-//! state machine ([`Node`]) decides.
+//! The cluster thread's IO: the Redis link, and the driver that performs what the node's
+//! state machine ([`Node`]) decides. The link is one Redis (one command connection, one
+//! pub/sub connection, reconnected with backoff: any failure takes it down) or a Redis
+//! Cluster (`sharded.rs`: a failure is the failing channel's alone, retried after
+//! [`CHANNEL_RETRY`], while the crate follows the slot map).
 //!
 //! Two tasks share the thread. The publisher (`publish.rs`) pipelines every queued
 //! publish into one round trip of the ordering script. The driver owns everything else:
@@ -20,10 +22,11 @@ use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 
 use super::node::{Action, Command, Node, Reply};
-use super::publish::{Publisher, SEEN_PER_GENERATION, Seen};
+use super::publish::{Conn, Publisher, SEEN_PER_GENERATION, Seen};
 use super::script::{
-    META_SCRIPT, PUBLISH_SCRIPT, channel_of, meta_key, pubsub_key, stream_entries, stream_key,
+    META_SCRIPT, channel_of, meta_key, publish_script, pubsub_key, stream_entries, stream_key,
 };
+use super::sharded::Sharded;
 use super::{Idle, Link, Queue};
 use crate::compression::{CompressionPolicies, CompressionPolicy};
 use crate::hub::{self, Broadcast, ChannelName};
@@ -37,6 +40,9 @@ pub(super) const REPLY_TIMEOUT: Duration = Duration::from_secs(2);
 const PROBE_EVERY: Duration = Duration::from_secs(2);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+/// On a Redis Cluster, how long a channel whose command failed waits before it is
+/// subscribed and caught up again (a failover takes a few of these).
+const CHANNEL_RETRY: Duration = Duration::from_millis(250);
 
 /// Sends envelopes to shards from outside them.
 pub(super) struct Shards {
@@ -51,12 +57,42 @@ impl Shards {
 
 /// The command connection of one link, numbered so that a report about a link that has
 /// already been replaced is recognised as stale.
-pub(super) type Publishing = Option<(u64, MultiplexedConnection)>;
+pub(super) type Publishing = Option<(u64, Conn)>;
+
+/// The Redis behind `--redis`.
+pub(super) enum Backend {
+    Single {
+        client: ::redis::Client,
+        live: Option<Live>,
+    },
+    Sharded(Sharded),
+}
+
+impl Backend {
+    fn is_up(&self) -> bool {
+        match self {
+            Self::Single { live, .. } => live.is_some(),
+            Self::Sharded(sharded) => sharded.conn().is_some(),
+        }
+    }
+
+    fn sharded(&self) -> bool {
+        matches!(self, Self::Sharded(_))
+    }
+}
+
+/// What arrived from Redis besides replies.
+enum Incoming {
+    Message(Msg),
+    Push(::redis::PushInfo),
+    /// The pub/sub connection is gone.
+    Closed,
+}
 
 /// Runs the cluster thread until the process ends.
 pub(super) async fn run(idle: Idle, post: Arc<Post>) {
     let Idle {
-        client,
+        backend,
         requests,
         publishes,
         history,
@@ -72,11 +108,14 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         history,
         link: link.clone(),
         seen: Seen::new(SEEN_PER_GENERATION),
-        script: ::redis::Script::new(PUBLISH_SCRIPT).get_hash().to_string(),
+        script: ::redis::Script::new(&publish_script(backend.sharded()))
+            .get_hash()
+            .to_string(),
+        text: publish_script(backend.sharded()),
     };
     tokio::spawn(publisher.run(publishes));
     let mut driver = Driver {
-        client,
+        backend,
         node: Node::new(post.shards(), history.size, link.clone()),
         shards: Shards { post },
         compression,
@@ -84,17 +123,17 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         link,
         conn_tx,
         generation: 0,
-        live: None,
         backoff: FIRST_BACKOFF,
         retry_at: Instant::now(),
         connected_before: false,
+        retry: Vec::new(),
         meta_script: ::redis::Script::new(META_SCRIPT).get_hash().to_string(),
     };
     driver.run(requests, broken_rx).await;
 }
 
-/// The link's two connections while up.
-struct Live {
+/// The single Redis's two connections while up.
+pub(super) struct Live {
     conn: MultiplexedConnection,
     sink: PubSubSink,
     stream: PubSubStream,
@@ -104,7 +143,7 @@ struct Live {
 struct Lost;
 
 struct Driver {
-    client: ::redis::Client,
+    backend: Backend,
     node: Node,
     shards: Shards,
     /// Shared-policy channels are compressed once per node, as a home shard does alone.
@@ -114,10 +153,12 @@ struct Driver {
     conn_tx: watch::Sender<Publishing>,
     /// Counts links established, naming the current one.
     generation: u64,
-    live: Option<Live>,
     backoff: Duration,
     retry_at: Instant,
     connected_before: bool,
+    /// On a Redis Cluster, the channels whose last command failed, made live again at
+    /// `retry_at`.
+    retry: Vec<ChannelName>,
     meta_script: String,
 }
 
@@ -125,25 +166,26 @@ impl Driver {
     async fn run(&mut self, requests: Arc<Queue>, mut broken: watch::Receiver<u64>) {
         let mut probe = tokio::time::interval(PROBE_EVERY);
         loop {
-            let up = self.live.is_some();
+            let up = self.backend.is_up();
+            let retrying = !self.retry.is_empty();
             let step = tokio::select! {
                 request = requests.recv() => {
                     self.node.handle_request(request);
                     Ok(())
                 }
-                message = next_message(&mut self.live) => match message {
-                    Some(message) => {
-                        self.announcement(&message);
-                        Ok(())
-                    }
-                    None => Err(Lost),
-                },
+                incoming = next_incoming(&mut self.backend) => self.incoming(incoming),
                 () = sleep_until(self.retry_at), if !up => self.connect().await,
+                () = sleep_until(self.retry_at), if up && retrying => {
+                    for channel in std::mem::take(&mut self.retry) {
+                        self.node.handle_channel_lost(&channel);
+                    }
+                    Ok(())
+                }
                 Ok(()) = broken.changed() => {
                     let generation = *broken.borrow_and_update();
                     if up && generation == self.generation { Err(Lost) } else { Ok(()) }
                 }
-                _ = probe.tick(), if up => self.probe().await,
+                _ = probe.tick(), if up && !self.backend.sharded() => self.probe().await,
             };
             let step = match step {
                 Ok(()) => self.drive().await,
@@ -155,10 +197,22 @@ impl Driver {
         }
     }
 
-    fn announcement(&mut self, message: &Msg) {
-        if let Some(channel) = channel_of(message.get_channel_name()) {
-            let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-            self.node.handle_announcement(channel, payload);
+    fn incoming(&mut self, incoming: Incoming) -> Result<(), Lost> {
+        match incoming {
+            Incoming::Message(message) => {
+                if let Some(channel) = channel_of(message.get_channel_name()) {
+                    let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                    self.node.handle_announcement(channel, payload);
+                }
+                Ok(())
+            }
+            Incoming::Push(push) => {
+                if let Backend::Sharded(sharded) = &self.backend {
+                    sharded.handle_push(push, &mut self.node);
+                }
+                Ok(())
+            }
+            Incoming::Closed => Err(Lost),
         }
     }
 
@@ -176,8 +230,14 @@ impl Driver {
                 Action::Command(command) => match self.execute(command).await {
                     Ok(reply) => self.node.handle_reply(reply),
                     Err(Lost) => {
-                        self.node.handle_failure();
-                        return Err(Lost);
+                        let failed = self.node.handle_failure();
+                        if !self.backend.sharded() {
+                            return Err(Lost);
+                        }
+                        if self.retry.is_empty() {
+                            self.retry_at = Instant::now() + CHANNEL_RETRY;
+                        }
+                        self.retry.extend(failed);
                     }
                 },
             }
@@ -186,31 +246,76 @@ impl Driver {
     }
 
     async fn execute(&mut self, command: Command) -> Result<Reply, Lost> {
-        let (mut conn, mut sink) = self.connections()?;
+        match &self.backend {
+            Backend::Single { live, .. } => {
+                let live = live.as_ref().ok_or(Lost)?;
+                let (mut conn, mut sink) = (live.conn.clone(), live.sink.clone());
+                match command {
+                    Command::Subscribe(names) => {
+                        let keys: Vec<String> = names.iter().map(|c| pubsub_key(c)).collect();
+                        bounded(sink.subscribe(keys)).await?;
+                        Ok(Reply::Done)
+                    }
+                    Command::Unsubscribe(name) => {
+                        bounded(sink.unsubscribe(pubsub_key(&name))).await?;
+                        Ok(Reply::Done)
+                    }
+                    command => self.read(&mut conn, command).await,
+                }
+            }
+            Backend::Sharded(sharded) => {
+                let mut conn = sharded.conn().ok_or(Lost)?;
+                match command {
+                    Command::Subscribe(names) => {
+                        // One SSUBSCRIBE per channel: the channels' slots differ.
+                        for name in names {
+                            bounded(conn.ssubscribe(pubsub_key(&name))).await?;
+                        }
+                        Ok(Reply::Done)
+                    }
+                    Command::Unsubscribe(name) => {
+                        bounded(conn.sunsubscribe(pubsub_key(&name))).await?;
+                        Ok(Reply::Done)
+                    }
+                    command => self.read(&mut conn, command).await,
+                }
+            }
+        }
+    }
+
+    /// A read of a channel's state or history, on either link.
+    async fn read(
+        &self,
+        conn: &mut impl ::redis::aio::ConnectionLike,
+        command: Command,
+    ) -> Result<Reply, Lost> {
         match command {
-            Command::Subscribe(names) => {
-                let keys: Vec<String> = names.iter().map(|c| pubsub_key(c)).collect();
-                bounded(sink.subscribe(keys)).await?;
-                Ok(Reply::Done)
-            }
-            Command::Unsubscribe(name) => {
-                bounded(sink.unsubscribe(pubsub_key(&name))).await?;
-                Ok(Reply::Done)
-            }
             Command::ReadMeta {
                 channel,
                 known_epoch,
                 known_seq,
             } => {
-                let mut cmd = ::redis::cmd("EVALSHA");
-                cmd.arg(&self.meta_script)
-                    .arg(2)
-                    .arg(meta_key(&channel))
-                    .arg(stream_key(&channel))
-                    .arg(hub::new_epoch(SystemTime::now()))
-                    .arg(&*known_epoch)
-                    .arg(known_seq);
-                let (epoch, seq) = bounded(cmd.query_async::<(String, u64)>(&mut conn)).await?;
+                let fresh = hub::new_epoch(SystemTime::now());
+                let (epoch, seq): (String, u64) = if self.backend.sharded() {
+                    // With EVAL's fallback: a promoted replica may lack the script.
+                    let script = ::redis::Script::new(META_SCRIPT);
+                    let mut call = script.key(meta_key(&channel));
+                    call.key(stream_key(&channel))
+                        .arg(fresh)
+                        .arg(&*known_epoch)
+                        .arg(known_seq);
+                    bounded(call.invoke_async(conn)).await?
+                } else {
+                    let mut cmd = ::redis::cmd("EVALSHA");
+                    cmd.arg(&self.meta_script)
+                        .arg(2)
+                        .arg(meta_key(&channel))
+                        .arg(stream_key(&channel))
+                        .arg(fresh)
+                        .arg(&*known_epoch)
+                        .arg(known_seq);
+                    bounded(cmd.query_async(conn)).await?
+                };
                 Ok(Reply::Meta {
                     epoch: epoch.into(),
                     seq,
@@ -229,7 +334,7 @@ impl Driver {
                     .arg(format!("{from}-0"))
                     .arg("COUNT")
                     .arg(count);
-                let value = bounded(cmd.query_async::<Value>(&mut conn)).await?;
+                let value = bounded(cmd.query_async::<Value>(conn)).await?;
                 let mut entries = stream_entries(value);
                 entries.reverse();
                 Ok(Reply::Entries(entries))
@@ -242,8 +347,11 @@ impl Driver {
                     .arg("+")
                     .arg("COUNT")
                     .arg(1);
-                let value = bounded(cmd.query_async::<Value>(&mut conn)).await?;
+                let value = bounded(cmd.query_async::<Value>(conn)).await?;
                 Ok(Reply::Entries(stream_entries(value)))
+            }
+            Command::Subscribe(_) | Command::Unsubscribe(_) => {
+                unreachable!("subscriptions are the link's, not reads")
             }
         }
     }
@@ -266,20 +374,26 @@ impl Driver {
         }
     }
 
-    /// Connects both connections, loads the scripts, and makes every channel still held
-    /// live again (resubscribing, then catching up from the streams).
+    /// Connects, loads the scripts, and makes every channel still held live again
+    /// (resubscribing, then catching up from the streams).
     async fn connect(&mut self) -> Result<(), Lost> {
-        match self.open().await {
-            Ok(live) => {
-                self.live = Some(live);
-            }
+        let opened = match &mut self.backend {
+            Backend::Single { client, live } => open(client).await.map(|opened| {
+                let conn = opened.conn.clone();
+                *live = Some(opened);
+                Conn::Single(conn)
+            }),
+            Backend::Sharded(sharded) => sharded.open().await.map(Conn::Sharded),
+        };
+        let conn = match opened {
+            Ok(conn) => conn,
             Err(e) => {
                 tracing::warn!(error = %e, retry_in = ?self.backoff, "cannot reach redis");
                 self.retry_at = Instant::now() + self.backoff;
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 return Ok(());
             }
-        }
+        };
         self.node.handle_link_up();
         self.drive().await?;
         self.backoff = FIRST_BACKOFF;
@@ -291,11 +405,7 @@ impl Driver {
         }
         self.connected_before = true;
         self.generation += 1;
-        let conn = self
-            .live
-            .as_ref()
-            .map(|l| (self.generation, l.conn.clone()));
-        self.conn_tx.send_replace(conn);
+        self.conn_tx.send_replace(Some((self.generation, conn)));
         tracing::info!(
             channels = self.node.channels().count(),
             "redis link up; every held channel resubscribed"
@@ -303,31 +413,16 @@ impl Driver {
         Ok(())
     }
 
-    async fn open(&self) -> RedisResult<Live> {
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(REPLY_TIMEOUT))
-            .set_response_timeout(Some(REPLY_TIMEOUT));
-        let mut conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await?;
-        for script in [PUBLISH_SCRIPT, META_SCRIPT] {
-            let _: String = ::redis::cmd("SCRIPT")
-                .arg("LOAD")
-                .arg(script)
-                .query_async(&mut conn)
-                .await?;
-        }
-        let pubsub = timeout(REPLY_TIMEOUT, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
-        let (sink, stream) = pubsub.split();
-        Ok(Live { conn, sink, stream })
-    }
-
     fn lose_link(&mut self) {
-        if self.live.take().is_some() {
-            tracing::warn!("redis link lost; local subscribers stay connected, reconnecting");
+        match &mut self.backend {
+            Backend::Single { live, .. } => {
+                if live.take().is_some() {
+                    tracing::warn!(
+                        "redis link lost; local subscribers stay connected, reconnecting"
+                    );
+                }
+            }
+            Backend::Sharded(sharded) => sharded.close(),
         }
         self.link
             .up
@@ -335,21 +430,44 @@ impl Driver {
         self.conn_tx.send_replace(None);
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
+        self.retry.clear();
         self.node.handle_link_lost();
     }
 
-    /// Clones of the live link's connections (they share the sockets).
-    fn connections(&self) -> Result<(MultiplexedConnection, PubSubSink), Lost> {
-        let live = self.live.as_ref().ok_or(Lost)?;
-        Ok((live.conn.clone(), live.sink.clone()))
-    }
-
     async fn probe(&mut self) -> Result<(), Lost> {
-        let (mut conn, mut sink) = self.connections()?;
+        let Backend::Single {
+            live: Some(live), ..
+        } = &self.backend
+        else {
+            return Ok(());
+        };
+        let (mut conn, mut sink) = (live.conn.clone(), live.sink.clone());
         bounded(sink.ping::<Value>()).await?;
         bounded(::redis::cmd("PING").query_async::<String>(&mut conn)).await?;
         Ok(())
     }
+}
+
+/// Connects a single Redis's two connections and loads the scripts.
+async fn open(client: &::redis::Client) -> RedisResult<Live> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(REPLY_TIMEOUT))
+        .set_response_timeout(Some(REPLY_TIMEOUT));
+    let mut conn = client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    for script in [publish_script(false), META_SCRIPT.to_string()] {
+        let _: String = ::redis::cmd("SCRIPT")
+            .arg("LOAD")
+            .arg(script)
+            .query_async(&mut conn)
+            .await?;
+    }
+    let pubsub = timeout(REPLY_TIMEOUT, client.get_async_pubsub())
+        .await
+        .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+    let (sink, stream) = pubsub.split();
+    Ok(Live { conn, sink, stream })
 }
 
 /// Runs one Redis operation, bounded by [`REPLY_TIMEOUT`]; any failure loses the link.
@@ -367,11 +485,16 @@ async fn bounded<T>(op: impl Future<Output = RedisResult<T>>) -> Result<T, Lost>
     }
 }
 
-/// The next announcement, or `None` once the pub/sub connection is gone; never ready
-/// while the link is down.
-async fn next_message(live: &mut Option<Live>) -> Option<Msg> {
-    match live {
-        Some(live) => live.stream.next().await,
-        None => std::future::pending().await,
+/// The next announcement or push; never ready while the link is down.
+async fn next_incoming(backend: &mut Backend) -> Incoming {
+    match backend {
+        Backend::Single {
+            live: Some(live), ..
+        } => match live.stream.next().await {
+            Some(message) => Incoming::Message(message),
+            None => Incoming::Closed,
+        },
+        Backend::Single { live: None, .. } => std::future::pending().await,
+        Backend::Sharded(sharded) => Incoming::Push(sharded.next_push().await),
     }
 }

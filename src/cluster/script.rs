@@ -9,8 +9,9 @@ use bytes::Bytes;
 /// history ttl (ms), a fresh epoch, the epoch this node last saw, the highest seq it saw
 /// under that epoch. A missing meta (never published, evicted, lost in a restart) or a
 /// seq below what this node already handed out (a rollback) starts a new epoch, so no
-/// sequence number is ever reused for a different message.
-pub(super) const PUBLISH_SCRIPT: &str = r"
+/// sequence number is ever reused for a different message. `PUBLISH` becomes `SPUBLISH`
+/// on a Redis Cluster ([`publish_script`]).
+const PUBLISH_SCRIPT: &str = r"
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
 local epoch, seq = meta[1], tonumber(meta[2]) or 0
 if not epoch or (epoch == ARGV[5] and seq < tonumber(ARGV[6])) then
@@ -27,6 +28,16 @@ end
 local nodes = redis.call('PUBLISH', KEYS[3], seq .. ' ' .. epoch .. ' ' .. ARGV[1])
 return {epoch, seq, nodes}
 ";
+
+/// The ordering script: announced with `SPUBLISH` when `sharded` (a Redis Cluster: the
+/// announcement stays on the shard that owns the channel's slot), `PUBLISH` otherwise.
+pub(super) fn publish_script(sharded: bool) -> String {
+    if sharded {
+        PUBLISH_SCRIPT.replace("redis.call('PUBLISH'", "redis.call('SPUBLISH'")
+    } else {
+        PUBLISH_SCRIPT.to_string()
+    }
+}
 
 /// Reads a channel's epoch and seq with the same rollback rule. KEYS: meta, stream.
 /// ARGV: a fresh epoch, the epoch this node knows, the highest seq it saw under it.

@@ -1,6 +1,7 @@
 //! The node's decisions driven by hand: each test plays Redis, feeding the replies a
 //! real one would give, and reads what the node hands the shards.
 
+use super::deliver::parse_announcement;
 use super::*;
 use crate::shard::ConnRef;
 
@@ -367,6 +368,43 @@ fn a_lost_link_keeps_every_subscription_and_catches_up_when_back() {
             "subscribed shard 0 seq 7 epoch e1 replay []",
         ]
     );
+}
+
+#[test]
+fn a_failed_command_names_its_channel_which_is_subscribed_again_when_lost() {
+    let mut node = live_at_5();
+    announce(&mut node, "news", 8, "e1");
+    assert_eq!(drain(&mut node), [read("news", 6, 7)]);
+    let lost = node.handle_failure();
+    assert_eq!(lost, [ChannelName::from("news")]);
+    assert!(drain(&mut node).is_empty());
+    node.handle_channel_lost("news");
+    assert_eq!(drain(&mut node), [r#"Subscribe(["news"])"#]);
+    node.handle_reply(Reply::Done);
+    assert_eq!(drain(&mut node), [meta("news", "e1", 5)]);
+    node.handle_reply(Reply::Meta {
+        epoch: "e1".into(),
+        seq: 8,
+    });
+    assert_eq!(drain(&mut node), [read("news", 6, 8)]);
+    node.handle_reply(entries(&[6, 7, 8]));
+    assert_eq!(drain(&mut node).len(), 3);
+}
+
+#[test]
+fn a_resubscription_by_redis_catches_up_what_was_announced_meanwhile() {
+    let mut node = live_at_5();
+    node.handle_resubscribed("news");
+    assert_eq!(drain(&mut node), [meta("news", "e1", 5)]);
+    node.handle_reply(Reply::Meta {
+        epoch: "e1".into(),
+        seq: 6,
+    });
+    assert_eq!(drain(&mut node), [read("news", 6, 6)]);
+    node.handle_reply(entries(&[6]));
+    assert_eq!(drain(&mut node), ["broadcast message 6 to [1]"]);
+    node.handle_resubscribed("unknown");
+    assert!(drain(&mut node).is_empty());
 }
 
 #[test]

@@ -28,3 +28,21 @@ fn stream_entries_are_read_in_order() {
         ]
     );
 }
+
+#[test]
+fn the_cluster_script_announces_on_the_channels_shard() {
+    let sharded = publish_script(true);
+    assert!(sharded.contains("redis.call('SPUBLISH', KEYS[3]"));
+    assert!(!sharded.contains("redis.call('PUBLISH'"));
+    assert!(publish_script(false).contains("redis.call('PUBLISH', KEYS[3]"));
+}
+
+#[test]
+fn a_channels_keys_hash_to_one_slot() {
+    use ::redis::cluster_routing::Slot;
+    for channel in ["news", "chat.room-1", "a}b", "x{y}z", "{}"] {
+        let slot = Slot::for_key(meta_key(channel));
+        assert_eq!(Slot::for_key(stream_key(channel)), slot, "{channel}");
+        assert_eq!(Slot::for_key(pubsub_key(channel)), slot, "{channel}");
+    }
+}

@@ -1,0 +1,172 @@
+//! The link to a Redis Cluster (`--redis redis+cluster://HOST:PORT,...`): one cluster
+//! connection (the `redis` crate's: it reads the slot map, sends each command to the
+//! master that owns its key's slot, follows `MOVED`/`ASK`, refreshes the map and
+//! reconnects), announcements by sharded pub/sub (`SPUBLISH` in the ordering script,
+//! `SSUBSCRIBE` routed to the owner of the channel's slot), and what Redis pushes back,
+//! fed to the node:
+//! - `smessage`: an announcement;
+//! - `ssubscribe`: a subscription confirmed, ours or the crate's own after a reconnect
+//!   or a new slot map: the channel catches up from its stream;
+//! - `sunsubscribe`: the server dropped the subscription (the slot moved away, or we
+//!   left): the channel, if still held, is subscribed again and caught up;
+//! - a disconnection (the crate's own push): every held channel is subscribed again and
+//!   caught up (see [`Sharded::handle_push`]).
+//!
+//! A channel's keys share the hash tag `{CHANNEL}`, so the script's three keys sit in
+//! one slot and a channel's publishes, history and announcements live on one shard.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ::redis::cluster::ClusterClient;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{ProtocolVersion, PushInfo, PushKind, RedisResult, Value};
+use tokio::sync::mpsc;
+
+use super::node::Node;
+use super::redis::REPLY_TIMEOUT;
+use super::script::{META_SCRIPT, channel_of, publish_script};
+
+/// Most pushes (announcements, subscription changes) waiting for the cluster thread.
+/// Past it pushes are dropped and every held channel is subscribed again and caught up
+/// from its stream, so a burst costs reads, never memory or a silent loss.
+const MAX_QUEUED_PUSHES: usize = 64 * 1024;
+
+/// The URL's seed nodes, when it names a Redis Cluster.
+pub(super) fn seeds(url: &str) -> Option<Vec<String>> {
+    let list = url.strip_prefix("redis+cluster://")?;
+    Some(
+        list.split(',')
+            .map(str::trim)
+            .filter(|seed| !seed.is_empty())
+            .map(|seed| format!("redis://{seed}"))
+            .collect(),
+    )
+}
+
+/// The cluster side of the link.
+pub(super) struct Sharded {
+    client: ClusterClient,
+    conn: Option<ClusterConnection>,
+    pushes: mpsc::Receiver<PushInfo>,
+    /// Set when a push did not fit the queue.
+    overflow: Arc<AtomicBool>,
+}
+
+impl Sharded {
+    /// Checks the seeds; nothing connects until [`Sharded::open`].
+    pub(super) fn new(seeds: Vec<String>) -> Result<Self, String> {
+        if seeds.is_empty() {
+            return Err("redis+cluster:// needs at least one HOST:PORT".into());
+        }
+        let (tx, pushes) = mpsc::channel(MAX_QUEUED_PUSHES);
+        let overflow = Arc::new(AtomicBool::new(false));
+        let full = overflow.clone();
+        let client = ClusterClient::builder(seeds.clone())
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(move |info: PushInfo| {
+                if tx.try_send(info).is_err() {
+                    full.store(true, Ordering::Release);
+                }
+                Ok::<(), ()>(())
+            })
+            .connection_timeout(REPLY_TIMEOUT)
+            .response_timeout(REPLY_TIMEOUT)
+            // Our own retries (the node's, the clients') come after a refusal; the
+            // crate's would only hold the reply past REPLY_TIMEOUT.
+            .retries(2)
+            .build()
+            .map_err(|e| format!("redis cluster {seeds:?}: {e}"))?;
+        Ok(Self {
+            client,
+            conn: None,
+            pushes,
+            overflow,
+        })
+    }
+
+    pub(super) fn conn(&self) -> Option<ClusterConnection> {
+        self.conn.clone()
+    }
+
+    /// Connects (reading the slot map from a seed) and loads the scripts on every master.
+    pub(super) async fn open(&mut self) -> RedisResult<ClusterConnection> {
+        let mut conn = self.client.get_async_connection().await?;
+        for script in [publish_script(true), META_SCRIPT.to_string()] {
+            // The crate sends SCRIPT LOAD to every master.
+            let _: Value = ::redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(script)
+                .query_async(&mut conn)
+                .await?;
+        }
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    pub(super) fn close(&mut self) {
+        self.conn = None;
+    }
+
+    /// The next push, never ready while not connected.
+    pub(super) async fn next_push(&mut self) -> PushInfo {
+        if self.conn.is_none() {
+            return std::future::pending().await;
+        }
+        match self.pushes.recv().await {
+            Some(push) => push,
+            // The sender lives in the client we hold.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Hands one push to the node; after an overflow, every held channel starts over.
+    pub(super) fn handle_push(&self, push: PushInfo, node: &mut Node) {
+        if self.overflow.swap(false, Ordering::AcqRel) {
+            tracing::warn!("redis pushes overflowed; every channel caught up again");
+            start_over(node);
+        }
+        if push.kind == PushKind::Disconnection {
+            // A node's connection closed, and the push does not say which. The crate
+            // reconnects to that address only, and would wait forever for a master
+            // that died: subscribing every channel again sends the dead master's
+            // channels to the crate's slot map, which it refreshes once they fail, and
+            // catches every channel up from its stream.
+            start_over(node);
+            return;
+        }
+        let mut data = push.data.into_iter();
+        let Some(Some(key)) = data.next().map(|v| text(&v)) else {
+            return;
+        };
+        let Some(channel) = channel_of(&key) else {
+            return;
+        };
+        match push.kind {
+            PushKind::SMessage => {
+                if let Some(Value::BulkString(payload)) = data.next() {
+                    node.handle_announcement(channel, payload.into());
+                }
+            }
+            PushKind::SSubscribe => node.handle_resubscribed(channel),
+            PushKind::SUnsubscribe => node.handle_channel_lost(channel),
+            _ => {}
+        }
+    }
+}
+
+/// Every held channel subscribed again and caught up from its stream.
+fn start_over(node: &mut Node) {
+    let held: Vec<_> = node.channels().cloned().collect();
+    for channel in held {
+        node.handle_channel_lost(&channel);
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+}
