@@ -10,7 +10,7 @@ mod support;
 mod support_http;
 mod support_redis_cluster;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -344,59 +344,139 @@ async fn a_killed_master_refuses_its_slots_until_its_replica_serves_them() {
 
     // Every acknowledged message reaches every subscriber once, in order, unless Redis
     // lost it in the failover: then the subscriber was told with a new epoch.
+    let lost_before = Some(killed_at + resumed);
     for (n, (ws, epochs)) in subscribers.iter_mut().enumerate() {
-        let mut seen: Seen = HashMap::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let all_seen = |seen: &Seen| {
-            channels.iter().zip(&results).all(|(channel, result)| {
-                let got = seen.get(channel).map_or(0, Vec::len);
-                got >= result.acked.len()
-            })
-        };
-        while !all_seen(&seen) && Instant::now() < deadline {
-            let more = read_all(ws, epochs, usize::MAX, Duration::from_millis(500)).await;
-            for (channel, mut list) in more {
-                seen.entry(channel).or_default().append(&mut list);
-            }
-        }
-        for (channel, result) in channels.iter().zip(&results) {
-            let got = seen.remove(channel).unwrap_or_default();
-            let mut last: Option<(&str, u64)> = None;
-            for (epoch, seq, _) in &got {
-                if let Some((last_epoch, last_seq)) = last
-                    && last_epoch == epoch
-                {
-                    assert!(*seq > last_seq, "subscriber {n}, {channel}: in order, once");
-                }
-                last = Some((epoch, *seq));
-            }
-            let epochs_seen: std::collections::BTreeSet<&str> =
-                got.iter().map(|(e, _, _)| e.as_str()).collect();
-            let data: std::collections::HashSet<&str> =
-                got.iter().map(|(_, _, d)| d.as_str()).collect();
-            assert_eq!(
-                data.len(),
-                got.len(),
-                "subscriber {n}, {channel}: no duplicates"
-            );
-            let missing: Vec<&(u64, String, Instant)> = result
-                .acked
-                .iter()
-                .filter(|(_, d, _)| !data.contains(d.as_str()))
-                .collect();
-            if !missing.is_empty() {
-                assert!(
-                    epochs_seen.len() > 1
-                        && missing.iter().all(|(_, _, at)| *at < killed_at + resumed),
-                    "subscriber {n}, {channel}: acknowledged messages lost without a new epoch: {missing:?}"
-                );
-                eprintln!(
-                    "subscriber {n}, {channel}: {} acknowledged messages rolled back by the failover, announced as a new epoch",
-                    missing.len()
-                );
-            }
+        assert_delivered(n, ws, epochs, &channels, &results, lost_before).await;
+    }
+    for mut node in nodes {
+        node.assert_healthy();
+    }
+}
+
+/// Reads until every acknowledged message of every channel arrived (30 s at most), then
+/// checks: in seq order within each epoch, no duplicates, and every acknowledged message
+/// there, except, when `lost_before` is given, ones acknowledged before it that a new
+/// epoch announced lost (a failover's rollback).
+async fn assert_delivered(
+    n: usize,
+    ws: &mut Ws,
+    epochs: &mut HashMap<String, String>,
+    channels: &[String],
+    results: &[Steady],
+    lost_before: Option<Instant>,
+) {
+    let mut seen: Seen = HashMap::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let all_seen = |seen: &Seen| {
+        channels
+            .iter()
+            .zip(results)
+            .all(|(channel, result)| seen.get(channel).map_or(0, Vec::len) >= result.acked.len())
+    };
+    while !all_seen(&seen) && Instant::now() < deadline {
+        let more = read_all(ws, epochs, usize::MAX, Duration::from_millis(500)).await;
+        for (channel, mut list) in more {
+            seen.entry(channel).or_default().append(&mut list);
         }
     }
+    for (channel, result) in channels.iter().zip(results) {
+        let got = seen.remove(channel).unwrap_or_default();
+        let mut last: Option<(&str, u64)> = None;
+        for (epoch, seq, _) in &got {
+            if let Some((last_epoch, last_seq)) = last
+                && last_epoch == epoch
+            {
+                assert!(*seq > last_seq, "subscriber {n}, {channel}: in order, once");
+            }
+            last = Some((epoch, *seq));
+        }
+        let epochs_seen: BTreeSet<&str> = got.iter().map(|(e, _, _)| e.as_str()).collect();
+        let data: HashSet<&str> = got.iter().map(|(_, _, d)| d.as_str()).collect();
+        assert_eq!(
+            data.len(),
+            got.len(),
+            "subscriber {n}, {channel}: no duplicates"
+        );
+        let missing: Vec<&(u64, String, Instant)> = result
+            .acked
+            .iter()
+            .filter(|(_, d, _)| !data.contains(d.as_str()))
+            .collect();
+        if missing.is_empty() {
+            continue;
+        }
+        let announced = lost_before.is_some_and(|before| {
+            epochs_seen.len() > 1 && missing.iter().all(|(_, _, at)| *at < before)
+        });
+        assert!(
+            announced,
+            "subscriber {n}, {channel}: acknowledged messages lost without a new epoch: {missing:?}"
+        );
+        eprintln!(
+            "subscriber {n}, {channel}: {} acknowledged messages rolled back by the failover, announced as a new epoch",
+            missing.len()
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_slot_migrated_while_subscribers_listen_loses_nothing() {
+    let cluster = RedisCluster::start("cluster-migration");
+    let nodes: Vec<Server> = (0..3).map(|_| herald(&cluster)).collect();
+    let channels = channels_on_every_master(&cluster, 1);
+    let from = cluster.owner(&channels[0]);
+    let to = cluster.owner(&channels[1]);
+    let mut subscribers = Vec::new();
+    for node in &nodes[1..] {
+        let mut ws = connect_ws(node.addr()).await;
+        let epochs = subscribe_all(&mut ws, &channels).await;
+        subscribers.push((ws, epochs));
+    }
+    let progress = Arc::new(AtomicU64::new(0));
+    let publishers: Vec<_> = channels
+        .iter()
+        .map(|channel| {
+            let progress = progress.clone();
+            tokio::spawn(publish_steadily(
+                nodes[0].addr(),
+                channel.clone(),
+                100,
+                progress,
+            ))
+        })
+        .collect();
+    while progress.load(Ordering::Relaxed) < 60 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let slot = cluster.slot(&channels[0]);
+    let moved = Instant::now();
+    // Blocks this worker only: the publishers run on the others.
+    cluster.migrate(slot, from, to);
+    eprintln!(
+        "migration: slot {slot} moved from {from} to {to} in {:?}",
+        moved.elapsed()
+    );
+    let mut results = Vec::new();
+    for publisher in publishers {
+        results.push(publisher.await.expect("publisher"));
+    }
+    assert_eq!(cluster.owner(&channels[0]), to);
+    let refused: Vec<usize> = results.iter().map(|r| r.refused.len()).collect();
+    eprintln!("migration: refusals per channel {refused:?} (the first is the moved one)");
+    for (n, (ws, epochs)) in subscribers.iter_mut().enumerate() {
+        assert_delivered(n, ws, epochs, &channels, &results, None).await;
+    }
+    // The nodes listen on the new owner now.
+    let key = format!("herald:{{{}}}", channels[0]);
+    let new_owner = cluster.nodes.iter().find(|n| n.port == to).expect("owner");
+    wait_for(
+        Duration::from_secs(10),
+        "subscriptions on the new owner",
+        || {
+            let reply = new_owner.cli(&["PUBSUB", "SHARDNUMSUB", &key]);
+            reply.lines().nth(1).map(str::trim) == Some("2")
+        },
+    );
     for mut node in nodes {
         node.assert_healthy();
     }

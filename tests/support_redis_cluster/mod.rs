@@ -195,16 +195,17 @@ impl RedisCluster {
             .expect("a running node")
     }
 
+    /// The hash slot of `channel`'s keys.
+    pub(crate) fn slot(&self, channel: &str) -> u16 {
+        let key = format!("herald:{{{channel}}}");
+        let reply = self.running().cli(&["CLUSTER", "KEYSLOT", &key]);
+        reply.trim().parse().expect("slot")
+    }
+
     /// The port of the master serving `channel`'s slot, as the cluster sees it now.
     pub(crate) fn owner(&self, channel: &str) -> u16 {
-        let node = self.running();
-        let key = format!("herald:{{{channel}}}");
-        let slot: u16 = node
-            .cli(&["CLUSTER", "KEYSLOT", &key])
-            .trim()
-            .parse()
-            .expect("slot");
-        for line in node.cli(&["CLUSTER", "NODES"]).lines() {
+        let slot = self.slot(channel);
+        for line in self.running().cli(&["CLUSTER", "NODES"]).lines() {
             let fields: Vec<&str> = line.split_whitespace().collect();
             if fields.len() < 9 || !fields[2].contains("master") || fields[2].contains("fail") {
                 continue;
@@ -220,6 +221,50 @@ impl RedisCluster {
             }
         }
         panic!("no master serves slot {slot}");
+    }
+
+    /// The ports of the masters.
+    pub(crate) fn masters(&self) -> Vec<u16> {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some() && n.cli(&["ROLE"]).starts_with("master"))
+            .map(|n| n.port)
+            .collect()
+    }
+
+    /// Moves `slot` from the master on `from` to the one on `to` as `redis-cli
+    /// --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE of its keys, then the
+    /// new owner announced to every master.
+    pub(crate) fn migrate(&self, slot: u16, from: u16, to: u16) {
+        let node = |port: u16| self.nodes.iter().find(|n| n.port == port).expect("node");
+        let (src, dst) = (node(from), node(to));
+        let id = |n: &RedisNode| n.cli(&["CLUSTER", "MYID"]).trim().to_string();
+        let (src_id, dst_id) = (id(src), id(dst));
+        let slot = slot.to_string();
+        let ok = |reply: String| assert!(reply.contains("OK"), "{reply}");
+        ok(dst.cli(&["CLUSTER", "SETSLOT", &slot, "IMPORTING", &src_id]));
+        ok(src.cli(&["CLUSTER", "SETSLOT", &slot, "MIGRATING", &dst_id]));
+        loop {
+            let keys = src.cli(&["CLUSTER", "GETKEYSINSLOT", &slot, "100"]);
+            let keys: Vec<&str> = keys.lines().filter(|k| !k.is_empty()).collect();
+            if keys.is_empty() {
+                break;
+            }
+            let port = to.to_string();
+            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            args.extend(keys);
+            ok(src.cli(&args));
+        }
+        // The new owner first, then the old, then the others (as redis-cli does).
+        let mut masters = vec![to, from];
+        masters.extend(
+            self.masters()
+                .into_iter()
+                .filter(|p| *p != to && *p != from),
+        );
+        for port in masters {
+            ok(node(port).cli(&["CLUSTER", "SETSLOT", &slot, "NODE", &dst_id]));
+        }
     }
 
     /// SIGKILL to the server on `port` (the child of its `timeout`).
