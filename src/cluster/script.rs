@@ -53,20 +53,33 @@ return {epoch, seq}
 ";
 
 pub(super) fn meta_key(channel: &str) -> String {
-    format!("herald:{{{channel}}}:meta")
+    format!("herald:{{{}}}:meta", tag(channel))
 }
 
 pub(super) fn stream_key(channel: &str) -> String {
-    format!("herald:{{{channel}}}:stream")
+    format!("herald:{{{}}}:stream", tag(channel))
 }
 
 pub(super) fn pubsub_key(channel: &str) -> String {
-    format!("herald:{{{channel}}}")
+    format!("herald:{{{}}}", tag(channel))
+}
+
+/// The channel as its keys spell it. Redis Cluster hashes the text between the first
+/// `{` and the next `}`, or the whole key when that is empty: a channel starting with `}`
+/// would put its three keys in three slots. A space, which no channel name holds, keeps
+/// the tag non-empty and cannot collide with another channel's keys.
+fn tag(channel: &str) -> std::borrow::Cow<'_, str> {
+    if channel.starts_with('}') {
+        format!(" {channel}").into()
+    } else {
+        channel.into()
+    }
 }
 
 /// The channel a pub/sub key names.
 pub(super) fn channel_of(key: &str) -> Option<&str> {
-    key.strip_prefix("herald:{")?.strip_suffix('}')
+    let tagged = key.strip_prefix("herald:{")?.strip_suffix('}')?;
+    Some(tagged.strip_prefix(' ').unwrap_or(tagged))
 }
 
 /// `XRANGE` entries as `(seq, data)`: ids are `SEQ-0`, the one field is `d`.

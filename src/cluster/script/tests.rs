@@ -40,9 +40,10 @@ fn the_cluster_script_announces_on_the_channels_shard() {
 #[test]
 fn a_channels_keys_hash_to_one_slot() {
     use ::redis::cluster_routing::Slot;
-    for channel in ["news", "chat.room-1", "a}b", "x{y}z", "{}"] {
+    for channel in ["news", "chat.room-1", "a}b", "x{y}z", "{}", "}x", "}"] {
         let slot = Slot::for_key(meta_key(channel));
         assert_eq!(Slot::for_key(stream_key(channel)), slot, "{channel}");
         assert_eq!(Slot::for_key(pubsub_key(channel)), slot, "{channel}");
+        assert_eq!(channel_of(&pubsub_key(channel)), Some(channel));
     }
 }
