@@ -170,3 +170,118 @@ fn text(value: &Value) -> Option<String> {
         _ => None,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::cluster::node::{Action, Command, Reply};
+    use crate::cluster::{Link, Request};
+    use crate::shard::ConnRef;
+
+    fn push(kind: PushKind, data: &[&[u8]]) -> PushInfo {
+        PushInfo {
+            kind,
+            data: data.iter().map(|d| Value::BulkString(d.to_vec())).collect(),
+        }
+    }
+
+    /// What the node asks for next, as text.
+    fn next(node: &mut Node) -> Option<String> {
+        node.poll_action().map(|action| match action {
+            Action::Command(command) => format!("{command:?}"),
+            Action::Broadcast { seq, .. } => format!("broadcast {seq}"),
+            Action::Send { .. } => "send".into(),
+        })
+    }
+
+    /// A node holding `news`, live at seq 1.
+    fn live_node() -> Node {
+        let mut node = Node::new(1, 8, Arc::new(Link::default()));
+        node.handle_link_up();
+        node.handle_request(Request::Subscribe {
+            channel: "news".into(),
+            shard: 0,
+            conn: ConnRef {
+                key: 1,
+                generation: 1,
+            },
+            ticket: 1,
+            since: None,
+            epoch: None,
+            id: None,
+            max_replay_bytes: 0,
+        });
+        assert_eq!(
+            next(&mut node),
+            Some(format!("{:?}", Command::Subscribe(vec!["news".into()])))
+        );
+        node.handle_reply(Reply::Done);
+        assert!(next(&mut node).is_some_and(|c| c.starts_with("ReadMeta")));
+        node.handle_reply(Reply::Meta {
+            epoch: "e".into(),
+            seq: 1,
+        });
+        assert_eq!(next(&mut node).as_deref(), Some("send"));
+        assert_eq!(next(&mut node), None);
+        node
+    }
+
+    #[test]
+    fn pushes_become_announcements_resubscriptions_and_catch_ups() {
+        let sharded = Sharded::new(vec!["redis://127.0.0.1:1".into()]).unwrap();
+        let mut node = live_node();
+        let message = push(PushKind::SMessage, &[b"herald:{news}", b"2 e {\"a\":1}"]);
+        sharded.handle_push(message, &mut node);
+        assert_eq!(next(&mut node).as_deref(), Some("broadcast 2"));
+        sharded.handle_push(push(PushKind::SMessage, &[b"other", b"3 e 1"]), &mut node);
+        assert_eq!(next(&mut node), None, "not a herald key");
+        // The slot moved: subscribe again, then catch up.
+        sharded.handle_push(push(PushKind::SUnsubscribe, &[b"herald:{news}"]), &mut node);
+        let subscribe = format!("{:?}", Command::Subscribe(vec!["news".into()]));
+        assert_eq!(next(&mut node), Some(subscribe.clone()));
+        node.handle_reply(Reply::Done);
+        assert!(next(&mut node).is_some_and(|c| c.starts_with("ReadMeta")));
+        node.handle_reply(Reply::Meta {
+            epoch: "e".into(),
+            seq: 2,
+        });
+        assert_eq!(next(&mut node), None);
+        // A connection lost somewhere: every channel subscribes again.
+        sharded.handle_push(
+            PushInfo {
+                kind: PushKind::Disconnection,
+                data: Vec::new(),
+            },
+            &mut node,
+        );
+        assert_eq!(next(&mut node), Some(subscribe));
+        node.handle_reply(Reply::Done);
+        assert!(next(&mut node).is_some_and(|c| c.starts_with("ReadMeta")));
+        node.handle_reply(Reply::Meta {
+            epoch: "e".into(),
+            seq: 3,
+        });
+        let read = next(&mut node).unwrap();
+        assert!(read.starts_with("ReadStream"), "{read}");
+        node.handle_reply(Reply::Entries(vec![(3, Bytes::from_static(b"[3]"))]));
+        assert_eq!(next(&mut node).as_deref(), Some("broadcast 3"));
+        // The crate resubscribed on its own: catch up.
+        sharded.handle_push(push(PushKind::SSubscribe, &[b"herald:{news}"]), &mut node);
+        assert!(next(&mut node).is_some_and(|c| c.starts_with("ReadMeta")));
+    }
+
+    #[test]
+    fn cluster_urls_name_their_seeds() {
+        assert_eq!(
+            seeds("redis+cluster://10.0.0.1:7000, 10.0.0.2:7001,"),
+            Some(vec![
+                "redis://10.0.0.1:7000".to_string(),
+                "redis://10.0.0.2:7001".to_string()
+            ])
+        );
+        assert_eq!(seeds("redis://10.0.0.1:6379"), None);
+        assert!(Sharded::new(Vec::new()).is_err());
+    }
+}
