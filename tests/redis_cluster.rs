@@ -23,9 +23,11 @@ use support_redis_cluster::{RedisCluster, wait_for};
 const API_KEY: &str = "cluster-key";
 
 /// A `herald` node on the cluster, once its link is up.
-fn herald(cluster: &RedisCluster) -> Server {
+fn herald(cluster: &RedisCluster, extra: &[&str]) -> Server {
     let seeds = cluster.seeds();
-    let server = Server::start(&["--redis", &seeds, "--api-key", API_KEY]);
+    let mut args = vec!["--redis", &seeds, "--api-key", API_KEY];
+    args.extend_from_slice(extra);
+    let server = Server::start(&args);
     wait_for(Duration::from_secs(15), "the node's redis link", || {
         HttpConn::connect(server.addr())
             .get("/healthz", RECV_TIMEOUT)
@@ -120,7 +122,7 @@ type Acked = HashMap<String, Vec<(u64, String)>>;
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn three_nodes_on_a_redis_cluster_deliver_every_channel_once_in_order() {
     let cluster = RedisCluster::start("cluster-delivery");
-    let nodes: Vec<Server> = (0..3).map(|_| herald(&cluster)).collect();
+    let nodes: Vec<Server> = (0..3).map(|_| herald(&cluster, &[])).collect();
     let channels = channels_on_every_master(&cluster, 2);
     let mut subscribers = Vec::new();
     for node in &nodes {
@@ -280,7 +282,7 @@ async fn publish_steadily(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_master_refuses_its_slots_until_its_replica_serves_them() {
     let mut cluster = RedisCluster::start("cluster-failover");
-    let nodes: Vec<Server> = (0..3).map(|_| herald(&cluster)).collect();
+    let nodes: Vec<Server> = (0..3).map(|_| herald(&cluster, &[])).collect();
     let channels = channels_on_every_master(&cluster, 1);
     let victim = cluster.owner(&channels[0]);
     let mut subscribers = Vec::new();
@@ -422,7 +424,7 @@ async fn assert_delivered(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_slot_migrated_while_subscribers_listen_loses_nothing() {
     let cluster = RedisCluster::start("cluster-migration");
-    let nodes: Vec<Server> = (0..3).map(|_| herald(&cluster)).collect();
+    let nodes: Vec<Server> = (0..3).map(|_| herald(&cluster, &[])).collect();
     let channels = channels_on_every_master(&cluster, 1);
     let from = cluster.owner(&channels[0]);
     let to = cluster.owner(&channels[1]);
@@ -478,6 +480,49 @@ async fn a_slot_migrated_while_subscribers_listen_loses_nothing() {
         },
     );
     for mut node in nodes {
+        node.assert_healthy();
+    }
+}
+
+/// Publishes `count` messages to `channel` one after the other; their mean round trip.
+async fn round_trips(addr: std::net::SocketAddr, channel: &str, count: u64) -> Duration {
+    let mut ws = connect_ws(addr).await;
+    let started = Instant::now();
+    for i in 0..count {
+        publish_raw(&mut ws, channel, &json!({"i": i}).to_string(), i + 1).await;
+    }
+    started.elapsed() / count as u32
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgement_after_replicas_hold_the_message_is_an_option() {
+    let cluster = RedisCluster::start("cluster-wait");
+    let plain = herald(&cluster, &[]);
+    let waiting = herald(&cluster, &["--redis-ack-replicas", "1"]);
+    let greedy = herald(&cluster, &["--redis-ack-replicas", "2"]);
+    let channels = channels_on_every_master(&cluster, 1);
+    let mut subscriber = connect_ws(plain.addr()).await;
+    subscribe(&mut subscriber, &channels[0], 1).await;
+    // Warm both paths (connections, scripts) before timing them.
+    round_trips(plain.addr(), &channels[1], 20).await;
+    round_trips(waiting.addr(), &channels[1], 20).await;
+    let without = round_trips(plain.addr(), &channels[2], 200).await;
+    let with = round_trips(waiting.addr(), &channels[2], 200).await;
+    eprintln!("publish round trip: {without:?} acknowledged by the master, {with:?} after WAIT 1");
+    let mut ws = connect_ws(waiting.addr()).await;
+    let seq = publish_raw(&mut ws, &channels[0], "\"safe\"", 1).await;
+    let (got, data, _) = recv_message(&mut subscriber, &channels[0]).await;
+    assert_eq!((got, data), (seq, json!("safe")));
+    // Each master has one replica: two never confirm, so nothing is acknowledged.
+    let mut ws = connect_ws(greedy.addr()).await;
+    send_json(
+        &mut ws,
+        &json!({"type":"publish","channel":&channels[0],"data":1,"id":1}),
+    )
+    .await;
+    let reply = recv_json(&mut ws).await;
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    for mut node in [plain, waiting, greedy] {
         node.assert_healthy();
     }
 }

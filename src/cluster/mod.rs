@@ -271,6 +271,7 @@ pub struct Idle {
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
     history: HistoryLimits,
+    ack_replicas: u32,
     compression: CompressionPolicies,
     link: Arc<Link>,
 }
@@ -281,6 +282,7 @@ impl Bridge {
     pub fn new(
         url: &str,
         history: HistoryLimits,
+        ack_replicas: u32,
         compression: CompressionPolicies,
     ) -> Result<(Self, Idle), String> {
         let backend = match sharded::seeds(url) {
@@ -305,6 +307,7 @@ impl Bridge {
                 requests,
                 publishes,
                 history,
+                ack_replicas,
                 compression,
                 link,
             },

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use ::redis::aio::MultiplexedConnection;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::Slot;
-use ::redis::{Pipeline, RedisError, RedisResult, Value};
+use ::redis::{Pipeline, RedisError, RedisResult, Value, from_redis_value};
 use futures_util::future::join_all;
 use tokio::sync::watch;
 use tokio::time::error::Elapsed;
@@ -22,6 +22,8 @@ use crate::shard::Envelope;
 
 /// Most publishes sent to Redis in one pipelined round trip.
 const MAX_BATCH: usize = 512;
+/// Longest `WAIT` for replicas (ms): a reply within [`REPLY_TIMEOUT`] either way.
+const WAIT_MS: u64 = 1000;
 /// Channels in one generation of the publisher's memory ([`Seen`]).
 pub(super) const SEEN_PER_GENERATION: usize = 16 * 1024;
 
@@ -32,6 +34,8 @@ pub(super) struct Publisher {
     pub(super) broken: watch::Sender<u64>,
     pub(super) shards: Shards,
     pub(super) history: HistoryLimits,
+    /// Replicas that must hold a publish before its ack (`WAIT`); 0: the master's word.
+    pub(super) ack_replicas: u32,
     pub(super) link: Arc<Link>,
     pub(super) seen: Seen,
     /// The ordering script's SHA1 and text.
@@ -173,6 +177,10 @@ impl Publisher {
                 .arg(epoch)
                 .arg(seq);
         }
+        if self.ack_replicas > 0 {
+            // After the batch on the same connection: waits for every write above.
+            pipe.cmd("WAIT").arg(self.ack_replicas).arg(WAIT_MS);
+        }
         pipe
     }
 
@@ -181,7 +189,7 @@ impl Publisher {
     fn answer(
         &mut self,
         batch: &mut Vec<Request>,
-        result: Result<RedisResult<Vec<Stored>>, Elapsed>,
+        result: Result<RedisResult<Vec<Value>>, Elapsed>,
         generation: Option<u64>,
     ) {
         let Ok(result) = result else {
@@ -192,8 +200,20 @@ impl Publisher {
             return;
         };
         match result {
-            Ok(stored) => {
-                for (request, (epoch, seq, nodes)) in batch.drain(..).zip(stored) {
+            Ok(mut replies) => {
+                if self.ack_replicas > 0 {
+                    let copies = replies.pop().and_then(|v| from_redis_value::<u32>(v).ok());
+                    if copies.is_none_or(|n| n < self.ack_replicas) {
+                        // Stored and announced, not yet safe from a failover: refused
+                        // like a publish whose reply was lost.
+                        self.refuse(
+                            batch,
+                            "the cluster's Redis replicas did not confirm it in time; retry",
+                        );
+                        return;
+                    }
+                }
+                for (request, reply) in batch.drain(..).zip(replies) {
                     let Request::Publish {
                         channel,
                         shard,
@@ -203,6 +223,13 @@ impl Publisher {
                     } = request
                     else {
                         unreachable!("only publishes reach the publisher");
+                    };
+                    let Ok((epoch, seq, nodes)) = from_redis_value::<Stored>(reply) else {
+                        Link::count(&self.link.publish_failures);
+                        let message = "the cluster's Redis answered oddly; retry".into();
+                        self.shards
+                            .send(shard, Envelope::Refused { conn, id, message });
+                        continue;
                     };
                     Link::count(&self.link.publishes);
                     self.seen.insert(channel, epoch.into(), seq);

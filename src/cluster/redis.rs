@@ -96,6 +96,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         requests,
         publishes,
         history,
+        ack_replicas,
         compression,
         link,
     } = idle;
@@ -106,6 +107,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         broken,
         shards: Shards { post: post.clone() },
         history,
+        ack_replicas,
         link: link.clone(),
         seen: Seen::new(SEEN_PER_GENERATION),
         script: ::redis::Script::new(&publish_script(backend.sharded()))
