@@ -526,3 +526,49 @@ async fn acknowledgement_after_replicas_hold_the_message_is_an_option() {
         node.assert_healthy();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_seq_given_to_a_new_message_is_announced_as_a_new_epoch() {
+    let cluster = RedisCluster::start("cluster-reuse");
+    let nodes: Vec<Server> = (0..3).map(|_| herald(&cluster, &[])).collect();
+    let channel = &channels_on_every_master(&cluster, 1)[0];
+    let mut subscriber = connect_ws(nodes[1].addr()).await;
+    let first = subscribe(&mut subscriber, channel, 1).await;
+    let mut publisher = connect_ws(nodes[0].addr()).await;
+    for i in 1..=5u64 {
+        assert_eq!(
+            publish_raw(&mut publisher, channel, &i.to_string(), i).await,
+            i
+        );
+        assert_eq!(recv_message(&mut subscriber, channel).await.0, i);
+    }
+    // What a failover that lost the last write leaves: the new master one message
+    // behind, in the same epoch.
+    let owner = cluster.owner(channel);
+    let master = cluster
+        .nodes
+        .iter()
+        .find(|n| n.port == owner)
+        .expect("owner");
+    let meta = format!("herald:{{{channel}}}:meta");
+    let stream = format!("herald:{{{channel}}}:stream");
+    assert!(master.cli(&["HSET", &meta, "seq", "4"]).contains('0'));
+    assert!(master.cli(&["XDEL", &stream, "5-0"]).contains('1'));
+    let reset = master.cli(&["XSETID", &stream, "4-0", "MAXDELETEDID", "4-0"]);
+    assert!(reset.contains("OK"), "{reset}");
+    // A node that neither acknowledged nor delivered seq 5 publishes: Redis numbers it 5.
+    let mut other = connect_ws(nodes[2].addr()).await;
+    assert_eq!(publish_raw(&mut other, channel, "\"new\"", 1).await, 5);
+    // The subscriber's node delivered another 5: it is told of a new epoch, not left
+    // without the new message.
+    let notice = recv_json(&mut subscriber).await;
+    assert_eq!(notice["type"], "subscribed", "{notice}");
+    assert_eq!(notice["seq"], 0, "{notice}");
+    assert_ne!(notice["epoch"], first["epoch"], "{notice}");
+    let seq = publish_raw(&mut other, channel, "\"after\"", 2).await;
+    let (got, data, _) = recv_message(&mut subscriber, channel).await;
+    assert_eq!((got, data), (seq, json!("after")));
+    for mut node in nodes {
+        node.assert_healthy();
+    }
+}

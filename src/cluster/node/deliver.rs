@@ -33,10 +33,25 @@ impl Node {
             self.command(command, Awaiting::Epoch(name.clone()));
             return;
         }
+        let frame = pubsub::encode_message(name, seq, data);
         if seq <= channel.seq {
+            let delivered = channel.recent.iter().find(|(s, _)| *s == seq);
+            if delivered.is_some_and(|(_, sent)| *sent != frame) {
+                // The same seq with other data: Redis lost the message this node
+                // delivered (a failover) and gave its number to a new one. Dropped as a
+                // duplicate, the new one would vanish silently here: the channel starts
+                // a new epoch instead (the meta script does when the seq it is told
+                // exceeds its own), which every node then announces.
+                tracing::warn!(channel = %name, seq, "a delivered seq reused in redis");
+                let command = Command::ReadMeta {
+                    channel: name.clone(),
+                    known_epoch: channel.epoch.clone(),
+                    known_seq: u64::MAX,
+                };
+                self.command(command, Awaiting::Epoch(name.clone()));
+            }
             return;
         }
-        let frame = pubsub::encode_message(name, seq, data);
         if seq > channel.seq + 1 {
             self.catch_up(name, seq - 1, Some((seq, frame)));
         } else {

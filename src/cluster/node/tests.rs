@@ -162,6 +162,24 @@ fn duplicates_and_old_announcements_are_dropped() {
 }
 
 #[test]
+fn a_delivered_seq_reused_with_other_data_starts_a_new_epoch() {
+    let mut node = live_at_5();
+    announce(&mut node, "news", 6, "e1");
+    assert_eq!(drain(&mut node), ["broadcast message 6 to [1]"]);
+    // The same message again (a catch-up overlapping the announcement): dropped.
+    announce(&mut node, "news", 6, "e1");
+    assert!(drain(&mut node).is_empty());
+    // Seq 6 again with other data: Redis lost ours and numbered a new message 6.
+    node.handle_announcement("news", Bytes::from_static(b"6 e1 \"other\""));
+    assert_eq!(drain(&mut node), [meta("news", "e1", u64::MAX)]);
+    node.handle_reply(Reply::Meta {
+        epoch: "e2".into(),
+        seq: 0,
+    });
+    assert_eq!(drain(&mut node), ["broadcast subscribed 0 to [1]"]);
+}
+
+#[test]
 fn a_hole_is_filled_from_the_stream_before_the_announcement() {
     let mut node = live_at_5();
     announce(&mut node, "news", 9, "e1");
