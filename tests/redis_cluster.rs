@@ -572,3 +572,88 @@ async fn a_lost_seq_given_to_a_new_message_is_announced_as_a_new_epoch() {
         node.assert_healthy();
     }
 }
+
+/// A subscriber of `channel` on `first` that, when that node dies, resumes on `fallback`
+/// with `since` and `epoch`; everything it received, in order.
+async fn resuming_subscriber(
+    first: std::net::SocketAddr,
+    fallback: std::net::SocketAddr,
+    channel: String,
+    total: usize,
+) -> Vec<(u64, String)> {
+    let mut ws = connect_ws(first).await;
+    let epoch = subscribe(&mut ws, &channel, 1).await["epoch"].clone();
+    let mut got = Vec::new();
+    let mut resumed = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while got.len() < total {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match next_event(&mut ws, left).await {
+            Some(Event::Text(text)) => {
+                let v: Value = serde_json::from_str(&text).expect("JSON");
+                match v["type"].as_str() {
+                    Some("message") => {
+                        got.push((v["seq"].as_u64().expect("seq"), v["data"].to_string()));
+                    }
+                    Some("subscribed") => assert_eq!(v["epoch"], epoch, "{v}"),
+                    _ => panic!("unexpected frame {text}"),
+                }
+            }
+            Some(Event::Close(_) | Event::Ended(_)) if !resumed => {
+                resumed = true;
+                ws = connect_ws(fallback).await;
+                let since = got.last().map_or(0, |(s, _)| *s);
+                let resume = json!({"type":"subscribe","channel":&channel,"since":since,"epoch":&epoch,"id":2});
+                send_json(&mut ws, &resume).await;
+            }
+            other => panic!("subscriber got {other:?} after {} messages", got.len()),
+        }
+    }
+    assert!(resumed, "the node died under this subscriber");
+    got
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_of_a_killed_node_resume_on_another_without_loss() {
+    let cluster = RedisCluster::start("cluster-node-killed");
+    let history = ["--history-size", "1000"];
+    let mut doomed = herald(&cluster, &history);
+    let survivor = herald(&cluster, &history);
+    let publisher = herald(&cluster, &history);
+    let channel = channels_on_every_master(&cluster, 1)[0].clone();
+    let total = 150;
+    let subscribers: Vec<_> = (0..3)
+        .map(|_| {
+            let channel = channel.clone();
+            tokio::spawn(resuming_subscriber(
+                doomed.addr(),
+                survivor.addr(),
+                channel,
+                total,
+            ))
+        })
+        .collect();
+    let doomed_addr = doomed.addr();
+    wait_for(Duration::from_secs(10), "the subscribers in place", || {
+        metric_value(doomed_addr, "herald_subscriptions") == Some(3.0)
+    });
+    let progress = Arc::new(AtomicU64::new(0));
+    let publishing = tokio::spawn(publish_steadily(
+        publisher.addr(),
+        channel.clone(),
+        total as u64,
+        progress.clone(),
+    ));
+    while progress.load(Ordering::Relaxed) < total as u64 / 3 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    doomed.signal("KILL");
+    assert!(doomed.wait_exit(Duration::from_secs(5)).is_some());
+    let steady = publishing.await.expect("publisher");
+    assert!(steady.refused.is_empty(), "a node's death refuses nothing");
+    let acked: Vec<(u64, String)> = steady.acked.into_iter().map(|(s, d, _)| (s, d)).collect();
+    for (i, subscriber) in subscribers.into_iter().enumerate() {
+        let got = subscriber.await.expect("subscriber");
+        assert_eq!(got, acked, "subscriber {i}: every message once, in order");
+    }
+}
