@@ -4,6 +4,8 @@
 //! on drop.
 #![allow(dead_code)]
 
+pub(crate) mod client;
+
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
