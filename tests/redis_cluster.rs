@@ -169,7 +169,21 @@ async fn three_nodes_on_a_redis_cluster_deliver_every_channel_once_in_order() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_killed_master_refuses_its_slots_until_its_replica_serves_them() {
-    let mut cluster = RedisCluster::start("cluster-failover");
+    fail_over_under_load("cluster-failover", "KILL").await;
+}
+
+/// A hung master keeps its sockets open: no disconnection tells the nodes, and their
+/// subscriptions on it go quiet. The probe finds it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hung_master_refuses_its_slots_until_its_replica_serves_them() {
+    fail_over_under_load("cluster-hung", "STOP").await;
+}
+
+/// Three nodes; one publishes steadily to a channel on each master, the others listen;
+/// the first channel's master gets `signal` (`KILL` or `STOP`) and its replica takes
+/// over.
+async fn fail_over_under_load(name: &str, signal: &str) {
+    let mut cluster = RedisCluster::start(name);
     let nodes: Vec<Server> = (0..3).map(|_| herald(&cluster, &[])).collect();
     let channels = channels_on_every_master(&cluster, 1);
     let victim = cluster.owner(&channels[0]);
@@ -201,11 +215,12 @@ async fn a_killed_master_refuses_its_slots_until_its_replica_serves_them() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let killed_at = Instant::now();
-    cluster.kill(victim);
+    cluster.signal(victim, signal);
     let mut results = Vec::new();
     for publisher in publishers {
         results.push(publisher.await.expect("publisher"));
     }
+    cluster.kill(victim);
     cluster.wait_ok();
     assert_ne!(
         cluster.owner(&channels[0]),
@@ -225,7 +240,7 @@ async fn a_killed_master_refuses_its_slots_until_its_replica_serves_them() {
         .expect("publishes resumed after the failover");
     let refused: Vec<usize> = results.iter().map(|r| r.refused.len()).collect();
     eprintln!(
-        "failover: the dead master's slots served again {resumed:?} after the kill; refusals per channel {refused:?} (the first is the dead master's)"
+        "failover after SIG{signal}: the master's slots served again {resumed:?} after the signal; refusals per channel {refused:?} (the first is its)"
     );
     assert!(
         refused[0] > 0,

@@ -11,6 +11,7 @@
 //! So that one step cannot hold the others for long, every stream read asks for at most
 //! the history size (`COUNT`), and every reply is awaited at most [`REPLY_TIMEOUT`].
 
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -128,7 +129,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         backoff: FIRST_BACKOFF,
         retry_at: Instant::now(),
         connected_before: false,
-        retry: Vec::new(),
+        retry: HashSet::new(),
         meta_script: ::redis::Script::new(META_SCRIPT).get_hash().to_string(),
     };
     driver.run(requests, broken_rx).await;
@@ -160,7 +161,7 @@ struct Driver {
     connected_before: bool,
     /// On a Redis Cluster, the channels whose last command failed, made live again at
     /// `retry_at`.
-    retry: Vec<ChannelName>,
+    retry: HashSet<ChannelName>,
     meta_script: String,
 }
 
@@ -187,7 +188,7 @@ impl Driver {
                     let generation = *broken.borrow_and_update();
                     if up && generation == self.generation { Err(Lost) } else { Ok(()) }
                 }
-                _ = probe.tick(), if up && !self.backend.sharded() => self.probe().await,
+                _ = probe.tick(), if up => self.probe().await,
             };
             let step = match step {
                 Ok(()) => self.drive().await,
@@ -437,11 +438,19 @@ impl Driver {
     }
 
     async fn probe(&mut self) -> Result<(), Lost> {
-        let Backend::Single {
-            live: Some(live), ..
-        } = &self.backend
-        else {
-            return Ok(());
+        let live = match &mut self.backend {
+            Backend::Single {
+                live: Some(live), ..
+            } => live,
+            Backend::Single { live: None, .. } => return Ok(()),
+            Backend::Sharded(sharded) => {
+                if let Some(conn) = sharded.probe(&mut self.node).await {
+                    let generation = self.generation;
+                    self.conn_tx
+                        .send_replace(Some((generation, Conn::Sharded(conn))));
+                }
+                return Ok(());
+            }
         };
         let (mut conn, mut sink) = (live.conn.clone(), live.sink.clone());
         bounded(sink.ping::<Value>()).await?;

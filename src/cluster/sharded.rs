@@ -10,7 +10,8 @@
 //! - `sunsubscribe`: the server dropped the subscription (the slot moved away, or we
 //!   left): the channel, if still held, is subscribed again and caught up;
 //! - a disconnection (the crate's own push): every held channel is subscribed again and
-//!   caught up (see [`Sharded::handle_push`]).
+//!   caught up (see [`Sharded::handle_push`]); so is every channel, on a new
+//!   connection, when a master does not answer the probe ([`Sharded::probe`]).
 //!
 //! A channel's keys share the hash tag `{CHANNEL}`, so the script's three keys sit in
 //! one slot and a channel's publishes, history and announcements live on one shard.
@@ -20,8 +21,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 use ::redis::{ProtocolVersion, PushInfo, PushKind, RedisResult, Value};
 use tokio::sync::mpsc;
+use tokio::time::timeout;
 
 use super::node::Node;
 use super::redis::REPLY_TIMEOUT;
@@ -118,6 +121,32 @@ impl Sharded {
             // The sender lives in the client we hold.
             None => std::future::pending().await,
         }
+    }
+
+    /// Pings every master. One that does not answer in time (hung, or dead without its
+    /// socket closing) sends no `smessage` either, and the crate, which refreshes its slot
+    /// map on errors it gets back, never gets one from it: a new connection is made, with
+    /// the slot map as the masters that answer see it (their replica promoted, once it
+    /// is), and every channel subscribes again on it and catches up. Returns the new
+    /// connection, for the publisher.
+    pub(super) async fn probe(&mut self, node: &mut Node) -> Option<ClusterConnection> {
+        let mut conn = self.conn()?;
+        let routing = RoutingInfo::MultiNode((
+            MultipleNodeRoutingInfo::AllMasters,
+            Some(ResponsePolicy::AllSucceeded),
+        ));
+        let ping = conn.route_command(::redis::cmd("PING"), routing);
+        if let Ok(Ok(_)) = timeout(REPLY_TIMEOUT, ping).await {
+            return None;
+        }
+        tracing::warn!("a redis master did not answer in time; connecting anew");
+        let fresh = timeout(REPLY_TIMEOUT * 2, self.client.get_async_connection()).await;
+        let Ok(Ok(conn)) = fresh else {
+            return None;
+        };
+        self.conn = Some(conn.clone());
+        start_over(node);
+        Some(conn)
     }
 
     /// Hands one push to the node; after an overflow, every held channel starts over.

@@ -269,23 +269,35 @@ impl RedisCluster {
         }
     }
 
-    /// SIGKILL to the server on `port` (the child of its `timeout`).
+    /// SIGKILL to the server on `port`, unless it is dead already.
     pub(crate) fn kill(&mut self, port: u16) {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("node");
+        let parent = node.child.as_ref().map(|c| c.id().to_string());
+        if parent.is_some_and(|p| !output_of(&["pgrep", "-P", &p]).trim().is_empty()) {
+            self.signal(port, "KILL");
+        }
         let node = self
             .nodes
             .iter_mut()
             .find(|n| n.port == port)
             .expect("node");
         if let Some(mut child) = node.child.take() {
-            let parent = child.id().to_string();
-            let server = output_of(&["pgrep", "-P", &parent]);
-            let status = Command::new("kill")
-                .args(["-KILL", server.trim()])
-                .status()
-                .expect("run kill");
-            assert!(status.success(), "kill -9 redis-server {server}");
             let _ = child.wait();
         }
+    }
+
+    /// Sends `signal` (`KILL`, `STOP`) to the server on `port` (the child of its
+    /// `timeout`). A stopped server must be killed before the cluster is dropped.
+    pub(crate) fn signal(&self, port: u16, signal: &str) {
+        let node = self.nodes.iter().find(|n| n.port == port).expect("node");
+        let parent = node.child.as_ref().expect("running").id().to_string();
+        let server = output_of(&["pgrep", "-P", &parent]);
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(server.trim())
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} redis-server {server}");
     }
 }
 
