@@ -445,6 +445,7 @@ impl Driver {
             Backend::Single { live: None, .. } => return Ok(()),
             Backend::Sharded(sharded) => {
                 if let Some(conn) = sharded.probe(&mut self.node).await {
+                    Link::count(&self.link.reconnects);
                     let generation = self.generation;
                     self.conn_tx
                         .send_replace(Some((generation, Conn::Sharded(conn))));
