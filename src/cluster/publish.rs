@@ -119,19 +119,7 @@ impl Publisher {
     /// at once, each slot's publishes in arrival order. A slot whose master is down is
     /// refused alone, and never takes the link down: the crate finds the new master.
     async fn publish_sharded(&mut self, batch: &mut Vec<Request>, conn: ClusterConnection) {
-        let mut slots: HashMap<Slot, usize> = HashMap::new();
-        let mut groups: Vec<Vec<Request>> = Vec::new();
-        for request in batch.drain(..) {
-            let Request::Publish { channel, .. } = &request else {
-                unreachable!("only publishes reach the publisher");
-            };
-            let slot = Slot::for_key(meta_key(channel));
-            let group = *slots.entry(slot).or_insert_with(|| {
-                groups.push(Vec::new());
-                groups.len() - 1
-            });
-            groups[group].push(request);
-        }
+        let groups = by_slot(batch);
         let pipes: Vec<Pipeline> = groups.iter().map(|group| self.pipeline(group)).collect();
         let results = join_all(pipes.iter().map(|pipe| {
             let mut conn = conn.clone();
@@ -276,6 +264,25 @@ impl Publisher {
     }
 }
 
+/// The publishes of `batch` grouped by their channel's slot, in arrival order within
+/// each group.
+fn by_slot(batch: &mut Vec<Request>) -> Vec<Vec<Request>> {
+    let mut slots: HashMap<Slot, usize> = HashMap::new();
+    let mut groups: Vec<Vec<Request>> = Vec::new();
+    for request in batch.drain(..) {
+        let Request::Publish { channel, .. } = &request else {
+            unreachable!("only publishes reach the publisher");
+        };
+        let slot = Slot::for_key(meta_key(channel));
+        let group = *slots.entry(slot).or_insert_with(|| {
+            groups.push(Vec::new());
+            groups.len() - 1
+        });
+        groups[group].push(request);
+    }
+    groups
+}
+
 /// Errors after which the connection cannot be trusted any more.
 pub(super) fn link_is_broken(e: &RedisError) -> bool {
     e.is_io_error()
@@ -287,7 +294,50 @@ pub(super) fn link_is_broken(e: &RedisError) -> bool {
 
 #[cfg(test)]
 mod tests {
+    use bytes::Bytes;
+
     use super::*;
+    use crate::shard::ConnRef;
+
+    fn publish(channel: &str, id: u64) -> Request {
+        Request::Publish {
+            channel: channel.into(),
+            data: Bytes::from_static(b"1"),
+            shard: 0,
+            conn: ConnRef {
+                key: 0,
+                generation: 0,
+            },
+            id: Some(id),
+        }
+    }
+
+    #[test]
+    fn a_batch_splits_by_slot_in_arrival_order() {
+        // Three channels in three slots: each channel's publishes share a group, in order.
+        let mut batch = vec![
+            publish("news", 1),
+            publish("sport", 2),
+            publish("news", 3),
+            publish("}odd", 4),
+            publish("sport", 5),
+        ];
+        let groups = by_slot(&mut batch);
+        assert!(batch.is_empty());
+        let ids: Vec<Vec<u64>> = groups
+            .iter()
+            .map(|group| {
+                group
+                    .iter()
+                    .map(|r| match r {
+                        Request::Publish { id, .. } => id.expect("id"),
+                        _ => unreachable!(),
+                    })
+                    .collect()
+            })
+            .collect();
+        assert_eq!(ids, [vec![1, 3], vec![2, 5], vec![4]]);
+    }
 
     #[test]
     fn the_publishers_memory_keeps_recent_channels_and_is_bounded() {
