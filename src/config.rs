@@ -239,10 +239,19 @@ pub struct Options {
     #[arg(long, env = "HERALD_HISTORY_TTL_MS", value_name = "MS")]
     pub history_ttl_ms: Option<u64>,
 
-    /// Redis to share fan-out and history with other nodes (`redis://HOST:PORT[/DB]`).
-    /// Without it the node runs alone with its in-memory hub.
+    /// Redis to share fan-out and history with other nodes (`redis://HOST:PORT[/DB]`), or
+    /// a Redis Cluster by some of its nodes (`redis+cluster://HOST:PORT,HOST:PORT,...`:
+    /// sharded pub/sub, each channel on the shard that owns its slot). Without it the
+    /// node runs alone with its in-memory hub.
     #[arg(long, env = "HERALD_REDIS", value_name = "URL")]
     pub redis: Option<String>,
+
+    /// With `--redis`: acknowledge a publish only once this many replicas of the Redis
+    /// master that stored it hold it too (`WAIT`, up to 1 s; fewer in time is refused
+    /// `unavailable`/503). 0 acknowledges once the master has it, which a failover can
+    /// still roll back. [default: 0]
+    #[arg(long, env = "HERALD_REDIS_ACK_REPLICAS", value_name = "N")]
+    pub redis_ack_replicas: Option<u32>,
 
     /// Secret that `POST /api/publish` needs as `Authorization: Bearer KEY`. Without it,
     /// HTTP publishing is refused (403).
@@ -423,6 +432,7 @@ impl Options {
             history_ttl_ms: self.history_ttl_ms.or(lower.history_ttl_ms),
             api_key: self.api_key.or(lower.api_key),
             redis: self.redis.or(lower.redis),
+            redis_ack_replicas: self.redis_ack_replicas.or(lower.redis_ack_replicas),
             max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
             auth: self.auth.or(lower.auth),
             jwt_alg: self.jwt_alg.or(lower.jwt_alg),
@@ -479,6 +489,8 @@ pub struct Config {
     pub api_key: Option<String>,
     /// The cluster's Redis (`--redis`); `None` runs the node alone.
     pub redis: Option<String>,
+    /// Replicas that must hold a publish before it is acknowledged (`WAIT`).
+    pub redis_ack_replicas: u32,
     pub max_body_bytes: usize,
     pub auth: AuthSettings,
     pub trusted_proxies: Vec<IpAddr>,
@@ -579,6 +591,7 @@ impl Options {
             history,
             api_key: self.api_key.filter(|k| !k.is_empty()),
             redis: self.redis.filter(|url| !url.is_empty()),
+            redis_ack_replicas: self.redis_ack_replicas.unwrap_or(0),
             max_body_bytes: self.max_body_bytes.unwrap_or(1024 * 1024),
             auth: AuthSettings {
                 mode: self.auth,
@@ -662,11 +675,16 @@ impl Config {
             return Err("history_size must be at most 100000".into());
         }
         if let Some(url) = &self.redis
-            && !(url.starts_with("redis://") || url.starts_with("unix://"))
+            && !(url.starts_with("redis://")
+                || url.starts_with("unix://")
+                || url.starts_with("redis+cluster://"))
         {
             return Err(format!(
-                "redis must be a redis://HOST:PORT URL, not {url:?}"
+                "redis must be a redis://HOST:PORT or redis+cluster://HOST:PORT,... URL, not {url:?}"
             ));
+        }
+        if self.redis_ack_replicas > 16 {
+            return Err("redis_ack_replicas must be at most 16".into());
         }
         if self.outbound_queue_bytes < 4096 {
             return Err("outbound_queue_bytes must be at least 4096".into());
@@ -733,6 +751,16 @@ mod tests {
             ..Options::default()
         };
         assert!(wrong.resolve().unwrap_err().contains("redis://"));
+        let file: Options =
+            toml::from_str("redis = \"redis+cluster://10.0.0.5:7000,10.0.0.6:7001\"").unwrap();
+        let config = file.resolve().unwrap();
+        assert_eq!(
+            config.redis.as_deref(),
+            Some("redis+cluster://10.0.0.5:7000,10.0.0.6:7001")
+        );
+        assert_eq!(config.redis_ack_replicas, 0);
+        let file: Options = toml::from_str("redis_ack_replicas = 1").unwrap();
+        assert_eq!(file.resolve().unwrap().redis_ack_replicas, 1);
     }
 
     #[test]

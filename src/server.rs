@@ -26,9 +26,13 @@ pub fn serve(mut config: Config) -> io::Result<()> {
     let mut ctx = Context::new(config, shards, SystemTime::now()).map_err(io::Error::other)?;
     let cluster = match &ctx.config.redis {
         Some(url) => {
-            let (bridge, idle) =
-                Bridge::new(url, ctx.config.history, ctx.config.compression.clone())
-                    .map_err(io::Error::other)?;
+            let (bridge, idle) = Bridge::new(
+                url,
+                ctx.config.history,
+                ctx.config.redis_ack_replicas,
+                ctx.config.compression.clone(),
+            )
+            .map_err(io::Error::other)?;
             ctx.cluster = Some(bridge);
             Some(idle)
         }

@@ -131,6 +131,7 @@ fi
 prerequisites() {
     local missing=() pyver
     command -v redis-server >/dev/null || missing+=(redis-server) # tests/cluster.rs
+    command -v redis-cli >/dev/null || missing+=(redis-tools)     # tests/redis_cluster.rs
     command -v openssl >/dev/null || missing+=(openssl)            # auth.rs keys, TLS CAs
     command -v curl >/dev/null || missing+=(curl)                  # tests/python/test_http.py
     command -v nginx >/dev/null || missing+=(nginx)                # tests/proxy
@@ -178,7 +179,9 @@ prerequisites() {
 # that must succeed ends in `|| return 1`.
 step "prerequisites (Debian packages, cargo-fuzz, .venv)" 1800 prerequisites
 # The cluster tests fail rather than skip when redis-server is missing. Each starts its
-# own redis-server on a free port: the package's service is not needed.
+# own redis-server on a free port: the package's service is not needed. The Redis Cluster
+# tests (tests/redis_cluster.rs) start six each and create the cluster with redis-cli
+# --cluster create (package redis-tools, which redis-server depends on).
 
 # The instrumented fuzz build has a target dir of its own (no lock shared with the builds
 # below). Started first and niced, it takes what the builds leave idle (the release

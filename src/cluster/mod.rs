@@ -5,7 +5,9 @@
 //! through a queue, as they hand work to each other. A thread of its own (one small tokio
 //! runtime) talks to Redis and answers through the shards' [`Post`] with the same
 //! envelopes a home shard sends: `Subscribed`, `HistoryGap`, `Ack`, `Refused` and
-//! `Broadcast`, the last one encoded once per node and shared by every shard.
+//! `Broadcast`, the last one encoded once per node and shared by every shard. What to do
+//! about each channel is decided without IO by the state machine in `node.rs`; `redis.rs`
+//! performs its commands and `publish.rs` orders publishes.
 //!
 //! In Redis each channel has (keys share one hash tag, so Redis Cluster keeps them in
 //! one slot):
@@ -22,7 +24,11 @@
 //! every stream read is bounded by the history size, and the per-channel state is held
 //! only for channels this node's clients hold (plus a bounded memory of recent publishes).
 
+mod node;
+mod publish;
 mod redis;
+mod script;
+mod sharded;
 
 use std::collections::VecDeque;
 use std::io;
@@ -261,22 +267,32 @@ pub struct Bridge {
 /// The cluster side before its thread runs: it needs the shards' [`Post`], which exists
 /// only once the shards do.
 pub struct Idle {
-    client: ::redis::Client,
+    backend: redis::Backend,
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
     history: HistoryLimits,
+    ack_replicas: u32,
     compression: CompressionPolicies,
     link: Arc<Link>,
 }
 
 impl Bridge {
-    /// Checks the URL; nothing connects until [`Idle::spawn`].
+    /// Checks the URL (`redis://...` for one Redis, `redis+cluster://HOST:PORT,...` for a
+    /// Redis Cluster); nothing connects until [`Idle::spawn`].
     pub fn new(
         url: &str,
         history: HistoryLimits,
+        ack_replicas: u32,
         compression: CompressionPolicies,
     ) -> Result<(Self, Idle), String> {
-        let client = ::redis::Client::open(url).map_err(|e| format!("redis URL {url:?}: {e}"))?;
+        let backend = match sharded::seeds(url) {
+            Some(seeds) => redis::Backend::Sharded(sharded::Sharded::new(seeds)?),
+            None => redis::Backend::Single {
+                client: ::redis::Client::open(url)
+                    .map_err(|e| format!("redis URL {url:?}: {e}"))?,
+                live: None,
+            },
+        };
         let requests = Arc::new(Queue::new(MAX_QUEUED_SUBSCRIBES, usize::MAX));
         let publishes = Arc::new(Queue::new(MAX_QUEUED_PUBLISHES, MAX_QUEUED_PUBLISH_BYTES));
         let link = Arc::new(Link::default());
@@ -287,10 +303,11 @@ impl Bridge {
                 link: link.clone(),
             },
             Idle {
-                client,
+                backend,
                 requests,
                 publishes,
                 history,
+                ack_replicas,
                 compression,
                 link,
             },

@@ -153,6 +153,7 @@ fn a_full_cluster_queue_refuses_at_once_and_never_blocks_the_shard() {
     let (bridge, _idle) = Bridge::new(
         "redis://127.0.0.1:1",
         ctx.config.history,
+        ctx.config.redis_ack_replicas,
         ctx.config.compression.clone(),
     )
     .unwrap();

@@ -1,0 +1,316 @@
+//! The link to a Redis Cluster (`--redis redis+cluster://HOST:PORT,...`): one cluster
+//! connection (the `redis` crate's: it reads the slot map, sends each command to the
+//! master that owns its key's slot, follows `MOVED`/`ASK`, refreshes the map and
+//! reconnects), announcements by sharded pub/sub (`SPUBLISH` in the ordering script,
+//! `SSUBSCRIBE` routed to the owner of the channel's slot), and what Redis pushes back,
+//! fed to the node:
+//! - `smessage`: an announcement;
+//! - `ssubscribe`: a subscription confirmed, ours or the crate's own after a reconnect
+//!   or a new slot map: the channel catches up from its stream;
+//! - `sunsubscribe`: the server dropped the subscription (the slot moved away, or we
+//!   left): the channel, if still held, is subscribed again and caught up;
+//! - a disconnection (the crate's own push): every held channel is subscribed again and
+//!   caught up (see [`Sharded::handle_push`]); so is every channel, on a new
+//!   connection, when a master does not answer the probe ([`Sharded::probe`]).
+//!
+//! A channel's keys share the hash tag `{CHANNEL}`, so the script's three keys sit in
+//! one slot and a channel's publishes, history and announcements live on one shard.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use ::redis::cluster::ClusterClient;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use ::redis::{ProtocolVersion, PushInfo, PushKind, RedisResult, Value};
+use tokio::sync::mpsc;
+use tokio::time::timeout;
+
+use super::node::Node;
+use super::redis::REPLY_TIMEOUT;
+use super::script::{META_SCRIPT, channel_of, publish_script};
+
+/// Most pushes (announcements, subscription changes) waiting for the cluster thread.
+/// Past it pushes are dropped and every held channel is subscribed again and caught up
+/// from its stream, so a burst costs reads, never memory or a silent loss.
+const MAX_QUEUED_PUSHES: usize = 64 * 1024;
+
+/// The URL's seed nodes, when it names a Redis Cluster.
+pub(super) fn seeds(url: &str) -> Option<Vec<String>> {
+    let list = url.strip_prefix("redis+cluster://")?;
+    Some(
+        list.split(',')
+            .map(str::trim)
+            .filter(|seed| !seed.is_empty())
+            .map(|seed| format!("redis://{seed}"))
+            .collect(),
+    )
+}
+
+/// The cluster side of the link.
+pub(super) struct Sharded {
+    client: ClusterClient,
+    conn: Option<ClusterConnection>,
+    pushes: mpsc::Receiver<PushInfo>,
+    /// Set when a push did not fit the queue.
+    overflow: Arc<AtomicBool>,
+}
+
+impl Sharded {
+    /// Checks the seeds; nothing connects until [`Sharded::open`].
+    pub(super) fn new(seeds: Vec<String>) -> Result<Self, String> {
+        if seeds.is_empty() {
+            return Err("redis+cluster:// needs at least one HOST:PORT".into());
+        }
+        let (tx, pushes) = mpsc::channel(MAX_QUEUED_PUSHES);
+        let overflow = Arc::new(AtomicBool::new(false));
+        let full = overflow.clone();
+        let client = ClusterClient::builder(seeds.clone())
+            .use_protocol(ProtocolVersion::RESP3)
+            .push_sender(move |info: PushInfo| {
+                if tx.try_send(info).is_err() {
+                    full.store(true, Ordering::Release);
+                }
+                Ok::<(), ()>(())
+            })
+            .connection_timeout(REPLY_TIMEOUT)
+            .response_timeout(REPLY_TIMEOUT)
+            // Our own retries (the node's, the clients') come after a refusal; the
+            // crate's would only hold the reply past REPLY_TIMEOUT.
+            .retries(2)
+            .build()
+            .map_err(|e| format!("redis cluster {seeds:?}: {e}"))?;
+        Ok(Self {
+            client,
+            conn: None,
+            pushes,
+            overflow,
+        })
+    }
+
+    pub(super) fn conn(&self) -> Option<ClusterConnection> {
+        self.conn.clone()
+    }
+
+    /// Connects (reading the slot map from a seed) and loads the scripts on every master.
+    pub(super) async fn open(&mut self) -> RedisResult<ClusterConnection> {
+        let mut conn = self.client.get_async_connection().await?;
+        for script in [publish_script(true), META_SCRIPT.to_string()] {
+            // The crate sends SCRIPT LOAD to every master.
+            let _: Value = ::redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(script)
+                .query_async(&mut conn)
+                .await?;
+        }
+        self.conn = Some(conn.clone());
+        Ok(conn)
+    }
+
+    pub(super) fn close(&mut self) {
+        self.conn = None;
+    }
+
+    /// The next push, never ready while not connected.
+    pub(super) async fn next_push(&mut self) -> PushInfo {
+        if self.conn.is_none() {
+            return std::future::pending().await;
+        }
+        match self.pushes.recv().await {
+            Some(push) => push,
+            // The sender lives in the client we hold.
+            None => std::future::pending().await,
+        }
+    }
+
+    /// Pings every master. One that does not answer in time (hung, or dead without its
+    /// socket closing) sends no `smessage` either, and the crate, which refreshes its slot
+    /// map on errors it gets back, never gets one from it: a new connection is made, with
+    /// the slot map as the masters that answer see it (their replica promoted, once it
+    /// is), and every channel subscribes again on it and catches up. Returns the new
+    /// connection, for the publisher.
+    pub(super) async fn probe(&mut self, node: &mut Node) -> Option<ClusterConnection> {
+        let mut conn = self.conn()?;
+        let routing = RoutingInfo::MultiNode((
+            MultipleNodeRoutingInfo::AllMasters,
+            Some(ResponsePolicy::AllSucceeded),
+        ));
+        let ping = conn.route_command(::redis::cmd("PING"), routing);
+        if let Ok(Ok(_)) = timeout(REPLY_TIMEOUT, ping).await {
+            return None;
+        }
+        tracing::warn!("a redis master did not answer in time; connecting anew");
+        let fresh = timeout(REPLY_TIMEOUT * 2, self.client.get_async_connection()).await;
+        let Ok(Ok(conn)) = fresh else {
+            return None;
+        };
+        self.conn = Some(conn.clone());
+        start_over(node);
+        Some(conn)
+    }
+
+    /// Hands one push to the node; after an overflow, every held channel starts over.
+    pub(super) fn handle_push(&self, push: PushInfo, node: &mut Node) {
+        if self.overflow.swap(false, Ordering::AcqRel) {
+            tracing::warn!("redis pushes overflowed; every channel caught up again");
+            start_over(node);
+        }
+        if push.kind == PushKind::Disconnection {
+            // A node's connection closed, and the push does not say which. The crate
+            // reconnects to that address only, and would wait forever for a master
+            // that died: subscribing every channel again sends the dead master's
+            // channels to the crate's slot map, which it refreshes once they fail, and
+            // catches every channel up from its stream.
+            start_over(node);
+            return;
+        }
+        let mut data = push.data.into_iter();
+        let Some(Some(key)) = data.next().map(|v| text(&v)) else {
+            return;
+        };
+        let Some(channel) = channel_of(&key) else {
+            return;
+        };
+        match push.kind {
+            PushKind::SMessage => {
+                if let Some(Value::BulkString(payload)) = data.next() {
+                    node.handle_announcement(channel, payload.into());
+                }
+            }
+            PushKind::SSubscribe => node.handle_resubscribed(channel),
+            PushKind::SUnsubscribe => node.handle_channel_lost(channel),
+            _ => {}
+        }
+    }
+}
+
+/// Every held channel subscribed again and caught up from its stream.
+fn start_over(node: &mut Node) {
+    let held: Vec<_> = node.channels().cloned().collect();
+    for channel in held {
+        node.handle_channel_lost(&channel);
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(text) => Some(text.clone()),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use super::*;
+    use crate::cluster::node::{Action, Command, Reply};
+    use crate::cluster::{Link, Request};
+    use crate::shard::ConnRef;
+
+    fn push(kind: PushKind, data: &[&[u8]]) -> PushInfo {
+        PushInfo {
+            kind,
+            data: data.iter().map(|d| Value::BulkString(d.to_vec())).collect(),
+        }
+    }
+
+    /// What the node asks for next, as text.
+    fn next(node: &mut Node) -> Option<String> {
+        node.poll_action().map(|action| match action {
+            Action::Command(command) => format!("{command:?}"),
+            Action::Broadcast { seq, .. } => format!("broadcast {seq}"),
+            Action::Send { .. } => "send".into(),
+        })
+    }
+
+    /// A node holding `news`, live at seq 1.
+    fn live_node() -> Node {
+        let mut node = Node::new(1, 8, Arc::new(Link::default()));
+        node.handle_link_up();
+        node.handle_request(Request::Subscribe {
+            channel: "news".into(),
+            shard: 0,
+            conn: ConnRef {
+                key: 1,
+                generation: 1,
+            },
+            ticket: 1,
+            since: None,
+            epoch: None,
+            id: None,
+            max_replay_bytes: 0,
+        });
+        assert_eq!(
+            next(&mut node),
+            Some(format!("{:?}", Command::Subscribe(vec!["news".into()])))
+        );
+        node.handle_reply(Reply::Done);
+        assert!(next(&mut node).is_some_and(|c| c.starts_with("ReadMeta")));
+        node.handle_reply(Reply::Meta {
+            epoch: "e".into(),
+            seq: 1,
+        });
+        assert_eq!(next(&mut node).as_deref(), Some("send"));
+        assert_eq!(next(&mut node), None);
+        node
+    }
+
+    #[test]
+    fn pushes_become_announcements_resubscriptions_and_catch_ups() {
+        let sharded = Sharded::new(vec!["redis://127.0.0.1:1".into()]).unwrap();
+        let mut node = live_node();
+        let message = push(PushKind::SMessage, &[b"herald:{news}", b"2 e {\"a\":1}"]);
+        sharded.handle_push(message, &mut node);
+        assert_eq!(next(&mut node).as_deref(), Some("broadcast 2"));
+        sharded.handle_push(push(PushKind::SMessage, &[b"other", b"3 e 1"]), &mut node);
+        assert_eq!(next(&mut node), None, "not a herald key");
+        // The slot moved: subscribe again, then catch up.
+        sharded.handle_push(push(PushKind::SUnsubscribe, &[b"herald:{news}"]), &mut node);
+        let subscribe = format!("{:?}", Command::Subscribe(vec!["news".into()]));
+        assert_eq!(next(&mut node), Some(subscribe.clone()));
+        node.handle_reply(Reply::Done);
+        assert!(next(&mut node).is_some_and(|c| c.starts_with("ReadMeta")));
+        node.handle_reply(Reply::Meta {
+            epoch: "e".into(),
+            seq: 2,
+        });
+        assert_eq!(next(&mut node), None);
+        // A connection lost somewhere: every channel subscribes again.
+        sharded.handle_push(
+            PushInfo {
+                kind: PushKind::Disconnection,
+                data: Vec::new(),
+            },
+            &mut node,
+        );
+        assert_eq!(next(&mut node), Some(subscribe));
+        node.handle_reply(Reply::Done);
+        assert!(next(&mut node).is_some_and(|c| c.starts_with("ReadMeta")));
+        node.handle_reply(Reply::Meta {
+            epoch: "e".into(),
+            seq: 3,
+        });
+        let read = next(&mut node).unwrap();
+        assert!(read.starts_with("ReadStream"), "{read}");
+        node.handle_reply(Reply::Entries(vec![(3, Bytes::from_static(b"[3]"))]));
+        assert_eq!(next(&mut node).as_deref(), Some("broadcast 3"));
+        // The crate resubscribed on its own: catch up.
+        sharded.handle_push(push(PushKind::SSubscribe, &[b"herald:{news}"]), &mut node);
+        assert!(next(&mut node).is_some_and(|c| c.starts_with("ReadMeta")));
+    }
+
+    #[test]
+    fn cluster_urls_name_their_seeds() {
+        assert_eq!(
+            seeds("redis+cluster://10.0.0.1:7000, 10.0.0.2:7001,"),
+            Some(vec![
+                "redis://10.0.0.1:7000".to_string(),
+                "redis://10.0.0.2:7001".to_string()
+            ])
+        );
+        assert_eq!(seeds("redis://10.0.0.1:6379"), None);
+        assert!(Sharded::new(Vec::new()).is_err());
+    }
+}
