@@ -13,6 +13,7 @@
 //! session on its way to the shard, and sends carry the session's records (`tls.rs`).
 
 mod bufring;
+mod socket;
 mod tls;
 
 use std::collections::VecDeque;
@@ -23,15 +24,16 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
 
-use crate::backend::tls::{TlsAcceptor, TlsSession};
+use crate::backend::tls::TlsAcceptor;
 use crate::backend::turn::{Loop, Sockets};
 use crate::shard::{Inbox, Post, Shard, Wake};
 
 use bufring::BufRing;
+use socket::{Rare, SendRecord, Sending, Socket};
 
 /// Submission queue entries per ring: a turn's sends for thousands of sockets fit in a
 /// few submissions; when it is full the queued entries are submitted early.
@@ -138,126 +140,6 @@ pub struct Reactor {
     pub drain: Duration,
     /// Present when the listener speaks TLS.
     pub tls: Option<Arc<TlsAcceptor>>,
-}
-
-/// A connection's socket and the operations in flight on it: 56 bytes, held in the
-/// ring's table itself. What a send needs beyond one frame comes from a per-ring pool
-/// only while it is in flight, so an idle plain connection holds nothing else.
-struct Socket {
-    fd: OwnedFd,
-    /// Frames taken out of the outbox and not yet all sent (the first may be partly sent).
-    sending: Sending,
-    /// What few sockets have: TLS, a receive buffer of their own.
-    rare: Option<Box<Rare>>,
-    send_in_flight: bool,
-    /// A receive is armed (multishot: until a completion without `F_MORE`).
-    recv_in_flight: bool,
-    /// A cancel was asked for the armed receive (the shard wants no more bytes for now).
-    recv_cancelled: bool,
-    /// The shard is done with it: cancel what is in flight, then close.
-    closing: bool,
-}
-
-/// The state of the sockets that need more than the common case.
-#[derive(Default)]
-struct Rare {
-    tls: Option<TlsSession>,
-    /// Shut down the write side once the records now being sent (`close_notify` last)
-    /// are out.
-    shutdown_after_ciphertext: bool,
-    /// Where single-shot receives land when there is no buffer ring.
-    recv_buf: Option<Box<[u8]>>,
-}
-
-/// The frames of a socket's send. Most sends carry one frame (a broadcast to a
-/// subscriber), sent from its own bytes with no vector.
-enum Sending {
-    Idle,
-    One(Bytes),
-    Many(Box<SendRecord>),
-}
-
-/// A send of several frames: the frames, their vectors and the header pointing to them,
-/// behind one pointer so their addresses stay put until the kernel is done with them.
-struct SendRecord {
-    frames: Vec<Bytes>,
-    iovecs: [libc::iovec; MAX_IOVECS],
-    msghdr: libc::msghdr,
-}
-
-impl SendRecord {
-    fn new() -> Box<Self> {
-        Box::new(Self {
-            frames: Vec::with_capacity(MAX_IOVECS),
-            iovecs: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_IOVECS],
-            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-            msghdr: unsafe { std::mem::zeroed() },
-        })
-    }
-}
-
-impl Socket {
-    fn new(fd: OwnedFd, tls: Option<TlsSession>) -> Self {
-        Self {
-            fd,
-            sending: Sending::Idle,
-            rare: tls.map(|session| {
-                Box::new(Rare {
-                    tls: Some(session),
-                    ..Rare::default()
-                })
-            }),
-            send_in_flight: false,
-            recv_in_flight: false,
-            recv_cancelled: false,
-            closing: false,
-        }
-    }
-
-    fn in_flight(&self) -> bool {
-        self.send_in_flight || self.recv_in_flight
-    }
-
-    fn tls(&mut self) -> Option<&mut TlsSession> {
-        self.rare.as_mut().and_then(|rare| rare.tls.as_mut())
-    }
-
-    /// Drops the first `sent` bytes of the frames in flight; returns the send record once
-    /// all of its frames are out, for the pool.
-    fn advance(&mut self, mut sent: usize) -> Option<Box<SendRecord>> {
-        match &mut self.sending {
-            Sending::Idle => None,
-            Sending::One(frame) => {
-                frame.advance(sent);
-                if frame.is_empty() {
-                    self.sending = Sending::Idle;
-                }
-                None
-            }
-            Sending::Many(record) => {
-                let mut done = 0;
-                for chunk in &mut record.frames {
-                    if sent < chunk.len() {
-                        chunk.advance(sent);
-                        break;
-                    }
-                    sent -= chunk.len();
-                    done += 1;
-                }
-                record.frames.drain(..done);
-                if !record.frames.is_empty() {
-                    return None;
-                }
-                match std::mem::replace(&mut self.sending, Sending::Idle) {
-                    Sending::Many(record) => Some(record),
-                    _ => unreachable!("matched above"),
-                }
-            }
-        }
-    }
 }
 
 /// One completion, copied out so the handlers may queue new entries.
@@ -1020,20 +902,4 @@ fn set_nodelay(fd: RawFd) {
             size_of::<libc::c_int>() as libc::socklen_t,
         )
     };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every connection holds a socket entry in the ring's table (measured with
-    /// `bench-client/memory.sh`): growing it costs each idle connection.
-    #[test]
-    fn a_socket_entry_is_compact() {
-        assert!(
-            size_of::<Option<Socket>>() <= 64,
-            "{}",
-            size_of::<Option<Socket>>()
-        );
-    }
 }
