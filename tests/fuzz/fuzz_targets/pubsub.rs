@@ -27,7 +27,11 @@ fuzz_target!(|data: &[u8]| {
         let Some(doc) = oracle(&input) else { return };
         let object = doc.as_object().expect("accepted command is not a JSON object");
         let id = match command {
-            Command::Subscribe { channel, id, .. } | Command::Unsubscribe { channel, id } => {
+            Command::Subscribe { channel, id, .. }
+            | Command::Unsubscribe { channel, id }
+            | Command::Presence { channel, id, .. }
+            | Command::PresenceStats { channel, id }
+            | Command::History { channel, id, .. } => {
                 assert_eq!(object.get("channel").and_then(Value::as_str), Some(&**channel));
                 *id
             }
