@@ -18,8 +18,8 @@ mod tls;
 
 use std::collections::VecDeque;
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::TcpListener;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
@@ -33,7 +33,7 @@ use crate::backend::turn::{Loop, Sockets};
 use crate::shard::{Inbox, Post, Shard, Wake};
 
 use bufring::BufRing;
-use socket::{Rare, SendRecord, Sending, Socket};
+use socket::{Rare, SendRecord, Sending, Socket, peer_ip, set_nodelay};
 
 /// Submission queue entries per ring: a turn's sends for thousands of sockets fit in a
 /// few submissions; when it is full the queued entries are submitted early.
@@ -862,44 +862,4 @@ impl Sockets for Uring {
         }
         self.finish_close(shard, key)
     }
-}
-
-/// The peer's address of an accepted socket (multishot accept does not report it).
-fn peer_ip(fd: RawFd) -> Option<IpAddr> {
-    // SAFETY: sockaddr_storage is plain data; all-zero is valid.
-    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-    // SAFETY: `addr` and `len` are live and `len` says how big `addr` is.
-    let rc = unsafe { libc::getpeername(fd, (&raw mut addr).cast(), &raw mut len) };
-    if rc != 0 {
-        return None;
-    }
-    match i32::from(addr.ss_family) {
-        libc::AF_INET => {
-            // SAFETY: the family says `addr` holds a sockaddr_in.
-            let v4 = unsafe { &*(&raw const addr).cast::<libc::sockaddr_in>() };
-            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))))
-        }
-        libc::AF_INET6 => {
-            // SAFETY: the family says `addr` holds a sockaddr_in6.
-            let v6 = unsafe { &*(&raw const addr).cast::<libc::sockaddr_in6>() };
-            Some(IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)))
-        }
-        _ => None,
-    }
-}
-
-/// Pushed frames must leave at once, not wait for Nagle.
-fn set_nodelay(fd: RawFd) {
-    let on: libc::c_int = 1;
-    // SAFETY: passes a live c_int of the size given.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&raw const on).cast(),
-            size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
 }

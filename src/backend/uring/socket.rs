@@ -1,7 +1,9 @@
-//! A connection's socket as the io_uring backend keeps it, and what a send in flight
-//! holds: addresses the kernel reads until the send completes.
+//! A connection's socket as the io_uring backend keeps it, what a send in flight holds
+//! (addresses the kernel reads until the send completes), and the socket options set
+//! on an accepted one.
 
-use std::os::fd::OwnedFd;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::os::fd::{OwnedFd, RawFd};
 
 use bytes::{Buf, Bytes};
 
@@ -127,6 +129,46 @@ impl Socket {
             }
         }
     }
+}
+
+/// The peer's address of an accepted socket (multishot accept does not report it).
+pub(super) fn peer_ip(fd: RawFd) -> Option<IpAddr> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is valid.
+    let mut addr: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut len = size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `addr` and `len` are live and `len` says how big `addr` is.
+    let rc = unsafe { libc::getpeername(fd, (&raw mut addr).cast(), &raw mut len) };
+    if rc != 0 {
+        return None;
+    }
+    match i32::from(addr.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says `addr` holds a sockaddr_in.
+            let v4 = unsafe { &*(&raw const addr).cast::<libc::sockaddr_in>() };
+            Some(IpAddr::V4(Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr))))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says `addr` holds a sockaddr_in6.
+            let v6 = unsafe { &*(&raw const addr).cast::<libc::sockaddr_in6>() };
+            Some(IpAddr::V6(Ipv6Addr::from(v6.sin6_addr.s6_addr)))
+        }
+        _ => None,
+    }
+}
+
+/// Pushed frames must leave at once, not wait for Nagle.
+pub(super) fn set_nodelay(fd: RawFd) {
+    let on: libc::c_int = 1;
+    // SAFETY: passes a live c_int of the size given.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&raw const on).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
 }
 
 #[cfg(test)]
