@@ -43,31 +43,26 @@ impl Transport for EventStream {
     }
 
     fn on_subscribed(&mut self, scope: &mut Scope<'_>, confirmed: &Confirmed<'_>) -> Action {
-        if !confirmed.announced {
-            let Confirmed {
-                channel,
-                seq,
-                epoch,
-                ..
-            } = *confirmed;
-            scope.outbox.push(sse_subscribed(channel, seq, epoch));
-        }
-        for (seq, frame) in confirmed.replay {
-            scope.outbox.push(sse::event(*seq, frame));
-        }
-        Action::Flush
+        let Confirmed {
+            channel,
+            seq,
+            epoch,
+            replay,
+            announced,
+            ..
+        } = *confirmed;
+        queue_replay(scope, !announced, (channel, seq, epoch), replay)
     }
 
     fn on_replay_chunk(&mut self, scope: &mut Scope<'_>, chunk: &Chunk<'_>) -> Action {
-        if chunk.first {
-            scope
-                .outbox
-                .push(sse_subscribed(chunk.channel, chunk.seq, chunk.epoch));
-        }
-        for (seq, frame) in chunk.replay {
-            scope.outbox.push(sse::event(*seq, frame));
-        }
-        Action::Flush
+        let Chunk {
+            channel,
+            seq,
+            epoch,
+            replay,
+            first,
+        } = *chunk;
+        queue_replay(scope, first, (channel, seq, epoch), replay)
     }
 
     /// Says what was missed, then carries on live.
@@ -115,6 +110,23 @@ impl Shard {
         self.arm_heartbeat(key);
         self.request_subscription(key, channel.into(), since, None, None);
     }
+}
+
+/// Queues what a home sent for the stream's subscription: the `subscribed` event first
+/// when `announce`, then one event per replayed message.
+fn queue_replay(
+    scope: &mut Scope<'_>,
+    announce: bool,
+    (channel, seq, epoch): (&str, u64, &str),
+    replay: &[(u64, Bytes)],
+) -> Action {
+    if announce {
+        scope.outbox.push(sse_subscribed(channel, seq, epoch));
+    }
+    for (message_seq, frame) in replay {
+        scope.outbox.push(sse::event(*message_seq, frame));
+    }
+    Action::Flush
 }
 
 /// The event that opens an event stream's subscription.

@@ -3,6 +3,8 @@
 
 use std::time::Instant;
 
+use bytes::Bytes;
+
 use crate::config::Config;
 use crate::http::{ApiError, longpoll};
 use crate::hub::{Broadcast, ChannelName};
@@ -28,6 +30,14 @@ pub(super) struct Poll {
 }
 
 impl Poll {
+    /// Answers the poll with `response`, built for its keep-alive.
+    fn respond(&self, response: Bytes) -> Action {
+        Action::Respond {
+            response,
+            keep_alive: self.keep_alive,
+        }
+    }
+
     /// The answer with no messages: the client stands where it stood.
     fn answer_empty(&self, scope: &Scope<'_>, keep_alive: bool) -> Action {
         let epoch = self.epoch.as_deref().map_or(scope.node_epoch, |e| e);
@@ -49,10 +59,7 @@ impl Poll {
             &message,
             self.keep_alive,
         );
-        Action::Respond {
-            response,
-            keep_alive: self.keep_alive,
-        }
+        self.respond(response)
     }
 }
 
@@ -100,10 +107,7 @@ impl Transport for Poll {
                 replay,
                 self.keep_alive,
             );
-            return Action::Respond {
-                response,
-                keep_alive: self.keep_alive,
-            };
+            return self.respond(response);
         }
         self.seq = confirmed.seq;
         self.epoch = confirmed.cluster_epoch.cloned().map(Box::new);
@@ -113,10 +117,7 @@ impl Transport for Poll {
     fn on_gap(&mut self, _scope: &mut Scope<'_>, gap: &Gap<'_>) -> Action {
         let response =
             longpoll::gap_response(gap.channel, gap.epoch, gap.seq, gap.oldest, self.keep_alive);
-        Action::Respond {
-            response,
-            keep_alive: self.keep_alive,
-        }
+        self.respond(response)
     }
 
     fn on_busy(
