@@ -253,6 +253,13 @@ pub struct Options {
     #[arg(long, env = "HERALD_REDIS_ACK_REPLICAS", value_name = "N")]
     pub redis_ack_replicas: Option<u32>,
 
+    /// With `--redis`: most bytes of Redis traffic the node holds for each shard that has
+    /// not taken it yet (the node stops reading Redis meanwhile), and most bytes of
+    /// announcements read but not yet handled (past it they are dropped and every channel
+    /// catches up from its Redis stream). [default: 8388608]
+    #[arg(long, env = "HERALD_REDIS_BUFFER_BYTES", value_name = "BYTES")]
+    pub redis_buffer_bytes: Option<usize>,
+
     /// Secret that `POST /api/publish` needs as `Authorization: Bearer KEY`. Without it,
     /// HTTP publishing is refused (403).
     #[arg(
@@ -433,6 +440,7 @@ impl Options {
             api_key: self.api_key.or(lower.api_key),
             redis: self.redis.or(lower.redis),
             redis_ack_replicas: self.redis_ack_replicas.or(lower.redis_ack_replicas),
+            redis_buffer_bytes: self.redis_buffer_bytes.or(lower.redis_buffer_bytes),
             max_body_bytes: self.max_body_bytes.or(lower.max_body_bytes),
             auth: self.auth.or(lower.auth),
             jwt_alg: self.jwt_alg.or(lower.jwt_alg),
@@ -491,6 +499,8 @@ pub struct Config {
     pub redis: Option<String>,
     /// Replicas that must hold a publish before it is acknowledged (`WAIT`).
     pub redis_ack_replicas: u32,
+    /// Redis traffic held per shard, and announcements read ahead (`--redis-buffer-bytes`).
+    pub redis_buffer_bytes: usize,
     pub max_body_bytes: usize,
     pub auth: AuthSettings,
     pub trusted_proxies: Vec<IpAddr>,
@@ -592,6 +602,7 @@ impl Options {
             api_key: self.api_key.filter(|k| !k.is_empty()),
             redis: self.redis.filter(|url| !url.is_empty()),
             redis_ack_replicas: self.redis_ack_replicas.unwrap_or(0),
+            redis_buffer_bytes: self.redis_buffer_bytes.unwrap_or(8 * 1024 * 1024),
             max_body_bytes: self.max_body_bytes.unwrap_or(1024 * 1024),
             auth: AuthSettings {
                 mode: self.auth,
@@ -685,6 +696,9 @@ impl Config {
         }
         if self.redis_ack_replicas > 16 {
             return Err("redis_ack_replicas must be at most 16".into());
+        }
+        if self.redis_buffer_bytes < 4096 {
+            return Err("redis_buffer_bytes must be at least 4096".into());
         }
         if self.outbound_queue_bytes < 4096 {
             return Err("outbound_queue_bytes must be at least 4096".into());

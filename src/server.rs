@@ -30,6 +30,7 @@ pub fn serve(mut config: Config) -> io::Result<()> {
                 url,
                 ctx.config.history,
                 ctx.config.redis_ack_replicas,
+                ctx.config.redis_buffer_bytes,
                 ctx.config.compression.clone(),
             )
             .map_err(io::Error::other)?;

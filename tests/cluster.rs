@@ -1328,3 +1328,70 @@ async fn a_replay_from_redis_is_paced_within_the_outbound_budget() {
     assert_eq!(subscribed.len(), 1, "{subscribed:?}");
     assert!(subscribed[0].contains(r#""id":7"#), "{}", subscribed[0]);
 }
+
+/// A flood from Redis faster than the node's shard takes it. With `--redis-buffer-bytes
+/// 4096` the node stops reading Redis while the shard is behind, drops the announcements
+/// that do not fit and catches the channel up from its stream: every subscriber gets
+/// every message once, in order, and the shard never held more than the buffer and one
+/// message of Redis traffic (without the bound it holds whatever the flood outran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_from_redis_is_held_within_the_buffer_and_caught_up() {
+    const BUFFER: u64 = 4096;
+    const TOTAL: usize = 3000;
+    let binary = require_redis();
+    let redis = Redis::start(&binary);
+    let buffer = BUFFER.to_string();
+    let receiving = node(
+        &redis,
+        &[
+            "--threads",
+            "1",
+            "--redis-buffer-bytes",
+            &buffer,
+            "--history-size",
+            "5000",
+        ],
+    );
+    let publishing = node(&redis, &["--history-size", "5000"]);
+    let mut subscribers = Vec::new();
+    for _ in 0..2 {
+        let mut ws = connect_ws(receiving.addr()).await;
+        subscribe(&mut ws, "flood", 1).await;
+        subscribers.push(ws);
+    }
+    let readers: Vec<_> = subscribers
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(
+                async move { collect(&mut ws, "flood", TOTAL, Duration::from_secs(60)).await },
+            )
+        })
+        .collect();
+    let filler = "x".repeat(1000);
+    let mut conn = HttpConn::connect(publishing.addr());
+    for batch in 0..TOTAL / 500 {
+        let messages: Vec<Value> = (0..500)
+            .map(|i| json!({"channel": "flood", "data": {"i": batch * 500 + i, "fill": filler}}))
+            .collect();
+        let answer = conn.publish(Some(API_KEY), &json!({ "messages": messages }).to_string());
+        assert_eq!(answer.status, 200, "{}", answer.text());
+    }
+    for reader in readers {
+        let got = reader.await.expect("reader");
+        assert_consecutive_from_one(&got, TOTAL as u64, "subscriber");
+    }
+    let waits = metric_value(receiving.addr(), "herald_redis_backlog_waits_total").unwrap_or(0.0);
+    let overflows =
+        metric_value(receiving.addr(), "herald_redis_push_overflows_total").unwrap_or(0.0);
+    assert!(
+        waits + overflows > 0.0,
+        "a flood of {TOTAL} messages never filled a 4 KiB buffer"
+    );
+    let peak = metric_value(receiving.addr(), "herald_redis_backlog_peak_bytes").expect("peak");
+    // One message more than the buffer: its frame (about 1,030 bytes) and its envelope.
+    assert!(
+        peak <= (BUFFER + 2048) as f64,
+        "the shard held {peak} bytes of Redis traffic past a {BUFFER}-byte buffer"
+    );
+    eprintln!("flood: {waits} waits for the shard, {overflows} overflows, peak {peak} bytes");
+}

@@ -21,9 +21,12 @@
 //!
 //! Nothing here grows with what clients send: the queues from the shards refuse past
 //! their bounds (a publish is answered `unavailable` / 503, a subscribe `unavailable`),
-//! every stream read is bounded by the history size, and the per-channel state is held
-//! only for channels this node's clients hold (plus a bounded memory of recent publishes).
+//! every stream read is bounded by the history size, the per-channel state is held
+//! only for channels this node's clients hold (plus a bounded memory of recent publishes),
+//! and what Redis sends the shards is held within `--redis-buffer-bytes` (`redis.rs`,
+//! `inflow.rs`).
 
+mod inflow;
 mod node;
 mod publish;
 mod redis;
@@ -94,6 +97,12 @@ pub struct Link {
     publish_failures: AtomicU64,
     history_reads: AtomicU64,
     epoch_changes: AtomicU64,
+    /// Times the node stopped reading Redis until a shard took its backlog.
+    backlog_waits: AtomicU64,
+    /// The largest backlog of Redis traffic one shard had not taken, in bytes.
+    backlog_peak: AtomicU64,
+    /// Times pushes from Redis were dropped past `--redis-buffer-bytes`.
+    push_overflows: AtomicU64,
 }
 
 impl Link {
@@ -143,6 +152,24 @@ impl Link {
                 "counter",
                 "Channels found rolled back or evicted in Redis: a new epoch began.",
                 self.epoch_changes.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_backlog_waits_total",
+                "counter",
+                "Times the node stopped reading Redis until a shard took its backlog.",
+                self.backlog_waits.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_backlog_peak_bytes",
+                "gauge",
+                "Largest backlog of Redis messages one shard had not taken yet, in bytes.",
+                self.backlog_peak.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_push_overflows_total",
+                "counter",
+                "Times Redis pushes were dropped past --redis-buffer-bytes (channels caught up from their streams).",
+                self.push_overflows.load(Ordering::Relaxed),
             ),
         ];
         let mut out = String::new();
@@ -272,6 +299,8 @@ pub struct Idle {
     publishes: Arc<Queue>,
     history: HistoryLimits,
     ack_replicas: u32,
+    /// Redis traffic held per shard, and announcements read ahead (`--redis-buffer-bytes`).
+    buffer_bytes: usize,
     compression: CompressionPolicies,
     link: Arc<Link>,
 }
@@ -283,15 +312,12 @@ impl Bridge {
         url: &str,
         history: HistoryLimits,
         ack_replicas: u32,
+        buffer_bytes: usize,
         compression: CompressionPolicies,
     ) -> Result<(Self, Idle), String> {
         let backend = match sharded::seeds(url) {
-            Some(seeds) => redis::Backend::Sharded(sharded::Sharded::new(seeds)?),
-            None => redis::Backend::Single {
-                client: ::redis::Client::open(url)
-                    .map_err(|e| format!("redis URL {url:?}: {e}"))?,
-                live: None,
-            },
+            Some(seeds) => redis::Backend::Sharded(sharded::Sharded::new(seeds, buffer_bytes)?),
+            None => redis::Backend::single(url, buffer_bytes)?,
         };
         let requests = Arc::new(Queue::new(MAX_QUEUED_SUBSCRIBES, usize::MAX));
         let publishes = Arc::new(Queue::new(MAX_QUEUED_PUBLISHES, MAX_QUEUED_PUBLISH_BYTES));
@@ -308,6 +334,7 @@ impl Bridge {
                 publishes,
                 history,
                 ack_replicas,
+                buffer_bytes,
                 compression,
                 link,
             },

@@ -4,6 +4,15 @@
 //! Cluster (`sharded.rs`: a failure is the failing channel's alone, retried after
 //! [`CHANNEL_RETRY`], while the crate follows the slot map).
 //!
+//! What Redis pushes (announcements, subscription changes) reaches the thread through a
+//! queue bounded in bytes (`inflow.rs`), and the thread reads the next push only while
+//! every shard holds less than `--redis-buffer-bytes` of what it sent them
+//! ([`Post::remote_room`]): a shard that falls behind stops the node reading Redis, the
+//! queue fills, and past it the node catches every channel up from its stream once the
+//! shard has taken its backlog. The node's memory for Redis traffic is bounded by the
+//! buffer times the shards plus one, and what is dropped meanwhile comes back from the
+//! history.
+//!
 //! Two tasks share the thread. The publisher (`publish.rs`) pipelines every queued
 //! publish into one round trip of the ordering script. The driver owns everything else:
 //! it feeds the node one request or announcement at a time and performs the node's
@@ -13,21 +22,24 @@
 
 use std::collections::HashSet;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
-use ::redis::aio::{MultiplexedConnection, PubSubSink, PubSubStream};
-use ::redis::{AsyncConnectionConfig, Msg, RedisError, RedisResult, Value};
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{
+    AsyncConnectionConfig, ProtocolVersion, PushInfo, PushKind, RedisError, RedisResult, Value,
+};
 use bytes::Bytes;
-use futures_util::StreamExt;
 use tokio::sync::watch;
 use tokio::time::{Instant, sleep_until, timeout};
 
+use super::inflow::{Inflow, PushSender, inflow};
 use super::node::{Action, Command, Node, Reply};
 use super::publish::{Conn, Publisher, SEEN_PER_GENERATION, Seen};
 use super::script::{
     META_SCRIPT, channel_of, meta_key, publish_script, pubsub_key, stream_entries, stream_key,
 };
-use super::sharded::Sharded;
+use super::sharded::{Sharded, start_over};
 use super::{Idle, Link, Queue};
 use crate::compression::{CompressionPolicies, CompressionPolicy};
 use crate::hub::{self, Broadcast, ChannelName};
@@ -56,6 +68,16 @@ impl Shards {
     }
 }
 
+/// One Redis's pub/sub side: a RESP3 connection whose pushes go through the bounded
+/// inflow. Each connection's pushes carry its number, so the disconnection a dropped
+/// connection reports after it was replaced is not taken for the new one's.
+pub(super) struct SinglePushes {
+    client: ::redis::Client,
+    sender: PushSender,
+    inflow: Inflow,
+    current: Arc<AtomicU64>,
+}
+
 /// The command connection of one link, numbered so that a report about a link that has
 /// already been replaced is recognised as stale.
 pub(super) type Publishing = Option<(u64, Conn)>;
@@ -64,12 +86,36 @@ pub(super) type Publishing = Option<(u64, Conn)>;
 pub(super) enum Backend {
     Single {
         client: ::redis::Client,
+        pushes: SinglePushes,
         live: Option<Live>,
     },
     Sharded(Sharded),
 }
 
 impl Backend {
+    /// One Redis at `url`; pushes read ahead hold at most `buffer_bytes`.
+    pub(super) fn single(url: &str, buffer_bytes: usize) -> Result<Self, String> {
+        let invalid = |e: RedisError| format!("redis URL {url:?}: {e}");
+        let client = ::redis::Client::open(url).map_err(invalid)?;
+        let info = client.get_connection_info().clone();
+        let resp3 = info
+            .redis_settings()
+            .clone()
+            .set_protocol(ProtocolVersion::RESP3);
+        let pubsub = ::redis::Client::open(info.set_redis_settings(resp3)).map_err(invalid)?;
+        let (sender, inflow) = inflow(buffer_bytes);
+        Ok(Self::Single {
+            client,
+            pushes: SinglePushes {
+                client: pubsub,
+                sender,
+                inflow,
+                current: Arc::new(AtomicU64::new(0)),
+            },
+            live: None,
+        })
+    }
+
     fn is_up(&self) -> bool {
         match self {
             Self::Single { live, .. } => live.is_some(),
@@ -84,8 +130,9 @@ impl Backend {
 
 /// What arrived from Redis besides replies.
 enum Incoming {
-    Message(Msg),
-    Push(::redis::PushInfo),
+    Push(PushInfo),
+    /// Pushes were dropped: every held channel catches up from its stream.
+    Overflow,
     /// The pub/sub connection is gone.
     Closed,
 }
@@ -98,6 +145,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         publishes,
         history,
         ack_replicas,
+        buffer_bytes,
         compression,
         link,
     } = idle;
@@ -121,6 +169,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         backend,
         node: Node::new(post.shards(), history.size, link.clone()),
         shards: Shards { post },
+        buffer_bytes,
         compression,
         shared_compressor: Compressor::new(CompressorSettings::SHARED, true),
         link,
@@ -135,11 +184,10 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
     driver.run(requests, broken_rx).await;
 }
 
-/// The single Redis's two connections while up.
+/// The single Redis's two connections while up: commands, and pub/sub (RESP3).
 pub(super) struct Live {
     conn: MultiplexedConnection,
-    sink: PubSubSink,
-    stream: PubSubStream,
+    pubsub: MultiplexedConnection,
 }
 
 /// The link went down during a step; the caller stops and lets `run` reconnect.
@@ -149,6 +197,8 @@ struct Driver {
     backend: Backend,
     node: Node,
     shards: Shards,
+    /// The next push is read only while every shard's backlog is under this.
+    buffer_bytes: usize,
     /// Shared-policy channels are compressed once per node, as a home shard does alone.
     compression: CompressionPolicies,
     shared_compressor: Compressor,
@@ -171,12 +221,17 @@ impl Driver {
         loop {
             let up = self.backend.is_up();
             let retrying = !self.retry.is_empty();
+            let room = self.shards.post.remote_backlog() < self.buffer_bytes;
             let step = tokio::select! {
                 request = requests.recv() => {
                     self.node.handle_request(request);
                     Ok(())
                 }
-                incoming = next_incoming(&mut self.backend) => self.incoming(incoming),
+                incoming = next_incoming(&mut self.backend), if room => self.incoming(incoming),
+                () = self.shards.post.remote_room(self.buffer_bytes), if !room => {
+                    Link::count(&self.link.backlog_waits);
+                    Ok(())
+                }
                 () = sleep_until(self.retry_at), if !up => self.connect().await,
                 () = sleep_until(self.retry_at), if up && retrying => {
                     for channel in std::mem::take(&mut self.retry) {
@@ -202,17 +257,17 @@ impl Driver {
 
     fn incoming(&mut self, incoming: Incoming) -> Result<(), Lost> {
         match incoming {
-            Incoming::Message(message) => {
-                if let Some(channel) = channel_of(message.get_channel_name()) {
-                    let payload = Bytes::copy_from_slice(message.get_payload_bytes());
-                    self.node.handle_announcement(channel, payload);
+            Incoming::Push(push) => {
+                match &self.backend {
+                    Backend::Sharded(sharded) => sharded.handle_push(push, &mut self.node),
+                    Backend::Single { .. } => handle_single_push(push, &mut self.node),
                 }
                 Ok(())
             }
-            Incoming::Push(push) => {
-                if let Backend::Sharded(sharded) = &self.backend {
-                    sharded.handle_push(push, &mut self.node);
-                }
+            Incoming::Overflow => {
+                Link::count(&self.link.push_overflows);
+                tracing::warn!("redis pushes overflowed; every channel caught up again");
+                start_over(&mut self.node);
                 Ok(())
             }
             Incoming::Closed => Err(Lost),
@@ -229,7 +284,15 @@ impl Driver {
                     seq,
                     frame,
                     shards,
-                } => self.broadcast(channel, seq, frame, &shards),
+                } => {
+                    // A catch-up step can hold a history's worth of messages: each waits
+                    // for room as the next announcement would.
+                    if self.shards.post.remote_backlog() >= self.buffer_bytes {
+                        Link::count(&self.link.backlog_waits);
+                        self.shards.post.remote_room(self.buffer_bytes).await;
+                    }
+                    self.broadcast(channel, seq, frame, &shards);
+                }
                 Action::Command(command) => match self.execute(command).await {
                     Ok(reply) => self.node.handle_reply(reply),
                     Err(Lost) => {
@@ -252,15 +315,15 @@ impl Driver {
         match &self.backend {
             Backend::Single { live, .. } => {
                 let live = live.as_ref().ok_or(Lost)?;
-                let (mut conn, mut sink) = (live.conn.clone(), live.sink.clone());
+                let (mut conn, mut pubsub) = (live.conn.clone(), live.pubsub.clone());
                 match command {
                     Command::Subscribe(names) => {
                         let keys: Vec<String> = names.iter().map(|c| pubsub_key(c)).collect();
-                        bounded(sink.subscribe(keys)).await?;
+                        bounded(pubsub.subscribe(keys)).await?;
                         Ok(Reply::Done)
                     }
                     Command::Unsubscribe(name) => {
-                        bounded(sink.unsubscribe(pubsub_key(&name))).await?;
+                        bounded(pubsub.unsubscribe(pubsub_key(&name))).await?;
                         Ok(Reply::Done)
                     }
                     command => self.read(&mut conn, command).await,
@@ -372,8 +435,10 @@ impl Driver {
             broadcast.compress_shared(&mut self.shared_compressor);
         }
         for &shard in shards {
-            self.shards
-                .send(shard, Envelope::Broadcast(broadcast.clone()));
+            let backlog = self.shards.post.send_remote(shard, broadcast.clone());
+            self.link
+                .backlog_peak
+                .fetch_max(backlog as u64, Ordering::Relaxed);
         }
     }
 
@@ -381,7 +446,11 @@ impl Driver {
     /// (resubscribing, then catching up from the streams).
     async fn connect(&mut self) -> Result<(), Lost> {
         let opened = match &mut self.backend {
-            Backend::Single { client, live } => open(client).await.map(|opened| {
+            Backend::Single {
+                client,
+                pushes,
+                live,
+            } => open(client, pushes).await.map(|opened| {
                 let conn = opened.conn.clone();
                 *live = Some(opened);
                 Conn::Single(conn)
@@ -400,9 +469,7 @@ impl Driver {
         self.node.handle_link_up();
         self.drive().await?;
         self.backoff = FIRST_BACKOFF;
-        self.link
-            .up
-            .store(true, std::sync::atomic::Ordering::Release);
+        self.link.up.store(true, Ordering::Release);
         if self.connected_before {
             Link::count(&self.link.reconnects);
         }
@@ -418,7 +485,9 @@ impl Driver {
 
     fn lose_link(&mut self) {
         match &mut self.backend {
-            Backend::Single { live, .. } => {
+            Backend::Single { live, pushes, .. } => {
+                // Whatever the dropped connection still reports is stale from here on.
+                pushes.current.fetch_add(1, Ordering::AcqRel);
                 if live.take().is_some() {
                     tracing::warn!(
                         "redis link lost; local subscribers stay connected, reconnecting"
@@ -427,9 +496,7 @@ impl Driver {
             }
             Backend::Sharded(sharded) => sharded.close(),
         }
-        self.link
-            .up
-            .store(false, std::sync::atomic::Ordering::Release);
+        self.link.up.store(false, Ordering::Release);
         self.conn_tx.send_replace(None);
         self.retry_at = Instant::now() + self.backoff;
         self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
@@ -453,15 +520,15 @@ impl Driver {
                 return Ok(());
             }
         };
-        let (mut conn, mut sink) = (live.conn.clone(), live.sink.clone());
-        bounded(sink.ping::<Value>()).await?;
+        let (mut conn, mut pubsub) = (live.conn.clone(), live.pubsub.clone());
+        bounded(::redis::cmd("PING").query_async::<Value>(&mut pubsub)).await?;
         bounded(::redis::cmd("PING").query_async::<String>(&mut conn)).await?;
         Ok(())
     }
 }
 
 /// Connects a single Redis's two connections and loads the scripts.
-async fn open(client: &::redis::Client) -> RedisResult<Live> {
+async fn open(client: &::redis::Client, pushes: &SinglePushes) -> RedisResult<Live> {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(REPLY_TIMEOUT))
         .set_response_timeout(Some(REPLY_TIMEOUT));
@@ -475,11 +542,36 @@ async fn open(client: &::redis::Client) -> RedisResult<Live> {
             .query_async(&mut conn)
             .await?;
     }
-    let pubsub = timeout(REPLY_TIMEOUT, client.get_async_pubsub())
-        .await
-        .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
-    let (sink, stream) = pubsub.split();
-    Ok(Live { conn, sink, stream })
+    let number = pushes.current.load(Ordering::Acquire);
+    let (current, sender) = (pushes.current.clone(), pushes.sender.clone());
+    let config = config.set_push_sender(move |push: PushInfo| {
+        if current.load(Ordering::Acquire) == number {
+            sender.push(push);
+        }
+        Ok::<(), ()>(())
+    });
+    let pubsub = pushes
+        .client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?;
+    Ok(Live { conn, pubsub })
+}
+
+/// One push from a single Redis: an announcement, or a disconnection (the link is lost;
+/// subscription confirmations need nothing).
+fn handle_single_push(push: PushInfo, node: &mut Node) {
+    if push.kind != PushKind::Message {
+        return;
+    }
+    let mut data = push.data.into_iter();
+    let (Some(Value::BulkString(key)), Some(Value::BulkString(payload))) =
+        (data.next(), data.next())
+    else {
+        return;
+    };
+    if let Some(channel) = std::str::from_utf8(&key).ok().and_then(channel_of) {
+        node.handle_announcement(channel, Bytes::from(payload));
+    }
 }
 
 /// Runs one Redis operation, bounded by [`REPLY_TIMEOUT`]; any failure loses the link.
@@ -497,16 +589,22 @@ async fn bounded<T>(op: impl Future<Output = RedisResult<T>>) -> Result<T, Lost>
     }
 }
 
-/// The next announcement or push; never ready while the link is down.
+/// The next push; never ready while the link is down.
 async fn next_incoming(backend: &mut Backend) -> Incoming {
-    match backend {
+    let push = match backend {
         Backend::Single {
-            live: Some(live), ..
-        } => match live.stream.next().await {
-            Some(message) => Incoming::Message(message),
-            None => Incoming::Closed,
-        },
+            live: Some(_),
+            pushes,
+            ..
+        } => pushes.inflow.next().await,
         Backend::Single { live: None, .. } => std::future::pending().await,
-        Backend::Sharded(sharded) => Incoming::Push(sharded.next_push().await),
+        Backend::Sharded(sharded) => sharded.next_push().await,
+    };
+    match push {
+        None => Incoming::Overflow,
+        Some(push) if push.kind == PushKind::Disconnection && !backend.sharded() => {
+            Incoming::Closed
+        }
+        Some(push) => Incoming::Push(push),
     }
 }

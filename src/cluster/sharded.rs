@@ -16,24 +16,16 @@
 //! A channel's keys share the hash tag `{CHANNEL}`, so the script's three keys sit in
 //! one slot and a channel's publishes, history and announcements live on one shard.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
 use ::redis::{ProtocolVersion, PushInfo, PushKind, RedisResult, Value};
-use tokio::sync::mpsc;
 use tokio::time::timeout;
 
+use super::inflow::{Inflow, inflow};
 use super::node::Node;
 use super::redis::REPLY_TIMEOUT;
 use super::script::{META_SCRIPT, channel_of, publish_script};
-
-/// Most pushes (announcements, subscription changes) waiting for the cluster thread.
-/// Past it pushes are dropped and every held channel is subscribed again and caught up
-/// from its stream, so a burst costs reads, never memory or a silent loss.
-const MAX_QUEUED_PUSHES: usize = 64 * 1024;
 
 /// The URL's seed nodes, when it names a Redis Cluster.
 pub(super) fn seeds(url: &str) -> Option<Vec<String>> {
@@ -51,26 +43,21 @@ pub(super) fn seeds(url: &str) -> Option<Vec<String>> {
 pub(super) struct Sharded {
     client: ClusterClient,
     conn: Option<ClusterConnection>,
-    pushes: mpsc::Receiver<PushInfo>,
-    /// Set when a push did not fit the queue.
-    overflow: Arc<AtomicBool>,
+    pushes: Inflow,
 }
 
 impl Sharded {
     /// Checks the seeds; nothing connects until [`Sharded::open`].
-    pub(super) fn new(seeds: Vec<String>) -> Result<Self, String> {
+    /// Pushes read ahead hold at most `buffer_bytes` (see `inflow.rs`).
+    pub(super) fn new(seeds: Vec<String>, buffer_bytes: usize) -> Result<Self, String> {
         if seeds.is_empty() {
             return Err("redis+cluster:// needs at least one HOST:PORT".into());
         }
-        let (tx, pushes) = mpsc::channel(MAX_QUEUED_PUSHES);
-        let overflow = Arc::new(AtomicBool::new(false));
-        let full = overflow.clone();
+        let (sender, pushes) = inflow(buffer_bytes);
         let client = ClusterClient::builder(seeds.clone())
             .use_protocol(ProtocolVersion::RESP3)
-            .push_sender(move |info: PushInfo| {
-                if tx.try_send(info).is_err() {
-                    full.store(true, Ordering::Release);
-                }
+            .push_sender(move |push: PushInfo| {
+                sender.push(push);
                 Ok::<(), ()>(())
             })
             .connection_timeout(REPLY_TIMEOUT)
@@ -84,7 +71,6 @@ impl Sharded {
             client,
             conn: None,
             pushes,
-            overflow,
         })
     }
 
@@ -111,16 +97,12 @@ impl Sharded {
         self.conn = None;
     }
 
-    /// The next push, never ready while not connected.
-    pub(super) async fn next_push(&mut self) -> PushInfo {
+    /// The next push (`None`: pushes were dropped), never ready while not connected.
+    pub(super) async fn next_push(&mut self) -> Option<PushInfo> {
         if self.conn.is_none() {
             return std::future::pending().await;
         }
-        match self.pushes.recv().await {
-            Some(push) => push,
-            // The sender lives in the client we hold.
-            None => std::future::pending().await,
-        }
+        self.pushes.next().await
     }
 
     /// Pings every master. One that does not answer in time (hung, or dead without its
@@ -149,12 +131,8 @@ impl Sharded {
         Some(conn)
     }
 
-    /// Hands one push to the node; after an overflow, every held channel starts over.
+    /// Hands one push to the node.
     pub(super) fn handle_push(&self, push: PushInfo, node: &mut Node) {
-        if self.overflow.swap(false, Ordering::AcqRel) {
-            tracing::warn!("redis pushes overflowed; every channel caught up again");
-            start_over(node);
-        }
         if push.kind == PushKind::Disconnection {
             // A node's connection closed, and the push does not say which. The crate
             // reconnects to that address only, and would wait forever for a master
@@ -185,7 +163,7 @@ impl Sharded {
 }
 
 /// Every held channel subscribed again and caught up from its stream.
-fn start_over(node: &mut Node) {
+pub(super) fn start_over(node: &mut Node) {
     let held: Vec<_> = node.channels().cloned().collect();
     for channel in held {
         node.handle_channel_lost(&channel);
@@ -203,6 +181,8 @@ fn text(value: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use bytes::Bytes;
+
+    use std::sync::Arc;
 
     use super::*;
     use crate::cluster::node::{Action, Command, Reply};
@@ -259,7 +239,7 @@ mod tests {
 
     #[test]
     fn pushes_become_announcements_resubscriptions_and_catch_ups() {
-        let sharded = Sharded::new(vec!["redis://127.0.0.1:1".into()]).unwrap();
+        let sharded = Sharded::new(vec!["redis://127.0.0.1:1".into()], 1 << 20).unwrap();
         let mut node = live_node();
         let message = push(PushKind::SMessage, &[b"herald:{news}", b"2 e {\"a\":1}"]);
         sharded.handle_push(message, &mut node);
@@ -311,6 +291,6 @@ mod tests {
             ])
         );
         assert_eq!(seeds("redis://10.0.0.1:6379"), None);
-        assert!(Sharded::new(Vec::new()).is_err());
+        assert!(Sharded::new(Vec::new(), 1 << 20).is_err());
     }
 }

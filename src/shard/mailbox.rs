@@ -1,12 +1,18 @@
 //! The only path between shards: one crossbeam queue per shard plus a wake-up, skipped
 //! while one is already on its way. A shard sends its batches before its turn's flush,
 //! during a long flush, and at the end of the turn.
+//!
+//! The cluster thread posts here too. What it posts for subscribers ([`Envelope::Remote`])
+//! is counted in bytes per shard until the shard takes it, so the cluster can stop
+//! reading Redis while a shard is behind instead of queueing without end
+//! ([`Post::remote_room`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Bytes;
 use crossbeam_channel::{Receiver, Sender, TryRecvError};
+use tokio::sync::Notify;
 
 use super::{ConnRef, Shard};
 use crate::auth::Patterns;
@@ -123,6 +129,9 @@ pub enum Envelope {
     },
     /// From the home: deliver to this shard's subscribers of the channel.
     Broadcast(Broadcast),
+    /// From the cluster: a message from Redis for this shard's subscribers, counted in
+    /// the shard's remote backlog until taken.
+    Remote(Broadcast),
 }
 
 /// What a query asks a channel's home.
@@ -198,7 +207,9 @@ impl Shard {
                 subscribers,
                 id,
             } => self.acknowledge(conn, seq, subscribers, id),
-            Envelope::Broadcast(broadcast) => self.deliver(&broadcast),
+            Envelope::Broadcast(broadcast) | Envelope::Remote(broadcast) => {
+                self.deliver(&broadcast);
+            }
         }
     }
 }
@@ -227,11 +238,23 @@ struct Slot {
     /// wake-up system call.
     notified: AtomicBool,
     waker: Arc<dyn Wake>,
+    /// Bytes of [`Envelope::Remote`] in the queue.
+    remote_bytes: AtomicUsize,
 }
 
 /// Every shard's queue; each shard holds an `Arc` of it.
 pub struct Post {
     slots: Vec<Slot>,
+    /// Set by the cluster thread while it waits for a shard to take remote envelopes.
+    remote_waiting: AtomicBool,
+    remote_taken: Notify,
+}
+
+/// What a remote broadcast holds while queued: its frames and the envelope.
+fn remote_cost(broadcast: &Broadcast) -> usize {
+    size_of::<Envelope>()
+        + broadcast.frame.len()
+        + broadcast.deflated.as_ref().map_or(0, Bytes::len)
 }
 
 /// One shard's receiving side.
@@ -252,10 +275,16 @@ impl Post {
                 queue: tx,
                 notified: AtomicBool::new(false),
                 waker,
+                remote_bytes: AtomicUsize::new(0),
             });
             receivers.push(rx);
         }
-        (Arc::new(Self { slots }), receivers)
+        let post = Self {
+            slots,
+            remote_waiting: AtomicBool::new(false),
+            remote_taken: Notify::new(),
+        };
+        (Arc::new(post), receivers)
     }
 
     pub fn shards(&self) -> usize {
@@ -292,6 +321,50 @@ impl Post {
         }
     }
 
+    /// Sends a message from Redis to `shard`'s subscribers, counted in its remote backlog
+    /// until the shard takes it. Returns the shard's backlog in bytes, this one included.
+    pub fn send_remote(&self, shard: usize, broadcast: Broadcast) -> usize {
+        let cost = remote_cost(&broadcast);
+        let backlog = self.slots[shard]
+            .remote_bytes
+            .fetch_add(cost, Ordering::SeqCst)
+            + cost;
+        self.send(shard, Envelope::Remote(broadcast));
+        backlog
+    }
+
+    /// The largest remote backlog of any shard, in bytes.
+    pub fn remote_backlog(&self) -> usize {
+        self.slots
+            .iter()
+            .map(|slot| slot.remote_bytes.load(Ordering::SeqCst))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Returns once every shard's remote backlog is under `budget` bytes.
+    pub async fn remote_room(&self, budget: usize) {
+        loop {
+            // Announce the wait before looking: a shard that takes an envelope after the
+            // look sees the flag and leaves a permit, so the wait below cannot miss it.
+            self.remote_waiting.store(true, Ordering::SeqCst);
+            if self.remote_backlog() < budget {
+                return;
+            }
+            self.remote_taken.notified().await;
+        }
+    }
+
+    /// A shard took a remote envelope of `cost` bytes.
+    fn remote_released(&self, shard: usize, cost: usize) {
+        self.slots[shard]
+            .remote_bytes
+            .fetch_sub(cost, Ordering::SeqCst);
+        if self.remote_waiting.swap(false, Ordering::SeqCst) {
+            self.remote_taken.notify_one();
+        }
+    }
+
     /// Wakes every shard (shutdown).
     pub fn wake_all(&self) {
         for slot in &self.slots {
@@ -313,7 +386,7 @@ impl Inbox {
     /// Takes the next envelope. Clears the wake flag before reporting empty, so a sender
     /// racing with us either lands in this drain or wakes us again.
     pub fn poll(&self) -> Option<Envelope> {
-        match self.queue.try_recv() {
+        let envelope = match self.queue.try_recv() {
             Ok(envelope) => Some(envelope),
             Err(TryRecvError::Empty | TryRecvError::Disconnected) => {
                 self.post.slots[self.shard]
@@ -321,6 +394,86 @@ impl Inbox {
                     .store(false, Ordering::Release);
                 self.queue.try_recv().ok()
             }
+        };
+        if let Some(Envelope::Remote(broadcast)) = &envelope {
+            self.post
+                .remote_released(self.shard, remote_cost(broadcast));
         }
+        envelope
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::disallowed_methods)] // tests start a clock of their own
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use super::*;
+
+    struct Asleep;
+
+    impl Wake for Asleep {
+        fn wake(&self) {}
+    }
+
+    fn post(shards: usize) -> (Arc<Post>, Vec<Inbox>) {
+        let wakers: Vec<Arc<dyn Wake>> = (0..shards).map(|_| Arc::new(Asleep) as _).collect();
+        let (post, receivers) = Post::new(wakers);
+        let inboxes = receivers
+            .into_iter()
+            .enumerate()
+            .map(|(shard, queue)| Inbox::new(shard, queue, post.clone()))
+            .collect();
+        (post, inboxes)
+    }
+
+    fn message(bytes: usize) -> Broadcast {
+        Broadcast {
+            channel: "news".into(),
+            seq: 1,
+            frame: Bytes::from(vec![b'x'; bytes]),
+            deflated: None,
+            published_at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn remote_messages_count_until_their_shard_takes_them() {
+        let (post, inboxes) = post(2);
+        let one = post.send_remote(1, message(1000));
+        let two = post.send_remote(1, message(1000));
+        assert!(one > 1000 && two == 2 * one, "{one} then {two}");
+        assert_eq!(post.remote_backlog(), two);
+        // Another shard's mail and a local broadcast count for nothing.
+        assert!(inboxes[0].poll().is_none());
+        assert!(matches!(inboxes[1].poll(), Some(Envelope::Remote(_))));
+        assert_eq!(post.remote_backlog(), one);
+        assert!(inboxes[1].poll().is_some());
+        assert_eq!(post.remote_backlog(), 0);
+    }
+
+    #[tokio::test]
+    async fn the_cluster_waits_for_room_until_the_shard_takes_its_backlog() {
+        let (post, inboxes) = post(1);
+        for _ in 0..4 {
+            post.send_remote(0, message(1000));
+        }
+        let budget = 2500;
+        let waiting = tokio::spawn({
+            let post = post.clone();
+            async move { post.remote_room(budget).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(
+            !waiting.is_finished(),
+            "room with 4 KB queued and 2.5 KB allowed"
+        );
+        // Taken on another thread, as a shard would.
+        std::thread::spawn(move || while inboxes[0].poll().is_some() {});
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken once the shard took its mail")
+            .unwrap();
+        assert!(post.remote_backlog() < budget);
     }
 }

@@ -154,6 +154,7 @@ fn a_full_cluster_queue_refuses_at_once_and_never_blocks_the_shard() {
         "redis://127.0.0.1:1",
         ctx.config.history,
         ctx.config.redis_ack_replicas,
+        ctx.config.redis_buffer_bytes,
         ctx.config.compression.clone(),
     )
     .unwrap();
