@@ -6,12 +6,18 @@
 # run: what was published and acknowledged, deliveries per second, lost/duplicated, latency,
 # herald CPU per delivery, and Redis CPU per acknowledged publish above what the same
 # processes spend idle (all redis-server processes of the run, and the masters alone, from
-# /proc): the cost of sharded (SPUBLISH) against plain pub/sub.
+# /proc).
+# Then, on the same cluster, the cost of sharded against plain pub/sub alone: PUBSUB_N
+# announcements of 64 bytes over CHANNELS channels, each sent to its slot's master with
+# SPUBLISH (what the ordering script does) or with PUBLISH (which the cluster bus copies to
+# every node), rounds alternating, one subscriber per channel (SSUBSCRIBE on the owner,
+# SUBSCRIBE on one node); the CPU of all six redis-servers per announcement, above idle.
 # Everything binds 127.0.0.0/8, each redis-server runs under `timeout`, and all stops by
 # itself.
 #
 #   bash bench-client/redis-cluster.sh
 #   RATES="1000 4000" CONNS=300 CHANNELS=30 DURATION=10 bash bench-client/redis-cluster.sh
+#   RATES= PUBSUB_ROUNDS=3 PUBSUB_N=200000 ...  # only the SPUBLISH/PUBLISH comparison
 #   NO_BUILD=1 ...                       # use the binaries already in target/release
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +25,9 @@ cd "$(dirname "$0")/.."
 H=$PWD/target/release/herald
 B=$PWD/target/release/herald-bench
 OUT=$PWD/target/figures/redis-cluster
-RATES=${RATES:-"1000 4000"}
+RATES=${RATES-"1000 4000"}
+PUBSUB_ROUNDS=${PUBSUB_ROUNDS:-3}
+PUBSUB_N=${PUBSUB_N:-200000}
 CONNS=${CONNS:-300}
 CHANNELS=${CHANNELS:-30}
 DUR=${DURATION:-10}
@@ -161,3 +169,62 @@ for rate in $RATES; do
     run "cluster-$rate" "$CLUSTER_URL" "$rate" "${MASTER_PIDS[*]}" "$IDLE_CLUSTER" \
         "$IDLE_MASTERS" "${CLUSTER_PIDS[@]}"
 done
+
+# announce KIND: PUBSUB_N announcements spread over the channels, each channel's sent to
+# its slot's master with KIND (SPUBLISH or PUBLISH) through `redis-cli --pipe`; prints
+# the redis-servers' CPU in microseconds per announcement, above idle.
+announce() {
+    local kind=$1 before after started seconds per=$((PUBSUB_N / CHANNELS)) i
+    before=$(cpu_ticks "${CLUSTER_PIDS[@]}")
+    started=$(date +%s.%N)
+    for i in $(seq 0 $((CHANNELS - 1))); do
+        python3 - "$kind" "herald:{c$i}" "$per" <<'PY' | redis-cli -h "${OWNER[$i]%:*}" -p "${OWNER[$i]#*:}" --pipe >/dev/null &
+import sys
+kind, channel, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
+payload = "x" * 64
+one = f"*3\r\n${len(kind)}\r\n{kind}\r\n${len(channel)}\r\n{channel}\r\n$64\r\n{payload}\r\n"
+sys.stdout.write(one * count)
+PY
+    done
+    wait
+    after=$(cpu_ticks "${CLUSTER_PIDS[@]}")
+    seconds=$(python3 -c "print($(date +%s.%N) - $started)")
+    python3 -c "print(f'{(($after - $before) - $IDLE_CLUSTER * $seconds) * 1e6 / $(getconf CLK_TCK) / ($per * $CHANNELS):.2f}')"
+}
+
+if [ "$PUBSUB_ROUNDS" -gt 0 ]; then
+    SLOTS=()
+    for i in $(seq 0 $((CHANNELS - 1))); do
+        SLOTS+=("$(redis-cli -h "${CLUSTER_ADDRS[0]%:*}" -p "${CLUSTER_ADDRS[0]#*:}" cluster keyslot "herald:{c$i}")")
+    done
+    # Each channel's master, from the slot ranges of `CLUSTER NODES`.
+    mapfile -t OWNER < <(redis-cli -h "${CLUSTER_ADDRS[0]%:*}" -p "${CLUSTER_ADDRS[0]#*:}" cluster nodes |
+        python3 -c '
+import sys
+ranges = []
+for line in sys.stdin:
+    f = line.split()
+    if "master" in f[2].split(","):
+        for r in f[8:]:
+            lo, _, hi = r.partition("-")
+            if lo.isdigit():
+                ranges.append((int(lo), int(hi or lo), f[1].split("@")[0]))
+for slot in map(int, sys.argv[1:]):
+    print(next(a for lo, hi, a in ranges if lo <= slot <= hi))
+' "${SLOTS[@]}")
+    SUBSCRIBERS=()
+    for i in $(seq 0 $((CHANNELS - 1))); do
+        # The subscribers a herald node would be: the shard channel on its owner, the
+        # plain channel on the first node.
+        timeout -s KILL 1800 redis-cli -h "${OWNER[$i]%:*}" -p "${OWNER[$i]#*:}" ssubscribe "herald:{c$i}" >/dev/null &
+        SUBSCRIBERS+=("$!")
+        timeout -s KILL 1800 redis-cli -h "${CLUSTER_ADDRS[0]%:*}" -p "${CLUSTER_ADDRS[0]#*:}" subscribe "herald:{c$i}" >/dev/null &
+        SUBSCRIBERS+=("$!")
+    done
+    PIDS+=("${SUBSCRIBERS[@]}")
+    sleep 1
+    echo "redis CPU per announcement (us, all six redis-servers, above idle), $PUBSUB_N per round over $CHANNELS channels:"
+    for round in $(seq "$PUBSUB_ROUNDS"); do
+        echo "round $round: SPUBLISH $(announce SPUBLISH), PUBLISH $(announce PUBLISH)"
+    done
+fi
