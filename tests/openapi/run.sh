@@ -45,6 +45,18 @@ for _ in $(seq 100); do
     sleep 0.1
 done
 [ -n "$ADDR" ] || { cat "$WORK/herald.err" >&2; exit 1; }
+# The backend asked for (HERALD_IO, else epoll) is the one that runs.
+want="io backend ${HERALD_IO:-epoll}"
+[ "$want" != "io backend auto" ] || want="io backend epoll"
+for _ in $(seq 50); do
+    grep -qx "io backend .*" "$WORK/herald.out" && break
+    sleep 0.1
+done
+grep -qx "$want" "$WORK/herald.out" || {
+    echo "herald should print '$want'; it printed:" >&2
+    cat "$WORK/herald.out" "$WORK/herald.err" >&2
+    exit 1
+}
 
 # The document the server serves is the file in the repository, byte for byte.
 "$PY" - "$ADDR" "$ROOT/src/http/openapi.json" <<'PY'
