@@ -1395,3 +1395,176 @@ async fn a_flood_from_redis_is_held_within_the_buffer_and_caught_up() {
     );
     eprintln!("flood: {waits} waits for the shard, {overflows} overflows, peak {peak} bytes");
 }
+
+/// The metric names a PromQL expression reads: identifiers that are not functions,
+/// keywords, label names (inside `{..}` or after `by`/`without`/`on`/`ignoring`), range
+/// durations (`[..]`), numbers or Grafana variables (`$__rate_interval`). A metric named
+/// like a keyword (`sum`) would be missed; Herald's all start with `herald_`.
+fn promql_metric_names(expr: &str) -> Vec<String> {
+    // Aggregations may come before their `by (..)` rather than their `(`.
+    const KEYWORDS: [&str; 17] = [
+        "bool",
+        "and",
+        "or",
+        "unless",
+        "offset",
+        "sum",
+        "min",
+        "max",
+        "avg",
+        "group",
+        "stddev",
+        "stdvar",
+        "count",
+        "count_values",
+        "bottomk",
+        "topk",
+        "quantile",
+    ];
+    const LABEL_LISTS: [&str; 6] = [
+        "by",
+        "without",
+        "on",
+        "ignoring",
+        "group_left",
+        "group_right",
+    ];
+    let chars: Vec<char> = expr.chars().collect();
+    let ident = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == ':';
+    let skip_to = |from: usize, close: char| {
+        let mut i = from;
+        while i < chars.len() && chars[i] != close {
+            if chars[i] == '"' {
+                i += 1;
+                while i < chars.len() && chars[i] != '"' {
+                    i += if chars[i] == '\\' { 2 } else { 1 };
+                }
+            }
+            i += 1;
+        }
+        i + 1
+    };
+    let mut names = Vec::new();
+    let mut i = 0;
+    while i < chars.len() {
+        let c = chars[i];
+        if c == '{' {
+            i = skip_to(i + 1, '}');
+        } else if c == '[' {
+            i = skip_to(i + 1, ']');
+        } else if c == '"' {
+            i = skip_to(i + 1, '"');
+        } else if c == '$' || c.is_ascii_digit() || c == '.' {
+            i += 1;
+            while i < chars.len() && (ident(chars[i]) || chars[i] == '.') {
+                i += 1;
+            }
+        } else if ident(c) {
+            let start = i;
+            while i < chars.len() && ident(chars[i]) {
+                i += 1;
+            }
+            let word: String = chars[start..i].iter().collect();
+            let mut next = i;
+            while next < chars.len() && chars[next].is_whitespace() {
+                next += 1;
+            }
+            let call = chars.get(next) == Some(&'(');
+            if call && LABEL_LISTS.contains(&word.as_str()) {
+                i = skip_to(next + 1, ')');
+            } else if !call && !KEYWORDS.contains(&word.as_str()) {
+                names.push(word);
+            }
+        } else {
+            i += 1;
+        }
+    }
+    names
+}
+
+#[test]
+fn promql_metric_names_skips_functions_labels_and_variables() {
+    let expr = r#"histogram_quantile(0.99, sum by (le, instance) (rate(herald_a_bucket{instance=~"$instance", x="}"}[$__rate_interval]))) / on (shard) herald_b > bool 1e9"#;
+    assert_eq!(promql_metric_names(expr), ["herald_a_bucket", "herald_b"]);
+}
+
+/// `tuning/grafana-dashboard.json` names only metrics a node exports: every expression of
+/// every panel and the instance variable's query, against `/metrics` of a node on a real
+/// Redis with compression on (the Redis link's and the compression series are there).
+/// A metric renamed or dropped in the server fails here with the panel that reads it.
+#[test]
+fn the_grafana_dashboard_queries_only_metrics_a_node_exports() {
+    let binary = require_redis();
+    let redis = Redis::start(&binary);
+    let server = node(&redis, &["--compression", "shared"]);
+    let scrape = HttpConn::connect(server.addr())
+        .get("/metrics", RECV_TIMEOUT)
+        .text();
+    let exported: std::collections::HashSet<&str> = scrape
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with('#'))
+        .filter_map(|line| line.split(['{', ' ']).next())
+        .collect();
+
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/tuning/grafana-dashboard.json");
+    let dashboard: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).expect("read the dashboard"))
+            .expect("the dashboard is JSON");
+    // (where, expression) for every query: panels (rows nest theirs) and template variables.
+    let mut queries: Vec<(String, String)> = Vec::new();
+    let mut panels: Vec<&Value> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .collect();
+    while let Some(panel) = panels.pop() {
+        panels.extend(panel["panels"].as_array().into_iter().flatten());
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .expect("every target has a PromQL expr");
+            queries.push((format!("panel {}", panel["title"]), expr.to_owned()));
+        }
+    }
+    for variable in dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating")
+    {
+        if let Some(query) = variable["query"]["query"].as_str() {
+            // label_values(METRIC, LABEL): only the first argument is a metric.
+            let metric = query
+                .strip_prefix("label_values(")
+                .and_then(|rest| rest.split(',').next())
+                .unwrap_or(query);
+            queries.push((format!("variable {}", variable["name"]), metric.to_owned()));
+        }
+    }
+    assert!(queries.len() >= 20, "only {} queries", queries.len());
+
+    let mut used = std::collections::HashSet::new();
+    for (place, expr) in &queries {
+        let names = promql_metric_names(expr);
+        assert!(!names.is_empty(), "{place}: no metric in {expr:?}");
+        for name in names {
+            assert!(
+                exported.contains(name.as_str()),
+                "{place} queries {name}, which the server does not export ({expr})"
+            );
+            used.insert(name);
+        }
+    }
+    // The panels the dashboard exists for.
+    for wanted in [
+        "herald_connections",
+        "herald_deliveries_total",
+        "herald_publish_flush_seconds_bucket",
+        "herald_slow_consumer_closes_total",
+        "herald_messages_shed_total",
+        "herald_rejected_requests_total",
+        "herald_shard_busy_seconds_total",
+        "herald_redis_up",
+        "herald_compression_saved_bytes_total",
+    ] {
+        assert!(used.contains(wanted), "no panel reads {wanted}");
+    }
+}

@@ -1268,6 +1268,34 @@ async fn metrics_parse_as_prometheus_text_and_counters_move_after_publishing() {
     server.assert_healthy();
 }
 
+/// `GET /api/openapi.json` is `src/http/openapi.json` byte for byte (one source, compiled
+/// in), as JSON; `HEAD` gives its length; other methods get 405 with `Allow`.
+#[test]
+fn openapi_document_is_served_as_the_file_in_the_repository() {
+    let server = Server::start(&[]);
+    let file = include_str!("../src/http/openapi.json");
+    let r = HttpConn::connect(server.addr()).get("/api/openapi.json", T5);
+    assert_eq!(
+        (r.status, r.header("Content-Type")),
+        (200, Some("application/json"))
+    );
+    assert_eq!(r.text(), file);
+    assert!(r.json()["paths"]["/api/publish"]["post"].is_object());
+    let mut conn = HttpConn::connect(server.addr());
+    conn.send_raw(b"HEAD /api/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n");
+    let head = conn.read_head_only(T5);
+    assert_eq!(head.status, 200);
+    assert_eq!(
+        head.header("Content-Length"),
+        Some(file.len().to_string().as_str())
+    );
+    let mut conn = HttpConn::connect(server.addr());
+    conn.send_raw(b"DELETE /api/openapi.json HTTP/1.1\r\nHost: x\r\n\r\n");
+    let refused = conn.read_response(T5);
+    assert_eq!(refused.status, 405);
+    assert_eq!(refused.header("Allow"), Some("GET, HEAD"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn api_stats_is_a_json_snapshot_that_moves() {
     let mut server = start_with_key(&[]);

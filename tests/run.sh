@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Herald's one test command: lint, build, Rust tests (the io_uring pass beside the epoll
-# one), Autobahn conformance (kosoku), browser, proxy, fuzz smoke and the Python client
-# tests, then conformance and pytest on io_uring. Needs
+# one), Autobahn conformance (kosoku), browser, proxy, fuzz smoke, the Python client
+# tests, the HTTP API against its OpenAPI document (schemathesis) and the Debian package,
+# then conformance, pytest and schemathesis on io_uring. Needs
 # Rust (rustup or cargo with rustfmt and clippy) and python3; on Debian as root it installs
 # every other tool first (one apt-get update), elsewhere it names what is missing and
 # stops. The Python tools go into .venv at the repository root. Each section's time is
@@ -164,6 +165,8 @@ prerequisites() {
     fi
     # The fuzz smoke run; built once, skipped when present.
     command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked || return 1
+    # The Debian package (tests/package/run.sh); the same, niced.
+    command -v cargo-deb >/dev/null || nice -n 19 cargo install cargo-deb --locked || return 1
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV" || return 1
     fi
@@ -172,7 +175,7 @@ prerequisites() {
         "$VENV/bin/python" -m pip install --disable-pip-version-check -q -r "$reqs" || return 1
         cp "$reqs" "$stamp"
     fi
-    "$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(kosoku|websockets|pytest) '
+    "$VENV/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(kosoku|websockets|pytest|schemathesis) '
     redis-server --version
 }
 # Inside `prerequisites`, run as `prerequisites || rc=$?`, errexit is off: every command
@@ -190,7 +193,8 @@ step "prerequisites (Debian packages, cargo-fuzz, .venv)" 1800 prerequisites
 background "fuzz smoke (seeds + 10 s per target)" 1800 nice -n 10 bash tests/fuzz/smoke.sh
 step "cargo fmt --check" 120 cargo fmt --all --check
 step "cargo clippy -D warnings" 1500 cargo clippy --workspace --all-targets -- -D warnings
-step "cargo build --release" 1500 cargo build --release
+# Both binaries: the Debian package (tests/package/run.sh) ships herald-bench too.
+step "cargo build --release" 1500 cargo build --release --workspace --bins
 export HERALD_BIN=$ROOT/target/release/herald
 CONFORMANCE=("$VENV/bin/python" tests/conformance/run.py --bin "$HERALD_BIN")
 
@@ -235,6 +239,13 @@ check "conformance core over TLS" 900 "${CONFORMANCE[@]}" --suite core --tls
 check "browser (Chromium + playwright-core)" 900 bash tests/browser/run.sh
 check "proxy (tuning/nginx.conf, systemd unit)" 600 bash tests/proxy/run.sh
 PYTHONDONTWRITEBYTECODE=1 check "pytest (epoll)" 300 "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/python
+check "OpenAPI (schemathesis)" 300 bash tests/openapi/run.sh
+# Installs and purges a package: only as root with dpkg (it says why it stops otherwise).
+if [ "$(id -u)" = 0 ] && command -v dpkg >/dev/null; then
+    check "Debian package (cargo-deb, dpkg)" 600 bash tests/package/run.sh
+else
+    record "Debian package (cargo-deb, dpkg)" 0 "skipped (needs root and dpkg)"
+fi
 
 if [ "${SKIP_URING:-}" = 1 ]; then
     record "io_uring pass" 0 "skipped (SKIP_URING=1)"
@@ -246,6 +257,7 @@ else
         --server-arg=--io --server-arg=uring --outdir "$ROOT/target/conformance-uring-tls"
     HERALD_IO=uring PYTHONDONTWRITEBYTECODE=1 check "pytest (io_uring)" 300 "$VENV/bin/python" -m pytest -q \
         -p no:cacheprovider tests/python
+    HERALD_IO=uring check "OpenAPI (schemathesis, io_uring)" 300 bash tests/openapi/run.sh
 fi
 
 join "fuzz smoke (seeds + 10 s per target)"

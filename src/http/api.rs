@@ -107,13 +107,28 @@ fn bad(message: impl Into<String>) -> ApiError {
     ApiError::BadRequest(message.into())
 }
 
+/// An optional member that, when written, holds a value: `null` is refused rather than
+/// read as absent (`{"user":"a","conn":null}` is not a request for one target).
+fn given<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DisconnectBody {
+    #[serde(default, deserialize_with = "given")]
     user: Option<String>,
+    #[serde(default, deserialize_with = "given")]
     conn: Option<String>,
+    #[serde(default, deserialize_with = "given")]
     code: Option<u16>,
+    #[serde(default, deserialize_with = "given")]
     reason: Option<String>,
+    #[serde(default, deserialize_with = "given")]
     reconnect: Option<bool>,
 }
 
@@ -191,6 +206,12 @@ pub fn parse(endpoint: Endpoint, request: &Request, body: &[u8]) -> Result<Call,
         }),
         Endpoint::Channels => {
             let pattern = text(request, "pattern")?.unwrap_or_else(|| "*".into());
+            if pattern.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                // Trimmed, it would read as another pattern than the one asked for.
+                return Err(bad(
+                    "pattern has whitespace or control characters, which no channel name has",
+                ));
+            }
             Ok(Call::Channels {
                 pattern: Arc::new(Patterns::parse(&[pattern]).map_err(bad)?),
                 cursor: text(request, "cursor")?.map(Into::into),
@@ -340,6 +361,9 @@ mod tests {
             r#"{"user":"a","code":1006}"#,
             r#"{"user":"a","cod":4000}"#,
             r#"{"conn":"x"}"#,
+            r#"{"user":"a","conn":null}"#,
+            r#"{"user":null,"conn":"1.2.3"}"#,
+            r#"{"user":"a","code":null}"#,
             long.as_str(),
         ] {
             let err = call(Endpoint::Disconnect, "/", body).unwrap_err();
@@ -368,6 +392,9 @@ mod tests {
             "/api/history?since=1",
             "/api/presence?channel=a&cursor=nope",
             "/api/channels?pattern=a*b",
+            "/api/channels?pattern=",
+            "/api/channels?pattern=a%20b",
+            "/api/channels?pattern=%20chat.*",
         ] {
             let endpoint = Endpoint::at(target.split('?').next().unwrap()).unwrap().0;
             assert!(call(endpoint, target, "").is_err(), "{target}");

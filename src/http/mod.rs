@@ -16,6 +16,11 @@ pub use self::error::ApiError;
 use crate::proto::handshake::Request;
 pub use crate::proto::pubsub::push_json_str;
 
+/// The OpenAPI 3 document of every endpoint here, served at `GET /api/openapi.json`; the
+/// file in the repository is the one source (`tests/openapi/run.sh` checks a running node
+/// against it).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -34,6 +39,8 @@ pub enum Route {
     Metrics,
     Stats,
     Health,
+    /// `GET /api/openapi.json`: [`OPENAPI`].
+    OpenApi,
     /// A static file compiled into the binary.
     Asset {
         body: &'static [u8],
@@ -56,6 +63,7 @@ pub fn route(request: &Request) -> Route {
         "/metrics" => (Route::Metrics, "GET, HEAD"),
         "/api/stats" => (Route::Stats, "GET, HEAD"),
         "/healthz" => (Route::Health, "GET, HEAD"),
+        "/api/openapi.json" => (Route::OpenApi, "GET, HEAD"),
         path if let Some((endpoint, method)) = api::Endpoint::at(path) => {
             (Route::Api(endpoint), method)
         }
@@ -216,6 +224,64 @@ mod tests {
         );
         let post = request("POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(route(&post), Route::MethodNotAllowed { allow: "GET, HEAD" });
+    }
+
+    /// The document names every path the router serves with the methods it takes, and no
+    /// other (the WebSocket paths take GET; their handshake answers other methods 405).
+    #[test]
+    fn openapi_document_matches_the_router() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).expect("openapi.json is JSON");
+        assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+        let paths = doc["paths"].as_object().unwrap();
+        let routed = [
+            "/",
+            "/herald.js",
+            "/ws",
+            "/echo",
+            "/api/publish",
+            "/poll",
+            "/sse",
+            "/metrics",
+            "/api/stats",
+            "/healthz",
+            "/api/openapi.json",
+            "/api/disconnect",
+            "/api/unsubscribe",
+            "/api/presence",
+            "/api/presence_stats",
+            "/api/history",
+            "/api/channels",
+            "/api/info",
+        ];
+        let mut documented: Vec<&str> = paths.keys().map(String::as_str).collect();
+        documented.sort_unstable();
+        let mut expected = routed.to_vec();
+        expected.sort_unstable();
+        assert_eq!(documented, expected);
+        for (path, item) in paths {
+            let mut methods: Vec<String> = item
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|m| m.to_uppercase())
+                .collect();
+            methods.sort_unstable_by_key(|m| m != "GET" && m != "POST");
+            for method in ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"] {
+                let got = route(&request(&format!(
+                    "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+                )));
+                let allowed = !matches!(got, Route::MethodNotAllowed { .. } | Route::NotFound);
+                let upgrade = matches!(got, Route::PubSub | Route::Echo);
+                assert_eq!(
+                    allowed && !upgrade || upgrade && method == "GET",
+                    methods.iter().any(|m| m == method),
+                    "{method} {path}"
+                );
+                if let Route::MethodNotAllowed { allow } = got {
+                    assert_eq!(allow, methods.join(", "), "{path}");
+                }
+            }
+        }
     }
 
     #[test]

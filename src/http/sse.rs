@@ -33,18 +33,22 @@ pub fn channel_param(request: &Request) -> Result<String, ApiError> {
     Ok(channel)
 }
 
-/// Where to resume: `Last-Event-ID`, else a `since` query parameter.
+/// Where to resume: `Last-Event-ID`, else a `since` query parameter. Each one given must
+/// be a sequence number, the one that is not used too (a malformed request is refused
+/// whole).
 pub fn since(request: &Request) -> Result<Option<u64>, ApiError> {
-    request
-        .last_event_id
-        .as_deref()
-        .or_else(|| request.query_param("since"))
-        .map(|v| {
-            v.trim().parse::<u64>().map_err(|_| {
-                ApiError::BadRequest("Last-Event-ID / since must be a sequence number".into())
+    let read = |value: Option<&str>, name: &str| {
+        value
+            .map(|v| {
+                v.trim()
+                    .parse::<u64>()
+                    .map_err(|_| ApiError::BadRequest(format!("{name} must be a sequence number")))
             })
-        })
-        .transpose()
+            .transpose()
+    };
+    let header = read(request.last_event_id.as_deref(), "Last-Event-ID")?;
+    let query = read(request.query_param("since"), "since")?;
+    Ok(header.or(query))
 }
 
 /// The event for one broadcast frame: `id: N`, then the message JSON as `data:` lines
@@ -77,6 +81,35 @@ pub const HEARTBEAT: &[u8] = b": ping\n\n";
 mod tests {
     use super::*;
     use crate::proto::pubsub::encode_message;
+
+    #[test]
+    fn last_event_id_wins_and_both_must_be_sequence_numbers() {
+        use crate::proto::handshake::{HandshakeLimits, parse_request};
+        let since = |target: &str, header: &str| {
+            let head = format!("GET {target} HTTP/1.1\r\nHost: x\r\n{header}\r\n");
+            let (request, _) = parse_request(head.as_bytes(), &HandshakeLimits::default())
+                .unwrap()
+                .unwrap();
+            since(&request).map_err(|e| e.to_string())
+        };
+        assert_eq!(since("/sse?channel=c&since=3", ""), Ok(Some(3)));
+        assert_eq!(
+            since("/sse?channel=c&since=3", "Last-Event-ID: 9\r\n"),
+            Ok(Some(9))
+        );
+        assert_eq!(since("/sse?channel=c", ""), Ok(None));
+        for (target, header) in [
+            ("/sse?channel=c&since=x", ""),
+            ("/sse?channel=c", "Last-Event-ID: -1\r\n"),
+            // The unused `since` is still read: 2^64 is no sequence number.
+            (
+                "/sse?channel=c&since=18446744073709551616",
+                "Last-Event-ID: 9\r\n",
+            ),
+        ] {
+            assert!(since(target, header).is_err(), "{target} {header}");
+        }
+    }
 
     #[test]
     fn event_carries_id_and_splits_lines() {

@@ -40,7 +40,15 @@ impl FromStr for ConnId {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let bad = || format!("{s:?} is not a connection id (shard.key.generation)");
-        let mut parts = s.split('.').map(|p| p.parse::<u32>().map_err(|_| bad()));
+        // Digits only: `u32::from_str` also takes a sign (`+1`), which the documented
+        // grammar (and the OpenAPI document's pattern) does not.
+        let mut parts = s.split('.').map(|p| {
+            p.bytes()
+                .all(|b| b.is_ascii_digit())
+                .then(|| p.parse::<u32>().ok())
+                .flatten()
+                .ok_or_else(bad)
+        });
         let mut next = || parts.next().unwrap_or_else(|| Err(bad()));
         let id = Self {
             shard: next()?,
@@ -209,7 +217,16 @@ mod tests {
         };
         assert_eq!(conn.to_string(), "3.17.9");
         assert_eq!("3.17.9".parse::<ConnId>(), Ok(conn));
-        for bad in ["", "1.2", "1.2.3.4", "a.b.c", "-1.2.3"] {
+        for bad in [
+            "",
+            "1.2",
+            "1.2.3.4",
+            "a.b.c",
+            "-1.2.3",
+            "+1.2.3",
+            "1. 2.3",
+            "4294967296.0.0",
+        ] {
             assert!(bad.parse::<ConnId>().is_err(), "{bad}");
         }
     }

@@ -286,6 +286,10 @@ impl Shard {
                     keep_alive,
                 );
             }
+            Route::OpenApi => {
+                let body = http::OPENAPI.as_bytes();
+                self.respond(key, 200, "application/json", body, head_only, keep_alive);
+            }
             Route::Health => {
                 let redis_up = self.ctx.cluster.as_ref().map(|c| c.link.is_up());
                 let (status, body): (u16, &[u8]) = match (self.draining, redis_up) {

@@ -116,7 +116,7 @@ async def main():
 asyncio.run(main())
 PY
 
-sed "s|/usr/local/bin/herald|$HERALD|g" "$ROOT/tuning/herald.service" >"$WORK/herald.service"
+sed "s|/usr/bin/herald|$HERALD|g" "$ROOT/tuning/herald.service" >"$WORK/herald.service"
 systemd-analyze verify "$WORK/herald.service"
 echo "systemd-analyze verify: ok"
 echo "2 passed, 0 failed"
