@@ -444,3 +444,37 @@ async fn clients_of_a_killed_node_resume_on_another_without_loss() {
         assert_eq!(got, acked, "subscriber {i}: every message once, in order");
     }
 }
+
+/// `/healthz` and `/metrics` count the masters serving slots and those answering the
+/// probe. A master whose replica is gone first stays listed with its slots when it dies
+/// too (nobody can take them over): the node keeps answering 200 for the other slots and
+/// says 2 of 3 masters answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_counts_the_masters_that_answer() {
+    let mut cluster = RedisCluster::start("cluster-health");
+    let node = herald(&cluster, &[]);
+    let masters = |node: &Server| {
+        let health = HttpConn::connect(node.addr()).get("/healthz", RECV_TIMEOUT);
+        let body = health.json();
+        (
+            health.status,
+            body["redis_masters"].as_u64(),
+            body["redis_masters_answering"].as_u64(),
+        )
+    };
+    wait_for(Duration::from_secs(15), "a probe of every master", || {
+        masters(&node) == (200, Some(3), Some(3))
+    });
+    let master = cluster.masters()[0];
+    let replica = cluster.replica_of(master);
+    cluster.kill(replica);
+    cluster.kill(master);
+    wait_for(Duration::from_secs(20), "2 of 3 masters answering", || {
+        masters(&node) == (200, Some(3), Some(2))
+    });
+    assert_eq!(metric_value(node.addr(), "herald_redis_masters"), Some(3.0));
+    assert_eq!(
+        metric_value(node.addr(), "herald_redis_masters_answering"),
+        Some(2.0)
+    );
+}

@@ -103,6 +103,10 @@ pub struct Link {
     backlog_peak: AtomicU64,
     /// Times pushes from Redis were dropped past `--redis-buffer-bytes`.
     push_overflows: AtomicU64,
+    /// The masters serving slots (1 for one Redis) and how many of them answered the
+    /// last probe (both 0 before the first).
+    masters: AtomicU64,
+    masters_answering: AtomicU64,
 }
 
 impl Link {
@@ -112,6 +116,18 @@ impl Link {
 
     fn count(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The masters serving slots (1 for one Redis), and how many answered the last
+    /// probe; `None` before the first probe.
+    pub fn masters(&self) -> Option<(u64, u64)> {
+        let known = self.masters.load(Ordering::Relaxed);
+        (known > 0).then(|| (known, self.masters_answering.load(Ordering::Relaxed)))
+    }
+
+    fn set_masters(&self, known: u64, answering: u64) {
+        self.masters.store(known, Ordering::Relaxed);
+        self.masters_answering.store(answering, Ordering::Relaxed);
     }
 
     /// The link's lines of `/metrics` (Prometheus text).
@@ -172,8 +188,22 @@ impl Link {
                 self.push_overflows.load(Ordering::Relaxed),
             ),
         ];
+        let masters = [
+            (
+                "herald_redis_masters",
+                "gauge",
+                "Redis masters serving slots (1 for one Redis), as the last probe found them (0 before it).",
+                self.masters.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_masters_answering",
+                "gauge",
+                "Redis masters that answered the last probe's PING in time.",
+                self.masters_answering.load(Ordering::Relaxed),
+            ),
+        ];
         let mut out = String::new();
-        for (name, kind, help, value) in lines {
+        for (name, kind, help, value) in lines.into_iter().chain(masters) {
             out.push_str(&format!(
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}\n"
             ));

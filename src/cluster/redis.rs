@@ -511,7 +511,7 @@ impl Driver {
             } => live,
             Backend::Single { live: None, .. } => return Ok(()),
             Backend::Sharded(sharded) => {
-                if let Some(conn) = sharded.probe(&mut self.node).await {
+                if let Some(conn) = sharded.probe(&mut self.node, &self.link).await {
                     Link::count(&self.link.reconnects);
                     let generation = self.generation;
                     self.conn_tx
@@ -521,9 +521,14 @@ impl Driver {
             }
         };
         let (mut conn, mut pubsub) = (live.conn.clone(), live.pubsub.clone());
-        bounded(::redis::cmd("PING").query_async::<Value>(&mut pubsub)).await?;
-        bounded(::redis::cmd("PING").query_async::<String>(&mut conn)).await?;
-        Ok(())
+        let answered = async {
+            bounded(::redis::cmd("PING").query_async::<Value>(&mut pubsub)).await?;
+            bounded(::redis::cmd("PING").query_async::<String>(&mut conn)).await
+        }
+        .await;
+        // One Redis is one master, answering or not.
+        self.link.set_masters(1, u64::from(answered.is_ok()));
+        answered.map(drop)
     }
 }
 

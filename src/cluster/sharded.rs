@@ -18,10 +18,11 @@
 
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
-use ::redis::cluster_routing::{MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo};
+use ::redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use ::redis::{ProtocolVersion, PushInfo, PushKind, RedisResult, Value};
 use tokio::time::timeout;
 
+use super::Link;
 use super::inflow::{Inflow, inflow};
 use super::node::Node;
 use super::redis::REPLY_TIMEOUT;
@@ -105,21 +106,24 @@ impl Sharded {
         self.pushes.next().await
     }
 
-    /// Pings every master. One that does not answer in time (hung, or dead without its
-    /// socket closing) sends no `smessage` either, and the crate, which refreshes its slot
-    /// map on errors it gets back, never gets one from it: a new connection is made, with
-    /// the slot map as the masters that answer see it (their replica promoted, once it
-    /// is), and every channel subscribes again on it and catches up. Returns the new
-    /// connection, for the publisher.
-    pub(super) async fn probe(&mut self, node: &mut Node) -> Option<ClusterConnection> {
+    /// Pings every master serving slots (as `CLUSTER NODES` on one of them lists them)
+    /// and records how many answered in `link`. One that does not answer in time (hung,
+    /// or dead without its socket closing) sends no `smessage` either, and the crate,
+    /// which refreshes its slot map on errors it gets back, never gets one from it: a new
+    /// connection is made, with the slot map as the masters that answer see it (their
+    /// replica promoted, once it is), and every channel subscribes again on it and
+    /// catches up. Returns the new connection, for the publisher.
+    pub(super) async fn probe(
+        &mut self,
+        node: &mut Node,
+        link: &Link,
+    ) -> Option<ClusterConnection> {
         let mut conn = self.conn()?;
-        let routing = RoutingInfo::MultiNode((
-            MultipleNodeRoutingInfo::AllMasters,
-            Some(ResponsePolicy::AllSucceeded),
-        ));
-        let ping = conn.route_command(::redis::cmd("PING"), routing);
-        if let Ok(Ok(_)) = timeout(REPLY_TIMEOUT, ping).await {
-            return None;
+        if let Some((known, answering)) = answering_masters(&mut conn).await {
+            link.set_masters(known, answering);
+            if answering == known {
+                return None;
+            }
         }
         tracing::warn!("a redis master did not answer in time; connecting anew");
         let fresh = timeout(REPLY_TIMEOUT * 2, self.client.get_async_connection()).await;
@@ -162,6 +166,52 @@ impl Sharded {
     }
 }
 
+/// The masters serving slots and how many answer a `PING` within [`REPLY_TIMEOUT`];
+/// `None` when the master asked for the list did not give it in time.
+async fn answering_masters(conn: &mut ClusterConnection) -> Option<(u64, u64)> {
+    let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::RandomPrimary);
+    let mut cluster_nodes = ::redis::cmd("CLUSTER");
+    cluster_nodes.arg("NODES");
+    let nodes = conn.route_command(cluster_nodes, routing);
+    let masters = match timeout(REPLY_TIMEOUT, nodes).await {
+        Ok(Ok(Value::BulkString(bytes))) => masters_serving_slots(&String::from_utf8_lossy(&bytes)),
+        Ok(Ok(Value::VerbatimString { text, .. } | Value::SimpleString(text))) => {
+            masters_serving_slots(&text)
+        }
+        _ => return None,
+    };
+    let pings = masters.into_iter().map(|(host, port)| {
+        let mut conn = conn.clone();
+        async move {
+            let routing = RoutingInfo::SingleNode(SingleNodeRoutingInfo::ByAddress { host, port });
+            let ping = conn.route_command(::redis::cmd("PING"), routing);
+            matches!(timeout(REPLY_TIMEOUT, ping).await, Ok(Ok(_)))
+        }
+    });
+    let answers = futures_util::future::join_all(pings).await;
+    let answering = answers.iter().filter(|answered| **answered).count();
+    Some((answers.len() as u64, answering as u64))
+}
+
+/// The addresses of the masters that serve slots, from `CLUSTER NODES` (`ID HOST:PORT@BUS
+/// FLAGS MASTER PING PONG EPOCH STATE SLOT...`): a failed master whose slots its replica
+/// took over serves none and is left out.
+fn masters_serving_slots(nodes: &str) -> Vec<(String, u16)> {
+    nodes
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let is_master = fields.get(2)?.split(',').any(|flag| flag == "master");
+            if !is_master || fields.len() <= 8 {
+                return None;
+            }
+            let address = fields[1].split('@').next()?;
+            let (host, port) = address.rsplit_once(':')?;
+            Some((host.to_string(), port.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Every held channel subscribed again and caught up from its stream.
 pub(super) fn start_over(node: &mut Node) {
     let held: Vec<_> = node.channels().cloned().collect();
@@ -188,6 +238,21 @@ mod tests {
     use crate::cluster::node::{Action, Command, Reply};
     use crate::cluster::{Link, Request};
     use crate::shard::ConnRef;
+
+    #[test]
+    fn the_masters_serving_slots_are_read_from_cluster_nodes() {
+        let nodes = "\
+a1 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460
+b2 127.0.0.1:7001@17001 master - 0 1 2 connected 5461-10922
+c3 127.0.0.1:7002@17002 master,fail - 1 1 3 connected 10923-16383
+d4 127.0.0.1:7003@17003 slave a1 0 1 1 connected
+e5 127.0.0.1:7004@17004 master,fail - 1 1 5 disconnected
+";
+        assert_eq!(
+            masters_serving_slots(nodes),
+            [7000, 7001, 7002].map(|port| ("127.0.0.1".to_string(), port))
+        );
+    }
 
     fn push(kind: PushKind, data: &[&[u8]]) -> PushInfo {
         PushInfo {

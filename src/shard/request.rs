@@ -291,15 +291,32 @@ impl Shard {
                 self.respond(key, 200, "application/json", body, head_only, keep_alive);
             }
             Route::Health => {
-                let redis_up = self.ctx.cluster.as_ref().map(|c| c.link.is_up());
-                let (status, body): (u16, &[u8]) = match (self.draining, redis_up) {
-                    (true, _) => (503, br#"{"status":"draining"}"#),
+                let link = self.ctx.cluster.as_ref().map(|c| &c.link);
+                let (status, mut body) = match (self.draining, link.map(|l| l.is_up())) {
+                    (true, _) => (503, r#"{"status":"draining""#.to_string()),
                     // Without Redis this node can neither store nor receive publishes.
-                    (false, Some(false)) => (503, br#"{"status":"degraded","redis":"down"}"#),
-                    (false, Some(true)) => (200, br#"{"status":"ok","redis":"up"}"#),
-                    (false, None) => (200, br#"{"status":"ok"}"#),
+                    (false, Some(false)) => (503, r#"{"status":"degraded","redis":"down""#.into()),
+                    (false, Some(true)) => (200, r#"{"status":"ok","redis":"up""#.into()),
+                    (false, None) => (200, r#"{"status":"ok""#.into()),
                 };
-                self.respond(key, status, "application/json", body, head_only, keep_alive);
+                // A Redis Cluster master that stopped answering leaves the node serving
+                // every other slot: still 200, with the count for whoever looks (one
+                // Redis counts as one master).
+                if let Some((known, answering)) = link.and_then(|l| l.masters()) {
+                    body.push_str(&format!(
+                        r#","redis_masters":{known},"redis_masters_answering":{answering}"#
+                    ));
+                }
+                body.push('}');
+                let body = body.into_bytes();
+                self.respond(
+                    key,
+                    status,
+                    "application/json",
+                    &body,
+                    head_only,
+                    keep_alive,
+                );
             }
             Route::Asset { body, content_type } => {
                 self.respond(key, 200, content_type, body, head_only, keep_alive);

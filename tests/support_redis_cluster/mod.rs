@@ -234,6 +234,20 @@ impl RedisCluster {
             .collect()
     }
 
+    /// The port of the replica of the master on `master`.
+    pub(crate) fn replica_of(&self, master: u16) -> u16 {
+        self.nodes
+            .iter()
+            .filter(|n| n.child.is_some())
+            .find(|n| {
+                let role = n.cli(&["ROLE"]);
+                let mut lines = role.lines();
+                lines.next() == Some("slave") && lines.nth(1) == Some(&master.to_string())
+            })
+            .map(|n| n.port)
+            .expect("a replica of the master")
+    }
+
     /// Moves `slot` from the master on `from` to the one on `to` as `redis-cli
     /// --cluster reshard` does: IMPORTING/MIGRATING, MIGRATE of its keys, then the
     /// new owner announced to every master.
