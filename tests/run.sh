@@ -131,8 +131,8 @@ fi
 # --- Everything the sections use, installed before the first of them -------------------
 prerequisites() {
     local missing=() pyver
-    command -v redis-server >/dev/null || missing+=(redis-server) # tests/cluster.rs
-    command -v redis-cli >/dev/null || missing+=(redis-tools)     # tests/redis_cluster.rs
+    command -v redis-server >/dev/null || missing+=(redis-server) # tests/it/cluster.rs
+    command -v redis-cli >/dev/null || missing+=(redis-tools)     # tests/it/redis_cluster.rs
     command -v openssl >/dev/null || missing+=(openssl)            # auth.rs keys, TLS CAs
     command -v curl >/dev/null || missing+=(curl)                  # tests/python/test_http.py
     command -v nginx >/dev/null || missing+=(nginx)                # tests/proxy
@@ -183,7 +183,7 @@ prerequisites() {
 step "prerequisites (Debian packages, cargo-fuzz, .venv)" 1800 prerequisites
 # The cluster tests fail rather than skip when redis-server is missing. Each starts its
 # own redis-server on a free port: the package's service is not needed. The Redis Cluster
-# tests (tests/redis_cluster.rs) start six each and create the cluster with redis-cli
+# tests (tests/it/redis_cluster.rs) start six each and create the cluster with redis-cli
 # --cluster create (package redis-tools, which redis-server depends on).
 
 # The instrumented fuzz build has a target dir of its own (no lock shared with the builds
@@ -211,7 +211,7 @@ step "cargo test build (debug)" 1500 cargo test --workspace --no-run
 
 # The io_uring backend must pass the same integration suite: every server the tests start
 # inherits HERALD_IO, and the harnesses check that each one runs io_uring. Left out as
-# proven once already: the unit tests (`--lib`, no backend in them), tests/backends.rs
+# proven once already: the unit tests (`--lib`, no backend in them), tests/it/backends.rs
 # (runs every backend itself), the herald-bench tests (a client tool) and Autobahn 12-13
 # (the shards' deflate, the same code on both backends). The TLS tests run twice, the
 # second time on the single-shot path (receives into a buffer of the socket's own, where
@@ -221,14 +221,9 @@ step "cargo test build (debug)" 1500 cargo test --workspace --no-run
 # SKIP_URING=1 skips the pass where the kernel or a seccomp filter forbids io_uring
 # (`herald serve --io uring` says so when it is unavailable).
 if [ "${SKIP_URING:-}" != 1 ]; then
-    uring_tests=()
-    for f in tests/*.rs; do
-        name=$(basename "$f" .rs)
-        case $name in backends) ;; *) uring_tests+=(--test "$name") ;; esac
-    done
     HERALD_IO=uring background "cargo test (io_uring)" 900 bash -c \
-        'cargo test --workspace "$@" --no-fail-fast && HERALD_URING_SINGLE_SHOT=1 cargo test --workspace --test tls' \
-        uring-tests "${uring_tests[@]}"
+        'cargo test --workspace --test it --no-fail-fast -- --skip backends:: &&
+         HERALD_URING_SINGLE_SHOT=1 cargo test --workspace --test it tls::'
 fi
 
 check "cargo test (epoll)" 900 cargo test --workspace --no-fail-fast

@@ -2,8 +2,8 @@
 //! polls their (empty) answer, event streams their end, then the process exits with
 //! status 0 within `--drain-ms`; a second signal exits at once.
 
-mod support;
-mod support_http;
+use crate::support;
+use crate::support_http;
 
 use std::io::Write;
 use std::time::{Duration, Instant};

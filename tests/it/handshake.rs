@@ -1,7 +1,7 @@
 //! The HTTP/1.1 upgrade and the first bytes after it, over raw TCP (RFC 6455 §4,
 //! DESIGN.md "HTTP before the upgrade"). Every read has a timeout: a hang is a failure.
 
-mod support;
+use crate::support;
 
 use std::io::{ErrorKind, Read, Write};
 use std::thread;

@@ -2,8 +2,8 @@
 //! and its bounded `info`, personal channels (`name#user`), `--max-connections-per-user`,
 //! presence and join/leave, and the `[[namespace]]` table that switches them per prefix.
 
-mod support;
-mod support_http;
+use crate::support;
+use crate::support_http;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

@@ -1,7 +1,7 @@
 //! The pub/sub JSON protocol on `/ws` (DESIGN.md "Pub/sub protocol"), against the real
 //! binary with two shards.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -7,7 +7,7 @@
 //! Tokens are minted here with `jsonwebtoken`; RSA and EC keys are generated per run with
 //! `openssl genpkey` into a temporary directory (test-only keys, deleted afterwards).
 
-mod support;
+use crate::support;
 
 use std::io::Write;
 use std::net::{SocketAddr, TcpStream};

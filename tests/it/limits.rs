@@ -7,7 +7,7 @@
 //! Several client addresses: the whole of 127.0.0.0/8 is on `lo`, so a client socket
 //! bound to 127.0.0.2 before `connect` is "another address" to the server.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::io::{ErrorKind, Read, Write};

@@ -1,6 +1,6 @@
 //! `herald client` driven through a pipe against the real server.
 
-mod support;
+use crate::support;
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};

@@ -6,7 +6,7 @@
 //! The rest of the integration suite runs on whichever backend `HERALD_IO` names;
 //! tests/run.sh runs it once per backend.
 
-mod support;
+use crate::support;
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};

@@ -6,9 +6,9 @@
 //! Without `redis-server` and `redis-cli` (Debian package `redis-server`, which
 //! `tests/run.sh` installs) every test fails with a message saying so, never skips.
 
-mod support;
-mod support_http;
-mod support_redis_cluster;
+use crate::support;
+use crate::support_http;
+use crate::support_redis_cluster;
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;

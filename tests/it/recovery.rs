@@ -4,8 +4,8 @@
 //! that history cannot serve, from another epoch or ahead of the channel is a
 //! `history_gap`; a restart begins a new epoch. Real binary, two shards.
 
-mod support;
-mod support_http;
+use crate::support;
+use crate::support_http;
 
 use std::collections::HashMap;
 use std::sync::Arc;

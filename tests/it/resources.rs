@@ -5,8 +5,8 @@
 //! inbound rate, inflated size), and a token carrying a permission pattern outside the
 //! documented grammar refused with 401.
 
-mod support;
-mod support_deflate;
+use crate::support;
+use crate::support_deflate;
 
 use std::io::Write;
 use std::net::SocketAddr;

@@ -2,8 +2,8 @@
 //! user, presence, history and channels read over HTTP, node info, and the refusal of
 //! these endpoints on a node with `--redis` (they would answer for one node only).
 
-mod support;
-mod support_http;
+use crate::support;
+use crate::support_http;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

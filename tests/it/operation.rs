@@ -2,7 +2,7 @@
 //! each option's precedence (command line, environment, `--config` file, default),
 //! checked on the real binary through behaviour a client sees.
 
-mod support;
+use crate::support;
 
 use std::collections::HashSet;
 use std::process::{Command, Stdio};

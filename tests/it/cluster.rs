@@ -7,9 +7,9 @@
 //! Each test starts its own `redis-server` on a free port (`tests/run.sh` installs the
 //! Debian package); without it every test fails with a message saying so, never skips.
 
-mod support;
-mod support_deflate;
-mod support_http;
+use crate::support;
+use crate::support_deflate;
+use crate::support_http;
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -48,7 +48,7 @@ fn redis_server_binary() -> Option<PathBuf> {
 fn require_redis() -> PathBuf {
     redis_server_binary().unwrap_or_else(|| {
         panic!(
-            "redis-server not found: the cluster tests need it (Debian package redis-server, which tests/run.sh installs); to run the other tests without it, leave this file out (cargo test --test <other>)"
+            "redis-server not found: the cluster tests need it (Debian package redis-server, which tests/run.sh installs); to run the other tests without it, leave this file out (cargo test --test it -- --skip cluster::)"
         )
     })
 }

@@ -7,8 +7,8 @@
 //! codec (zlib-rs) independent of the server's framing; `tests/python/test_compression.py`
 //! checks the same paths with the `websockets` library's own zlib.
 
-mod support;
-mod support_deflate;
+use crate::support;
+use crate::support_deflate;
 
 use std::io::Read;
 use std::net::SocketAddr;

@@ -3,8 +3,8 @@
 //! bound (RSS from `/proc`, CPU time of the process, status codes), then that the server
 //! still serves a well-behaved client.
 
-mod support;
-mod support_http;
+use crate::support;
+use crate::support_http;
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};

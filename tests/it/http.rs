@@ -3,8 +3,8 @@
 //! Prometheus text 0.0.4 parser below), `/api/stats` and `/healthz`. Real binary, two
 //! shards; every wait is bounded.
 
-mod support;
-mod support_http;
+use crate::support;
+use crate::support_http;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::SocketAddr;
@@ -1273,7 +1273,7 @@ async fn metrics_parse_as_prometheus_text_and_counters_move_after_publishing() {
 #[test]
 fn openapi_document_is_served_as_the_file_in_the_repository() {
     let server = Server::start(&[]);
-    let file = include_str!("../src/http/openapi.json");
+    let file = include_str!("../../src/http/openapi.json");
     let r = HttpConn::connect(server.addr()).get("/api/openapi.json", T5);
     assert_eq!(
         (r.status, r.header("Content-Type")),

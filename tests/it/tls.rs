@@ -4,7 +4,7 @@
 //! and garbage on the TLS port, corrupted records), certificate rotation on SIGHUP (O-08),
 //! echo over TLS, fan-out over TLS and the slow-consumer budget under TLS.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
