@@ -546,6 +546,7 @@ impl Options {
         let history = HistoryLimits {
             size: self.history_size.unwrap_or(100),
             ttl: ms(self.history_ttl_ms.unwrap_or(300_000)),
+            latest: false,
         };
         let resolved = namespace::resolve(
             self.namespace.unwrap_or_default(),

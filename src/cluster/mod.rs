@@ -39,7 +39,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::compression::CompressionPolicies;
-use crate::hub::{ChannelName, HistoryLimits};
+use crate::hub::{ChannelName, HistoryPolicy};
 use crate::shard::{ConnRef, Post};
 
 /// What a shard asks of the cluster.
@@ -79,6 +79,8 @@ pub enum Request {
     Publish {
         channel: ChannelName,
         data: Bytes,
+        /// Stored only if the channel's last seq is still this (checked in the script).
+        expect_seq: Option<u64>,
         shard: usize,
         conn: ConnRef,
         id: Option<u64>,
@@ -270,7 +272,7 @@ pub struct Idle {
     backend: redis::Backend,
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
-    history: HistoryLimits,
+    history: HistoryPolicy,
     ack_replicas: u32,
     compression: CompressionPolicies,
     link: Arc<Link>,
@@ -281,7 +283,7 @@ impl Bridge {
     /// Redis Cluster); nothing connects until [`Idle::spawn`].
     pub fn new(
         url: &str,
-        history: HistoryLimits,
+        history: HistoryPolicy,
         ack_replicas: u32,
         compression: CompressionPolicies,
     ) -> Result<(Self, Idle), String> {
@@ -378,6 +380,7 @@ mod tests {
         Request::Publish {
             channel: "c".into(),
             data: Bytes::from(vec![b'1'; bytes]),
+            expect_seq: None,
             shard: 0,
             conn: CONN,
             id: None,

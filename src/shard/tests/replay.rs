@@ -8,6 +8,7 @@ fn since_that_history_cannot_serve_is_a_history_gap() {
         history: hub::HistoryLimits {
             size: 1,
             ttl: Duration::from_secs(60),
+            latest: false,
         },
         ..Config::default()
     };
