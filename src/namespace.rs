@@ -117,6 +117,16 @@ pub struct NamespaceEntry {
     pub compression: Option<CompressionPolicy>,
 }
 
+/// The namespaces of a config that names none: `state.` recovers `latest`, so a shared
+/// state (the demo page's counter) works with no config file at all.
+pub(crate) fn built_in() -> Vec<NamespaceEntry> {
+    vec![NamespaceEntry {
+        prefix: "state.".into(),
+        recovery: Some(Recovery::Latest),
+        ..NamespaceEntry::default()
+    }]
+}
+
 /// What the entries resolve to, over the command-line defaults: the namespaces, and the
 /// slow-consumer and compression policies per prefix (one per namespace, so a channel
 /// gets both from the namespace it belongs to).
