@@ -217,6 +217,15 @@ async function fallbackChain(blockSse) {
   for (let n = 4; n <= 6; n++) await publishHttp(s, channel, { n });
   await receivedUpTo(page, 6);
   assert.equal(await page.evaluate(() => window.h.state), "open");
+  // A subscription made on the fallback gets a receiver of its own, live.
+  await page.evaluate((ch) => {
+    window.later = [];
+    window.h.subscribe(ch, (data) => window.later.push(data));
+  }, channel + "-later");
+  await waitFor("the later subscription to be live", async () => {
+    await publishHttp(s, channel + "-later", "hi");
+    return (await page.evaluate(() => window.later.length)) > 0;
+  }, { timeoutMs: 15000, intervalMs: 300 });
   if (blockSse) assert.ok(sseRequests() >= 1, "SSE was tried first");
   // A publish waits for the WebSocket; it goes out once the upgrade succeeds.
   const acked = page.evaluate((ch) => window.h.publish(ch, { n: 7 }), channel);

@@ -408,12 +408,10 @@
   };
 
   Herald.prototype._sendSubscribe = function (sub) {
+    // On a fallback (reached or still trying) every subscription gets its receiver.
+    if (this.fallback) return this._receive(sub);
     if (this.state !== STATES.OPEN) return;
     var id = this.nextId++;
-    if (this.fallback) {
-      this._receive(sub);
-      return;
-    }
     var cmd = { type: "subscribe", channel: sub.channel, id: id };
     var since = sub._resumeFrom();
     if (since != null) {
