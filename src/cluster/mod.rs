@@ -4,19 +4,21 @@
 //! Shards hand their cluster work (subscribe, unsubscribe, publish) to the [`Bridge`]
 //! through a queue, as they hand work to each other. A thread of its own (one small tokio
 //! runtime) talks to Redis and answers through the shards' [`Post`] with the same
-//! envelopes a home shard sends: `Subscribed`, `HistoryGap`, `Ack`, `Refused` and
-//! `Broadcast`, the last one encoded once per node and shared by every shard. What to do
+//! envelopes a home shard sends: `Subscribed`, `HistoryGap`, `Ack`, `Conflict`, `Refused`
+//! and `Broadcast`, the last one encoded once per node and shared by every shard. What to do
 //! about each channel is decided without IO by the state machine in `node.rs`; `redis.rs`
 //! performs its commands and `publish.rs` orders publishes.
 //!
 //! In Redis each channel has (keys share one hash tag, so Redis Cluster keeps them in
 //! one slot):
 //! - `herald:{C}:meta`, a hash with the channel's `epoch` and latest `seq`;
-//! - `herald:{C}:stream`, its history, entry id `SEQ-0`, trimmed to `--history-size`;
+//! - `herald:{C}:stream`, its history, entry id `SEQ-0`, trimmed to its namespace's history
+//!   size and expiring its TTL after the last publish (never, for a `latest` namespace);
 //! - `herald:{C}`, the pub/sub channel a publish is announced on.
 //!
-//! One Lua script orders a publish: it assigns the next `seq`, appends to the stream and
-//! publishes, atomically, so the sequence, the history and the fan-out cannot disagree.
+//! One Lua script orders a publish: it checks the publisher's `expect_seq`, assigns the
+//! next `seq`, appends to the stream and publishes, atomically, so the sequence, the
+//! history and the fan-out cannot disagree and a conditional write cannot be lost.
 //! The publisher is acknowledged only after the script has returned.
 //!
 //! Nothing here grows with what clients send: the queues from the shards refuse past
