@@ -52,6 +52,8 @@ fn node(name: &str, extra: &[&str]) -> Server {
     ];
     args.extend_from_slice(extra);
     let server = Server::start(&args);
+    // Read once at the start: the file is not needed any more.
+    let _ = std::fs::remove_dir_all(file.parent().unwrap());
     if extra.contains(&"--redis") {
         let deadline = Instant::now() + Duration::from_secs(10);
         while HttpConn::connect(server.addr())
