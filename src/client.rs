@@ -1,34 +1,52 @@
-//! `herald client`: an interactive terminal client for the `/ws` protocol.
+//! `herald client`: an interactive terminal client for the `/ws` protocol, over `ws://`
+//! or `wss://` (rustls; the system's CA bundle, or `--ca FILE`).
 //!
 //! It prints every message that arrives (`< ...`) and sends what is typed: a JSON line
 //! as it is, or a shortcut (`/sub CHANNEL [SINCE]`, `/unsub CHANNEL`, `/pub CHANNEL
-//! JSON`, `/presence CHANNEL`, `/history CHANNEL [N]`, `/ping`, `/quit`). Blocking sockets and two threads: one reads stdin and
-//! writes frames, one reads frames and prints. Framing comes from [`crate::proto`].
+//! [=SEQ] JSON`, `/presence CHANNEL`, `/history CHANNEL [N]`, `/ping`, `/quit`). Blocking
+//! sockets and two threads: one reads stdin and hands frames over, one owns the
+//! connection (a TLS session cannot be split between threads): it reads in short slices,
+//! prints what arrived and writes what was handed over between them. Framing comes from
+//! [`crate::proto`].
 
 use std::io::{self, BufRead, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::sync::{Arc, Mutex};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
 use std::time::Duration;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, ClientConnection, RootCertStore, StreamOwned};
 
 use crate::proto::client_handshake::{Answer, ClientHandshake};
 use crate::proto::frame::{FrameHeader, OpCode, encode_client_frame};
 use crate::proto::pubsub::validate_channel;
 
-/// A `ws://host:port/path?query` URL, taken apart.
+/// The CA bundle Debian (and its derivatives) keep the system's trusted roots in.
+const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
+
+/// Longest a read waits before the connection's thread writes what was handed over.
+const READ_SLICE: Duration = Duration::from_millis(20);
+
+/// A `ws://` or `wss://host:port/path?query` URL, taken apart.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Url {
     pub host: String,
     pub port: u16,
     /// Path and query, starting with `/`.
     pub target: String,
+    /// `wss://`: TLS.
+    pub tls: bool,
 }
 
 impl Url {
     pub fn parse(url: &str) -> Result<Self, String> {
-        let rest = match url.split_once("://") {
-            Some(("ws", rest)) => rest,
-            Some(("wss", _)) => return Err("wss:// is not supported by this client yet".into()),
-            _ => return Err(format!("{url:?} is not a ws:// URL")),
+        let (rest, tls) = match url.split_once("://") {
+            Some(("ws", rest)) => (rest, false),
+            Some(("wss", rest)) => (rest, true),
+            _ => return Err(format!("{url:?} is not a ws:// or wss:// URL")),
         };
         let (authority, target) = match rest.find('/') {
             Some(i) => (&rest[..i], rest[i..].to_string()),
@@ -39,7 +57,7 @@ impl Url {
                 host,
                 port.parse().map_err(|_| format!("bad port in {url:?}"))?,
             ),
-            None => (authority, 80),
+            None => (authority, if tls { 443 } else { 80 }),
         };
         if host.is_empty() {
             return Err(format!("no host in {url:?}"));
@@ -48,8 +66,71 @@ impl Url {
             host: host.trim_matches(['[', ']']).to_string(),
             port,
             target,
+            tls,
         })
     }
+}
+
+/// The connection: plain TCP, or a TLS session over it.
+enum Link {
+    Plain(TcpStream),
+    Tls(Box<StreamOwned<ClientConnection, TcpStream>>),
+}
+
+impl Link {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Self::Plain(tcp) => tcp,
+            Self::Tls(tls) => &tls.sock,
+        }
+    }
+}
+
+impl Read for Link {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(tcp) => tcp.read(buf),
+            Self::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl Write for Link {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Self::Plain(tcp) => tcp.write(buf),
+            Self::Tls(tls) => tls.write(buf),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Self::Plain(tcp) => tcp.flush(),
+            Self::Tls(tls) => tls.flush(),
+        }
+    }
+}
+
+/// The roots a `wss://` server's certificate must chain to: the PEM file `ca`, else the
+/// system's bundle.
+fn tls_config(ca: Option<&Path>) -> Result<Arc<ClientConfig>, String> {
+    let file = ca.unwrap_or(Path::new(SYSTEM_ROOTS));
+    let mut roots = RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(file)
+        .map_err(|e| format!("cannot read CA certificates from {}: {e}", file.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("bad certificate in {}: {e}", file.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("unusable CA certificate in {}: {e}", file.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(Arc::new(config))
 }
 
 /// What one typed line means.
@@ -62,7 +143,7 @@ pub enum Input {
     Help(String),
 }
 
-const HELP: &str = "type JSON to send it, or: /sub CHANNEL [SINCE] · /unsub CHANNEL · /pub CHANNEL JSON · /presence CHANNEL · /history CHANNEL [N] · /ping · /quit";
+const HELP: &str = "type JSON to send it, or: /sub CHANNEL [SINCE] · /unsub CHANNEL · /pub CHANNEL [=SEQ] JSON · /presence CHANNEL · /history CHANNEL [N] · /ping · /quit";
 
 /// Turns a typed line into what to send. `next_id` numbers requests so replies match.
 pub fn interpret(line: &str, next_id: &mut u64) -> Input {
@@ -126,14 +207,31 @@ pub fn interpret(line: &str, next_id: &mut u64) -> Input {
                 _ => Err("usage: /history CHANNEL [N]".into()),
             }
         }
+        // `=SEQ` (no JSON starts with `=`): stored only if the channel is still at SEQ.
         "/pub" => match rest.split_once(' ') {
-            Some((channel, data)) => channel_json(channel).map(|c| {
-                format!(
-                    r#"{{"type":"publish","channel":{c},"data":{},"id":{id}}}"#,
-                    data.trim()
-                )
-            }),
-            None => Err("usage: /pub CHANNEL JSON".into()),
+            Some((channel, data)) => {
+                let data = data.trim();
+                let expect = match data.strip_prefix('=') {
+                    Some(after) => {
+                        let (seq, json) = after.split_once(' ').unwrap_or((after, ""));
+                        match seq.parse::<u64>() {
+                            Ok(seq) if !json.trim().is_empty() => {
+                                Ok((format!(r#","expect_seq":{seq}"#), json.trim()))
+                            }
+                            _ => Err("usage: /pub CHANNEL =SEQ JSON".to_string()),
+                        }
+                    }
+                    None => Ok((String::new(), data)),
+                };
+                expect.and_then(|(expect, data)| {
+                    channel_json(channel).map(|c| {
+                        format!(
+                            r#"{{"type":"publish","channel":{c},"data":{data}{expect},"id":{id}}}"#
+                        )
+                    })
+                })
+            }
+            None => Err("usage: /pub CHANNEL [=SEQ] JSON".into()),
         },
         other => Err(format!("unknown command {other}; {HELP}")),
     };
@@ -157,12 +255,25 @@ fn mask() -> [u8; 4] {
     key
 }
 
-/// Connects and performs the upgrade; returns the stream and any bytes read past the
-/// response head.
-fn connect(url: &Url, token: Option<&str>) -> Result<(TcpStream, Vec<u8>), String> {
-    let mut stream = TcpStream::connect((url.host.as_str(), url.port))
+/// Connects (and for `wss://` starts TLS with the roots of `ca`), performs the upgrade;
+/// returns the connection and any bytes read past the response head.
+fn connect(url: &Url, token: Option<&str>, ca: Option<&Path>) -> Result<(Link, Vec<u8>), String> {
+    let tcp = TcpStream::connect((url.host.as_str(), url.port))
         .map_err(|e| format!("cannot connect to {}:{}: {e}", url.host, url.port))?;
-    stream.set_nodelay(true).map_err(|e| e.to_string())?;
+    tcp.set_nodelay(true).map_err(|e| e.to_string())?;
+    let mut stream = if url.tls {
+        let name = ServerName::try_from(url.host.clone()).map_err(|e| {
+            format!(
+                "{:?} cannot be checked against a certificate: {e}",
+                url.host
+            )
+        })?;
+        let session =
+            ClientConnection::new(tls_config(ca)?, name).map_err(|e| format!("TLS setup: {e}"))?;
+        Link::Tls(Box::new(StreamOwned::new(session, tcp)))
+    } else {
+        Link::Plain(tcp)
+    };
     let nonce = random_nonce().map_err(|e| e.to_string())?;
     let host = if url.host.contains(':') {
         format!("[{}]:{}", url.host, url.port)
@@ -174,11 +285,13 @@ fn connect(url: &Url, token: Option<&str>) -> Result<(TcpStream, Vec<u8>), Strin
         handshake = handshake.header("Authorization", &format!("Bearer {token}"));
     }
     stream
-        .write_all(&handshake.encode())
-        .map_err(|e| e.to_string())?;
-    stream
+        .tcp()
         .set_read_timeout(Some(Duration::from_secs(10)))
         .map_err(|e| e.to_string())?;
+    stream
+        .write_all(&handshake.encode())
+        .and_then(|()| stream.flush())
+        .map_err(|e| format!("handshake: {e}"))?;
     let mut buf = Vec::new();
     let mut chunk = [0u8; 4096];
     let (answer, head_len) = loop {
@@ -203,21 +316,29 @@ fn connect(url: &Url, token: Option<&str>) -> Result<(TcpStream, Vec<u8>), Strin
         let body = String::from_utf8_lossy(&body).trim().to_string();
         return Err(format!("upgrade refused: {status_line} {body}"));
     }
-    stream.set_read_timeout(None).map_err(|e| e.to_string())?;
+    stream
+        .tcp()
+        .set_read_timeout(Some(READ_SLICE))
+        .map_err(|e| e.to_string())?;
     Ok((stream, buf[head_len..].to_vec()))
 }
 
-fn send(stream: &Mutex<TcpStream>, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
+fn send(link: &mut Link, opcode: OpCode, payload: &[u8]) -> io::Result<()> {
     let frame = encode_client_frame(opcode, true, payload, mask());
-    stream.lock().expect("writer lock").write_all(&frame)
+    link.write_all(&frame)?;
+    link.flush()
 }
 
-/// Reads frames and prints them until the connection ends; answers pings and closes.
-fn print_frames(
-    mut reader: TcpStream,
-    writer: &Mutex<TcpStream>,
-    mut buf: Vec<u8>,
-) -> io::Result<()> {
+/// What the input thread hands to the connection's thread.
+enum Out {
+    Frame(OpCode, Vec<u8>),
+    /// Close the connection now.
+    Hangup,
+}
+
+/// Owns the connection: reads frames and prints them until the connection ends, answers
+/// pings and closes, and writes the frames `out` hands over.
+fn print_frames(mut link: Link, mut buf: Vec<u8>, out: &Receiver<Out>) -> io::Result<()> {
     let stdout = io::stdout();
     let mut message: Vec<u8> = Vec::new();
     let mut chunk = [0u8; 16 * 1024];
@@ -230,7 +351,7 @@ fn print_frames(
             let payload = buf[len..end].to_vec();
             buf.drain(..end);
             match header.opcode {
-                OpCode::Ping => send(writer, OpCode::Pong, &payload)?,
+                OpCode::Ping => send(&mut link, OpCode::Pong, &payload)?,
                 OpCode::Pong => {}
                 OpCode::Close => {
                     let code = payload.get(..2).map(|c| u16::from_be_bytes([c[0], c[1]]));
@@ -240,7 +361,7 @@ fn print_frames(
                         "closed by server: {} {reason}",
                         code.unwrap_or(1005)
                     )?;
-                    let _ = send(writer, OpCode::Close, &payload[..payload.len().min(2)]);
+                    let _ = send(&mut link, OpCode::Close, &payload[..payload.len().min(2)]);
                     return Ok(());
                 }
                 OpCode::Text | OpCode::Binary | OpCode::Continuation => {
@@ -254,7 +375,29 @@ fn print_frames(
                 }
             }
         }
-        let n = reader.read(&mut chunk)?;
+        loop {
+            match out.try_recv() {
+                Ok(Out::Frame(opcode, payload)) => send(&mut link, opcode, &payload)?,
+                Ok(Out::Hangup) | Err(TryRecvError::Disconnected) => {
+                    let _ = link.tcp().shutdown(Shutdown::Both);
+                    return Ok(());
+                }
+                Err(TryRecvError::Empty) => break,
+            }
+        }
+        // A read slice that runs out (nothing came) is WouldBlock or TimedOut.
+        let n = match link.read(&mut chunk) {
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if n == 0 {
             writeln!(stdout.lock(), "connection closed")?;
             return Ok(());
@@ -263,18 +406,18 @@ fn print_frames(
     }
 }
 
-/// Runs the client until `/quit`, end of input, or the server closes.
-pub fn run(url: &str, token: Option<&str>) -> Result<(), String> {
+/// Runs the client until `/quit`, end of input, or the server closes. `ca`: the PEM file
+/// of the roots a `wss://` server's certificate must chain to (else the system's).
+pub fn run(url: &str, token: Option<&str>, ca: Option<&Path>) -> Result<(), String> {
     let url = Url::parse(url)?;
-    let (stream, leftover) = connect(&url, token)?;
+    let (stream, leftover) = connect(&url, token, ca)?;
+    let scheme = if url.tls { "wss" } else { "ws" };
     eprintln!(
-        "connected to ws://{}:{}{} — {HELP}",
+        "connected to {scheme}://{}:{}{} — {HELP}",
         url.host, url.port, url.target
     );
-    let reader = stream.try_clone().map_err(|e| e.to_string())?;
-    let writer = Arc::new(Mutex::new(stream));
-    let printer_writer = writer.clone();
-    let printer = std::thread::spawn(move || print_frames(reader, &printer_writer, leftover));
+    let (writer, out): (Sender<Out>, _) = std::sync::mpsc::channel();
+    let printer = std::thread::spawn(move || print_frames(stream, leftover, &out));
 
     let mut next_id = 0;
     for line in io::stdin().lock().lines() {
@@ -284,8 +427,10 @@ pub fn run(url: &str, token: Option<&str>) -> Result<(), String> {
         let line = line.map_err(|e| e.to_string())?;
         match interpret(&line, &mut next_id) {
             Input::Send(json) => {
-                if let Err(e) = send(&writer, OpCode::Text, json.as_bytes()) {
-                    eprintln!("send failed: {e}");
+                if writer
+                    .send(Out::Frame(OpCode::Text, json.into_bytes()))
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -296,9 +441,9 @@ pub fn run(url: &str, token: Option<&str>) -> Result<(), String> {
     }
     if !printer.is_finished() {
         // Close politely and give the server a moment to answer before hanging up.
-        let _ = send(&writer, OpCode::Close, &1000u16.to_be_bytes());
+        let _ = writer.send(Out::Frame(OpCode::Close, 1000u16.to_be_bytes().to_vec()));
         std::thread::sleep(Duration::from_millis(200));
-        let _ = writer.lock().expect("writer lock").shutdown(Shutdown::Both);
+        let _ = writer.send(Out::Hangup);
     }
     match printer.join() {
         Ok(Ok(())) => Ok(()),
@@ -319,13 +464,15 @@ mod tests {
             Url {
                 host: "127.0.0.1".into(),
                 port: 8080,
-                target: "/ws?token=x".into()
+                target: "/ws?token=x".into(),
+                tls: false,
             }
         );
         assert_eq!(Url::parse("ws://example").unwrap().target, "/ws");
         assert_eq!(Url::parse("ws://[::1]:9/x").unwrap().host, "::1");
         assert!(Url::parse("http://x").is_err());
-        assert!(Url::parse("wss://x").unwrap_err().contains("not supported"));
+        let wss = Url::parse("wss://example").unwrap();
+        assert_eq!((wss.tls, wss.port), (true, 443));
     }
 
     #[test]
@@ -366,6 +513,14 @@ mod tests {
             interpret("/history news x", &mut id),
             Input::Help(_)
         ));
+        assert_eq!(
+            interpret("/pub n =41 7", &mut id),
+            Input::Send(
+                r#"{"type":"publish","channel":"n","data":7,"expect_seq":41,"id":8}"#.into()
+            )
+        );
+        assert!(matches!(interpret("/pub n =x 7", &mut id), Input::Help(_)));
+        assert!(matches!(interpret("/pub n =4", &mut id), Input::Help(_)));
         assert_eq!(interpret("/quit", &mut id), Input::Quit);
         assert!(matches!(interpret("/sub", &mut id), Input::Help(_)));
         assert!(matches!(interpret("/sub a b", &mut id), Input::Help(_)));

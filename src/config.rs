@@ -383,9 +383,10 @@ pub struct Options {
     pub compression: Option<CompressionPolicy>,
 
     /// Channel namespaces (config file only): `[[namespace]]` tables keyed by `prefix`,
-    /// each setting any of history_size, history_ttl_ms, presence, join_leave, publish,
-    /// personal_channels, expose_publisher, slow_consumer_policy, compression for its
-    /// channels.
+    /// each setting any of history_size, history_ttl_ms, recovery ("stream" or "latest"),
+    /// presence, join_leave, publish, personal_channels, expose_publisher,
+    /// slow_consumer_policy, compression for its channels. Without any, `state.` is a
+    /// `latest` namespace (the demo's counter is `state.counter`).
     #[arg(skip)]
     pub namespace: Option<Vec<NamespaceEntry>>,
 
@@ -556,9 +557,10 @@ impl Options {
         let history = HistoryLimits {
             size: self.history_size.unwrap_or(100),
             ttl: ms(self.history_ttl_ms.unwrap_or(300_000)),
+            latest: false,
         };
         let resolved = namespace::resolve(
-            self.namespace.unwrap_or_default(),
+            self.namespace.unwrap_or_else(namespace::built_in),
             Namespace {
                 presence: self.presence.unwrap_or(false),
                 join_leave: self.join_leave.unwrap_or(false),

@@ -26,14 +26,18 @@ enum Command {
     /// Serve WebSocket pub/sub on one port (default 127.0.0.1:8080, in-memory hub).
     /// Logging: HERALD_LOG=info|debug|... (tracing filter syntax).
     Serve(Box<ServeArgs>),
-    /// Interactive client: prints what arrives, sends what you type (JSON, or /sub CHANNEL
-    /// [SINCE], /unsub CHANNEL, /pub CHANNEL JSON, /ping, /quit).
+    /// Interactive client (ws:// or wss://): prints what arrives, sends what you type (JSON,
+    /// or /sub CHANNEL [SINCE], /unsub CHANNEL, /pub CHANNEL [=SEQ] JSON, /ping, /quit).
     Client {
         /// e.g. ws://127.0.0.1:8080/ws
         url: String,
         /// Token sent as `Authorization: Bearer`.
         #[arg(long, env = "HERALD_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// PEM file of the CA certificates a wss:// server's certificate must chain to
+        /// [default: the system's, /etc/ssl/certs/ca-certificates.crt].
+        #[arg(long)]
+        ca: Option<std::path::PathBuf>,
     },
     /// Checks this machine's open-file limits, sysctls, cores and memory for N connections
     /// and prints what would stop them, with the command that fixes each (tuning/README.md).
@@ -80,8 +84,8 @@ fn main() -> ExitCode {
 
     let args = match cli.command {
         Some(Command::Serve(args)) => *args,
-        Some(Command::Client { url, token }) => {
-            return match herald::client::run(&url, token.as_deref()) {
+        Some(Command::Client { url, token, ca }) => {
+            return match herald::client::run(&url, token.as_deref(), ca.as_deref()) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("herald client: {e}");

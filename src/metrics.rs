@@ -26,7 +26,9 @@ pub const TRANSPORTS: [(Transport, &str); 4] = [
 ];
 
 /// Statuses a refused request can get, for `herald_rejected_requests_total{status}`.
-pub const REJECT_STATUSES: [u16; 12] = [400, 401, 403, 404, 405, 408, 411, 413, 426, 429, 431, 503];
+pub const REJECT_STATUSES: [u16; 13] = [
+    400, 401, 403, 404, 405, 408, 409, 411, 413, 426, 429, 431, 503,
+];
 
 /// Upper bounds (µs) of the publish→flush latency histogram buckets; +Inf is implied.
 pub const LATENCY_BUCKETS_US: [u64; 13] = [
@@ -254,7 +256,8 @@ mod tests {
         let snap = registry.snapshot(Instant::now());
         assert_eq!(snap.total.deliveries_total, 12);
         assert_eq!(snap.total.connections[1], 4);
-        assert_eq!(snap.total.rejected_total[10], 2);
+        let at_431 = REJECT_STATUSES.iter().position(|&s| s == 431).unwrap();
+        assert_eq!(snap.total.rejected_total[at_431], 2);
         assert_eq!(snap.total.publish_flush_buckets[1], 2);
         assert_eq!(snap.per_shard[1].deliveries_total, 7);
     }

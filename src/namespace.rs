@@ -8,7 +8,7 @@ use serde::Deserialize;
 
 use crate::compression::{CompressionPolicies, CompressionPolicy, CompressionPrefix};
 use crate::config::PrefixPolicy;
-use crate::hub::HistoryLimits;
+use crate::hub::{HistoryLimits, HistoryPolicy};
 use crate::limits::{SlowConsumerPolicies, SlowConsumerPolicy};
 
 /// Who may publish to a namespace's channels.
@@ -22,6 +22,17 @@ pub enum PublishRule {
     Subscribers,
     /// The server API only (`POST /api/publish`).
     Api,
+}
+
+/// What a subscriber without `since` gets first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Recovery {
+    /// Live messages only; `since` replays from history.
+    Stream,
+    /// The channel's latest message, then live ones: the channel holds a state. Its
+    /// history is one message with no age limit unless the entry sets them.
+    Latest,
 }
 
 /// The policy of the channels of one namespace, resolved (nothing left unset).
@@ -79,6 +90,14 @@ impl Namespaces {
             .map(|(prefix, namespace)| (prefix.clone(), namespace.history))
             .collect()
     }
+
+    /// History limits of every channel, for the cluster.
+    pub fn history_policy(&self) -> HistoryPolicy {
+        HistoryPolicy {
+            default: self.default.history,
+            by_prefix: self.history_by_prefix(),
+        }
+    }
 }
 
 /// One `[[namespace]]` entry as written; every key but `prefix` is optional.
@@ -88,6 +107,7 @@ pub struct NamespaceEntry {
     pub prefix: String,
     pub history_size: Option<usize>,
     pub history_ttl_ms: Option<u64>,
+    pub recovery: Option<Recovery>,
     pub presence: Option<bool>,
     pub join_leave: Option<bool>,
     pub publish: Option<PublishRule>,
@@ -95,6 +115,16 @@ pub struct NamespaceEntry {
     pub expose_publisher: Option<bool>,
     pub slow_consumer_policy: Option<SlowConsumerPolicy>,
     pub compression: Option<CompressionPolicy>,
+}
+
+/// The namespaces of a config that names none: `state.` recovers `latest`, so a shared
+/// state (the demo page's counter) works with no config file at all.
+pub(crate) fn built_in() -> Vec<NamespaceEntry> {
+    vec![NamespaceEntry {
+        prefix: "state.".into(),
+        recovery: Some(Recovery::Latest),
+        ..NamespaceEntry::default()
+    }]
 }
 
 /// What the entries resolve to, over the command-line defaults: the namespaces, and the
@@ -136,15 +166,28 @@ pub(crate) fn resolve(
         {
             return Err(format!("[[namespace]] prefix {prefix:?} is given twice"));
         }
+        let latest = entry.recovery == Some(Recovery::Latest);
+        // A `latest` channel's message is its state: kept (one of them) until replaced.
+        let (size, ttl) = if latest {
+            (1, std::time::Duration::MAX)
+        } else {
+            (default.history.size, default.history.ttl)
+        };
         let history = HistoryLimits {
-            size: entry.history_size.unwrap_or(default.history.size),
+            size: entry.history_size.unwrap_or(size),
             ttl: entry
                 .history_ttl_ms
-                .map_or(default.history.ttl, std::time::Duration::from_millis),
+                .map_or(ttl, std::time::Duration::from_millis),
+            latest,
         };
         if history.size > 100_000 {
             return Err(format!(
                 "[[namespace]] {prefix:?}: history_size must be at most 100000"
+            ));
+        }
+        if latest && history.size == 0 {
+            return Err(format!(
+                "[[namespace]] {prefix:?}: recovery = \"latest\" needs a history_size of at least 1"
             ));
         }
         resolved.namespaces.by_prefix.push((
@@ -186,6 +229,7 @@ mod tests {
             history: HistoryLimits {
                 size: 100,
                 ttl: Duration::from_secs(300),
+                latest: false,
             },
         }
     }
@@ -225,6 +269,56 @@ mod tests {
             slow.policy_for("chat.vip.a"),
             SlowConsumerPolicy::Disconnect
         );
+    }
+
+    #[test]
+    fn latest_recovery_keeps_one_message_without_an_age_limit_unless_told() {
+        let entries = vec![
+            NamespaceEntry {
+                prefix: "state.".into(),
+                recovery: Some(Recovery::Latest),
+                ..NamespaceEntry::default()
+            },
+            NamespaceEntry {
+                prefix: "board.".into(),
+                recovery: Some(Recovery::Latest),
+                history_size: Some(10),
+                history_ttl_ms: Some(1000),
+                ..NamespaceEntry::default()
+            },
+        ];
+        let resolved = resolve(
+            entries,
+            defaults(),
+            SlowConsumerPolicy::Disconnect,
+            CompressionPolicy::Off,
+        )
+        .unwrap();
+        let policy = resolved.namespaces.history_policy();
+        let state = policy.of("state.counter");
+        assert_eq!(
+            (state.size, state.ttl, state.latest),
+            (1, Duration::MAX, true)
+        );
+        let board = policy.of("board.x");
+        let ttl = Duration::from_millis(1000);
+        assert_eq!((board.size, board.ttl, board.latest), (10, ttl, true));
+        assert!(!policy.of("news").latest);
+        let zero = NamespaceEntry {
+            prefix: "z.".into(),
+            recovery: Some(Recovery::Latest),
+            history_size: Some(0),
+            ..NamespaceEntry::default()
+        };
+        let error = resolve(
+            vec![zero],
+            defaults(),
+            SlowConsumerPolicy::Disconnect,
+            CompressionPolicy::Off,
+        )
+        .err()
+        .unwrap();
+        assert!(error.contains("at least 1"), "{error}");
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub fn serve(mut config: Config) -> io::Result<()> {
         Some(url) => {
             let (bridge, idle) = Bridge::new(
                 url,
-                ctx.config.history,
+                ctx.config.namespaces.history_policy(),
                 ctx.config.redis_ack_replicas,
                 ctx.config.redis_buffer_bytes,
                 ctx.config.compression.clone(),

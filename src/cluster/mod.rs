@@ -4,19 +4,21 @@
 //! Shards hand their cluster work (subscribe, unsubscribe, publish) to the [`Bridge`]
 //! through a queue, as they hand work to each other. A thread of its own (one small tokio
 //! runtime) talks to Redis and answers through the shards' [`Post`] with the same
-//! envelopes a home shard sends: `Subscribed`, `HistoryGap`, `Ack`, `Refused` and
-//! `Broadcast`, the last one encoded once per node and shared by every shard. What to do
+//! envelopes a home shard sends: `Subscribed`, `HistoryGap`, `Ack`, `Conflict`, `Refused`
+//! and `Broadcast`, the last one encoded once per node and shared by every shard. What to do
 //! about each channel is decided without IO by the state machine in `node.rs`; `redis.rs`
 //! performs its commands and `publish.rs` orders publishes.
 //!
 //! In Redis each channel has (keys share one hash tag, so Redis Cluster keeps them in
 //! one slot):
 //! - `herald:{C}:meta`, a hash with the channel's `epoch` and latest `seq`;
-//! - `herald:{C}:stream`, its history, entry id `SEQ-0`, trimmed to `--history-size`;
+//! - `herald:{C}:stream`, its history, entry id `SEQ-0`, trimmed to its namespace's history
+//!   size and expiring its TTL after the last publish (never, for a `latest` namespace);
 //! - `herald:{C}`, the pub/sub channel a publish is announced on.
 //!
-//! One Lua script orders a publish: it assigns the next `seq`, appends to the stream and
-//! publishes, atomically, so the sequence, the history and the fan-out cannot disagree.
+//! One Lua script orders a publish: it checks the publisher's `expect_seq`, assigns the
+//! next `seq`, appends to the stream and publishes, atomically, so the sequence, the
+//! history and the fan-out cannot disagree and a conditional write cannot be lost.
 //! The publisher is acknowledged only after the script has returned.
 //!
 //! Nothing here grows with what clients send: the queues from the shards refuse past
@@ -42,7 +44,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use crate::compression::CompressionPolicies;
-use crate::hub::{ChannelName, HistoryLimits};
+use crate::hub::{ChannelName, HistoryPolicy};
 use crate::shard::{ConnRef, Post};
 
 /// What a shard asks of the cluster.
@@ -82,6 +84,8 @@ pub enum Request {
     Publish {
         channel: ChannelName,
         data: Bytes,
+        /// Stored only if the channel's last seq is still this (checked in the script).
+        expect_seq: Option<u64>,
         shard: usize,
         conn: ConnRef,
         id: Option<u64>,
@@ -327,7 +331,7 @@ pub struct Idle {
     backend: redis::Backend,
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
-    history: HistoryLimits,
+    history: HistoryPolicy,
     ack_replicas: u32,
     /// Redis traffic held per shard, and announcements read ahead (`--redis-buffer-bytes`).
     buffer_bytes: usize,
@@ -340,7 +344,7 @@ impl Bridge {
     /// Redis Cluster); nothing connects until [`Idle::spawn`].
     pub fn new(
         url: &str,
-        history: HistoryLimits,
+        history: HistoryPolicy,
         ack_replicas: u32,
         buffer_bytes: usize,
         compression: CompressionPolicies,
@@ -435,6 +439,7 @@ mod tests {
         Request::Publish {
             channel: "c".into(),
             data: Bytes::from(vec![b'1'; bytes]),
+            expect_seq: None,
             shard: 0,
             conn: CONN,
             id: None,

@@ -30,7 +30,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 
 use super::{Link, Request};
-use crate::hub::ChannelName;
+use crate::hub::{ChannelName, HistoryLimits, HistoryPolicy};
 use crate::shard::Envelope;
 
 use answer::{Answering, Need, Waiter};
@@ -150,6 +150,8 @@ enum Awaiting {
 pub(super) struct Node {
     shard_count: usize,
     history_size: usize,
+    /// Which channels start a subscriber without `since` from their latest message.
+    history: HistoryPolicy,
     link: Arc<Link>,
     /// Whether commands can be sent (the link is up).
     up: bool,
@@ -165,6 +167,14 @@ impl Node {
         Self {
             shard_count,
             history_size,
+            history: HistoryPolicy {
+                default: HistoryLimits {
+                    size: history_size,
+                    ttl: std::time::Duration::MAX,
+                    latest: false,
+                },
+                by_prefix: Vec::new(),
+            },
             link,
             up: false,
             channels: HashMap::new(),
@@ -173,6 +183,12 @@ impl Node {
             awaiting: None,
             out: VecDeque::new(),
         }
+    }
+
+    /// The namespaces' history policy (which of them recover `latest`).
+    pub(super) fn with_history(mut self, history: HistoryPolicy) -> Self {
+        self.history = history;
+        self
     }
 
     /// The channels held, live or not.

@@ -1,5 +1,6 @@
 //! The publisher task: every queued publish ordered by the script in Redis, pipelined in
-//! arrival order, and answered `Ack` or `Refused`.
+//! arrival order, and answered `Ack`, `Conflict` (its `expect_seq` did not hold) or
+//! `Refused`.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use tokio::time::timeout;
 use super::redis::{Publishing, REPLY_TIMEOUT, Shards};
 use super::script::{meta_key, pubsub_key, stream_key};
 use super::{Link, Queue, Request};
-use crate::hub::{self, ChannelName, HistoryLimits};
+use crate::hub::{self, ChannelName, HistoryPolicy};
 use crate::shard::Envelope;
 
 /// Most publishes sent to Redis in one pipelined round trip.
@@ -33,7 +34,8 @@ pub(super) struct Publisher {
     /// Tells the node task which link failed a publish (the latest such link).
     pub(super) broken: watch::Sender<u64>,
     pub(super) shards: Shards,
-    pub(super) history: HistoryLimits,
+    /// Each channel's history size and TTL, by namespace.
+    pub(super) history: HistoryPolicy,
     /// Replicas that must hold a publish before its ack (`WAIT`); 0: the master's word.
     pub(super) ack_replicas: u32,
     pub(super) link: Arc<Link>,
@@ -44,8 +46,9 @@ pub(super) struct Publisher {
 }
 
 /// What the ordering script returns: the channel's epoch, the publish's seq, and how
-/// many nodes were subscribed.
-type Stored = (String, u64, u64);
+/// many nodes were subscribed; or -1 nodes and the channel's seq when the publish's
+/// `expect_seq` did not hold.
+type Stored = (String, u64, i64);
 
 /// The link's command connection, as the publisher uses it.
 #[derive(Clone)]
@@ -145,12 +148,24 @@ impl Publisher {
 
     /// The ordering script for each publish of `batch`, in order.
     fn pipeline(&self, batch: &[Request]) -> Pipeline {
-        let ttl_ms = self.history.ttl.as_millis().max(1) as u64;
         let mut pipe = ::redis::pipe();
         for request in batch {
-            let Request::Publish { channel, data, .. } = request else {
+            let Request::Publish {
+                channel,
+                data,
+                expect_seq,
+                ..
+            } = request
+            else {
                 unreachable!("only publishes reach the publisher");
             };
+            let history = self.history.of(channel);
+            // 0: no age limit (a `latest` namespace's state is kept until replaced).
+            let ttl_ms = u64::try_from(history.ttl.as_millis())
+                .ok()
+                .filter(|&ms| ms < u64::MAX / 2)
+                .map_or(0, |ms| ms.max(1));
+            let expect = expect_seq.map_or(String::new(), |seq| seq.to_string());
             let (epoch, seq) = self.seen.get(channel).map_or(("", 0), |(e, s)| (&**e, *s));
             pipe.cmd("EVALSHA")
                 .arg(&self.script)
@@ -159,11 +174,12 @@ impl Publisher {
                 .arg(stream_key(channel))
                 .arg(pubsub_key(channel))
                 .arg(&data[..])
-                .arg(self.history.size)
+                .arg(history.size)
                 .arg(ttl_ms)
                 .arg(hub::new_epoch(SystemTime::now()))
                 .arg(epoch)
-                .arg(seq);
+                .arg(seq)
+                .arg(expect);
         }
         if self.ack_replicas > 0 {
             // After the batch on the same connection: waits for every write above.
@@ -207,6 +223,7 @@ impl Publisher {
                         shard,
                         conn,
                         id,
+                        expect_seq,
                         ..
                     } = request
                     else {
@@ -219,6 +236,16 @@ impl Publisher {
                             .send(shard, Envelope::Refused { conn, id, message });
                         continue;
                     };
+                    if nodes < 0 && expect_seq.is_some() {
+                        let conflict = Envelope::Conflict {
+                            conn,
+                            id,
+                            channel,
+                            seq,
+                        };
+                        self.shards.send(shard, conflict);
+                        continue;
+                    }
                     Link::count(&self.link.publishes);
                     self.seen.insert(channel, epoch.into(), seq);
                     self.shards.send(
@@ -303,6 +330,7 @@ mod tests {
         Request::Publish {
             channel: channel.into(),
             data: Bytes::from_static(b"1"),
+            expect_seq: None,
             shard: 0,
             conn: ConnRef {
                 key: 0,

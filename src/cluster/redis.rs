@@ -155,7 +155,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         conn: conn_rx,
         broken,
         shards: Shards { post: post.clone() },
-        history,
+        history: history.clone(),
         ack_replicas,
         link: link.clone(),
         seen: Seen::new(SEEN_PER_GENERATION),
@@ -167,7 +167,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
     tokio::spawn(publisher.run(publishes));
     let mut driver = Driver {
         backend,
-        node: Node::new(post.shards(), history.size, link.clone()),
+        node: Node::new(post.shards(), history.default.size, link.clone()).with_history(history),
         shards: Shards { post },
         buffer_bytes,
         compression,

@@ -6,10 +6,13 @@ use ::redis::Value;
 use bytes::Bytes;
 
 /// Orders one publish. KEYS: meta, stream, pub/sub channel. ARGV: data, history size,
-/// history ttl (ms), a fresh epoch, the epoch this node last saw, the highest seq it saw
-/// under that epoch. A missing meta (never published, evicted, lost in a restart) or a
-/// seq below what this node already handed out (a rollback) starts a new epoch, so no
-/// sequence number is ever reused for a different message. `PUBLISH` becomes `SPUBLISH`
+/// history ttl (ms; 0: none), a fresh epoch, the epoch this node last saw, the highest seq
+/// it saw under that epoch, the seq the publisher expects the channel at (empty or absent:
+/// any). An expected seq that is not the channel's stores nothing and returns nodes = -1
+/// (a conflict), in the same atomic step as the ordering. A missing meta (never
+/// published, evicted, lost in a restart) or a seq below what this node already handed
+/// out (a rollback) starts a new epoch, so no sequence number is ever reused for a
+/// different message. `PUBLISH` becomes `SPUBLISH`
 /// on a Redis Cluster ([`publish_script`]).
 const PUBLISH_SCRIPT: &str = r"
 local meta = redis.call('HMGET', KEYS[1], 'epoch', 'seq')
@@ -19,11 +22,18 @@ if not epoch or (epoch == ARGV[5] and seq < tonumber(ARGV[6])) then
   redis.call('DEL', KEYS[2])
   redis.call('HSET', KEYS[1], 'epoch', epoch)
 end
+if ARGV[7] and ARGV[7] ~= '' and tonumber(ARGV[7]) ~= seq then
+  return {epoch, seq, -1}
+end
 seq = seq + 1
 redis.call('HSET', KEYS[1], 'seq', seq)
 if tonumber(ARGV[2]) > 0 then
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'd', ARGV[1])
-  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  if tonumber(ARGV[3]) > 0 then
+    redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  else
+    redis.call('PERSIST', KEYS[2])
+  end
 end
 local nodes = redis.call('PUBLISH', KEYS[3], seq .. ' ' .. epoch .. ' ' .. ARGV[1])
 return {epoch, seq, nodes}

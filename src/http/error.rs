@@ -54,6 +54,8 @@ pub enum ApiError {
     Unavailable(Cow<'static, str>),
     /// Plain HTTP on the TLS port: 400.
     TlsRequired,
+    /// A publish with `expect_seq` found `channel` at `seq`: 409, the body carrying both.
+    Conflict { channel: Box<str>, seq: u64 },
 }
 
 impl ApiError {
@@ -77,6 +79,7 @@ impl ApiError {
             | Self::TlsRequired => 400,
             Self::Busy { refusal, .. } => refusal.status(),
             Self::Unavailable(_) => 503,
+            Self::Conflict { .. } => 409,
         }
     }
 
@@ -112,6 +115,7 @@ impl ApiError {
             Self::Busy { .. } => "retry_later",
             Self::Unavailable(_) => "unavailable",
             Self::TlsRequired => "tls_required",
+            Self::Conflict { .. } => "conflict",
         }
     }
 
@@ -141,6 +145,12 @@ impl ApiError {
         push_json_str(&mut body, self.code());
         body.extend_from_slice(b",\"message\":");
         push_json_str(&mut body, &message);
+        if let Self::Conflict { channel, seq } = self {
+            // What the client retries from, without parsing the message.
+            body.extend_from_slice(b",\"channel\":");
+            push_json_str(&mut body, channel);
+            body.extend_from_slice(format!(",\"seq\":{seq}").as_bytes());
+        }
         body.push(b'}');
         String::from_utf8(body).expect("escaped UTF-8 stays UTF-8")
     }
@@ -197,6 +207,12 @@ impl fmt::Display for ApiError {
             Self::Busy { refusal, .. } => f.write_str(refusal.reason()),
             Self::Unavailable(message) => f.write_str(message),
             Self::TlsRequired => f.write_str("this port speaks TLS: use https or wss"),
+            Self::Conflict { channel, seq } => {
+                write!(
+                    f,
+                    "{channel:?} is at seq {seq}, not the expected one; not stored"
+                )
+            }
         }
     }
 }
@@ -221,7 +237,7 @@ mod tests {
             &'static str,
             Option<(&'static str, &'static str)>,
         );
-        let cases: [Case; 24] = [
+        let cases: [Case; 25] = [
             (
                 ApiError::Handshake(HandshakeError::MissingKey),
                 400,
@@ -327,6 +343,15 @@ mod tests {
                 503,
                 "unavailable",
                 Some(("Retry-After", "1")),
+            ),
+            (
+                ApiError::Conflict {
+                    channel: "c".into(),
+                    seq: 7,
+                },
+                409,
+                "conflict",
+                None,
             ),
         ];
         for (error, status, code, header) in cases {

@@ -1,7 +1,9 @@
 //! `POST /api/publish`: the request body, validated whole before anything is published.
 //!
 //! `{"channel":"news","data":{..}}` or `{"messages":[{"channel":..,"data":..},..]}`. As on
-//! `/ws`, each `data` is handed on as the publisher's bytes (a slice of the body).
+//! `/ws`, each `data` is handed on as the publisher's bytes (a slice of the body). A single
+//! message may carry `"expect_seq":N` (stored only if the channel's last seq is still N,
+//! else 409 `conflict`); a batch may not, since part of it would be stored.
 
 use bytes::Bytes;
 use serde::Deserialize;
@@ -15,6 +17,7 @@ use crate::proto::pubsub::{array_element_spans, member_span, validate_channel};
 pub struct Message {
     pub channel: Box<str>,
     pub data: Bytes,
+    pub expect_seq: Option<u64>,
 }
 
 /// A parsed request body.
@@ -34,6 +37,8 @@ struct WireMessage<'a> {
     channel: Option<std::borrow::Cow<'a, str>>,
     #[allow(dead_code)]
     data: Option<IgnoredAny>,
+    /// Refused when present: see the module doc.
+    expect_seq: Option<IgnoredAny>,
 }
 
 #[derive(Deserialize)]
@@ -42,6 +47,7 @@ struct WireBody<'a> {
     channel: Option<std::borrow::Cow<'a, str>>,
     #[allow(dead_code)]
     data: Option<IgnoredAny>,
+    expect_seq: Option<u64>,
     #[serde(borrow)]
     messages: Option<Vec<WireMessage<'a>>>,
 }
@@ -67,9 +73,15 @@ pub fn parse(body: &Bytes) -> Result<Body, ApiError> {
             messages: vec![Message {
                 channel: check(wire.channel)?,
                 data: data_of(0..body.len())?,
+                expect_seq: wire.expect_seq,
             }],
             batch: false,
         }),
+        Some(list) if wire.expect_seq.is_some() || list.iter().any(|m| m.expect_seq.is_some()) => {
+            Err(bad(
+                "\"expect_seq\" is for a single message, not a batch (part of it would be stored)",
+            ))
+        }
         Some(list) => {
             if list.is_empty() || list.len() > MAX_BATCH {
                 return Err(ApiError::BadRequest(format!(
@@ -85,6 +97,7 @@ pub fn parse(body: &Bytes) -> Result<Body, ApiError> {
                 messages.push(Message {
                     channel: check(wire.channel)?,
                     data: data_of(element)?,
+                    expect_seq: None,
                 });
             }
             Ok(Body {
@@ -172,6 +185,22 @@ mod tests {
                 .code(),
             "bad_request"
         );
+    }
+
+    #[test]
+    fn a_single_message_may_expect_a_seq_and_a_batch_may_not() {
+        let body = parse_str(r#"{"channel":"c","data":1,"expect_seq":4}"#).unwrap();
+        assert_eq!(body.messages[0].expect_seq, Some(4));
+        for batch in [
+            r#"{"messages":[{"channel":"c","data":1,"expect_seq":4}]}"#,
+            r#"{"expect_seq":4,"messages":[{"channel":"c","data":1}]}"#,
+        ] {
+            let Err(ApiError::BadRequest(message)) = parse_str(batch) else {
+                panic!("{batch} accepted");
+            };
+            assert!(message.contains("single message"), "{message}");
+        }
+        assert!(parse_str(r#"{"channel":"c","data":1,"expect_seq":-1}"#).is_err());
     }
 
     #[test]

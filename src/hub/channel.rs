@@ -63,11 +63,39 @@ fn floor_bucket(channel: &str) -> usize {
     (fnv1a(channel) >> (64 - FLOOR_BUCKETS.trailing_zeros())) as usize
 }
 
-/// How much history each channel keeps: at most `size` messages, none older than `ttl`.
+/// How much history each channel keeps: at most `size` messages, none older than `ttl`
+/// (`Duration::MAX`: no age limit); and whether a subscriber without `since` first gets
+/// the latest of them (`recovery = "latest"`: the channel's message is its state).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HistoryLimits {
     pub size: usize,
     pub ttl: Duration,
+    pub latest: bool,
+}
+
+/// History limits per channel: its namespace's (the longest matching prefix), else the
+/// default.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryPolicy {
+    pub default: HistoryLimits,
+    pub by_prefix: Vec<(Box<str>, HistoryLimits)>,
+}
+
+impl HistoryPolicy {
+    pub fn of(&self, name: &str) -> HistoryLimits {
+        self.by_prefix
+            .iter()
+            .filter(|(prefix, _)| name.starts_with(&**prefix))
+            .max_by_key(|(prefix, _)| prefix.len())
+            .map_or(self.default, |(_, limits)| *limits)
+    }
+}
+
+/// A publish with `expect_seq` refused: the channel's last seq is `seq`, not the one
+/// expected. Nothing was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Conflict {
+    pub seq: u64,
 }
 
 /// One stored message: the same frame subscribers were sent.
@@ -138,10 +166,8 @@ impl Channel {
 /// The channels homed on one shard.
 pub struct Channels {
     shards: usize,
-    /// History limits of channels no namespace matches.
-    limits: HistoryLimits,
-    /// History limits per namespace prefix.
-    by_prefix: Vec<(Box<str>, HistoryLimits)>,
+    /// History limits per namespace prefix, and of channels no namespace matches.
+    history: HistoryPolicy,
     /// The shortest TTL of any namespace: it paces the sweep.
     shortest_ttl: Duration,
     /// Indexed as well as keyed, so the sweep can resume where it stopped.
@@ -181,8 +207,10 @@ impl Channels {
     pub fn new(shards: usize, limits: HistoryLimits) -> Self {
         Self {
             shards,
-            limits,
-            by_prefix: Vec::new(),
+            history: HistoryPolicy {
+                default: limits,
+                by_prefix: Vec::new(),
+            },
             shortest_ttl: limits.ttl,
             map: IndexMap::new(),
             floors: vec![0; FLOOR_BUCKETS].into_boxed_slice(),
@@ -198,17 +226,9 @@ impl Channels {
         self.shortest_ttl = by_prefix
             .iter()
             .map(|(_, limits)| limits.ttl)
-            .fold(self.limits.ttl, Duration::min);
-        self.by_prefix = by_prefix;
+            .fold(self.history.default.ttl, Duration::min);
+        self.history.by_prefix = by_prefix;
         self
-    }
-
-    fn limits_of(&self, name: &str) -> HistoryLimits {
-        self.by_prefix
-            .iter()
-            .filter(|(prefix, _)| name.starts_with(&**prefix))
-            .max_by_key(|(prefix, _)| prefix.len())
-            .map_or(self.limits, |(_, limits)| *limits)
     }
 
     /// The channel's index, created from its bucket's floor when new.
@@ -216,7 +236,7 @@ impl Channels {
         if let Some(index) = self.map.get_index_of(&**name) {
             return index;
         }
-        let limits = self.limits_of(name);
+        let limits = self.history.of(name);
         let (shards, floors) = (self.shards, &self.floors);
         let entry = self.map.entry(name.clone());
         let index = entry.index();
@@ -263,10 +283,15 @@ impl Channels {
         channel.trim(now);
         let seq = channel.seq;
         let Some(since) = since else {
-            return SubscribeOutcome::Subscribed {
-                seq,
-                replay: Vec::new(),
+            // A `latest` channel's last message is its state: a new subscriber starts
+            // from it (one message, within any replay budget's "at least one").
+            let replay = match channel.history.back() {
+                Some(last) if channel.limits.latest && last.seq == seq => {
+                    vec![(last.seq, last.frame.clone())]
+                }
+                _ => Vec::new(),
             };
+            return SubscribeOutcome::Subscribed { seq, replay };
         };
         let oldest = channel.oldest();
         if !epoch_matches || since > seq || since + 1 < oldest {
@@ -408,17 +433,30 @@ impl Channels {
     /// stores it in the history (before anyone is told: an ack means recoverable). A
     /// channel that neither delivers nor keeps it is forgotten again at once.
     pub fn publish(&mut self, name: &ChannelName, data: &[u8], now: Instant) -> Published<'_> {
-        self.publish_from(name, None, data, now)
+        self.publish_from(name, None, data, None, now)
+            .expect("a publish without expect_seq always goes through")
     }
 
-    /// [`Channels::publish`], naming the `publisher` in the frame when given.
+    /// [`Channels::publish`], naming the `publisher` in the frame when given, and only
+    /// when the channel's last seq is still `expect_seq`, when given (optimistic
+    /// concurrency: a refused publish creates and stores nothing).
     pub fn publish_from(
         &mut self,
         name: &ChannelName,
         publisher: Option<&str>,
         data: &[u8],
+        expect_seq: Option<u64>,
         now: Instant,
-    ) -> Published<'_> {
+    ) -> Result<Published<'_>, Conflict> {
+        if let Some(expected) = expect_seq {
+            let seq = self
+                .map
+                .get(&**name)
+                .map_or(self.floors[floor_bucket(name)], |channel| channel.seq);
+            if seq != expected {
+                return Err(Conflict { seq });
+            }
+        }
         let index = self.entry(name);
         let channel = &mut self.map[index];
         channel.seq += 1;
@@ -440,18 +478,18 @@ impl Channels {
         };
         if channel.is_idle() {
             self.forget(index);
-            return Published {
+            return Ok(Published {
                 broadcast,
                 shards: &[],
                 subscribers: 0,
-            };
+            });
         }
         let channel = &self.map[index];
-        Published {
+        Ok(Published {
             broadcast,
             subscribers: channel.subscribers.iter().sum(),
             shards: &channel.subscribers,
-        }
+        })
     }
 
     /// When [`Channels::sweep`] next has work; `None` while no channel is homed here.
@@ -502,347 +540,4 @@ impl Channels {
 }
 
 #[cfg(test)]
-#[allow(clippy::disallowed_methods)] // tests start the clock they drive
-mod tests {
-    use super::*;
-
-    fn name(s: &str) -> ChannelName {
-        s.into()
-    }
-
-    fn limits(size: usize) -> HistoryLimits {
-        HistoryLimits {
-            size,
-            ttl: Duration::from_secs(60),
-        }
-    }
-
-    #[test]
-    fn home_is_stable_and_in_range() {
-        for shards in 1..8 {
-            for c in ["a", "news", "chat.room.1"] {
-                let h = home_of(c, shards);
-                assert!(h < shards);
-                assert_eq!(h, home_of(c, shards));
-            }
-        }
-    }
-
-    #[test]
-    fn sequence_increases_by_one_per_publish() {
-        let now = Instant::now();
-        let mut channels = Channels::new(2, limits(10));
-        let news = name("news");
-        let outcome = channels.subscribe(&news, 1, None, true, usize::MAX, now);
-        assert_eq!(
-            outcome,
-            SubscribeOutcome::Subscribed {
-                seq: 0,
-                replay: vec![]
-            }
-        );
-        for expect in 1..=3 {
-            let published = channels.publish(&news, b"1", now);
-            assert_eq!(published.broadcast.seq, expect);
-            assert_eq!(published.shards, &[0, 1]);
-            assert_eq!(published.subscribers, 1);
-        }
-    }
-
-    #[test]
-    fn since_replays_what_was_missed() {
-        let now = Instant::now();
-        let mut channels = Channels::new(1, limits(10));
-        let c = name("c");
-        for _ in 0..5 {
-            channels.publish(&c, b"1", now);
-        }
-        match channels.subscribe(&c, 0, Some(2), true, usize::MAX, now) {
-            SubscribeOutcome::Subscribed { seq, replay } => {
-                assert_eq!(seq, 5);
-                // The seq carried beside each frame is that frame's own.
-                let expected = [3, 4, 5].map(|s| (s, pubsub::encode_message(&c, s, b"1")));
-                assert_eq!(replay, expected);
-            }
-            other => panic!("{other:?}"),
-        }
-        match channels.subscribe(&c, 0, Some(5), true, usize::MAX, now) {
-            SubscribeOutcome::Subscribed { replay, .. } => assert!(replay.is_empty()),
-            other => panic!("{other:?}"),
-        }
-    }
-
-    #[test]
-    fn since_beyond_history_other_epoch_or_future_is_a_gap() {
-        let now = Instant::now();
-        let mut channels = Channels::new(1, limits(3));
-        let c = name("c");
-        for _ in 0..5 {
-            channels.publish(&c, b"1", now);
-        }
-        let gap = SubscribeOutcome::HistoryGap { seq: 5, oldest: 3 };
-        assert_eq!(
-            channels.subscribe(&c, 0, Some(1), true, usize::MAX, now),
-            gap
-        );
-        assert_eq!(
-            channels.subscribe(&c, 0, Some(4), false, usize::MAX, now),
-            gap
-        );
-        assert_eq!(
-            channels.subscribe(&c, 0, Some(9), true, usize::MAX, now),
-            gap
-        );
-        assert!(matches!(
-            channels.subscribe(&c, 0, Some(2), true, usize::MAX, now),
-            SubscribeOutcome::Subscribed { .. }
-        ));
-    }
-
-    #[test]
-    fn history_expires_by_age() {
-        let start = Instant::now();
-        let mut channels = Channels::new(1, limits(100));
-        let c = name("c");
-        channels.publish(&c, b"1", start);
-        channels.publish(&c, b"2", start + Duration::from_secs(50));
-        let later = start + Duration::from_secs(70);
-        assert_eq!(
-            channels.subscribe(&c, 0, Some(0), true, usize::MAX, later),
-            SubscribeOutcome::HistoryGap { seq: 2, oldest: 2 }
-        );
-        let much_later = start + Duration::from_secs(200);
-        assert_eq!(
-            channels.subscribe(&c, 0, Some(0), true, usize::MAX, much_later),
-            SubscribeOutcome::HistoryGap { seq: 2, oldest: 3 }
-        );
-    }
-
-    #[test]
-    fn a_namespace_prefix_sets_its_channels_history() {
-        let now = Instant::now();
-        let mut channels = Channels::new(1, limits(2)).with_prefixes(vec![
-            ("feed.".into(), limits(5)),
-            ("feed.none.".into(), limits(0)),
-        ]);
-        for name in ["news", "feed.a", "feed.none.a"] {
-            let c = self::name(name);
-            channels.subscribe(&c, 0, None, true, 0, now);
-            for _ in 0..10 {
-                channels.publish(&c, b"1", now);
-            }
-        }
-        let oldest = |channels: &mut Channels, name: &str| match channels.subscribe(
-            &self::name(name),
-            0,
-            Some(0),
-            true,
-            0,
-            now,
-        ) {
-            SubscribeOutcome::HistoryGap { oldest, .. } => oldest,
-            other => panic!("{other:?}"),
-        };
-        assert_eq!(oldest(&mut channels, "news"), 9);
-        assert_eq!(oldest(&mut channels, "feed.a"), 6);
-        assert_eq!(oldest(&mut channels, "feed.none.a"), 11);
-    }
-
-    #[test]
-    fn history_and_list_read_without_creating_channels() {
-        let now = Instant::now();
-        let mut channels = Channels::new(2, limits(10));
-        for n in ["b", "a", "c"] {
-            channels.publish(&name(n), b"1", now);
-        }
-        channels.subscribe(&name("b"), 1, None, true, 0, now);
-        for _ in 0..4 {
-            channels.publish(&name("b"), b"2", now);
-        }
-        let listed = channels.list(|n| n != "c", None, 10);
-        assert_eq!(listed, [(name("a"), 0), (name("b"), 1)]);
-        assert_eq!(channels.list(|_| true, Some("a"), 1), [(name("b"), 1)]);
-        let seqs = |frames: &[Bytes]| -> Vec<u64> {
-            frames
-                .iter()
-                .map(|f| {
-                    let text = String::from_utf8_lossy(f).into_owned();
-                    let rest = &text[text.find("\"seq\":").unwrap() + 6..];
-                    rest[..rest.find(',').unwrap()].parse().unwrap()
-                })
-                .collect()
-        };
-        let (seq, oldest, frames) = channels.history("b", Some(1), (2, false), usize::MAX, now);
-        assert_eq!((seq, oldest, seqs(&frames)), (5, 1, vec![2, 3]));
-        let (_, _, frames) = channels.history("b", None, (2, true), usize::MAX, now);
-        assert_eq!(seqs(&frames), [5, 4]);
-        let (_, _, frames) = channels.history("b", None, (10, false), 1, now);
-        assert_eq!(frames.len(), 1, "at least one, within the bytes");
-        assert_eq!(
-            channels.history("nope", None, (10, false), 1, now).2,
-            Vec::<Bytes>::new()
-        );
-        assert_eq!(channels.len(), 3, "asking created nothing");
-    }
-
-    #[test]
-    fn unsubscribe_stops_counting_the_shard() {
-        let now = Instant::now();
-        let mut channels = Channels::new(2, limits(0));
-        let c = name("c");
-        channels.subscribe(&c, 0, None, true, usize::MAX, now);
-        channels.subscribe(&c, 1, None, true, usize::MAX, now);
-        channels.unsubscribe(&c, 0);
-        assert_eq!(channels.publish(&c, b"1", now).shards, &[0, 1]);
-    }
-
-    /// Calls the sweep every interval from `start` until `until`.
-    fn sweep_until(channels: &mut Channels, start: Instant, until: Instant) {
-        let mut now = start;
-        while now <= until {
-            channels.sweep(now);
-            now += SWEEP_INTERVAL;
-        }
-    }
-
-    #[test]
-    fn a_channel_nobody_holds_or_keeps_is_forgotten_at_once() {
-        let now = Instant::now();
-        let mut channels = Channels::new(2, limits(10));
-        for i in 0..100 {
-            let c = name(&format!("c{i}"));
-            channels.subscribe(&c, i % 2, None, true, usize::MAX, now);
-            channels.unsubscribe(&c, i % 2);
-        }
-        assert!(channels.is_empty(), "{} left", channels.len());
-        assert_eq!(channels.next_sweep(), None, "nothing to sweep for");
-        // Without history a publish nobody receives is not kept either.
-        let mut no_history = Channels::new(1, limits(0));
-        let published = no_history.publish(&name("x"), b"1", now);
-        assert_eq!((published.subscribers, published.shards), (0, &[][..]));
-        assert!(no_history.is_empty());
-        assert_eq!(no_history.publish(&name("x"), b"2", now).broadcast.seq, 2);
-    }
-
-    #[test]
-    fn the_sweep_expires_history_of_channels_never_used_again() {
-        let start = Instant::now();
-        let ttl = Duration::from_secs(2);
-        let mut channels = Channels::new(1, HistoryLimits { size: 10, ttl });
-        let held = name("held");
-        channels.subscribe(&held, 0, None, true, usize::MAX, start);
-        channels.publish(&held, b"1", start);
-        for i in 0..10_000 {
-            channels.publish(&name(&format!("c{i}")), b"1", start);
-        }
-        assert_eq!(channels.len(), 10_001);
-        // Within the TTL nothing goes.
-        sweep_until(&mut channels, start, start + ttl);
-        assert_eq!(channels.len(), 10_001);
-        // A sweep visits a share only: the work per tick is bounded.
-        let expired = start + ttl + SWEEP_INTERVAL;
-        channels.sweep(expired);
-        let after_one = channels.len();
-        assert!(
-            (9_000..10_001).contains(&after_one),
-            "one sweep forgot {} channels",
-            10_001 - after_one
-        );
-        // Within a round (1 s for this TTL) every one is visited.
-        sweep_until(
-            &mut channels,
-            expired,
-            expired + Duration::from_secs(1) + SWEEP_INTERVAL,
-        );
-        assert_eq!(channels.len(), 1, "only the subscribed channel stays");
-        assert!(
-            channels.map.capacity() < 1000,
-            "{}",
-            channels.map.capacity()
-        );
-        assert_eq!(
-            channels.subscribe(&held, 0, Some(0), true, usize::MAX, expired),
-            SubscribeOutcome::HistoryGap { seq: 1, oldest: 2 },
-            "its history was trimmed by the sweep"
-        );
-    }
-
-    #[test]
-    fn a_recreated_channel_never_reuses_a_seq_and_an_old_since_is_a_gap() {
-        let start = Instant::now();
-        let ttl = Duration::from_secs(1);
-        let mut channels = Channels::new(1, HistoryLimits { size: 10, ttl });
-        let c = name("c");
-        for _ in 0..5 {
-            channels.publish(&c, b"1", start);
-        }
-        let later = start + Duration::from_secs(5);
-        sweep_until(&mut channels, later, later + Duration::from_secs(2));
-        assert!(channels.is_empty());
-        // A client that read up to 3 missed 4 and 5: a gap, not seq 4 of a new channel.
-        assert_eq!(
-            channels.subscribe(&c, 0, Some(3), true, usize::MAX, later),
-            SubscribeOutcome::HistoryGap { seq: 5, oldest: 6 }
-        );
-        // One that read everything continues; so does numbering.
-        assert_eq!(
-            channels.subscribe(&c, 0, Some(5), true, usize::MAX, later),
-            SubscribeOutcome::Subscribed {
-                seq: 5,
-                replay: vec![]
-            }
-        );
-        assert_eq!(channels.publish(&c, b"1", later).broadcast.seq, 6);
-        // `since=0` claims nothing was seen: messages 1-5 were.
-        assert!(matches!(
-            channels.subscribe(&c, 0, Some(0), true, usize::MAX, later),
-            SubscribeOutcome::HistoryGap { oldest: 6, .. }
-        ));
-        // A name in another bucket starts from 0 as before.
-        let other = (0..)
-            .map(|i| name(&format!("o{i}")))
-            .find(|n| floor_bucket(n) != floor_bucket(&c))
-            .unwrap();
-        assert_eq!(channels.publish(&other, b"1", later).broadcast.seq, 1);
-    }
-
-    #[test]
-    fn replay_goes_out_in_chunks_of_at_most_the_bytes_asked_for() {
-        let now = Instant::now();
-        let mut channels = Channels::new(
-            1,
-            HistoryLimits {
-                size: 100,
-                ttl: Duration::from_secs(60),
-            },
-        );
-        let c = name("c");
-        for _ in 0..10 {
-            channels.publish(&c, &[b'1'; 100], now);
-        }
-        let frame_len = pubsub::encode_message(&c, 1, &[b'1'; 100]).len();
-        let seqs = |outcome: SubscribeOutcome| match outcome {
-            SubscribeOutcome::Subscribed { seq, replay } => (
-                seq,
-                replay.iter().map(|(_, f)| f.len()).sum::<usize>(),
-                replay.len(),
-            ),
-            SubscribeOutcome::HistoryGap { .. } => panic!("gap"),
-        };
-        assert_eq!(
-            seqs(channels.subscribe(&c, 0, Some(0), true, 0, now)),
-            (10, 0, 0)
-        );
-        let (seq, bytes, count) =
-            seqs(channels.subscribe(&c, 0, Some(2), true, 3 * frame_len + 1, now));
-        assert_eq!((seq, bytes, count), (10, 3 * frame_len, 3));
-        // At least one message, however small the chunk asked for.
-        assert_eq!(seqs(channels.replay(&c, 5, 1, now)).2, 1);
-        assert_eq!(seqs(channels.replay(&c, 8, usize::MAX, now)).2, 2);
-        assert_eq!(seqs(channels.replay(&c, 10, usize::MAX, now)).2, 0);
-        assert!(matches!(
-            channels.replay(&c, 11, 1, now),
-            SubscribeOutcome::HistoryGap { .. }
-        ));
-    }
-}
+mod tests;

@@ -27,7 +27,9 @@ use crate::proto::OpCode;
 use crate::proto::deflate::Compressor;
 use crate::proto::frame::server_frame_payload;
 
-pub use channel::{Channels, HistoryLimits, Published, SubscribeOutcome, home_of};
+pub use channel::{
+    Channels, Conflict, HistoryLimits, HistoryPolicy, Published, SubscribeOutcome, home_of,
+};
 pub use presence::{ConnId, Member, Presence};
 pub use subscriptions::Subscriptions;
 

@@ -30,9 +30,11 @@ pub enum Command {
         id: Option<u64>,
     },
     /// `data` is a slice of the received frame: the publisher's JSON, byte for byte.
+    /// With `expect_seq`, stored only if the channel's last seq is still that.
     Publish {
         channel: Box<str>,
         data: Bytes,
+        expect_seq: Option<u64>,
         id: Option<u64>,
     },
     Ping {
@@ -91,6 +93,7 @@ struct WireCommand<'a> {
     channel: Option<Cow<'a, str>>,
     id: Option<Unsigned>,
     since: Option<Unsigned>,
+    expect_seq: Option<Unsigned>,
     #[serde(borrow)]
     epoch: Option<Cow<'a, str>>,
     #[serde(borrow)]
@@ -170,6 +173,7 @@ impl CommandParser {
                 Ok(Command::Publish {
                     channel,
                     data: payload.slice(span),
+                    expect_seq: wire.expect_seq.map(|Unsigned(seq)| seq),
                     id,
                 })
             }
@@ -511,6 +515,22 @@ pub fn encode_history_gap(
     frame.finish()
 }
 
+/// `{"type":"error","code":"conflict","channel":C,"seq":S,"message":M,"id":I}`: a publish
+/// with `expect_seq` found the channel at `seq`; nothing was stored.
+pub fn encode_conflict(channel: &str, seq: u64, id: Option<u64>) -> Bytes {
+    let message = format!("{channel:?} is at seq {seq}, not the expected one; not stored");
+    let mut frame = TextFrame::with_capacity(128 + 2 * channel.len());
+    frame.put(b"{\"type\":\"error\",\"code\":\"conflict\",\"channel\":");
+    frame.put_str(channel);
+    frame.put(b",\"seq\":");
+    frame.put_u64(seq);
+    frame.put(b",\"message\":");
+    frame.put_str(&message);
+    frame.put_id(id);
+    frame.put(b"}");
+    frame.finish()
+}
+
 /// `{"type":"gap","channel":C,"from":A,"to":B}`: messages A..=B of the channel were shed
 /// from this slow connection; recover them with `since: A - 1`.
 pub fn encode_gap(channel: &str, from: u64, to: u64) -> Bytes {
@@ -613,13 +633,36 @@ mod tests {
     fn publish_data_is_the_publishers_bytes() {
         let raw = r#"{ "type" : "publish", "data" : {"b": [1, 2.50, "\u00e9\n"] , "a":null} , "channel":"c","id":3}"#;
         match parse(raw).unwrap() {
-            Command::Publish { data, id, channel } => {
+            Command::Publish {
+                data,
+                id,
+                channel,
+                expect_seq,
+            } => {
                 assert_eq!(&data[..], br#"{"b": [1, 2.50, "\u00e9\n"] , "a":null}"#);
                 assert_eq!(id, Some(3));
                 assert_eq!(&*channel, "c");
+                assert_eq!(expect_seq, None);
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn publish_may_expect_a_seq_and_the_conflict_names_the_current_one() {
+        let raw = r#"{"type":"publish","channel":"c","data":1,"expect_seq":41,"id":2}"#;
+        match parse(raw).unwrap() {
+            Command::Publish { expect_seq, .. } => assert_eq!(expect_seq, Some(41)),
+            other => panic!("{other:?}"),
+        }
+        let err = parse(r#"{"type":"publish","channel":"c","data":1,"expect_seq":-1}"#);
+        assert_eq!(err.unwrap_err().code, "bad_request");
+        let frame = encode_conflict("c", 42, Some(2));
+        let json: serde_json::Value = serde_json::from_str(payload(&frame)).unwrap();
+        assert_eq!(json["type"], "error");
+        assert_eq!(json["code"], "conflict");
+        assert_eq!(json["seq"], 42);
+        assert_eq!(json["id"], 2);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use crate::compression::CompressionPolicy;
 use crate::http::api;
 use crate::hub::presence::{self, ConnId, Member};
-use crate::hub::{ChannelName, SubscribeOutcome};
+use crate::hub::{ChannelName, Conflict, SubscribeOutcome};
 use crate::metrics::Stopwatch;
 use crate::proto::pubsub;
 
@@ -124,14 +124,28 @@ impl Shard {
                 channel,
                 data,
                 publisher,
+                expect_seq,
                 from,
                 conn,
                 id,
             } => {
                 let publisher = publisher.as_deref();
-                let published = self
+                let published = match self
                     .channels
-                    .publish_from(&channel, publisher, &data, self.now);
+                    .publish_from(&channel, publisher, &data, expect_seq, self.now)
+                {
+                    Ok(published) => published,
+                    Err(Conflict { seq }) => {
+                        let envelope = Envelope::Conflict {
+                            conn,
+                            id,
+                            channel,
+                            seq,
+                        };
+                        self.send(from, envelope);
+                        return;
+                    }
+                };
                 let (mut broadcast, subscribers) = (published.broadcast, published.subscribers);
                 let targets: Vec<usize> = (0..published.shards.len())
                     .filter(|&s| published.shards[s] > 0)

@@ -99,6 +99,8 @@ pub enum Envelope {
         data: Bytes,
         /// The publisher's user, where the namespace exposes it.
         publisher: Option<Arc<str>>,
+        /// Store only if the channel's last seq is still this, else [`Envelope::Conflict`].
+        expect_seq: Option<u64>,
         from: usize,
         conn: ConnRef,
         id: Option<u64>,
@@ -126,6 +128,14 @@ pub enum Envelope {
         conn: ConnRef,
         id: Option<u64>,
         message: Box<str>,
+    },
+    /// From the home or the cluster: a publish with `expect_seq` found the channel at
+    /// `seq` and was not stored (WebSocket `error` code `conflict`, HTTP 409).
+    Conflict {
+        conn: ConnRef,
+        id: Option<u64>,
+        channel: ChannelName,
+        seq: u64,
     },
     /// From the home: deliver to this shard's subscribers of the channel.
     Broadcast(Broadcast),
@@ -201,6 +211,12 @@ impl Shard {
             Envelope::Subscribed { answer, replay } => self.confirm_subscription(answer, replay),
             Envelope::HistoryGap { answer, oldest } => self.refuse_subscription(answer, oldest),
             Envelope::Refused { conn, id, message } => self.refuse_publish(conn, id, &message),
+            Envelope::Conflict {
+                conn,
+                id,
+                channel,
+                seq,
+            } => self.conflict(conn, id, &channel, seq),
             Envelope::Ack {
                 conn,
                 seq,

@@ -63,6 +63,18 @@ impl Transport for Publishing {
             keep_alive: false,
         }
     }
+
+    /// Only a single message carries `expect_seq`: nothing else of the request is
+    /// outstanding, so the connection may carry the next one.
+    fn on_conflict(&mut self, channel: &str, seq: u64, _id: Option<u64>) -> Action {
+        Action::Refuse {
+            error: ApiError::Conflict {
+                channel: channel.into(),
+                seq,
+            },
+            keep_alive: self.keep_alive,
+        }
+    }
 }
 
 impl Shard {
@@ -102,17 +114,19 @@ impl Shard {
         );
         for (index, message) in parsed.messages.into_iter().enumerate() {
             let channel = message.channel.into();
-            self.publish(channel, message.data, None, conn, Some(index as u64));
+            let expect = (None, message.expect_seq);
+            self.publish(channel, message.data, expect, conn, Some(index as u64));
         }
     }
 
     /// Sends a publish to whoever orders the channel: its home shard, or the cluster
-    /// (which does not carry `publisher` yet).
+    /// (which does not carry `publisher` yet), with the publisher's user and the seq it
+    /// expects the channel at, if any.
     pub(super) fn publish(
         &mut self,
         channel: ChannelName,
         data: Bytes,
-        publisher: Option<Arc<str>>,
+        (publisher, expect_seq): (Option<Arc<str>>, Option<u64>),
         conn: ConnRef,
         id: Option<u64>,
     ) {
@@ -120,6 +134,7 @@ impl Shard {
             let request = cluster::Request::Publish {
                 channel,
                 data,
+                expect_seq,
                 shard: self.id,
                 conn,
                 id,
@@ -138,6 +153,7 @@ impl Shard {
                 channel,
                 data,
                 publisher,
+                expect_seq,
                 from: self.id,
                 conn,
                 id,
@@ -154,6 +170,13 @@ impl Shard {
     ) {
         if let Some(key) = self.resolve(conn) {
             self.dispatch(key, |transport, _| transport.on_ack(seq, subscribers, id));
+        }
+    }
+
+    /// A publish whose `expect_seq` did not hold: not stored.
+    pub(super) fn conflict(&mut self, conn: ConnRef, id: Option<u64>, channel: &str, seq: u64) {
+        if let Some(key) = self.resolve(conn) {
+            self.dispatch(key, |transport, _| transport.on_conflict(channel, seq, id));
         }
     }
 

@@ -177,6 +177,11 @@ pub(super) trait Transport {
         Action::Stay
     }
 
+    /// A publish of this connection with `expect_seq` found `channel` at `seq`.
+    fn on_conflict(&mut self, _channel: &str, _seq: u64, _id: Option<u64>) -> Action {
+        Action::Stay
+    }
+
     /// A query's answer came back: `json` is one JSON object.
     fn on_found(&mut self, _json: &[u8], _id: Option<u64>) -> Action {
         Action::Stay

@@ -175,6 +175,11 @@ impl Transport for WebSocket {
         Action::Reply(pubsub::encode_error("unavailable", message, id))
     }
 
+    fn on_conflict(&mut self, channel: &str, seq: u64, id: Option<u64>) -> Action {
+        self.inflight_publishes -= 1;
+        Action::Reply(pubsub::encode_conflict(channel, seq, id))
+    }
+
     fn on_found(&mut self, json: &[u8], id: Option<u64>) -> Action {
         self.asking = false;
         Action::Reply(pubsub::encode_with_id(json, id))
@@ -469,7 +474,12 @@ impl Shard {
                 id,
             } => self.subscribe(key, &channel, since, epoch.as_deref(), id),
             Command::Unsubscribe { channel, id } => self.unsubscribe(key, &channel, id),
-            Command::Publish { channel, data, id } => {
+            Command::Publish {
+                channel,
+                data,
+                expect_seq,
+                id,
+            } => {
                 let conn = self.conn_ref(key);
                 let publisher = self.conns[key]
                     .identity
@@ -479,7 +489,7 @@ impl Shard {
                 if let Phase::WebSocket(socket) = &mut self.conns[key].phase {
                     socket.inflight_publishes += 1;
                 }
-                self.publish(channel.into(), data, publisher, conn, id);
+                self.publish(channel.into(), data, (publisher, expect_seq), conn, id);
             }
             Command::Ping { id } => self.reply(key, pubsub::encode_pong(id)),
             Command::Presence {

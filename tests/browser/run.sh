@@ -44,8 +44,8 @@ if ! cmp -s package-lock.json node_modules/.herald-installed-lock; then
 fi
 
 mkdir -p "$ROOT/target/browser"
-echo "+ node --test client.test.js demo.test.js"
+echo "+ node --test client.test.js demo.test.js state.test.js"
 exec node --test --test-concurrency=1 \
     --test-reporter=spec --test-reporter-destination=stdout \
     --test-reporter=./summary-reporter.mjs --test-reporter-destination=stdout \
-    client.test.js demo.test.js
+    client.test.js demo.test.js state.test.js

@@ -478,3 +478,62 @@ async fn health_counts_the_masters_that_answer() {
         Some(2.0)
     );
 }
+
+/// `expect_seq` and `recovery = "latest"` (the built-in `state.` namespace) on a Redis
+/// Cluster: the check runs in the sharded ordering script, the latest value reaches a
+/// subscriber without `since` on the other node, and the stream keeps no TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expect_seq_and_latest_recovery_work_on_a_redis_cluster() {
+    let cluster = RedisCluster::start("cluster-state");
+    let a = herald(&cluster, &["--history-ttl-ms", "300"]);
+    let b = herald(&cluster, &["--history-ttl-ms", "300"]);
+    let channel = "state.cluster";
+    let mut ws = connect_ws(a.addr()).await;
+    for (data, expect, id) in [(1, 0, 1), (2, 0, 2), (2, 1, 3)] {
+        let publish =
+            json!({"type":"publish","channel":channel,"data":data,"expect_seq":expect,"id":id});
+        send_json(&mut ws, &publish).await;
+        let reply = recv_json(&mut ws).await;
+        match id {
+            2 => assert_eq!(
+                (reply["code"].as_str(), reply["seq"].as_u64()),
+                (Some("conflict"), Some(1)),
+                "{reply}"
+            ),
+            _ => assert_eq!(
+                (reply["type"].as_str(), reply["seq"].as_u64()),
+                (Some("ack"), Some(expect + 1)),
+                "{reply}"
+            ),
+        }
+    }
+    // Past the history TTL: the latest value is still there, on the other node.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let mut fresh = connect_ws(b.addr()).await;
+    send_json(
+        &mut fresh,
+        &json!({"type":"subscribe","channel":channel,"id":1}),
+    )
+    .await;
+    let (seq, data, _) = recv_message(&mut fresh, channel).await;
+    assert_eq!((seq, data), (2, json!(2)));
+    let subscribed = recv_json(&mut fresh).await;
+    assert_eq!(
+        (subscribed["type"].as_str(), subscribed["seq"].as_u64()),
+        (Some("subscribed"), Some(2))
+    );
+    let owner = cluster.owner(channel);
+    let ttl = support_redis_cluster::redis_cli(
+        &[
+            "-p",
+            &owner.to_string(),
+            "PTTL",
+            &format!("herald:{{{channel}}}:stream"),
+        ],
+        Duration::from_secs(5),
+    );
+    assert_eq!(ttl.trim(), "-1", "the latest value's stream has no TTL");
+    for mut node in [a, b] {
+        node.assert_healthy();
+    }
+}

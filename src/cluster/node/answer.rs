@@ -1,5 +1,6 @@
 //! Answering subscriptions: from the recent ring, from the stream, or with
-//! `history_gap`, one waiter at a time; part of the node's state machine.
+//! `history_gap`, one waiter at a time; part of the node's state machine. A subscriber
+//! without `since` to a `latest` channel gets the channel's latest message first.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -30,6 +31,8 @@ pub(super) enum Need {
     Oldest { seq: u64, epoch: Arc<str> },
     /// The latest seq in Redis: a `since` ahead of the node is on its way, or a gap.
     Latest { seq: u64, epoch: Arc<str> },
+    /// The message at `seq` of a `latest` channel, to start a subscriber without `since`.
+    LatestValue { seq: u64, epoch: Arc<str> },
     /// The messages after `since` up to `seq`, to replay.
     Replay {
         seq: u64,
@@ -95,7 +98,20 @@ impl Node {
         };
         let (epoch, seq) = (channel.epoch.clone(), channel.seq);
         let Some(since) = waiter.since else {
-            self.subscribed(name, &waiter, seq, &epoch, Vec::new());
+            if seq == 0 || !self.history.of(name).latest {
+                self.subscribed(name, &waiter, seq, &epoch, Vec::new());
+            } else if let Some(last) = channel.recent.back().filter(|(s, _)| *s == seq) {
+                let replay = vec![last.clone()];
+                self.subscribed(name, &waiter, seq, &epoch, replay);
+            } else {
+                let command = Command::ReadStream {
+                    channel: name.clone(),
+                    from: seq,
+                    to: seq,
+                    count: 1,
+                };
+                self.command_for(name, waiter, command, Need::LatestValue { seq, epoch });
+            }
             return;
         };
         if waiter.epoch.as_deref().is_some_and(|e| *e != *epoch) {
@@ -173,6 +189,16 @@ impl Node {
                 } else {
                     self.keep_waiting(waiter);
                 }
+            }
+            (Need::LatestValue { seq, epoch }, Reply::Entries(entries)) => {
+                // Gone from the stream (trimmed by hand, expired by an explicit TTL): the
+                // subscriber starts live, as on a `stream` channel.
+                let replay = entries
+                    .into_iter()
+                    .filter(|(s, _)| *s == seq)
+                    .map(|(s, data)| (s, pubsub::encode_message(name, s, &data)))
+                    .collect();
+                self.subscribed(name, &waiter, seq, &epoch, replay);
             }
             (Need::Replay { seq, epoch, since }, Reply::Entries(entries)) => {
                 let replay = entries

@@ -438,3 +438,91 @@ fn the_last_leaver_unsubscribes_in_redis_and_the_channel_is_forgotten() {
     assert!(drain(&mut node).is_empty());
     assert_eq!(node.channels().count(), 0);
 }
+
+/// A node whose `state.` channels recover `latest`.
+fn latest_node() -> Node {
+    let latest = HistoryLimits {
+        size: 1,
+        ttl: std::time::Duration::MAX,
+        latest: true,
+    };
+    let mut node = Node::new(2, 4, Arc::new(Link::default())).with_history(HistoryPolicy {
+        default: HistoryLimits {
+            size: 4,
+            ttl: std::time::Duration::from_secs(60),
+            latest: false,
+        },
+        by_prefix: vec![("state.".into(), latest)],
+    });
+    node.handle_link_up();
+    node
+}
+
+#[test]
+fn a_latest_channel_starts_a_subscriber_without_since_from_its_latest_message() {
+    let mut node = latest_node();
+    node.handle_request(subscribe("state.n", 1, None, None));
+    assert_eq!(drain(&mut node), [r#"Subscribe(["state.n"])"#]);
+    node.handle_reply(Reply::Done);
+    assert_eq!(drain(&mut node), [meta("state.n", "", 0)]);
+    node.handle_reply(Reply::Meta {
+        epoch: "e1".into(),
+        seq: 9,
+    });
+    // Nothing of it reached this node yet: the latest is read from the stream.
+    let read_latest = format!(
+        "{:?}",
+        Command::ReadStream {
+            channel: "state.n".into(),
+            from: 9,
+            to: 9,
+            count: 1,
+        }
+    );
+    assert_eq!(drain(&mut node), [read_latest]);
+    node.handle_reply(entries(&[9]));
+    assert_eq!(
+        drain(&mut node),
+        ["subscribed shard 1 seq 9 epoch e1 replay [9]"]
+    );
+    // Once a message came through, the next subscriber gets it from the node's ring.
+    announce(&mut node, "state.n", 10, "e1");
+    assert_eq!(drain(&mut node), ["broadcast message 10 to [1]"]);
+    node.handle_request(subscribe("state.n", 0, None, None));
+    assert_eq!(
+        drain(&mut node),
+        ["subscribed shard 0 seq 10 epoch e1 replay [10]"]
+    );
+    // A value gone from the stream: the subscriber starts live.
+    node.handle_request(subscribe("state.empty", 0, None, None));
+    drain(&mut node);
+    node.handle_reply(Reply::Done);
+    drain(&mut node);
+    node.handle_reply(Reply::Meta {
+        epoch: "e1".into(),
+        seq: 3,
+    });
+    drain(&mut node);
+    node.handle_reply(entries(&[]));
+    assert_eq!(
+        drain(&mut node),
+        ["subscribed shard 0 seq 3 epoch e1 replay []"]
+    );
+}
+
+#[test]
+fn a_stream_channel_starts_a_subscriber_without_since_live() {
+    let mut node = latest_node();
+    node.handle_request(subscribe("news", 1, None, None));
+    drain(&mut node);
+    node.handle_reply(Reply::Done);
+    drain(&mut node);
+    node.handle_reply(Reply::Meta {
+        epoch: "e1".into(),
+        seq: 9,
+    });
+    assert_eq!(
+        drain(&mut node),
+        ["subscribed shard 1 seq 9 epoch e1 replay []"]
+    );
+}

@@ -11,6 +11,7 @@
  *     onGap: (gap) => ({ since: gap.oldest - 1 }),    // history did not reach back
  *   });
  *   const seq = await h.publish("chat", { text: "hi" });
+ *   await h.publish("state.n", 5, { expectSeq: 41 });  // only if the channel is still at 41
  *   const page = await h.presence("chat");            // { members: [{user, conn, info}], cursor }
  *   const stats = await h.presenceStats("chat");      // { connections, users }
  *   const past = await h.history("chat", { limit: 20, newestFirst: true });
@@ -23,6 +24,13 @@
  * server's history no longer reaches back (`history_gap`), the app is told (`onGap`
  * and the "gap" event) and the subscription continues live, or from the `since` that
  * `onGap` returns.
+ *
+ * Fallback: when a WebSocket cannot be opened (a proxy that blocks it), the client
+ * receives over Server-Sent Events (/sse), or where those are blocked too over
+ * long-polling (/poll), with the same `since` recovery; state info and `h.transport` say
+ * which. Publishes and questions wait for the WebSocket, which is tried again every
+ * `upgradeInterval` ms; once it opens the fallback stops before the subscriptions resume
+ * over it from the last delivered seq, so nothing is delivered twice.
  *
  * The file is a plain script (no import/export statements) so that the same bytes load
  * both ways; it also sets module.exports where CommonJS is present (Node tests).
@@ -65,6 +73,9 @@
    *                         has received nothing for two intervals is treated as dead.
    *   options.ackTimeout:   ms a publish waits for its ack (default 10000).
    *   options.WebSocket:    a WebSocket constructor (default: the global one).
+   *   options.transports:   the order to try, of "websocket", "sse", "poll" (default:
+   *                         all three where EventSource exists, else "websocket").
+   *   options.upgradeInterval: ms between WebSocket attempts on a fallback (default 10000).
    */
   function Herald(url, options) {
     if (!(this instanceof Herald)) return new Herald(url, options);
@@ -76,7 +87,11 @@
       maxDelay: options.maxDelay != null ? options.maxDelay : 15000,
       pingInterval: options.pingInterval != null ? options.pingInterval : 20000,
       ackTimeout: options.ackTimeout != null ? options.ackTimeout : 10000,
+      upgradeInterval: options.upgradeInterval != null ? options.upgradeInterval : 10000,
+      transports: options.transports || (root.EventSource && root.fetch ? ["websocket", "sse", "poll"] : ["websocket"]),
     };
+    this.transport = "websocket";
+    this.fallback = null; // { receivers, timer } while receiving over sse or poll
     this.WebSocket = options.WebSocket || root.WebSocket;
     if (!this.WebSocket) throw new TypeError("Herald: no WebSocket implementation");
     this.state = STATES.CLOSED;
@@ -137,7 +152,8 @@
   };
 
   Herald.prototype._setState = function (state, info) {
-    if (this.state === state) return;
+    // "open" again is news: the transport changed (a fallback upgraded to the WebSocket).
+    if (this.state === state && state !== STATES.OPEN) return;
     this.state = state;
     this._emit("state", state, info || {});
   };
@@ -145,32 +161,58 @@
   Herald.prototype._connect = function () {
     if (this.stopped) return;
     this.reconnectTimer = null;
-    var url = new URL(this.url.href);
-    var token = typeof this.options.token === "function" ? this.options.token() : this.options.token;
-    if (token) url.searchParams.set("token", token);
     this._setState(STATES.CONNECTING, { attempt: this.attempt });
     var ws;
     try {
-      ws = new this.WebSocket(url.href);
+      ws = this._newSocket();
     } catch (e) {
       this._emit("error", HeraldError("connect_failed", String(e && e.message ? e.message : e)));
       this._scheduleReconnect({ code: 0 });
       return;
     }
+    this._attach(ws);
+  };
+
+  Herald.prototype._newSocket = function () {
+    var url = new URL(this.url.href);
+    var token = this._token();
+    if (token) url.searchParams.set("token", token);
+    return new this.WebSocket(url.href);
+  };
+
+  /** Makes `ws` the client's connection (opening, or opened already by a probe). */
+  Herald.prototype._attach = function (ws) {
     this.ws = ws;
     var self = this;
     ws.onopen = function () {
-      if (self.ws === ws) self._onOpen();
+      if (self.ws !== ws) return;
+      ws.opened = true;
+      self._onOpen();
     };
     ws.onmessage = function (event) {
       if (self.ws === ws) self._onFrame(event.data);
     };
     ws.onclose = function (event) {
-      if (self.ws === ws) self._onClose(event.code, event.reason);
+      if (self.ws !== ws) return;
+      // Never opened (blocked by a proxy?): receive over the next transport meanwhile.
+      if (!ws.opened && self.transports().length > 1 && !self.stopped) {
+        self.ws = null;
+        self._fallBack(1);
+        return;
+      }
+      self._onClose(event.code, event.reason);
     };
     ws.onerror = function () {
       // A close event always follows; that is where reconnecting starts.
     };
+  };
+
+  Herald.prototype.transports = function () {
+    return this.options.transports;
+  };
+
+  Herald.prototype._token = function () {
+    return typeof this.options.token === "function" ? this.options.token() : this.options.token;
   };
 
   Herald.prototype._connectNow = function () {
@@ -179,9 +221,11 @@
   };
 
   Herald.prototype._onOpen = function () {
+    this._stopFallback();
+    this.transport = "websocket";
     this.openedAt = Date.now();
     this.lastReceived = this.openedAt;
-    this._setState(STATES.OPEN);
+    this._setState(STATES.OPEN, { transport: "websocket" });
     this._emit("open");
     var self = this;
     this.pingTimer = setInterval(function () {
@@ -364,6 +408,8 @@
   };
 
   Herald.prototype._sendSubscribe = function (sub) {
+    // On a fallback (reached or still trying) every subscription gets its receiver.
+    if (this.fallback) return this._receive(sub);
     if (this.state !== STATES.OPEN) return;
     var id = this.nextId++;
     var cmd = { type: "subscribe", channel: sub.channel, id: id };
@@ -386,7 +432,9 @@
       }
     }, this.options.ackTimeout);
     this.pending[id] = p;
-    if (!this._send({ type: "publish", channel: p.channel, data: p.data, id: id })) {
+    var cmd = { type: "publish", channel: p.channel, data: p.data, id: id };
+    if (p.expectSeq != null) cmd.expect_seq = p.expectSeq;
+    if (!this._send(cmd)) {
       delete this.pending[id];
       clearTimeout(p.timer);
       this.outbox.push(p);
@@ -432,9 +480,11 @@
     return sub;
   };
 
-  /** h.publish(channel, data) -> Promise<seq>: resolves with the ack's seq; rejects with a
-   *  HeraldError (err.code from the server, or "disconnected" / "timeout" / "closed"). */
-  Herald.prototype.publish = function (channel, data) {
+  /** h.publish(channel, data, { expectSeq }) -> Promise<seq>: resolves with the ack's seq;
+   *  rejects with a HeraldError (err.code from the server, or "disconnected" / "timeout" /
+   *  "closed"). With expectSeq, stored only if the channel's last seq is still that; else
+   *  err.code "conflict" and err.detail.seq the channel's current seq (read, retry). */
+  Herald.prototype.publish = function (channel, data, options) {
     var self = this;
     return new Promise(function (resolve, reject) {
       if (self.stopped) {
@@ -442,6 +492,7 @@
         return;
       }
       var p = { kind: "publish", channel: channel, data: data === undefined ? null : data, resolve: resolve, reject: reject };
+      if (options && options.expectSeq != null) p.expectSeq = Number(options.expectSeq);
       if (self.state === STATES.OPEN) self._sendPublish(p);
       else self.outbox.push(p);
     });
@@ -513,6 +564,7 @@
     this.reconnectTimer = null;
     if (root.removeEventListener) root.removeEventListener("online", this._onOnline);
     this._failQueued(HeraldError("closed", "client closed"));
+    this._stopFallback();
     if (this.ws) {
       var ws = this.ws;
       try {
@@ -586,12 +638,13 @@
     }
   };
 
-  Subscription.prototype._subscribed = function (msg) {
+  /** `replayFollows`: an event stream announces before it replays (the WebSocket after). */
+  Subscription.prototype._subscribed = function (msg, replayFollows) {
     this.live = true;
     if (msg.epoch) this.epoch = msg.epoch;
     // Live messages follow from msg.seq + 1. Everything up to msg.seq was either replayed
     // (since given) or is before this subscription (live start).
-    if (this.lastSeq == null || this.lastSeq < msg.seq) this.lastSeq = msg.seq;
+    if (!replayFollows && (this.lastSeq == null || this.lastSeq < msg.seq)) this.lastSeq = msg.seq;
     var info = { channel: this.channel, seq: msg.seq, epoch: msg.epoch };
     if (this.onSubscribed) this.onSubscribed(info);
     this._resolveReady(info);
@@ -653,9 +706,185 @@
     this.closed = true;
     var client = this.client;
     if (client.channels[this.channel] === this) delete client.channels[this.channel];
+    if (this.receiver) this.receiver.stop();
     if (client.state === STATES.OPEN) {
       client._send({ type: "unsubscribe", channel: this.channel, id: client.nextId++ });
     }
+  };
+
+  // ---- fallback: receiving over SSE or long-polling while the WebSocket is blocked ----
+
+  /** Receives over transports()[index] (and on, as each turns out blocked too). */
+  Herald.prototype._fallBack = function (index) {
+    var name = this.transports()[index];
+    if (!name) {
+      // Nothing got through: start over from the WebSocket, backing off.
+      this._stopFallback();
+      this.transport = "websocket";
+      this._onClose(1006, "no transport could connect");
+      return;
+    }
+    this._stopFallback();
+    this.transport = name;
+    var self = this;
+    this.fallback = { index: index, reached: false, timer: setInterval(function () { self._probe(); }, this.options.upgradeInterval) };
+    this.openedAt = 0;
+    // "open" once something came through: a server that is down fails every transport,
+    // and then the client backs off as it would without fallbacks.
+    var any = false;
+    for (var ch in this.channels) {
+      if (!Object.prototype.hasOwnProperty.call(this.channels, ch)) continue;
+      any = true;
+      this._receive(this.channels[ch]);
+    }
+    if (!any) {
+      var fallback = this.fallback;
+      root.fetch(this._httpUrl("/healthz", {}), { cache: "no-store" }).then(function (r) {
+        if (self.fallback === fallback && r.ok) self._reached();
+        else if (self.fallback === fallback) self._blocked(name);
+      }, function () {
+        if (self.fallback === fallback) self._blocked(name);
+      });
+    }
+  };
+
+  /** The fallback transport delivered: the client is open on it. */
+  Herald.prototype._reached = function () {
+    if (!this.fallback || this.fallback.reached) return;
+    this.fallback.reached = true;
+    // A change of transport is news even when the state stays "open".
+    this.state = STATES.OPEN;
+    this._emit("state", STATES.OPEN, { transport: this.transport });
+  };
+
+  Herald.prototype._stopFallback = function () {
+    var fallback = this.fallback;
+    if (!fallback) return;
+    this.fallback = null;
+    clearInterval(fallback.timer);
+    if (this.probe) this.probe.onopen = this.probe.onclose = null;
+    if (this.probe) this.probe.close();
+    this.probe = null;
+    for (var ch in this.channels) {
+      if (!Object.prototype.hasOwnProperty.call(this.channels, ch)) continue;
+      var sub = this.channels[ch];
+      if (sub.receiver) sub.receiver.stop();
+      sub.receiver = null;
+      sub.live = false;
+    }
+  };
+
+  /** Tries the WebSocket again; once it opens, the fallback stops and it takes over. */
+  Herald.prototype._probe = function () {
+    if (this.probe || this.stopped) return;
+    var ws;
+    try { ws = this._newSocket(); } catch (e) { return; }
+    this.probe = ws;
+    var self = this;
+    ws.onopen = function () {
+      if (self.probe !== ws) return;
+      self.probe = null;
+      self._stopFallback();
+      self._attach(ws);
+      ws.onopen();
+    };
+    ws.onclose = function () {
+      if (self.probe === ws) self.probe = null;
+    };
+  };
+
+  /** The HTTP URL of `path` on the server, with the token. */
+  Herald.prototype._httpUrl = function (path, params) {
+    var url = new URL(path, this.url.href);
+    url.protocol = this.url.protocol === "wss:" ? "https:" : "http:";
+    var token = this._token();
+    if (token) params.token = token;
+    for (var k in params) if (params[k] != null) url.searchParams.set(k, String(params[k]));
+    return url.href;
+  };
+
+  /** The transport failed before it ever delivered: try the next one. */
+  Herald.prototype._blocked = function (name) {
+    if (this.fallback && this.transport === name) this._fallBack(this.fallback.index + 1);
+  };
+
+  /** Starts receiving `sub` over the fallback transport, from its last delivered seq. */
+  Herald.prototype._receive = function (sub) {
+    if (sub.receiver) sub.receiver.stop();
+    sub.receiver = this.transport === "sse" ? this._sse(sub) : this._poll(sub);
+  };
+
+  Herald.prototype._sse = function (sub) {
+    var self = this;
+    var since = sub._resumeFrom();
+    var es = new root.EventSource(this._httpUrl("/sse", { channel: sub.channel, since: since }));
+    var opened = false;
+    var frame = function (event) {
+      opened = true;
+      self._reached();
+      var data;
+      try { data = JSON.parse(event.data); } catch (e) { return; }
+      if (event.type === "message") sub._deliver(data);
+      else if (event.type === "subscribed") sub._subscribed(data, true);
+      else if (event.type === "gap") {
+        // The server continues live by itself: report it, and take what comes.
+        sub.lastSeq = null;
+        self._emit("gap", { channel: sub.channel, since: since, oldest: data.oldest, seq: data.seq, missed: null });
+      }
+    };
+    ["message", "subscribed", "gap"].forEach(function (t) { es.addEventListener(t, frame); });
+    es.onopen = function () { opened = true; self._reached(); };
+    es.onerror = function () {
+      if (!opened) {
+        es.close();
+        self._blocked("sse");
+      } else if (es.readyState === 2) {
+        self._receive(sub); // closed for good: open again from lastSeq
+      }
+    };
+    return { stop: function () { es.close(); } };
+  };
+
+  Herald.prototype._poll = function (sub) {
+    var self = this;
+    var state = { stopped: false, controller: root.AbortController ? new AbortController() : null, delivered: false };
+    var next = function () {
+      if (state.stopped) return;
+      var url = self._httpUrl("/poll", { channel: sub.channel, since: sub._resumeFrom(), epoch: sub.epoch, timeout: 25 });
+      root.fetch(url, { signal: state.controller && state.controller.signal, cache: "no-store" })
+        .then(function (r) {
+          if (r.ok) return r.json();
+          throw new Error("HTTP " + r.status);
+        })
+        .then(function (body) {
+          if (state.stopped) return;
+          state.delivered = true;
+          self._reached();
+          if (body.history_gap) {
+            self._emit("gap", { channel: sub.channel, since: sub.lastSeq, oldest: body.history_gap.oldest, seq: body.seq, missed: null });
+            sub.lastSeq = null;
+            sub.epoch = null;
+          } else {
+            (body.messages || []).forEach(function (m) { sub._deliver(m); });
+            if (!sub.live) sub._subscribed({ seq: body.seq, epoch: body.epoch }, false);
+            else if (sub.lastSeq == null || sub.lastSeq < body.seq) sub.lastSeq = body.seq;
+            if (body.epoch) sub.epoch = body.epoch;
+          }
+          next();
+        })
+        .catch(function () {
+          if (state.stopped) return;
+          if (!state.delivered) self._blocked("poll");
+          else setTimeout(next, self.options.minDelay);
+        });
+    };
+    next();
+    return {
+      stop: function () {
+        state.stopped = true;
+        if (state.controller) state.controller.abort();
+      },
+    };
   };
 
   Herald.Subscription = Subscription;

@@ -152,7 +152,7 @@ fn a_full_cluster_queue_refuses_at_once_and_never_blocks_the_shard() {
     // The cluster thread never runs: whatever is queued stays queued.
     let (bridge, _idle) = Bridge::new(
         "redis://127.0.0.1:1",
-        ctx.config.history,
+        ctx.config.namespaces.history_policy(),
         ctx.config.redis_ack_replicas,
         ctx.config.redis_buffer_bytes,
         ctx.config.compression.clone(),
@@ -179,6 +179,7 @@ fn a_full_cluster_queue_refuses_at_once_and_never_blocks_the_shard() {
     let publish = || cluster::Request::Publish {
         channel: "p".into(),
         data: Bytes::new(),
+        expect_seq: None,
         shard: 0,
         conn,
         id: None,

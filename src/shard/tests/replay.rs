@@ -8,6 +8,7 @@ fn since_that_history_cannot_serve_is_a_history_gap() {
         history: hub::HistoryLimits {
             size: 1,
             ttl: Duration::from_secs(60),
+            latest: false,
         },
         ..Config::default()
     };
@@ -148,4 +149,41 @@ fn a_replay_larger_than_the_budget_goes_out_in_chunks_as_the_socket_drains() {
     // Every message once, in order, from 1 to the last published.
     assert_eq!(seqs, (1..=80).collect::<Vec<u64>>());
     assert_eq!(seq_of(&texts[subscribed]), seqs[subscribed - 1]);
+}
+
+/// The built-in `state.` namespace recovers `latest`, and `expect_seq` guards its writes:
+/// a stale write is answered `conflict` with the current seq, nothing stored or sent.
+#[test]
+fn a_latest_channel_starts_from_its_value_and_a_stale_write_is_a_conflict() {
+    let mut cluster = Cluster::new(2, Config::default());
+    let (a, b) = (cluster.connect(0, "/ws"), cluster.connect(1, "/ws"));
+    cluster.send(
+        a,
+        r#"{"type":"publish","channel":"state.n","data":1,"expect_seq":0,"id":1}"#,
+    );
+    cluster.settle();
+    cluster.send(
+        b,
+        r#"{"type":"publish","channel":"state.n","data":5,"expect_seq":0,"id":2}"#,
+    );
+    cluster.settle();
+    assert_eq!(cluster.texts(a), [r#"{"type":"ack","id":1,"seq":1}"#]);
+    let conflict = cluster.texts(b);
+    assert_eq!(conflict.len(), 1, "{conflict:?}");
+    assert!(
+        conflict[0]
+            .starts_with(r#"{"type":"error","code":"conflict","channel":"state.n","seq":1,"#),
+        "{conflict:?}"
+    );
+    // A new subscriber without `since` gets the value first, then `subscribed`.
+    let c = cluster.connect(1, "/ws");
+    cluster.send(c, r#"{"type":"subscribe","channel":"state.n","id":3}"#);
+    cluster.settle();
+    let texts = cluster.texts(c);
+    assert_eq!(texts.len(), 2, "{texts:?}");
+    assert_eq!(
+        texts[0],
+        r#"{"type":"message","channel":"state.n","seq":1,"data":1}"#
+    );
+    assert!(texts[1].starts_with(r#"{"type":"subscribed","channel":"state.n","seq":1"#));
 }

@@ -182,6 +182,7 @@ fn mail_arriving_during_a_long_flush_is_written_in_the_same_turn() {
         channel: channel.as_str().into(),
         data: Bytes::from_static(b"2"),
         publisher: None,
+        expect_seq: None,
         // Its ack goes to shard 1, which is not running here.
         from: 1,
         conn: cluster.shards[0].conn_ref(publisher.key),

@@ -35,9 +35,11 @@ fuzz_target!(|data: &[u8]| {
                 assert_eq!(object.get("channel").and_then(Value::as_str), Some(&**channel));
                 *id
             }
-            Command::Publish { channel, data, id } => {
+            Command::Publish { channel, data, expect_seq, id } => {
                 assert_eq!(object.get("channel").and_then(Value::as_str), Some(&**channel));
                 check_data(&input, data, object.get("data"));
+                let expected = object.get("expect_seq").and_then(Value::as_u64);
+                assert_eq!(*expect_seq, expected, "expect_seq differs");
                 *id
             }
             Command::Ping { id } => *id,

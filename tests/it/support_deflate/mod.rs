@@ -1,5 +1,5 @@
 //! A raw WebSocket client that may negotiate permessage-deflate, for the compression
-//! tests on one node (tests/compression.rs) and across a cluster (tests/cluster.rs). It
+//! tests on one node (tests/it/compression.rs) and across a cluster (tests/it/cluster.rs). It
 //! inflates with `herald::proto::deflate`, a raw DEFLATE codec independent of the
 //! server's framing.
 #![allow(dead_code)]
