@@ -13,7 +13,9 @@
 //! one slot):
 //! - `herald:{C}:meta`, a hash with the channel's `epoch` and latest `seq`;
 //! - `herald:{C}:stream`, its history, entry id `SEQ-0`, trimmed to `--history-size`;
-//! - `herald:{C}`, the pub/sub channel a publish is announced on.
+//! - `herald:{C}`, the pub/sub channel a publish is announced on (and, from
+//!   `presence.rs`, the channel's joins and leaves);
+//! - the channel's presence entries (`presence.rs`).
 //!
 //! One Lua script orders a publish: it assigns the next `seq`, appends to the stream and
 //! publishes, atomically, so the sequence, the history and the fan-out cannot disagree.
@@ -25,8 +27,10 @@
 //! only for channels this node's clients hold (plus a bounded memory of recent publishes).
 
 mod node;
+pub mod presence;
 mod publish;
 mod redis;
+pub mod roster;
 mod script;
 mod sharded;
 
@@ -40,7 +44,8 @@ use tokio::sync::Notify;
 
 use crate::compression::CompressionPolicies;
 use crate::hub::{ChannelName, HistoryLimits};
-use crate::shard::{ConnRef, Post};
+use crate::shard::{ConnRef, Context, Post};
+use roster::{Ask, AskQueue};
 
 /// What a shard asks of the cluster.
 #[derive(Debug)]
@@ -261,6 +266,7 @@ impl Queue {
 pub struct Bridge {
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
+    asks: Arc<AskQueue>,
     pub link: Arc<Link>,
 }
 
@@ -270,6 +276,7 @@ pub struct Idle {
     backend: redis::Backend,
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
+    asks: Arc<AskQueue>,
     history: HistoryLimits,
     ack_replicas: u32,
     compression: CompressionPolicies,
@@ -296,16 +303,19 @@ impl Bridge {
         let requests = Arc::new(Queue::new(MAX_QUEUED_SUBSCRIBES, usize::MAX));
         let publishes = Arc::new(Queue::new(MAX_QUEUED_PUBLISHES, MAX_QUEUED_PUBLISH_BYTES));
         let link = Arc::new(Link::default());
+        let asks = Arc::new(AskQueue::new());
         Ok((
             Self {
                 requests: requests.clone(),
                 publishes: publishes.clone(),
+                asks: asks.clone(),
                 link: link.clone(),
             },
             Idle {
                 backend,
                 requests,
                 publishes,
+                asks,
                 history,
                 ack_replicas,
                 compression,
@@ -330,17 +340,25 @@ impl Bridge {
         let queued = self.requests.push(Request::Unsubscribe { channel, shard });
         debug_assert_eq!(queued, Ok(()), "an unsubscribe counts against no bound");
     }
+
+    /// Hands the roster (presence, the cluster-wide server API) a join, a leave, a part
+    /// of an order, or a question or order; only the last two are ever refused
+    /// ([`Busy`]: answer them [`BUSY`]).
+    pub fn ask(&self, ask: Ask) -> Result<(), Busy> {
+        self.asks.push(ask).map_err(|_| Busy)
+    }
 }
 
 impl Idle {
     /// Starts the cluster thread; it connects (and reconnects, with backoff) by itself.
-    pub fn spawn(self, post: Arc<Post>) -> io::Result<()> {
+    /// `ctx` names the node (its epoch) and counts its connections for the registry.
+    pub fn spawn(self, post: Arc<Post>, ctx: Arc<Context>) -> io::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         std::thread::Builder::new()
             .name("herald-cluster".into())
-            .spawn(move || runtime.block_on(redis::run(self, post)))?;
+            .spawn(move || runtime.block_on(redis::run(self, post, ctx)))?;
         Ok(())
     }
 }

@@ -24,6 +24,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 
 use super::node::{Action, Command, Node, Reply};
 use super::publish::{Conn, Publisher, SEEN_PER_GENERATION, Seen};
+use super::roster::{self, CONTROL, Fed, Feed, Roster};
 use super::script::{
     META_SCRIPT, channel_of, meta_key, publish_script, pubsub_key, stream_entries, stream_key,
 };
@@ -32,7 +33,7 @@ use super::{Idle, Link, Queue};
 use crate::compression::{CompressionPolicies, CompressionPolicy};
 use crate::hub::{self, Broadcast, ChannelName};
 use crate::proto::deflate::{Compressor, CompressorSettings};
-use crate::shard::{Envelope, Post};
+use crate::shard::{Context, Envelope, Post};
 
 /// Longest wait for one Redis reply: past it the link counts as lost (a hung Redis must
 /// not hold publishes forever).
@@ -46,6 +47,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const CHANNEL_RETRY: Duration = Duration::from_millis(250);
 
 /// Sends envelopes to shards from outside them.
+#[derive(Clone)]
 pub(super) struct Shards {
     post: Arc<Post>,
 }
@@ -53,6 +55,10 @@ pub(super) struct Shards {
 impl Shards {
     pub(super) fn send(&self, shard: usize, envelope: Envelope) {
         self.post.send(shard, envelope);
+    }
+
+    pub(super) fn count(&self) -> usize {
+        self.post.shards()
     }
 }
 
@@ -91,17 +97,19 @@ enum Incoming {
 }
 
 /// Runs the cluster thread until the process ends.
-pub(super) async fn run(idle: Idle, post: Arc<Post>) {
+pub(super) async fn run(idle: Idle, post: Arc<Post>, ctx: Arc<Context>) {
     let Idle {
         backend,
         requests,
         publishes,
+        asks,
         history,
         ack_replicas,
         compression,
         link,
     } = idle;
     let (conn_tx, conn_rx) = watch::channel(None);
+    let roster_conn: watch::Receiver<Publishing> = conn_rx.clone();
     let (broken, broken_rx) = watch::channel(0);
     let publisher = Publisher {
         conn: conn_rx,
@@ -117,6 +125,16 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         text: publish_script(backend.sharded()),
     };
     tokio::spawn(publisher.run(publishes));
+    let (feed, fed) = roster::feed();
+    let roster = Roster::new(
+        ctx,
+        Shards { post: post.clone() },
+        roster_conn,
+        asks,
+        fed,
+        backend.sharded(),
+    );
+    tokio::spawn(roster.run());
     let mut driver = Driver {
         backend,
         node: Node::new(post.shards(), history.size, link.clone()),
@@ -131,6 +149,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         connected_before: false,
         retry: HashSet::new(),
         meta_script: ::redis::Script::new(META_SCRIPT).get_hash().to_string(),
+        feed,
     };
     driver.run(requests, broken_rx).await;
 }
@@ -163,6 +182,8 @@ struct Driver {
     /// `retry_at`.
     retry: HashSet<ChannelName>,
     meta_script: String,
+    /// To the roster: orders between nodes, and this node's channel counts.
+    feed: Feed,
 }
 
 impl Driver {
@@ -203,7 +224,11 @@ impl Driver {
     fn incoming(&mut self, incoming: Incoming) -> Result<(), Lost> {
         match incoming {
             Incoming::Message(message) => {
-                if let Some(channel) = channel_of(message.get_channel_name()) {
+                if message.get_channel_name() == CONTROL {
+                    let payload = Bytes::copy_from_slice(message.get_payload_bytes());
+                    // Full, the order is dropped: its node counts this one as silent.
+                    let _ = self.feed.try_send(Fed::Control(payload));
+                } else if let Some(channel) = channel_of(message.get_channel_name()) {
                     let payload = Bytes::copy_from_slice(message.get_payload_bytes());
                     self.node.handle_announcement(channel, payload);
                 }
@@ -211,7 +236,7 @@ impl Driver {
             }
             Incoming::Push(push) => {
                 if let Backend::Sharded(sharded) = &self.backend {
-                    sharded.handle_push(push, &mut self.node);
+                    sharded.handle_push(push, &mut self.node, &self.feed);
                 }
                 Ok(())
             }
@@ -230,6 +255,16 @@ impl Driver {
                     frame,
                     shards,
                 } => self.broadcast(channel, seq, frame, &shards),
+                Action::Event {
+                    channel,
+                    frame,
+                    shards,
+                } => {
+                    for shard in shards {
+                        let (channel, frame) = (channel.clone(), frame.clone());
+                        self.shards.send(shard, Envelope::Event { channel, frame });
+                    }
+                }
                 Action::Command(command) => match self.execute(command).await {
                     Ok(reply) => self.node.handle_reply(reply),
                     Err(Lost) => {
@@ -438,6 +473,7 @@ impl Driver {
     }
 
     async fn probe(&mut self) -> Result<(), Lost> {
+        let _ = self.feed.try_send(Fed::Counts(self.node.counts()));
         let live = match &mut self.backend {
             Backend::Single {
                 live: Some(live), ..
@@ -478,7 +514,11 @@ async fn open(client: &::redis::Client) -> RedisResult<Live> {
     let pubsub = timeout(REPLY_TIMEOUT, client.get_async_pubsub())
         .await
         .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
-    let (sink, stream) = pubsub.split();
+    let (mut sink, stream) = pubsub.split();
+    // Orders between nodes arrive on a channel of their own.
+    timeout(REPLY_TIMEOUT, sink.subscribe(CONTROL))
+        .await
+        .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
     Ok(Live { conn, sink, stream })
 }
 

@@ -28,6 +28,7 @@ use tokio::time::timeout;
 
 use super::node::Node;
 use super::redis::REPLY_TIMEOUT;
+use super::roster::{CONTROL, Fed, Feed};
 use super::script::{META_SCRIPT, channel_of, publish_script};
 
 /// Most pushes (announcements, subscription changes) waiting for the cluster thread.
@@ -103,6 +104,8 @@ impl Sharded {
                 .query_async(&mut conn)
                 .await?;
         }
+        // Orders between nodes arrive on a sharded channel of their own.
+        conn.ssubscribe(CONTROL).await?;
         self.conn = Some(conn.clone());
         Ok(conn)
     }
@@ -144,13 +147,16 @@ impl Sharded {
         let Ok(Ok(conn)) = fresh else {
             return None;
         };
+        if let Err(e) = conn.clone().ssubscribe(CONTROL).await {
+            tracing::warn!(error = %e, "orders between nodes not subscribed");
+        }
         self.conn = Some(conn.clone());
         start_over(node);
         Some(conn)
     }
 
     /// Hands one push to the node; after an overflow, every held channel starts over.
-    pub(super) fn handle_push(&self, push: PushInfo, node: &mut Node) {
+    pub(super) fn handle_push(&self, push: PushInfo, node: &mut Node, feed: &Feed) {
         if self.overflow.swap(false, Ordering::AcqRel) {
             tracing::warn!("redis pushes overflowed; every channel caught up again");
             start_over(node);
@@ -168,6 +174,14 @@ impl Sharded {
         let Some(Some(key)) = data.next().map(|v| text(&v)) else {
             return;
         };
+        if key == CONTROL {
+            if push.kind == PushKind::SMessage
+                && let Some(Value::BulkString(payload)) = data.next()
+            {
+                let _ = feed.try_send(Fed::Control(payload.into()));
+            }
+            return;
+        }
         let Some(channel) = channel_of(&key) else {
             return;
         };
@@ -206,6 +220,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::node::{Action, Command, Reply};
+    use crate::cluster::roster;
     use crate::cluster::{Link, Request};
     use crate::shard::ConnRef;
 
@@ -222,6 +237,7 @@ mod tests {
             Action::Command(command) => format!("{command:?}"),
             Action::Broadcast { seq, .. } => format!("broadcast {seq}"),
             Action::Send { .. } => "send".into(),
+            Action::Event { .. } => "event".into(),
         })
     }
 
@@ -260,14 +276,23 @@ mod tests {
     #[test]
     fn pushes_become_announcements_resubscriptions_and_catch_ups() {
         let sharded = Sharded::new(vec!["redis://127.0.0.1:1".into()]).unwrap();
+        let (feed, mut fed) = roster::feed();
         let mut node = live_node();
         let message = push(PushKind::SMessage, &[b"herald:{news}", b"2 e {\"a\":1}"]);
-        sharded.handle_push(message, &mut node);
+        sharded.handle_push(message, &mut node, &feed);
         assert_eq!(next(&mut node).as_deref(), Some("broadcast 2"));
-        sharded.handle_push(push(PushKind::SMessage, &[b"other", b"3 e 1"]), &mut node);
+        sharded.handle_push(
+            push(PushKind::SMessage, &[b"other", b"3 e 1"]),
+            &mut node,
+            &feed,
+        );
         assert_eq!(next(&mut node), None, "not a herald key");
         // The slot moved: subscribe again, then catch up.
-        sharded.handle_push(push(PushKind::SUnsubscribe, &[b"herald:{news}"]), &mut node);
+        sharded.handle_push(
+            push(PushKind::SUnsubscribe, &[b"herald:{news}"]),
+            &mut node,
+            &feed,
+        );
         let subscribe = format!("{:?}", Command::Subscribe(vec!["news".into()]));
         assert_eq!(next(&mut node), Some(subscribe.clone()));
         node.handle_reply(Reply::Done);
@@ -284,6 +309,7 @@ mod tests {
                 data: Vec::new(),
             },
             &mut node,
+            &feed,
         );
         assert_eq!(next(&mut node), Some(subscribe));
         node.handle_reply(Reply::Done);
@@ -297,8 +323,16 @@ mod tests {
         node.handle_reply(Reply::Entries(vec![(3, Bytes::from_static(b"[3]"))]));
         assert_eq!(next(&mut node).as_deref(), Some("broadcast 3"));
         // The crate resubscribed on its own: catch up.
-        sharded.handle_push(push(PushKind::SSubscribe, &[b"herald:{news}"]), &mut node);
+        sharded.handle_push(
+            push(PushKind::SSubscribe, &[b"herald:{news}"]),
+            &mut node,
+            &feed,
+        );
         assert!(next(&mut node).is_some_and(|c| c.starts_with("ReadMeta")));
+        // An order between nodes goes to the roster, not the node.
+        let order = push(PushKind::SMessage, &[CONTROL.as_bytes(), b"{}"]);
+        sharded.handle_push(order, &mut node, &feed);
+        assert!(matches!(fed.try_recv(), Ok(Fed::Control(payload)) if &payload[..] == b"{}"));
     }
 
     #[test]

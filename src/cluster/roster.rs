@@ -1,0 +1,731 @@
+//! The cluster thread's second task besides the publisher: everything about who is
+//! connected, across nodes. It keeps this node's presence entries in Redis (recorded as
+//! subscriptions become active, refreshed every [`REFRESH_EVERY`], written again whole
+//! after a link loss or a Redis restart), this node in the registry of live nodes with
+//! its channels' subscriber counts, and answers the server API and WebSocket questions
+//! that need the whole cluster (presence, history, channels, info) from Redis. Orders
+//! (disconnect, unsubscribe by user) go to the other nodes over the control channel;
+//! each node carries them out on its shards and answers with its count.
+//!
+//! Nothing here grows with what clients send: members are one entry per active
+//! subscription (as the shards' tables), questions are bounded by the queue
+//! ([`MAX_QUEUED_QUESTIONS`]) and each answer by its page, and an order waits for the
+//! other nodes at most [`ORDER_TIMEOUT`].
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use ::redis::{RedisResult, Script, Value};
+use bytes::Bytes;
+use futures_util::future::join_all;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, mpsc, watch};
+use tokio::time::timeout;
+
+mod answer;
+
+use super::presence::{
+    self, PRESENCE_TTL, REFRESH_EVERY, cluster_conn, members_prefix, nodes_key, users_prefix,
+};
+use super::publish::Conn;
+use super::redis::{Publishing, REPLY_TIMEOUT, Shards};
+use super::script::pubsub_key;
+use crate::auth::Patterns;
+use crate::http::api;
+use crate::hub::{ChannelName, ConnId, Member};
+use crate::shard::{ConnRef, Context, Envelope, Order, Part};
+
+/// The pub/sub channel of orders between nodes (outside every channel's key space).
+pub(super) const CONTROL: &str = "herald:{herald-control}:orders";
+/// The sorted set of live nodes, scored with the time they count until.
+const NODES: &str = "herald:nodes";
+/// Longest wait for the other nodes' answers to an order.
+pub const ORDER_TIMEOUT: Duration = Duration::from_secs(2);
+/// Most questions (presence, history, channels, info, orders) waiting for the task.
+const MAX_QUEUED_QUESTIONS: usize = 4096;
+/// Most orders from other nodes waiting for the task; past it they are dropped (and the
+/// asking node counts that node as silent).
+const MAX_QUEUED_CONTROL: usize = 1024;
+
+fn info_key(node: &str) -> String {
+    format!("herald:node:{{{node}}}:info")
+}
+
+fn channels_key(node: &str) -> String {
+    format!("herald:node:{{{node}}}:channels")
+}
+
+/// What a question asks of Redis.
+#[derive(Debug)]
+pub enum Question {
+    Presence {
+        cursor: Option<Box<str>>,
+        limit: usize,
+    },
+    PresenceStats,
+    History {
+        since: Option<u64>,
+        limit: usize,
+        newest_first: bool,
+    },
+    Channels {
+        pattern: Arc<Patterns>,
+        cursor: Option<ChannelName>,
+        limit: usize,
+    },
+    /// The live nodes; `this` is this node's own info object, which the answer extends.
+    Info {
+        this: Vec<u8>,
+    },
+}
+
+/// What a shard hands the roster.
+#[derive(Debug)]
+pub enum Ask {
+    /// `conn` became an active subscriber of `channel`, listed as `member`; `announce`:
+    /// the namespace wants join and leave events.
+    Join {
+        channel: ChannelName,
+        conn: ConnId,
+        member: Member,
+        announce: bool,
+    },
+    /// An active subscription of `conn` ended (listed or not: unlisted ones are ignored).
+    Leave { channel: ChannelName, conn: ConnId },
+    /// Answer `question` about `channel` to `shard`'s `conn` (`Found` or `Unanswered`),
+    /// within `max_bytes`.
+    Question {
+        channel: ChannelName,
+        shard: usize,
+        conn: ConnRef,
+        id: Option<u64>,
+        question: Question,
+        max_bytes: usize,
+    },
+    /// Carry out `order` on every other node; answer `shard`'s `conn` with one `Done`,
+    /// the sum of their counts.
+    Order {
+        shard: usize,
+        conn: ConnRef,
+        order: Order,
+    },
+    /// A shard's part of order `order` from another node.
+    OrderDone { order: u64, part: Part },
+}
+
+/// The queue from the shards: joins, leaves and parts always taken (one per
+/// subscription or shard, bounded by them), questions and orders refused past
+/// [`MAX_QUEUED_QUESTIONS`].
+pub(super) struct AskQueue {
+    state: Mutex<(VecDeque<Ask>, usize)>,
+    ready: Notify,
+}
+
+impl AskQueue {
+    pub(super) fn new() -> Self {
+        Self {
+            state: Mutex::new((VecDeque::new(), 0)),
+            ready: Notify::new(),
+        }
+    }
+
+    fn counted(ask: &Ask) -> bool {
+        matches!(ask, Ask::Question { .. } | Ask::Order { .. })
+    }
+
+    pub(super) fn push(&self, ask: Ask) -> Result<(), Ask> {
+        {
+            let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if Self::counted(&ask) {
+                if state.1 >= MAX_QUEUED_QUESTIONS {
+                    return Err(ask);
+                }
+                state.1 += 1;
+            }
+            state.0.push_back(ask);
+        }
+        self.ready.notify_one();
+        Ok(())
+    }
+
+    async fn recv_many(&self, out: &mut Vec<Ask>) {
+        loop {
+            {
+                let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if !state.0.is_empty() {
+                    let asks: Vec<Ask> = state.0.drain(..).collect();
+                    state.1 -= asks.iter().filter(|a| Self::counted(a)).count();
+                    out.extend(asks);
+                    return;
+                }
+            }
+            self.ready.notified().await;
+        }
+    }
+}
+
+/// An order between nodes, as the control channel carries it (JSON).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Control {
+    Disconnect {
+        from: String,
+        order: u64,
+        user: String,
+        code: u16,
+        reason: String,
+    },
+    Unsubscribe {
+        from: String,
+        order: u64,
+        user: String,
+        channel: String,
+    },
+    Done {
+        to: String,
+        order: u64,
+        count: u64,
+    },
+}
+
+/// What the driver hands the roster.
+pub(super) enum Fed {
+    /// A message on [`CONTROL`].
+    Control(Bytes),
+    /// This node's channels and their subscriber counts, for `/api/channels`.
+    Counts(Vec<(ChannelName, u32)>),
+}
+
+/// The sender the driver feeds the roster with; full, it drops (see
+/// [`MAX_QUEUED_CONTROL`]).
+pub(super) type Feed = mpsc::Sender<Fed>;
+
+pub(super) fn feed() -> (Feed, mpsc::Receiver<Fed>) {
+    mpsc::channel(MAX_QUEUED_CONTROL)
+}
+
+/// One member this node listed.
+struct Listed {
+    entry: String,
+    user: Option<Arc<str>>,
+    announce: bool,
+}
+
+/// An order this node asked the others to carry out.
+struct Asked {
+    shard: usize,
+    conn: ConnRef,
+    waiting: usize,
+    count: u64,
+}
+
+/// An order from another node, carried out on this node's shards.
+struct Carrying {
+    from: String,
+    order: u64,
+    waiting: usize,
+    count: u64,
+}
+
+pub(super) struct Roster {
+    node: Arc<str>,
+    ctx: Arc<Context>,
+    shards: Shards,
+    conn: watch::Receiver<Publishing>,
+    asks: Arc<AskQueue>,
+    fed: mpsc::Receiver<Fed>,
+    members: HashMap<ChannelName, HashMap<ConnId, Listed>>,
+    counts: Vec<(ChannelName, u32)>,
+    change: Script,
+    refresh: Script,
+    page: Script,
+    stats: Script,
+    register: Script,
+    report: Script,
+    next_order: u64,
+    asked: HashMap<u64, Asked>,
+    carrying: HashMap<u64, Carrying>,
+    timeouts: mpsc::UnboundedSender<u64>,
+    timed_out: mpsc::UnboundedReceiver<u64>,
+    started_ms: u64,
+}
+
+/// Adds this node to the live nodes (removing the expired ones). KEYS: nodes. ARGV:
+/// node, ttl ms.
+const REGISTER_SCRIPT: &str = r"
+local clock = redis.call('TIME')
+local now = tonumber(clock[1]) * 1000 + math.floor(tonumber(clock[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+return 1
+";
+
+/// Replaces a node's channel counts and info. KEYS: channels, info. ARGV: ttl ms, the
+/// number of info fields, info field/value pairs, then channel/count pairs.
+const REPORT_SCRIPT: &str = r"
+redis.call('DEL', KEYS[1], KEYS[2])
+local fields = tonumber(ARGV[2])
+for i = 3, 2 + 2 * fields, 2 do
+  redis.call('HSET', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+for i = 3 + 2 * fields, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[2], ARGV[1])
+return 1
+";
+
+impl Roster {
+    pub(super) fn new(
+        ctx: Arc<Context>,
+        shards: Shards,
+        conn: watch::Receiver<Publishing>,
+        asks: Arc<AskQueue>,
+        fed: mpsc::Receiver<Fed>,
+        sharded: bool,
+    ) -> Self {
+        let (timeouts, timed_out) = mpsc::unbounded_channel();
+        let started_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Self {
+            node: ctx.epoch.as_ref().into(),
+            ctx,
+            shards,
+            conn,
+            asks,
+            fed,
+            members: HashMap::new(),
+            counts: Vec::new(),
+            change: Script::new(&presence::change_script(sharded)),
+            refresh: Script::new(&presence::refresh_script()),
+            page: Script::new(&presence::page_script()),
+            stats: Script::new(&presence::stats_script()),
+            register: Script::new(REGISTER_SCRIPT),
+            report: Script::new(REPORT_SCRIPT),
+            next_order: 0,
+            asked: HashMap::new(),
+            carrying: HashMap::new(),
+            timeouts,
+            timed_out,
+            started_ms,
+        }
+    }
+
+    pub(super) async fn run(mut self) {
+        let mut tick = tokio::time::interval(REFRESH_EVERY);
+        let mut generation = None;
+        let mut batch = Vec::new();
+        loop {
+            let asks = self.asks.clone();
+            tokio::select! {
+                () = asks.recv_many(&mut batch) => {
+                    for ask in batch.drain(..) {
+                        self.ask(ask).await;
+                    }
+                }
+                Some(fed) = self.fed.recv() => match fed {
+                    Fed::Control(payload) => self.control(&payload).await,
+                    Fed::Counts(counts) => self.counts = counts,
+                },
+                Some(order) = self.timed_out.recv() => self.order_timed_out(order),
+                // A new link registers the node at once, so orders find it.
+                Ok(()) = self.conn.changed() => self.refresh(&mut generation).await,
+                _ = tick.tick() => self.refresh(&mut generation).await,
+            }
+        }
+    }
+
+    /// Refreshes everything, all of it written again on a new link (`generation`
+    /// changed): Redis may have lost it (a restart), and what changed while the link was
+    /// down was not written.
+    async fn refresh(&mut self, generation: &mut Option<u64>) {
+        let now = self.conn.borrow_and_update().as_ref().map(|(g, _)| *g);
+        let reset = now.is_some() && now != *generation;
+        *generation = now;
+        self.refresh_all(reset).await;
+    }
+
+    fn link(&self) -> Option<Conn> {
+        self.conn.borrow().as_ref().map(|(_, conn)| conn.clone())
+    }
+
+    async fn ask(&mut self, ask: Ask) {
+        match ask {
+            Ask::Join {
+                channel,
+                conn,
+                member,
+                announce,
+            } => {
+                let entry = presence::entry(
+                    &conn.to_string(),
+                    member.user.as_deref(),
+                    member.info.as_deref(),
+                );
+                let listed = Listed {
+                    entry,
+                    user: member.user,
+                    announce,
+                };
+                self.change(&channel, conn, &listed, true).await;
+                self.members
+                    .entry(channel)
+                    .or_default()
+                    .insert(conn, listed);
+            }
+            Ask::Leave { channel, conn } => {
+                let Some(members) = self.members.get_mut(&channel) else {
+                    return;
+                };
+                let Some(listed) = members.remove(&conn) else {
+                    return;
+                };
+                if members.is_empty() {
+                    self.members.remove(&channel);
+                }
+                self.change(&channel, conn, &listed, false).await;
+            }
+            Ask::Question {
+                channel,
+                shard,
+                conn,
+                id,
+                question,
+                max_bytes,
+            } => {
+                let envelope = match self.answer(&channel, question, max_bytes).await {
+                    Ok(json) => Envelope::Found {
+                        conn,
+                        id,
+                        json: json.into(),
+                    },
+                    Err(message) => Envelope::Unanswered {
+                        conn,
+                        id,
+                        message: message.into(),
+                    },
+                };
+                self.shards.send(shard, envelope);
+            }
+            Ask::Order { shard, conn, order } => self.send_order(shard, conn, order).await,
+            Ask::OrderDone { order, part } => {
+                let Some(carrying) = self.carrying.get_mut(&order) else {
+                    return;
+                };
+                if let Part::Count(n) = part {
+                    carrying.count += n;
+                }
+                carrying.waiting -= 1;
+                if carrying.waiting == 0 {
+                    let carrying = self.carrying.remove(&order).expect("present");
+                    let done = Control::Done {
+                        to: carrying.from,
+                        order: carrying.order,
+                        count: carrying.count,
+                    };
+                    self.publish_control(&done).await;
+                }
+            }
+        }
+    }
+
+    /// Records a join (`join`) or leave in Redis and announces it where asked. A failure
+    /// is only logged: the next refresh after the link is back writes every member again.
+    async fn change(&self, channel: &str, conn: ConnId, listed: &Listed, join: bool) {
+        let Some(link) = self.link() else {
+            return;
+        };
+        let id = cluster_conn(&self.node, &conn.to_string());
+        let event = if listed.announce {
+            let fields = listed.entry.split_once(' ').map_or("", |(_, f)| f);
+            presence::event_payload(if join { "join" } else { "leave" }, channel, &id, fields)
+        } else {
+            Vec::new()
+        };
+        let mut call = self.change.key(nodes_key(channel));
+        call.key(members_prefix(channel) + &self.node)
+            .key(users_prefix(channel) + &self.node)
+            .key(pubsub_key(channel))
+            .arg(&*self.node)
+            .arg(&listed.entry)
+            .arg(listed.user.as_deref().unwrap_or(""))
+            .arg(PRESENCE_TTL.as_millis() as u64)
+            .arg(event)
+            .arg(if join { "1" } else { "0" });
+        if let Err(e) = invoke::<Value>(&link, &call).await {
+            tracing::warn!(error = %e, channel, "presence not recorded in redis");
+        }
+    }
+
+    /// Keeps every member alive in Redis (writing a channel's again where Redis lost
+    /// them, or all of them when `reset`), and this node in the registry.
+    async fn refresh_all(&mut self, reset: bool) {
+        let Some(link) = self.link() else {
+            return;
+        };
+        let ttl = PRESENCE_TTL.as_millis() as u64;
+        let calls: Vec<_> = self
+            .members
+            .iter()
+            .map(|(channel, members)| self.refresh_call(channel, members, reset))
+            .collect();
+        let found = join_all(calls.iter().map(|call| invoke::<i64>(&link, call))).await;
+        let lost: Vec<ChannelName> = self
+            .members
+            .keys()
+            .zip(found)
+            .filter(|(_, found)| matches!(found, Ok(0)))
+            .map(|(channel, _)| channel.clone())
+            .collect();
+        for channel in lost {
+            let call = self.refresh_call(&channel, &self.members[&channel], true);
+            if let Err(e) = invoke::<i64>(&link, &call).await {
+                tracing::warn!(error = %e, %channel, "presence not written again");
+            }
+        }
+        let mut register = self.register.key(NODES);
+        register.arg(&*self.node).arg(ttl);
+        let snapshot = self.ctx.registry.snapshot(std::time::Instant::now());
+        let info = [
+            ("version", env!("CARGO_PKG_VERSION").to_string()),
+            ("started_ms", self.started_ms.to_string()),
+            ("uptime_ms", snapshot.uptime.as_millis().to_string()),
+            ("shards", self.shards.count().to_string()),
+            (
+                "connections",
+                snapshot.total.connections.iter().sum::<u64>().to_string(),
+            ),
+            ("subscriptions", snapshot.total.subscriptions.to_string()),
+        ];
+        let mut report = self.report.key(channels_key(&self.node));
+        report.key(info_key(&self.node)).arg(ttl).arg(info.len());
+        for (field, value) in &info {
+            report.arg(*field).arg(value);
+        }
+        for (channel, count) in &self.counts {
+            report.arg(&**channel).arg(*count);
+        }
+        for call in [register, report] {
+            if let Err(e) = invoke::<Value>(&link, &call).await {
+                tracing::warn!(error = %e, "node not registered in redis");
+            }
+        }
+    }
+
+    fn refresh_call(
+        &self,
+        channel: &str,
+        members: &HashMap<ConnId, Listed>,
+        reset: bool,
+    ) -> ::redis::ScriptInvocation<'_> {
+        let mut call = self.refresh.key(nodes_key(channel));
+        call.key(members_prefix(channel) + &self.node)
+            .key(users_prefix(channel) + &self.node)
+            .arg(&*self.node)
+            .arg(PRESENCE_TTL.as_millis() as u64)
+            .arg(if reset { "1" } else { "0" });
+        if reset {
+            for listed in members.values() {
+                call.arg(&listed.entry)
+                    .arg(listed.user.as_deref().unwrap_or(""));
+            }
+        }
+        call
+    }
+
+    /// Sends `order` to the other live nodes and waits for their counts (at most
+    /// [`ORDER_TIMEOUT`]); the asking shard gets their sum as one part.
+    async fn send_order(&mut self, shard: usize, conn: ConnRef, order: Order) {
+        let done = |count| Envelope::Done {
+            conn,
+            part: Part::Count(count),
+        };
+        let Some(link) = self.link() else {
+            self.shards.send(shard, done(0));
+            return;
+        };
+        let others = match self.live_nodes(&link).await {
+            Ok(nodes) => nodes.iter().filter(|n| **n != *self.node).count(),
+            Err(_) => 0,
+        };
+        if others == 0 {
+            self.shards.send(shard, done(0));
+            return;
+        }
+        self.next_order += 1;
+        let id = self.next_order;
+        let from = self.node.to_string();
+        let control = match order {
+            Order::Disconnect {
+                target: api::Target::User(user),
+                code,
+                reason,
+            } => Control::Disconnect {
+                from,
+                order: id,
+                user: user.to_string(),
+                code,
+                reason: reason.to_string(),
+            },
+            Order::Unsubscribe { user, channel } => Control::Unsubscribe {
+                from,
+                order: id,
+                user: user.to_string(),
+                channel: channel.to_string(),
+            },
+            _ => {
+                self.shards.send(shard, done(0));
+                return;
+            }
+        };
+        self.asked.insert(
+            id,
+            Asked {
+                shard,
+                conn,
+                waiting: others,
+                count: 0,
+            },
+        );
+        self.publish_control(&control).await;
+        let timeouts = self.timeouts.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(ORDER_TIMEOUT).await;
+            let _ = timeouts.send(id);
+        });
+    }
+
+    fn order_timed_out(&mut self, order: u64) {
+        if let Some(asked) = self.asked.remove(&order) {
+            let part = Part::Count(asked.count);
+            self.shards.send(
+                asked.shard,
+                Envelope::Done {
+                    conn: asked.conn,
+                    part,
+                },
+            );
+        }
+    }
+
+    async fn publish_control(&self, control: &Control) {
+        let Some(link) = self.link() else {
+            return;
+        };
+        let payload = serde_json::to_string(control).expect("plain JSON");
+        let mut cmd = ::redis::cmd(if matches!(link, Conn::Sharded(_)) {
+            "SPUBLISH"
+        } else {
+            "PUBLISH"
+        });
+        cmd.arg(CONTROL).arg(payload);
+        if let Err(e) = query::<Value>(&link, &cmd).await {
+            tracing::warn!(error = %e, "order not sent to the other nodes");
+        }
+    }
+
+    /// A message on the control channel: an order from another node, carried out on
+    /// every shard here, or another node's count for an order of this one.
+    async fn control(&mut self, payload: &[u8]) {
+        let Ok(control) = serde_json::from_slice::<Control>(payload) else {
+            tracing::warn!("ignoring a malformed control message");
+            return;
+        };
+        let (from, order, body) = match control {
+            Control::Done { to, order, count } => {
+                if *to != *self.node {
+                    return;
+                }
+                if let Some(asked) = self.asked.get_mut(&order) {
+                    asked.count += count;
+                    asked.waiting -= 1;
+                    if asked.waiting == 0 {
+                        self.order_timed_out(order);
+                    }
+                }
+                return;
+            }
+            Control::Disconnect {
+                from,
+                order,
+                user,
+                code,
+                reason,
+            } => (
+                from,
+                order,
+                Order::Disconnect {
+                    target: api::Target::User(user.into()),
+                    code,
+                    reason: reason.into(),
+                },
+            ),
+            Control::Unsubscribe {
+                from,
+                order,
+                user,
+                channel,
+            } => (
+                from,
+                order,
+                Order::Unsubscribe {
+                    user: user.into(),
+                    channel: channel.into(),
+                },
+            ),
+        };
+        if *from == *self.node {
+            return;
+        }
+        // Local numbers for orders from elsewhere, apart from this node's own.
+        self.next_order += 1;
+        let local = self.next_order;
+        let shards = self.shards.count();
+        self.carrying.insert(
+            local,
+            Carrying {
+                from,
+                order,
+                waiting: shards,
+                count: 0,
+            },
+        );
+        for shard in 0..shards {
+            let body = body.clone();
+            self.shards
+                .send(shard, Envelope::RemoteOrder { order: local, body });
+        }
+    }
+}
+
+/// Runs a script on either link, bounded by [`REPLY_TIMEOUT`].
+async fn invoke<T: ::redis::FromRedisValue>(
+    link: &Conn,
+    call: &::redis::ScriptInvocation<'_>,
+) -> RedisResult<T> {
+    let run = async {
+        match link.clone() {
+            Conn::Single(mut conn) => call.invoke_async(&mut conn).await,
+            Conn::Sharded(mut conn) => call.invoke_async(&mut conn).await,
+        }
+    };
+    timeout(REPLY_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))
+}
+
+/// Runs a command on either link, bounded by [`REPLY_TIMEOUT`].
+async fn query<T: ::redis::FromRedisValue>(link: &Conn, cmd: &::redis::Cmd) -> RedisResult<T> {
+    let run = async {
+        match link.clone() {
+            Conn::Single(mut conn) => cmd.query_async(&mut conn).await,
+            Conn::Sharded(mut conn) => cmd.query_async(&mut conn).await,
+        }
+    };
+    timeout(REPLY_TIMEOUT, run)
+        .await
+        .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))
+}
