@@ -11,6 +11,7 @@
 
 mod support;
 mod support_http;
+mod support_redis_cluster;
 
 use std::net::TcpListener;
 use std::path::PathBuf;
@@ -79,10 +80,14 @@ impl Drop for Redis {
 
 /// A node with presence and join/leave on for every channel, once its Redis link is up.
 fn node(redis: &Redis) -> Server {
-    let url = redis.url();
+    node_on(&redis.url())
+}
+
+/// [`node`] on the Redis (or Redis Cluster) at `url`.
+fn node_on(url: &str) -> Server {
     let server = Server::start(&[
         "--redis",
-        &url,
+        url,
         "--api-key",
         KEY,
         "--jwt-secret",
@@ -511,4 +516,43 @@ async fn every_endpoint_answers_for_the_cluster_on_a_node_the_user_is_not_on() {
         "{info}"
     );
     assert!(listed.iter().any(|n| n["node"] == info["node"]), "{info}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_redis_cluster_presence_join_leave_and_orders_span_the_nodes() {
+    let redis = support_redis_cluster::RedisCluster::start("identity");
+    let seeds = redis.seeds();
+    let nodes: Vec<Server> = (0..3).map(|_| node_on(&seeds)).collect();
+    // Channels in different slots, so that more than one master holds presence.
+    for channel in ["room", "hall", "desk"] {
+        let mut ann = member(&nodes[1], "ann", channel).await;
+        let _bob = member(&nodes[2], "bob", channel).await;
+        let join = recv_json(&mut ann).await;
+        assert_eq!(
+            (join["type"].as_str(), join["user"].as_str()),
+            (Some("join"), Some("bob"))
+        );
+        stats_reach(&nodes[0], channel, (2, 2), Duration::from_secs(5)).await;
+        let users: Vec<String> = all_members(&nodes[0], channel, 1)
+            .await
+            .iter()
+            .map(|m| m["user"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(users, ["ann", "bob"], "{channel}");
+        let mut publisher = connect(nodes[0].addr(), &format!("/ws?token={}", token("p"))).await;
+        publish_raw(&mut publisher, channel, "1", 1).await;
+        let history = get(&nodes[0], &format!("/api/history?channel={channel}")).await;
+        assert_eq!(history["seq"], 1, "{history}");
+        let unsubscribed = call(
+            &nodes[0],
+            "POST",
+            "/api/unsubscribe",
+            &format!(r#"{{"user":"ann","channel":"{channel}"}}"#),
+        )
+        .await;
+        assert_eq!(unsubscribed.json(), json!({"unsubscribed": 1}), "{channel}");
+        stats_reach(&nodes[0], channel, (1, 1), Duration::from_secs(5)).await;
+    }
+    let info = get(&nodes[0], "/api/info").await;
+    assert_eq!(info["nodes"].as_array().map(Vec::len), Some(3), "{info}");
 }
