@@ -69,6 +69,17 @@ impl Redis {
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }
+
+    /// Forgets every key, as a Redis restarted without persistence would.
+    fn flush_all(&self) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.port)).expect("connect");
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        s.write_all(b"FLUSHALL\r\n").expect("send FLUSHALL");
+        let mut reply = [0u8; 16];
+        let n = s.read(&mut reply).expect("FLUSHALL reply");
+        assert_eq!(&reply[..n], b"+OK\r\n");
+    }
 }
 
 impl Drop for Redis {
@@ -270,6 +281,10 @@ async fn presence_spans_the_nodes_and_a_killed_node_drops_out_within_the_bound()
     // A client that leaves drops out at once.
     drop(bob);
     stats_reach(&nodes[0], "room", (3, 3), Duration::from_secs(5)).await;
+
+    // Redis loses everything: each node writes its members again at its next refresh.
+    redis.flush_all();
+    stats_reach(&nodes[0], "room", (3, 3), Duration::from_secs(2) + READ_SLACK).await;
 
     // kill -9: carol's node cannot say she left; its entries stop counting in time.
     nodes[2].signal("KILL");

@@ -44,6 +44,10 @@ const NODES: &str = "herald:nodes";
 pub const ORDER_TIMEOUT: Duration = Duration::from_secs(2);
 /// Most questions (presence, history, channels, info, orders) waiting for the task.
 const MAX_QUEUED_QUESTIONS: usize = 4096;
+/// Most joins and leaves sent to Redis at once (pipelined on the connection).
+const MAX_CHANGES_AT_ONCE: usize = 1024;
+/// Most members written again in one script call after a link loss.
+const MAX_REWRITE_AT_ONCE: usize = 512;
 /// Most orders from other nodes waiting for the task; past it they are dropped (and the
 /// asking node counts that node as silent).
 const MAX_QUEUED_CONTROL: usize = 1024;
@@ -206,10 +210,19 @@ pub(super) fn feed() -> (Feed, mpsc::Receiver<Fed>) {
 }
 
 /// One member this node listed.
+#[derive(Clone)]
 struct Listed {
     entry: String,
     user: Option<Arc<str>>,
     announce: bool,
+}
+
+/// A join (`join`) or leave to record in Redis.
+struct Change {
+    channel: ChannelName,
+    conn: ConnId,
+    listed: Listed,
+    join: bool,
 }
 
 /// An order this node asked the others to carry out.
@@ -322,9 +335,19 @@ impl Roster {
             let asks = self.asks.clone();
             tokio::select! {
                 () = asks.recv_many(&mut batch) => {
+                    // Joins and leaves in a row go to Redis together, in order (one
+                    // connection, or one per slot: a channel's stay in order).
+                    let mut changes = Vec::new();
                     for ask in batch.drain(..) {
-                        self.ask(ask).await;
+                        match ask {
+                            Ask::Join { .. } | Ask::Leave { .. } => changes.extend(self.note(ask)),
+                            ask => {
+                                self.write(std::mem::take(&mut changes)).await;
+                                self.ask(ask).await;
+                            }
+                        }
                     }
+                    self.write(changes).await;
                 }
                 Some(fed) = self.fed.recv() => match fed {
                     Fed::Control(payload) => self.control(&payload).await,
@@ -352,7 +375,9 @@ impl Roster {
         self.conn.borrow().as_ref().map(|(_, conn)| conn.clone())
     }
 
-    async fn ask(&mut self, ask: Ask) {
+    /// Records a join or leave among this node's members: the change to write, if any
+    /// (a leave of a connection never listed is none).
+    fn note(&mut self, ask: Ask) -> Option<Change> {
         match ask {
             Ask::Join {
                 channel,
@@ -370,23 +395,37 @@ impl Roster {
                     user: member.user,
                     announce,
                 };
-                self.change(&channel, conn, &listed, true).await;
-                self.members
-                    .entry(channel)
-                    .or_default()
-                    .insert(conn, listed);
+                let members = self.members.entry(channel.clone()).or_default();
+                members.insert(conn, listed.clone());
+                Some(Change {
+                    channel,
+                    conn,
+                    listed,
+                    join: true,
+                })
             }
             Ask::Leave { channel, conn } => {
-                let Some(members) = self.members.get_mut(&channel) else {
-                    return;
-                };
-                let Some(listed) = members.remove(&conn) else {
-                    return;
-                };
+                let members = self.members.get_mut(&channel)?;
+                let listed = members.remove(&conn)?;
                 if members.is_empty() {
                     self.members.remove(&channel);
                 }
-                self.change(&channel, conn, &listed, false).await;
+                Some(Change {
+                    channel,
+                    conn,
+                    listed,
+                    join: false,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    async fn ask(&mut self, ask: Ask) {
+        match ask {
+            Ask::Join { .. } | Ask::Leave { .. } => {
+                let change = self.note(ask);
+                self.write(change.into_iter().collect()).await;
             }
             Ask::Question {
                 channel,
@@ -432,16 +471,43 @@ impl Roster {
         }
     }
 
-    /// Records a join (`join`) or leave in Redis and announces it where asked. A failure
-    /// is only logged: the next refresh after the link is back writes every member again.
-    async fn change(&self, channel: &str, conn: ConnId, listed: &Listed, join: bool) {
+    /// Records joins and leaves in Redis, in order, and announces them where asked,
+    /// [`MAX_CHANGES_AT_ONCE`] at a time. A failure is only logged: the next refresh after
+    /// the link is back writes every member again.
+    async fn write(&self, changes: Vec<Change>) {
+        if changes.is_empty() {
+            return;
+        }
         let Some(link) = self.link() else {
             return;
         };
+        for group in changes.chunks(MAX_CHANGES_AT_ONCE) {
+            let calls: Vec<_> = group
+                .iter()
+                .map(|change| self.change_call(change))
+                .collect();
+            let results = join_all(calls.iter().map(|call| invoke::<Value>(&link, call))).await;
+            for (change, result) in group.iter().zip(results) {
+                if let Err(e) = result {
+                    let channel = &*change.channel;
+                    tracing::warn!(error = %e, channel, "presence not recorded in redis");
+                }
+            }
+        }
+    }
+
+    fn change_call(&self, change: &Change) -> ::redis::ScriptInvocation<'_> {
+        let Change {
+            channel,
+            conn,
+            listed,
+            join,
+        } = change;
         let id = cluster_conn(&self.node, &conn.to_string());
         let event = if listed.announce {
             let fields = listed.entry.split_once(' ').map_or("", |(_, f)| f);
-            presence::event_payload(if join { "join" } else { "leave" }, channel, &id, fields)
+            let kind = if *join { "join" } else { "leave" };
+            presence::event_payload(kind, channel, &id, fields)
         } else {
             Vec::new()
         };
@@ -454,10 +520,8 @@ impl Roster {
             .arg(listed.user.as_deref().unwrap_or(""))
             .arg(PRESENCE_TTL.as_millis() as u64)
             .arg(event)
-            .arg(if join { "1" } else { "0" });
-        if let Err(e) = invoke::<Value>(&link, &call).await {
-            tracing::warn!(error = %e, channel, "presence not recorded in redis");
-        }
+            .arg(if *join { "1" } else { "0" });
+        call
     }
 
     /// Keeps every member alive in Redis (writing a channel's again where Redis lost
@@ -467,23 +531,31 @@ impl Roster {
             return;
         };
         let ttl = PRESENCE_TTL.as_millis() as u64;
-        let calls: Vec<_> = self
-            .members
-            .iter()
-            .map(|(channel, members)| self.refresh_call(channel, members, reset))
-            .collect();
-        let found = join_all(calls.iter().map(|call| invoke::<i64>(&link, call))).await;
-        let lost: Vec<ChannelName> = self
-            .members
-            .keys()
-            .zip(found)
-            .filter(|(_, found)| matches!(found, Ok(0)))
-            .map(|(channel, _)| channel.clone())
-            .collect();
+        let lost: Vec<ChannelName> = if reset {
+            self.members.keys().cloned().collect()
+        } else {
+            let calls: Vec<_> = self
+                .members
+                .keys()
+                .map(|channel| self.refresh_call(channel, true, &[]))
+                .collect();
+            let found = join_all(calls.iter().map(|call| invoke::<i64>(&link, call))).await;
+            self.members
+                .keys()
+                .zip(found)
+                .filter(|(_, found)| matches!(found, Ok(0)))
+                .map(|(channel, _)| channel.clone())
+                .collect()
+        };
         for channel in lost {
-            let call = self.refresh_call(&channel, &self.members[&channel], true);
-            if let Err(e) = invoke::<i64>(&link, &call).await {
-                tracing::warn!(error = %e, %channel, "presence not written again");
+            let members: Vec<&Listed> = self.members[&channel].values().collect();
+            // The first call clears what Redis holds of this node's, the others add.
+            for (i, chunk) in members.chunks(MAX_REWRITE_AT_ONCE).enumerate() {
+                let call = self.refresh_call(&channel, i > 0, chunk);
+                if let Err(e) = invoke::<i64>(&link, &call).await {
+                    tracing::warn!(error = %e, %channel, "presence not written again");
+                    break;
+                }
             }
         }
         let mut register = self.register.key(NODES);
@@ -515,23 +587,23 @@ impl Roster {
         }
     }
 
+    /// The refresh of a channel's entries: `keep` leaves what Redis holds of them (else it
+    /// is cleared first), and `add` is written.
     fn refresh_call(
         &self,
         channel: &str,
-        members: &HashMap<ConnId, Listed>,
-        reset: bool,
+        keep: bool,
+        add: &[&Listed],
     ) -> ::redis::ScriptInvocation<'_> {
         let mut call = self.refresh.key(nodes_key(channel));
         call.key(members_prefix(channel) + &self.node)
             .key(users_prefix(channel) + &self.node)
             .arg(&*self.node)
             .arg(PRESENCE_TTL.as_millis() as u64)
-            .arg(if reset { "1" } else { "0" });
-        if reset {
-            for listed in members.values() {
-                call.arg(&listed.entry)
-                    .arg(listed.user.as_deref().unwrap_or(""));
-            }
+            .arg(if keep { "0" } else { "1" });
+        for listed in add {
+            call.arg(&listed.entry)
+                .arg(listed.user.as_deref().unwrap_or(""));
         }
         call
     }
@@ -641,7 +713,8 @@ impl Roster {
                 }
                 if let Some(asked) = self.asked.get_mut(&order) {
                     asked.count += count;
-                    asked.waiting -= 1;
+                    // A node that registered after the order was sent may answer too.
+                    asked.waiting = asked.waiting.saturating_sub(1);
                     if asked.waiting == 0 {
                         self.order_timed_out(order);
                     }
