@@ -3,7 +3,7 @@
 //! clients come and go on different nodes, and drops a node killed with `kill -9` within
 //! the stated bound; joins and leaves reach every node in the same place among the
 //! channel's messages; disconnect and unsubscribe by user reach the user's connections
-//! on every node; and every server API endpoint answers for the cluster on a node the
+//! on every node, and disconnect by connection (`NODE/ID`) the node that holds it; and every server API endpoint answers for the cluster on a node the
 //! user is not on.
 //!
 //! Each test starts its own `redis-server` on a free port; without it every test fails
@@ -284,7 +284,13 @@ async fn presence_spans_the_nodes_and_a_killed_node_drops_out_within_the_bound()
 
     // Redis loses everything: each node writes its members again at its next refresh.
     redis.flush_all();
-    stats_reach(&nodes[0], "room", (3, 3), Duration::from_secs(2) + READ_SLACK).await;
+    stats_reach(
+        &nodes[0],
+        "room",
+        (3, 3),
+        Duration::from_secs(2) + READ_SLACK,
+    )
+    .await;
 
     // kill -9: carol's node cannot say she left; its entries stop counting in time.
     nodes[2].signal("KILL");
@@ -450,6 +456,20 @@ async fn disconnect_and_unsubscribe_by_user_reach_every_node() {
     }
     let none = call(&nodes[1], "POST", "/api/disconnect", r#"{"user":"nobody"}"#).await;
     assert_eq!(none.json(), json!({"disconnected": 0}));
+
+    // One connection, named as presence lists it, from a third node.
+    let page = get(&nodes[0], "/api/presence?channel=room").await;
+    let conn = page["members"][0]["conn"].as_str().unwrap().to_owned();
+    assert_eq!(page["members"][0]["user"], "bob", "{page}");
+    let body = json!({"conn": conn, "code": 4001, "reason": "token revoked"}).to_string();
+    let one = call(&nodes[1], "POST", "/api/disconnect", &body).await;
+    assert_eq!(one.json(), json!({"disconnected": 1}));
+    assert_eq!(
+        recv_close_code(&mut bob, Duration::from_secs(5)).await,
+        4001
+    );
+    let gone = call(&nodes[1], "POST", "/api/disconnect", &body).await;
+    assert_eq!(gone.json(), json!({"disconnected": 0}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

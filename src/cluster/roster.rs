@@ -173,10 +173,14 @@ impl AskQueue {
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 enum Control {
+    /// A user's connections, or one connection (`NODE/ID`: only that node acts).
     Disconnect {
         from: String,
         order: u64,
-        user: String,
+        #[serde(default)]
+        user: Option<String>,
+        #[serde(default)]
+        conn: Option<String>,
         code: u16,
         reason: String,
     },
@@ -632,16 +636,26 @@ impl Roster {
         let from = self.node.to_string();
         let control = match order {
             Order::Disconnect {
-                target: api::Target::User(user),
+                target,
                 code,
                 reason,
-            } => Control::Disconnect {
-                from,
-                order: id,
-                user: user.to_string(),
-                code,
-                reason: reason.to_string(),
-            },
+            } => {
+                let (user, conn) = match target {
+                    api::Target::User(user) => (Some(user.to_string()), None),
+                    api::Target::NodeConn { node, conn } => {
+                        (None, Some(cluster_conn(&node, &conn.to_string())))
+                    }
+                    api::Target::Conn(_) => (None, None),
+                };
+                Control::Disconnect {
+                    from,
+                    order: id,
+                    user,
+                    conn,
+                    code,
+                    reason: reason.to_string(),
+                }
+            }
             Order::Unsubscribe { user, channel } => Control::Unsubscribe {
                 from,
                 order: id,
@@ -725,17 +739,40 @@ impl Roster {
                 from,
                 order,
                 user,
+                conn,
                 code,
                 reason,
-            } => (
-                from,
-                order,
-                Order::Disconnect {
-                    target: api::Target::User(user.into()),
+            } => {
+                if *from == *self.node {
+                    return;
+                }
+                let target = match (user, conn.as_deref().map(presence::parse_cursor)) {
+                    (Some(user), None) => api::Target::User(user.into()),
+                    (None, Some(Ok((node, id)))) => match id.parse() {
+                        Ok(id) if node == &*self.node => api::Target::Conn(id),
+                        // Another node's connection, or nothing: this node counts none.
+                        _ => {
+                            let done = Control::Done {
+                                to: from,
+                                order,
+                                count: 0,
+                            };
+                            self.publish_control(&done).await;
+                            return;
+                        }
+                    },
+                    _ => {
+                        tracing::warn!("ignoring a disconnect order with no target");
+                        return;
+                    }
+                };
+                let order_body = Order::Disconnect {
+                    target,
                     code,
                     reason: reason.into(),
-                },
-            ),
+                };
+                (from, order, order_body)
+            }
             Control::Unsubscribe {
                 from,
                 order,
@@ -756,17 +793,35 @@ impl Roster {
         // Local numbers for orders from elsewhere, apart from this node's own.
         self.next_order += 1;
         let local = self.next_order;
-        let shards = self.shards.count();
+        let shards: Vec<usize> = match &body {
+            Order::Disconnect {
+                target: api::Target::Conn(id),
+                ..
+            } => Some(id.shard as usize)
+                .filter(|&shard| shard < self.shards.count())
+                .into_iter()
+                .collect(),
+            _ => (0..self.shards.count()).collect(),
+        };
+        if shards.is_empty() {
+            let done = Control::Done {
+                to: from,
+                order,
+                count: 0,
+            };
+            self.publish_control(&done).await;
+            return;
+        }
         self.carrying.insert(
             local,
             Carrying {
                 from,
                 order,
-                waiting: shards,
+                waiting: shards.len(),
                 count: 0,
             },
         );
-        for shard in 0..shards {
+        for shard in shards {
             let body = body.clone();
             self.shards
                 .send(shard, Envelope::RemoteOrder { order: local, body });
@@ -801,4 +856,79 @@ async fn query<T: ::redis::FromRedisValue>(link: &Conn, cmd: &::redis::Cmd) -> R
     timeout(REPLY_TIMEOUT, run)
         .await
         .unwrap_or_else(|_| Err(std::io::Error::from(std::io::ErrorKind::TimedOut).into()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CONN: ConnRef = ConnRef {
+        key: 0,
+        generation: 0,
+    };
+
+    fn question() -> Ask {
+        Ask::Question {
+            channel: "c".into(),
+            shard: 0,
+            conn: CONN,
+            id: None,
+            question: Question::PresenceStats,
+            max_bytes: 1 << 20,
+        }
+    }
+
+    fn leave() -> Ask {
+        Ask::Leave {
+            channel: "c".into(),
+            conn: ConnId {
+                shard: 0,
+                key: 1,
+                generation: 1,
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn questions_are_bounded_but_leaves_and_parts_are_always_taken() {
+        let queue = AskQueue::new();
+        for _ in 0..MAX_QUEUED_QUESTIONS {
+            assert!(queue.push(question()).is_ok());
+        }
+        assert!(queue.push(question()).is_err(), "past the bound");
+        assert!(queue.push(leave()).is_ok());
+        let part = Ask::OrderDone {
+            order: 1,
+            part: Part::Count(2),
+        };
+        assert!(queue.push(part).is_ok());
+        let mut taken = Vec::new();
+        queue.recv_many(&mut taken).await;
+        assert_eq!(taken.len(), MAX_QUEUED_QUESTIONS + 2);
+        assert!(matches!(
+            taken.last(),
+            Some(Ask::OrderDone { order: 1, .. })
+        ));
+        assert!(queue.push(question()).is_ok(), "room again once taken");
+    }
+
+    #[test]
+    fn control_messages_read_back_what_they_write() {
+        let order = Control::Unsubscribe {
+            from: "n1".into(),
+            order: 7,
+            user: "ann".into(),
+            channel: "room".into(),
+        };
+        let text = serde_json::to_string(&order).unwrap();
+        assert_eq!(
+            text,
+            r#"{"kind":"unsubscribe","from":"n1","order":7,"user":"ann","channel":"room"}"#
+        );
+        assert!(matches!(
+            serde_json::from_str::<Control>(&text),
+            Ok(Control::Unsubscribe { order: 7, .. })
+        ));
+        assert!(serde_json::from_str::<Control>(r#"{"kind":"reboot"}"#).is_err());
+    }
 }

@@ -152,6 +152,19 @@ impl Shard {
         };
         let conn = self.conn_ref(key);
         let clustered = self.ctx.cluster.is_some();
+        // A connection of this node, named as cluster presence names it.
+        let call = match call {
+            Call::Disconnect {
+                target: Target::NodeConn { node, conn },
+                code,
+                reason,
+            } if *node == *self.ctx.epoch => Call::Disconnect {
+                target: Target::Conn(conn),
+                code,
+                reason,
+            },
+            call => call,
+        };
         let (ask, gathered) = match call {
             Call::Info if clustered => {
                 let question = Question::Info {
@@ -283,15 +296,21 @@ impl Shard {
                 .filter(|&shard| shard < self.shards)
                 .into_iter()
                 .collect(),
+            // Another node's: that node acts, through the cluster.
+            Ask::Shards(Order::Disconnect {
+                target: Target::NodeConn { .. },
+                ..
+            }) => Vec::new(),
             Ask::Shards(_) => (0..self.shards).collect(),
         };
-        // In a cluster, the other nodes' sum of a user's order is one more part.
+        // In a cluster, the other nodes' sum of an order by user (or for a connection of
+        // another node) is one more part.
         let remote = clustered
             && matches!(
                 &ask,
                 Ask::Shards(Order::Unsubscribe { .. })
                     | Ask::Shards(Order::Disconnect {
-                        target: Target::User(_),
+                        target: Target::User(_) | Target::NodeConn { .. },
                         ..
                     })
             );
@@ -395,6 +414,8 @@ impl Shard {
             } => {
                 let keys: Vec<usize> = match target {
                     Target::User(user) => self.keys_of(&user),
+                    // Never sent to a shard: another node's connection.
+                    Target::NodeConn { .. } => Vec::new(),
                     Target::Conn(id) => self
                         .resolve(ConnRef {
                             key: id.key,
