@@ -8,7 +8,8 @@
 //! each node carries them out on its shards and answers with its count.
 //!
 //! Nothing here grows with what clients send: members are one entry per active
-//! subscription (as the shards' tables), questions are bounded by the queue
+//! subscription (as the shards' tables), a fixed ~100 bytes each with the connection's
+//! user and info shared, not copied, questions are bounded by the queue
 //! ([`MAX_QUEUED_QUESTIONS`]) and each answer by its page, and an order waits for the
 //! other nodes at most [`ORDER_TIMEOUT`].
 
@@ -213,12 +214,29 @@ pub(super) fn feed() -> (Feed, mpsc::Receiver<Fed>) {
     mpsc::channel(MAX_QUEUED_CONTROL)
 }
 
-/// One member this node listed.
+/// One member this node listed: the connection's own user and info (`Arc`s shared with
+/// its identity, as a home's members are, so a connection in many channels holds its
+/// info once), its entry written out only when sent.
 #[derive(Clone)]
 struct Listed {
-    entry: String,
-    user: Option<Arc<str>>,
+    conn: ConnId,
+    member: Member,
     announce: bool,
+}
+
+impl Listed {
+    /// Its entry in Redis: `CONN "user":U,"info":I`.
+    fn entry(&self) -> String {
+        presence::entry(
+            &self.conn.to_string(),
+            self.member.user.as_deref(),
+            self.member.info.as_deref(),
+        )
+    }
+
+    fn user(&self) -> &str {
+        self.member.user.as_deref().unwrap_or("")
+    }
 }
 
 /// A join (`join`) or leave to record in Redis.
@@ -389,14 +407,9 @@ impl Roster {
                 member,
                 announce,
             } => {
-                let entry = presence::entry(
-                    &conn.to_string(),
-                    member.user.as_deref(),
-                    member.info.as_deref(),
-                );
                 let listed = Listed {
-                    entry,
-                    user: member.user,
+                    conn,
+                    member,
                     announce,
                 };
                 let members = self.members.entry(channel.clone()).or_default();
@@ -508,8 +521,9 @@ impl Roster {
             join,
         } = change;
         let id = cluster_conn(&self.node, &conn.to_string());
+        let entry = listed.entry();
         let event = if listed.announce {
-            let fields = listed.entry.split_once(' ').map_or("", |(_, f)| f);
+            let fields = entry.split_once(' ').map_or("", |(_, f)| f);
             let kind = if *join { "join" } else { "leave" };
             presence::event_payload(kind, channel, &id, fields)
         } else {
@@ -520,8 +534,8 @@ impl Roster {
             .key(users_prefix(channel) + &self.node)
             .key(pubsub_key(channel))
             .arg(&*self.node)
-            .arg(&listed.entry)
-            .arg(listed.user.as_deref().unwrap_or(""))
+            .arg(&entry)
+            .arg(listed.user())
             .arg(PRESENCE_TTL.as_millis() as u64)
             .arg(event)
             .arg(if *join { "1" } else { "0" });
@@ -606,8 +620,7 @@ impl Roster {
             .arg(PRESENCE_TTL.as_millis() as u64)
             .arg(if keep { "0" } else { "1" });
         for listed in add {
-            call.arg(&listed.entry)
-                .arg(listed.user.as_deref().unwrap_or(""));
+            call.arg(listed.entry()).arg(listed.user());
         }
         call
     }
