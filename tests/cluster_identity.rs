@@ -509,6 +509,43 @@ async fn every_endpoint_answers_for_the_cluster_on_a_node_the_user_is_not_on() {
         .collect();
     assert_eq!(seqs, [3, 2], "{newest}");
 
+    // Past one read of the stream (64 entries), and bounded by bytes: half the default
+    // 1 MiB outbound budget, at least one message.
+    for i in 1..=70u64 {
+        publish_raw(&mut publisher, "long", &i.to_string(), 100 + i).await;
+    }
+    let long = get(&nodes[0], "/api/history?channel=long&since=3&limit=1000").await;
+    let seqs: Vec<u64> = long["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (4..=70).collect::<Vec<u64>>());
+    let newest = get(
+        &nodes[0],
+        "/api/history?channel=long&limit=66&newest_first=true",
+    )
+    .await;
+    let seqs: Vec<u64> = newest["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (5..=70).rev().collect::<Vec<u64>>());
+    let big = format!("\"{}\"", "x".repeat(40 * 1024));
+    for i in 1..=16u64 {
+        publish_raw(&mut publisher, "big", &big, 200 + i).await;
+    }
+    let bounded = call(&nodes[0], "GET", "/api/history?channel=big&limit=100", "").await;
+    let listed = bounded.json()["messages"].as_array().unwrap().len();
+    assert!(
+        bounded.body.len() <= 512 * 1024 && (10..16).contains(&listed),
+        "{listed} messages in {} bytes",
+        bounded.body.len()
+    );
+
     // Channel counts are reported every 2 s by each node.
     let deadline = Instant::now() + Duration::from_secs(6);
     loop {

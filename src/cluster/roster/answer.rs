@@ -22,6 +22,9 @@ table.sort(nodes)
 return nodes
 ";
 
+/// Most stream entries one history read brings.
+const HISTORY_CHUNK: usize = 64;
+
 impl Roster {
     /// Answers a question from Redis: the JSON object to send, or why there is none.
     pub(super) async fn answer(
@@ -142,27 +145,42 @@ impl Roster {
         let first = stream_entries(query(link, &oldest).await?);
         let seq = seq.unwrap_or(0);
         let oldest = first.first().map_or(seq + 1, |(s, _)| *s);
-        let after = format!("({}-0", since.unwrap_or(0));
-        let mut read = if newest_first {
-            let mut cmd = ::redis::cmd("XREVRANGE");
-            cmd.arg(stream_key(channel)).arg("+").arg(after);
-            cmd
-        } else {
-            let mut cmd = ::redis::cmd("XRANGE");
-            cmd.arg(stream_key(channel)).arg(after).arg("+");
-            cmd
-        };
-        read.arg("COUNT").arg(limit);
-        let entries = stream_entries(query(link, &read).await?);
-        let mut frames = Vec::with_capacity(entries.len());
+        // Read a chunk at a time, so a page of large messages never brings more than
+        // one chunk past the bytes the answer may hold.
+        let mut frames = Vec::new();
         let mut bytes = 0;
-        for (seq, data) in entries {
-            let frame = pubsub::encode_message(channel, seq, &data);
-            bytes += frame.len();
-            if !frames.is_empty() && bytes > max_bytes {
+        let mut edge = format!("({}-0", since.unwrap_or(0));
+        let mut top = "+".to_owned();
+        'read: while frames.len() < limit {
+            let count = (limit - frames.len()).min(HISTORY_CHUNK);
+            let mut read = if newest_first {
+                let mut cmd = ::redis::cmd("XREVRANGE");
+                cmd.arg(stream_key(channel)).arg(&top).arg(&edge);
+                cmd
+            } else {
+                let mut cmd = ::redis::cmd("XRANGE");
+                cmd.arg(stream_key(channel)).arg(&edge).arg("+");
+                cmd
+            };
+            read.arg("COUNT").arg(count);
+            let entries = stream_entries(query(link, &read).await?);
+            let got = entries.len();
+            for (seq, data) in entries {
+                let frame = pubsub::encode_message(channel, seq, &data);
+                bytes += frame.len();
+                if !frames.is_empty() && bytes > max_bytes {
+                    break 'read;
+                }
+                frames.push(frame);
+                if newest_first {
+                    top = format!("({seq}-0");
+                } else {
+                    edge = format!("({seq}-0");
+                }
+            }
+            if got < count {
                 break;
             }
-            frames.push(frame);
         }
         let epoch = epoch.unwrap_or_default();
         Ok(api::history_json(channel, &epoch, (seq, oldest), &frames))
