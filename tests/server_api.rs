@@ -177,6 +177,13 @@ async fn without_the_key_or_with_redis_down_the_api_refuses_clearly() {
         "{}",
         refused.text()
     );
+    let info = call(&clustered, "GET", "/api/info", "").await;
+    assert_eq!(info.status, 200, "{}", info.text());
+    let info = info.json();
+    assert!(
+        info["nodes"].is_null() && info["node"].is_string(),
+        "{info}"
+    );
     let mut ws = connect_ws(clustered.addr()).await;
     send_text(&mut ws, r#"{"type":"presence_stats","channel":"a","id":1}"#).await;
     let answer = recv_json(&mut ws).await;

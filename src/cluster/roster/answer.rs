@@ -33,9 +33,20 @@ impl Roster {
         question: Question,
         max_bytes: usize,
     ) -> Result<Vec<u8>, String> {
-        let link = self
-            .link()
-            .ok_or("the cluster's Redis is unreachable; retry")?;
+        let Some(link) = self.link() else {
+            return match question {
+                // This node still answers for itself, `"nodes":null` saying the rest
+                // is unknown.
+                Question::Info { mut this } => {
+                    this.pop();
+                    this.extend_from_slice(b",\"node\":");
+                    pubsub::push_json_str(&mut this, &self.node);
+                    this.extend_from_slice(b",\"nodes\":null}");
+                    Ok(this)
+                }
+                _ => Err("the cluster's Redis is unreachable; retry".into()),
+            };
+        };
         let failed = |e: ::redis::RedisError| format!("the cluster's Redis failed: {e}");
         match question {
             Question::Presence { cursor, limit } => {
