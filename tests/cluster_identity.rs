@@ -240,6 +240,8 @@ async fn presence_spans_the_nodes_and_a_killed_node_drops_out_within_the_bound()
     let _bob_again = member(&nodes[1], "bob", "room").await;
     let _carol = member(&nodes[2], "carol", "room").await;
     stats_reach(&nodes[0], "room", (4, 3), Duration::from_secs(5)).await;
+    let written = metric_value(nodes[1].addr(), "herald_redis_presence_writes_total");
+    assert_eq!(written, Some(2.0), "node 1 recorded its two joins");
 
     // Pages of 3 over 4 members on 3 nodes: every member once, with its info.
     let members = all_members(&nodes[1], "room", 3).await;

@@ -99,6 +99,8 @@ pub struct Link {
     publish_failures: AtomicU64,
     history_reads: AtomicU64,
     epoch_changes: AtomicU64,
+    presence_writes: AtomicU64,
+    presence_failures: AtomicU64,
 }
 
 impl Link {
@@ -148,6 +150,18 @@ impl Link {
                 "counter",
                 "Channels found rolled back or evicted in Redis: a new epoch began.",
                 self.epoch_changes.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_presence_writes_total",
+                "counter",
+                "Joins and leaves recorded in Redis (presence, join/leave events).",
+                self.presence_writes.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_presence_failures_total",
+                "counter",
+                "Presence writes (joins, leaves, refreshes) Redis did not take; rewritten on the next refresh.",
+                self.presence_failures.load(Ordering::Relaxed),
             ),
         ];
         let mut out = String::new();

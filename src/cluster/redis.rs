@@ -128,6 +128,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>, ctx: Arc<Context>) {
     let (feed, fed) = roster::feed();
     let roster = Roster::new(
         ctx,
+        link.clone(),
         Shards { post: post.clone() },
         roster_conn,
         asks,

@@ -26,6 +26,7 @@ use tokio::time::timeout;
 
 mod answer;
 
+use super::Link;
 use super::presence::{
     self, PRESENCE_TTL, REFRESH_EVERY, cluster_conn, members_prefix, nodes_key, users_prefix,
 };
@@ -264,6 +265,8 @@ struct Carrying {
 }
 
 pub(super) struct Roster {
+    /// The link's counters (`/metrics`).
+    link_state: Arc<Link>,
     node: Arc<str>,
     ctx: Arc<Context>,
     shards: Shards,
@@ -315,6 +318,7 @@ return 1
 impl Roster {
     pub(super) fn new(
         ctx: Arc<Context>,
+        link_state: Arc<Link>,
         shards: Shards,
         conn: watch::Receiver<Publishing>,
         asks: Arc<AskQueue>,
@@ -326,6 +330,7 @@ impl Roster {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         Self {
+            link_state,
             node: ctx.epoch.as_ref().into(),
             ctx,
             shards,
@@ -505,9 +510,13 @@ impl Roster {
                 .collect();
             let results = join_all(calls.iter().map(|call| invoke::<Value>(&link, call))).await;
             for (change, result) in group.iter().zip(results) {
-                if let Err(e) = result {
-                    let channel = &*change.channel;
-                    tracing::warn!(error = %e, channel, "presence not recorded in redis");
+                match result {
+                    Ok(_) => Link::count(&self.link_state.presence_writes),
+                    Err(e) => {
+                        Link::count(&self.link_state.presence_failures);
+                        let channel = &*change.channel;
+                        tracing::warn!(error = %e, channel, "presence not recorded in redis");
+                    }
                 }
             }
         }
@@ -558,6 +567,9 @@ impl Roster {
                 .map(|channel| self.refresh_call(channel, true, &[]))
                 .collect();
             let found = join_all(calls.iter().map(|call| invoke::<i64>(&link, call))).await;
+            for _ in found.iter().filter(|f| f.is_err()) {
+                Link::count(&self.link_state.presence_failures);
+            }
             self.members
                 .keys()
                 .zip(found)
@@ -571,6 +583,7 @@ impl Roster {
             for (i, chunk) in members.chunks(MAX_REWRITE_AT_ONCE).enumerate() {
                 let call = self.refresh_call(&channel, i > 0, chunk);
                 if let Err(e) = invoke::<i64>(&link, &call).await {
+                    Link::count(&self.link_state.presence_failures);
                     tracing::warn!(error = %e, %channel, "presence not written again");
                     break;
                 }
