@@ -204,7 +204,8 @@ pub struct Options {
     pub shared_port: Option<bool>,
 
     /// Channels keep who is subscribed (`presence`, `presence_stats`, `GET /api/presence`)
-    /// unless a namespace says otherwise. [default: false]
+    /// unless a namespace says otherwise; with --redis, in Redis, for every node (a dead
+    /// node's members drop out within 6 s). [default: false]
     #[arg(
         long,
         env = "HERALD_PRESENCE",
@@ -346,7 +347,8 @@ pub struct Options {
     pub max_connections_per_ip: Option<usize>,
 
     /// Most connections (WebSocket, event stream, poll) one user (the token's `sub`) may
-    /// hold on this node (429 beyond); 0: no limit. [default: 0]
+    /// hold on this node (429 beyond; with --redis each node counts its own); 0: no
+    /// limit. [default: 0]
     #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", value_name = "N")]
     pub max_connections_per_user: Option<usize>,
 

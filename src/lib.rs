@@ -24,7 +24,8 @@
 //! - [`namespace`]: per-prefix channel policies (presence, join/leave).
 //! - [`config`]: options from the command line, environment and TOML file.
 //! - [`server`]: wires it together and drains on SIGINT/SIGTERM.
-//! - [`cluster`]: with `--redis`, publishes, history and fan-out shared through Redis.
+//! - [`cluster`]: with `--redis`, publishes, history and fan-out shared through Redis, and
+//!   presence, join/leave and the server API for every node.
 //! - [`client`]: `herald client`, the interactive terminal client.
 //! - [`doctor`]: `herald doctor`, checks a machine's limits and sysctls for N connections.
 //! - [`memory`]: what one connection costs in memory, by part (doctor and herald-bench

@@ -69,7 +69,7 @@ pub fn serve(mut config: Config) -> io::Result<()> {
     let (post, receivers) = Post::new(wakers);
     let stop = Arc::new(AtomicBool::new(false));
     if let Some(idle) = cluster {
-        idle.spawn(post.clone())?;
+        idle.spawn(post.clone(), ctx.clone())?;
     }
 
     let mut threads = Vec::with_capacity(shards);

@@ -14,7 +14,9 @@
 //! - `herald:{C}:meta`, a hash with the channel's `epoch` and latest `seq`;
 //! - `herald:{C}:stream`, its history, entry id `SEQ-0`, trimmed to its namespace's history
 //!   size and expiring its TTL after the last publish (never, for a `latest` namespace);
-//! - `herald:{C}`, the pub/sub channel a publish is announced on.
+//! - `herald:{C}`, the pub/sub channel a publish is announced on (and, from
+//!   `presence.rs`, the channel's joins and leaves);
+//! - the channel's presence entries (`presence.rs`).
 //!
 //! One Lua script orders a publish: it checks the publisher's `expect_seq`, assigns the
 //! next `seq`, appends to the stream and publishes, atomically, so the sequence, the
@@ -30,8 +32,10 @@
 
 mod inflow;
 mod node;
+pub mod presence;
 mod publish;
 mod redis;
+pub mod roster;
 mod script;
 mod sharded;
 
@@ -45,7 +49,8 @@ use tokio::sync::Notify;
 
 use crate::compression::CompressionPolicies;
 use crate::hub::{ChannelName, HistoryPolicy};
-use crate::shard::{ConnRef, Post};
+use crate::shard::{ConnRef, Context, Post};
+use roster::{Ask, AskQueue};
 
 /// What a shard asks of the cluster.
 #[derive(Debug)]
@@ -111,6 +116,8 @@ pub struct Link {
     /// last probe (both 0 before the first).
     masters: AtomicU64,
     masters_answering: AtomicU64,
+    presence_writes: AtomicU64,
+    presence_failures: AtomicU64,
 }
 
 impl Link {
@@ -190,6 +197,18 @@ impl Link {
                 "counter",
                 "Times Redis pushes were dropped past --redis-buffer-bytes (channels caught up from their streams).",
                 self.push_overflows.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_presence_writes_total",
+                "counter",
+                "Joins and leaves recorded in Redis (presence, join/leave events).",
+                self.presence_writes.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_presence_failures_total",
+                "counter",
+                "Presence writes (joins, leaves, refreshes) Redis did not take; rewritten on the next refresh.",
+                self.presence_failures.load(Ordering::Relaxed),
             ),
         ];
         let masters = [
@@ -322,6 +341,7 @@ impl Queue {
 pub struct Bridge {
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
+    asks: Arc<AskQueue>,
     pub link: Arc<Link>,
 }
 
@@ -331,6 +351,7 @@ pub struct Idle {
     backend: redis::Backend,
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
+    asks: Arc<AskQueue>,
     history: HistoryPolicy,
     ack_replicas: u32,
     /// Redis traffic held per shard, and announcements read ahead (`--redis-buffer-bytes`).
@@ -356,16 +377,19 @@ impl Bridge {
         let requests = Arc::new(Queue::new(MAX_QUEUED_SUBSCRIBES, usize::MAX));
         let publishes = Arc::new(Queue::new(MAX_QUEUED_PUBLISHES, MAX_QUEUED_PUBLISH_BYTES));
         let link = Arc::new(Link::default());
+        let asks = Arc::new(AskQueue::new());
         Ok((
             Self {
                 requests: requests.clone(),
                 publishes: publishes.clone(),
+                asks: asks.clone(),
                 link: link.clone(),
             },
             Idle {
                 backend,
                 requests,
                 publishes,
+                asks,
                 history,
                 ack_replicas,
                 buffer_bytes,
@@ -391,17 +415,25 @@ impl Bridge {
         let queued = self.requests.push(Request::Unsubscribe { channel, shard });
         debug_assert_eq!(queued, Ok(()), "an unsubscribe counts against no bound");
     }
+
+    /// Hands the roster (presence, the cluster-wide server API) a join, a leave, a part
+    /// of an order, or a question or order; only the last two are ever refused
+    /// ([`Busy`]: answer them [`BUSY`]).
+    pub fn ask(&self, ask: Ask) -> Result<(), Busy> {
+        self.asks.push(ask).map_err(|_| Busy)
+    }
 }
 
 impl Idle {
     /// Starts the cluster thread; it connects (and reconnects, with backoff) by itself.
-    pub fn spawn(self, post: Arc<Post>) -> io::Result<()> {
+    /// `ctx` names the node (its epoch) and counts its connections for the registry.
+    pub fn spawn(self, post: Arc<Post>, ctx: Arc<Context>) -> io::Result<()> {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         std::thread::Builder::new()
             .name("herald-cluster".into())
-            .spawn(move || runtime.block_on(redis::run(self, post)))?;
+            .spawn(move || runtime.block_on(redis::run(self, post, ctx)))?;
         Ok(())
     }
 }

@@ -52,6 +52,12 @@ pub(super) enum Action {
         frame: Bytes,
         shards: Vec<usize>,
     },
+    /// Hand a join or leave of `channel` (a whole frame) to every shard in `shards`.
+    Event {
+        channel: ChannelName,
+        frame: Bytes,
+        shards: Vec<usize>,
+    },
     /// Run this in Redis and feed back the reply.
     Command(Command),
 }
@@ -194,6 +200,14 @@ impl Node {
     /// The channels held, live or not.
     pub(super) fn channels(&self) -> impl Iterator<Item = &ChannelName> {
         self.channels.keys()
+    }
+
+    /// The channels held and their subscriptions on this node.
+    pub(super) fn counts(&self) -> Vec<(ChannelName, u32)> {
+        self.channels
+            .iter()
+            .map(|(name, channel)| (name.clone(), channel.total))
+            .collect()
     }
 
     pub(super) fn handle_request(&mut self, request: Request) {

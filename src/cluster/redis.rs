@@ -36,6 +36,7 @@ use tokio::time::{Instant, sleep_until, timeout};
 use super::inflow::{Inflow, PushSender, inflow};
 use super::node::{Action, Command, Node, Reply};
 use super::publish::{Conn, Publisher, SEEN_PER_GENERATION, Seen};
+use super::roster::{self, CONTROL, Fed, Feed, Roster};
 use super::script::{
     META_SCRIPT, channel_of, meta_key, publish_script, pubsub_key, stream_entries, stream_key,
 };
@@ -44,7 +45,7 @@ use super::{Idle, Link, Queue};
 use crate::compression::{CompressionPolicies, CompressionPolicy};
 use crate::hub::{self, Broadcast, ChannelName};
 use crate::proto::deflate::{Compressor, CompressorSettings};
-use crate::shard::{Envelope, Post};
+use crate::shard::{Context, Envelope, Post};
 
 /// Longest wait for one Redis reply: past it the link counts as lost (a hung Redis must
 /// not hold publishes forever).
@@ -58,6 +59,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(2);
 const CHANNEL_RETRY: Duration = Duration::from_millis(250);
 
 /// Sends envelopes to shards from outside them.
+#[derive(Clone)]
 pub(super) struct Shards {
     post: Arc<Post>,
 }
@@ -65,6 +67,10 @@ pub(super) struct Shards {
 impl Shards {
     pub(super) fn send(&self, shard: usize, envelope: Envelope) {
         self.post.send(shard, envelope);
+    }
+
+    pub(super) fn count(&self) -> usize {
+        self.post.shards()
     }
 }
 
@@ -138,11 +144,12 @@ enum Incoming {
 }
 
 /// Runs the cluster thread until the process ends.
-pub(super) async fn run(idle: Idle, post: Arc<Post>) {
+pub(super) async fn run(idle: Idle, post: Arc<Post>, ctx: Arc<Context>) {
     let Idle {
         backend,
         requests,
         publishes,
+        asks,
         history,
         ack_replicas,
         buffer_bytes,
@@ -150,6 +157,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         link,
     } = idle;
     let (conn_tx, conn_rx) = watch::channel(None);
+    let roster_conn: watch::Receiver<Publishing> = conn_rx.clone();
     let (broken, broken_rx) = watch::channel(0);
     let publisher = Publisher {
         conn: conn_rx,
@@ -165,6 +173,17 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         text: publish_script(backend.sharded()),
     };
     tokio::spawn(publisher.run(publishes));
+    let (feed, fed) = roster::feed();
+    let roster = Roster::new(
+        ctx,
+        link.clone(),
+        Shards { post: post.clone() },
+        roster_conn,
+        asks,
+        fed,
+        backend.sharded(),
+    );
+    tokio::spawn(roster.run());
     let mut driver = Driver {
         backend,
         node: Node::new(post.shards(), history.default.size, link.clone()).with_history(history),
@@ -180,6 +199,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>) {
         connected_before: false,
         retry: HashSet::new(),
         meta_script: ::redis::Script::new(META_SCRIPT).get_hash().to_string(),
+        feed,
     };
     driver.run(requests, broken_rx).await;
 }
@@ -213,6 +233,8 @@ struct Driver {
     /// `retry_at`.
     retry: HashSet<ChannelName>,
     meta_script: String,
+    /// To the roster: orders between nodes, and this node's channel counts.
+    feed: Feed,
 }
 
 impl Driver {
@@ -259,8 +281,10 @@ impl Driver {
         match incoming {
             Incoming::Push(push) => {
                 match &self.backend {
-                    Backend::Sharded(sharded) => sharded.handle_push(push, &mut self.node),
-                    Backend::Single { .. } => handle_single_push(push, &mut self.node),
+                    Backend::Sharded(sharded) => {
+                        sharded.handle_push(push, &mut self.node, &self.feed);
+                    }
+                    Backend::Single { .. } => handle_single_push(push, &mut self.node, &self.feed),
                 }
                 Ok(())
             }
@@ -292,6 +316,16 @@ impl Driver {
                         self.shards.post.remote_room(self.buffer_bytes).await;
                     }
                     self.broadcast(channel, seq, frame, &shards);
+                }
+                Action::Event {
+                    channel,
+                    frame,
+                    shards,
+                } => {
+                    for shard in shards {
+                        let (channel, frame) = (channel.clone(), frame.clone());
+                        self.shards.send(shard, Envelope::Event { channel, frame });
+                    }
                 }
                 Action::Command(command) => match self.execute(command).await {
                     Ok(reply) => self.node.handle_reply(reply),
@@ -505,6 +539,7 @@ impl Driver {
     }
 
     async fn probe(&mut self) -> Result<(), Lost> {
+        let _ = self.feed.try_send(Fed::Counts(self.node.counts()));
         let live = match &mut self.backend {
             Backend::Single {
                 live: Some(live), ..
@@ -559,12 +594,17 @@ async fn open(client: &::redis::Client, pushes: &SinglePushes) -> RedisResult<Li
         .client
         .get_multiplexed_async_connection_with_config(&config)
         .await?;
+    // Orders between nodes arrive on a channel of their own.
+    let mut subscribing = pubsub.clone();
+    timeout(REPLY_TIMEOUT, subscribing.subscribe(CONTROL))
+        .await
+        .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
     Ok(Live { conn, pubsub })
 }
 
-/// One push from a single Redis: an announcement, or a disconnection (the link is lost;
-/// subscription confirmations need nothing).
-fn handle_single_push(push: PushInfo, node: &mut Node) {
+/// One push from a single Redis: an announcement, an order from another node, or a
+/// disconnection (the link is lost; subscription confirmations need nothing).
+fn handle_single_push(push: PushInfo, node: &mut Node, feed: &Feed) {
     if push.kind != PushKind::Message {
         return;
     }
@@ -574,7 +614,13 @@ fn handle_single_push(push: PushInfo, node: &mut Node) {
     else {
         return;
     };
-    if let Some(channel) = std::str::from_utf8(&key).ok().and_then(channel_of) {
+    let Ok(key) = std::str::from_utf8(&key) else {
+        return;
+    };
+    if key == CONTROL {
+        // Full, the order is dropped: its node counts this one as silent.
+        let _ = feed.try_send(Fed::Control(Bytes::from(payload)));
+    } else if let Some(channel) = channel_of(key) {
         node.handle_announcement(channel, Bytes::from(payload));
     }
 }

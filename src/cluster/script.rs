@@ -78,7 +78,7 @@ pub(super) fn pubsub_key(channel: &str) -> String {
 /// `{` and the next `}`, or the whole key when that is empty: a channel starting with `}`
 /// would put its three keys in three slots. A space, which no channel name holds, keeps
 /// the tag non-empty and cannot collide with another channel's keys.
-fn tag(channel: &str) -> std::borrow::Cow<'_, str> {
+pub(super) fn tag(channel: &str) -> std::borrow::Cow<'_, str> {
     if channel.starts_with('}') {
         format!(" {channel}").into()
     } else {

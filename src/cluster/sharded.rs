@@ -26,6 +26,7 @@ use super::Link;
 use super::inflow::{Inflow, inflow};
 use super::node::Node;
 use super::redis::REPLY_TIMEOUT;
+use super::roster::{CONTROL, Fed, Feed};
 use super::script::{META_SCRIPT, channel_of, publish_script};
 
 /// The URL's seed nodes, when it names a Redis Cluster.
@@ -90,6 +91,8 @@ impl Sharded {
                 .query_async(&mut conn)
                 .await?;
         }
+        // Orders between nodes arrive on a sharded channel of their own.
+        conn.ssubscribe(CONTROL).await?;
         self.conn = Some(conn.clone());
         Ok(conn)
     }
@@ -130,13 +133,16 @@ impl Sharded {
         let Ok(Ok(conn)) = fresh else {
             return None;
         };
+        if let Err(e) = conn.clone().ssubscribe(CONTROL).await {
+            tracing::warn!(error = %e, "orders between nodes not subscribed");
+        }
         self.conn = Some(conn.clone());
         start_over(node);
         Some(conn)
     }
 
     /// Hands one push to the node.
-    pub(super) fn handle_push(&self, push: PushInfo, node: &mut Node) {
+    pub(super) fn handle_push(&self, push: PushInfo, node: &mut Node, feed: &Feed) {
         if push.kind == PushKind::Disconnection {
             // A node's connection closed, and the push does not say which. The crate
             // reconnects to that address only, and would wait forever for a master
@@ -150,6 +156,14 @@ impl Sharded {
         let Some(Some(key)) = data.next().map(|v| text(&v)) else {
             return;
         };
+        if key == CONTROL {
+            if push.kind == PushKind::SMessage
+                && let Some(Value::BulkString(payload)) = data.next()
+            {
+                let _ = feed.try_send(Fed::Control(payload.into()));
+            }
+            return;
+        }
         let Some(channel) = channel_of(&key) else {
             return;
         };
@@ -236,6 +250,7 @@ mod tests {
 
     use super::*;
     use crate::cluster::node::{Action, Command, Reply};
+    use crate::cluster::roster;
     use crate::cluster::{Link, Request};
     use crate::shard::ConnRef;
 
@@ -267,6 +282,7 @@ e5 127.0.0.1:7004@17004 master,fail - 1 1 5 disconnected
             Action::Command(command) => format!("{command:?}"),
             Action::Broadcast { seq, .. } => format!("broadcast {seq}"),
             Action::Send { .. } => "send".into(),
+            Action::Event { .. } => "event".into(),
         })
     }
 
@@ -305,14 +321,23 @@ e5 127.0.0.1:7004@17004 master,fail - 1 1 5 disconnected
     #[test]
     fn pushes_become_announcements_resubscriptions_and_catch_ups() {
         let sharded = Sharded::new(vec!["redis://127.0.0.1:1".into()], 1 << 20).unwrap();
+        let (feed, mut fed) = roster::feed();
         let mut node = live_node();
         let message = push(PushKind::SMessage, &[b"herald:{news}", b"2 e {\"a\":1}"]);
-        sharded.handle_push(message, &mut node);
+        sharded.handle_push(message, &mut node, &feed);
         assert_eq!(next(&mut node).as_deref(), Some("broadcast 2"));
-        sharded.handle_push(push(PushKind::SMessage, &[b"other", b"3 e 1"]), &mut node);
+        sharded.handle_push(
+            push(PushKind::SMessage, &[b"other", b"3 e 1"]),
+            &mut node,
+            &feed,
+        );
         assert_eq!(next(&mut node), None, "not a herald key");
         // The slot moved: subscribe again, then catch up.
-        sharded.handle_push(push(PushKind::SUnsubscribe, &[b"herald:{news}"]), &mut node);
+        sharded.handle_push(
+            push(PushKind::SUnsubscribe, &[b"herald:{news}"]),
+            &mut node,
+            &feed,
+        );
         let subscribe = format!("{:?}", Command::Subscribe(vec!["news".into()]));
         assert_eq!(next(&mut node), Some(subscribe.clone()));
         node.handle_reply(Reply::Done);
@@ -329,6 +354,7 @@ e5 127.0.0.1:7004@17004 master,fail - 1 1 5 disconnected
                 data: Vec::new(),
             },
             &mut node,
+            &feed,
         );
         assert_eq!(next(&mut node), Some(subscribe));
         node.handle_reply(Reply::Done);
@@ -342,8 +368,16 @@ e5 127.0.0.1:7004@17004 master,fail - 1 1 5 disconnected
         node.handle_reply(Reply::Entries(vec![(3, Bytes::from_static(b"[3]"))]));
         assert_eq!(next(&mut node).as_deref(), Some("broadcast 3"));
         // The crate resubscribed on its own: catch up.
-        sharded.handle_push(push(PushKind::SSubscribe, &[b"herald:{news}"]), &mut node);
+        sharded.handle_push(
+            push(PushKind::SSubscribe, &[b"herald:{news}"]),
+            &mut node,
+            &feed,
+        );
         assert!(next(&mut node).is_some_and(|c| c.starts_with("ReadMeta")));
+        // An order between nodes goes to the roster, not the node.
+        let order = push(PushKind::SMessage, &[CONTROL.as_bytes(), b"{}"]);
+        sharded.handle_push(order, &mut node, &feed);
+        assert!(matches!(fed.try_recv(), Ok(Fed::Control(payload)) if &payload[..] == b"{}"));
     }
 
     #[test]

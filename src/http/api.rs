@@ -3,7 +3,7 @@
 //!
 //! | request | answer |
 //! |---|---|
-//! | `POST /api/disconnect` `{"user":U}` or `{"conn":ID}`, `"code"`, `"reason"`, `"reconnect"` | `{"disconnected":N}` |
+//! | `POST /api/disconnect` `{"user":U}` or `{"conn":ID}` (`NODE/ID` in a cluster), `"code"`, `"reason"`, `"reconnect"` | `{"disconnected":N}` |
 //! | `POST /api/unsubscribe` `{"user":U,"channel":C}` | `{"unsubscribed":N}` |
 //! | `GET /api/presence?channel=C&cursor=ID&limit=N` | a page of members |
 //! | `GET /api/presence_stats?channel=C` | connections and distinct users |
@@ -39,6 +39,9 @@ pub enum Target {
     User(Arc<str>),
     /// This one connection.
     Conn(ConnId),
+    /// A connection of a node of the cluster, as cluster presence names it
+    /// (`NODE/shard.key.generation`).
+    NodeConn { node: Arc<str>, conn: ConnId },
 }
 
 /// What a server API request asks for, read and checked.
@@ -55,7 +58,9 @@ pub enum Call {
     },
     Presence {
         channel: ChannelName,
-        cursor: Option<ConnId>,
+        /// The last connection of the page before, as the page named it (node-wide
+        /// `shard.key.generation` alone, `NODE/shard.key.generation` in a cluster).
+        cursor: Option<Box<str>>,
         limit: usize,
     },
     PresenceStats {
@@ -146,7 +151,13 @@ pub fn parse(endpoint: Endpoint, request: &Request, body: &[u8]) -> Result<Call,
             let body: DisconnectBody = json_body(body)?;
             let target = match (body.user, body.conn) {
                 (Some(user), None) if !user.is_empty() => Target::User(user.into()),
-                (None, Some(conn)) => Target::Conn(conn.parse().map_err(bad)?),
+                (None, Some(conn)) => match conn.split_once('/') {
+                    Some((node, id)) if !node.is_empty() => Target::NodeConn {
+                        node: node.into(),
+                        conn: id.parse().map_err(bad)?,
+                    },
+                    _ => Target::Conn(conn.parse().map_err(bad)?),
+                },
                 _ => return Err(bad("give either \"user\" or \"conn\"")),
             };
             let default_code = match body.reconnect {
@@ -186,9 +197,7 @@ pub fn parse(endpoint: Endpoint, request: &Request, body: &[u8]) -> Result<Call,
         }
         Endpoint::Presence => Ok(Call::Presence {
             channel: channel(request)?,
-            cursor: text(request, "cursor")?
-                .map(|c| c.parse().map_err(bad))
-                .transpose()?,
+            cursor: text(request, "cursor")?.map(Into::into),
             limit: limit(request, DEFAULT_PAGE, MAX_PAGE)?,
         }),
         Endpoint::PresenceStats => Ok(Call::PresenceStats {
@@ -345,6 +354,14 @@ mod tests {
             r#"{"user":"a","reconnect":false}"#,
         );
         assert!(matches!(for_good, Ok(Call::Disconnect { code: 4003, .. })));
+        let by_node = call(Endpoint::Disconnect, "/", r#"{"conn":"k3x9/1.2.3"}"#).unwrap();
+        assert!(matches!(
+            by_node,
+            Call::Disconnect {
+                target: Target::NodeConn { node, conn: ConnId { shard: 1, key: 2, generation: 3 } },
+                ..
+            } if &*node == "k3x9"
+        ));
         let by_conn = call(Endpoint::Disconnect, "/", r#"{"conn":"1.2.3"}"#).unwrap();
         assert!(matches!(
             by_conn,
@@ -364,6 +381,8 @@ mod tests {
             r#"{"user":"a","conn":null}"#,
             r#"{"user":null,"conn":"1.2.3"}"#,
             r#"{"user":"a","code":null}"#,
+            r#"{"conn":"k3x9/x"}"#,
+            r#"{"conn":"/1.2.3"}"#,
             long.as_str(),
         ] {
             let err = call(Endpoint::Disconnect, "/", body).unwrap_err();
@@ -390,7 +409,6 @@ mod tests {
             "/api/history?channel=a&limit=1001",
             "/api/history?channel=a&limit=0",
             "/api/history?since=1",
-            "/api/presence?channel=a&cursor=nope",
             "/api/channels?pattern=a*b",
             "/api/channels?pattern=",
             "/api/channels?pattern=a%20b",

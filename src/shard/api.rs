@@ -4,10 +4,13 @@
 //! its part back through the mailbox; the last part answers the request. Each order costs
 //! one envelope per shard and each part is bounded (a count, or a page of channels).
 //!
-//! With `--redis` these endpoints (all but `/api/info`) are refused: presence and the
-//! connections are per node, and an answer from one node would be wrong for the cluster.
+//! With `--redis` the cluster answers for every node: questions (presence, history,
+//! channels, info) from Redis, and orders (disconnect, unsubscribe by user) go to this
+//! node's shards and, through the cluster, to every other node, whose sum comes back as
+//! one more part.
 
 use crate::auth::api_key_matches;
+use crate::cluster::{self, roster::Question};
 use crate::config::Config;
 use crate::http::api::{self, Call, Endpoint, Target};
 use crate::http::{self, ApiError};
@@ -26,9 +29,11 @@ pub(super) struct ApiCall {
     gathered: Gathered,
 }
 
-/// Who answers a request: the channel's home, or the shards carrying out an order.
+/// Who answers a request: the channel's home, the cluster (from Redis), or the shards
+/// carrying out an order (and the other nodes' shards, in a cluster).
 enum Ask {
     Home(ChannelName, Query),
+    Cluster(ChannelName, Question),
     Shards(Order),
 }
 
@@ -67,6 +72,14 @@ impl Transport for ApiCall {
 
     fn on_found(&mut self, json: &[u8], _id: Option<u64>) -> Action {
         self.respond(json)
+    }
+
+    fn on_unanswered(&mut self, message: &str, _id: Option<u64>) -> Action {
+        let error = ApiError::Unavailable(message.to_owned().into());
+        Action::Respond {
+            response: error.response(self.keep_alive),
+            keep_alive: self.keep_alive,
+        }
     }
 
     fn on_done(&mut self, part: Part) -> Action {
@@ -126,14 +139,6 @@ impl Shard {
             Err(ApiError::ApiDisabled)
         } else if let Err(error) = self.check_api_key(request) {
             Err(error)
-        } else if self.ctx.cluster.is_some() && endpoint != Endpoint::Info {
-            Err(ApiError::Unavailable(
-                format!(
-                    "{} is not available with --redis yet: this node would answer for itself only",
-                    request.path
-                )
-                .into(),
-            ))
         } else {
             api::parse(endpoint, request, body)
         };
@@ -146,7 +151,27 @@ impl Shard {
             }
         };
         let conn = self.conn_ref(key);
+        let clustered = self.ctx.cluster.is_some();
+        // A connection of this node, named as cluster presence names it.
+        let call = match call {
+            Call::Disconnect {
+                target: Target::NodeConn { node, conn },
+                code,
+                reason,
+            } if *node == *self.ctx.epoch => Call::Disconnect {
+                target: Target::Conn(conn),
+                code,
+                reason,
+            },
+            call => call,
+        };
         let (ask, gathered) = match call {
+            Call::Info if clustered => {
+                let question = Question::Info {
+                    this: self.info_json(),
+                };
+                (Ask::Cluster("".into(), question), Gathered::Found)
+            }
             Call::Info => {
                 let body = self.info_json();
                 self.respond(key, 200, "application/json", &body, false, keep_alive);
@@ -163,12 +188,46 @@ impl Shard {
                 channel,
                 cursor,
                 limit,
-            } => (
-                Ask::Home(channel, Query::Presence { cursor, limit }),
+            } if clustered => (
+                Ask::Cluster(channel, Question::Presence { cursor, limit }),
+                Gathered::Found,
+            ),
+            Call::Presence {
+                channel,
+                cursor,
+                limit,
+            } => {
+                let cursor = match cursor.as_deref().map(str::parse).transpose() {
+                    Ok(cursor) => cursor,
+                    Err(message) => {
+                        self.refuse(key, &ApiError::BadRequest(message), keep_alive);
+                        return;
+                    }
+                };
+                (
+                    Ask::Home(channel, Query::Presence { cursor, limit }),
+                    Gathered::Found,
+                )
+            }
+            Call::PresenceStats { channel } if clustered => (
+                Ask::Cluster(channel, Question::PresenceStats),
                 Gathered::Found,
             ),
             Call::PresenceStats { channel } => {
                 (Ask::Home(channel, Query::PresenceStats), Gathered::Found)
+            }
+            Call::History {
+                channel,
+                since,
+                limit,
+                newest_first,
+            } if clustered => {
+                let question = Question::History {
+                    since,
+                    limit,
+                    newest_first,
+                };
+                (Ask::Cluster(channel, question), Gathered::Found)
             }
             Call::History {
                 channel,
@@ -205,6 +264,18 @@ impl Shard {
                 pattern,
                 cursor,
                 limit,
+            } if clustered => {
+                let question = Question::Channels {
+                    pattern,
+                    cursor,
+                    limit,
+                };
+                (Ask::Cluster("".into(), question), Gathered::Found)
+            }
+            Call::Channels {
+                pattern,
+                cursor,
+                limit,
             } => {
                 let list = Vec::new();
                 let order = Order::Channels {
@@ -217,7 +288,7 @@ impl Shard {
         };
         // One connection lives on one shard; every other order goes to every shard.
         let shards: Vec<usize> = match &ask {
-            Ask::Home(..) => Vec::new(),
+            Ask::Home(..) | Ask::Cluster(..) => Vec::new(),
             Ask::Shards(Order::Disconnect {
                 target: Target::Conn(id),
                 ..
@@ -225,11 +296,27 @@ impl Shard {
                 .filter(|&shard| shard < self.shards)
                 .into_iter()
                 .collect(),
+            // Another node's: that node acts, through the cluster.
+            Ask::Shards(Order::Disconnect {
+                target: Target::NodeConn { .. },
+                ..
+            }) => Vec::new(),
             Ask::Shards(_) => (0..self.shards).collect(),
         };
+        // In a cluster, the other nodes' sum of an order by user (or for a connection of
+        // another node) is one more part.
+        let remote = clustered
+            && matches!(
+                &ask,
+                Ask::Shards(Order::Unsubscribe { .. })
+                    | Ask::Shards(Order::Disconnect {
+                        target: Target::User(_) | Target::NodeConn { .. },
+                        ..
+                    })
+            );
         let waiting = match ask {
-            Ask::Home(..) => 1,
-            Ask::Shards(_) => shards.len(),
+            Ask::Home(..) | Ask::Cluster(..) => 1,
+            Ask::Shards(_) => shards.len() + usize::from(remote),
         };
         if waiting == 0 {
             let body = api::count_json("disconnected", 0);
@@ -246,7 +333,28 @@ impl Shard {
         );
         match ask {
             Ask::Home(channel, query) => self.ask_home(channel, conn, None, query),
+            Ask::Cluster(channel, question) => {
+                if !self.ask_cluster(channel, conn, None, question) {
+                    self.unanswered(conn, None, cluster::BUSY);
+                }
+            }
             Ask::Shards(order) => {
+                if remote && let Some(bridge) = &self.ctx.cluster {
+                    let (shard, order) = (self.id, order.clone());
+                    if bridge
+                        .ask(cluster::roster::Ask::Order { shard, conn, order })
+                        .is_err()
+                    {
+                        // Refused: the other nodes are not asked, and count for none.
+                        self.send(
+                            self.id,
+                            Envelope::Done {
+                                conn,
+                                part: Part::Count(0),
+                            },
+                        );
+                    }
+                }
                 for shard in shards {
                     let (from, order) = (self.id, order.clone());
                     self.send(shard, Envelope::Order { from, conn, order });
@@ -281,7 +389,24 @@ impl Shard {
     /// Carries out a server API order on this shard's connections (or the channels homed
     /// here) and sends `from` this shard's part of the answer.
     pub(super) fn carry_out(&mut self, from: usize, conn: ConnRef, order: Order) {
-        let part = match order {
+        let part = self.part_of(order);
+        self.send(from, Envelope::Done { conn, part });
+    }
+
+    /// Carries out an order another node of the cluster sent, and reports this shard's
+    /// part to the cluster.
+    pub(super) fn carry_out_remote(&mut self, order: u64, body: Order) {
+        let part = self.part_of(body);
+        if let Some(bridge) = &self.ctx.cluster {
+            let done = cluster::roster::Ask::OrderDone { order, part };
+            let taken = bridge.ask(done);
+            debug_assert!(taken.is_ok(), "a part counts against no bound");
+        }
+    }
+
+    /// This shard's part of an order, carried out.
+    fn part_of(&mut self, order: Order) -> Part {
+        match order {
             Order::Disconnect {
                 target,
                 code,
@@ -289,6 +414,8 @@ impl Shard {
             } => {
                 let keys: Vec<usize> = match target {
                     Target::User(user) => self.keys_of(&user),
+                    // Never sent to a shard: another node's connection.
+                    Target::NodeConn { .. } => Vec::new(),
                     Target::Conn(id) => self
                         .resolve(ConnRef {
                             key: id.key,
@@ -332,8 +459,7 @@ impl Shard {
                 cursor.as_deref(),
                 limit + 1,
             )),
-        };
-        self.send(from, Envelope::Done { conn, part });
+        }
     }
 
     /// The part of an order's answer from one shard.

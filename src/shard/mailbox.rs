@@ -90,6 +90,16 @@ pub enum Envelope {
     },
     /// A shard's part of the answer to an order.
     Done { conn: ConnRef, part: Part },
+    /// From the cluster: an order another node sent, to carry out here and report to the
+    /// cluster as its number `order`.
+    RemoteOrder { order: u64, body: Order },
+    /// From the cluster: a query could not be answered (WebSocket `error` code
+    /// `unavailable`, HTTP 503).
+    Unanswered {
+        conn: ConnRef,
+        id: Option<u64>,
+        message: Box<str>,
+    },
     /// From the home: a join or leave frame for this shard's WebSocket subscribers of the
     /// channel, in its place among the channel's broadcasts.
     Event { channel: ChannelName, frame: Bytes },
@@ -208,6 +218,8 @@ impl Shard {
             Envelope::Event { channel, frame } => self.deliver_event(&channel, frame),
             Envelope::Order { from, conn, order } => self.carry_out(from, conn, order),
             Envelope::Done { conn, part } => self.done(conn, part),
+            Envelope::RemoteOrder { order, body } => self.carry_out_remote(order, body),
+            Envelope::Unanswered { conn, id, message } => self.unanswered(conn, id, &message),
             Envelope::Subscribed { answer, replay } => self.confirm_subscription(answer, replay),
             Envelope::HistoryGap { answer, oldest } => self.refuse_subscription(answer, oldest),
             Envelope::Refused { conn, id, message } => self.refuse_publish(conn, id, &message),

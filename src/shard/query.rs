@@ -1,16 +1,17 @@
 //! Questions a connection asks of a channel's home rather than of its own shard (who is
-//! in a channel, how many, what it stored), and the answers that come back.
+//! in a channel, how many, what it stored), and the answers that come back. With
+//! `--redis` the cluster answers them instead, from Redis, for every node.
 
+use crate::cluster::{
+    self,
+    roster::{Ask, Question},
+};
 use crate::hub::presence::{DEFAULT_PAGE, MAX_PAGE};
 use crate::hub::{self, ConnId};
 use crate::proto::pubsub;
 
 use super::conn::{ConnRef, Phase};
 use super::{Envelope, Query, Shard};
-
-/// What a presence question lacks: the cluster keeps no presence yet.
-pub(super) const NO_CLUSTER_PRESENCE: &str =
-    "presence is not available with --redis yet: it is kept per node";
 
 /// The most messages one `history` answer holds.
 pub(super) const MAX_HISTORY_PAGE: usize = 1000;
@@ -25,9 +26,7 @@ impl Shard {
         page: Option<(Option<&str>, Option<u64>)>,
         id: Option<u64>,
     ) {
-        let refusal = if self.ctx.cluster.is_some() {
-            Some(("unavailable", NO_CLUSTER_PRESENCE.to_owned()))
-        } else if !self.ctx.config.namespaces.of(channel).presence {
+        let refusal = if !self.ctx.config.namespaces.of(channel).presence {
             Some((
                 "presence_disabled",
                 format!("presence is off for {channel:?}"),
@@ -35,13 +34,24 @@ impl Shard {
         } else {
             None
         };
-        let query = match (refusal, page) {
-            (Some((code, message)), _) => {
-                self.reply(key, pubsub::encode_error(code, &message, id));
-                return;
-            }
-            (None, None) => Query::PresenceStats,
-            (None, Some((cursor, limit))) => {
+        if let Some((code, message)) = refusal {
+            self.reply(key, pubsub::encode_error(code, &message, id));
+            return;
+        }
+        if self.ctx.cluster.is_some() {
+            let question = match page {
+                None => Question::PresenceStats,
+                Some((cursor, limit)) => Question::Presence {
+                    cursor: cursor.map(Into::into),
+                    limit: limit.map_or(DEFAULT_PAGE, |l| (l as usize).clamp(1, MAX_PAGE)),
+                },
+            };
+            self.ask_cluster_for(key, channel, id, question);
+            return;
+        }
+        let query = match page {
+            None => Query::PresenceStats,
+            Some((cursor, limit)) => {
                 let cursor = match cursor.map(str::parse::<ConnId>).transpose() {
                     Ok(cursor) => cursor,
                     Err(message) => {
@@ -67,12 +77,16 @@ impl Shard {
         (limit, newest_first): (Option<u64>, bool),
         id: Option<u64>,
     ) {
+        let limit = limit.map_or(100, |l| (l as usize).clamp(1, MAX_HISTORY_PAGE));
         if self.ctx.cluster.is_some() {
-            let message = "history is not available here with --redis yet: use since";
-            self.reply(key, pubsub::encode_error("unavailable", message, id));
+            let question = Question::History {
+                since,
+                limit,
+                newest_first,
+            };
+            self.ask_cluster_for(key, channel, id, question);
             return;
         }
-        let limit = limit.map_or(100, |l| (l as usize).clamp(1, MAX_HISTORY_PAGE));
         let query = Query::History {
             since,
             limit,
@@ -89,6 +103,49 @@ impl Shard {
         }
         let conn = self.conn_ref(key);
         self.ask_home(channel.into(), conn, id, query);
+    }
+
+    /// Sends a WebSocket's question to the cluster (which answers from Redis); the
+    /// connection reads nothing more until the answer is back.
+    fn ask_cluster_for(&mut self, key: usize, channel: &str, id: Option<u64>, question: Question) {
+        let conn = self.conn_ref(key);
+        if self.ask_cluster(channel.into(), conn, id, question) {
+            if let Phase::WebSocket(socket) = &mut self.conns[key].phase {
+                socket.asking = true;
+            }
+        } else {
+            self.reply(key, pubsub::encode_error("unavailable", cluster::BUSY, id));
+        }
+    }
+
+    /// Hands `question` about `channel` to the cluster for `conn`; false when its queue
+    /// is full (nothing was asked).
+    pub(super) fn ask_cluster(
+        &mut self,
+        channel: hub::ChannelName,
+        conn: ConnRef,
+        id: Option<u64>,
+        question: Question,
+    ) -> bool {
+        let Some(bridge) = &self.ctx.cluster else {
+            return false;
+        };
+        let ask = Ask::Question {
+            channel,
+            shard: self.id,
+            conn,
+            id,
+            question,
+            max_bytes: self.ctx.config.outbound_queue_bytes / 2,
+        };
+        bridge.ask(ask).is_ok()
+    }
+
+    /// The cluster could not answer a query of `conn`'s.
+    pub(super) fn unanswered(&mut self, conn: ConnRef, id: Option<u64>, message: &str) {
+        if let Some(key) = self.resolve(conn) {
+            self.dispatch(key, |transport, _| transport.on_unanswered(message, id));
+        }
     }
 
     /// Sends `query` about `channel` to its home for `conn`.

@@ -4,8 +4,8 @@
 
 use bytes::Bytes;
 
-use crate::cluster;
-use crate::hub::{self, ChannelName, Member};
+use crate::cluster::{self, roster::Ask};
+use crate::hub::{self, ChannelName, ConnId, Member};
 use crate::proto::pubsub;
 
 use super::conn::{CatchUp, ConnRef, Phase, Sub, SubState};
@@ -136,6 +136,16 @@ impl Shard {
         })
     }
 
+    /// `key`'s node-wide id, as presence lists it.
+    fn conn_id(&self, key: usize) -> ConnId {
+        let conn = self.conn_ref(key);
+        ConnId {
+            shard: self.id as u32,
+            key: conn.key,
+            generation: conn.generation,
+        }
+    }
+
     /// The most a replay chunk may bring: half the outbound budget.
     pub(super) fn replay_chunk_bytes(&self) -> usize {
         (self.ctx.config.outbound_queue_bytes / 2).max(1)
@@ -251,11 +261,20 @@ impl Shard {
     pub(super) fn release(&mut self, key: usize, index: usize) {
         let conn = self.conn_ref(key);
         let sub = self.conns[key].subs.swap_remove(index);
+        let active = matches!(sub.state, SubState::Active { .. });
         if let SubState::Active { slot, .. } = sub.state {
             self.subscriptions.remove(&sub.channel, slot);
             self.counters.subscriptions -= 1;
         }
         if let Some(bridge) = &self.ctx.cluster {
+            if active && self.ctx.config.namespaces.of(&sub.channel).tracks_members() {
+                let ask = Ask::Leave {
+                    channel: sub.channel.clone(),
+                    conn: self.conn_id(key),
+                };
+                let taken = bridge.ask(ask);
+                debug_assert!(taken.is_ok(), "a leave counts against no bound");
+            }
             bridge.unsubscribe(sub.channel, self.id);
             return;
         }
@@ -343,6 +362,19 @@ impl Shard {
             unreachable!("pending_index returned a pending subscription");
         };
         self.apply(key, action);
+        if let Some(bridge) = &self.ctx.cluster
+            && let Some(member) = self.member_of(key, channel)
+        {
+            // Listed once active, as a home lists it once it answers.
+            let ask = Ask::Join {
+                channel: channel.clone(),
+                conn: self.conn_id(key),
+                member,
+                announce: self.ctx.config.namespaces.of(channel).join_leave,
+            };
+            let taken = bridge.ask(ask);
+            debug_assert!(taken.is_ok(), "a join counts against no bound");
+        }
         if let Some(unsubscribe_id) = unsubscribe {
             // Asked for while pending, over a WebSocket (the one transport that can).
             self.release(key, index);

@@ -187,6 +187,11 @@ pub(super) trait Transport {
         Action::Stay
     }
 
+    /// A query could not be answered (the cluster's Redis failed).
+    fn on_unanswered(&mut self, _message: &str, _id: Option<u64>) -> Action {
+        Action::Stay
+    }
+
     /// One shard's part of the answer to a server API order.
     fn on_done(&mut self, _part: Part) -> Action {
         Action::Stay

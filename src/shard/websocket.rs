@@ -184,6 +184,11 @@ impl Transport for WebSocket {
         self.asking = false;
         Action::Reply(pubsub::encode_with_id(json, id))
     }
+
+    fn on_unanswered(&mut self, message: &str, id: Option<u64>) -> Action {
+        self.asking = false;
+        Action::Reply(pubsub::encode_error("unavailable", message, id))
+    }
 }
 
 /// What the WebSocket connections of one endpoint share, built once per shard: their

@@ -8,6 +8,7 @@ mod auth;
 mod backends;
 mod client;
 mod cluster;
+mod cluster_identity;
 mod compression;
 mod doctor;
 mod handshake;

@@ -1,6 +1,7 @@
 //! The server API against the real binary (`--api-key`): disconnect and unsubscribe by
 //! user, presence, history and channels read over HTTP, node info, and the refusal of
-//! these endpoints on a node with `--redis` (they would answer for one node only).
+//! these endpoints (503) while a node's Redis is unreachable. In a cluster they are
+//! tested in `cluster_identity.rs`.
 
 use crate::support;
 use crate::support_http;
@@ -154,13 +155,14 @@ async fn presence_history_channels_and_info_answer_over_http() {
 }
 
 #[tokio::test]
-async fn without_the_key_or_with_redis_the_api_refuses_clearly() {
+async fn without_the_key_or_with_redis_down_the_api_refuses_clearly() {
     let plain = Server::start(&[]);
     let (addr, target) = (plain.addr(), "/api/presence?channel=a");
     let off = blocking(move || HttpConn::connect(addr).get(target, Duration::from_secs(5))).await;
     off.assert_api_error(403, "api_disabled");
 
-    // Nothing listens on this Redis port: the node starts degraded, and refuses at once.
+    // Nothing listens on this Redis port: the node starts degraded, and refuses what
+    // only Redis can answer.
     let clustered = Server::start(&[
         "--api-key",
         KEY,
@@ -171,9 +173,16 @@ async fn without_the_key_or_with_redis_the_api_refuses_clearly() {
     let refused = call(&clustered, "GET", "/api/presence?channel=a", "").await;
     refused.assert_api_error(503, "unavailable");
     assert!(
-        refused.text().contains("not available with --redis yet"),
+        refused.text().contains("Redis is unreachable"),
         "{}",
         refused.text()
+    );
+    let info = call(&clustered, "GET", "/api/info", "").await;
+    assert_eq!(info.status, 200, "{}", info.text());
+    let info = info.json();
+    assert!(
+        info["nodes"].is_null() && info["node"].is_string(),
+        "{info}"
     );
     let mut ws = connect_ws(clustered.addr()).await;
     send_text(&mut ws, r#"{"type":"presence_stats","channel":"a","id":1}"#).await;

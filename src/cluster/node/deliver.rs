@@ -8,11 +8,16 @@ use bytes::Bytes;
 
 use super::{Action, Awaiting, Command, Node};
 use crate::cluster::Link;
+use crate::cluster::presence::EVENT_MARK;
 use crate::hub::ChannelName;
 use crate::proto::pubsub;
 
 impl Node {
     pub(super) fn announcement(&mut self, name: &ChannelName, payload: &[u8]) {
+        if let Some(event) = payload.strip_prefix(EVENT_MARK) {
+            self.event(name, event);
+            return;
+        }
         let Some((seq, epoch, data)) = parse_announcement(payload) else {
             tracing::warn!(channel = %name, "ignoring a malformed announcement");
             return;
@@ -58,6 +63,28 @@ impl Node {
             self.hand_out(name, seq, frame);
             self.start_answering(name);
         }
+    }
+
+    /// A join or leave: to the shards with subscribers, in its place among the
+    /// channel's messages (this job comes after the announcements before it, holes
+    /// filled). Not kept: like a home's, events are not history.
+    fn event(&mut self, name: &ChannelName, json: &[u8]) {
+        let Some(channel) = self.channels.get(name).filter(|c| c.live) else {
+            return;
+        };
+        if std::str::from_utf8(json).is_err() {
+            tracing::warn!(channel = %name, "ignoring a malformed join or leave");
+            return;
+        }
+        let shards = (0..channel.counts.len())
+            .filter(|&s| channel.counts[s] > 0)
+            .collect();
+        let frame = pubsub::encode_with_id(json, None);
+        self.out.push_back(Action::Event {
+            channel: name.clone(),
+            frame,
+            shards,
+        });
     }
 
     /// The meta read after subscribing: the channel is live from there.

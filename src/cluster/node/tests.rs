@@ -64,6 +64,15 @@ fn drain(node: &mut Node) -> Vec<String> {
                     .unwrap_or("?");
                 format!("broadcast {kind} {seq} to {shards:?}")
             }
+            Action::Event { frame, shards, .. } => {
+                let text = String::from_utf8_lossy(&frame);
+                let kind = if text.contains("\"type\":\"join\"") {
+                    "join"
+                } else {
+                    "leave"
+                };
+                format!("event {kind} to {shards:?}")
+            }
             Action::Command(command) => format!("{command:?}"),
         });
     }
@@ -134,6 +143,40 @@ fn announcements_keep_the_data_bytes() {
     );
     assert_eq!(parse_announcement(b"x k3x9 1"), None);
     assert_eq!(parse_announcement(b"42"), None);
+}
+
+#[test]
+fn joins_and_leaves_keep_their_place_among_the_messages_holes_filled_first() {
+    let mut node = live_at_5();
+    let event = |kind: &str| {
+        Bytes::from(format!(
+            r#"E {{"type":"{kind}","channel":"news","conn":"n/0.1.1","user":"ann"}}"#
+        ))
+    };
+    announce(&mut node, "news", 6, "e1");
+    node.handle_announcement("news", event("join"));
+    // 8 shows a hole: 7 is read from the stream before 8, and the leave after both.
+    announce(&mut node, "news", 8, "e1");
+    node.handle_announcement("news", event("leave"));
+    assert_eq!(
+        drain(&mut node),
+        [
+            "broadcast message 6 to [1]".to_string(),
+            "event join to [1]".to_string(),
+            read("news", 7, 7)
+        ]
+    );
+    node.handle_reply(entries(&[7]));
+    assert_eq!(
+        drain(&mut node),
+        [
+            "broadcast message 7 to [1]",
+            "broadcast message 8 to [1]",
+            "event leave to [1]"
+        ]
+    );
+    node.handle_announcement("other", event("join"));
+    assert!(drain(&mut node).is_empty(), "a channel nobody here holds");
 }
 
 #[test]
