@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
 # epoll vs io_uring, side by side in one run (README "IO backends"): each workload runs
-# on `--io epoll` then `--io uring`, alternating, so both see the same machine state.
+# on `--io epoll` then `--io uring`, alternating, so both see the same machine state; at
+# `--threads 1` the fan-out also runs on `herald-bench floor` (one write per subscriber,
+# the cost a fan-out has in the kernel), so each backend is also read against it.
 # With --threads 1 the server is pinned to core 0 and the client to core 1; with
 # --threads 2 they share the cores (as in figures.sh). Loopback only; stops by itself.
 #
 #   bash bench-client/backends.sh              # 5 s per run
 #   DURATION=10 ROUNDS=2 bash bench-client/backends.sh
+#   FANOUT_CONNS="1000 10000 18000" SIZES=64 NO_ECHO=1 ...   # a subset
+#   NO_BUILD=1 ...                          # the binaries already in target/release
 #
 # Per run: one summary line; JSON in target/backends/. System calls are counted with
 # `perf stat` over the publishing window only (started once the client says it has
 # connected), so connection setup is not in them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-cargo build --release -q -p herald -p herald-bench
+[ -n "${NO_BUILD:-}" ] || cargo build --release -q -p herald -p herald-bench
 H=$PWD/target/release/herald
 B=$PWD/target/release/herald-bench
 OUT=$PWD/target/backends
@@ -53,8 +57,12 @@ fanout() {
     local pin_server=() pin_client=() load=(--procs 1)
     if [ "$threads" = 1 ]; then pin_server=(taskset -c 0); pin_client=(taskset -c 1); fi
     if [ "$conns" -gt 10000 ]; then load=(--procs 2 --source-ips 127.0.0.2-127.0.0.20 --drain-timeout 20); fi
-    start "$name" "${pin_server[@]}" "$H" serve --io "$io" --listen 127.0.0.1:0 \
-        --threads "$threads" --max-connections-per-ip 0 --max-messages-per-second 1000000
+    if [ "$io" = floor ]; then
+        start "$name" "${pin_server[@]}" "$B" floor --listen 127.0.0.1:0
+    else
+        start "$name" "${pin_server[@]}" "$H" serve --io "$io" --listen 127.0.0.1:0 \
+            --threads "$threads" --max-connections-per-ip 0 --max-messages-per-second 1000000
+    fi
     measure "$name" "publishing" "${pin_client[@]}" "$B" fanout --url "ws://$ADDR/ws" --server-pid "$PID" \
         --duration "$DUR" --json --conns "$conns" --rate 20 --size "$size" --burst "$burst" "${load[@]}" ||
         { stop; return 0; }
@@ -100,12 +108,17 @@ PY
 }
 
 ECHO_RATE=${ECHO_RATE:-40000}
+FANOUT_CONNS=${FANOUT_CONNS:-"1000 18000"}
+SIZES=${SIZES:-"64 1024"}
 for round in $(seq "$ROUNDS"); do
     for threads in 1 2; do
         echo "== round $round, --threads $threads: fan-out at 20 broadcasts/s"
-        for conns in 1000 18000; do
-            for size in 64 1024; do
-                for io in epoll uring; do
+        contenders="epoll uring"
+        # The floor serves on one thread: it is the reference for --threads 1.
+        [ "$threads" = 1 ] && contenders="epoll uring floor"
+        for conns in $FANOUT_CONNS; do
+            for size in $SIZES; do
+                for io in $contenders; do
                     fanout "r$round-t$threads-$io-fanout-$conns-${size}B" "$threads" "$conns" "$size" 1 "$io"
                 done
             done
@@ -114,6 +127,7 @@ for round in $(seq "$ROUNDS"); do
         for io in epoll uring; do
             fanout "r$round-t$threads-$io-burst4-1000-64B" "$threads" 1000 64 4 "$io"
         done
+        [ -z "${NO_ECHO:-}" ] || continue
         echo "== round $round, --threads $threads: echo, 10,000 connections, $ECHO_RATE msg/s in total"
         for io in epoll uring; do
             echo_run "r$round-t$threads-$io-echo-10000" "$threads" "$io"
