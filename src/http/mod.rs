@@ -21,6 +21,16 @@ pub use crate::proto::pubsub::push_json_str;
 /// against it).
 pub const OPENAPI: &str = include_str!("openapi.json");
 
+/// An optional JSON member that, when written, holds a `T`: `null` is refused rather
+/// than read as absent (`{"user":"a","conn":null}` is not a request for one target).
+fn given<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::Deserialize<'de>,
+{
+    T::deserialize(deserializer).map(Some)
+}
+
 /// What a request asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {

@@ -6,8 +6,8 @@
 //! else 409 `conflict`); a batch may not, since part of it would be stored.
 
 use bytes::Bytes;
-use serde::Deserialize;
 use serde::de::IgnoredAny;
+use serde::{Deserialize, Deserializer};
 
 use super::ApiError;
 use crate::proto::pubsub::{array_element_spans, member_span, validate_channel};
@@ -37,8 +37,9 @@ struct WireMessage<'a> {
     channel: Option<std::borrow::Cow<'a, str>>,
     #[allow(dead_code)]
     data: Option<IgnoredAny>,
-    /// Refused when present: see the module doc.
-    expect_seq: Option<IgnoredAny>,
+    /// Refused when present, even as `null`: see the module doc.
+    #[serde(default, deserialize_with = "present")]
+    expect_seq: bool,
 }
 
 #[derive(Deserialize)]
@@ -47,9 +48,16 @@ struct WireBody<'a> {
     channel: Option<std::borrow::Cow<'a, str>>,
     #[allow(dead_code)]
     data: Option<IgnoredAny>,
+    /// A number when written: `null` is refused rather than read as "no condition".
+    #[serde(default, deserialize_with = "super::given")]
     expect_seq: Option<u64>,
     #[serde(borrow)]
     messages: Option<Vec<WireMessage<'a>>>,
+}
+
+/// Whether the member is written at all, whatever it holds.
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    IgnoredAny::deserialize(deserializer).map(|_| true)
 }
 
 /// Parses and validates a publish body; every error is a 400.
@@ -77,11 +85,9 @@ pub fn parse(body: &Bytes) -> Result<Body, ApiError> {
             }],
             batch: false,
         }),
-        Some(list) if wire.expect_seq.is_some() || list.iter().any(|m| m.expect_seq.is_some()) => {
-            Err(bad(
-                "\"expect_seq\" is for a single message, not a batch (part of it would be stored)",
-            ))
-        }
+        Some(list) if wire.expect_seq.is_some() || list.iter().any(|m| m.expect_seq) => Err(bad(
+            "\"expect_seq\" is for a single message, not a batch (part of it would be stored)",
+        )),
         Some(list) => {
             if list.is_empty() || list.len() > MAX_BATCH {
                 return Err(ApiError::BadRequest(format!(
@@ -200,7 +206,14 @@ mod tests {
             };
             assert!(message.contains("single message"), "{message}");
         }
-        assert!(parse_str(r#"{"channel":"c","data":1,"expect_seq":-1}"#).is_err());
+        // Written as null, it is neither a condition nor absent: refused, in a batch too.
+        for body in [
+            r#"{"channel":"c","data":1,"expect_seq":-1}"#,
+            r#"{"channel":"c","data":1,"expect_seq":null}"#,
+            r#"{"messages":[{"channel":"c","data":null,"expect_seq":null}]}"#,
+        ] {
+            assert!(parse_str(body).is_err(), "{body} accepted");
+        }
     }
 
     #[test]
