@@ -82,25 +82,16 @@ fn token(user: &str) -> String {
 }
 
 async fn call(server: &Server, method: &str, target: &str, body: &str) -> Response {
-    let (addr, method, target, body) = (
-        server.addr(),
-        method.to_owned(),
-        target.to_owned(),
-        body.to_owned(),
-    );
-    blocking(move || {
-        let mut conn = HttpConn::connect(addr);
-        conn.send_raw(
-            format!(
-                "{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
-                 Content-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        );
-        conn.read_response(Duration::from_secs(5))
-    })
-    .await
+    support_http::api_call(server.addr(), KEY, method, target, body).await
+}
+
+/// The `seq` of each message of a history answer, in its order.
+fn message_seqs(history: &Value) -> Vec<u64> {
+    let messages = history["messages"].as_array().expect("messages");
+    messages
+        .iter()
+        .map(|m| m["seq"].as_u64().expect("seq"))
+        .collect()
 }
 
 async fn get(server: &Server, target: &str) -> Value {
@@ -442,12 +433,7 @@ async fn every_endpoint_answers_for_the_cluster_on_a_node_the_user_is_not_on() {
         "/api/history?channel=room&since=1&newest_first=true",
     )
     .await;
-    let seqs: Vec<u64> = newest["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = message_seqs(&newest);
     assert_eq!(seqs, [3, 2], "{newest}");
 
     // Past one read of the stream (64 entries), and bounded by bytes: half the default
@@ -456,24 +442,14 @@ async fn every_endpoint_answers_for_the_cluster_on_a_node_the_user_is_not_on() {
         publish_raw(&mut publisher, "long", &i.to_string(), 100 + i).await;
     }
     let long = get(&nodes[0], "/api/history?channel=long&since=3&limit=1000").await;
-    let seqs: Vec<u64> = long["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = message_seqs(&long);
     assert_eq!(seqs, (4..=70).collect::<Vec<u64>>());
     let newest = get(
         &nodes[0],
         "/api/history?channel=long&limit=66&newest_first=true",
     )
     .await;
-    let seqs: Vec<u64> = newest["messages"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["seq"].as_u64().unwrap())
-        .collect();
+    let seqs = message_seqs(&newest);
     assert_eq!(seqs, (5..=70).rev().collect::<Vec<u64>>());
     let big = format!("\"{}\"", "x".repeat(40 * 1024));
     for i in 1..=16u64 {

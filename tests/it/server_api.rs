@@ -36,25 +36,7 @@ fn server() -> Server {
 }
 
 async fn call(server: &Server, method: &str, target: &str, body: &str) -> Response {
-    let (addr, method, target, body) = (
-        server.addr(),
-        method.to_owned(),
-        target.to_owned(),
-        body.to_owned(),
-    );
-    blocking(move || {
-        let mut conn = HttpConn::connect(addr);
-        conn.send_raw(
-            format!(
-                "{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n\
-                 Content-Length: {}\r\n\r\n{body}",
-                body.len()
-            )
-            .as_bytes(),
-        );
-        conn.read_response(Duration::from_secs(5))
-    })
-    .await
+    support_http::api_call(server.addr(), KEY, method, target, body).await
 }
 
 async fn user(server: &Server, name: &str, channel: &str) -> Ws {

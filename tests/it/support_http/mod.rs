@@ -312,3 +312,28 @@ pub(crate) fn query_escape(s: &str) -> String {
         })
         .collect()
 }
+
+/// One request with `key` as its bearer token (the server API), on a connection of its
+/// own, run off the async runtime's threads.
+pub(crate) async fn api_call(
+    addr: SocketAddr,
+    key: &'static str,
+    method: &str,
+    target: &str,
+    body: &str,
+) -> Response {
+    let (method, target, body) = (method.to_owned(), target.to_owned(), body.to_owned());
+    crate::support::blocking(move || {
+        let mut conn = HttpConn::connect(addr);
+        conn.send_raw(
+            format!(
+                "{method} {target} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\
+                 Content-Length: {}\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        );
+        conn.read_response(Duration::from_secs(5))
+    })
+    .await
+}
