@@ -493,6 +493,27 @@ async fn since_is_served_on_any_node_and_beyond_history_is_a_gap() {
     }
 }
 
+/// Publishes `3` on `channel` until it is acknowledged (refusals must be `unavailable`),
+/// for at most 10 s, failing with `stuck`; returns the acknowledged seq.
+async fn publish_once_redis_serves(ws: &mut Ws, channel: &str, stuck: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for id in 11.. {
+        send_text(
+            ws,
+            &format!(r#"{{"type":"publish","channel":"{channel}","data":3,"id":{id}}}"#),
+        )
+        .await;
+        let v = recv_json(ws).await;
+        if v["type"] == "ack" {
+            return v["seq"].as_u64().expect("seq");
+        }
+        assert_eq!(v["code"], "unavailable", "{v}");
+        assert!(Instant::now() < deadline, "{stuck}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    unreachable!("ids run out before the deadline")
+}
+
 /// Publishes `count` messages, retrying each one the cluster refuses as `unavailable`
 /// (what a client is told to do); returns the acknowledged `(seq, data)`.
 async fn publish_retrying(
@@ -667,23 +688,7 @@ async fn hung_redis_refuses_publishes_in_bounded_time_and_recovers() {
 
     // Recovers by itself: publishing works again within a few seconds, and the
     // subscriber receives what is acknowledged after the hang.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut id = 10;
-    let seq = loop {
-        id += 1;
-        send_text(
-            &mut ws,
-            &format!(r#"{{"type":"publish","channel":"h","data":3,"id":{id}}}"#),
-        )
-        .await;
-        let v = recv_json(&mut ws).await;
-        if v["type"] == "ack" {
-            break v["seq"].as_u64().expect("seq");
-        }
-        assert_eq!(v["code"], "unavailable", "{v}");
-        assert!(Instant::now() < deadline, "no recovery after CONT");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let seq = publish_once_redis_serves(&mut ws, "h", "no recovery after CONT").await;
     let mut last = 0;
     while last < seq {
         let (got, data, _) = recv_message(&mut sub, "h").await;
@@ -842,26 +847,12 @@ async fn a_node_started_while_redis_is_down_serves_once_it_comes_up() {
         (Some("subscribed"), Some(7)),
         "{reply}"
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut id = 10;
-    let seq = loop {
-        id += 1;
-        send_text(
-            &mut ws,
-            &format!(r#"{{"type":"publish","channel":"late","data":3,"id":{id}}}"#),
-        )
-        .await;
-        let v = recv_json(&mut ws).await;
-        if v["type"] == "ack" {
-            break v["seq"].as_u64().expect("seq");
-        }
-        assert_eq!(v["code"], "unavailable", "{v}");
-        assert!(
-            Instant::now() < deadline,
-            "publishes still refused after Redis came up"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let seq = publish_once_redis_serves(
+        &mut ws,
+        "late",
+        "publishes still refused after Redis came up",
+    )
+    .await;
     let (got, data, _) = recv_message(&mut sub, "late").await;
     assert_eq!((got, data), (seq, json!(3)));
     let health = blocking(move || HttpConn::connect(addr).get("/healthz", RECV_TIMEOUT)).await;
