@@ -27,13 +27,14 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use io_uring::types::{CancelBuilder, Fd, SubmitArgs, Timespec};
 use io_uring::{IoUring, cqueue, opcode, squeue};
+use slab::Slab;
 
 use crate::backend::tls::TlsAcceptor;
 use crate::backend::turn::{Loop, Sockets};
 use crate::shard::{Inbox, Post, Shard, Wake};
 
 use bufring::BufRing;
-use socket::{Rare, SendRecord, Sending, Socket, peer_ip, set_nodelay};
+use socket::{NO_SEND, Rare, Sending, Socket, peer_ip, set_nodelay};
 
 /// Submission queue entries per ring: a turn's sends for thousands of sockets fit in a
 /// few submissions; when it is full the queued entries are submitted early.
@@ -44,8 +45,15 @@ const SQ_ENTRIES: u32 = 4096;
 const CQ_ENTRIES: u32 = 64 * 1024;
 /// Frames handed to one send, as in the epoll backend.
 const MAX_IOVECS: usize = 64;
-/// Send records (1.1 KB each) a ring keeps for reuse once their sends are done.
-const MAX_SPARE_RECORDS: usize = 64;
+/// Several frames adding up to at most this many bytes are copied into one buffer and
+/// sent like one frame: no vectors for the kernel to copy in, and one allocation.
+const SEND_COPY_LIMIT: usize = 4096;
+/// Entries of the table of sends kept once no send is under way; past that, the table a
+/// fan-out or a round of pings grew to is given back.
+const SENDS_KEPT_AT_REST: usize = 64;
+/// Completions handled per batch: what is copied out of the queue at a time, so the
+/// scratch for them does not grow with the largest turn.
+const COMPLETION_BATCH: usize = 256;
 /// Provided buffers per shard and their size: 128 KiB shared by every connection. The
 /// kernel takes them in ring order, so every buffer of the ring is touched (resident)
 /// soon after start, whatever the load: the ring is what a shard holds for receiving,
@@ -74,6 +82,15 @@ const OP_CANCEL: u64 = 5;
 
 fn user_data(op: u64, key: usize) -> u64 {
     (key as u64) << 8 | op
+}
+
+/// A key of the table of sends as a socket holds it: there are never more sends than
+/// connections, which are counted in `u32`.
+fn send_key(slot: usize) -> u32 {
+    u32::try_from(slot)
+        .ok()
+        .filter(|&key| key != NO_SEND)
+        .expect("fewer sends than connections")
 }
 
 /// Whether io_uring can be used here: the ring can be created and has the features this
@@ -157,12 +174,13 @@ struct Uring {
     ring: IoUring,
     bufs: Option<BufRing>,
     sockets: Vec<Option<Socket>>,
-    /// Send records free for the next send of several frames, at most
-    /// [`MAX_SPARE_RECORDS`]: a fan-out that needed thousands at once does not keep them.
-    /// Boxed: a record moves between the pool and a socket as a pointer, and its address
-    /// must not change while the kernel holds it.
-    #[allow(clippy::vec_box)]
-    spare_records: Vec<Box<SendRecord>>,
+    /// What the sockets of a TLS listener, or of a kernel without buffer rings, hold
+    /// besides their entry, by connection key; empty for the others.
+    rare: Vec<Option<Box<Rare>>>,
+    /// The frames of the sends under way, by the key in each socket's `send`. A `Sending`
+    /// does not move while the kernel reads it (a lone frame's bytes are on the heap, a
+    /// record is boxed), so the table may grow meanwhile.
+    sends: Slab<Sending>,
     /// Where a socket's frames are taken out of its outbox.
     taken: Vec<Bytes>,
     /// Sockets whose receive ended because the buffer ring was empty: re-armed a few per
@@ -182,7 +200,7 @@ struct Uring {
     multishot_recv: bool,
     /// Completions taken off the queue to make room, not yet handled.
     backlog: Vec<Completion>,
-    /// Scratch for one batch of completions.
+    /// Scratch for one batch of at most [`COMPLETION_BATCH`] completions.
     batch: Vec<Completion>,
 }
 
@@ -257,7 +275,8 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         bufs,
         // Reserved as the shard's table is (address space, touched as connections come).
         sockets: Vec::with_capacity(shard.connection_capacity()),
-        spare_records: Vec::new(),
+        rare: Vec::new(),
+        sends: Slab::new(),
         taken: Vec::with_capacity(MAX_IOVECS),
         starved: VecDeque::new(),
         wake,
@@ -270,7 +289,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         multishot_accept: found,
         multishot_recv: found,
         backlog: Vec::new(),
-        batch: Vec::new(),
+        batch: Vec::with_capacity(COMPLETION_BATCH),
     };
     uring.arm_wake()?;
     uring.arm_accept()?;
@@ -342,18 +361,24 @@ impl Uring {
         }
     }
 
-    /// Handles every completion waiting, including those its handlers cause to be spilled.
+    /// Handles every completion waiting, including those its handlers cause to be
+    /// spilled, in batches: the spilled ones first, as they left the queue first.
     fn complete(&mut self, shard: &mut Shard, now: Instant) -> io::Result<()> {
         loop {
             let mut batch = std::mem::take(&mut self.batch);
-            batch.append(&mut self.backlog);
-            batch.extend(self.ring.completion().map(|c| Completion {
+            let spilled = self.backlog.len().min(COMPLETION_BATCH);
+            batch.extend(self.backlog.drain(..spilled));
+            let room = COMPLETION_BATCH - batch.len();
+            batch.extend(self.ring.completion().take(room).map(|c| Completion {
                 user_data: c.user_data(),
                 result: c.result(),
                 flags: c.flags(),
             }));
             if batch.is_empty() {
                 self.batch = batch;
+                if self.backlog.capacity() > COMPLETION_BATCH {
+                    self.backlog = Vec::new();
+                }
                 return Ok(());
             }
             for completion in batch.drain(..) {
@@ -509,8 +534,16 @@ impl Uring {
             self.sockets[key].is_none(),
             "key {key} reused while in flight"
         );
-        let session = self.tls.as_ref().map(|acceptor| acceptor.accept());
-        self.sockets[key] = Some(Socket::new(fd, session));
+        self.sockets[key] = Some(Socket::new(fd));
+        if self.tls.is_some() || self.bufs.is_none() {
+            if self.rare.len() <= key {
+                self.rare.resize_with(key + 1, || None);
+            }
+            self.rare[key] = Some(Box::new(Rare {
+                tls: self.tls.as_ref().map(|acceptor| acceptor.accept()),
+                ..Rare::default()
+            }));
+        }
         self.arm_recv(key, shard.reads_in_bulk(key))
     }
 
@@ -535,9 +568,9 @@ impl Uring {
                 .build()
                 .flags(squeue::Flags::BUFFER_SELECT),
             None => {
-                let buf = socket
-                    .rare
-                    .get_or_insert_default()
+                let buf = self.rare[key]
+                    .as_mut()
+                    .expect("a socket without buffer rings has its rare state")
                     .recv_buf
                     .get_or_insert_with(|| vec![0; FALLBACK_RECV_SIZE].into_boxed_slice());
                 opcode::Recv::new(fd, buf.as_mut_ptr(), FALLBACK_RECV_SIZE as u32).build()
@@ -575,7 +608,7 @@ impl Uring {
         }
         if c.result > 0 {
             let len = c.result as usize;
-            let (session, own_buf) = match socket.rare.as_deref_mut() {
+            let (session, own_buf) = match self.rare.get_mut(key).and_then(Option::as_deref_mut) {
                 Some(Rare { tls, recv_buf, .. }) => (tls.as_mut(), recv_buf.as_deref()),
                 None => (None, None),
             };
@@ -600,10 +633,7 @@ impl Uring {
             if !open {
                 return Ok(());
             }
-            if self.sockets[key]
-                .as_mut()
-                .is_some_and(|s| s.tls().is_some())
-            {
+            if self.tls.is_some() {
                 // Handshake records to answer, plaintext held back during the handshake.
                 self.flush(shard, key, now)?;
             }
@@ -662,11 +692,11 @@ impl Uring {
         }
         match result {
             n if n > 0 => {
-                // A short send leaves the rest at the front of `sending`: it goes next.
-                if let Some(record) = socket.advance(n as usize)
-                    && self.spare_records.len() < MAX_SPARE_RECORDS
-                {
-                    self.spare_records.push(record);
+                // A short send leaves the rest at the front of the send: it goes next.
+                let slot = socket.send as usize;
+                if self.sends[slot].advance(n as usize) {
+                    self.sends.remove(slot);
+                    socket.send = NO_SEND;
                 }
                 self.flush(shard, key, now)
             }
@@ -689,36 +719,39 @@ impl Uring {
         Ok(())
     }
 
-    /// Submits the send of what `key`'s socket holds in `sending` (not idle, no send in
-    /// flight).
+    /// Submits the send of the frames `key`'s socket is sending (no send in flight).
     fn submit_send(&mut self, shard: &mut Shard, key: usize, now: Instant) -> io::Result<()> {
         let socket = self.sockets[key]
             .as_mut()
             .expect("sending from a live socket");
+        if socket.send == NO_SEND {
+            return Ok(());
+        }
         let fd = Fd(socket.fd.as_raw_fd());
-        let entry = match &mut socket.sending {
-            Sending::Idle => return Ok(()),
+        let entry = match &mut self.sends[socket.send as usize] {
             Sending::One(frame) => opcode::Send::new(fd, frame.as_ptr(), frame.len() as u32)
                 .flags(libc::MSG_NOSIGNAL)
                 .build(),
             Sending::Many(record) => {
-                for (iovec, chunk) in record.iovecs.iter_mut().zip(&record.frames) {
-                    *iovec = libc::iovec {
+                record.iovecs.clear();
+                record
+                    .iovecs
+                    .extend(record.frames.iter().map(|chunk| libc::iovec {
                         iov_base: chunk.as_ptr().cast_mut().cast(),
                         iov_len: chunk.len(),
-                    };
-                }
+                    }));
                 record.msghdr.msg_iov = record.iovecs.as_mut_ptr();
-                record.msghdr.msg_iovlen = record.frames.len();
+                record.msghdr.msg_iovlen = record.iovecs.len();
                 opcode::SendMsg::new(fd, &raw const record.msghdr)
                     .flags(libc::MSG_NOSIGNAL as u32)
                     .build()
             }
         };
         socket.send_in_flight = true;
-        // SAFETY: the bytes are `sending`'s (a frame's own heap bytes, or the record's
+        // SAFETY: the bytes are the send's (a frame's own heap bytes, or the record's
         // frames with the record's boxed vectors and header); none is touched, moved or
-        // freed before the send completes (`send_in_flight`).
+        // freed before the send completes (`send_in_flight`): the table of sends holds
+        // the `Sending`, whose pointers stay put when the table grows.
         unsafe { self.push(&entry.user_data(user_data(OP_SEND, key))) }?;
         // Taking frames out of the outbox may have brought it below budget.
         self.resume(shard, key, now)
@@ -746,10 +779,25 @@ impl Uring {
 
     fn finish_close(&mut self, shard: &mut Shard, key: usize) -> io::Result<()> {
         if self.sockets[key].as_ref().is_some_and(|s| !s.in_flight()) {
-            self.sockets[key] = None;
+            let socket = self.sockets[key].take().expect("checked above");
+            if socket.send != NO_SEND {
+                self.sends.remove(socket.send as usize);
+            }
+            if let Some(rare) = self.rare.get_mut(key) {
+                *rare = None;
+            }
             shard.remove(key);
         }
         Ok(())
+    }
+
+    /// Gives back the table of sends a fan-out grew once no send is under way. A busy
+    /// shard always has sends under way and keeps it; a quiet one grows it again at each
+    /// broadcast, a few reallocations, against thousands of sends.
+    fn rest_sends(&mut self) {
+        if self.sends.is_empty() && self.sends.capacity() > SENDS_KEPT_AT_REST {
+            self.sends = Slab::with_capacity(SENDS_KEPT_AT_REST);
+        }
     }
 
     /// Stopping with operations in flight: cancels them all and waits (bounded) so the
@@ -776,6 +824,7 @@ impl Sockets for Uring {
     fn dispatch(&mut self, shard: &mut Shard, now: Instant) -> io::Result<()> {
         self.complete(shard, now)?;
         self.rearm_starved(shard)?;
+        self.rest_sends();
         if let Some(until) = self.accept_paused_until
             && now >= until
         {
@@ -816,23 +865,18 @@ impl Sockets for Uring {
         if socket.send_in_flight || socket.closing {
             return Ok(());
         }
-        if socket.tls().is_some() {
+        if self.tls.is_some() {
             return self.flush_tls(shard, key, now);
         }
-        if matches!(socket.sending, Sending::Idle) {
-            // The outbox forgets them now; `sending` keeps them until they are out.
+        if socket.send == NO_SEND {
+            // The outbox forgets them now; the table of sends keeps them until they are out.
             shard.take_outbox(key, &mut self.taken, MAX_IOVECS);
-            socket.sending = match self.taken.len() {
-                0 => Sending::Idle,
-                1 => Sending::One(self.taken.pop().expect("one frame")),
-                _ => {
-                    let mut record = self.spare_records.pop().unwrap_or_else(SendRecord::new);
-                    std::mem::swap(&mut record.frames, &mut self.taken);
-                    Sending::Many(record)
-                }
-            };
+            if !self.taken.is_empty() {
+                let sending = Sending::new(&mut self.taken, SEND_COPY_LIMIT);
+                socket.send = send_key(self.sends.insert(sending));
+            }
         }
-        if matches!(socket.sending, Sending::Idle) {
+        if socket.send == NO_SEND {
             if shard.poll_flushed(key) {
                 // SAFETY: shuts down the write side of a socket we own.
                 if unsafe { libc::shutdown(socket.fd.as_raw_fd(), libc::SHUT_WR) } != 0 {

@@ -9,17 +9,14 @@ use bytes::{Buf, Bytes};
 
 use crate::backend::tls::TlsSession;
 
-use super::MAX_IOVECS;
-
-/// A connection's socket and the operations in flight on it: 56 bytes, held in the
-/// ring's table itself. What a send needs beyond one frame comes from a per-ring pool
-/// only while it is in flight, so an idle plain connection holds nothing else.
+/// A connection's socket and the operations in flight on it: 12 bytes, held in the
+/// ring's table itself. The frames of a send live in the ring's table of sends only while
+/// the send is under way, and what TLS or a kernel without buffer rings needs lives in a
+/// table of its own, so an idle plain connection holds nothing else.
 pub(super) struct Socket {
     pub(super) fd: OwnedFd,
-    /// Frames taken out of the outbox and not yet all sent (the first may be partly sent).
-    pub(super) sending: Sending,
-    /// What few sockets have: TLS, a receive buffer of their own.
-    pub(super) rare: Option<Box<Rare>>,
+    /// Where the frames being sent are: a key in the ring's table of sends, or [`NO_SEND`].
+    pub(super) send: u32,
     pub(super) send_in_flight: bool,
     /// A receive is armed (multishot: until a completion without `F_MORE`).
     pub(super) recv_in_flight: bool,
@@ -29,7 +26,11 @@ pub(super) struct Socket {
     pub(super) closing: bool,
 }
 
-/// The state of the sockets that need more than the common case.
+/// A socket with no frames being sent.
+pub(super) const NO_SEND: u32 = u32::MAX;
+
+/// The state of the sockets that need more than the common case: every socket of a TLS
+/// listener, and every socket where the kernel has no buffer rings.
 #[derive(Default)]
 pub(super) struct Rare {
     pub(super) tls: Option<TlsSession>,
@@ -40,75 +41,59 @@ pub(super) struct Rare {
     pub(super) recv_buf: Option<Box<[u8]>>,
 }
 
-/// The frames of a socket's send. Most sends carry one frame (a broadcast to a
-/// subscriber), sent from its own bytes with no vector.
+/// The frames of a socket's send, taken out of its outbox, until the kernel has sent them
+/// all. Most sends carry one frame (a broadcast to a subscriber), sent from its own bytes
+/// with no vector; several small frames are copied into one buffer, sent the same way.
 pub(super) enum Sending {
-    Idle,
     One(Bytes),
     Many(Box<SendRecord>),
 }
 
-/// A send of several frames: the frames, their vectors and the header pointing to them,
-/// behind one pointer so their addresses stay put until the kernel is done with them.
+/// A send of several frames too large to copy: the frames, their vectors and the header
+/// pointing to them, behind one pointer so their addresses stay put until the kernel is
+/// done with them. Sized for its frames, so a fan-out that needs thousands at once holds
+/// only what they carry.
 pub(super) struct SendRecord {
     pub(super) frames: Vec<Bytes>,
-    pub(super) iovecs: [libc::iovec; MAX_IOVECS],
+    pub(super) iovecs: Vec<libc::iovec>,
     pub(super) msghdr: libc::msghdr,
 }
 
-impl SendRecord {
-    pub(super) fn new() -> Box<Self> {
-        Box::new(Self {
-            frames: Vec::with_capacity(MAX_IOVECS),
-            iovecs: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; MAX_IOVECS],
+impl Sending {
+    /// The frames of `taken` (at least one; emptied) as one send: a lone frame as it is,
+    /// frames that add up to at most `copy_limit` bytes copied into one buffer, larger
+    /// ones behind vectors.
+    pub(super) fn new(taken: &mut Vec<Bytes>, copy_limit: usize) -> Self {
+        if taken.len() == 1 {
+            return Self::One(taken.pop().expect("one frame"));
+        }
+        let total: usize = taken.iter().map(Bytes::len).sum();
+        if total <= copy_limit {
+            let mut buf = Vec::with_capacity(total);
+            for frame in taken.drain(..) {
+                buf.extend_from_slice(&frame);
+            }
+            return Self::One(Bytes::from(buf));
+        }
+        // Sized for these frames: `taken` keeps its room for the next send.
+        let mut frames = Vec::with_capacity(taken.len());
+        frames.append(taken);
+        Self::Many(Box::new(SendRecord {
+            frames,
+            iovecs: Vec::new(),
             // SAFETY: msghdr is plain data; all-zero is a valid empty header.
             msghdr: unsafe { std::mem::zeroed() },
-        })
-    }
-}
-
-impl Socket {
-    pub(super) fn new(fd: OwnedFd, tls: Option<TlsSession>) -> Self {
-        Self {
-            fd,
-            sending: Sending::Idle,
-            rare: tls.map(|session| {
-                Box::new(Rare {
-                    tls: Some(session),
-                    ..Rare::default()
-                })
-            }),
-            send_in_flight: false,
-            recv_in_flight: false,
-            recv_cancelled: false,
-            closing: false,
-        }
+        }))
     }
 
-    pub(super) fn in_flight(&self) -> bool {
-        self.send_in_flight || self.recv_in_flight
-    }
-
-    pub(super) fn tls(&mut self) -> Option<&mut TlsSession> {
-        self.rare.as_mut().and_then(|rare| rare.tls.as_mut())
-    }
-
-    /// Drops the first `sent` bytes of the frames in flight; returns the send record once
-    /// all of its frames are out, for the pool.
-    pub(super) fn advance(&mut self, mut sent: usize) -> Option<Box<SendRecord>> {
-        match &mut self.sending {
-            Sending::Idle => None,
-            Sending::One(frame) => {
+    /// Drops the first `sent` bytes; true once everything is sent.
+    pub(super) fn advance(&mut self, mut sent: usize) -> bool {
+        match self {
+            Self::One(frame) => {
                 frame.advance(sent);
-                if frame.is_empty() {
-                    self.sending = Sending::Idle;
-                }
-                None
+                frame.is_empty()
             }
-            Sending::Many(record) => {
+            Self::Many(record) => {
                 let mut done = 0;
                 for chunk in &mut record.frames {
                     if sent < chunk.len() {
@@ -119,15 +104,26 @@ impl Socket {
                     done += 1;
                 }
                 record.frames.drain(..done);
-                if !record.frames.is_empty() {
-                    return None;
-                }
-                match std::mem::replace(&mut self.sending, Sending::Idle) {
-                    Sending::Many(record) => Some(record),
-                    _ => unreachable!("matched above"),
-                }
+                record.frames.is_empty()
             }
         }
+    }
+}
+
+impl Socket {
+    pub(super) fn new(fd: OwnedFd) -> Self {
+        Self {
+            fd,
+            send: NO_SEND,
+            send_in_flight: false,
+            recv_in_flight: false,
+            recv_cancelled: false,
+            closing: false,
+        }
+    }
+
+    pub(super) fn in_flight(&self) -> bool {
+        self.send_in_flight || self.recv_in_flight
     }
 }
 
@@ -180,9 +176,55 @@ mod tests {
     #[test]
     fn a_socket_entry_is_compact() {
         assert!(
-            size_of::<Option<Socket>>() <= 56,
+            size_of::<Option<Socket>>() <= 12,
             "{}",
             size_of::<Option<Socket>>()
         );
+    }
+
+    fn frames(sizes: &[usize]) -> Vec<Bytes> {
+        sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| Bytes::from(vec![i as u8; n]))
+            .collect()
+    }
+
+    #[test]
+    fn small_frames_are_copied_into_one_send_in_order() {
+        let mut taken = frames(&[3, 2, 4]);
+        let Sending::One(bytes) = Sending::new(&mut taken, 16) else {
+            panic!("copied");
+        };
+        assert!(taken.is_empty());
+        assert_eq!(&bytes[..], &[0, 0, 0, 1, 1, 2, 2, 2, 2]);
+    }
+
+    #[test]
+    fn large_frames_go_behind_vectors_and_advance_across_them() {
+        let mut taken = frames(&[10, 10, 10]);
+        let mut sending = Sending::new(&mut taken, 16);
+        let Sending::Many(record) = &sending else {
+            panic!("not copied");
+        };
+        assert_eq!(record.frames.len(), 3);
+        assert_eq!(record.frames.capacity(), 3, "sized for its frames");
+        assert!(!sending.advance(15), "a short send leaves the rest");
+        let Sending::Many(record) = &sending else {
+            unreachable!()
+        };
+        assert_eq!(record.frames.len(), 2);
+        assert_eq!(&record.frames[0][..], &[1; 5]);
+        assert!(sending.advance(15), "then everything is out");
+    }
+
+    #[test]
+    fn a_lone_frame_is_sent_from_its_own_bytes() {
+        let frame = Bytes::from(vec![7; 100]);
+        let mut taken = vec![frame.clone()];
+        let Sending::One(bytes) = Sending::new(&mut taken, 16) else {
+            panic!("one");
+        };
+        assert_eq!(bytes.as_ptr(), frame.as_ptr(), "not copied");
     }
 }

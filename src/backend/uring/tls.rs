@@ -17,7 +17,7 @@ use crate::backend::tls::{Inbound, TlsSession};
 use crate::http::ApiError;
 use crate::shard::Shard;
 
-use super::{MAX_IOVECS, Sending, Uring};
+use super::{MAX_IOVECS, NO_SEND, Sending, Uring, send_key};
 
 /// Hands `ciphertext` received on `key`'s socket to its session, and the plaintext to
 /// the shard. Returns false when the connection ends (the shard was told).
@@ -75,13 +75,13 @@ impl Uring {
         now: Instant,
     ) -> io::Result<()> {
         let socket = self.sockets[key].as_mut().expect("flushing a live socket");
-        let Some(rare) = socket.rare.as_deref_mut() else {
+        let Some(rare) = self.rare.get_mut(key).and_then(Option::as_deref_mut) else {
             return Ok(());
         };
         let Some(session) = rare.tls.as_mut() else {
             return Ok(());
         };
-        if !matches!(socket.sending, Sending::Idle) {
+        if socket.send != NO_SEND {
             // The rest of a short send goes first.
             return self.submit_send(shard, key, now);
         }
@@ -125,7 +125,7 @@ impl Uring {
             // Into memory: never short, never blocked.
             session.write_ciphertext(&mut records)?;
         }
-        socket.sending = Sending::One(Bytes::from(records));
+        socket.send = send_key(self.sends.insert(Sending::One(Bytes::from(records))));
         self.submit_send(shard, key, now)
     }
 }
