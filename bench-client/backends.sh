@@ -10,6 +10,8 @@
 #   DURATION=10 ROUNDS=2 bash bench-client/backends.sh
 #   FANOUT_CONNS="1000 10000 18000" SIZES=64 NO_ECHO=1 ...   # a subset
 #   NO_BUILD=1 ...                          # the binaries already in target/release
+#   BASE=/path/to/older/herald ...          # also that build on io_uring ("ubase"), to
+#                                           # measure a change against what it replaces
 #
 # Per run: one summary line; JSON in target/backends/. System calls are counted with
 # `perf stat` over the publishing window only (started once the client says it has
@@ -59,6 +61,9 @@ fanout() {
     if [ "$conns" -gt 10000 ]; then load=(--procs 2 --source-ips 127.0.0.2-127.0.0.20 --drain-timeout 20); fi
     if [ "$io" = floor ]; then
         start "$name" "${pin_server[@]}" "$B" floor --listen 127.0.0.1:0
+    elif [ "$io" = ubase ]; then
+        start "$name" "${pin_server[@]}" "$BASE" serve --io uring --listen 127.0.0.1:0 \
+            --threads "$threads" --max-connections-per-ip 0 --max-messages-per-second 1000000
     else
         start "$name" "${pin_server[@]}" "$H" serve --io "$io" --listen 127.0.0.1:0 \
             --threads "$threads" --max-connections-per-ip 0 --max-messages-per-second 1000000
@@ -85,9 +90,10 @@ PY
 # echo NAME THREADS IO
 echo_run() {
     local name=$1 threads=$2 io=$3
-    local pin_server=() pin_client=()
+    local pin_server=() pin_client=() bin=$H
     if [ "$threads" = 1 ]; then pin_server=(taskset -c 0); pin_client=(taskset -c 1); fi
-    start "$name" "${pin_server[@]}" "$H" serve --io "$io" --listen 127.0.0.1:0 \
+    if [ "$io" = ubase ]; then bin=$BASE io=uring; fi
+    start "$name" "${pin_server[@]}" "$bin" serve --io "$io" --listen 127.0.0.1:0 \
         --threads "$threads" --max-connections-per-ip 0 --max-messages-per-second 1000000
     measure "$name" "measuring" "${pin_client[@]}" "$B" echo --url "ws://$ADDR/echo" --server-pid "$PID" \
         --duration "$DUR" --json --conns 10000 --rate "$ECHO_RATE" --size 64 || { stop; return 0; }
@@ -113,9 +119,9 @@ SIZES=${SIZES:-"64 1024"}
 for round in $(seq "$ROUNDS"); do
     for threads in 1 2; do
         echo "== round $round, --threads $threads: fan-out at 20 broadcasts/s"
-        contenders="epoll uring"
+        contenders="epoll uring${BASE:+ ubase}"
         # The floor serves on one thread: it is the reference for --threads 1.
-        [ "$threads" = 1 ] && contenders="epoll uring floor"
+        [ "$threads" = 1 ] && contenders="$contenders floor"
         for conns in $FANOUT_CONNS; do
             for size in $SIZES; do
                 for io in $contenders; do
@@ -124,12 +130,12 @@ for round in $(seq "$ROUNDS"); do
             done
         done
         echo "== round $round, --threads $threads: four messages back to back, 5 bursts/s"
-        for io in epoll uring; do
+        for io in epoll uring${BASE:+ ubase}; do
             fanout "r$round-t$threads-$io-burst4-1000-64B" "$threads" 1000 64 4 "$io"
         done
         [ -z "${NO_ECHO:-}" ] || continue
         echo "== round $round, --threads $threads: echo, 10,000 connections, $ECHO_RATE msg/s in total"
-        for io in epoll uring; do
+        for io in epoll uring${BASE:+ ubase}; do
             echo_run "r$round-t$threads-$io-echo-10000" "$threads" "$io"
         done
     done
