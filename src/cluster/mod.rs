@@ -18,6 +18,9 @@
 //!   `presence.rs`, the channel's joins and leaves);
 //! - the channel's presence entries (`presence.rs`).
 //!
+//! Outside every channel's slot, `users.rs` keeps each node's connections per user for
+//! the cluster-wide `--max-connections-per-user`.
+//!
 //! One Lua script orders a publish: it checks the publisher's `expect_seq`, assigns the
 //! next `seq`, appends to the stream and publishes, atomically, so the sequence, the
 //! history and the fan-out cannot disagree and a conditional write cannot be lost.

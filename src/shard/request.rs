@@ -428,8 +428,10 @@ impl Shard {
     }
 
     /// Answers a refused request. The connection ends unless `keep_alive`, which only a
-    /// request read to its end may ask for.
+    /// request read to its end may ask for. A refused request holds no place under the
+    /// per-user limit while its answer goes out.
     pub(super) fn refuse(&mut self, key: usize, error: &ApiError, keep_alive: bool) {
+        self.drop_identity(key);
         let status = error.status();
         tracing::debug!(
             peer = %self.conns[key].peer,
