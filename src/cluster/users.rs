@@ -550,7 +550,7 @@ mod tests {
     fn every_key_is_in_the_users_slot() {
         use ::redis::cluster_routing::Slot;
         let slot = Slot::for_key(LIVE);
-        assert_eq!(Slot::for_key(&conns_key("k3x9")), slot);
-        assert_eq!(Slot::for_key(&format!("{CONNS_PREFIX}other")), slot);
+        assert_eq!(Slot::for_key(conns_key("k3x9")), slot);
+        assert_eq!(Slot::for_key(format!("{CONNS_PREFIX}other")), slot);
     }
 }
