@@ -24,10 +24,14 @@
 //! an outage of the shared store would turn it into an outage of the service.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use ::redis::Script;
+use futures_util::StreamExt;
 use futures_util::future::join_all;
+use futures_util::stream::FuturesUnordered;
 use tokio::sync::{Notify, watch};
 
 use super::Link;
@@ -234,6 +238,11 @@ impl Held {
     }
 }
 
+/// A release on its way to Redis: whether Redis took it.
+type Pending = Pin<Box<dyn Future<Output = bool> + Send>>;
+/// The releases on their way.
+type Releasing = FuturesUnordered<Pending>;
+
 /// What one admission's script reply means.
 #[derive(Debug, PartialEq, Eq)]
 enum Reply {
@@ -299,31 +308,42 @@ impl Users {
         let mut tick = tokio::time::interval(REFRESH_EVERY);
         let mut generation = None;
         let mut batch = Vec::new();
+        let mut releasing: Releasing = FuturesUnordered::new();
         loop {
             let asks = self.asks.clone();
+            // Biased, releases first: a release handed over is sent (its future polled
+            // once) before anything asked after it, so Redis sees the node's changes in
+            // their order.
             tokio::select! {
-                () = asks.recv_many(&mut batch) => self.serve(&mut batch).await,
+                biased;
+                Some(taken) = releasing.next(), if !releasing.is_empty() => {
+                    self.stale |= !taken;
+                }
+                () = asks.recv_many(&mut batch) => self.serve(&mut batch, &mut releasing).await,
                 Ok(()) = self.conn.changed() => self.refresh(&mut generation).await,
                 _ = tick.tick() => self.refresh(&mut generation).await,
             }
         }
     }
 
-    /// Releases, then admissions, in one round trip's time: every script of the batch
-    /// is sent at once on the multiplexed link, in order.
-    async fn serve(&mut self, batch: &mut Vec<UserAsk>) {
+    /// Admissions of a batch in one round trip's time (every script sent at once on the
+    /// multiplexed link, in order); releases go out without being waited for, so an
+    /// upgrade never waits behind another connection's close.
+    async fn serve(&mut self, batch: &mut Vec<UserAsk>, releasing: &mut Releasing) {
+        let link = self.conn.borrow().as_ref().map(|(_, conn)| conn.clone());
         let mut admits = Vec::new();
-        let mut releases = Vec::new();
         for ask in batch.drain(..) {
             match ask {
                 UserAsk::Release { user } => {
                     self.held.release(&user);
-                    releases.push(user);
+                    match &link {
+                        Some(link) => releasing.push(self.release_of(link.clone(), user)),
+                        None => self.stale = true,
+                    }
                 }
                 UserAsk::Admit { user, shard, conn } => admits.push((user, shard, conn)),
             }
         }
-        let link = self.conn.borrow().as_ref().map(|(_, conn)| conn.clone());
         let Some(link) = link else {
             self.stale = true;
             for (user, shard, conn) in admits {
@@ -331,26 +351,15 @@ impl Users {
             }
             return;
         };
-        let key = conns_key(&self.node);
-        let release_calls: Vec<_> = releases
-            .iter()
-            .map(|user| {
-                let mut call = self.release.key(&key);
-                call.arg(&**user);
-                call
-            })
-            .collect();
+        if admits.is_empty() {
+            return;
+        }
         let admit_calls: Vec<_> = admits
             .iter()
             .map(|(user, ..)| self.admit_call(user))
             .collect();
-        let released = join_all(release_calls.iter().map(|c| invoke::<i64>(&link, c)));
-        let admitted = join_all(admit_calls.iter().map(|c| invoke::<i64>(&link, c)));
-        let (released, admitted) = futures_util::join!(released, admitted);
-        drop((release_calls, admit_calls));
-        if released.iter().any(Result::is_err) {
-            self.stale = true;
-        }
+        let admitted = join_all(admit_calls.iter().map(|c| invoke::<i64>(&link, c))).await;
+        drop(admit_calls);
         let mut again = Vec::new();
         for (ask, reply) in admits.into_iter().zip(admitted) {
             match judge(reply.map_err(|e| self.failed(&e))) {
@@ -377,6 +386,16 @@ impl Users {
             };
             self.answer(ask.0, ask.1, ask.2, verdict);
         }
+    }
+
+    /// The release of one of `user`'s places, to run on its own: whether Redis took it.
+    fn release_of(&self, link: super::publish::Conn, user: Arc<str>) -> Pending {
+        let (script, key) = (self.release.clone(), conns_key(&self.node));
+        Box::pin(async move {
+            let mut call = script.key(key);
+            call.arg(&*user);
+            invoke::<i64>(&link, &call).await.is_ok()
+        })
     }
 
     fn admit_call(&self, user: &str) -> ::redis::ScriptInvocation<'_> {
