@@ -251,3 +251,41 @@ fn a_parked_upgrade_keeps_its_deadline_and_a_late_verdict_takes_no_place() {
         );
     }
 }
+
+#[test]
+fn past_the_bound_of_parked_upgrades_the_next_is_answered_503_at_once() {
+    let mut cluster = clustered_with_user_limit();
+    for i in 0..crate::cluster::users::MAX_QUEUED_ADMISSIONS {
+        parked(&mut cluster, &format!("u{i}"));
+    }
+    let request = format!("/ws?token={}", token("one-too-many", &["*"], None));
+    let request = format!(
+        "GET {request} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let (_, response) = http(&mut cluster, 0, &request);
+    assert!(
+        response.starts_with("HTTP/1.1 503 Service Unavailable"),
+        "{response}"
+    );
+    assert!(response.contains(r#""code":"unavailable""#), "{response}");
+    assert!(response.contains("Retry-After: "), "{response}");
+}
+
+#[test]
+fn a_parked_upgrade_counts_its_head_against_what_may_wait_behind_it() {
+    let mut cluster = clustered_with_user_limit();
+    let (client, _) = parked(&mut cluster, "ann");
+    let shard = &mut cluster.shards[0];
+    assert!(shard.wants_read(client.key));
+    let budget = Config::default().max_head_bytes;
+    // The parked head holds a few hundred bytes: fewer than a whole head may follow.
+    shard
+        .read_buffer(client.key)
+        .extend_from_slice(&vec![b'x'; budget - 200]);
+    shard.handle_read(client.key, cluster.now);
+    assert!(
+        !shard.wants_read(client.key),
+        "reading pauses at the budget"
+    );
+}
