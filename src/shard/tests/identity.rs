@@ -255,7 +255,7 @@ fn a_parked_upgrade_keeps_its_deadline_and_a_late_verdict_takes_no_place() {
 #[test]
 fn past_the_bound_of_parked_upgrades_the_next_is_answered_503_at_once() {
     let mut cluster = clustered_with_user_limit();
-    for i in 0..crate::cluster::users::MAX_QUEUED_ADMISSIONS {
+    for i in 0..cluster::users::MAX_QUEUED_ADMISSIONS {
         parked(&mut cluster, &format!("u{i}"));
     }
     let request = format!("/ws?token={}", token("one-too-many", &["*"], None));
