@@ -29,9 +29,9 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use ::redis::Script;
-use futures_util::StreamExt;
 use futures_util::future::join_all;
 use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt, StreamExt};
 use tokio::sync::{Notify, watch};
 
 use super::Link;
@@ -311,9 +311,7 @@ impl Users {
         let mut releasing: Releasing = FuturesUnordered::new();
         loop {
             let asks = self.asks.clone();
-            // Biased, releases first: a release handed over is sent (its future polled
-            // once) before anything asked after it, so Redis sees the node's changes in
-            // their order.
+            // Releases finish here, whatever else is going on.
             tokio::select! {
                 biased;
                 Some(taken) = releasing.next(), if !releasing.is_empty() => {
@@ -343,6 +341,11 @@ impl Users {
                 }
                 UserAsk::Admit { user, shard, conn } => admits.push((user, shard, conn)),
             }
+        }
+        // Sent now (a future sends its script when first polled), before this batch's
+        // admissions: Redis sees the node's changes in their order.
+        while let Some(Some(taken)) = releasing.next().now_or_never() {
+            self.stale |= !taken;
         }
         let Some(link) = link else {
             self.stale = true;
