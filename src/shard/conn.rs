@@ -112,7 +112,7 @@ pub(super) struct Conn {
 pub(super) enum UserCount {
     /// Not counted (no user, or no limit).
     #[default]
-    None,
+    Uncounted,
     /// On this node's count only (alone, or while the cluster's verdict is awaited).
     Node,
     /// On this node's count and on the cluster's (`cluster::users`).

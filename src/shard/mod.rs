@@ -231,7 +231,7 @@ impl Shard {
             peer,
             counted: None,
             identity: None,
-            user_count: conn::UserCount::None,
+            user_count: conn::UserCount::Uncounted,
         });
         self.arm_request_deadline(key);
         self.counters.accepted_total += 1;

@@ -170,7 +170,7 @@ impl Shard {
         let conn = &mut self.conns[key];
         let identity = conn.identity.take();
         let count = std::mem::take(&mut conn.user_count);
-        if count != UserCount::None
+        if count != UserCount::Uncounted
             && let Some(user) = identity.as_ref().and_then(|id| id.user.as_ref())
         {
             self.ctx.limits.release_user(user);
