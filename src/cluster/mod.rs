@@ -464,6 +464,16 @@ impl Bridge {
         self.users.push(ask).map_err(|_| Busy)
     }
 
+    /// Takes this node out of the cluster-wide per-user count once its shards have
+    /// drained, so its users may reconnect elsewhere at once; waits for Redis up to
+    /// `limit` (past it, the node's entry lapses by itself).
+    pub fn leave_user_count(&self, limit: std::time::Duration) {
+        let (done, left) = std::sync::mpsc::sync_channel(1);
+        if self.users.push(UserAsk::Leave { done }).is_ok() {
+            let _ = left.recv_timeout(limit);
+        }
+    }
+
     /// Gives back the place of a connection whose admission [`users::Verdict::counts`];
     /// never refused.
     pub fn release_user(&self, user: Arc<str>) {

@@ -15,7 +15,8 @@
 //! admitting the same user at the same moment cannot both take the last place. A node's
 //! counts stop counting [`PRESENCE_TTL`] after its last refresh (a `kill -9`'d node's
 //! connections are free within that bound) and the next refresh by any node removes its
-//! hash. There is no key per user, and nothing is refreshed per user.
+//! hash; a node that stops gracefully takes itself out at once. There is no key per
+//! user, and nothing is refreshed per user.
 //!
 //! This node's own counts ([`Held`]) are the truth Redis mirrors: written whole again
 //! after a new link, a Redis flush, its entry found lapsed, or any write that failed.
@@ -26,6 +27,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::mpsc::SyncSender;
 use std::sync::{Arc, Mutex};
 
 use ::redis::Script;
@@ -99,6 +101,14 @@ end
 return redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
 ";
 
+/// Takes this node out: it counts nothing more. KEYS: live nodes, this node's counts.
+/// ARGV: node.
+const LEAVE_SCRIPT: &str = r"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('UNLINK', KEYS[2])
+return 1
+";
+
 /// Writes this node's counts: cleared first when ARGV[1] is 1, then user/count pairs.
 /// KEYS: this node's counts.
 const REWRITE_SCRIPT: &str = r"
@@ -142,11 +152,14 @@ pub enum UserAsk {
     },
     /// A connection admitted with a verdict that [`Verdict::counts`] ended.
     Release { user: Arc<str> },
+    /// The node stops (its shards have drained): take it out of Redis, then say so on
+    /// `done`.
+    Leave { done: SyncSender<()> },
 }
 
 /// The queue from the shards: releases always taken (one per admitted connection,
-/// bounded by them; losing one would hold a place forever), admissions refused past
-/// [`MAX_QUEUED_ADMISSIONS`].
+/// bounded by them; losing one would hold a place forever), and the one leave at the
+/// end; admissions refused past [`MAX_QUEUED_ADMISSIONS`].
 pub(super) struct UserQueue {
     state: Mutex<(VecDeque<UserAsk>, usize)>,
     ready: Notify,
@@ -276,6 +289,7 @@ pub(super) struct Users {
     release: Script,
     refresh: Script,
     rewrite: Script,
+    leave: Script,
 }
 
 impl Users {
@@ -301,6 +315,7 @@ impl Users {
             release: Script::new(RELEASE_SCRIPT),
             refresh: Script::new(REFRESH_SCRIPT),
             rewrite: Script::new(REWRITE_SCRIPT),
+            leave: Script::new(LEAVE_SCRIPT),
         }
     }
 
@@ -330,8 +345,10 @@ impl Users {
     async fn serve(&mut self, batch: &mut Vec<UserAsk>, releasing: &mut Releasing) {
         let link = self.conn.borrow().as_ref().map(|(_, conn)| conn.clone());
         let mut admits = Vec::new();
+        let mut leaving = Vec::new();
         for ask in batch.drain(..) {
             match ask {
+                UserAsk::Leave { done } => leaving.push(done),
                 UserAsk::Release { user } => {
                     self.held.release(&user);
                     match &link {
@@ -354,6 +371,12 @@ impl Users {
             }
             return;
         };
+        if !leaving.is_empty() {
+            self.leave(&link).await;
+            for done in leaving {
+                let _ = done.send(());
+            }
+        }
         if admits.is_empty() {
             return;
         }
@@ -388,6 +411,16 @@ impl Users {
                 Reply::NotLive => Verdict::Unchecked,
             };
             self.answer(ask.0, ask.1, ask.2, verdict);
+        }
+    }
+
+    /// Takes this node's counts out of Redis at once, so that its users' places are
+    /// free on the other nodes now, not once its entry has lapsed.
+    async fn leave(&mut self, link: &super::publish::Conn) {
+        let mut call = self.leave.key(LIVE);
+        call.key(conns_key(&self.node)).arg(&*self.node);
+        if let Err(e) = invoke::<i64>(link, &call).await {
+            tracing::warn!(error = %e, "per-user counts: node not taken out of redis; they lapse in 6 s");
         }
     }
 

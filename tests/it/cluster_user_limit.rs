@@ -2,7 +2,8 @@
 //! `redis-server` and three `herald` processes: a user's connections count on every
 //! node, the one past the limit is refused 429 on whichever node it asks, a close frees
 //! a place on another node, a node killed with `kill -9` stops counting within the
-//! stated bound (and, restarted, inherits none of its counts), upgrades racing on two nodes never pass the limit, a Redis flush is
+//! stated bound (and, restarted, inherits none of its counts) and one stopped
+//! gracefully at once, upgrades racing on two nodes never pass the limit, a Redis flush is
 //! written back, a Redis that does not answer leaves each node on its own count, and
 //! the same holds on a real Redis Cluster.
 //!
@@ -198,6 +199,29 @@ fn a_killed_nodes_connections_stop_counting_within_the_bound() {
     std::thread::sleep(REFRESH_EVERY + Duration::from_millis(500));
     let keys = redis.command(&["KEYS", "herald:{herald-users}:conns:*"]);
     assert!(keys.starts_with("*1\r\n"), "{keys:?}");
+}
+
+#[test]
+fn a_node_stopped_gracefully_takes_its_counts_out_at_once() {
+    let redis = Redis::start(&require_redis());
+    let mut nodes: Vec<Server> = (0..2).map(|_| node(&redis.url())).collect();
+    let held = [
+        admitted(nodes[1].addr(), "ann"),
+        admitted(nodes[1].addr(), "ann"),
+    ];
+    assert_refused(nodes[0].addr(), "ann");
+    nodes[1].signal("TERM");
+    drop(held);
+    assert!(nodes[1].wait_exit(Duration::from_secs(15)).is_some());
+    // Not lapsed in 6 s: gone from the live nodes, its hash removed, as it stopped.
+    let live = redis.command(&["ZCARD", "herald:{herald-users}:nodes"]);
+    assert_eq!(live, ":1\r\n", "only node 0 is live");
+    let keys = redis.command(&["KEYS", "herald:{herald-users}:conns:*"]);
+    assert_eq!(keys, "*0\r\n");
+    let _both = [
+        admitted(nodes[0].addr(), "ann"),
+        admitted(nodes[0].addr(), "ann"),
+    ];
 }
 
 #[test]
