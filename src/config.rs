@@ -347,8 +347,8 @@ pub struct Options {
     pub max_connections_per_ip: Option<usize>,
 
     /// Most connections (WebSocket, event stream, poll) one user (the token's `sub`) may
-    /// hold on this node (429 beyond; with --redis each node counts its own); 0: no
-    /// limit. [default: 0]
+    /// hold (429 beyond; with --redis, on every live node together, checked in Redis
+    /// before the upgrade is answered); 0: no limit. [default: 0]
     #[arg(long, env = "HERALD_MAX_CONNECTIONS_PER_USER", value_name = "N")]
     pub max_connections_per_user: Option<usize>,
 

@@ -5,7 +5,7 @@
 use std::io::{self, Write};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::Signals;
@@ -152,6 +152,13 @@ pub fn serve(mut config: Config) -> io::Result<()> {
             Ok(Err(e)) => result = Err(e),
             Err(_) => result = Err(io::Error::other("a shard thread panicked")),
         }
+    }
+    if let Some(bridge) = ctx
+        .cluster
+        .as_ref()
+        .filter(|_| config.max_connections_per_user > 0)
+    {
+        bridge.leave_user_count(Duration::from_secs(1));
     }
     tracing::info!("herald stopped");
     result

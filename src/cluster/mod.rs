@@ -18,6 +18,9 @@
 //!   `presence.rs`, the channel's joins and leaves);
 //! - the channel's presence entries (`presence.rs`).
 //!
+//! Outside every channel's slot, `users.rs` keeps each node's connections per user for
+//! the cluster-wide `--max-connections-per-user`.
+//!
 //! One Lua script orders a publish: it checks the publisher's `expect_seq`, assigns the
 //! next `seq`, appends to the stream and publishes, atomically, so the sequence, the
 //! history and the fan-out cannot disagree and a conditional write cannot be lost.
@@ -38,6 +41,7 @@ mod redis;
 pub mod roster;
 mod script;
 mod sharded;
+pub mod users;
 
 use std::collections::VecDeque;
 use std::io;
@@ -51,6 +55,7 @@ use crate::compression::CompressionPolicies;
 use crate::hub::{ChannelName, HistoryPolicy};
 use crate::shard::{ConnRef, Context, Post};
 use roster::{Ask, AskQueue};
+use users::{UserAsk, UserQueue};
 
 /// What a shard asks of the cluster.
 #[derive(Debug)]
@@ -118,6 +123,11 @@ pub struct Link {
     masters_answering: AtomicU64,
     presence_writes: AtomicU64,
     presence_failures: AtomicU64,
+    /// Upgrades the cluster-wide per-user limit admitted, refused, and decided on the
+    /// node-local count because Redis did not answer (`users.rs`).
+    user_admissions: AtomicU64,
+    user_refusals: AtomicU64,
+    user_failures: AtomicU64,
 }
 
 impl Link {
@@ -209,6 +219,24 @@ impl Link {
                 "counter",
                 "Presence writes (joins, leaves, refreshes) Redis did not take; rewritten on the next refresh.",
                 self.presence_failures.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_user_admissions_total",
+                "counter",
+                "Connections admitted by the cluster-wide --max-connections-per-user check in Redis.",
+                self.user_admissions.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_user_refusals_total",
+                "counter",
+                "Connections refused (429) because the user's connections on the live nodes reached --max-connections-per-user.",
+                self.user_refusals.load(Ordering::Relaxed),
+            ),
+            (
+                "herald_redis_user_failures_total",
+                "counter",
+                "Per-user admissions Redis did not answer, decided on this node's count alone.",
+                self.user_failures.load(Ordering::Relaxed),
             ),
         ];
         let masters = [
@@ -342,6 +370,7 @@ pub struct Bridge {
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
     asks: Arc<AskQueue>,
+    users: Arc<UserQueue>,
     pub link: Arc<Link>,
 }
 
@@ -352,6 +381,7 @@ pub struct Idle {
     requests: Arc<Queue>,
     publishes: Arc<Queue>,
     asks: Arc<AskQueue>,
+    users: Arc<UserQueue>,
     history: HistoryPolicy,
     ack_replicas: u32,
     /// Redis traffic held per shard, and announcements read ahead (`--redis-buffer-bytes`).
@@ -378,11 +408,13 @@ impl Bridge {
         let publishes = Arc::new(Queue::new(MAX_QUEUED_PUBLISHES, MAX_QUEUED_PUBLISH_BYTES));
         let link = Arc::new(Link::default());
         let asks = Arc::new(AskQueue::new());
+        let users = Arc::new(UserQueue::new());
         Ok((
             Self {
                 requests: requests.clone(),
                 publishes: publishes.clone(),
                 asks: asks.clone(),
+                users: users.clone(),
                 link: link.clone(),
             },
             Idle {
@@ -390,6 +422,7 @@ impl Bridge {
                 requests,
                 publishes,
                 asks,
+                users,
                 history,
                 ack_replicas,
                 buffer_bytes,
@@ -421,6 +454,31 @@ impl Bridge {
     /// ([`Busy`]: answer them [`BUSY`]).
     pub fn ask(&self, ask: Ask) -> Result<(), Busy> {
         self.asks.push(ask).map_err(|_| Busy)
+    }
+
+    /// Asks the cluster to admit a connection of `user` against the per-user limit over
+    /// every live node; `shard`'s `conn` is answered with one `Admitted`. Refused
+    /// ([`Busy`]) past [`users::MAX_QUEUED_ADMISSIONS`] waiting.
+    pub fn admit_user(&self, user: Arc<str>, shard: usize, conn: ConnRef) -> Result<(), Busy> {
+        let ask = UserAsk::Admit { user, shard, conn };
+        self.users.push(ask).map_err(|_| Busy)
+    }
+
+    /// Takes this node out of the cluster-wide per-user count once its shards have
+    /// drained, so its users may reconnect elsewhere at once; waits for Redis up to
+    /// `limit` (past it, the node's entry lapses by itself).
+    pub fn leave_user_count(&self, limit: std::time::Duration) {
+        let (done, left) = std::sync::mpsc::sync_channel(1);
+        if self.users.push(UserAsk::Leave { done }).is_ok() {
+            let _ = left.recv_timeout(limit);
+        }
+    }
+
+    /// Gives back the place of a connection whose admission [`users::Verdict::counts`];
+    /// never refused.
+    pub fn release_user(&self, user: Arc<str>) {
+        let taken = self.users.push(UserAsk::Release { user });
+        debug_assert!(taken.is_ok(), "a release counts against no bound");
     }
 }
 

@@ -41,6 +41,7 @@ use super::script::{
     META_SCRIPT, channel_of, meta_key, publish_script, pubsub_key, stream_entries, stream_key,
 };
 use super::sharded::{Sharded, start_over};
+use super::users::Users;
 use super::{Idle, Link, Queue};
 use crate::compression::{CompressionPolicies, CompressionPolicy};
 use crate::hub::{self, Broadcast, ChannelName};
@@ -150,6 +151,7 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>, ctx: Arc<Context>) {
         requests,
         publishes,
         asks,
+        users,
         history,
         ack_replicas,
         buffer_bytes,
@@ -158,6 +160,17 @@ pub(super) async fn run(idle: Idle, post: Arc<Post>, ctx: Arc<Context>) {
     } = idle;
     let (conn_tx, conn_rx) = watch::channel(None);
     let roster_conn: watch::Receiver<Publishing> = conn_rx.clone();
+    if ctx.config.max_connections_per_user > 0 {
+        let users = Users::new(
+            ctx.epoch.as_ref().into(),
+            ctx.config.max_connections_per_user,
+            link.clone(),
+            Shards { post: post.clone() },
+            conn_rx.clone(),
+            users,
+        );
+        tokio::spawn(users.run());
+    }
     let (broken, broken_rx) = watch::channel(0);
     let publisher = Publisher {
         conn: conn_rx,

@@ -640,7 +640,7 @@ impl Roster {
 }
 
 /// Runs a script on either link, bounded by [`REPLY_TIMEOUT`].
-async fn invoke<T: ::redis::FromRedisValue>(
+pub(super) async fn invoke<T: ::redis::FromRedisValue>(
     link: &Conn,
     call: &::redis::ScriptInvocation<'_>,
 ) -> RedisResult<T> {

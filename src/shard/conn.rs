@@ -13,6 +13,7 @@ use crate::hub::ChannelName;
 use crate::metrics::Transport;
 
 use super::Outbox;
+use super::admission::Parked;
 use super::api::ApiCall;
 use super::event_stream::EventStream;
 use super::longpoll::Poll;
@@ -46,6 +47,9 @@ pub(super) enum Phase {
     WebSocket(Box<WebSocket>),
     /// A server API request waiting for the shards' answers (`api`).
     Api(Box<ApiCall>),
+    /// A request that holds its connection, parked until the cluster has counted its
+    /// user against the per-user limit over every node (`admission`).
+    Admitting(Box<Parked>),
 }
 
 /// One subscription of a connection. A subscription is pending until its home answers;
@@ -98,8 +102,21 @@ pub(super) struct Conn {
     /// What the request being served may do; set when it is admitted, and replaced by
     /// the next request's on a keep-alive connection.
     pub(super) identity: Option<Arc<Identity>>,
-    /// The identity's user is counted against `--max-connections-per-user`.
-    pub(super) user_counted: bool,
+    /// Where the identity's user is counted against `--max-connections-per-user`.
+    pub(super) user_count: UserCount,
+}
+
+/// Where a connection's user holds a place under `--max-connections-per-user`: each
+/// place is given back where it was taken when the request ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum UserCount {
+    /// Not counted (no user, or no limit).
+    #[default]
+    Uncounted,
+    /// On this node's count only (alone, or while the cluster's verdict is awaited).
+    Node,
+    /// On this node's count and on the cluster's (`cluster::users`).
+    Cluster,
 }
 
 /// Where a connection is in its life. Each state includes the ones before it (the derived
@@ -166,6 +183,7 @@ impl Conn {
     pub(super) fn request_deadline(&self) -> Option<Instant> {
         match &self.phase {
             Phase::Request(request) => Some(request.deadline),
+            Phase::Admitting(parked) => Some(parked.deadline),
             _ => None,
         }
     }
@@ -193,7 +211,9 @@ impl Phase {
     /// The transport the connection counts as in the metrics.
     pub(super) fn counted_as(&self) -> Transport {
         match self {
-            Self::Request(_) | Self::Publishing(_) | Self::Api(_) => Transport::Http,
+            Self::Request(_) | Self::Publishing(_) | Self::Api(_) | Self::Admitting(_) => {
+                Transport::Http
+            }
             Self::Polling(_) => Transport::Poll,
             Self::EventStream(_) => Transport::Sse,
             Self::WebSocket(_) => Transport::WebSocket,

@@ -16,6 +16,7 @@ use tokio::sync::Notify;
 
 use super::{ConnRef, Shard};
 use crate::auth::Patterns;
+use crate::cluster::users::Verdict;
 use crate::http::api::Target;
 use crate::hub::{Broadcast, ChannelName, ConnId, Member};
 
@@ -99,6 +100,13 @@ pub enum Envelope {
         conn: ConnRef,
         id: Option<u64>,
         message: Box<str>,
+    },
+    /// From the cluster: the verdict of the per-user limit over every live node on the
+    /// upgrade `conn` parked for it (`admission`).
+    Admitted {
+        conn: ConnRef,
+        user: Arc<str>,
+        verdict: Verdict,
     },
     /// From the home: a join or leave frame for this shard's WebSocket subscribers of the
     /// channel, in its place among the channel's broadcasts.
@@ -220,6 +228,11 @@ impl Shard {
             Envelope::Done { conn, part } => self.done(conn, part),
             Envelope::RemoteOrder { order, body } => self.carry_out_remote(order, body),
             Envelope::Unanswered { conn, id, message } => self.unanswered(conn, id, &message),
+            Envelope::Admitted {
+                conn,
+                user,
+                verdict,
+            } => self.admitted(conn, user, verdict),
             Envelope::Subscribed { answer, replay } => self.confirm_subscription(answer, replay),
             Envelope::HistoryGap { answer, oldest } => self.refuse_subscription(answer, oldest),
             Envelope::Refused { conn, id, message } => self.refuse_publish(conn, id, &message),

@@ -51,6 +51,7 @@
 
 #![deny(clippy::disallowed_methods)] // no clock reads here: see clippy.toml
 
+mod admission;
 mod api;
 mod conn;
 mod context;
@@ -230,7 +231,7 @@ impl Shard {
             peer,
             counted: None,
             identity: None,
-            user_counted: false,
+            user_count: conn::UserCount::Uncounted,
         });
         self.arm_request_deadline(key);
         self.counters.accepted_total += 1;
@@ -341,7 +342,9 @@ impl Shard {
                     break;
                 }
                 // Waiting for an answer: a pipelined request stays buffered until then.
-                Phase::Publishing(_) | Phase::Polling(_) | Phase::Api(_) => break,
+                Phase::Publishing(_) | Phase::Polling(_) | Phase::Api(_) | Phase::Admitting(_) => {
+                    break;
+                }
                 Phase::EventStream(_) => {
                     self.conns[key].read_buf = None;
                     break;

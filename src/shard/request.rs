@@ -17,7 +17,7 @@ use crate::namespace::PublishRule;
 use crate::proto::handshake::{self, Request};
 
 use super::Shard;
-use super::conn::Phase;
+use super::conn::{Phase, UserCount};
 use super::timer::Timed;
 use super::transport::{Action, Scope, Transport};
 use super::websocket::Endpoint;
@@ -86,8 +86,10 @@ impl Shard {
     /// Admits a request to hold its connection (WebSocket, stream, poll). Every such
     /// request is checked on its own, whatever an earlier request on the same keep-alive
     /// connection presented: the `Origin` must be allowed (403), the token valid (401),
-    /// and the connection limits not reached (503 in all, 429 per address). On refusal the
-    /// response is queued and false returned.
+    /// and the connection limits not reached (503 in all, 429 per address and per user).
+    /// On refusal the response is queued and false returned; false too when the request
+    /// was parked for the cluster's per-user verdict (it goes on from
+    /// [`Shard::admitted`]).
     pub(super) fn admit(&mut self, key: usize, request: &Request) -> bool {
         self.drop_identity(key);
         let auth = &self.ctx.auth;
@@ -127,16 +129,20 @@ impl Shard {
             }
             self.conns[key].counted = Some(ip);
         }
+        let mut counted = None;
         if let Some(user) = identity
             .user
             .as_ref()
             .filter(|_| self.ctx.limits.limits_users())
         {
+            // This node's count first: at the limit here, the user is at it everywhere,
+            // and no Redis round trip is needed to say so.
             if let Err(refusal) = self.ctx.limits.count_user(user) {
                 self.refuse_busy(key, refusal);
                 return false;
             }
-            self.conns[key].user_counted = true;
+            self.conns[key].user_count = UserCount::Node;
+            counted = Some(user.clone());
         }
         let runs_out = identity.runs_out.filter(|_| auth.mode() != AuthMode::Off);
         self.conns[key].identity = Some(identity);
@@ -147,18 +153,46 @@ impl Shard {
             // accept the token).
             self.arm_timed(key, runs_out, Timed::TokenExpiry);
         }
-        true
+        match counted {
+            // In a cluster the user's connections on every node count: the request
+            // waits for the cluster's verdict (`admission`).
+            Some(user) if self.ctx.cluster.is_some() => {
+                self.park_admission(key, user, request);
+                false
+            }
+            _ => true,
+        }
     }
 
     /// Forgets the identity of the request that held `key`, giving back its place in
-    /// the per-user count.
+    /// the per-user count, on this node and, where it took one, in the cluster.
     pub(super) fn drop_identity(&mut self, key: usize) {
         let conn = &mut self.conns[key];
         let identity = conn.identity.take();
-        if std::mem::take(&mut conn.user_counted)
-            && let Some(user) = identity.as_ref().and_then(|id| id.user.as_deref())
+        let count = std::mem::take(&mut conn.user_count);
+        if count != UserCount::Uncounted
+            && let Some(user) = identity.as_ref().and_then(|id| id.user.as_ref())
         {
             self.ctx.limits.release_user(user);
+            if count == UserCount::Cluster
+                && let Some(bridge) = &self.ctx.cluster
+            {
+                bridge.release_user(user.clone());
+            }
+        }
+    }
+
+    /// Serves an admitted request that holds its connection: a WebSocket, a poll or an
+    /// event stream.
+    pub(super) fn hold(&mut self, key: usize, request: &Request) {
+        let keep_alive = http::keep_alive(request) && !self.draining;
+        match http::route(request) {
+            Route::PubSub => self.upgrade(key, request, Endpoint::PubSub),
+            Route::Echo => self.upgrade(key, request, Endpoint::Echo),
+            Route::Poll => self.poll(key, request, keep_alive),
+            Route::Sse => self.open_event_stream(key, request),
+            // Only the routes above are admitted; the route of a request never changes.
+            _ => self.finish(key),
         }
     }
 
@@ -256,14 +290,13 @@ impl Shard {
         let keep_alive = http::keep_alive(request) && !self.draining;
         let head_only = request.method == "HEAD";
         match http::route(request) {
-            Route::PubSub | Route::Echo | Route::Poll | Route::Sse if !self.admit(key, request) => {
+            Route::PubSub | Route::Echo | Route::Poll | Route::Sse => {
+                if self.admit(key, request) {
+                    self.hold(key, request);
+                }
             }
-            Route::PubSub => self.upgrade(key, request, Endpoint::PubSub),
-            Route::Echo => self.upgrade(key, request, Endpoint::Echo),
             Route::Publish => self.publish_http(key, request, &body, keep_alive),
             Route::Api(endpoint) => self.api(key, endpoint, request, &body, keep_alive),
-            Route::Poll => self.poll(key, request, keep_alive),
-            Route::Sse => self.open_event_stream(key, request),
             Route::Metrics => {
                 let mut text = http::metrics::prometheus(
                     &self.ctx.registry.snapshot(self.now),
@@ -395,8 +428,10 @@ impl Shard {
     }
 
     /// Answers a refused request. The connection ends unless `keep_alive`, which only a
-    /// request read to its end may ask for.
+    /// request read to its end may ask for. A refused request holds no place under the
+    /// per-user limit while its answer goes out.
     pub(super) fn refuse(&mut self, key: usize, error: &ApiError, keep_alive: bool) {
+        self.drop_identity(key);
         let status = error.status();
         tracing::debug!(
             peer = %self.conns[key].peer,

@@ -208,6 +208,7 @@ impl Phase {
             Self::EventStream(stream) => stream,
             Self::WebSocket(socket) => &mut **socket,
             Self::Api(call) => &mut **call,
+            Self::Admitting(parked) => &mut **parked,
         }
     }
 
@@ -219,6 +220,7 @@ impl Phase {
             Self::EventStream(stream) => stream,
             Self::WebSocket(socket) => &**socket,
             Self::Api(call) => &**call,
+            Self::Admitting(parked) => &**parked,
         }
     }
 }

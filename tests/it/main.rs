@@ -9,6 +9,7 @@ mod backends;
 mod client;
 mod cluster;
 mod cluster_identity;
+mod cluster_user_limit;
 mod compression;
 mod doctor;
 mod handshake;

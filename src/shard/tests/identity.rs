@@ -4,6 +4,7 @@ use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 
 use super::*;
 use crate::auth::AuthSettings;
+use crate::cluster::users::Verdict;
 
 const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
@@ -137,5 +138,154 @@ fn a_namespace_that_exposes_publishers_names_them_in_its_messages_only() {
             r#"{"type":"message","channel":"chat.a","seq":1,"publisher":"ann","data":1}"#,
             r#"{"type":"message","channel":"news","seq":1,"data":1}"#,
         ]
+    );
+}
+
+/// A node whose cluster thread never runs: verdicts on the per-user limit are handed
+/// in by the test, as the cluster thread would post them.
+fn clustered_with_user_limit() -> Cluster {
+    let config = Config {
+        max_connections_per_user: 2,
+        ..with_tokens(Config::default())
+    };
+    let mut ctx = Context::new(config, 1, SystemTime::now()).unwrap();
+    let (bridge, _idle) = Bridge::new(
+        "redis://127.0.0.1:1",
+        ctx.config.namespaces.history_policy(),
+        ctx.config.redis_ack_replicas,
+        ctx.config.redis_buffer_bytes,
+        ctx.config.compression.clone(),
+    )
+    .unwrap();
+    ctx.cluster = Some(bridge);
+    Cluster::with_context(1, ctx)
+}
+
+/// An upgrade as `user` that the shard parks for the cluster's verdict: nothing is
+/// answered yet.
+fn parked(cluster: &mut Cluster, user: &str) -> (Client, ConnRef) {
+    let request = format!(
+        "GET /ws?token={} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        token(user, &["*"], None)
+    );
+    let (client, response) = http(cluster, 0, &request);
+    assert_eq!(response, "", "parked until the cluster answers");
+    let conn = cluster.shards[0].conn_ref(client.key);
+    (client, conn)
+}
+
+fn verdict(cluster: &mut Cluster, conn: ConnRef, user: &str, verdict: Verdict) {
+    let user = user.into();
+    let envelope = Envelope::Admitted {
+        conn,
+        user,
+        verdict,
+    };
+    cluster.shards[0].handle_envelope(envelope);
+    cluster.settle();
+}
+
+fn head_line(cluster: &mut Cluster, client: Client) -> String {
+    let out = String::from_utf8(cluster.take_output(client)).unwrap();
+    out.lines().next().unwrap_or_default().to_owned()
+}
+
+#[test]
+fn in_a_cluster_an_upgrade_waits_for_the_verdict_on_its_user() {
+    let mut cluster = clustered_with_user_limit();
+    let (ann, conn) = parked(&mut cluster, "ann");
+    verdict(&mut cluster, conn, "ann", Verdict::Admitted);
+    assert_eq!(
+        head_line(&mut cluster, ann),
+        "HTTP/1.1 101 Switching Protocols"
+    );
+    cluster.send(ann, r#"{"type":"ping"}"#);
+    assert_eq!(
+        cluster.texts(ann),
+        [r#"{"type":"pong"}"#],
+        "a WebSocket now"
+    );
+
+    // Refused by the other nodes' count: the same 429 as on one node.
+    let (refused, conn) = parked(&mut cluster, "ann");
+    verdict(&mut cluster, conn, "ann", Verdict::Refused);
+    let out = String::from_utf8(cluster.take_output(refused)).unwrap();
+    assert!(out.starts_with("HTTP/1.1 429 Too Many Requests"), "{out}");
+    assert!(out.contains("too_many_connections"), "{out}");
+
+    // Redis did not answer: the node-local count admits it.
+    let (unchecked, conn) = parked(&mut cluster, "ann");
+    verdict(&mut cluster, conn, "ann", Verdict::Unchecked);
+    assert_eq!(
+        head_line(&mut cluster, unchecked),
+        "HTTP/1.1 101 Switching Protocols"
+    );
+    // Two places taken on this node: the third is refused here, with no Redis trip.
+    let request = format!("/ws?token={}", token("ann", &["*"], None));
+    assert_eq!(
+        status_line(&mut cluster, 0, &request),
+        "HTTP/1.1 429 Too Many Requests"
+    );
+}
+
+#[test]
+fn a_parked_upgrade_keeps_its_deadline_and_a_late_verdict_takes_no_place() {
+    let mut cluster = clustered_with_user_limit();
+    let (first, conn) = parked(&mut cluster, "ann");
+    cluster.now += Config::default().handshake_timeout + Duration::from_millis(1);
+    cluster.shards[0].handle_timeout(cluster.now);
+    assert_eq!(
+        head_line(&mut cluster, first),
+        "HTTP/1.1 408 Request Timeout"
+    );
+    // The verdict comes after the answer: the connection takes no place.
+    verdict(&mut cluster, conn, "ann", Verdict::Admitted);
+    for _ in 0..2 {
+        let (client, conn) = parked(&mut cluster, "ann");
+        verdict(&mut cluster, conn, "ann", Verdict::Admitted);
+        assert_eq!(
+            head_line(&mut cluster, client),
+            "HTTP/1.1 101 Switching Protocols",
+            "both places are free on this node"
+        );
+    }
+}
+
+#[test]
+fn past_the_bound_of_parked_upgrades_the_next_is_answered_503_at_once() {
+    let mut cluster = clustered_with_user_limit();
+    for i in 0..cluster::users::MAX_QUEUED_ADMISSIONS {
+        parked(&mut cluster, &format!("u{i}"));
+    }
+    let request = format!("/ws?token={}", token("one-too-many", &["*"], None));
+    let request = format!(
+        "GET {request} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    let (_, response) = http(&mut cluster, 0, &request);
+    assert!(
+        response.starts_with("HTTP/1.1 503 Service Unavailable"),
+        "{response}"
+    );
+    assert!(response.contains(r#""code":"unavailable""#), "{response}");
+    assert!(response.contains("Retry-After: "), "{response}");
+}
+
+#[test]
+fn a_parked_upgrade_counts_its_head_against_what_may_wait_behind_it() {
+    let mut cluster = clustered_with_user_limit();
+    let (client, _) = parked(&mut cluster, "ann");
+    let shard = &mut cluster.shards[0];
+    assert!(shard.wants_read(client.key));
+    let budget = Config::default().max_head_bytes;
+    // The parked head holds a few hundred bytes: fewer than a whole head may follow.
+    shard
+        .read_buffer(client.key)
+        .extend_from_slice(&vec![b'x'; budget - 200]);
+    shard.handle_read(client.key, cluster.now);
+    assert!(
+        !shard.wants_read(client.key),
+        "reading pauses at the budget"
     );
 }
