@@ -44,7 +44,6 @@ import shutil
 import signal
 import ssl
 import subprocess
-import tempfile
 import sys
 import threading
 import time
@@ -250,7 +249,10 @@ def run_suite(
     outdir.mkdir(parents=True)
     problems: list[str] = []
     if tls:
-        ca, cert, key = make_certificate(Path(tempfile.mkdtemp(prefix="herald-conformance-")))
+        # Beside the reports, not in /tmp: each run makes it again over the last one's.
+        certdir = outroot / f"tls-{name}"
+        certdir.mkdir(parents=True, exist_ok=True)
+        ca, cert, key = make_certificate(certdir)
         extra = [*extra, "--tls-cert", str(cert), "--tls-key", str(key)]
     server = Server(binary, [*ECHO_LIMITS, *spec["server_args"], *extra], outroot / f"herald-{name}.log")
     url = f"ws://{server.addr}/echo"

@@ -176,13 +176,30 @@ async fn presence_and_join_leave_follow_clients_as_they_come_and_go() {
     );
 }
 
-/// A config file holding `text`, in a directory of its own.
-fn config_file(name: &str, text: &str) -> std::path::PathBuf {
+/// A config file holding `text`, in a directory of its own that goes when this is
+/// dropped.
+struct ConfigFile(std::path::PathBuf);
+
+impl ConfigFile {
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for ConfigFile {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn config_file(name: &str, text: &str) -> ConfigFile {
     let dir = std::env::temp_dir().join(format!("herald-identity-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("herald.toml");
     std::fs::write(&file, text).unwrap();
-    file
+    ConfigFile(file)
 }
 
 #[test]
@@ -197,7 +214,7 @@ fn an_unknown_namespace_key_stops_the_start_naming_the_key_and_the_line() {
             "--listen",
             "127.0.0.1:0",
             "--config",
-            file.to_str().unwrap(),
+            file.path(),
         ])
         .output()
         .unwrap();
@@ -214,7 +231,7 @@ async fn namespaces_switch_presence_join_leave_and_who_publishes() {
         "[[namespace]]\nprefix = \"chat.\"\npresence = true\njoin_leave = true\npublish = \"subscribers\"\nexpose_publisher = true\n\n\
          [[namespace]]\nprefix = \"feed.\"\npublish = \"api\"\n",
     );
-    let server = Server::start(&["--config", file.to_str().unwrap(), "--jwt-secret", SECRET]);
+    let server = Server::start(&["--config", file.path(), "--jwt-secret", SECRET]);
     let claims = json!({"sub":"ann","channels":["chat.*","feed.*","news"],"publish":["feed.*"]});
     let mut ws = connect(server.addr(), &format!("/ws?token={}", token(&claims))).await;
     subscribe(&mut ws, "chat.a", 1).await;
