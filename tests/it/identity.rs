@@ -209,13 +209,7 @@ fn an_unknown_namespace_key_stops_the_start_naming_the_key_and_the_line() {
         "[[namespace]]\nprefix = \"chat.\"\npresence = true\njoin_leaves = true\n",
     );
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--config",
-            file.path(),
-        ])
+        .args(["serve", "--listen", "127.0.0.1:0", "--config", file.path()])
         .output()
         .unwrap();
     assert!(!output.status.success());
