@@ -64,10 +64,12 @@ async fn a_client_not_answering_pings_is_closed_at_the_pong_timeout_and_one_answ
     let closed = Instant::now();
     assert_eq!(code, Some(1001), "{reason}");
     assert!(reason.contains("pong"), "{reason}");
-    let last_ping = last_ping.expect("pinged before being closed");
-    // Not before the pong timeout ran out after a ping; within 1.5 intervals and the
-    // pong timeout of connecting (slack for a busy machine), never at the idle timeout.
-    assert!(closed - last_ping >= pong_timeout - Duration::from_millis(50));
+    assert!(last_ping.is_some(), "pinged before being closed");
+    // Not before the pong timeout ran out after a ping, which came after the upgrade
+    // (`started`: a client slow to read a ping records it late, so its own time of
+    // reading bounds nothing); within 1.5 intervals and the pong timeout of connecting
+    // (slack for a busy machine), never at the idle timeout.
+    assert!(closed - started >= pong_timeout, "{:?}", closed - started);
     assert!(closed - started < interval * 3 / 2 + pong_timeout + Duration::from_secs(3));
     // The answering client saw no close in all that time, nor in several more intervals.
     let mut answering = answering.await.unwrap();
