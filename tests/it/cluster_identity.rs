@@ -11,7 +11,7 @@
 
 use crate::support;
 use crate::support_http;
-use crate::support_redis::{Redis, require_redis};
+use crate::support_redis::{Redis, require_redis, wait_redis_up};
 use crate::support_redis_cluster;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use support::*;
-use support_http::{HttpConn, Response};
+use support_http::Response;
 
 const SECRET: &str = "herald-test-secret-0123456789abcdef";
 const KEY: &str = "cluster-identity-key";
@@ -45,19 +45,7 @@ fn node_on(url: &str) -> Server {
         "--presence",
         "--join-leave",
     ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let health = HttpConn::connect(server.addr()).get("/healthz", Duration::from_secs(5));
-        if health.status == 200 && health.json()["redis"] == "up" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "redis link not up: {}",
-            health.text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_redis_up(server.addr());
     server
 }
 

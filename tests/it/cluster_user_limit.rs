@@ -11,8 +11,8 @@
 //! with a message saying so, never skips.
 
 use crate::support;
-use crate::support_http::{HttpConn, Response};
-use crate::support_redis::{Redis, require_redis};
+use crate::support_http::Response;
+use crate::support_redis::{Redis, require_redis, wait_redis_up};
 use crate::support_redis_cluster::RedisCluster;
 
 use std::net::{SocketAddr, TcpStream};
@@ -42,19 +42,7 @@ fn node(url: &str) -> Server {
         "--max-connections-per-user",
         LIMIT,
     ]);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let health = HttpConn::connect(server.addr()).get("/healthz", Duration::from_secs(5));
-        if health.status == 200 && health.json()["redis"] == "up" {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "redis link not up: {}",
-            health.text()
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_redis_up(server.addr());
     server
 }
 

@@ -201,3 +201,22 @@ impl Drop for Redis {
         }
     }
 }
+
+/// Waits (up to 10 s) until the node at `addr` says on `/healthz` that its Redis link is
+/// up: `listening on` comes before it.
+pub(crate) fn wait_redis_up(addr: std::net::SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let health =
+            crate::support_http::HttpConn::connect(addr).get("/healthz", Duration::from_secs(5));
+        if health.status == 200 && health.json()["redis"] == "up" {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "redis link not up: {}",
+            health.text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
