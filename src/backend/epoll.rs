@@ -1,6 +1,6 @@
 //! The epoll backend (through mio): one `Poll` per shard, edge-triggered sockets, reads
-//! straight into each connection's buffer and one vectored write per dirty socket per
-//! loop turn. On a TLS listener each socket carries a [`TlsSession`] between the socket and
+//! into one scratch buffer per shard (what a read brings is appended to its connection's
+//! buffer) and one vectored write per dirty socket per loop turn. On a TLS listener each socket carries a [`TlsSession`] between the socket and
 //! the shard, which sees plaintext only.
 
 use std::io::{self, IoSlice, Read, Write};
@@ -24,12 +24,11 @@ pub const WAKER: Token = Token(usize::MAX - 2);
 /// Frames handed to one `writev`: enough to drain a burst of small broadcasts in one call,
 /// well under `IOV_MAX` (1024).
 const MAX_IOVECS: usize = 64;
-/// The smallest read attempted; a connection's buffer grows past it only for big messages.
-const READ_CHUNK: usize = 16 * 1024;
-/// The largest single read, so one huge message does not zero megabytes at a time.
-const MAX_READ: usize = 256 * 1024;
-/// Ciphertext read at a time on a TLS socket: one full record and its overhead.
-const TLS_READ_CHUNK: usize = 17 * 1024;
+/// The shard's scratch buffer, the most one read takes (plaintext, or ciphertext on a TLS
+/// socket: several full records). Reading into it, zeroed once, instead of into a
+/// connection's own buffer grown and zeroed for each read, makes an idle connection's
+/// pong cost a copy of its 6 bytes rather than a 16 KiB allocation and memset.
+const READ_SCRATCH: usize = 64 * 1024;
 /// How long accepting pauses when the process is out of file descriptors: connected
 /// clients keep being served, and the loop does not spin on a listener it cannot drain.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -116,6 +115,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
         listener: Some(listener),
         accept_paused_until: None,
         sockets: Vec::with_capacity(shard.connection_capacity()),
+        scratch: vec![0; READ_SCRATCH].into_boxed_slice(),
         tls,
     };
     Loop {
@@ -138,6 +138,8 @@ struct Epoll {
     accept_paused_until: Option<Instant>,
     /// Indexed by the shard's connection keys.
     sockets: Vec<Option<Socket>>,
+    /// Every read lands here first ([`READ_SCRATCH`]).
+    scratch: Box<[u8]>,
     tls: Option<Arc<TlsAcceptor>>,
 }
 
@@ -156,6 +158,7 @@ impl Sockets for Epoll {
             listener,
             accept_paused_until,
             sockets,
+            scratch,
             tls,
         } = self;
         for event in events.iter() {
@@ -176,13 +179,13 @@ impl Sockets for Epoll {
                     if event.is_writable() {
                         if sockets[key].as_ref().is_some_and(|s| s.tls.is_some()) {
                             // Records may wait with the outbox empty (handshake, close_notify).
-                            flush(shard, key, sockets, poll, now);
+                            flush(shard, key, sockets, scratch, poll, now);
                         } else {
                             shard.handle_writable(key);
                         }
                     }
                     if event.is_readable() || event.is_read_closed() || event.is_error() {
-                        read(shard, key, sockets, poll, now);
+                        read(shard, key, sockets, scratch, poll, now);
                     }
                 }
             }
@@ -216,7 +219,14 @@ impl Sockets for Epoll {
     }
 
     fn flush(&mut self, shard: &mut Shard, key: usize, now: Instant) -> io::Result<()> {
-        flush(shard, key, &mut self.sockets, &self.poll, now);
+        flush(
+            shard,
+            key,
+            &mut self.sockets,
+            &mut self.scratch,
+            &self.poll,
+            now,
+        );
         Ok(())
     }
 
@@ -282,49 +292,44 @@ fn accept_all(
 }
 
 /// Reads until the socket is dry (edge-triggered) or the shard wants no more for now.
-fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &Poll, now: Instant) {
+fn read(
+    shard: &mut Shard,
+    key: usize,
+    sockets: &mut [Option<Socket>],
+    scratch: &mut [u8],
+    poll: &Poll,
+    now: Instant,
+) {
     let Some(socket) = sockets[key].as_mut() else {
         return;
     };
     if socket.tls.is_some() {
-        read_tls(shard, key, socket, poll, now);
+        read_tls(shard, key, socket, scratch, poll, now);
         return;
     }
     let socket = &mut socket.stream;
     while shard.wants_read(key) {
-        let buf = shard.read_buffer(key);
-        let start = buf.len();
-        let spare = buf.capacity() - start;
-        let want = if spare >= READ_CHUNK {
-            spare.min(MAX_READ)
-        } else {
-            READ_CHUNK
-        };
-        buf.resize(start + want, 0);
-        match socket.read(&mut buf[start..]) {
+        match socket.read(scratch) {
             Ok(0) => {
-                buf.truncate(start);
                 shard.handle_eof(key);
                 return;
             }
             Ok(n) => {
-                buf.truncate(start + n);
+                shard.read_buffer(key).extend_from_slice(&scratch[..n]);
                 shard.handle_read(key, now);
-                if n < want {
+                if n < scratch.len() {
                     // The socket had no more: reading again would only say so (EAGAIN).
                     // Whatever arrives later raises a new edge.
                     return;
                 }
             }
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                buf.truncate(start);
                 // Idle connections hold no read buffer.
                 shard.release_read_buffer(key);
                 return;
             }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => buf.truncate(start),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(_) => {
-                buf.truncate(start);
                 shard.handle_eof(key);
                 return;
             }
@@ -333,7 +338,14 @@ fn read(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &Po
 }
 
 /// Writes as much of `key`'s outbox as the socket takes, in vectored writes.
-fn flush(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &Poll, now: Instant) {
+fn flush(
+    shard: &mut Shard,
+    key: usize,
+    sockets: &mut [Option<Socket>],
+    scratch: &mut [u8],
+    poll: &Poll,
+    now: Instant,
+) {
     let Some(socket) = sockets[key].as_mut() else {
         return;
     };
@@ -341,7 +353,7 @@ fn flush(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &P
         flush_tls(shard, key, socket, poll);
         if shard.resume_read(key) {
             shard.handle_read(key, now);
-            read(shard, key, sockets, poll, now);
+            read(shard, key, sockets, scratch, poll, now);
         }
         return;
     }
@@ -385,14 +397,21 @@ fn flush(shard: &mut Shard, key: usize, sockets: &mut [Option<Socket>], poll: &P
         // It stopped reading while its outbox was full; bytes may wait in its buffer and
         // in the kernel with no new edge to announce them.
         shard.handle_read(key, now);
-        read(shard, key, sockets, poll, now);
+        read(shard, key, sockets, scratch, poll, now);
     }
 }
 
 /// Reads ciphertext until the socket is dry or the shard wants no more for now, and hands
 /// the shard the plaintext. Handshake records and alerts go out at once; the outbox waits
 /// for this turn's flush.
-fn read_tls(shard: &mut Shard, key: usize, socket: &mut Socket, poll: &Poll, now: Instant) {
+fn read_tls(
+    shard: &mut Shard,
+    key: usize,
+    socket: &mut Socket,
+    ciphertext: &mut [u8],
+    poll: &Poll,
+    now: Instant,
+) {
     let Socket {
         stream,
         awaiting_writable,
@@ -402,9 +421,8 @@ fn read_tls(shard: &mut Shard, key: usize, socket: &mut Socket, poll: &Poll, now
     else {
         return;
     };
-    let mut ciphertext = [0u8; TLS_READ_CHUNK];
     while shard.wants_read(key) {
-        let n = match stream.read(&mut ciphertext) {
+        let n = match stream.read(ciphertext) {
             Ok(0) => {
                 shard.handle_eof(key);
                 return;
