@@ -181,6 +181,50 @@ prerequisites() {
 # Inside `prerequisites`, run as `prerequisites || rc=$?`, errexit is off: every command
 # that must succeed ends in `|| return 1`.
 step "prerequisites (Debian packages, cargo-fuzz, .venv)" 1800 prerequisites
+
+# --- The dependency cache (what .ci/run asks for) ---------------------------------------
+# A run builds the workspace four ways (clippy's check, release, the tests, the fuzz
+# targets with ASan), and on a clean clone each compiles every dependency again: on a
+# 2-core machine that is most of the run. With HERALD_BUILD_CACHE=DIR the three build
+# directories (target/release, target/debug, target/fuzz) are links into DIR, kept from
+# one run to the next, so third-party crates compile once per version; Herald's own
+# crates are removed from DIR first and built from this clone's source every time. One
+# run holds DIR at a time (a second one builds without it); past HERALD_BUILD_CACHE_GB
+# (30) it starts empty. A clone that already has those directories keeps them.
+build_cache() {
+    local cache=$HERALD_BUILD_CACHE dir
+    mkdir -p "$cache" || return 1
+    exec 9>"$cache/.lock"
+    if ! flock -n 9; then
+        echo "build cache $cache: another run holds it; building without it"
+        return 0
+    fi
+    for dir in release debug fuzz; do
+        if [ -e "target/$dir" ] && [ ! -L "target/$dir" ]; then
+            echo "build cache: target/$dir is this clone's own; building without the cache"
+            return 0
+        fi
+    done
+    if [ "$(du -s --block-size=1G "$cache" | cut -f1)" -gt "${HERALD_BUILD_CACHE_GB:-30}" ]; then
+        echo "build cache $cache: over ${HERALD_BUILD_CACHE_GB:-30} GB, starting it again"
+        find "$cache" -mindepth 1 -maxdepth 1 ! -name .lock -exec rm -rf {} + || return 1
+    fi
+    for dir in release debug fuzz; do
+        mkdir -p "$cache/$dir" || return 1
+        ln -sfn "$cache/$dir" "target/$dir" || return 1
+    done
+    cargo clean -p herald -p herald-bench || return 1
+    cargo clean -p herald -p herald-bench --release || return 1
+    cargo clean --manifest-path tests/fuzz/Cargo.toml --target-dir target/fuzz \
+        --target "$(rustc -vV | sed -n 's/^host: //p')" -p herald -p herald-fuzz || return 1
+    du -sh "$cache"
+}
+if [ -n "${HERALD_BUILD_CACHE:-}" ]; then
+    step "build cache ($HERALD_BUILD_CACHE)" 300 build_cache
+    # Every build of a run starts from nothing of Herald's: incremental state is only
+    # written, never read.
+    export CARGO_INCREMENTAL=0
+fi
 # The cluster tests fail rather than skip when redis-server is missing. Each starts its
 # own redis-server on a free port: the package's service is not needed. The Redis Cluster
 # tests (tests/it/redis_cluster.rs) start six each and create the cluster with redis-cli
