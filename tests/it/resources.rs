@@ -3,7 +3,8 @@
 //! (`herald_channels` and RSS come back down within the TTL; a `since` from a forgotten
 //! channel is a gap), `/echo` held to the limits of `/ws` (message size, fragments,
 //! inbound rate, inflated size), and a token carrying a permission pattern outside the
-//! documented grammar refused with 401.
+//! documented grammar refused with 401; and a byte of an unfinished frame held as a byte,
+//! not as a read buffer.
 
 use crate::support;
 use crate::support_deflate;
@@ -458,5 +459,49 @@ fn token_with_a_pattern_outside_the_grammar_gets_401_naming_it() {
     assert_eq!(status, 200, "{body}");
     let (status, body) = poll(&token(&["user.1"]));
     assert_eq!(status, 403, "{body}");
+    server.assert_healthy();
+}
+
+/// A connection that sent one byte of a frame holds that byte, not a read buffer: the
+/// epoll backend read into each connection's own buffer, grown and zeroed 16 KiB at a
+/// time, so 1,000 such clients held 16 MB (a slow-loris on memory). Now every backend
+/// reads into a buffer of its shard and keeps what came: measured 39 B a connection.
+#[test]
+fn one_byte_of_an_unfinished_frame_costs_its_byte_not_a_read_buffer() {
+    const CLIENTS: usize = 1000;
+    // One shard: the last client's round trip is answered in or after the turn that read
+    // every earlier client's byte (they were readable before its ping was sent).
+    let mut server = Server::start(&["--threads", "1", "--max-connections-per-ip", "0"]);
+    let addr = server.addr();
+    let pid = server.pid();
+    let mut clients: Vec<_> = (0..CLIENTS).map(|_| raw_ws(addr)).collect();
+    let (last, buf) = clients.last_mut().unwrap();
+    let round_trip = |s: &mut std::net::TcpStream, buf: &mut Vec<u8>| {
+        s.write_all(&encode_frame(OP_PING, b"r", MASK)).unwrap();
+        let pong = read_frame(s, buf, CLOSE_WAIT).expect("pong");
+        assert_eq!(pong.payload, b"r");
+    };
+    round_trip(last, buf);
+    let before = rss_kib(pid);
+    // The first byte of an empty ping: FIN and the opcode.
+    let ping = encode_frame(OP_PING, b"", MASK);
+    for (s, _) in &mut clients[..CLIENTS - 1] {
+        s.write_all(&ping[..1]).unwrap();
+    }
+    let (last, buf) = clients.last_mut().unwrap();
+    round_trip(last, buf);
+    let grown_kib = rss_kib(pid).saturating_sub(before);
+    eprintln!("{CLIENTS} connections holding one byte each: RSS +{grown_kib} KiB");
+    // 16 KiB each before the fix; the bound leaves room for allocator pages.
+    assert!(
+        grown_kib * 1024 < 2048 * CLIENTS as u64,
+        "{CLIENTS} connections holding one byte each grew RSS by {grown_kib} KiB"
+    );
+    // Each still finishes its frame as if nothing had happened in between.
+    for (s, buf) in &mut clients[..10] {
+        s.write_all(&ping[1..]).unwrap();
+        let pong = read_frame(s, buf, CLOSE_WAIT).expect("pong");
+        assert!(pong.payload.is_empty());
+    }
     server.assert_healthy();
 }
