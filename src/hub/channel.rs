@@ -504,7 +504,15 @@ impl Channels {
         if self.next_sweep.is_some_and(|at| now < at) {
             return;
         }
-        self.next_sweep = Some(now + SWEEP_INTERVAL);
+        // The cadence is kept from when it was due, so a sweep run late (the shard waits
+        // for a turn that comes anyway, see `Shard::poll_timeout`) does not slow the
+        // rounds down.
+        let next = self.next_sweep.map_or(now, |due| due) + SWEEP_INTERVAL;
+        self.next_sweep = Some(if next > now {
+            next
+        } else {
+            now + SWEEP_INTERVAL
+        });
         if self.cursor >= self.map.len() {
             let round =
                 (self.shortest_ttl / 4).clamp(Duration::from_secs(1), Duration::from_secs(30));

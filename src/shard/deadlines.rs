@@ -16,6 +16,9 @@ use super::timer::{self, TICK, Timed};
 use super::transport::Action;
 use super::websocket::EMPTY_PING;
 
+/// How late a channel sweep may run, waiting for a turn the shard has anyway.
+const SWEEP_SLACK: Duration = Duration::from_millis(50);
+
 impl Shard {
     /// Arms a per-connection deadline; returns the instant it comes due (`at` rounded up
     /// to the wheel's tick). An entry whose request has ended stays in the wheel until its
@@ -144,10 +147,11 @@ impl Shard {
         if conn.is_closing() || !conn.phase.transport_ref().has_heartbeat() {
             return;
         }
+        let phase = self.heartbeat_phase(deadline);
         if pinged {
-            self.arm_timed(key, deadline + self.ctx.config.pong_timeout, Timed::PongDue);
+            self.arm_timed(key, phase + self.pong_wait(), Timed::PongDue);
         } else {
-            let next = timer::next_period(deadline, self.ctx.config.ping_interval, self.now);
+            let next = timer::next_period(phase, self.ctx.config.ping_interval, self.now);
             self.arm_timed(key, next, Timed::Heartbeat);
         }
     }
@@ -159,7 +163,7 @@ impl Shard {
         if self.conns[key].is_closing() {
             return;
         }
-        let pinged_at = due - self.ctx.config.pong_timeout;
+        let pinged_at = self.heartbeat_phase(due - self.pong_wait());
         // The due time was rounded up to the tick: a tick's slack keeps an answer that
         // came at once from being missed.
         let pinged_at_stamp = self.wheel.stamp(pinged_at);
@@ -168,6 +172,25 @@ impl Shard {
             self.arm_timed(key, next, Timed::Heartbeat);
         } else {
             self.dispatch(key, |transport, _| transport.on_pong_timeout());
+        }
+    }
+
+    /// How long after a heartbeat's ping its pong is checked.
+    pub(super) fn pong_wait(&self) -> Duration {
+        self.pong_wait_on_phases
+            .unwrap_or(self.ctx.config.pong_timeout)
+    }
+
+    /// The phase a heartbeat that came due at `due` was armed on: the wheel rounds up to
+    /// its tick, and the next deadlines are counted from the phase, not the tick, so the
+    /// connections of one phase stay in one turn. Without phases on the tick's scale
+    /// ([`timer::pong_wait_on_phases`]), `due` itself, as before.
+    fn heartbeat_phase(&self, due: Instant) -> Instant {
+        if self.pong_wait_on_phases.is_some() {
+            self.heartbeat_phases
+                .phase_at_or_before(due, self.ctx.config.ping_interval)
+        } else {
+            due
         }
     }
 
@@ -194,7 +217,9 @@ impl Shard {
             self.request_deadlines.next(),
             self.close_deadlines.next(),
             self.wheel.next_deadline(),
-            self.channels.next_sweep(),
+            // The sweep may wait for a turn that comes anyway: a shard with connections
+            // has one each heartbeat phase (49 ms apart at the default interval).
+            self.channels.next_sweep().map(|at| at + SWEEP_SLACK),
         ]
         .into_iter()
         .flatten()

@@ -118,6 +118,9 @@ pub struct Shard {
     /// Past this many entries the wheel's stale ones are swept out.
     wheel_sweep_at: usize,
     heartbeat_phases: Spread,
+    /// The pong timeout on the heartbeats' phases ([`timer::pong_wait_on_phases`]), where
+    /// they are far enough apart.
+    pong_wait_on_phases: Option<Duration>,
     dirty: Vec<usize>,
     dead: Vec<usize>,
     /// Envelopes for other shards, per destination, sent once per turn.
@@ -167,6 +170,10 @@ impl Shard {
             wheel: Wheel::new(now),
             wheel_sweep_at: 64,
             heartbeat_phases: Spread::new(now),
+            pong_wait_on_phases: timer::pong_wait_on_phases(
+                config.pong_timeout,
+                config.ping_interval,
+            ),
             channels: Channels::new(shards, config.history)
                 .with_prefixes(config.namespaces.history_by_prefix()),
             // Address space for this shard's share of the connection limit, touched only as

@@ -147,6 +147,10 @@ struct Level<T> {
     /// Bit `i` is set when slot `i` holds entries.
     occupied: u64,
     slots: [Vec<Entry<T>>; SLOTS],
+    /// The earliest tick in each occupied slot: the wheel sleeps until then, not until
+    /// the slot starts (a slot of level 1 starts every 64 ms, and waking for each to move
+    /// its entries down was a quarter of an idle shard's wake-ups).
+    earliest: [u64; SLOTS],
 }
 
 /// A hierarchical timer wheel (as tokio's): level `l` holds the entries whose tick
@@ -181,6 +185,7 @@ impl<T: Copy> Wheel<T> {
             levels: Box::new(std::array::from_fn(|_| Level {
                 occupied: 0,
                 slots: std::array::from_fn(|_| Vec::new()),
+                earliest: [0; SLOTS],
             })),
             due: VecDeque::new(),
             spare: Vec::new(),
@@ -218,14 +223,18 @@ impl<T: Copy> Wheel<T> {
         self.len
     }
 
-    /// When the next entry comes due, or a slot of a higher level must move its entries
-    /// down (nothing may be due then, but the call that comes then moves time past it).
-    /// After [`Wheel::poll_expired`] has returned `None` for `now`, this is after `now`.
+    /// When the next entry comes due: the earliest entry of the first occupied slot, whose
+    /// entries move down to lower levels in the call that comes then. After
+    /// [`Wheel::poll_expired`] has returned `None` for `now`, this is after `now`.
     pub(super) fn next_deadline(&self) -> Option<Instant> {
         if !self.due.is_empty() {
             return Some(self.instant(self.elapsed));
         }
-        self.next_expiry().map(|(_, _, tick)| self.instant(tick))
+        self.next_expiry().map(|(level, slot, tick)| {
+            // Nothing in the slot is due before its earliest entry; the entries move down
+            // in the turn that comes then.
+            self.instant(tick.max(self.levels[level].earliest[slot]))
+        })
     }
 
     /// Takes one entry due by `now`, with the instant it came due at; entries come out in
@@ -264,6 +273,9 @@ impl<T: Copy> Wheel<T> {
                 if slot.is_empty() {
                     level.occupied &= !(1 << i);
                 }
+                if let Some(earliest) = slot.iter().map(|entry| entry.at).min() {
+                    level.earliest[i] = earliest;
+                }
                 len += slot.len();
             }
         }
@@ -274,6 +286,9 @@ impl<T: Copy> Wheel<T> {
         let level = level_for(self.elapsed, entry.at);
         let slot = ((entry.at >> (SLOT_BITS as usize * level)) % SLOTS as u64) as usize;
         let level = &mut self.levels[level];
+        if level.occupied & (1 << slot) == 0 || entry.at < level.earliest[slot] {
+            level.earliest[slot] = entry.at;
+        }
         level.occupied |= 1 << slot;
         let slot = &mut level.slots[slot];
         if slot.capacity() == 0 {
@@ -389,6 +404,37 @@ impl Spread {
             next_period(at, period, now)
         }
     }
+}
+
+impl Spread {
+    /// The phase instant of `period` at or before `at`: where a periodic deadline that
+    /// came due (rounded up to the wheel's tick) at `at` was armed.
+    pub(super) fn phase_at_or_before(&self, at: Instant, period: Duration) -> Instant {
+        let since = at.saturating_duration_since(self.origin).as_nanos();
+        let period_nanos = period.as_nanos().max(1);
+        let periods = since / period_nanos;
+        let phase = (since % period_nanos) * u128::from(PHASES) / period_nanos;
+        let start = self.origin
+            + Duration::from_nanos(u64::try_from(periods * period_nanos).unwrap_or(u64::MAX));
+        start + period * u32::try_from(phase).unwrap_or(0) / PHASES
+    }
+}
+
+/// How long after a heartbeat's ping its pong is checked: `pong_timeout` rounded up to
+/// whole phases of `period`, so the check of one phase comes due in the turn of a later
+/// phase's heartbeat instead of waking the shard on its own (an idle shard then wakes
+/// about twice a phase, its pings and their pongs, where it woke three or four times).
+/// At the default 25 s / 10 s that is 10.0098 s. `None` where phases are closer than the
+/// wheel's tick (a ping interval under half a second) or the rounding would reach the
+/// next heartbeat: the pong timeout is kept as given.
+pub(super) fn pong_wait_on_phases(pong_timeout: Duration, period: Duration) -> Option<Duration> {
+    let phase = period / PHASES;
+    if phase < TICK {
+        return None;
+    }
+    let phases = u32::try_from(pong_timeout.as_nanos().div_ceil(phase.as_nanos())).ok()?;
+    let wait = period * phases / PHASES;
+    (wait < period).then_some(wait)
 }
 
 /// The first `deadline + k × period` (k ≥ 1) after `now`: a periodic deadline keeps its

@@ -3,6 +3,21 @@
 
 use super::*;
 
+/// How long after a ping the shard checks its pong: the pong timeout on the heartbeats'
+/// phases.
+fn pong_wait(config: &Config) -> Duration {
+    timer::pong_wait_on_phases(config.pong_timeout, config.ping_interval)
+        .unwrap_or(config.pong_timeout)
+}
+
+/// Whether `closed` is a pong wait after one of `pings`: the ping's turn and the check's
+/// are the phases' instants rounded up to the wheel's tick.
+fn closed_a_pong_wait_after_a_ping(pings: &[Instant], closed: Instant, wait: Duration) -> bool {
+    pings
+        .iter()
+        .any(|&ping| closed - ping + timer::TICK > wait && closed - ping < wait + timer::TICK)
+}
+
 /// What a turn of the shard, woken at the deadline it asked for, sent.
 #[derive(Default)]
 struct Turn {
@@ -42,10 +57,10 @@ fn next_turn(cluster: &mut Cluster, until: Instant) -> Option<Turn> {
 #[test]
 fn a_connect_storm_is_pinged_spread_over_the_interval_and_the_dead_are_closed_in_time() {
     let config = Config::default();
-    let (interval, idle, pong_timeout) = (
+    let (interval, idle, wait) = (
         config.ping_interval,
         config.idle_timeout,
-        config.pong_timeout,
+        pong_wait(&config),
     );
     let mut cluster = Cluster::new(1, config);
     let start = cluster.now;
@@ -95,17 +110,17 @@ fn a_connect_storm_is_pinged_spread_over_the_interval_and_the_dead_are_closed_in
         if live(c.key) {
             assert_eq!(closed_at[c.key], None);
         } else {
-            // Closed the pong timeout after a heartbeat's ping it did not answer. That
+            // Closed the pong wait after a heartbeat's ping it did not answer. That
             // heartbeat comes within 1.5 intervals of connecting (the first, when it
             // finds the client silent for half an interval): long before the idle timeout.
             let closed = closed_at[c.key].expect("every silent client is closed");
             assert!(
-                pinged_at[c.key].contains(&(closed - pong_timeout)),
+                closed_a_pong_wait_after_a_ping(&pinged_at[c.key], closed, wait),
                 "closed at {:?}, pinged at {:?}",
                 closed - start,
                 pinged_at[c.key]
             );
-            assert!(closed - start <= interval * 3 / 2 + pong_timeout);
+            assert!(closed - start <= interval * 3 / 2 + wait);
             assert!(closed - start < idle);
         }
     }
@@ -163,13 +178,16 @@ fn a_busy_connection_is_not_pinged_and_a_quiet_one_is_pinged_each_interval() {
 #[test]
 fn a_client_answering_late_is_closed_at_the_pong_timeout_and_one_answering_in_time_is_not() {
     let config = Config::default();
-    let (interval, pong_timeout) = (config.ping_interval, config.pong_timeout);
+    let (interval, wait) = (config.ping_interval, pong_wait(&config));
+    // The pong timeout, rounded up onto the phases: never shorter than asked.
+    assert!(wait >= config.pong_timeout && wait < config.pong_timeout + interval / timer::PHASES);
     let mut cluster = Cluster::new(1, config);
     let start = cluster.now;
     let prompt = cluster.connect(0, "/ws");
     let late = cluster.connect(0, "/ws");
     let pong = encode_client_frame(OpCode::Pong, true, b"", [1, 2, 3, 4]);
-    // A pong read before the timeout's turn counts, one a tick after it does not.
+    // A pong read before the check's turn counts, one after it does not (the ping's turn
+    // and the check's are rounded up to the tick: two ticks either side).
     let mut answer_due = Vec::new();
     let (mut late_pings, mut late_answered) = (Vec::new(), start);
     let mut closed = None;
@@ -202,9 +220,9 @@ fn a_client_answering_late_is_closed_at_the_pong_timeout_and_one_answering_in_ti
                 late_pings.push(cluster.now);
             }
             let delay = if key == prompt.key {
-                pong_timeout - Duration::from_millis(1)
+                wait - 2 * timer::TICK
             } else {
-                pong_timeout + Duration::from_millis(1)
+                wait + 2 * timer::TICK
             };
             answer_due.push((cluster.now + delay, client));
         }
@@ -217,8 +235,42 @@ fn a_client_answering_late_is_closed_at_the_pong_timeout_and_one_answering_in_ti
     // of its last answer (a late answer is still an answer for the heartbeat after it).
     let closed = closed.expect("the late client is closed");
     assert!(
-        late_pings.contains(&(closed - pong_timeout)),
+        closed_a_pong_wait_after_a_ping(&late_pings, closed, wait),
         "{late_pings:?}"
     );
-    assert!(closed - late_answered <= interval * 3 / 2 + pong_timeout);
+    assert!(closed - late_answered <= interval * 3 / 2 + wait + timer::TICK);
+}
+
+#[test]
+fn an_idle_shard_wakes_once_a_phase_its_pong_checks_sharing_the_heartbeats_turns() {
+    let config = Config::default();
+    let interval = config.ping_interval;
+    let mut cluster = Cluster::new(1, config);
+    let start = cluster.now;
+    let clients: Vec<Client> = (0..1_000).map(|_| cluster.connect(0, "/ws")).collect();
+    let pong = encode_client_frame(OpCode::Pong, true, b"", [1, 2, 3, 4]);
+    // Past the first interval (first pings, a connect storm's own turns), two intervals of
+    // clients answering every ping at once.
+    let (settled, until) = (start + interval * 2, start + interval * 4);
+    let mut turns = 0;
+    while let Some(turn) = next_turn(&mut cluster, until) {
+        if cluster.now > settled {
+            turns += 1;
+        }
+        for key in turn.pinged {
+            cluster.write(clients[key], &pong);
+        }
+        assert!(
+            turn.closed.is_empty(),
+            "a client answering its pings was closed"
+        );
+    }
+    // One turn per phase and interval. Checks waking the shard on their own, a pong
+    // timeout after each phase (not a whole number of phases), made it twice that.
+    let phases = 2 * timer::PHASES as usize;
+    assert!(
+        turns <= phases + 2,
+        "{turns} wake-ups over two intervals of {} phases",
+        timer::PHASES
+    );
 }

@@ -288,3 +288,61 @@ fn next_period_keeps_the_phase_after_a_late_turn() {
         start + ms(6_000)
     );
 }
+
+#[test]
+fn the_pong_wait_is_the_timeout_rounded_up_onto_whole_phases() {
+    let (pong, period) = (Duration::from_secs(10), Duration::from_secs(25));
+    let wait = pong_wait_on_phases(pong, period).unwrap();
+    assert_eq!(wait, period * 205 / PHASES);
+    assert_eq!(wait.as_nanos(), 10_009_765_625);
+    // Phases closer than the wheel's tick, or a wait reaching the next heartbeat: as given.
+    let short = Duration::from_millis(200);
+    assert_eq!(pong_wait_on_phases(Duration::from_millis(100), short), None);
+    assert_eq!(pong_wait_on_phases(period - TICK, period), None);
+}
+
+#[test]
+fn a_deadline_rounded_up_to_the_tick_snaps_back_onto_its_phase() {
+    let origin = Instant::now();
+    let period = Duration::from_secs(25);
+    let mut spread = Spread::new(origin);
+    let later = origin + Duration::from_secs(600);
+    for _ in 0..1_000 {
+        let phase = spread.first(later, period);
+        // In later periods too, and from anywhere up to the next phase.
+        for at in [phase, phase + period * 3] {
+            assert_eq!(spread.phase_at_or_before(at, period), at);
+            assert_eq!(spread.phase_at_or_before(at + TICK, period), at);
+            let next = at + period / PHASES;
+            assert_eq!(
+                spread.phase_at_or_before(next - Duration::from_nanos(1), period),
+                at
+            );
+        }
+    }
+}
+
+#[test]
+fn the_wheel_sleeps_until_its_earliest_entry_not_until_a_slot_moves_down() {
+    let start = Instant::now();
+    let mut wheel = Wheel::new(start);
+    // Level 2 (slots of 4,096 ticks): the slot starts at 4,096 ms.
+    wheel.arm(start + Duration::from_millis(5_000), 1u32);
+    wheel.arm(start + Duration::from_millis(6_000), 2u32);
+    assert_eq!(
+        wheel.next_deadline(),
+        Some(start + Duration::from_millis(5_000))
+    );
+    assert_eq!(
+        wheel.poll_expired(start + Duration::from_millis(4_999)),
+        None
+    );
+    assert_eq!(
+        wheel.poll_expired(start + Duration::from_millis(5_000)),
+        Some((start + Duration::from_millis(5_000), 1))
+    );
+    assert_eq!(
+        wheel.next_deadline(),
+        Some(start + Duration::from_millis(6_000))
+    );
+}
