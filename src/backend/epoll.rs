@@ -1,7 +1,8 @@
 //! The epoll backend (through mio): one `Poll` per shard, edge-triggered sockets, reads
 //! into one scratch buffer per shard (what a read brings is appended to its connection's
-//! buffer) and one vectored write per dirty socket per loop turn. On a TLS listener each socket carries a [`TlsSession`] between the socket and
-//! the shard, which sees plaintext only.
+//! buffer) and one vectored write per dirty socket per loop turn. On a TLS listener each
+//! socket carries a [`TlsSession`] between the socket and the shard, which sees
+//! plaintext only.
 
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
