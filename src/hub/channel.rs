@@ -507,7 +507,7 @@ impl Channels {
         // The cadence is kept from when it was due, so a sweep run late (the shard waits
         // for a turn that comes anyway, see `Shard::poll_timeout`) does not slow the
         // rounds down.
-        let next = self.next_sweep.map_or(now, |due| due) + SWEEP_INTERVAL;
+        let next = self.next_sweep.unwrap_or(now) + SWEEP_INTERVAL;
         self.next_sweep = Some(if next > now {
             next
         } else {

@@ -404,9 +404,7 @@ impl Spread {
             next_period(at, period, now)
         }
     }
-}
 
-impl Spread {
     /// The phase instant of `period` at or before `at`: where a periodic deadline that
     /// came due (rounded up to the wheel's tick) at `at` was armed.
     pub(super) fn phase_at_or_before(&self, at: Instant, period: Duration) -> Instant {
