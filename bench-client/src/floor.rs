@@ -2,11 +2,15 @@
 //! in the kernel. One thread, one mio loop; it answers `subscribe` with `subscribed` and
 //! `publish` with `ack` (so `fanout` runs against it unchanged), and on each publish encodes
 //! ONE `message` frame and hands it to every subscriber of the channel with one plain
-//! `write(2)` each: no batching, no queues unless the socket is full.
+//! `write(2)` each: no batching, no queues unless the socket is full. It pings every
+//! upgraded client as Herald does by default (every 25 s, the clients spread over 512
+//! phases of the interval) and reads the pongs, so an idle run measures what a heartbeat
+//! costs in the kernel; it checks no pong and closes no one.
 
 use std::collections::HashMap;
 use std::io::{self, Read as _, Write as _};
 use std::net::SocketAddr;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result};
 use clap::Args;
@@ -27,7 +31,14 @@ pub(crate) struct FloorArgs {
     /// Address to listen on; prints `listening on ADDR` when ready (port 0 picks one).
     #[arg(long, default_value = "127.0.0.1:8081")]
     pub(crate) listen: SocketAddr,
+    /// Ping every upgraded client this often, on the phase its slot falls on (0: never).
+    #[arg(long, default_value_t = 25_000, value_name = "MS")]
+    pub(crate) ping_interval_ms: u64,
 }
+
+/// Herald's heartbeat phases: the clients pinged together, one group at a time.
+const PHASES: usize = 512;
+const PING: [u8; 2] = [0x89, 0x00];
 
 const LISTENER: Token = Token(usize::MAX);
 
@@ -63,6 +74,16 @@ struct Floor {
     clients: Vec<Option<Client>>,
     free: Vec<usize>,
     channels: HashMap<String, Channel>,
+    /// The upgraded clients of each heartbeat phase (a client's phase is its slot modulo
+    /// [`PHASES`]); empty when pings are off.
+    phases: Vec<Vec<usize>>,
+}
+
+/// When the next phase is pinged, and which.
+struct Heartbeat {
+    step: Duration,
+    due: Instant,
+    phase: usize,
 }
 
 /// Runs the floor server until killed.
@@ -79,10 +100,22 @@ pub(crate) fn run(args: &FloorArgs) -> Result<()> {
     println!("listening on {}", listener.local_addr()?);
     io::stdout().flush()?;
     let mut floor = Floor::default();
+    let mut heartbeat = (args.ping_interval_ms > 0).then(|| {
+        floor.phases = vec![Vec::new(); PHASES];
+        let step = Duration::from_millis(args.ping_interval_ms) / PHASES as u32;
+        Heartbeat {
+            step,
+            due: Instant::now() + step,
+            phase: 0,
+        }
+    });
     let mut events = Events::with_capacity(4096);
     let mut scratch = vec![0u8; 64 * 1024];
     loop {
-        if let Err(error) = poll.poll(&mut events, None) {
+        let timeout = heartbeat
+            .as_ref()
+            .map(|beat| beat.due.saturating_duration_since(Instant::now()));
+        if let Err(error) = poll.poll(&mut events, timeout) {
             if error.kind() == io::ErrorKind::Interrupted {
                 continue;
             }
@@ -99,6 +132,13 @@ pub(crate) fn run(args: &FloorArgs) -> Result<()> {
             }
             if event.is_readable() || event.is_read_closed() {
                 floor.read(id, &mut scratch);
+            }
+        }
+        if let Some(beat) = heartbeat.as_mut() {
+            while beat.due <= Instant::now() {
+                floor.ping_phase(beat.phase);
+                beat.phase = (beat.phase + 1) % PHASES;
+                beat.due += beat.step;
             }
         }
     }
@@ -135,9 +175,26 @@ impl Floor {
         }
     }
 
+    fn ping_phase(&mut self, phase: usize) {
+        let clients = std::mem::take(&mut self.phases[phase]);
+        for &id in &clients {
+            self.write(id, &PING);
+        }
+        // Put the list back without the clients that closed during the writes.
+        let open = &self.clients;
+        self.phases[phase] = clients;
+        self.phases[phase].retain(|&id| open.get(id).is_some_and(Option::is_some));
+    }
+
     fn close(&mut self, id: usize) {
-        if self.clients[id].take().is_some() {
+        if let Some(client) = self.clients[id].take() {
             self.free.push(id);
+            if client.upgraded
+                && let Some(phase) = self.phases.get_mut(id % PHASES)
+                && let Some(at) = phase.iter().position(|&other| other == id)
+            {
+                phase.swap_remove(at);
+            }
             for channel in self.channels.values_mut() {
                 channel.subscribers.retain(|&sub| sub != id);
             }
@@ -185,7 +242,13 @@ impl Floor {
             };
             match client.stream.read(scratch) {
                 Ok(0) => return self.close(id),
-                Ok(n) => client.inbuf.extend_from_slice(&scratch[..n]),
+                Ok(n) => {
+                    client.inbuf.extend_from_slice(&scratch[..n]);
+                    // Drained: the next bytes raise a new edge, so no read to see EAGAIN.
+                    if n < scratch.len() {
+                        break;
+                    }
+                }
                 Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
                 Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => return self.close(id),
@@ -206,6 +269,9 @@ impl Floor {
                     Ok(accept) => {
                         client.upgraded = true;
                         consumed = len;
+                        if let Some(phase) = self.phases.get_mut(id % PHASES) {
+                            phase.push(id);
+                        }
                         self.write(id, &upgrade_response(&accept, None, None));
                     }
                     Err(error) => {

@@ -1,8 +1,13 @@
 //! Runs `herald-bench fanout` against the real `herald` binary and against `floor`, and checks
-//! that nothing is lost, duplicated or reordered and that the JSON has its documented shape.
+//! that nothing is lost, duplicated or reordered and that the JSON has its documented shape;
+//! and `floor`'s heartbeat, the reference for what an idle connection costs: each upgraded
+//! client is pinged once per interval, on its phase, and never more often.
 
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -395,4 +400,96 @@ fn http_publish_with_the_servers_api_key_reaches_every_subscriber() {
         assert!(help.contains("POST /api/publish"), "{help}");
         assert!(!help.contains("no HTTP publish"), "{help}");
     }
+}
+
+const UPGRADE: &str = "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n";
+
+/// An upgraded client of the floor on `port`.
+fn upgraded(port: u16) -> TcpStream {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(UPGRADE.as_bytes()).unwrap();
+    let mut response = Vec::new();
+    let mut byte = [0u8; 1];
+    while !response.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        response.push(byte[0]);
+    }
+    assert!(response.starts_with(b"HTTP/1.1 101"), "{response:?}");
+    stream
+}
+
+/// When each ping arrived on `stream` during `window`, answering each with a pong.
+fn pings_during(stream: &mut TcpStream, window: Duration) -> Vec<Instant> {
+    let end = Instant::now() + window;
+    let mut pings = Vec::new();
+    let mut frame = [0u8; 2];
+    while let Some(left) = end.checked_duration_since(Instant::now()) {
+        stream
+            .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+            .unwrap();
+        match stream.read_exact(&mut frame) {
+            Ok(()) => {
+                assert_eq!(frame, [0x89, 0x00], "only empty pings are sent");
+                pings.push(Instant::now());
+                // A masked, empty pong.
+                stream.write_all(&[0x8a, 0x80, 1, 2, 3, 4]).unwrap();
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("reading from the floor: {e}"),
+        }
+    }
+    pings
+}
+
+#[test]
+fn floor_pings_each_client_once_an_interval() {
+    let server = start(
+        &PathBuf::from(BENCH),
+        &[
+            "floor",
+            "--listen",
+            "127.0.0.1:0",
+            "--ping-interval-ms",
+            "300",
+        ],
+    );
+    let mut clients: Vec<TcpStream> = (0..3).map(|_| upgraded(server.port)).collect();
+    let mut handles = Vec::new();
+    for mut client in clients.drain(..) {
+        handles.push(std::thread::spawn(move || {
+            pings_during(&mut client, Duration::from_millis(1_500))
+        }));
+    }
+    for handle in handles {
+        let pings = handle.join().unwrap();
+        // Five intervals: four to six pings, depending on where the phase fell.
+        assert!((4..=6).contains(&pings.len()), "{} pings", pings.len());
+        for gap in pings.windows(2).map(|w| w[1] - w[0]) {
+            assert!(
+                gap > Duration::from_millis(200) && gap < Duration::from_millis(450),
+                "pings {gap:?} apart, the interval is 300 ms"
+            );
+        }
+    }
+}
+
+#[test]
+fn floor_sends_no_ping_when_pings_are_off() {
+    let server = start(
+        &PathBuf::from(BENCH),
+        &[
+            "floor",
+            "--listen",
+            "127.0.0.1:0",
+            "--ping-interval-ms",
+            "0",
+        ],
+    );
+    let mut client = upgraded(server.port);
+    assert!(pings_during(&mut client, Duration::from_millis(500)).is_empty());
 }
