@@ -85,7 +85,7 @@ for round in $(seq "$ROUNDS"); do
         active "herald-$io-r$round"
         stop
     done
-    start "floor-$round" "$B" floor --listen 127.0.0.1:0
+    start "floor-$round" "$B" floor --listen 127.0.0.1:0 --ping-interval-ms 2000
     idle "floor-r$round"
     stop
     start "floor-fan-$round" "$B" floor --listen 127.0.0.1:0
