@@ -3,7 +3,7 @@
 //! previous point's connections and hand their memory back, so that each point's memory
 //! per connection counts from what the server holds at that point's start.
 
-use std::net::TcpStream;
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -14,11 +14,14 @@ use crate::stats::sample_pids;
 
 /// How long a started server has to accept connections.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long a killed server's listener may take to go.
+const LISTENER_GONE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A server started for one point; killed when dropped.
 #[derive(Debug)]
 pub(crate) struct Started {
     child: Child,
+    addr: SocketAddr,
 }
 
 impl Started {
@@ -37,7 +40,7 @@ impl Started {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting --server-cmd {command:?}"))?;
-        let mut started = Self { child };
+        let mut started = Self { child, addr };
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = started.child.try_wait()? {
@@ -60,9 +63,18 @@ impl Started {
 }
 
 impl Drop for Started {
+    /// Kills the server and waits until its address refuses connections: a listener
+    /// can outlive its process briefly (an io_uring server's ring, which holds it, is torn
+    /// down after the exit), and the next point's server must not share the port with it.
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let deadline = Instant::now() + LISTENER_GONE_TIMEOUT;
+        while Instant::now() < deadline
+            && TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_ok()
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 

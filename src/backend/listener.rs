@@ -3,8 +3,12 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
+use std::time::{Duration, Instant};
 
 use socket2::{Domain, Protocol, Socket, Type};
+
+/// How long a fixed port in use is waited for before that is an error.
+const PORT_RELEASE_WAIT: Duration = Duration::from_secs(1);
 
 fn bind_one(addr: SocketAddr, backlog: u32, reuse_port: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
@@ -27,7 +31,7 @@ pub fn bind_all(
     shared: bool,
 ) -> io::Result<Vec<TcpListener>> {
     if addr.port() != 0 && !shared {
-        drop(bind_one(addr, 1, false).map_err(|e| with_addr(e, addr))?);
+        drop(bind_when_free(addr).map_err(|e| with_addr(e, addr))?);
     }
     let first = bind_one(addr, backlog, true).map_err(|e| with_addr(e, addr))?;
     let bound = first.local_addr()?;
@@ -36,6 +40,29 @@ pub fn bind_all(
         listeners.push(bind_one(bound, backlog, true).map_err(|e| with_addr(e, bound))?);
     }
     Ok(listeners)
+}
+
+/// Binds `addr` alone, waiting up to [`PORT_RELEASE_WAIT`] while it is in use: the listener
+/// of a server that was just killed can outlive it briefly (an io_uring server's ring holds
+/// it and is torn down after the exit, ~0.1 s), and a restart must not fail on it. A port
+/// another live process holds is still an error, that much later.
+fn bind_when_free(addr: SocketAddr) -> io::Result<TcpListener> {
+    let deadline = Instant::now() + PORT_RELEASE_WAIT;
+    let mut said = false;
+    loop {
+        match bind_one(addr, 1, false) {
+            Err(e) if e.kind() == io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                if !said {
+                    tracing::info!(
+                        "{addr} is in use; waiting up to {PORT_RELEASE_WAIT:?} for it to be released"
+                    );
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => return result,
+        }
+    }
 }
 
 fn with_addr(e: io::Error, addr: SocketAddr) -> io::Error {
