@@ -94,8 +94,7 @@ pub enum Io {
     Epoll,
     /// io_uring, one ring per shard (Linux 5.11 or later; fails where it is unavailable).
     Uring,
-    /// epoll: io_uring costs about 10% more CPU per delivery on a saturated fan-out,
-    /// Herald's main load (README, "IO backends").
+    /// io_uring where it works (probed at start), else epoll with a log line saying why.
     Auto,
 }
 

@@ -21,14 +21,21 @@ function heraldBinary() {
   throw new Error("no herald binary: run `cargo build --release` or set HERALD_BIN");
 }
 
-/** The backend `herald serve ARGS` must run: `--io`, else HERALD_IO, else epoll. */
+// The servers run on the backend HERALD_IO names, else on epoll (the product's default,
+// `auto`, is io_uring where it works).
+process.env.HERALD_IO = process.env.HERALD_IO || "epoll";
+
+/** The backend `herald serve ARGS` must run: `--io`, else HERALD_IO. */
 function requestedBackend(args) {
-  let chosen = process.env.HERALD_IO || "epoll";
+  let chosen = process.env.HERALD_IO;
   args.forEach((arg, i) => {
     if (arg === "--io" && i + 1 < args.length) chosen = args[i + 1];
     else if (arg.startsWith("--io=")) chosen = arg.slice("--io=".length);
   });
-  return chosen === "auto" ? "epoll" : chosen;
+  if (chosen !== "epoll" && chosen !== "uring") {
+    throw new Error(`the tests check the backend they run on: name epoll or uring, not ${chosen}`);
+  }
+  return chosen;
 }
 
 /**

@@ -200,3 +200,97 @@ fn a_server_names_its_backend_in_metrics() {
         );
     }
 }
+
+/// Without `--io` or `HERALD_IO`, a server runs on io_uring where it works.
+#[test]
+fn auto_serves_on_io_uring_where_it_works() {
+    herald::backend::uring::probe().expect("these tests run where io_uring works");
+    let server = Server::start_with_env(&[("HERALD_IO", "auto")], &[]);
+    assert_eq!(server.backend(), "uring");
+    let mut bare = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    bare.args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
+        .env_remove("HERALD_IO");
+    assert_eq!(first_lines(bare), ["io backend uring"]);
+}
+
+/// Where io_uring is blocked (a seccomp filter, as in a container), `auto` serves on epoll
+/// and logs why; `--io uring` refuses to start and says what to do.
+#[test]
+fn auto_falls_back_to_epoll_with_the_reason_where_io_uring_is_blocked() {
+    let server = Server::start_without_io_uring("epoll", &["--io", "auto"]);
+    let log = server.stderr();
+    assert!(
+        log.contains("io_uring is unavailable: io_uring_setup failed")
+            && log.contains("Operation not permitted")
+            && log.contains("--io auto serves on epoll"),
+        "{log}"
+    );
+    let (mut ws, mut buf) = echo_client(&server);
+    ws.write_all(&encode_frame(OP_BINARY, b"served", Some([1, 2, 3, 4])))
+        .unwrap();
+    let frame = read_frame(&mut ws, &mut buf, Duration::from_secs(10)).expect("echo");
+    assert_eq!(frame.payload, b"served");
+
+    let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    refused.args(["serve", "--listen", "127.0.0.1:0", "--io", "uring"]);
+    support::block_io_uring_setup(&mut refused);
+    let out = refused.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("io_uring is unavailable") && err.contains("use --io epoll"),
+        "{err}"
+    );
+}
+
+/// A server killed with SIGKILL can be started again on its port at once, on every
+/// backend: an io_uring server's listener outlives it until the kernel has torn its ring
+/// down, and the new one waits for that instead of failing with "Address already in use".
+#[test]
+fn a_killed_server_is_replaced_on_its_port_at_once() {
+    for io in BACKENDS {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let (io, single_shot) = match io {
+            "uring-single-shot" => ("uring", "1"),
+            io => (io, "0"),
+        };
+        for _ in 0..3 {
+            let mut killed = Server::start_listening_with_env(
+                &[("HERALD_URING_SINGLE_SHOT", single_shot)],
+                &listen,
+                &["--io", io, "--threads", "1"],
+            );
+            // An upgraded connection, so the listener is not all the ring holds.
+            let _held = echo_client(&killed);
+            killed.signal("KILL");
+            assert!(killed.wait_exit(Duration::from_secs(5)).is_some());
+        }
+        let server = Server::start_listening(&listen, &["--io", io, "--threads", "1"]);
+        let (mut ws, mut buf) = echo_client(&server);
+        ws.write_all(&encode_frame(OP_BINARY, b"here", Some([9, 8, 7, 6])))
+            .unwrap();
+        let frame = read_frame(&mut ws, &mut buf, Duration::from_secs(10)).expect("echo");
+        assert_eq!(frame.payload, b"here", "{io}");
+    }
+}
+
+/// The second stdout line of `herald serve` started by `cmd` (which names the backend),
+/// the server killed after it.
+fn first_lines(mut cmd: std::process::Command) -> Vec<String> {
+    use std::io::BufRead as _;
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let second = lines.nth(1).map(Result::unwrap);
+    let _ = child.kill();
+    let _ = child.wait();
+    second.into_iter().collect()
+}

@@ -12,11 +12,12 @@ use crate::shard::Wake;
 use super::{CQ_ENTRIES, SQ_ENTRIES};
 
 /// Whether io_uring can be used here: the ring can be created and has the features this
-/// backend relies on. The error says why not, for `--io uring` to report.
+/// backend relies on. The error says why not: `--io uring` stops with it, `--io auto` logs
+/// it and serves on epoll.
 pub fn probe() -> io::Result<()> {
-    // A small ring: this asks whether io_uring may be used at all; each shard's own ring
-    // reports its own failure (e.g. memory) when it is created.
-    let ring = IoUring::new(8).map_err(|e| {
+    // A ring as the shards make: this asks whether io_uring may be used at all, and at the
+    // size they need (the ring's memory is charged to the process).
+    let (ring, _) = new_ring().map_err(|e| {
         let disabled = std::fs::read_to_string("/proc/sys/kernel/io_uring_disabled")
             .map(|v| format!("/proc/sys/kernel/io_uring_disabled = {}", v.trim()))
             .unwrap_or_else(|_| "kernel before 5.1 or io_uring not built in".into());
@@ -24,7 +25,7 @@ pub fn probe() -> io::Result<()> {
             e.kind(),
             format!(
                 "io_uring is unavailable: io_uring_setup failed: {e} ({disabled}; a seccomp \
-                 filter, e.g. a container's default profile, also blocks it); use --io epoll"
+                 filter, e.g. a container's default profile, also blocks it)"
             ),
         )
     })?;
@@ -32,7 +33,7 @@ pub fn probe() -> io::Result<()> {
     if !(params.is_feature_nodrop() && params.is_feature_ext_arg() && params.is_feature_fast_poll())
     {
         return Err(io::Error::other(
-            "io_uring is too old here (needs Linux 5.11: NODROP, EXT_ARG, FAST_POLL); use --io epoll",
+            "io_uring is too old here (needs Linux 5.11: NODROP, EXT_ARG, FAST_POLL)",
         ));
     }
     Ok(())

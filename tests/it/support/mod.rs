@@ -102,11 +102,33 @@ impl Server {
         Self::start_command(cmd, extra)
     }
 
+    /// `herald serve --listen 127.0.0.1:0 --threads 2` plus `extra` in a process where
+    /// `io_uring_setup` fails with `EPERM`, as under a container's default seccomp profile;
+    /// it must run the `backend` named.
+    pub(crate) fn start_without_io_uring(backend: &str, extra: &[&str]) -> Self {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.arg("serve")
+            .args(["--listen", "127.0.0.1:0", "--threads", "2"])
+            .args(extra);
+        block_io_uring_setup(&mut cmd);
+        Self::start_as(cmd, extra, backend.to_owned())
+    }
+
     /// Starts `cmd` (which must run `herald serve` in the end) and waits for its
     /// `listening on` line.
     fn start_command(mut cmd: Command, extra: &[&str]) -> Self {
+        // The suite runs on the backend HERALD_IO names, else on epoll: its io_uring pass
+        // is a second run (tests/run.sh), and `--io auto` has tests of its own.
+        let backend = requested_backend(&cmd).unwrap_or_else(|| {
+            cmd.env("HERALD_IO", "epoll");
+            "epoll".into()
+        });
+        Self::start_as(cmd, extra, backend)
+    }
+
+    /// Starts `cmd`, which must run `backend`, and waits for its `listening on` line.
+    fn start_as(mut cmd: Command, extra: &[&str], backend: String) -> Self {
         let bin = format!("{:?}", cmd.get_program());
-        let backend = requested_backend(&cmd);
         let tls = cmd.get_args().any(|a| a == "--tls-cert")
             || cmd.get_envs().any(|(k, _)| k == "HERALD_TLS_CERT")
             || std::env::var_os("HERALD_TLS_CERT").is_some();
@@ -329,8 +351,9 @@ impl Server {
 }
 
 /// The backend a server started by `cmd` must run: `--io`, else `HERALD_IO` (set for the
-/// server or inherited), else the default; `auto` means epoll.
-fn requested_backend(cmd: &Command) -> String {
+/// server or inherited); `None` when neither names one. `auto` is io_uring where it works
+/// here, as the server decides.
+fn requested_backend(cmd: &Command) -> Option<String> {
     let args: Vec<String> = cmd
         .get_args()
         .map(|a| a.to_string_lossy().into_owned())
@@ -352,8 +375,10 @@ fn requested_backend(cmd: &Command) -> String {
             .or_else(|| std::env::var("HERALD_IO").ok())
     };
     match from_args.or_else(from_env).as_deref() {
-        None | Some("" | "auto" | "epoll") => "epoll".into(),
-        Some(other) => other.to_owned(),
+        None | Some("") => None,
+        Some("auto") if herald::backend::uring::probe().is_ok() => Some("uring".into()),
+        Some("auto") => Some("epoll".into()),
+        Some(other) => Some(other.to_owned()),
     }
 }
 
@@ -1025,12 +1050,80 @@ impl Server {
     /// `herald serve --listen LISTEN` plus `extra` (with `--threads 2` unless `extra`
     /// names it): for processes that must serve one known port.
     pub(crate) fn start_listening(listen: &str, extra: &[&str]) -> Self {
+        Self::start_listening_with_env(&[], listen, extra)
+    }
+
+    /// Like [`Server::start_listening`], with `env` set for the server process.
+    pub(crate) fn start_listening_with_env(
+        env: &[(&str, &str)],
+        listen: &str,
+        extra: &[&str],
+    ) -> Self {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
         cmd.arg("serve").args(["--listen", listen]);
         if !extra.contains(&"--threads") {
             cmd.args(["--threads", "2"]);
         }
-        cmd.args(extra);
+        cmd.args(extra).envs(env.iter().copied());
         Self::start_command(cmd, extra)
+    }
+}
+
+/// Makes `io_uring_setup` fail with `EPERM` in the process `cmd` starts, through a seccomp
+/// filter installed between fork and exec, as a container's default profile does; every
+/// other system call is allowed.
+pub(crate) fn block_io_uring_setup(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt as _;
+
+    #[cfg(target_arch = "x86_64")]
+    const AUDIT_ARCH: u32 = 0xc000_003e;
+    #[cfg(target_arch = "aarch64")]
+    const AUDIT_ARCH: u32 = 0xc000_00b7;
+    // Offsets in `struct seccomp_data`.
+    const NR: u32 = 0;
+    const ARCH: u32 = 4;
+    let stmt = |code: u32, k: u32| libc::sock_filter {
+        code: code as u16,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump_if_equal = |k: u32, jt: u8, jf: u8| libc::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let load = libc::BPF_LD | libc::BPF_W | libc::BPF_ABS;
+    let ret = libc::BPF_RET | libc::BPF_K;
+    let filter = [
+        stmt(load, ARCH),
+        jump_if_equal(AUDIT_ARCH, 1, 0),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+        stmt(load, NR),
+        jump_if_equal(libc::SYS_io_uring_setup as u32, 0, 1),
+        stmt(ret, libc::SECCOMP_RET_ERRNO | libc::EPERM as u32),
+        stmt(ret, libc::SECCOMP_RET_ALLOW),
+    ];
+    // SAFETY: between fork and exec the closure makes two `prctl` calls, which are
+    // async-signal-safe, and allocates nothing: the filter was built before the fork and
+    // is moved in; the program only points into it for the duration of the call.
+    unsafe {
+        cmd.pre_exec(move || {
+            let program = libc::sock_fprog {
+                len: filter.len() as u16,
+                filter: filter.as_ptr().cast_mut(),
+            };
+            if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+                || libc::prctl(
+                    libc::PR_SET_SECCOMP,
+                    libc::SECCOMP_MODE_FILTER,
+                    &raw const program,
+                ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
