@@ -172,8 +172,8 @@ enum Poller {
 
 /// The backend `--io` asks for, resolved: `uring` must work here (else a clear error);
 /// `auto` takes io_uring where it works, which costs less CPU per delivery than epoll in
-/// every workload measured but bursts on one shard, and the same memory per connection at
-/// rest (README, "IO backends"); epoll elsewhere, saying why.
+/// every workload measured (bursts on one shard a draw) and the same memory per connection
+/// at rest (README, "IO backends"); epoll elsewhere, saying why.
 fn backend(io: Io) -> io::Result<Io> {
     match io {
         Io::Uring => uring::probe()

@@ -114,3 +114,34 @@ fn tls_and_per_connection_compression_add_their_memory() {
         plain["busy_high"].as_u64().unwrap() + 8_192_000 + 163_840_000
     );
 }
+
+/// The io_uring line says which backend `--io auto` will serve on: io_uring here, epoll
+/// with the reason and what allows it under a seccomp filter that blocks `io_uring_setup`.
+#[test]
+fn io_uring_line_names_the_backend_auto_serves_on() {
+    let json = |cmd: &mut Command| -> serde_json::Value {
+        let out = cmd.output().expect("run herald doctor");
+        serde_json::from_slice(&out.stdout).expect("one JSON object")
+    };
+    let doctor_json = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald"));
+        cmd.args(["doctor", "--connections", "100", "--json"]);
+        cmd
+    };
+    herald::backend::uring::probe().expect("these tests run where io_uring works");
+    let here = json(&mut doctor_json());
+    assert_eq!(
+        current(&here, "io_uring"),
+        "available: --io auto serves on io_uring"
+    );
+    let mut blocked = doctor_json();
+    crate::support::block_io_uring_setup(&mut blocked);
+    let blocked = json(&mut blocked);
+    let line = current(&blocked, "io_uring");
+    assert!(
+        line.starts_with("io_uring is unavailable: io_uring_setup failed: Operation not permitted")
+            && line.ends_with("--io auto serves on epoll"),
+        "{line}"
+    );
+    assert_eq!(blocked["ok"], true, "epoll serves the connections");
+}
