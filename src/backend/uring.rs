@@ -42,10 +42,13 @@ use socket::{NO_SEND, Rare, Sending, Socket, peer_ip, set_nodelay};
 /// Submission queue entries per ring: a turn's sends for thousands of sockets fit in a
 /// few submissions; when it is full the queued entries are submitted early.
 const SQ_ENTRIES: u32 = 4096;
-/// Completion queue entries (the kernel's maximum): a broadcast to tens of thousands of
-/// sockets completes in one turn without overflowing, which costs the kernel an
-/// allocation per completion (`IORING_FEAT_NODROP` keeps them until we drain).
-const CQ_ENTRIES: u32 = 64 * 1024;
+/// Completion queue entries: 256 KiB per shard, mapped and resident from start. A turn
+/// with more completions than this (a broadcast to more subscribers on one shard)
+/// overflows, which costs the kernel an allocation per completion past it
+/// (`IORING_FEAT_NODROP` keeps them until we drain); at 18,000 subscribers on one shard
+/// that measured the same CPU per delivery as the kernel's maximum of 64 Ki entries,
+/// which held 1 MiB per shard.
+const CQ_ENTRIES: u32 = 16 * 1024;
 /// Frames handed to one send, as in the epoll backend.
 const MAX_IOVECS: usize = 64;
 /// Several frames adding up to at most this many bytes are copied into one buffer and
