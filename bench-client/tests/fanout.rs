@@ -446,25 +446,29 @@ fn pings_during(stream: &mut TcpStream, window: Duration) -> Vec<Instant> {
     pings
 }
 
-#[test]
-fn floor_pings_each_client_once_an_interval() {
-    let server = start(
+/// `herald-bench floor` pinging every `interval_ms` (0: never).
+fn floor_pinging_every(interval_ms: &str) -> Server {
+    start(
         &PathBuf::from(BENCH),
         &[
             "floor",
             "--listen",
             "127.0.0.1:0",
             "--ping-interval-ms",
-            "300",
+            interval_ms,
         ],
-    );
-    let mut clients: Vec<TcpStream> = (0..3).map(|_| upgraded(server.port)).collect();
-    let mut handles = Vec::new();
-    for mut client in clients.drain(..) {
-        handles.push(std::thread::spawn(move || {
-            pings_during(&mut client, Duration::from_millis(1_500))
-        }));
-    }
+    )
+}
+
+#[test]
+fn floor_pings_each_client_once_an_interval() {
+    let server = floor_pinging_every("300");
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let mut client = upgraded(server.port);
+            std::thread::spawn(move || pings_during(&mut client, Duration::from_millis(1_500)))
+        })
+        .collect();
     for handle in handles {
         let pings = handle.join().unwrap();
         // Five intervals: four to six pings, depending on where the phase fell.
@@ -480,16 +484,7 @@ fn floor_pings_each_client_once_an_interval() {
 
 #[test]
 fn floor_sends_no_ping_when_pings_are_off() {
-    let server = start(
-        &PathBuf::from(BENCH),
-        &[
-            "floor",
-            "--listen",
-            "127.0.0.1:0",
-            "--ping-interval-ms",
-            "0",
-        ],
-    );
+    let server = floor_pinging_every("0");
     let mut client = upgraded(server.port);
     assert!(pings_during(&mut client, Duration::from_millis(500)).is_empty());
 }

@@ -21,11 +21,16 @@ use support::{
 /// path taken on kernels before 5.19, forced with `HERALD_URING_SINGLE_SHOT=1`.
 const BACKENDS: [&str; 3] = ["epoll", "uring", "uring-single-shot"];
 
-fn start(backend: &str, extra: &[&str]) -> Server {
-    let (io, single_shot) = match backend {
+/// `--io` and `HERALD_URING_SINGLE_SHOT` for one of [`BACKENDS`].
+fn io_and_single_shot(backend: &str) -> (&str, &str) {
+    match backend {
         "uring-single-shot" => ("uring", "1"),
         io => (io, "0"),
-    };
+    }
+}
+
+fn start(backend: &str, extra: &[&str]) -> Server {
+    let (io, single_shot) = io_and_single_shot(backend);
     let mut args = vec!["--io", io];
     args.extend_from_slice(extra);
     let server = Server::start_with_env(&[("HERALD_URING_SINGLE_SHOT", single_shot)], &args);
@@ -42,6 +47,16 @@ fn start(backend: &str, extra: &[&str]) -> Server {
 
 fn echo_client(server: &Server) -> (TcpStream, Vec<u8>) {
     raw_upgrade(server.addr(), "/echo")
+}
+
+/// What a fresh `/echo` client gets back for one masked binary `payload`.
+fn echoed(server: &Server, payload: &[u8]) -> Vec<u8> {
+    let (mut ws, mut buf) = echo_client(server);
+    ws.write_all(&encode_frame(OP_BINARY, payload, Some([1, 2, 3, 4])))
+        .unwrap();
+    read_frame(&mut ws, &mut buf, Duration::from_secs(10))
+        .expect("echo")
+        .payload
 }
 
 /// Frame `i` of the pipelined run: 1 byte to ~48 KiB, so most span several receive
@@ -155,12 +170,7 @@ fn clients_vanishing_with_sends_and_receives_in_flight_leave_the_server_drainabl
             .collect();
         drop(clients);
         // Still serving: a fresh client gets its echo.
-        let (mut s, mut buf) = echo_client(&server);
-        s.write_all(&encode_frame(OP_BINARY, b"still here", Some([1, 1, 1, 1])))
-            .unwrap();
-        let frame = read_frame(&mut s, &mut buf, Duration::from_secs(10)).expect("echo");
-        assert_eq!(frame.payload, b"still here", "{io}");
-        drop(s);
+        assert_eq!(echoed(&server, b"still here"), b"still here", "{io}");
         server.assert_healthy();
         // Every connection, including those with operations in flight when they went,
         // must be released: draining then finishes at once instead of timing out.
@@ -210,7 +220,7 @@ fn auto_serves_on_io_uring_where_it_works() {
     let mut bare = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
     bare.args(["serve", "--listen", "127.0.0.1:0", "--threads", "1"])
         .env_remove("HERALD_IO");
-    assert_eq!(first_lines(bare), ["io backend uring"]);
+    assert_eq!(second_line(bare).as_deref(), Some("io backend uring"));
 }
 
 /// Where io_uring is blocked (a seccomp filter, as in a container), `auto` serves on epoll
@@ -225,11 +235,7 @@ fn auto_falls_back_to_epoll_with_the_reason_where_io_uring_is_blocked() {
             && log.contains("--io auto serves on epoll"),
         "{log}"
     );
-    let (mut ws, mut buf) = echo_client(&server);
-    ws.write_all(&encode_frame(OP_BINARY, b"served", Some([1, 2, 3, 4])))
-        .unwrap();
-    let frame = read_frame(&mut ws, &mut buf, Duration::from_secs(10)).expect("echo");
-    assert_eq!(frame.payload, b"served");
+    assert_eq!(echoed(&server, b"served"), b"served");
 
     let mut refused = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
     refused.args(["serve", "--listen", "127.0.0.1:0", "--io", "uring"]);
@@ -255,10 +261,7 @@ fn a_killed_server_is_replaced_on_its_port_at_once() {
             .unwrap()
             .port();
         let listen = format!("127.0.0.1:{port}");
-        let (io, single_shot) = match io {
-            "uring-single-shot" => ("uring", "1"),
-            io => (io, "0"),
-        };
+        let (io, single_shot) = io_and_single_shot(io);
         for _ in 0..3 {
             let mut killed = Server::start_listening_with_env(
                 &[("HERALD_URING_SINGLE_SHOT", single_shot)],
@@ -271,17 +274,13 @@ fn a_killed_server_is_replaced_on_its_port_at_once() {
             assert!(killed.wait_exit(Duration::from_secs(5)).is_some());
         }
         let server = Server::start_listening(&listen, &["--io", io, "--threads", "1"]);
-        let (mut ws, mut buf) = echo_client(&server);
-        ws.write_all(&encode_frame(OP_BINARY, b"here", Some([9, 8, 7, 6])))
-            .unwrap();
-        let frame = read_frame(&mut ws, &mut buf, Duration::from_secs(10)).expect("echo");
-        assert_eq!(frame.payload, b"here", "{io}");
+        assert_eq!(echoed(&server, b"here"), b"here", "{io}");
     }
 }
 
 /// The second stdout line of `herald serve` started by `cmd` (which names the backend),
 /// the server killed after it.
-fn first_lines(mut cmd: std::process::Command) -> Vec<String> {
+fn second_line(mut cmd: std::process::Command) -> Option<String> {
     use std::io::BufRead as _;
     let mut child = cmd
         .stdout(std::process::Stdio::piped())
@@ -292,5 +291,5 @@ fn first_lines(mut cmd: std::process::Command) -> Vec<String> {
     let second = lines.nth(1).map(Result::unwrap);
     let _ = child.kill();
     let _ = child.wait();
-    second.into_iter().collect()
+    second
 }
