@@ -228,6 +228,11 @@ fn auto_serves_on_io_uring_where_it_works() {
 #[test]
 fn auto_falls_back_to_epoll_with_the_reason_where_io_uring_is_blocked() {
     let server = Server::start_without_io_uring("epoll", &["--io", "auto"]);
+    // stderr is read on a thread of its own: the line may land just after `listening on`.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !server.stderr().contains("--io auto serves on epoll") && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(10));
+    }
     let log = server.stderr();
     assert!(
         log.contains("io_uring is unavailable: io_uring_setup failed")
