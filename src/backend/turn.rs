@@ -45,10 +45,12 @@ pub struct Loop {
 }
 
 impl Loop {
-    /// Runs turns until the shard is stopped and drained, or the drain time runs out.
-    pub fn run(self, sockets: &mut impl Sockets) -> io::Result<()> {
+    /// Runs turns until the shard is stopped and drained, or the drain time runs out. The
+    /// shard stays with the caller, which drops it once the kernel is done with the
+    /// frames its outboxes hold.
+    pub fn run(&mut self, sockets: &mut impl Sockets) -> io::Result<()> {
         let Self {
-            mut shard,
+            shard,
             inbox,
             post,
             stop,
@@ -67,30 +69,30 @@ impl Loop {
             };
             sockets.wait(timeout)?;
             let now = Instant::now();
-            sockets.dispatch(&mut shard, now)?;
+            sockets.dispatch(shard, now)?;
 
             if drain_deadline.is_none() && stop.load(Ordering::Acquire) {
                 sockets.stop_accepting()?;
                 shard.begin_drain(now);
-                drain_deadline = Some(now + drain);
+                drain_deadline = Some(now + *drain);
             }
 
-            shard.handle_inbox(&inbox, now);
+            shard.handle_inbox(inbox, now);
             shard.handle_timeout(now);
             // The other shards get this turn's broadcasts before this one writes to its
             // own subscribers, so the shards write in parallel.
             post.deliver(shard.id(), shard.take_outgoing());
             let mut flushed = 0;
             while let Some(key) = shard.poll_dirty() {
-                sockets.flush(&mut shard, key, now)?;
+                sockets.flush(shard, key, now)?;
                 flushed += 1;
                 if flushed % FLUSHES_BETWEEN_MAILBOX_CHECKS == 0 && inbox.has_mail() {
-                    shard.handle_inbox(&inbox, now);
+                    shard.handle_inbox(inbox, now);
                     post.deliver(shard.id(), shard.take_outgoing());
                 }
             }
             while let Some(key) = shard.poll_dead() {
-                sockets.close(&mut shard, key)?;
+                sockets.close(shard, key)?;
             }
             let turn_ended = Instant::now();
             shard.end_turn(turn_ended.saturating_duration_since(now), turn_ended);

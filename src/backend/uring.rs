@@ -5,8 +5,9 @@
 //! ends in one `io_uring_enter` that submits the turn's sends and waits for completions.
 //! Accept is multishot; receive is multishot into a provided buffer ring (single-shot into
 //! a per-socket buffer where the kernel lacks either); a socket has at most one send in
-//! flight, whose frames are taken out of the outbox and kept alive here until it
-//! completes, so bytes are never lost or reordered and the outbox may change meanwhile.
+//! flight, so bytes are never lost or reordered. A lone frame (a broadcast to a
+//! subscriber that keeps up) is sent from the outbox, which keeps it started until the
+//! send completes; several frames are taken out of the outbox and kept alive here.
 //! A dead connection's operations are cancelled and its socket is closed, and the shard
 //! told, only once the last of them has completed, so no completion can reach a reused key.
 //! TLS runs over the same operations: received ciphertext goes through the connection's
@@ -37,7 +38,7 @@ use crate::shard::{Inbox, Post, Shard};
 use bufring::BufRing;
 use ring::new_ring;
 pub use ring::{EventFd, probe};
-use socket::{NO_SEND, Rare, Sending, Socket, peer_ip, set_nodelay};
+use socket::{LONE_FRAME, NO_SEND, Rare, Sending, Socket, peer_ip, set_nodelay};
 
 /// Submission queue entries per ring: a turn's sends for thousands of sockets fit in a
 /// few submissions; when it is full the queued entries are submitted early.
@@ -95,7 +96,7 @@ fn user_data(op: u64, key: usize) -> u64 {
 fn send_key(slot: usize) -> u32 {
     u32::try_from(slot)
         .ok()
-        .filter(|&key| key != NO_SEND)
+        .filter(|&key| key != NO_SEND && key != LONE_FRAME)
         .expect("fewer sends than connections")
 }
 
@@ -171,6 +172,15 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
     } = reactor;
     // io_uring waits on blocking sockets itself; a non-blocking one would answer EAGAIN.
     listener.set_nonblocking(false)?;
+    // Made before the ring, so dropped after it: sends read frames the outboxes hold.
+    let mut turns = Loop {
+        shard,
+        inbox,
+        post,
+        stop,
+        drain,
+    };
+    let shard = &turns.shard;
     let (ring, deferred_taskrun) = new_ring()?;
     let bufs = if std::env::var_os(SINGLE_SHOT_ENV).is_some_and(|v| v == "1") {
         tracing::info!(
@@ -226,14 +236,7 @@ pub fn run(reactor: Reactor) -> io::Result<()> {
     };
     uring.arm_wake()?;
     uring.arm_accept()?;
-    let result = Loop {
-        shard,
-        inbox,
-        post,
-        stop,
-        drain,
-    }
-    .run(&mut uring);
+    let result = turns.run(&mut uring);
     uring.cancel_all();
     result
 }
@@ -624,8 +627,13 @@ impl Uring {
             return self.finish_close(shard, key);
         }
         match result {
+            // A short send leaves the rest at the front: it goes next.
+            n if n > 0 && socket.send == LONE_FRAME => {
+                shard.handle_written(key, n as usize);
+                socket.send = NO_SEND;
+                self.flush(shard, key, now)
+            }
             n if n > 0 => {
-                // A short send leaves the rest at the front of the send: it goes next.
                 let slot = socket.send as usize;
                 if self.sends[slot].advance(n as usize) {
                     self.sends.remove(slot);
@@ -661,30 +669,41 @@ impl Uring {
             return Ok(());
         }
         let fd = Fd(socket.fd.as_raw_fd());
-        let entry = match &mut self.sends[socket.send as usize] {
-            Sending::One(frame) => opcode::Send::new(fd, frame.as_ptr(), frame.len() as u32)
+        let one = |frame: &Bytes| {
+            opcode::Send::new(fd, frame.as_ptr(), frame.len() as u32)
                 .flags(libc::MSG_NOSIGNAL)
-                .build(),
-            Sending::Many(record) => {
-                record.iovecs.clear();
-                record
-                    .iovecs
-                    .extend(record.frames.iter().map(|chunk| libc::iovec {
-                        iov_base: chunk.as_ptr().cast_mut().cast(),
-                        iov_len: chunk.len(),
-                    }));
-                record.msghdr.msg_iov = record.iovecs.as_mut_ptr();
-                record.msghdr.msg_iovlen = record.iovecs.len();
-                opcode::SendMsg::new(fd, &raw const record.msghdr)
-                    .flags(libc::MSG_NOSIGNAL as u32)
-                    .build()
+                .build()
+        };
+        let entry = if socket.send == LONE_FRAME {
+            one(shard
+                .start_lone_frame(key)
+                .expect("a started lone frame stays until written"))
+        } else {
+            match &mut self.sends[socket.send as usize] {
+                Sending::One(frame) => one(frame),
+                Sending::Many(record) => {
+                    record.iovecs.clear();
+                    record
+                        .iovecs
+                        .extend(record.frames.iter().map(|chunk| libc::iovec {
+                            iov_base: chunk.as_ptr().cast_mut().cast(),
+                            iov_len: chunk.len(),
+                        }));
+                    record.msghdr.msg_iov = record.iovecs.as_mut_ptr();
+                    record.msghdr.msg_iovlen = record.iovecs.len();
+                    opcode::SendMsg::new(fd, &raw const record.msghdr)
+                        .flags(libc::MSG_NOSIGNAL as u32)
+                        .build()
+                }
             }
         };
         socket.send_in_flight = true;
         // SAFETY: the bytes are the send's (a frame's own heap bytes, or the record's
         // frames with the record's boxed vectors and header); none is touched, moved or
-        // freed before the send completes (`send_in_flight`): the table of sends holds
-        // the `Sending`, whose pointers stay put when the table grows.
+        // freed before the send completes (`send_in_flight`). A lone frame is the
+        // outbox's started one, which stays until `handle_written` passes it (a dead
+        // connection's too, until `Shard::remove`; the shard outlives the ring); the
+        // table of sends holds the others, whose pointers stay put when it grows.
         unsafe { self.push(&entry.user_data(user_data(OP_SEND, key))) }?;
         // Taking frames out of the outbox may have brought it below budget.
         self.resume(shard, key, now)
@@ -713,7 +732,7 @@ impl Uring {
     fn finish_close(&mut self, shard: &mut Shard, key: usize) -> io::Result<()> {
         if self.sockets[key].as_ref().is_some_and(|s| !s.in_flight()) {
             let socket = self.sockets[key].take().expect("checked above");
-            if socket.send != NO_SEND {
+            if socket.send != NO_SEND && socket.send != LONE_FRAME {
                 self.sends.remove(socket.send as usize);
             }
             if let Some(rare) = self.rare.get_mut(key) {
@@ -802,11 +821,16 @@ impl Sockets for Uring {
             return self.flush_tls(shard, key, now);
         }
         if socket.send == NO_SEND {
-            // The outbox forgets them now; the table of sends keeps them until they are out.
-            shard.take_outbox(key, &mut self.taken, MAX_IOVECS);
-            if !self.taken.is_empty() {
-                let sending = Sending::new(&mut self.taken, SEND_COPY_LIMIT);
-                socket.send = send_key(self.sends.insert(sending));
+            if shard.start_lone_frame(key).is_some() {
+                socket.send = LONE_FRAME;
+            } else {
+                // The outbox forgets them now; the table of sends keeps them until they
+                // are out.
+                shard.take_outbox(key, &mut self.taken, MAX_IOVECS);
+                if !self.taken.is_empty() {
+                    let sending = Sending::new(&mut self.taken, SEND_COPY_LIMIT);
+                    socket.send = send_key(self.sends.insert(sending));
+                }
             }
         }
         if socket.send == NO_SEND {

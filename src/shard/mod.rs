@@ -424,7 +424,9 @@ impl Shard {
         self.drop_identity(key);
         let conn = &mut self.conns[key];
         conn.life = Life::Dead;
-        conn.outbox = Outbox::default();
+        // A send under way (io_uring) may still read a started frame: it goes with the
+        // connection, in `remove`.
+        conn.outbox.discard_all_but_started();
         conn.read_buf = None;
         self.counters.connections[conn.phase.counted_as() as usize] -= 1;
         if let Some(ip) = conn.counted.take() {
@@ -474,6 +476,13 @@ impl Shard {
         self.conns[key].outbox.advance(written);
         self.counters.bytes_out_total += written as u64;
         self.continue_replay(key);
+    }
+
+    /// The frame queued alone for `key`, started (see [`Outbox::start_lone`]): for a
+    /// backend that sends it from the outbox and reports it with
+    /// [`Shard::handle_written`] once the send completes.
+    pub fn start_lone_frame(&mut self, key: usize) -> Option<&Bytes> {
+        self.conns[key].outbox.start_lone()
     }
 
     /// Moves up to `max` chunks of `key`'s outbox into `out`, in write order, as written:

@@ -15,9 +15,13 @@
 //!
 //! Most of the time a connection has nothing queued, or the one frame of this turn: that
 //! frame is held inline, and the two lanes are allocated only while more than one frame
-//! waits (or a lone data frame was partly written), and given back as soon as the outbox
-//! is empty. An idle connection, and a
+//! waits, and given back as soon as the outbox is empty. An idle connection, and a
 //! subscriber that keeps up with its fan-out, hold no queue memory at all.
+//!
+//! A frame being written is *started*: partly written, or handed to a send that completes
+//! later and reads its bytes until then (io_uring). It keeps its place at the front until
+//! written: nothing goes before it, shedding passes it over, and a dead connection's
+//! queue keeps it until the connection is removed.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
@@ -59,11 +63,9 @@ pub struct Shed {
 #[derive(Debug, Default)]
 pub struct Outbox(Queued);
 
-/// What an outbox holds. A lone frame is inline; a data frame stays alone only until
-/// partly written (rare: the socket was full), which moves it to the lanes, where a
-/// started frame is tracked. Inline, a frame takes the room of its `Bytes` and a
-/// message's tag and seq: 48 bytes in every connection (a lone frame is never a gap
-/// notice, which the lanes alone hold).
+/// What an outbox holds. A lone frame is inline, started or not. Inline, a frame takes
+/// the room of its `Bytes` and a message's tag and seq: 48 bytes in every connection (a
+/// lone frame is never a gap notice, which the lanes alone hold).
 #[derive(Debug, Default)]
 enum Queued {
     #[default]
@@ -74,7 +76,10 @@ enum Queued {
     Message { bytes: Bytes, tag: u32, seq: u64 },
     /// A ping or pong.
     Control(Bytes),
-    /// More than one frame, or a data frame partly written; never empty.
+    /// A frame being written (see the module doc); in the lanes it is the data front,
+    /// with `data_started` set.
+    Started(Bytes),
+    /// More than one frame; never empty.
     Lanes(Box<Lanes>),
 }
 
@@ -147,6 +152,13 @@ impl Outbox {
             Queued::Control(frame) => {
                 lanes.push_control(frame);
             }
+            Queued::Started(bytes) => {
+                lanes.push_chunk(Chunk {
+                    bytes,
+                    kind: Kind::Plain,
+                });
+                lanes.data_started = true;
+            }
             Queued::Lanes(queued) => return queued,
         }
         lanes
@@ -207,10 +219,13 @@ impl Outbox {
         matches!(self.0, Queued::Empty)
     }
 
-    /// Data bytes waiting to be written (the slow-consumer budget).
+    /// Data bytes waiting to be written (the slow-consumer budget), a started frame's
+    /// included.
     pub fn len_bytes(&self) -> usize {
         match &self.0 {
-            Queued::Plain(bytes) | Queued::Message { bytes, .. } => bytes.len(),
+            Queued::Plain(bytes) | Queued::Message { bytes, .. } | Queued::Started(bytes) => {
+                bytes.len()
+            }
             Queued::Lanes(lanes) => lanes.data_bytes,
             Queued::Empty | Queued::Control(_) => 0,
         }
@@ -219,7 +234,10 @@ impl Outbox {
     /// Fills `slices` in write order; returns how many were filled.
     pub fn io_slices<'a>(&'a self, slices: &mut [IoSlice<'a>]) -> usize {
         let one = match &self.0 {
-            Queued::Plain(bytes) | Queued::Message { bytes, .. } | Queued::Control(bytes) => bytes,
+            Queued::Plain(bytes)
+            | Queued::Message { bytes, .. }
+            | Queued::Control(bytes)
+            | Queued::Started(bytes) => bytes,
             Queued::Lanes(lanes) => return lanes.io_slices(slices),
             Queued::Empty => return 0,
         };
@@ -232,6 +250,27 @@ impl Outbox {
         }
     }
 
+    /// Starts the frame queued alone and returns it, for a backend whose send of it
+    /// completes later: the outbox keeps it in place (module doc) until
+    /// [`advance`](Self::advance) passes it. None when several frames wait (they are
+    /// taken with [`take_chunks`](Self::take_chunks)) or none.
+    pub fn start_lone(&mut self) -> Option<&Bytes> {
+        self.0 = match std::mem::take(&mut self.0) {
+            Queued::Plain(bytes)
+            | Queued::Message { bytes, .. }
+            | Queued::Control(bytes)
+            | Queued::Started(bytes) => Queued::Started(bytes),
+            queued => {
+                self.0 = queued;
+                return None;
+            }
+        };
+        match &self.0 {
+            Queued::Started(bytes) => Some(bytes),
+            _ => unreachable!("just started"),
+        }
+    }
+
     /// Moves up to `max` whole chunks off the front, in write order, into `out`; returns
     /// their bytes. For a backend whose writes complete later: it keeps the bytes alive
     /// until then, while what stays queued may be shed or jumped by control frames as usual.
@@ -240,7 +279,10 @@ impl Outbox {
             return 0;
         }
         let bytes = match std::mem::take(&mut self.0) {
-            Queued::Plain(bytes) | Queued::Message { bytes, .. } | Queued::Control(bytes) => bytes,
+            Queued::Plain(bytes)
+            | Queued::Message { bytes, .. }
+            | Queued::Control(bytes)
+            | Queued::Started(bytes) => bytes,
             Queued::Empty => return 0,
             Queued::Lanes(mut lanes) => {
                 let taken = lanes.take_chunks(out, max);
@@ -260,11 +302,20 @@ impl Outbox {
             return;
         }
         match &mut self.0 {
+            // Partly written: a data frame is started now; a control frame is at the front
+            // of its lane and finished next anyway.
             Queued::Plain(bytes) | Queued::Message { bytes, .. } if written < bytes.len() => {
-                self.lanes().advance(written);
+                let mut rest = std::mem::take(bytes);
+                rest.advance(written);
+                self.0 = Queued::Started(rest);
             }
-            Queued::Control(frame) if written < frame.len() => frame.advance(written),
-            Queued::Plain(bytes) | Queued::Message { bytes, .. } | Queued::Control(bytes) => {
+            Queued::Control(bytes) | Queued::Started(bytes) if written < bytes.len() => {
+                bytes.advance(written);
+            }
+            Queued::Plain(bytes)
+            | Queued::Message { bytes, .. }
+            | Queued::Control(bytes)
+            | Queued::Started(bytes) => {
                 assert!(written == bytes.len(), "advance past the end of the outbox");
                 self.0 = Queued::Empty;
             }
@@ -285,7 +336,7 @@ impl Outbox {
         }
     }
 
-    /// Drops every data frame not yet started, keeping a partly written one so the stream
+    /// Drops every data frame not yet started, keeping a started one so the stream
     /// stays well-formed; returns how many data bytes remain.
     pub fn discard_unstarted(&mut self) -> usize {
         match &mut self.0 {
@@ -294,9 +345,22 @@ impl Outbox {
                 lanes.discard_unstarted();
                 self.settle();
             }
-            Queued::Empty | Queued::Control(_) => {}
+            Queued::Empty | Queued::Control(_) | Queued::Started(_) => {}
         }
         self.len_bytes()
+    }
+
+    /// Drops everything but a started frame: the queue of a dead connection, whose
+    /// socket's last send may still be reading that frame until it completes.
+    pub fn discard_all_but_started(&mut self) {
+        self.0 = match std::mem::take(&mut self.0) {
+            Queued::Started(bytes) => Queued::Started(bytes),
+            Queued::Lanes(mut lanes) if lanes.data_started => {
+                let front = lanes.data.pop_front().expect("a started front");
+                Queued::Started(front.bytes)
+            }
+            _ => Queued::Empty,
+        };
     }
 }
 

@@ -15,7 +15,8 @@ use crate::backend::tls::TlsSession;
 /// table of its own, so an idle plain connection holds nothing else.
 pub(super) struct Socket {
     pub(super) fd: OwnedFd,
-    /// Where the frames being sent are: a key in the ring's table of sends, or [`NO_SEND`].
+    /// Where the frames being sent are: a key in the ring's table of sends, the
+    /// outbox's started lone frame ([`LONE_FRAME`]), or nowhere ([`NO_SEND`]).
     pub(super) send: u32,
     pub(super) send_in_flight: bool,
     /// A receive is armed (multishot: until a completion without `F_MORE`).
@@ -28,6 +29,9 @@ pub(super) struct Socket {
 
 /// A socket with no frames being sent.
 pub(super) const NO_SEND: u32 = u32::MAX;
+/// A socket sending the one frame its outbox holds, from the outbox: the common send (a
+/// broadcast to a subscriber that keeps up) takes no entry in the table of sends.
+pub(super) const LONE_FRAME: u32 = u32::MAX - 1;
 
 /// The state of the sockets that need more than the common case: every socket of a TLS
 /// listener, and every socket where the kernel has no buffer rings.

@@ -207,3 +207,104 @@ fn discard_keeps_a_started_frame() {
     fresh.push(Bytes::from_static(b"abc"));
     assert_eq!(fresh.discard_unstarted(), 0);
 }
+
+#[test]
+fn a_partly_written_lone_frame_stays_inline() {
+    let mut outbox = Outbox::default();
+    outbox.push_message(frame("abcd"), 1, 1);
+    outbox.advance(1);
+    assert!(
+        matches!(outbox.0, Queued::Started(_)),
+        "no queue for one frame"
+    );
+    outbox.advance(3);
+    assert!(outbox.is_empty());
+}
+
+/// io_uring sends a lone frame from the outbox: the kernel reads its bytes until the
+/// send completes, so nothing may move them, go before them or shed them meanwhile.
+#[test]
+fn a_started_lone_frame_is_sent_from_its_place_until_written() {
+    let mut outbox = Outbox::default();
+    assert!(outbox.start_lone().is_none(), "nothing queued");
+    outbox.push_message(frame("m1"), 1, 1);
+    let sent = outbox.start_lone().expect("one frame").clone();
+    // A pong and a newer message queued while the send is under way go behind it.
+    assert!(outbox.push_control(frame("PONG")));
+    outbox.push_message(frame("m2"), 1, 2);
+    outbox.push_message(frame("m3"), 1, 3);
+    assert!(outbox.start_lone().is_none(), "several frames are taken");
+    assert_eq!(written_order(&outbox), b"m1PONGm2m3");
+    assert_eq!(
+        outbox.len_bytes(),
+        6,
+        "a started frame counts in the budget"
+    );
+    // Shedding passes over it.
+    assert_eq!(
+        outbox.conflate(1),
+        Some(Shed {
+            tag: 1,
+            from: 2,
+            to: 2
+        })
+    );
+    assert_eq!(
+        outbox.drop_oldest(0),
+        [Shed {
+            tag: 1,
+            from: 3,
+            to: 3
+        }]
+    );
+    let mut slices = [IoSlice::new(&[]); 4];
+    assert_eq!(outbox.io_slices(&mut slices), 2);
+    assert_eq!(slices[0].as_ptr(), sent.as_ptr(), "its bytes did not move");
+    // The send completes short, then the rest.
+    outbox.advance(1);
+    assert_eq!(written_order(&outbox), b"1PONG");
+    outbox.advance(5);
+    assert!(outbox.is_empty());
+    // A lone control frame is started as well; a pong after it waits its turn.
+    outbox.push_control(frame("PING"));
+    outbox.start_lone().expect("one frame");
+    outbox.push(frame("data"));
+    outbox.push_control(frame("PONG"));
+    assert_eq!(written_order(&outbox), b"PINGPONGdata");
+}
+
+/// A dead connection's queue goes at once, except the frame a send is still reading.
+#[test]
+fn a_dead_queue_keeps_only_its_started_frame() {
+    let mut outbox = Outbox::default();
+    outbox.push(frame("abc"));
+    outbox.push(frame("def"));
+    outbox.discard_all_but_started();
+    assert!(outbox.is_empty(), "nothing started");
+
+    outbox.push(frame("abc"));
+    let sent = outbox.start_lone().expect("one frame").as_ptr();
+    outbox.push_control(frame("PONG"));
+    outbox.push(frame("def"));
+    outbox.discard_all_but_started();
+    assert!(
+        matches!(outbox.0, Queued::Started(_)),
+        "the queue is given back"
+    );
+    let mut slices = [IoSlice::new(&[]); 4];
+    assert_eq!(outbox.io_slices(&mut slices), 1);
+    assert_eq!(slices[0].as_ptr(), sent);
+    assert_eq!(written_order(&outbox), b"abc");
+
+    let mut partly = Outbox::default();
+    partly.push(frame("abc"));
+    partly.push(frame("def"));
+    partly.advance(1);
+    partly.discard_all_but_started();
+    assert_eq!(written_order(&partly), b"bc");
+
+    let mut control = Outbox::default();
+    control.push_control(frame("PING"));
+    control.discard_all_but_started();
+    assert!(control.is_empty());
+}

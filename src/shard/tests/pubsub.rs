@@ -158,6 +158,33 @@ fn a_closed_connection_releases_its_subscriptions() {
     assert_eq!(cluster.home_counts(&channel), [0, 0]);
 }
 
+/// io_uring sends a lone frame from the outbox, and the send may complete after the
+/// connection died: the frame stays, at the same address, until the connection is removed.
+#[test]
+fn a_dead_connection_keeps_the_frame_a_send_reads_until_removed() {
+    let mut cluster = Cluster::new(1, Config::default());
+    let c = cluster.connect(0, "/ws");
+    cluster.send(c, r#"{"type":"subscribe","channel":"a"}"#);
+    cluster.settle();
+    let shard = &mut cluster.shards[0];
+    let sent = shard.start_lone_frame(c.key).expect("the reply").clone();
+    shard
+        .read_buffer(c.key)
+        .extend_from_slice(b"\x88\x80\0\0\0\0");
+    shard.handle_read(c.key, cluster.now);
+    shard.handle_eof(c.key);
+    assert_eq!(shard.poll_dead(), Some(c.key));
+    let mut slices = [std::io::IoSlice::new(&[]); 4];
+    assert_eq!(
+        shard.outbox(c.key).io_slices(&mut slices),
+        1,
+        "only the started frame"
+    );
+    assert_eq!(slices[0].as_ptr(), sent.as_ptr());
+    assert_eq!(&*slices[0], &sent[..]);
+    shard.remove(c.key);
+}
+
 #[test]
 fn refuses_duplicate_and_unknown_subscriptions_and_too_many() {
     let config = Config {
