@@ -9,6 +9,8 @@
 #   CONNS=10000 ROUNDS=3 bash bench-client/memory.sh
 #   WARMUP=1 bash bench-client/memory.sh        # after 20 connections came and went
 #   IOS=epoll bash bench-client/memory.sh       # one backend only
+#   BASE=/path/to/older/herald ...              # also that build on io_uring ("ubase"),
+#                                               # to measure a change against its base
 #
 # WARMUP=1 leaves out what the first connections cost a process once, not per connection:
 # its code paged in (~640 kB for herald, measured with /proc/PID/smaps) and the allocator's
@@ -76,12 +78,14 @@ PY
 echo "== $CONNS idle subscribed connections (2 shards, ping interval 2 s), then a fan-out"
 echo "== load average before: $(cut -d' ' -f1-3 /proc/loadavg)"
 for round in $(seq "$ROUNDS"); do
-    for io in $IOS; do
-        start "herald-$io-$round" "$H" serve --listen 127.0.0.1:0 --threads 2 --io "$io" \
+    for io in $IOS${BASE:+ ubase}; do
+        bin=$H backend=$io
+        if [ "$io" = ubase ]; then bin=$BASE backend=uring; fi
+        start "herald-$io-$round" "$bin" serve --listen 127.0.0.1:0 --threads 2 --io "$backend" \
             --ping-interval-ms 2000 --max-connections-per-ip 0
         idle "herald-$io-r$round"
         stop
-        start "herald-$io-fan-$round" "$H" serve --listen 127.0.0.1:0 --threads 2 --io "$io"
+        start "herald-$io-fan-$round" "$bin" serve --listen 127.0.0.1:0 --threads 2 --io "$backend"
         active "herald-$io-r$round"
         stop
     done

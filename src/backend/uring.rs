@@ -641,7 +641,14 @@ impl Uring {
                 }
                 self.flush(shard, key, now)
             }
-            n if n == -libc::EINTR => self.flush(shard, key, now),
+            n if n == -libc::EINTR => {
+                // Nothing went; a lone frame is sent again from the outbox, which may hold
+                // more by now.
+                if socket.send == LONE_FRAME {
+                    socket.send = NO_SEND;
+                }
+                self.flush(shard, key, now)
+            }
             _ => {
                 shard.handle_eof(key);
                 Ok(())
