@@ -62,6 +62,21 @@ pub enum Command {
     },
 }
 
+impl Command {
+    /// The `id` the client gave, which every reply to the command carries.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Self::Subscribe { id, .. }
+            | Self::Unsubscribe { id, .. }
+            | Self::Publish { id, .. }
+            | Self::Ping { id }
+            | Self::Presence { id, .. }
+            | Self::PresenceStats { id, .. }
+            | Self::History { id, .. } => *id,
+        }
+    }
+}
+
 /// Why a command was refused; becomes an `error` reply and the connection stays open.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandError {

@@ -324,12 +324,12 @@ impl Shard {
                     self.counters.messages_in_total += 1;
                     match endpoint {
                         Endpoint::Echo => {
-                            if self.within_rate(key) {
+                            if self.within_rate(key, &payload) {
                                 self.echo(key, text, payload);
                             }
                         }
                         Endpoint::PubSub if text => {
-                            if self.within_rate(key) {
+                            if self.within_rate(key, &payload) {
                                 self.handle_command(key, &payload);
                             }
                         }
@@ -407,10 +407,11 @@ impl Shard {
         self.close_deadlines.arm(self.now, conn_ref);
     }
 
-    /// Spends one of the connection's inbound tokens. Over the rate the message is
-    /// dropped (on /ws with a `rate_limited` error; /echo sends only echoes); a client that
-    /// keeps sending anyway is closed with 1008.
-    pub(super) fn within_rate(&mut self, key: usize) -> bool {
+    /// Spends one of the connection's inbound tokens for `payload`. Over the rate the
+    /// message is dropped (on /ws with a `rate_limited` error carrying the command's `id`,
+    /// so a client waiting for its ack learns it will not come; /echo sends only echoes);
+    /// a client that keeps sending anyway is closed with 1008.
+    pub(super) fn within_rate(&mut self, key: usize, payload: &Bytes) -> bool {
         let now = self.wheel.stamp(self.now).since_start();
         let Phase::WebSocket(socket) = &mut self.conns[key].phase else {
             return true;
@@ -437,7 +438,13 @@ impl Shard {
                 "more than {} messages a second; this one was dropped",
                 self.ctx.config.max_messages_per_second
             );
-            self.reply(key, pubsub::encode_error("rate_limited", &message, None));
+            // Read as an accepted command would be: no dearer than accepting it, and at
+            // most MAX_STRIKES times in a row.
+            let id = match self.parser.parse(payload) {
+                Ok(command) => command.id(),
+                Err(e) => e.id,
+            };
+            self.reply(key, pubsub::encode_error("rate_limited", &message, id));
         }
         false
     }

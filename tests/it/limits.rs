@@ -891,7 +891,7 @@ fn message_rate_over_the_limit_gets_rate_limited_then_close_1008() {
     // A short burst over the limit: refused messages, but the connection lives on.
     let (mut s, mut buf) = raw_ws(addr);
     let burst: Vec<u8> = (0..25)
-        .flat_map(|_| client_text(r#"{"type":"ping"}"#))
+        .flat_map(|id| client_text(&format!(r#"{{"type":"ping","id":{id}}}"#)))
         .collect();
     let started = Instant::now();
     s.write_all(&burst).unwrap();
@@ -905,6 +905,9 @@ fn message_rate_over_the_limit_gets_rate_limited_then_close_1008() {
         .filter(|v| v["type"] == "error" && v["code"] == "rate_limited")
         .count();
     assert_eq!(pongs + limited, 25, "{replies:?}");
+    // Each reply names its command, a refusal too, in order.
+    let ids: Vec<u64> = replies.iter().filter_map(|v| v["id"].as_u64()).collect();
+    assert_eq!(ids, (0..25).collect::<Vec<_>>(), "{replies:?}");
     // The burst (20) plus what 10/s refilled while the server read them: bounded by the
     // time until the last reply, however slowly a busy machine ran.
     let refilled = (started.elapsed().as_millis() as usize * 10).div_ceil(1000);
