@@ -346,3 +346,35 @@ fn the_wheel_sleeps_until_its_earliest_entry_not_until_a_slot_moves_down() {
         Some(start + Duration::from_millis(6_000))
     );
 }
+
+/// A ping round arms thousands of deadlines into a few slots, which move down a level
+/// and come due: at every step the wheel's room stays within a chunk per occupied slot
+/// (and the kept chunks) of its entries, and goes once they are due.
+#[test]
+fn a_slot_holds_room_for_its_entries_and_a_chunk_more() {
+    let start = Instant::now();
+    let mut wheel = Wheel::new(start);
+    let bound = |wheel: &Wheel<u32>| {
+        let (room, occupied) = wheel.room();
+        assert!(
+            room <= wheel.len() + (occupied + SPARE_CHUNKS) * CHUNK,
+            "room for {room} entries, {} armed in {occupied} slots",
+            wheel.len()
+        );
+    };
+    // 5,000 deadlines over 2 s, 10 s out: a few slots of the third level.
+    for i in 0..5_000u32 {
+        wheel.arm(start + ms(10_000) + ms(u64::from(i) * 2 / 5), i);
+    }
+    bound(&wheel);
+    assert!(wheel.room().1 <= 2, "{:?}", wheel.room());
+    let mut due = 0;
+    for step in (0..=13_000).step_by(250) {
+        while wheel.poll_expired(start + ms(step)).is_some() {
+            due += 1;
+        }
+        bound(&wheel);
+    }
+    assert_eq!((due, wheel.len()), (5_000, 0));
+    assert!(wheel.room().0 <= SPARE_CHUNKS * CHUNK, "{:?}", wheel.room());
+}
