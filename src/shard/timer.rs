@@ -134,9 +134,9 @@ const HORIZON: u64 = 1 << (SLOT_BITS as usize * LEVELS);
 
 /// Entries in a chunk of a slot: a slot grows a chunk at a time, so its room stays
 /// within a chunk of its entries and nothing it holds is moved. Growing by doubling, a
-/// slot holding a ping round's thousands of entries had up to twice their room, and left
-/// each smaller copy behind in the allocator: 55–70 B per idle connection after one round
-/// of pings (`bench-client/memory.sh`).
+/// slot holding a connect storm's or a ping round's thousands of entries had up to twice
+/// their room, and left each smaller copy behind in the allocator: 55–120 B of every idle
+/// connection (`bench-client/memory.sh`).
 const CHUNK: usize = 32;
 /// Emptied chunks kept for the next slot to fill: entries moving down a level free chunks
 /// as they fill others, so a few are enough to cover the churn.
