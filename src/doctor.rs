@@ -11,7 +11,9 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use crate::compression::CompressionPolicy;
-use crate::memory::{DEFAULT_BUFFERS_BUSY, PerConnection, human_bytes};
+use crate::memory::{
+    DEFAULT_BUFFERS_BUSY, HERALD_BYTES_HIGH, HERALD_BYTES_LOW, PerConnection, human_bytes,
+};
 
 /// Descriptors Herald needs besides its connections: listeners, epoll, wakers, stdio,
 /// log files, a few per shard.
@@ -428,11 +430,12 @@ pub fn check(r: &Readings, n: u64, features: Features) -> Report {
             human_bytes(memory.busy_high)
         ),
         fix,
-        why: "Herald 1.1-2.2 KB per connection (measured) + 2-4 KB kernel socket structures \
-              (+ 8 KB TLS session state with TLS), + tcp_rmem/tcp_wmem min per socket while data \
-              is queued (+ 160 KiB per connection's own compressor with --compression \
-              per-connection)"
-            .to_owned(),
+        why: format!(
+            "Herald {HERALD_BYTES_LOW}-{HERALD_BYTES_HIGH} B per connection (measured) + 2-4 KB \
+             kernel socket structures (+ 8 KB TLS session state with TLS), + tcp_rmem/tcp_wmem \
+             min per socket while data is queued (+ 160 KiB per connection's own compressor \
+             with --compression per-connection)"
+        ),
         severity,
     });
 
@@ -606,7 +609,7 @@ pub fn render_text(rep: &Report) -> String {
     let _ = writeln!(out, "\nmemory for {} connections:", rep.connections);
     let _ = writeln!(
         out,
-        "  herald (user space, 1.1-2.2 KB each, measured)   {} - {}",
+        "  herald (user space, {HERALD_BYTES_LOW}-{HERALD_BYTES_HIGH} B each, measured)   {} - {}",
         human_bytes(m.herald.0),
         human_bytes(m.herald.1)
     );

@@ -9,11 +9,16 @@ use serde::Serialize;
 
 use crate::compression::CompressionPolicy;
 
-/// Herald's own user-space memory per connection, bytes (README "Measured": 1,025 B with
-/// one shard per process, 1,500–2,200 B with two shards).
-pub const HERALD_BYTES_LOW: u64 = 1_100;
-/// See [`HERALD_BYTES_LOW`].
-pub const HERALD_BYTES_HIGH: u64 = 2_200;
+/// Herald's own user-space memory per idle connection with one subscription, bytes:
+/// 442–469 B at 19,000 connections on two shards, once connected and after a ping round,
+/// on either backend, without a warm-up (`bench-client/memory.sh`'s measurement, README
+/// "Measured").
+pub const HERALD_BYTES_LOW: u64 = 470;
+/// Herald's user space per connection while broadcasts flow: 450–554 B per subscriber
+/// measured at 10,000 and 18,000 subscribers (`bench-client/backends.sh`), with room for
+/// more subscriptions per connection and bursts queued; a slow consumer's queue is bounded
+/// by `--outbound-queue-bytes` on its own.
+pub const HERALD_BYTES_HIGH: u64 = 1_024;
 /// Kernel socket structures per idle TCP connection (socket, `tcp_sock`, file, dentry,
 /// inode, epoll item), bytes: outside `tcp_mem`, in slab.
 pub const KERNEL_STRUCT_LOW: u64 = 2_048;
@@ -106,13 +111,13 @@ mod tests {
     #[test]
     fn tls_counts_idle_and_the_compressor_only_once_messages_flow() {
         let plain = PerConnection::new(false, CompressionPolicy::Off, DEFAULT_BUFFERS_BUSY);
-        assert_eq!(plain.idle(), (3_148, 6_296));
-        assert_eq!(plain.busy_high(), 14_488);
+        assert_eq!(plain.idle(), (2_518, 5_120));
+        assert_eq!(plain.busy_high(), 13_312);
         let shared = PerConnection::new(false, CompressionPolicy::Shared, DEFAULT_BUFFERS_BUSY);
         assert_eq!(shared, plain);
         let both = PerConnection::new(true, CompressionPolicy::PerConnection, 8_192);
-        assert_eq!(both.idle(), (3_148 + 8_192, 6_296 + 8_192));
-        assert_eq!(both.busy_high(), 14_488 + 8_192 + 163_840);
+        assert_eq!(both.idle(), (2_518 + 8_192, 5_120 + 8_192));
+        assert_eq!(both.busy_high(), 13_312 + 8_192 + 163_840);
         let measured = both.with_herald(1_000);
         assert_eq!(
             measured.idle(),

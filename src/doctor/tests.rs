@@ -110,11 +110,11 @@ fn memory_estimate_and_blocker() {
     let mut m = big();
     m.mem_available = Some(4 << 30);
     let r = check(&m, 1_000_000, Features::default());
-    assert_eq!(r.memory.herald, (1_100_000_000, 2_200_000_000));
+    assert_eq!(r.memory.herald, (470_000_000, 1_024_000_000));
     assert_eq!(r.memory.kernel_structures, (2_048_000_000, 4_096_000_000));
     assert_eq!(r.memory.kernel_buffers_busy, 8_192_000_000);
-    assert_eq!(r.memory.idle, (3_148_000_000, 6_296_000_000));
-    assert_eq!(r.memory.busy_high, 14_488_000_000);
+    assert_eq!(r.memory.idle, (2_518_000_000, 5_120_000_000));
+    assert_eq!(r.memory.busy_high, 13_312_000_000);
     let mem = finding(&r, "memory");
     assert_eq!(mem.severity, Severity::Blocker);
     assert!(!r.ok);
@@ -134,10 +134,10 @@ fn tls_and_per_connection_compressors_count_in_the_estimate() {
     let r = check(&big(), 1_000_000, features);
     assert_eq!(r.memory.tls, 8_192_000_000);
     assert_eq!(r.memory.compressors, 163_840_000_000);
-    assert_eq!(r.memory.idle, (11_340_000_000, 14_488_000_000));
+    assert_eq!(r.memory.idle, (10_710_000_000, 13_312_000_000));
     assert_eq!(
         r.memory.busy_high,
-        14_488_000_000 + 8_192_000_000 + 163_840_000_000
+        13_312_000_000 + 8_192_000_000 + 163_840_000_000
     );
     let text = render_text(&r);
     assert!(text.contains("TLS session state") && text.contains("own compressor"));
