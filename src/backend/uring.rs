@@ -683,7 +683,8 @@ impl Uring {
         };
         let entry = if socket.send == LONE_FRAME {
             one(shard
-                .start_lone_frame(key)
+                .outbox(key)
+                .start_lone()
                 .expect("a started lone frame stays until written"))
         } else {
             match &mut self.sends[socket.send as usize] {
@@ -828,7 +829,7 @@ impl Sockets for Uring {
             return self.flush_tls(shard, key, now);
         }
         if socket.send == NO_SEND {
-            if shard.start_lone_frame(key).is_some() {
+            if shard.outbox(key).start_lone().is_some() {
                 socket.send = LONE_FRAME;
             } else {
                 // The outbox forgets them now; the table of sends keeps them until they

@@ -478,13 +478,6 @@ impl Shard {
         self.continue_replay(key);
     }
 
-    /// The frame queued alone for `key`, started (see [`Outbox::start_lone`]): for a
-    /// backend that sends it from the outbox and reports it with
-    /// [`Shard::handle_written`] once the send completes.
-    pub fn start_lone_frame(&mut self, key: usize) -> Option<&Bytes> {
-        self.conns[key].outbox.start_lone()
-    }
-
     /// Moves up to `max` chunks of `key`'s outbox into `out`, in write order, as written:
     /// for a backend whose sends complete later and keeps the bytes alive until then.
     pub fn take_outbox(&mut self, key: usize, out: &mut Vec<Bytes>, max: usize) {

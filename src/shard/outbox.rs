@@ -252,8 +252,9 @@ impl Outbox {
 
     /// Starts the frame queued alone and returns it, for a backend whose send of it
     /// completes later: the outbox keeps it in place (module doc) until
-    /// [`advance`](Self::advance) passes it. None when several frames wait (they are
-    /// taken with [`take_chunks`](Self::take_chunks)) or none.
+    /// [`advance`](Self::advance) passes it (the backend reports the send with
+    /// `Shard::handle_written`). None when several frames wait (they are taken with
+    /// [`take_chunks`](Self::take_chunks)) or none.
     pub fn start_lone(&mut self) -> Option<&Bytes> {
         self.0 = match std::mem::take(&mut self.0) {
             Queued::Plain(bytes)

@@ -167,7 +167,7 @@ fn a_dead_connection_keeps_the_frame_a_send_reads_until_removed() {
     cluster.send(c, r#"{"type":"subscribe","channel":"a"}"#);
     cluster.settle();
     let shard = &mut cluster.shards[0];
-    let sent = shard.start_lone_frame(c.key).expect("the reply").clone();
+    let sent = shard.outbox(c.key).start_lone().expect("the reply").clone();
     shard
         .read_buffer(c.key)
         .extend_from_slice(b"\x88\x80\0\0\0\0");
