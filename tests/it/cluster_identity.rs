@@ -14,9 +14,8 @@ use crate::support_http;
 use crate::support_redis::{Redis, require_redis, wait_redis_up};
 use crate::support_redis_cluster;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use support::*;
 use support_http::Response;
@@ -54,19 +53,11 @@ fn cluster(redis: &Redis) -> Vec<Server> {
 }
 
 fn token(user: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let claims = json!({"sub": user, "exp": exp, "channels": ["*"], "publish": ["*"],
-        "info": {"name": user.to_uppercase()}});
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
+    fresh_token(
+        SECRET,
+        json!({"sub": user, "channels": ["*"], "publish": ["*"],
+            "info": {"name": user.to_uppercase()}}),
     )
-    .unwrap()
 }
 
 async fn call(server: &Server, method: &str, target: &str, body: &str) -> Response {

@@ -17,9 +17,8 @@ use crate::support_redis_cluster::RedisCluster;
 
 use std::net::{SocketAddr, TcpStream};
 use std::sync::{Arc, Barrier};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::json;
 use support::*;
 
@@ -51,18 +50,7 @@ fn cluster(url: &str) -> Vec<Server> {
 }
 
 fn token(user: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let claims = json!({"sub": user, "exp": exp, "channels": ["*"]});
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    fresh_token(SECRET, json!({"sub": user, "channels": ["*"]}))
 }
 
 /// An upgrade of `/ws` as `user` on `addr`: the open connection when it was accepted

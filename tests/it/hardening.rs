@@ -9,9 +9,8 @@ use crate::support_http;
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::thread;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use jsonwebtoken::{EncodingKey, Header, encode};
 use serde_json::json;
 use support::*;
 use support_http::HttpConn;
@@ -21,18 +20,7 @@ const GOOD_ORIGIN: &str = "http://good.example";
 const T5: Duration = Duration::from_secs(5);
 
 fn token(channels: &[&str]) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let claims = json!({"sub": "u1", "exp": exp, "channels": channels});
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    fresh_token(SECRET, json!({"sub": "u1", "channels": channels}))
 }
 
 /// A request the server answers at once and keeps the connection for: a long-poll with

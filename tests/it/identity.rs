@@ -5,9 +5,8 @@
 use crate::support;
 use crate::support_http;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use support::*;
 use support_http::Response;
@@ -15,19 +14,7 @@ use support_http::Response;
 const SECRET: &str = "herald-test-secret-0123456789abcdef";
 
 fn token(claims: &Value) -> String {
-    let mut claims = claims.clone();
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    claims["exp"] = json!(exp);
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .unwrap()
+    fresh_token(SECRET, claims.clone())
 }
 
 /// The answer to an upgrade of `/ws` with `token` (a refusal's body read to the close).

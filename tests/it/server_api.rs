@@ -6,9 +6,8 @@
 use crate::support;
 use crate::support_http;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use support::*;
 use support_http::{HttpConn, Response};
@@ -17,18 +16,10 @@ const SECRET: &str = "herald-test-secret-0123456789abcdef";
 const KEY: &str = "api-test-key";
 
 fn token(user: &str) -> String {
-    let exp = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let claims = json!({"sub": user, "exp": exp, "channels": ["*"], "publish": ["*"]});
-    encode(
-        &Header::new(Algorithm::HS256),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
+    fresh_token(
+        SECRET,
+        json!({"sub": user, "channels": ["*"], "publish": ["*"]}),
     )
-    .unwrap()
 }
 
 fn server() -> Server {

@@ -1127,3 +1127,18 @@ pub(crate) fn block_io_uring_setup(cmd: &mut Command) {
         });
     }
 }
+
+/// An HS256 token signed with `secret` for `claims`, valid for ten minutes from now (its
+/// `exp` is set here).
+pub(crate) fn fresh_token(secret: &str, mut claims: Value) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("the clock is past 1970");
+    claims["exp"] = serde_json::json!(now.as_secs() + 600);
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("an HS256 token")
+}
