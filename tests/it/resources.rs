@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 
 use herald::proto::deflate::{Compressor, CompressorSettings};
 use herald::proto::frame::{FrameHeader, OpCode};
-use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
 use support::*;
 
@@ -428,19 +427,7 @@ fn echo_inflated_bomb_closes_with_1009_by_default() {
 fn token_with_a_pattern_outside_the_grammar_gets_401_naming_it() {
     const SECRET: &str = "herald-test-secret-0123456789abcdef";
     let mut server = Server::start(&["--jwt-secret", SECRET]);
-    let exp = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
-    let token = |channels: &[&str]| {
-        encode(
-            &Header::new(Algorithm::HS256),
-            &json!({"sub":"u","exp":exp,"channels":channels}),
-            &EncodingKey::from_secret(SECRET.as_bytes()),
-        )
-        .unwrap()
-    };
+    let token = |channels: &[&str]| fresh_token(SECRET, json!({"sub":"u","channels":channels}));
     let poll = |token: &str| {
         let request = format!(
             "GET /poll?channel=user.10&timeout=0&token={token} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
