@@ -100,6 +100,13 @@ fn send_key(slot: usize) -> u32 {
         .expect("fewer sends than connections")
 }
 
+/// A send of one frame from its own bytes, with no vector.
+fn send_one(fd: Fd, frame: &Bytes) -> squeue::Entry {
+    opcode::Send::new(fd, frame.as_ptr(), frame.len() as u32)
+        .flags(libc::MSG_NOSIGNAL)
+        .build()
+}
+
 /// What a shard thread owns while it runs.
 pub struct Reactor {
     pub shard: Shard,
@@ -667,7 +674,8 @@ impl Uring {
         Ok(())
     }
 
-    /// Submits the send of the frames `key`'s socket is sending (no send in flight).
+    /// Submits the send of the frames `key`'s socket holds in the table of sends (no send
+    /// in flight).
     fn submit_send(&mut self, shard: &mut Shard, key: usize, now: Instant) -> io::Result<()> {
         let socket = self.sockets[key]
             .as_mut()
@@ -676,42 +684,46 @@ impl Uring {
             return Ok(());
         }
         let fd = Fd(socket.fd.as_raw_fd());
-        let one = |frame: &Bytes| {
-            opcode::Send::new(fd, frame.as_ptr(), frame.len() as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-        };
-        let entry = if socket.send == LONE_FRAME {
-            one(shard
-                .outbox(key)
-                .start_lone()
-                .expect("a started lone frame stays until written"))
-        } else {
-            match &mut self.sends[socket.send as usize] {
-                Sending::One(frame) => one(frame),
-                Sending::Many(record) => {
-                    record.iovecs.clear();
-                    record
-                        .iovecs
-                        .extend(record.frames.iter().map(|chunk| libc::iovec {
-                            iov_base: chunk.as_ptr().cast_mut().cast(),
-                            iov_len: chunk.len(),
-                        }));
-                    record.msghdr.msg_iov = record.iovecs.as_mut_ptr();
-                    record.msghdr.msg_iovlen = record.iovecs.len();
-                    opcode::SendMsg::new(fd, &raw const record.msghdr)
-                        .flags(libc::MSG_NOSIGNAL as u32)
-                        .build()
-                }
+        let entry = match &mut self.sends[socket.send as usize] {
+            Sending::One(frame) => send_one(fd, frame),
+            Sending::Many(record) => {
+                record.iovecs.clear();
+                record
+                    .iovecs
+                    .extend(record.frames.iter().map(|chunk| libc::iovec {
+                        iov_base: chunk.as_ptr().cast_mut().cast(),
+                        iov_len: chunk.len(),
+                    }));
+                record.msghdr.msg_iov = record.iovecs.as_mut_ptr();
+                record.msghdr.msg_iovlen = record.iovecs.len();
+                opcode::SendMsg::new(fd, &raw const record.msghdr)
+                    .flags(libc::MSG_NOSIGNAL as u32)
+                    .build()
             }
         };
-        socket.send_in_flight = true;
         // SAFETY: the bytes are the send's (a frame's own heap bytes, or the record's
-        // frames with the record's boxed vectors and header); none is touched, moved or
-        // freed before the send completes (`send_in_flight`). A lone frame is the
-        // outbox's started one, which stays until `handle_written` passes it (a dead
-        // connection's too, until `Shard::remove`; the shard outlives the ring); the
-        // table of sends holds the others, whose pointers stay put when it grows.
+        // frames with the record's boxed vectors and header), held by the table of sends,
+        // whose pointers stay put when it grows; none is touched, moved or freed before
+        // the send completes (`send_in_flight`).
+        unsafe { self.start_send(shard, key, entry, now) }
+    }
+
+    /// Marks `key`'s send in flight and queues `entry`.
+    ///
+    /// # Safety
+    /// As for [`Uring::push`]: what `entry` points to stays valid until it completes.
+    unsafe fn start_send(
+        &mut self,
+        shard: &mut Shard,
+        key: usize,
+        entry: squeue::Entry,
+        now: Instant,
+    ) -> io::Result<()> {
+        self.sockets[key]
+            .as_mut()
+            .expect("sending from a live socket")
+            .send_in_flight = true;
+        // SAFETY: the caller keeps the entry's bytes alive (see above).
         unsafe { self.push(&entry.user_data(user_data(OP_SEND, key))) }?;
         // Taking frames out of the outbox may have brought it below budget.
         self.resume(shard, key, now)
@@ -829,16 +841,19 @@ impl Sockets for Uring {
             return self.flush_tls(shard, key, now);
         }
         if socket.send == NO_SEND {
-            if shard.outbox(key).start_lone().is_some() {
+            if let Some(frame) = shard.outbox(key).start_lone() {
                 socket.send = LONE_FRAME;
-            } else {
-                // The outbox forgets them now; the table of sends keeps them until they
-                // are out.
-                shard.take_outbox(key, &mut self.taken, MAX_IOVECS);
-                if !self.taken.is_empty() {
-                    let sending = Sending::new(&mut self.taken, SEND_COPY_LIMIT);
-                    socket.send = send_key(self.sends.insert(sending));
-                }
+                let entry = send_one(Fd(socket.fd.as_raw_fd()), frame);
+                // SAFETY: the frame is the outbox's started one, which stays, unmoved, until
+                // `handle_written` passes it (a dead connection's too, until
+                // `Shard::remove`; the shard outlives the ring).
+                return unsafe { self.start_send(shard, key, entry, now) };
+            }
+            // The outbox forgets them now; the table of sends keeps them until they are out.
+            shard.take_outbox(key, &mut self.taken, MAX_IOVECS);
+            if !self.taken.is_empty() {
+                let sending = Sending::new(&mut self.taken, SEND_COPY_LIMIT);
+                socket.send = send_key(self.sends.insert(sending));
             }
         }
         if socket.send == NO_SEND {
